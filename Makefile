@@ -1,0 +1,49 @@
+# haven — build, test and try it out. `make test` is what CI runs (.ci/run).
+
+GO ?= go
+
+# Fuzz targets run briefly by `make test`, as package:FuzzFunc pairs; add one
+# line per decoder. (go test -fuzz passes silently when a package has no
+# matching target, so name the package that holds it.)
+FUZZ_TARGETS = \
+	./proto/wire/:FuzzDecode \
+	./agent/:FuzzCopyTextRoundTrip
+FUZZ_TIME ?= 10s
+
+.PHONY: all build deps test fuzz demo bench generate lint
+
+all: build
+
+build:
+	$(GO) build -o bin/haven ./cmd/haven
+
+# Integration tests start real PostgreSQL clusters from the machine's
+# initdb/pg_ctl; this installs the server if it is missing.
+deps:
+	scripts/ensure-postgres.sh
+
+test: deps
+	$(GO) vet ./...
+	$(GO) test -race -timeout 20m ./...
+	$(MAKE) --no-print-directory fuzz
+
+fuzz:
+	@set -e; for target in $(FUZZ_TARGETS); do \
+		pkg=$${target%%:*}; fn=$${target##*:}; \
+		echo "$(GO) test -run='^$$' -fuzz='^$$fn\$$' -fuzztime=$(FUZZ_TIME) $$pkg"; \
+		$(GO) test -run='^$$' -fuzz="^$$fn\$$" -fuzztime=$(FUZZ_TIME) $$pkg; \
+	done
+
+demo: deps
+	$(GO) run ./demo
+
+bench: deps
+	$(GO) run ./bench
+
+generate:
+	$(GO) generate ./proto/...
+
+lint:
+	@unformatted=$$(gofmt -l .); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed on:"; echo "$$unformatted"; exit 1; fi
+	$(GO) vet ./...

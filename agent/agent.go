@@ -1,0 +1,335 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+// Agent captures one group's changes. Create it with New, run it with Run.
+type Agent struct {
+	cfg     Config
+	log     zerolog.Logger
+	metrics *metrics
+	problem atomic.Pointer[string]
+}
+
+// Healthy returns nil while the agent streams, or what keeps it from it.
+func (a *Agent) Healthy() error {
+	if p := a.problem.Load(); p != nil {
+		return errors.New(*p)
+	}
+	return nil
+}
+
+// New checks cfg and registers the agent's metrics on reg.
+func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Agent, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log = log.With().Str("component", "agent").Str("group", cfg.Group).Logger()
+	a := &Agent{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
+	starting := "starting"
+	a.problem.Store(&starting)
+	return a, nil
+}
+
+// Run captures until ctx ends. Failures that a retry can cure (a database or
+// NATS server unreachable, a dropped connection) restart the session after a
+// backoff; it returns only when ctx ends or an operator must act.
+func (a *Agent) Run(ctx context.Context) error {
+	backoff := newBackoff(500*time.Millisecond, 30*time.Second)
+	for {
+		started := time.Now()
+		err := a.runSession(ctx)
+		a.metrics.connected.Set(0)
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err == nil {
+			err = errors.New("capture session ended")
+		}
+		problem := err.Error()
+		a.problem.Store(&problem)
+		if IsOperatorError(err) {
+			a.log.Error().Err(err).Msg("capture stopped: this needs an operator")
+			return err
+		}
+		a.metrics.errors.WithLabelValues(errorKind(err)).Inc()
+		if time.Since(started) > time.Minute {
+			backoff.reset()
+		}
+		wait := backoff.next()
+		a.log.Warn().Err(err).Dur("retry_in", wait).Msg("capture session ended; retrying (changes stay in the slot meanwhile)")
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+func errorKind(err error) string {
+	var pgErr *pgconn.PgError
+	switch {
+	case errors.As(err, &pgErr):
+		return "postgres"
+	case errors.Is(err, nats.ErrConnectionClosed), errors.Is(err, nats.ErrNoServers), errors.Is(err, nats.ErrTimeout),
+		errors.Is(err, jetstream.ErrNoStreamResponse):
+		return "nats"
+	default:
+		return "other"
+	}
+}
+
+// session is everything one capture session holds open.
+type session struct {
+	cfg       Config
+	log       zerolog.Logger
+	metrics   *metrics
+	info      sourceInfo
+	ctrl      *pgx.Conn
+	repl      *pgconn.PgConn
+	publisher *publisher
+	stream    jetstream.Stream
+	tables    []table
+	streaming func() // called once streaming has started
+}
+
+func (a *Agent) runSession(ctx context.Context) error {
+	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.problem.Store(nil) }}
+	ctrl, err := pgx.Connect(ctx, a.cfg.SourceURL)
+	if err != nil {
+		return fmt.Errorf("connect to source database: %w", err)
+	}
+	defer ctrl.Close(context.Background())
+	s.ctrl = ctrl
+	if s.info, err = checkSource(ctx, ctrl); err != nil {
+		return err
+	}
+	s.log = s.log.With().Uint64("system_id", s.info.systemID).Logger()
+
+	nc, err := nats.Connect(a.cfg.NATSURL, nats.Name("haven-agent-"+a.cfg.Group), nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				s.log.Warn().Err(err).Msg("disconnected from NATS; reconnecting")
+			}
+		}),
+		nats.ReconnectHandler(func(c *nats.Conn) { s.log.Info().Str("server", c.ConnectedUrlRedacted()).Msg("reconnected to NATS") }))
+	if err != nil {
+		return fmt.Errorf("connect to NATS at %s: %w", a.cfg.NATSURL, err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(a.cfg.MaxInFlight+16))
+	if err != nil {
+		return fmt.Errorf("JetStream context: %w", err)
+	}
+	if s.stream, err = ensureStream(ctx, js, a.cfg); err != nil {
+		return err
+	}
+	s.warnDurability(ctx)
+	s.publisher = &publisher{js: js, stream: wire.StreamName(a.cfg.Group), compress: a.cfg.Compress, maxPayload: nc.MaxPayload()}
+	if int64(a.cfg.ChunkBytes) > nc.MaxPayload()*3/4 {
+		s.cfg.ChunkBytes = int(nc.MaxPayload() * 3 / 4)
+	}
+
+	if s.tables, err = selectTables(ctx, ctrl, a.cfg.Tables); err != nil {
+		return err
+	}
+	missing, err := ensurePublication(ctx, ctrl, PublicationName(a.cfg.Group), s.tables)
+	if err != nil {
+		return err
+	}
+	a.metrics.unreplicated.Set(float64(len(missing)))
+	if len(missing) > 0 {
+		s.log.Error().Strs("tables", missing).Msg("these tables are not in the group's publication, so their changes are NOT replicated; " +
+			"to include them, re-seed the group: stop the agent, DROP PUBLICATION and pg_drop_replication_slot('" + SlotName(a.cfg.Group) + "'), start the agent")
+	}
+
+	startLSN, err := s.prepareSlot(ctx)
+	if err != nil {
+		return err
+	}
+	defer s.repl.Close(context.Background())
+
+	hbCtx, stopHeartbeats := context.WithCancel(ctx)
+	heartbeatsDone := make(chan struct{})
+	go func() {
+		defer close(heartbeatsDone)
+		s.heartbeats(hbCtx)
+	}()
+	defer func() {
+		stopHeartbeats()
+		<-heartbeatsDone
+	}()
+	return s.streamChanges(ctx, startLSN)
+}
+
+// warnDurability says plainly when a JetStream acknowledgement does not mean
+// the change is on disk.
+func (s *session) warnDurability(ctx context.Context) {
+	info, err := s.stream.Info(ctx)
+	if err != nil {
+		return
+	}
+	if info.Config.Replicas < 3 {
+		s.log.Warn().Int("replicas", info.Config.Replicas).Msg("stream has fewer than 3 replicas: an acknowledged change lives on one server, " +
+			"and with the default sync_interval it may not be on disk yet; production streams should be R3 (--stream-replicas 3) or sync every write")
+	} else {
+		s.log.Info().Int("replicas", info.Config.Replicas).Msg("stream replicated: an acknowledged change is on a quorum of servers")
+	}
+}
+
+// replicationConn opens a connection in logical replication mode.
+func (s *session) replicationConn(ctx context.Context) (*pgconn.PgConn, error) {
+	config, err := pgconn.ParseConfig(s.cfg.SourceURL)
+	if err != nil {
+		return nil, needsOperator("parse source URL: %v", err)
+	}
+	config.RuntimeParams["replication"] = "database"
+	config.RuntimeParams["application_name"] = SlotName(s.cfg.Group)
+	conn, err := pgconn.ConnectConfig(ctx, config)
+	if err != nil {
+		return nil, fmt.Errorf("open replication connection: %w", err)
+	}
+	return conn, nil
+}
+
+type slotState struct {
+	exists       bool
+	plugin       string
+	confirmedLSN pglogrepl.LSN
+	walStatus    string
+	active       bool
+}
+
+func (s *session) readSlot(ctx context.Context) (slotState, error) {
+	var st slotState
+	var confirmed *string
+	var walStatus *string
+	err := s.ctrl.QueryRow(ctx, `SELECT plugin, confirmed_flush_lsn::text, wal_status, active FROM pg_replication_slots
+		WHERE slot_name = $1 AND database = current_database()`, SlotName(s.cfg.Group)).Scan(&st.plugin, &confirmed, &walStatus, &st.active)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return st, nil
+	}
+	if err != nil {
+		return st, fmt.Errorf("read slot %q: %w", SlotName(s.cfg.Group), err)
+	}
+	st.exists = true
+	if walStatus != nil {
+		st.walStatus = *walStatus
+	}
+	if confirmed != nil {
+		if st.confirmedLSN, err = pglogrepl.ParseLSN(*confirmed); err != nil {
+			return st, fmt.Errorf("parse confirmed_flush_lsn %q: %w", *confirmed, err)
+		}
+	}
+	return st, nil
+}
+
+// prepareSlot opens the replication connection and returns where streaming
+// starts: the existing slot's position, or, for a new slot, its consistent
+// point after the initial snapshot has been published.
+func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
+	slot := SlotName(s.cfg.Group)
+	st, err := s.readSlot(ctx)
+	if err != nil {
+		return 0, err
+	}
+	if st.exists {
+		if st.plugin != "pgoutput" {
+			return 0, needsOperator("slot %q uses plugin %q, not pgoutput: it is not haven's; drop it or pick another group name", slot, st.plugin)
+		}
+		if st.walStatus == "lost" {
+			return 0, needsOperator("slot %q was invalidated (wal_status = lost): PostgreSQL removed WAL it still needed, probably because of max_slot_wal_keep_size, "+
+				"so changes after %s are gone from the source's WAL and the DR copy cannot be brought up to date from it. "+
+				"Re-seed: run SELECT pg_drop_replication_slot('%s'); on the primary and restart the agent; it takes a fresh snapshot and the standby reloads it",
+				slot, st.confirmedLSN, slot)
+		}
+		done, err := s.snapshotCompleted(ctx, st.confirmedLSN)
+		if err != nil {
+			return 0, err
+		}
+		if done {
+			s.repl, err = s.replicationConn(ctx)
+			if err != nil {
+				return 0, err
+			}
+			s.log.Info().Str("slot", slot).Stringer("confirmed_lsn", st.confirmedLSN).Msg("resuming from the slot")
+			return st.confirmedLSN, nil
+		}
+		s.log.Warn().Str("slot", slot).Msg("slot exists but its initial snapshot never completed in the stream; dropping the slot and taking a new snapshot")
+		if _, err := s.ctrl.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, slot); err != nil {
+			return 0, fmt.Errorf("drop incomplete slot %q: %w", slot, err)
+		}
+	}
+	s.repl, err = s.replicationConn(ctx)
+	if err != nil {
+		return 0, err
+	}
+	created, err := pglogrepl.CreateReplicationSlot(ctx, s.repl, slot, "pgoutput",
+		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
+	if err != nil {
+		s.repl.Close(context.Background())
+		return 0, fmt.Errorf("create slot %q: %w", slot, err)
+	}
+	consistent, err := pglogrepl.ParseLSN(created.ConsistentPoint)
+	if err != nil {
+		s.repl.Close(context.Background())
+		return 0, fmt.Errorf("parse consistent point %q: %w", created.ConsistentPoint, err)
+	}
+	s.log.Info().Str("slot", slot).Stringer("consistent_lsn", consistent).Str("snapshot", created.SnapshotName).
+		Int("tables", len(s.tables)).Msg("created slot; copying tables under its snapshot")
+	if err := s.snapshot(ctx, created.SnapshotName, consistent); err != nil {
+		s.repl.Close(context.Background())
+		return 0, fmt.Errorf("initial snapshot: %w", err)
+	}
+	return consistent, nil
+}
+
+// snapshotCompleted reports whether the stream's last snapshot message is
+// the end marker of a snapshot taken for this slot on this system.
+func (s *session) snapshotCompleted(ctx context.Context, slotConfirmed pglogrepl.LSN) (bool, error) {
+	msg, err := s.stream.GetLastMsgForSubject(ctx, wire.SnapshotSubject(s.cfg.Group))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read last snapshot message: %w", err)
+	}
+	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	if err != nil {
+		return false, fmt.Errorf("decode last snapshot message (seq %d): %w", msg.Sequence, err)
+	}
+	return c.Kind == havenpb.Kind_KIND_SNAPSHOT_END && c.SystemId == s.info.systemID &&
+		c.Slot == SlotName(s.cfg.Group) && pglogrepl.LSN(c.SnapshotLsn) <= slotConfirmed, nil
+}
+
+// backoff doubles a wait up to a bound.
+type backoff struct{ cur, min, max time.Duration }
+
+func newBackoff(min, max time.Duration) *backoff { return &backoff{min: min, max: max} }
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else {
+		b.cur = min(b.cur*2, b.max)
+	}
+	return b.cur
+}
+
+func (b *backoff) reset() { b.cur = 0 }

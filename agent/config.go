@@ -1,0 +1,94 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+// Config is what the agent needs to run; cmd/haven fills it from flags.
+type Config struct {
+	// SourceURL is a libpq-style URL of the primary database. The agent adds
+	// replication=database itself for its replication connection.
+	SourceURL string
+	// NATSURL is one or more comma-separated NATS server URLs.
+	NATSURL string
+	// Group names the replication group; it names the slot, the publication
+	// and the stream.
+	Group string
+	// Tables restricts capture to these tables ("schema.table" or "table"
+	// for public). Empty: every table of the non-system schemas.
+	Tables []string
+	// Epoch is the fencing token stamped on every message.
+	Epoch uint64
+	// StreamReplicas is the JetStream replica count for a stream the agent
+	// creates (1 or 3 or 5).
+	StreamReplicas int
+	// StreamMaxAge bounds how long the stream keeps messages; 0 keeps them
+	// until StreamMaxBytes (if set).
+	StreamMaxAge time.Duration
+	// StreamMaxBytes bounds the stream's size; 0 means no bound.
+	StreamMaxBytes int64
+	// DuplicateWindow is the JetStream dedupe window for a created stream.
+	DuplicateWindow time.Duration
+	// ChunkBytes bounds the encoded size of one chunk.
+	ChunkBytes int
+	// Compress compresses chunks with zstd.
+	Compress bool
+	// SnapshotWorkers copy tables in parallel during the initial snapshot.
+	SnapshotWorkers int
+	// HeartbeatInterval is how often a heartbeat goes through the slot.
+	HeartbeatInterval time.Duration
+	// StatusInterval is how often a standby status update is sent to the
+	// walsender; keep it well under the server's wal_sender_timeout.
+	StatusInterval time.Duration
+	// MaxInFlight bounds chunks published but not yet acknowledged.
+	MaxInFlight int
+}
+
+// DefaultConfig returns the defaults the command line starts from.
+func DefaultConfig() Config {
+	return Config{
+		Epoch:             1,
+		StreamReplicas:    1,
+		DuplicateWindow:   2 * time.Minute,
+		ChunkBytes:        256 << 10,
+		SnapshotWorkers:   4,
+		HeartbeatInterval: 5 * time.Second,
+		StatusInterval:    time.Second,
+		MaxInFlight:       256,
+	}
+}
+
+// Validate reports the first problem with c.
+func (c Config) Validate() error {
+	switch {
+	case c.SourceURL == "":
+		return errors.New("no source database: set --source-url (or HAVEN_SOURCE_URL)")
+	case c.NATSURL == "":
+		return errors.New("no NATS server: set --nats-url (or HAVEN_NATS_URL)")
+	case c.Group == "":
+		return errors.New("no group: set --group (or HAVEN_GROUP)")
+	case c.StreamReplicas != 1 && c.StreamReplicas != 3 && c.StreamReplicas != 5:
+		return fmt.Errorf("stream replicas %d: use 1, 3 or 5", c.StreamReplicas)
+	case c.ChunkBytes < 4<<10:
+		return fmt.Errorf("chunk size %d bytes: use at least 4096", c.ChunkBytes)
+	case c.SnapshotWorkers < 1:
+		return fmt.Errorf("snapshot workers %d: use at least 1", c.SnapshotWorkers)
+	case c.HeartbeatInterval <= 0 || c.StatusInterval <= 0:
+		return errors.New("heartbeat and status intervals must be positive")
+	case c.MaxInFlight < 1:
+		return fmt.Errorf("max in-flight %d: use at least 1", c.MaxInFlight)
+	case c.Epoch == 0:
+		return errors.New("epoch 0: epochs start at 1")
+	}
+	return wire.ValidateGroup(c.Group)
+}
+
+// SlotName is the logical replication slot of a group.
+func SlotName(group string) string { return "haven_" + group }
+
+// PublicationName is the publication of a group.
+func PublicationName(group string) string { return "haven_" + group }

@@ -1,0 +1,35 @@
+// Package agent captures every committed change of a PostgreSQL database and
+// publishes it to the group's JetStream stream. It runs next to the primary.
+//
+// # What it guarantees
+//
+// On first start the agent creates a publication and a permanent pgoutput
+// slot with an exported snapshot, copies every table under that snapshot in
+// parallel (COPY, on connections other than the replication one, which must
+// stay idle for the snapshot to live), and publishes the rows as snapshot
+// chunks framed by SNAPSHOT_BEGIN and SNAPSHOT_END. Streaming starts at the
+// slot's consistent point, so snapshot and stream meet exactly.
+//
+// Each source transaction becomes one or more chunks of bounded size, in
+// commit order; a transaction of any size is never held whole in memory.
+// Every chunk carries a Nats-Msg-Id derived from the source (system id, slot,
+// commit LSN, chunk index), so JetStream drops what a restarted agent
+// publishes twice; the standby's apply position covers what falls outside the
+// duplicate window.
+//
+// Three positions are kept apart: received (decoded from the walsender),
+// published (handed to JetStream) and confirmed (every chunk of every
+// transaction up to it acknowledged by JetStream). Only the confirmed one is
+// reported to PostgreSQL as flushed, so a crash of the agent, of NATS or of
+// the network can never make PostgreSQL discard WAL whose changes are not in
+// the stream. Standby status updates keep flowing while publishing is
+// back-pressured, so the walsender does not time the connection out.
+//
+// Heartbeats go through the slot itself (pg_logical_emit_message), so an
+// idle database still advances the slot and end-to-end lag can be measured.
+//
+// Connection failures (PostgreSQL or NATS) are retried with backoff and
+// logged; configuration problems that an operator must fix (wal_level,
+// privileges, tables without a usable replica identity, an invalidated slot)
+// stop the agent with an error that says what to do.
+package agent

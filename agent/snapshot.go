@@ -1,0 +1,177 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+// snapshot copies every table under the exported snapshot and publishes it
+// between SNAPSHOT_BEGIN and SNAPSHOT_END, waiting for every acknowledgement
+// before the end marker. The replication connection stays idle throughout:
+// the exported snapshot lives only as long as it does.
+func (s *session) snapshot(ctx context.Context, snapshotName string, consistent pglogrepl.LSN) error {
+	conn, err := pgx.Connect(ctx, s.cfg.SourceURL)
+	if err != nil {
+		return fmt.Errorf("connect for snapshot: %w", err)
+	}
+	defer conn.Close(context.Background())
+	tx, err := beginAtSnapshot(ctx, conn, snapshotName)
+	if err != nil {
+		return err
+	}
+	rels, err := describeTables(ctx, tx, s.tables)
+	_ = tx.Rollback(ctx)
+	if err != nil {
+		return err
+	}
+	header := func(kind havenpb.Kind) *havenpb.Chunk {
+		return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: kind, SystemId: s.info.systemID, Group: s.cfg.Group,
+			Slot: SlotName(s.cfg.Group), Epoch: s.cfg.Epoch, CommitLsn: uint64(consistent), SnapshotLsn: uint64(consistent), LastChunk: true}
+	}
+	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
+	begin.Relations = rels
+	if err := s.publishMarker(ctx, begin, "begin"); err != nil {
+		return err
+	}
+
+	work := make(chan *havenpb.Relation)
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	for range min(s.cfg.SnapshotWorkers, len(rels)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for rel := range work {
+				if err := s.copyTable(ctx, snapshotName, consistent, rel); err != nil {
+					cancel(fmt.Errorf("copy %s.%s: %w", rel.Schema, rel.Name, err))
+					return
+				}
+			}
+		}()
+	}
+feed:
+	for _, rel := range rels {
+		select {
+		case work <- rel:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(work)
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil {
+		return err
+	}
+	if err := s.publishMarker(ctx, header(havenpb.Kind_KIND_SNAPSHOT_END), "end"); err != nil {
+		return err
+	}
+	s.log.Info().Stringer("consistent_lsn", consistent).Int("tables", len(rels)).Msg("initial snapshot published")
+	return nil
+}
+
+func beginAtSnapshot(ctx context.Context, conn *pgx.Conn, snapshotName string) (pgx.Tx, error) {
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return nil, fmt.Errorf("begin snapshot transaction: %w", err)
+	}
+	if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(snapshotName)); err != nil {
+		_ = tx.Rollback(ctx)
+		return nil, fmt.Errorf("import snapshot %q (it lives only while the slot's replication connection is open): %w", snapshotName, err)
+	}
+	return tx, nil
+}
+
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// publishMarker publishes a snapshot's begin or end marker and waits for
+// its acknowledgement.
+func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker string) error {
+	future, _, err := s.publisher.publish(ctx, wire.SnapshotSubject(s.cfg.Group),
+		wire.SnapshotMarkerMsgID(c.SystemId, c.Slot, c.SnapshotLsn, marker), c)
+	if err != nil {
+		return err
+	}
+	return waitAck(ctx, future)
+}
+
+// copyTable streams one table through COPY into snapshot chunks, keeping at
+// most MaxInFlight of them unacknowledged.
+func (s *session) copyTable(ctx context.Context, snapshotName string, consistent pglogrepl.LSN, rel *havenpb.Relation) error {
+	conn, err := pgx.Connect(ctx, s.cfg.SourceURL)
+	if err != nil {
+		return fmt.Errorf("connect: %w", err)
+	}
+	defer conn.Close(context.Background())
+	tx, err := beginAtSnapshot(ctx, conn, snapshotName)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback(context.Background()) }()
+
+	header := func(index uint32) *havenpb.Chunk {
+		return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_ROWS, SystemId: s.info.systemID,
+			Group: s.cfg.Group, Slot: SlotName(s.cfg.Group), Epoch: s.cfg.Epoch, CommitLsn: uint64(consistent),
+			SnapshotLsn: uint64(consistent), ChunkIndex: index}
+	}
+	var inflight []jetstream.PubAckFuture
+	builder := newChunkBuilder(s.cfg.ChunkBytes, header(0))
+	rows := 0
+	flush := func(last bool) error {
+		c := builder.chunk
+		c.LastChunk = last
+		future, _, err := s.publisher.publish(ctx, wire.SnapshotSubject(s.cfg.Group),
+			wire.SnapshotMsgID(c.SystemId, c.Slot, c.SnapshotLsn, rel.Id, c.ChunkIndex), c)
+		if err != nil {
+			return err
+		}
+		inflight = append(inflight, future)
+		for len(inflight) >= s.cfg.MaxInFlight {
+			if err := waitAck(ctx, inflight[0]); err != nil {
+				return err
+			}
+			inflight = inflight[1:]
+		}
+		builder.reset(header(c.ChunkIndex + 1))
+		return nil
+	}
+	parser := &copyRowParser{columns: len(rel.Columns), onRow: func(values []*havenpb.Datum) error {
+		builder.add(rel, &havenpb.Change{Op: havenpb.Op_OP_INSERT, RelationId: rel.Id, New: &havenpb.Row{Values: values}})
+		rows++
+		if builder.full() {
+			return flush(false)
+		}
+		return nil
+	}}
+	columns := make([]string, len(rel.Columns))
+	for i, c := range rel.Columns {
+		columns[i] = pgx.Identifier{c.Name}.Sanitize()
+	}
+	query := fmt.Sprintf("COPY (SELECT %s FROM ONLY %s) TO STDOUT", strings.Join(columns, ", "), pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
+	if _, err := tx.Conn().PgConn().CopyTo(ctx, parser, query); err != nil {
+		return fmt.Errorf("COPY: %w", err)
+	}
+	if err := parser.finish(); err != nil {
+		return err
+	}
+	if err := flush(true); err != nil {
+		return err
+	}
+	for _, f := range inflight {
+		if err := waitAck(ctx, f); err != nil {
+			return err
+		}
+	}
+	s.metrics.snapshotRows.Add(float64(rows))
+	s.log.Info().Str("table", rel.Schema+"."+rel.Name).Int("rows", rows).Msg("table copied")
+	return nil
+}

@@ -1,0 +1,222 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// operatorError is a problem only an operator can fix: the agent stops
+// instead of retrying.
+type operatorError struct{ err error }
+
+func (e *operatorError) Error() string { return e.err.Error() }
+func (e *operatorError) Unwrap() error { return e.err }
+
+func needsOperator(format string, args ...any) error {
+	return &operatorError{fmt.Errorf(format, args...)}
+}
+
+// IsOperatorError reports whether err needs an operator's action; retrying
+// does not help.
+func IsOperatorError(err error) bool {
+	var oe *operatorError
+	return errors.As(err, &oe)
+}
+
+// sourceInfo is what the agent learns about the primary before capturing.
+type sourceInfo struct {
+	systemID uint64
+	version  int
+}
+
+// checkSource verifies the server can feed a logical slot to this user.
+func checkSource(ctx context.Context, conn *pgx.Conn) (sourceInfo, error) {
+	var info sourceInfo
+	var walLevel string
+	var canReplicate bool
+	var sysID string
+	err := conn.QueryRow(ctx, `SELECT current_setting('wal_level'),
+		current_setting('server_version_num')::int,
+		(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
+		(SELECT system_identifier::text FROM pg_control_system())`).Scan(&walLevel, &info.version, &canReplicate, &sysID)
+	if err != nil {
+		return info, fmt.Errorf("inspect source server: %w", err)
+	}
+	if info.version < 140000 {
+		return info, needsOperator("source server is PostgreSQL %d.%d: haven needs 14 or later (pgoutput logical messages)", info.version/10000, info.version%10000)
+	}
+	if walLevel != "logical" {
+		return info, needsOperator("source wal_level is %q, haven needs \"logical\": run ALTER SYSTEM SET wal_level = logical; then restart PostgreSQL", walLevel)
+	}
+	if !canReplicate {
+		return info, needsOperator("role %q may not use replication: run ALTER ROLE %s REPLICATION; (or connect as a role that has it)", conn.Config().User, pgx.Identifier{conn.Config().User}.Sanitize())
+	}
+	if _, err := fmt.Sscan(sysID, &info.systemID); err != nil {
+		return info, fmt.Errorf("parse system identifier %q: %w", sysID, err)
+	}
+	return info, nil
+}
+
+// table is a source table the group replicates.
+type table struct {
+	oid             uint32
+	schema, name    string
+	replicaIdentity string // relreplident
+	hasKey          bool   // a usable identity index exists (PK or USING INDEX)
+	unlogged        bool
+}
+
+func (t table) qualified() string { return pgx.Identifier{t.schema, t.name}.Sanitize() }
+
+// usableIdentity reports whether UPDATE and DELETE on t can be replicated.
+func (t table) usableIdentity() bool {
+	return t.replicaIdentity == "f" || ((t.replicaIdentity == "d" || t.replicaIdentity == "i") && t.hasKey)
+}
+
+const tablesQuery = `
+SELECT c.oid, n.nspname, c.relname, c.relreplident::text, c.relpersistence = 'u',
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND
+               ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind = 'r'
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haven')
+  AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
+ORDER BY n.nspname, c.relname`
+
+// selectTables resolves the configured table list (or every user table)
+// and refuses tables that cannot be replicated safely.
+func selectTables(ctx context.Context, conn *pgx.Conn, wanted []string) ([]table, error) {
+	rows, err := conn.Query(ctx, tablesQuery)
+	if err != nil {
+		return nil, fmt.Errorf("list source tables: %w", err)
+	}
+	all, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (table, error) {
+		var t table
+		err := row.Scan(&t.oid, &t.schema, &t.name, &t.replicaIdentity, &t.unlogged, &t.hasKey)
+		return t, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list source tables: %w", err)
+	}
+	var picked []table
+	if len(wanted) == 0 {
+		for _, t := range all {
+			if t.unlogged {
+				// Unlogged tables never reach the WAL; nothing can replicate them.
+				continue
+			}
+			picked = append(picked, t)
+		}
+	} else {
+		byName := make(map[string]table, len(all))
+		for _, t := range all {
+			byName[t.schema+"."+t.name] = t
+		}
+		for _, w := range wanted {
+			name := strings.TrimSpace(w)
+			if !strings.Contains(name, ".") {
+				name = "public." + name
+			}
+			t, ok := byName[name]
+			if !ok {
+				return nil, needsOperator("table %q (from --tables) does not exist on the source, or is not an ordinary table", w)
+			}
+			if t.unlogged {
+				return nil, needsOperator("table %s is UNLOGGED: its changes never reach the WAL, so it cannot be replicated; run ALTER TABLE %s SET LOGGED; or leave it out of --tables", name, t.qualified())
+			}
+			picked = append(picked, t)
+		}
+	}
+	var refused []string
+	for _, t := range picked {
+		if !t.usableIdentity() {
+			refused = append(refused, t.schema+"."+t.name)
+		}
+	}
+	if len(refused) > 0 {
+		// Adding such a table to a publication that publishes UPDATE and
+		// DELETE would make the primary's own UPDATEs on it fail, so it is
+		// never added.
+		return nil, needsOperator("tables without a primary key or usable replica identity cannot be replicated: %s. "+
+			"Add a primary key (ALTER TABLE … ADD PRIMARY KEY (…)), or set ALTER TABLE … REPLICA IDENTITY FULL, "+
+			"or leave them out with --tables", strings.Join(refused, ", "))
+	}
+	if len(picked) == 0 {
+		return nil, needsOperator("no tables to replicate: the source database has no ordinary tables outside the system schemas (or --tables is empty)")
+	}
+	return picked, nil
+}
+
+// ensurePublication creates the group's publication for tables, or checks
+// that an existing one covers them.
+func ensurePublication(ctx context.Context, conn *pgx.Conn, name string, tables []table) (missing []string, err error) {
+	var exists bool
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, name).Scan(&exists); err != nil {
+		return nil, fmt.Errorf("look up publication %q: %w", name, err)
+	}
+	if !exists {
+		names := make([]string, len(tables))
+		for i, t := range tables {
+			names[i] = t.qualified()
+		}
+		sql := fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert, update, delete, truncate')",
+			pgx.Identifier{name}.Sanitize(), strings.Join(names, ", "))
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return nil, fmt.Errorf("create publication %q: %w", name, err)
+		}
+		return nil, nil
+	}
+	rows, err := conn.Query(ctx, `SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1`, name)
+	if err != nil {
+		return nil, fmt.Errorf("list tables of publication %q: %w", name, err)
+	}
+	published, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("list tables of publication %q: %w", name, err)
+	}
+	have := make(map[string]bool, len(published))
+	for _, p := range published {
+		have[p] = true
+	}
+	for _, t := range tables {
+		if !have[t.schema+"."+t.name] {
+			missing = append(missing, t.schema+"."+t.name)
+		}
+	}
+	return missing, nil
+}
+
+// describeTables reads the snapshot's relation descriptors from the catalog,
+// as of the exported snapshot (the caller's transaction).
+func describeTables(ctx context.Context, tx pgx.Tx, tables []table) ([]*havenpb.Relation, error) {
+	rels := make([]*havenpb.Relation, 0, len(tables))
+	for _, t := range tables {
+		rows, err := tx.Query(ctx, `
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod, a.attnotnull,
+       COALESCE(a.attnum = ANY ((SELECT i.indkey FROM pg_index i WHERE i.indrelid = a.attrelid AND
+                ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))::int2[]), false)
+         OR c.relreplident = 'f'
+FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+ORDER BY a.attnum`, t.oid)
+		if err != nil {
+			return nil, fmt.Errorf("describe table %s: %w", t.qualified(), err)
+		}
+		cols, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (*havenpb.Column, error) {
+			var c havenpb.Column
+			err := row.Scan(&c.Name, &c.Type, &c.TypeOid, &c.TypeModifier, &c.NotNull, &c.Key)
+			return &c, err
+		})
+		if err != nil {
+			return nil, fmt.Errorf("describe table %s: %w", t.qualified(), err)
+		}
+		rels = append(rels, &havenpb.Relation{Id: t.oid, Schema: t.schema, Name: t.name, Columns: cols, ReplicaIdentity: t.replicaIdentity})
+	}
+	return rels, nil
+}

@@ -1,0 +1,462 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+// heartbeatPrefix is the logical-message prefix of a group's heartbeats;
+// other prefixes (other groups, other tools) are ignored.
+func heartbeatPrefix(group string) string { return "haven.heartbeat." + group }
+
+// pending is one published chunk waiting for JetStream's acknowledgement.
+type pending struct {
+	future     jetstream.PubAckFuture // nil: nothing was published (e.g. an empty transaction)
+	commitLSN  pglogrepl.LSN
+	commitTime time.Time
+	endsTxn    bool
+	changes    int
+}
+
+// txnState is the source transaction being decoded.
+type txnState struct {
+	xid        uint32
+	commitLSN  pglogrepl.LSN
+	commitTime time.Time
+	builder    *chunkBuilder
+	heartbeat  *havenpb.Heartbeat
+	chunks     uint32
+}
+
+// streamer owns the replication connection for one session; it runs on one
+// goroutine, so positions need no locks.
+type streamer struct {
+	*session
+	relations    map[uint32]*havenpb.Relation
+	typeNames    map[typeKey]string
+	txn          *txnState
+	inflight     []pending
+	receivedLSN  pglogrepl.LSN
+	confirmedLSN pglogrepl.LSN
+	nextStatus   time.Time
+}
+
+type typeKey struct {
+	oid uint32
+	mod int32
+}
+
+func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error {
+	slot := SlotName(s.cfg.Group)
+	err := pglogrepl.StartReplication(ctx, s.repl, slot, start, pglogrepl.StartReplicationOptions{
+		Mode: pglogrepl.LogicalReplication,
+		PluginArgs: []string{
+			"proto_version '1'",
+			"publication_names " + quoteLiteral(PublicationName(s.cfg.Group)),
+			"messages 'true'",
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("start replication on slot %q: %w", slot, err)
+	}
+	st := &streamer{session: s, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
+		receivedLSN: start, confirmedLSN: start}
+	s.metrics.connected.Set(1)
+	s.streaming()
+	s.metrics.confirmedLSN.Set(float64(start))
+	s.log.Info().Stringer("start_lsn", start).Msg("streaming changes")
+	return st.loop(ctx)
+}
+
+func (st *streamer) loop(ctx context.Context) error {
+	for {
+		if err := st.collectAcks(ctx, false); err != nil {
+			return err
+		}
+		if !time.Now().Before(st.nextStatus) {
+			if err := st.sendStatus(ctx, false); err != nil {
+				return err
+			}
+		}
+		recvCtx, cancel := context.WithDeadline(ctx, st.nextStatus)
+		msg, err := st.repl.ReceiveMessage(recvCtx)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				st.shutdown()
+				return nil
+			}
+			if pgconn.Timeout(err) {
+				continue
+			}
+			return fmt.Errorf("receive from walsender: %w", err)
+		}
+		switch msg := msg.(type) {
+		case *pgproto3.CopyData:
+			if err := st.handleCopyData(ctx, msg.Data); err != nil {
+				return err
+			}
+		case *pgproto3.ErrorResponse:
+			return fmt.Errorf("walsender: %w", pgconn.ErrorResponseToPgError(msg))
+		default:
+			return fmt.Errorf("unexpected message from walsender: %T", msg)
+		}
+	}
+}
+
+// shutdown confirms what is acknowledged before the session ends, so a
+// graceful stop does not make the next start re-read more than needed.
+func (st *streamer) shutdown() {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = st.collectAcks(ctx, true)
+	_ = st.sendStatus(ctx, false)
+	st.log.Info().Stringer("confirmed_lsn", st.confirmedLSN).Msg("capture stopped")
+}
+
+func (st *streamer) handleCopyData(ctx context.Context, data []byte) error {
+	if len(data) == 0 {
+		return nil
+	}
+	switch data[0] {
+	case pglogrepl.PrimaryKeepaliveMessageByteID:
+		ka, err := pglogrepl.ParsePrimaryKeepaliveMessage(data[1:])
+		if err != nil {
+			return fmt.Errorf("parse keepalive: %w", err)
+		}
+		if st.txn == nil && len(st.inflight) == 0 && ka.ServerWALEnd > st.confirmedLSN {
+			// Nothing open and everything acknowledged: every transaction
+			// committed before the walsender's position is in the stream.
+			st.receivedLSN = max(st.receivedLSN, ka.ServerWALEnd)
+			st.setConfirmed(ka.ServerWALEnd)
+		}
+		if ka.ReplyRequested {
+			return st.sendStatus(ctx, false)
+		}
+		return nil
+	case pglogrepl.XLogDataByteID:
+		xld, err := pglogrepl.ParseXLogData(data[1:])
+		if err != nil {
+			return fmt.Errorf("parse XLogData: %w", err)
+		}
+		if xld.WALStart > st.receivedLSN {
+			st.receivedLSN = xld.WALStart
+			st.metrics.receivedLSN.Set(float64(xld.WALStart))
+		}
+		return st.handleLogical(ctx, xld.WALData)
+	default:
+		return nil
+	}
+}
+
+func (st *streamer) handleLogical(ctx context.Context, data []byte) error {
+	msg, err := pglogrepl.Parse(data)
+	if err != nil {
+		return fmt.Errorf("decode pgoutput message: %w", err)
+	}
+	switch m := msg.(type) {
+	case *pglogrepl.RelationMessage:
+		return st.onRelation(ctx, m)
+	case *pglogrepl.BeginMessage:
+		if st.txn != nil {
+			return fmt.Errorf("BEGIN of xid %d inside xid %d", m.Xid, st.txn.xid)
+		}
+		st.txn = &txnState{xid: m.Xid, commitLSN: m.FinalLSN, commitTime: m.CommitTime}
+		st.txn.builder = newChunkBuilder(st.cfg.ChunkBytes, st.txnHeader(0))
+		return nil
+	case *pglogrepl.CommitMessage:
+		if st.txn == nil {
+			return fmt.Errorf("COMMIT at %s outside a transaction", m.CommitLSN)
+		}
+		return st.finishTxn(ctx)
+	case *pglogrepl.InsertMessage:
+		return st.onRow(ctx, havenpb.Op_OP_INSERT, m.RelationID, nil, m.Tuple)
+	case *pglogrepl.UpdateMessage:
+		return st.onRow(ctx, havenpb.Op_OP_UPDATE, m.RelationID, m.OldTuple, m.NewTuple)
+	case *pglogrepl.DeleteMessage:
+		return st.onRow(ctx, havenpb.Op_OP_DELETE, m.RelationID, m.OldTuple, nil)
+	case *pglogrepl.TruncateMessage:
+		return st.onTruncate(ctx, m)
+	case *pglogrepl.LogicalDecodingMessage:
+		return st.onMessage(m)
+	case *pglogrepl.TypeMessage, *pglogrepl.OriginMessage:
+		return nil
+	default:
+		return fmt.Errorf("unexpected pgoutput message %T", msg)
+	}
+}
+
+func (st *streamer) txnHeader(index uint32) *havenpb.Chunk {
+	t := st.txn
+	return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_TRANSACTION, SystemId: st.info.systemID,
+		Group: st.cfg.Group, Slot: SlotName(st.cfg.Group), Epoch: st.cfg.Epoch, Xid: t.xid, CommitLsn: uint64(t.commitLSN),
+		CommitTimeUs: t.commitTime.UnixMicro(), ChunkIndex: index}
+}
+
+func (st *streamer) onRelation(ctx context.Context, m *pglogrepl.RelationMessage) error {
+	if st.txn != nil && st.txn.builder.described[m.RelationID] {
+		// The table changed shape inside the transaction: later changes must
+		// travel with the new description, in a chunk of their own.
+		if err := st.flushChunk(ctx, false); err != nil {
+			return err
+		}
+	}
+	rel := &havenpb.Relation{Id: m.RelationID, Schema: m.Namespace, Name: m.RelationName, ReplicaIdentity: string(rune(m.ReplicaIdentity))}
+	for _, c := range m.Columns {
+		typeName, err := st.typeName(ctx, c.DataType, c.TypeModifier)
+		if err != nil {
+			return err
+		}
+		rel.Columns = append(rel.Columns, &havenpb.Column{Name: c.Name, Type: typeName, TypeOid: c.DataType,
+			TypeModifier: c.TypeModifier, Key: c.Flags&1 != 0})
+	}
+	// A new descriptor object: chunks already built keep the one they used.
+	st.relations[m.RelationID] = rel
+	return nil
+}
+
+// typeName resolves a column type as format_type prints it, cached.
+func (st *streamer) typeName(ctx context.Context, oid uint32, mod int32) (string, error) {
+	key := typeKey{oid, mod}
+	if name, ok := st.typeNames[key]; ok {
+		return name, nil
+	}
+	var name string
+	if err := st.ctrl.QueryRow(ctx, `SELECT format_type($1, $2)`, oid, mod).Scan(&name); err != nil {
+		return "", fmt.Errorf("resolve type %d: %w", oid, err)
+	}
+	st.typeNames[key] = name
+	return name, nil
+}
+
+func (st *streamer) onRow(ctx context.Context, op havenpb.Op, relID uint32, oldTuple, newTuple *pglogrepl.TupleData) error {
+	if st.txn == nil {
+		return fmt.Errorf("row change outside a transaction")
+	}
+	rel, ok := st.relations[relID]
+	if !ok {
+		return fmt.Errorf("change for relation %d before its description", relID)
+	}
+	ch := &havenpb.Change{Op: op, RelationId: relID}
+	var err error
+	if oldTuple != nil {
+		if ch.Old, err = toRow(oldTuple, len(rel.Columns)); err != nil {
+			return fmt.Errorf("old row of %s.%s: %w", rel.Schema, rel.Name, err)
+		}
+	}
+	if newTuple != nil {
+		if ch.New, err = toRow(newTuple, len(rel.Columns)); err != nil {
+			return fmt.Errorf("new row of %s.%s: %w", rel.Schema, rel.Name, err)
+		}
+	}
+	return st.addChange(ctx, rel, ch)
+}
+
+func (st *streamer) onTruncate(ctx context.Context, m *pglogrepl.TruncateMessage) error {
+	if st.txn == nil {
+		return fmt.Errorf("truncate outside a transaction")
+	}
+	ch := &havenpb.Change{Op: havenpb.Op_OP_TRUNCATE, TruncateRelationIds: m.RelationIDs,
+		TruncateCascade: m.Option&1 != 0, TruncateRestartIdentity: m.Option&2 != 0}
+	// Describe every truncated relation in the chunk that carries it.
+	b := st.txn.builder
+	if b.full() {
+		if err := st.flushChunk(ctx, false); err != nil {
+			return err
+		}
+		b = st.txn.builder
+	}
+	for _, id := range m.RelationIDs {
+		rel, ok := st.relations[id]
+		if !ok {
+			return fmt.Errorf("truncate of relation %d before its description", id)
+		}
+		if !b.described[id] {
+			b.described[id] = true
+			b.chunk.Relations = append(b.chunk.Relations, rel)
+		}
+	}
+	b.add(nil, ch)
+	return nil
+}
+
+func (st *streamer) onMessage(m *pglogrepl.LogicalDecodingMessage) error {
+	if m.Prefix != heartbeatPrefix(st.cfg.Group) || st.txn == nil {
+		return nil
+	}
+	at, err := strconv.ParseInt(strings.TrimSpace(string(m.Content)), 10, 64)
+	if err != nil {
+		st.log.Warn().Str("content", string(m.Content)).Msg("ignoring malformed heartbeat message")
+		return nil
+	}
+	st.txn.heartbeat = &havenpb.Heartbeat{EmittedAtUs: at, WalLsn: uint64(m.LSN)}
+	return nil
+}
+
+// toRow copies a pgoutput tuple; its bytes belong to the connection's
+// receive buffer and are overwritten by the next message.
+func toRow(t *pglogrepl.TupleData, columns int) (*havenpb.Row, error) {
+	if len(t.Columns) != columns {
+		return nil, fmt.Errorf("tuple has %d columns, relation has %d", len(t.Columns), columns)
+	}
+	row := &havenpb.Row{Values: make([]*havenpb.Datum, len(t.Columns))}
+	for i, c := range t.Columns {
+		d := &havenpb.Datum{}
+		switch c.DataType {
+		case pglogrepl.TupleDataTypeNull:
+			d.Kind = havenpb.DatumKind_DATUM_NULL
+		case pglogrepl.TupleDataTypeToast:
+			d.Kind = havenpb.DatumKind_DATUM_UNCHANGED_TOAST
+		case pglogrepl.TupleDataTypeText:
+			d.Kind = havenpb.DatumKind_DATUM_TEXT
+			d.Text = append(make([]byte, 0, len(c.Data)), c.Data...)
+		default:
+			return nil, fmt.Errorf("column %d in format %q; haven asks for text", i, c.DataType)
+		}
+		row.Values[i] = d
+	}
+	return row, nil
+}
+
+func (st *streamer) addChange(ctx context.Context, rel *havenpb.Relation, ch *havenpb.Change) error {
+	if st.txn.builder.full() {
+		if err := st.flushChunk(ctx, false); err != nil {
+			return err
+		}
+	}
+	st.txn.builder.add(rel, ch)
+	return nil
+}
+
+// finishTxn publishes the transaction's last chunk. A transaction with no
+// change and no heartbeat publishes nothing but still moves the confirmed
+// position once everything before it is acknowledged.
+func (st *streamer) finishTxn(ctx context.Context) error {
+	t := st.txn
+	if t.builder.empty() && t.chunks == 0 && t.heartbeat == nil {
+		st.inflight = append(st.inflight, pending{commitLSN: t.commitLSN, commitTime: t.commitTime, endsTxn: true})
+		st.txn = nil
+		return nil
+	}
+	if err := st.flushChunk(ctx, true); err != nil {
+		return err
+	}
+	st.txn = nil
+	return nil
+}
+
+// flushChunk publishes the transaction's current chunk and starts the next.
+func (st *streamer) flushChunk(ctx context.Context, last bool) error {
+	t := st.txn
+	c := t.builder.chunk
+	c.LastChunk = last
+	if last {
+		c.Heartbeat = t.heartbeat
+	}
+	if err := st.waitForRoom(ctx); err != nil {
+		return err
+	}
+	future, _, err := st.publisher.publish(ctx, wire.TransactionSubject(st.cfg.Group),
+		wire.TransactionMsgID(st.info.systemID, SlotName(st.cfg.Group), uint64(t.commitLSN), c.ChunkIndex), c)
+	if err != nil {
+		return err
+	}
+	st.inflight = append(st.inflight, pending{future: future, commitLSN: t.commitLSN, commitTime: t.commitTime,
+		endsTxn: last, changes: len(c.Changes)})
+	t.chunks++
+	t.builder.reset(st.txnHeader(t.chunks))
+	return nil
+}
+
+// waitForRoom blocks while MaxInFlight chunks await acknowledgement, still
+// answering the walsender so that it does not time the connection out.
+func (st *streamer) waitForRoom(ctx context.Context) error {
+	for len(st.inflight) >= st.cfg.MaxInFlight {
+		waitCtx, cancel := context.WithDeadline(ctx, st.nextStatus)
+		err := st.collectAcks(waitCtx, true)
+		cancel()
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if err != nil && waitCtx.Err() == nil {
+			return err
+		}
+		if !time.Now().Before(st.nextStatus) {
+			if err := st.sendStatus(ctx, false); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// collectAcks retires acknowledged chunks from the head of the in-flight
+// queue, in order, and advances the confirmed position at each completed
+// transaction. With block set it waits for the head until ctx ends.
+func (st *streamer) collectAcks(ctx context.Context, block bool) error {
+	for len(st.inflight) > 0 {
+		head := st.inflight[0]
+		if head.future != nil {
+			if block {
+				select {
+				case <-head.future.Ok():
+				case err := <-head.future.Err():
+					return fmt.Errorf("JetStream did not acknowledge %s: %w", head.future.Msg().Header.Get(jetstream.MsgIDHeader), err)
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+			} else {
+				select {
+				case <-head.future.Ok():
+				case err := <-head.future.Err():
+					return fmt.Errorf("JetStream did not acknowledge %s: %w", head.future.Msg().Header.Get(jetstream.MsgIDHeader), err)
+				default:
+					return nil
+				}
+			}
+			st.metrics.chunks.Inc()
+		}
+		st.inflight = st.inflight[1:]
+		st.metrics.changes.Add(float64(head.changes))
+		if head.endsTxn {
+			st.setConfirmed(head.commitLSN)
+			if head.future != nil {
+				st.metrics.transactions.Inc()
+				st.metrics.lagSeconds.Set(time.Since(head.commitTime).Seconds())
+			}
+		}
+	}
+	return nil
+}
+
+func (st *streamer) setConfirmed(lsn pglogrepl.LSN) {
+	if lsn > st.confirmedLSN {
+		st.confirmedLSN = lsn
+		st.metrics.confirmedLSN.Set(float64(lsn))
+	}
+}
+
+// sendStatus reports the confirmed position as written, flushed and applied:
+// PostgreSQL may forget WAL only up to what JetStream holds.
+func (st *streamer) sendStatus(ctx context.Context, reply bool) error {
+	err := pglogrepl.SendStandbyStatusUpdate(ctx, st.repl, pglogrepl.StandbyStatusUpdate{
+		WALWritePosition: st.confirmedLSN, WALFlushPosition: st.confirmedLSN, WALApplyPosition: st.confirmedLSN,
+		ClientTime: time.Now(), ReplyRequested: reply,
+	})
+	if err != nil {
+		return fmt.Errorf("send standby status: %w", err)
+	}
+	st.nextStatus = time.Now().Add(st.cfg.StatusInterval)
+	return nil
+}

@@ -1,0 +1,70 @@
+package main
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
+
+	"github.com/haven-dr/haven/agent"
+	"github.com/haven-dr/haven/internal/opshttp"
+)
+
+func newAgentCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
+	cfg := agent.DefaultConfig()
+	var httpAddr string
+	cmd := &cobra.Command{
+		Use:   "agent",
+		Short: "Capture the primary database's changes into the group's JetStream stream",
+		Long: `The agent runs next to the primary. On first start it creates a publication and a
+logical slot, publishes an initial snapshot of every table, then streams every
+committed change. It confirms a WAL position to PostgreSQL only once JetStream
+has acknowledged everything before it.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logger()
+			if err != nil {
+				return err
+			}
+			reg := newRegistry()
+			a, err := agent.New(cfg, log, reg)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signalContext()
+			defer stop()
+			if httpAddr != "" {
+				addr, _, err := opshttp.Serve(ctx, httpAddr, reg, a.Healthy)
+				if err != nil {
+					return err
+				}
+				log.Info().Str("addr", addr).Msg("serving /healthz and /metrics")
+			}
+			return a.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.SourceURL, "source-url", "", "primary database URL, e.g. postgres://haven@db1:5432/crm")
+	f.StringVar(&cfg.NATSURL, "nats-url", "", "NATS server URL(s), comma-separated")
+	f.StringVar(&cfg.Group, "group", "", "replication group name (lower-case letters, digits, underscores)")
+	f.StringSliceVar(&cfg.Tables, "tables", nil, "tables to replicate (schema.table, comma-separated); default: every table outside system schemas")
+	f.Uint64Var(&cfg.Epoch, "epoch", cfg.Epoch, "fencing epoch stamped on every message")
+	f.IntVar(&cfg.StreamReplicas, "stream-replicas", cfg.StreamReplicas, "replicas of a stream the agent creates (1, 3 or 5)")
+	f.DurationVar(&cfg.StreamMaxAge, "stream-max-age", cfg.StreamMaxAge, "how long the stream keeps messages (0: no limit)")
+	f.Int64Var(&cfg.StreamMaxBytes, "stream-max-bytes", cfg.StreamMaxBytes, "stream size bound; when full, new changes wait in the slot (0: no limit)")
+	f.DurationVar(&cfg.DuplicateWindow, "duplicate-window", cfg.DuplicateWindow, "JetStream dedupe window of a stream the agent creates")
+	f.IntVar(&cfg.ChunkBytes, "chunk-bytes", cfg.ChunkBytes, "upper bound of one message's size")
+	f.BoolVar(&cfg.Compress, "compress", cfg.Compress, "compress messages with zstd")
+	f.IntVar(&cfg.SnapshotWorkers, "snapshot-workers", cfg.SnapshotWorkers, "tables copied in parallel by the initial snapshot")
+	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "interval of heartbeats through the slot")
+	f.DurationVar(&cfg.StatusInterval, "status-interval", cfg.StatusInterval, "interval of status updates to the walsender (keep under wal_sender_timeout)")
+	f.IntVar(&cfg.MaxInFlight, "max-in-flight", cfg.MaxInFlight, "messages published but not yet acknowledged")
+	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz and /metrics, e.g. :9187 (empty: off)")
+	return cmd
+}
+
+func newRegistry() *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return reg
+}

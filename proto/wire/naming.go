@@ -1,0 +1,52 @@
+package wire
+
+import (
+	"fmt"
+	"regexp"
+	"strings"
+)
+
+var groupPattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
+
+// ValidateGroup checks a group name: it becomes part of a slot name, a
+// publication name, a stream name, a consumer name and a subject, so it is
+// kept to lower-case letters, digits and underscores.
+func ValidateGroup(group string) error {
+	if !groupPattern.MatchString(group) {
+		return fmt.Errorf("group %q: use 1-40 lower-case letters, digits or underscores, starting with a letter", group)
+	}
+	return nil
+}
+
+// ConsumerName is the standby's durable consumer on a group's stream.
+func ConsumerName(group string) string { return "standby_" + group }
+
+// StreamName is the JetStream stream that carries a group's chunks.
+func StreamName(group string) string { return "HAVEN_" + strings.ToUpper(group) }
+
+// SubjectPrefix is the prefix of every subject of a group's stream; the
+// stream binds SubjectPrefix(group)+">".
+func SubjectPrefix(group string) string { return "haven." + group + "." }
+
+// Subjects of a group's stream. All share one stream, so stream order is the
+// order the agent published in, across subjects.
+func SnapshotSubject(group string) string    { return SubjectPrefix(group) + "snapshot" }
+func TransactionSubject(group string) string { return SubjectPrefix(group) + "txn" }
+
+// TransactionMsgID is the Nats-Msg-Id of one chunk of a source transaction.
+// It depends only on the source, so a restarted agent republishing the same
+// chunk produces the same id and JetStream drops the copy.
+func TransactionMsgID(systemID uint64, slot string, commitLSN uint64, chunk uint32) string {
+	return fmt.Sprintf("%d/%s/%X/%d", systemID, slot, commitLSN, chunk)
+}
+
+// SnapshotMsgID is the Nats-Msg-Id of a chunk of a table's snapshot copy;
+// table is the source relation OID.
+func SnapshotMsgID(systemID uint64, slot string, snapshotLSN uint64, table uint32, chunk uint32) string {
+	return fmt.Sprintf("%d/%s/snapshot/%X/%d/%d", systemID, slot, snapshotLSN, table, chunk)
+}
+
+// SnapshotMarkerMsgID is the Nats-Msg-Id of a snapshot's begin or end marker.
+func SnapshotMarkerMsgID(systemID uint64, slot string, snapshotLSN uint64, marker string) string {
+	return fmt.Sprintf("%d/%s/snapshot/%X/%s", systemID, slot, snapshotLSN, marker)
+}

@@ -1,0 +1,203 @@
+// Package wire frames haven chunks for the stream: it marshals a
+// havenpb.Chunk, optionally compresses it, and on the reading side checks the
+// encoding and the format version and validates the chunk's structure, so
+// that the apply side never interprets a message it does not fully
+// understand. Every decoding failure is an error, never a panic.
+package wire
+
+import (
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/klauspost/compress/zstd"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// FormatVersion is the wire-format version this build writes and the only
+// one it reads.
+const FormatVersion = 1
+
+// Header names carried on every stream message.
+const (
+	// HeaderEncoding names the payload's encoding: EncodingProto or
+	// EncodingProtoZstd.
+	HeaderEncoding = "Haven-Encoding"
+	// HeaderFormat carries the format version in decimal, so a reader can
+	// reject a message without decoding it.
+	HeaderFormat = "Haven-Format"
+)
+
+// Encodings of a payload.
+const (
+	EncodingProto     = "proto"
+	EncodingProtoZstd = "proto+zstd"
+)
+
+// maxDecodedSize bounds a decompressed payload, so that a corrupt or hostile
+// message cannot make the reader allocate without limit.
+const maxDecodedSize = 64 << 20
+
+// ErrCorrupt marks a payload that is not a valid haven chunk.
+var ErrCorrupt = errors.New("corrupt haven message")
+
+// ErrUnsupported marks a message this build does not understand (unknown
+// encoding or format version); upgrading haven on the reading side may help.
+var ErrUnsupported = errors.New("unsupported haven message")
+
+var (
+	zstdEncoder = sync.OnceValue(func() *zstd.Encoder {
+		enc, err := zstd.NewWriter(nil, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(zstd.SpeedFastest))
+		if err != nil {
+			panic(fmt.Sprintf("zstd encoder with static options: %v", err))
+		}
+		return enc
+	})
+	zstdDecoder = sync.OnceValue(func() *zstd.Decoder {
+		dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(1), zstd.WithDecoderMaxMemory(maxDecodedSize))
+		if err != nil {
+			panic(fmt.Sprintf("zstd decoder with static options: %v", err))
+		}
+		return dec
+	})
+)
+
+// Encode marshals c, compressing it with zstd when compress is set. It
+// returns the payload and the value of HeaderEncoding.
+func Encode(c *havenpb.Chunk, compress bool) (payload []byte, encoding string, err error) {
+	raw, err := proto.Marshal(c)
+	if err != nil {
+		return nil, "", fmt.Errorf("marshal chunk: %w", err)
+	}
+	if !compress {
+		return raw, EncodingProto, nil
+	}
+	return zstdEncoder().EncodeAll(raw, make([]byte, 0, len(raw)/2)), EncodingProtoZstd, nil
+}
+
+// Decode reverses Encode and validates the result (see Validate). format is
+// the HeaderFormat value; an empty one is checked from the payload alone.
+func Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
+	if format != "" && format != formatHeaderValue {
+		return nil, fmt.Errorf("%w: format version %q, this haven reads %d: upgrade haven on this side", ErrUnsupported, format, FormatVersion)
+	}
+	raw := payload
+	switch encoding {
+	case EncodingProto:
+	case EncodingProtoZstd:
+		var err error
+		raw, err = zstdDecoder().DecodeAll(payload, nil)
+		if err != nil {
+			return nil, fmt.Errorf("%w: zstd: %v", ErrCorrupt, err)
+		}
+	case "":
+		return nil, fmt.Errorf("%w: no %s header: not a haven message", ErrCorrupt, HeaderEncoding)
+	default:
+		return nil, fmt.Errorf("%w: encoding %q (known: %s, %s)", ErrUnsupported, encoding, EncodingProto, EncodingProtoZstd)
+	}
+	var c havenpb.Chunk
+	if err := proto.Unmarshal(raw, &c); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
+	}
+	if err := Validate(&c); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+var formatHeaderValue = fmt.Sprint(FormatVersion)
+
+// FormatHeader is the HeaderFormat value this build writes.
+func FormatHeader() string { return formatHeaderValue }
+
+// Validate checks what a reader relies on: the version, the kind, that every
+// change names a relation the chunk describes, that rows have one value per
+// column, and that every value says whether it is NULL, text or an unchanged
+// TOAST placeholder.
+func Validate(c *havenpb.Chunk) error {
+	if c.GetFormatVersion() != FormatVersion {
+		return fmt.Errorf("%w: format version %d, this haven reads %d: upgrade haven on this side", ErrUnsupported, c.GetFormatVersion(), FormatVersion)
+	}
+	switch c.GetKind() {
+	case havenpb.Kind_KIND_TRANSACTION, havenpb.Kind_KIND_SNAPSHOT_BEGIN, havenpb.Kind_KIND_SNAPSHOT_ROWS, havenpb.Kind_KIND_SNAPSHOT_END:
+	default:
+		return fmt.Errorf("%w: chunk kind %d", ErrUnsupported, c.GetKind())
+	}
+	if c.GetGroup() == "" || c.GetSystemId() == 0 {
+		return fmt.Errorf("%w: chunk without group or system id", ErrCorrupt)
+	}
+	columns := make(map[uint32]int, len(c.GetRelations()))
+	for _, r := range c.GetRelations() {
+		if r.GetName() == "" || len(r.GetColumns()) == 0 {
+			return fmt.Errorf("%w: relation %d without name or columns", ErrCorrupt, r.GetId())
+		}
+		for _, col := range r.GetColumns() {
+			if col.GetName() == "" || col.GetType() == "" {
+				return fmt.Errorf("%w: relation %s.%s has a column without name or type", ErrCorrupt, r.GetSchema(), r.GetName())
+			}
+		}
+		columns[r.GetId()] = len(r.GetColumns())
+	}
+	for i, ch := range c.GetChanges() {
+		if err := validateChange(ch, columns); err != nil {
+			return fmt.Errorf("%w: change %d: %v", ErrCorrupt, i, err)
+		}
+	}
+	return nil
+}
+
+func validateChange(ch *havenpb.Change, columns map[uint32]int) error {
+	if ch.GetOp() == havenpb.Op_OP_TRUNCATE {
+		if len(ch.GetTruncateRelationIds()) == 0 {
+			return errors.New("truncate without relations")
+		}
+		for _, id := range ch.GetTruncateRelationIds() {
+			if _, ok := columns[id]; !ok {
+				return fmt.Errorf("truncate of undescribed relation %d", id)
+			}
+		}
+		return nil
+	}
+	n, ok := columns[ch.GetRelationId()]
+	if !ok {
+		return fmt.Errorf("undescribed relation %d", ch.GetRelationId())
+	}
+	switch ch.GetOp() {
+	case havenpb.Op_OP_INSERT:
+		if ch.GetNew() == nil {
+			return errors.New("insert without new row")
+		}
+	case havenpb.Op_OP_UPDATE:
+		if ch.GetNew() == nil {
+			return errors.New("update without new row")
+		}
+	case havenpb.Op_OP_DELETE:
+		if ch.GetOld() == nil {
+			return errors.New("delete without old row")
+		}
+	default:
+		return fmt.Errorf("op %d", ch.GetOp())
+	}
+	for _, row := range []*havenpb.Row{ch.GetOld(), ch.GetNew()} {
+		if row == nil {
+			continue
+		}
+		if len(row.GetValues()) != n {
+			return fmt.Errorf("row has %d values, relation has %d columns", len(row.GetValues()), n)
+		}
+		for _, d := range row.GetValues() {
+			switch d.GetKind() {
+			case havenpb.DatumKind_DATUM_NULL, havenpb.DatumKind_DATUM_TEXT:
+			case havenpb.DatumKind_DATUM_UNCHANGED_TOAST:
+				if row == ch.GetOld() {
+					return errors.New("unchanged-TOAST marker in an old row")
+				}
+			default:
+				return fmt.Errorf("value kind %d", d.GetKind())
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,522 @@
+package replicator
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+// blockedError stops apply at one message: retrying cannot help until an
+// operator acts (or the message is re-sent correctly).
+type blockedError struct {
+	seq    uint64
+	reason string
+	err    error
+}
+
+func (e *blockedError) Error() string {
+	return fmt.Sprintf("apply stopped at stream message %d (%s): %v", e.seq, e.reason, e.err)
+}
+func (e *blockedError) Unwrap() error { return e.err }
+
+func blocked(seq uint64, reason string, format string, args ...any) error {
+	return &blockedError{seq: seq, reason: reason, err: fmt.Errorf(format, args...)}
+}
+
+// partialTxn is a source transaction whose first chunks are applied in the
+// open target transaction and whose last chunk has not arrived yet.
+type partialTxn struct {
+	commitLSN uint64
+	xid       uint32
+	next      uint32
+}
+
+// batchEntry remembers what a pipelined statement was, to judge its result.
+type batchEntry struct {
+	matchesRow bool
+	table      string
+}
+
+// applier applies messages to the DR database over one connection. It is
+// used by one goroutine.
+type applier struct {
+	cfg     Config
+	log     zerolog.Logger
+	metrics *metrics
+	conn    *pgx.Conn
+	pg      *pgconn.PgConn
+
+	found bool     // the DR database has a position for the group
+	pos   position // committed on DR
+	next  position // pos plus what the open target transaction holds
+
+	lastSeq    uint64 // last stream sequence handled in this session
+	statements map[string]string
+	checked    map[string]bool // relation keys whose DR table was checked
+
+	open         bool
+	batch        *pgconn.Batch
+	entries      []batchEntry
+	groupTxns    int
+	groupChanges int
+	groupStarted time.Time
+	toAck        jetstream.Msg
+	partial      *partialTxn
+}
+
+func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, pos position, found bool) *applier {
+	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), pos: pos, next: pos, found: found,
+		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}}
+}
+
+// handle applies one stream message (or skips a duplicate).
+func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
+	meta, err := msg.Metadata()
+	if err != nil {
+		return fmt.Errorf("message metadata: %w", err)
+	}
+	seq := meta.Sequence.Stream
+	if seq <= a.lastSeq {
+		// A redelivery of something already handled in this session.
+		return nil
+	}
+	if seq != a.lastSeq+1 {
+		return a.stop(ctx, blocked(seq, "gap", "expected stream sequence %d next but got %d: messages were removed from the stream "+
+			"(retention limits or a purge) before the DR site applied them; the DR copy cannot be completed from this stream, re-seed it "+
+			"(drop the agent's slot so it takes a new snapshot)", a.lastSeq+1, seq))
+	}
+	chunk, err := wire.Decode(msg.Headers().Get(wire.HeaderEncoding), msg.Headers().Get(wire.HeaderFormat), msg.Data())
+	if err != nil {
+		return a.stop(ctx, blocked(seq, "undecodable", "%w", err))
+	}
+	if chunk.Group != a.cfg.Group {
+		return a.stop(ctx, blocked(seq, "foreign", "message of group %q on group %q's stream", chunk.Group, a.cfg.Group))
+	}
+	if chunk.Kind != havenpb.Kind_KIND_SNAPSHOT_BEGIN && a.next.systemID != 0 && chunk.SystemId != a.next.systemID {
+		return a.stop(ctx, blocked(seq, "foreign", "message from source system %d, but the DR copy follows system %d", chunk.SystemId, a.next.systemID))
+	}
+	a.metrics.pending.Set(float64(meta.NumPending))
+	switch chunk.Kind {
+	case havenpb.Kind_KIND_TRANSACTION:
+		err = a.transaction(ctx, seq, msg, chunk)
+	default:
+		err = a.snapshot(ctx, seq, msg, chunk)
+	}
+	if err != nil {
+		var be *blockedError
+		if errors.As(err, &be) {
+			return a.stop(ctx, err)
+		}
+		return err
+	}
+	a.lastSeq = seq
+	if meta.NumPending == 0 && !a.open {
+		a.metrics.lagSeconds.Set(0)
+	}
+	return nil
+}
+
+// stop ends the open target transaction before apply halts at a message:
+// complete source transactions in it are committed, a partial one is
+// rolled back.
+func (a *applier) stop(ctx context.Context, err error) error {
+	if a.open {
+		if a.partial == nil {
+			if cerr := a.commit(ctx); cerr != nil {
+				return errors.Join(err, cerr)
+			}
+		} else {
+			a.rollback(ctx)
+		}
+	}
+	return err
+}
+
+func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
+	if !a.next.snapshotDone {
+		return blocked(seq, "no snapshot", "transaction at %s before any complete initial snapshot: the stream does not begin with the group's snapshot "+
+			"(it aged out, or was purged); re-seed the DR copy", pglogrepl.LSN(c.CommitLsn))
+	}
+	if a.partial == nil && c.CommitLsn <= uint64(a.next.commitLSN) {
+		// Already applied: a copy the dedupe window let through.
+		a.metrics.duplicates.Inc()
+		a.skip(msg)
+		return nil
+	}
+	if c.ChunkIndex == 0 {
+		if a.partial != nil {
+			if a.partial.commitLSN != c.CommitLsn {
+				return blocked(seq, "out of order", "transaction at %s starts while transaction at %s is incomplete",
+					pglogrepl.LSN(c.CommitLsn), pglogrepl.LSN(a.partial.commitLSN))
+			}
+			// The agent restarted and sends the transaction again from its
+			// start: drop what we applied of it.
+			a.log.Warn().Stringer("commit_lsn", pglogrepl.LSN(c.CommitLsn)).Uint32("xid", c.Xid).
+				Msg("transaction republished from its first chunk; restarting it")
+			a.rollback(ctx)
+		}
+		if !c.LastChunk && a.open {
+			// Keep a multi-chunk transaction alone in its target transaction,
+			// so that restarting it never undoes others.
+			if err := a.commit(ctx); err != nil {
+				return err
+			}
+		}
+		a.partial = &partialTxn{commitLSN: c.CommitLsn, xid: c.Xid}
+	} else if a.partial == nil || a.partial.commitLSN != c.CommitLsn || a.partial.next != c.ChunkIndex {
+		return blocked(seq, "out of order", "chunk %d of transaction at %s does not follow what was applied", c.ChunkIndex, pglogrepl.LSN(c.CommitLsn))
+	}
+	if err := a.begin(ctx); err != nil {
+		return err
+	}
+	if err := a.applyChanges(ctx, seq, c); err != nil {
+		return err
+	}
+	a.partial.next++
+	if !c.LastChunk {
+		return nil
+	}
+	a.partial = nil
+	a.next.streamSeq = seq
+	a.next.commitLSN = pglogrepl.LSN(c.CommitLsn)
+	a.next.commitTime = time.UnixMicro(c.CommitTimeUs)
+	a.next.epoch = c.Epoch
+	if hb := c.Heartbeat; hb != nil {
+		a.next.heartbeatAt = time.UnixMicro(hb.EmittedAtUs)
+		a.next.sourceWALLSN = pglogrepl.LSN(hb.WalLsn)
+	}
+	a.groupTxns++
+	a.toAck = msg
+	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay {
+		return a.commit(ctx)
+	}
+	return nil
+}
+
+// skip acknowledges a message that needs no work, now if nothing is open.
+func (a *applier) skip(msg jetstream.Msg) {
+	if a.open {
+		return
+	}
+	if err := msg.Ack(); err != nil {
+		a.log.Debug().Err(err).Msg("ack of a skipped message failed; it will be redelivered and skipped again")
+	}
+}
+
+func (a *applier) begin(ctx context.Context) error {
+	if a.open {
+		return nil
+	}
+	a.batch = &pgconn.Batch{}
+	a.batch.ExecParams("BEGIN", nil, nil, nil, nil)
+	a.entries = append(a.entries[:0], batchEntry{})
+	a.open = true
+	a.groupTxns, a.groupChanges = 0, 0
+	a.groupStarted = time.Now()
+	return nil
+}
+
+func (a *applier) applyChanges(ctx context.Context, seq uint64, c *havenpb.Chunk) error {
+	rels := make(map[uint32]*havenpb.Relation, len(c.Relations))
+	keys := make(map[uint32]string, len(c.Relations))
+	for _, r := range c.Relations {
+		rels[r.Id] = r
+		keys[r.Id] = relationKey(r)
+		if err := a.checkRelation(ctx, seq, r, keys[r.Id]); err != nil {
+			return err
+		}
+	}
+	for _, ch := range c.Changes {
+		if ch.Op == havenpb.Op_OP_TRUNCATE {
+			targets := make([]*havenpb.Relation, len(ch.TruncateRelationIds))
+			for i, id := range ch.TruncateRelationIds {
+				targets[i] = rels[id]
+			}
+			a.batch.ExecParams(truncateSQL(targets, ch), nil, nil, nil, nil)
+			a.entries = append(a.entries, batchEntry{})
+		} else {
+			rel := rels[ch.RelationId]
+			st, err := buildStatement(rel, keys[ch.RelationId], ch)
+			if err != nil {
+				return blocked(seq, "unappliable", "%w", err)
+			}
+			name, err := a.prepare(ctx, st)
+			if err != nil {
+				return err
+			}
+			a.batch.ExecPrepared(name, st.params, nil, nil)
+			a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, table: rel.Schema + "." + rel.Name})
+		}
+		a.groupChanges++
+		if len(a.entries) >= a.cfg.PipelineStatements {
+			if err := a.flush(ctx, seq); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// checkRelation makes sure the DR table of a relation exists with matching
+// columns, once per relation shape and session.
+func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Relation, key string) error {
+	if a.checked[key] {
+		return nil
+	}
+	var oid *uint32
+	if err := a.conn.QueryRow(ctx, `SELECT to_regclass($1)::oid`, pgx.Identifier{rel.Schema, rel.Name}.Sanitize()).Scan(&oid); err != nil {
+		return fmt.Errorf("look up %s.%s on DR: %w", rel.Schema, rel.Name, err)
+	}
+	if oid == nil {
+		return blocked(seq, "missing table", "table %s.%s does not exist on DR; create it there (it was not part of the initial snapshot)", rel.Schema, rel.Name)
+	}
+	rows, err := a.conn.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
+		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, *oid)
+	if err != nil {
+		return fmt.Errorf("describe %s.%s on DR: %w", rel.Schema, rel.Name, err)
+	}
+	list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (targetColumn, error) {
+		var c targetColumn
+		return c, row.Scan(&c.name, &c.typeName, &c.notNull)
+	})
+	if err != nil {
+		return fmt.Errorf("describe %s.%s on DR: %w", rel.Schema, rel.Name, err)
+	}
+	cols := make(map[string]targetColumn, len(list))
+	for _, c := range list {
+		cols[c.name] = c
+	}
+	if err := checkTarget(rel, cols); err != nil {
+		return blocked(seq, "schema mismatch", "%w", err)
+	}
+	a.checked[key] = true
+	return nil
+}
+
+// prepare returns the name of the prepared statement for st's shape.
+func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
+	if name, ok := a.statements[st.key]; ok {
+		return name, nil
+	}
+	name := "haven_" + strconv.Itoa(len(a.statements))
+	if _, err := a.pg.Prepare(ctx, name, st.sql, nil); err != nil {
+		return "", fmt.Errorf("prepare %q: %w", st.sql, err)
+	}
+	a.statements[st.key] = name
+	return name, nil
+}
+
+// flush sends the pipelined statements and judges their results.
+func (a *applier) flush(ctx context.Context, seq uint64) error {
+	if len(a.entries) == 0 {
+		return nil
+	}
+	results, err := a.pg.ExecBatch(ctx, a.batch).ReadAll()
+	entries := a.entries
+	a.batch = &pgconn.Batch{}
+	a.entries = a.entries[:0]
+	if err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			return blocked(seq, "apply failed", "%w", err)
+		}
+		return fmt.Errorf("apply batch: %w", err)
+	}
+	for i, r := range results {
+		if i < len(entries) && entries[i].matchesRow && r.CommandTag.RowsAffected() == 0 {
+			a.metrics.conflicts.WithLabelValues(entries[i].table).Inc()
+			a.log.Error().Str("table", entries[i].table).Uint64("seq", seq).
+				Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
+		}
+	}
+	return nil
+}
+
+// commit ends the open target transaction with the position of its last
+// complete source transaction, then acknowledges its messages.
+func (a *applier) commit(ctx context.Context) error {
+	if !a.open {
+		return nil
+	}
+	a.batch.ExecParams(savePositionSQL, a.next.params(a.cfg.Group), nil, nil, nil)
+	a.batch.ExecParams("COMMIT", nil, nil, nil, nil)
+	a.entries = append(a.entries, batchEntry{}, batchEntry{})
+	if err := a.flush(ctx, a.next.streamSeq); err != nil {
+		a.rollback(ctx)
+		return err
+	}
+	a.open = false
+	a.found = true
+	a.pos = a.next
+	a.metrics.transactions.Add(float64(a.groupTxns))
+	a.metrics.changes.Add(float64(a.groupChanges))
+	a.metrics.groups.Inc()
+	a.metrics.appliedLSN.Set(float64(a.pos.commitLSN))
+	if !a.pos.commitTime.IsZero() {
+		a.metrics.lagSeconds.Set(time.Since(a.pos.commitTime).Seconds())
+	}
+	if a.toAck != nil {
+		if err := a.toAck.Ack(); err != nil {
+			a.log.Debug().Err(err).Msg("ack failed; the messages will be redelivered and skipped")
+		}
+		a.toAck = nil
+	}
+	return nil
+}
+
+// rollback abandons the open target transaction; apply restarts from the
+// committed position.
+func (a *applier) rollback(ctx context.Context) {
+	a.batch = nil
+	a.entries = a.entries[:0]
+	a.open = false
+	a.partial = nil
+	a.next = a.pos
+	a.toAck = nil
+	if a.pg.TxStatus() != 'I' {
+		if err := a.pg.Exec(ctx, "ROLLBACK").Close(); err != nil {
+			a.log.Warn().Err(err).Msg("rollback failed")
+		}
+	}
+}
+
+// idle is called when no message arrived for a moment: a group of complete
+// source transactions is committed rather than kept waiting.
+func (a *applier) idle(ctx context.Context) error {
+	if a.open && a.partial == nil {
+		return a.commit(ctx)
+	}
+	return nil
+}
+
+func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
+	if a.open {
+		if a.partial != nil {
+			return blocked(seq, "out of order", "snapshot message while transaction at %s is incomplete", pglogrepl.LSN(a.partial.commitLSN))
+		}
+		if err := a.commit(ctx); err != nil {
+			return err
+		}
+	}
+	if c.Kind != havenpb.Kind_KIND_SNAPSHOT_BEGIN && (a.next.snapshotDone || uint64(a.next.snapshotLSN) != c.SnapshotLsn || a.next.systemID != c.SystemId) {
+		if a.next.snapshotDone && uint64(a.next.snapshotLSN) == c.SnapshotLsn {
+			// Part of the snapshot already loaded (a redelivery after restart).
+			a.skip(msg)
+			return nil
+		}
+		return blocked(seq, "out of order", "snapshot chunk of snapshot %s, but the DR copy is at snapshot %s (complete: %v)",
+			pglogrepl.LSN(c.SnapshotLsn), a.next.snapshotLSN, a.next.snapshotDone)
+	}
+	tx, err := a.conn.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("begin: %w", err)
+	}
+	defer func() { _ = tx.Rollback(context.Background()) }()
+	next := a.next
+	next.streamSeq = seq
+	switch c.Kind {
+	case havenpb.Kind_KIND_SNAPSHOT_BEGIN:
+		if err := a.prepareTables(ctx, tx, seq, c.Relations); err != nil {
+			return err
+		}
+		next = position{streamSeq: seq, systemID: c.SystemId, epoch: c.Epoch, snapshotLSN: pglogrepl.LSN(c.SnapshotLsn)}
+		a.log.Info().Stringer("snapshot_lsn", next.snapshotLSN).Uint64("system_id", c.SystemId).Int("tables", len(c.Relations)).
+			Msg("initial snapshot begins; DR tables emptied")
+	case havenpb.Kind_KIND_SNAPSHOT_ROWS:
+		if err := a.copyRows(ctx, tx, seq, c); err != nil {
+			return err
+		}
+	case havenpb.Kind_KIND_SNAPSHOT_END:
+		next.snapshotDone = true
+		next.commitLSN = pglogrepl.LSN(c.SnapshotLsn)
+		a.log.Info().Stringer("snapshot_lsn", next.snapshotLSN).Msg("initial snapshot loaded; applying the stream")
+	}
+	if _, err := tx.Conn().PgConn().ExecParams(ctx, savePositionSQL, next.params(a.cfg.Group), nil, nil, nil).Close(); err != nil {
+		return fmt.Errorf("save position: %w", err)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("commit snapshot step: %w", err)
+	}
+	a.pos, a.next, a.found = next, next, true
+	if err := msg.Ack(); err != nil {
+		a.log.Debug().Err(err).Msg("ack failed; the message will be redelivered and skipped")
+	}
+	return nil
+}
+
+// prepareTables creates or checks every DR table of a snapshot and empties
+// them. A DR table with rows in a database haven never applied to is left
+// alone: the target is probably not the database the operator meant.
+func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels []*havenpb.Relation) error {
+	names := make([]string, 0, len(rels))
+	for _, rel := range rels {
+		cols, hasRows, exists, err := readTarget(ctx, tx, rel.Schema, rel.Name)
+		if err != nil {
+			return err
+		}
+		qualified := pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
+		if !exists {
+			if _, err := tx.Exec(ctx, createTableSQL(rel)); err != nil {
+				return blocked(seq, "create table", "create %s on DR: %w (create its types or schema on DR first, e.g. from pg_dump --schema-only)", qualified, err)
+			}
+			a.log.Info().Str("table", rel.Schema+"."+rel.Name).Msg("created DR table from the snapshot's description")
+		} else {
+			if err := checkTarget(rel, cols); err != nil {
+				return blocked(seq, "schema mismatch", "%w", err)
+			}
+			if hasRows && !a.found {
+				return blocked(seq, "not empty", "DR table %s already has rows, but haven has never applied group %q to this database; "+
+					"point --target-url at the DR database meant for it, or empty the table (TRUNCATE %s) if its rows may be replaced", qualified, a.cfg.Group, qualified)
+			}
+		}
+		names = append(names, qualified)
+	}
+	if _, err := tx.Exec(ctx, "TRUNCATE "+strings.Join(names, ", ")); err != nil {
+		return fmt.Errorf("empty DR tables for the snapshot: %w", err)
+	}
+	return nil
+}
+
+func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenpb.Chunk) error {
+	if len(c.Changes) == 0 {
+		return nil
+	}
+	if len(c.Relations) != 1 {
+		return blocked(seq, "malformed", "snapshot rows chunk describes %d tables, expected 1", len(c.Relations))
+	}
+	rel := c.Relations[0]
+	rows := make([]*havenpb.Row, len(c.Changes))
+	for i, ch := range c.Changes {
+		if ch.Op != havenpb.Op_OP_INSERT || ch.RelationId != rel.Id {
+			return blocked(seq, "malformed", "snapshot rows chunk holds a %s of relation %d", ch.Op, ch.RelationId)
+		}
+		rows[i] = ch.New
+	}
+	cols := make([]string, len(rel.Columns))
+	for i, col := range rel.Columns {
+		cols[i] = pgx.Identifier{col.Name}.Sanitize()
+	}
+	sql := fmt.Sprintf("COPY %s (%s) FROM STDIN", pgx.Identifier{rel.Schema, rel.Name}.Sanitize(), strings.Join(cols, ", "))
+	if _, err := tx.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(copyText(nil, rows)), sql); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			return blocked(seq, "apply failed", "load snapshot rows into %s.%s: %w", rel.Schema, rel.Name, err)
+		}
+		return fmt.Errorf("load snapshot rows into %s.%s: %w", rel.Schema, rel.Name, err)
+	}
+	a.metrics.snapshotRows.Add(float64(len(rows)))
+	return nil
+}

@@ -1,0 +1,55 @@
+package replicator
+
+import (
+	"errors"
+	"time"
+
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+// Config is what the standby needs to run; cmd/haven fills it from flags.
+type Config struct {
+	// TargetURL is a libpq-style URL of the DR database.
+	TargetURL string
+	// NATSURL is one or more comma-separated NATS server URLs.
+	NATSURL string
+	// Group names the replication group (and so the stream).
+	Group string
+	// GroupChanges ends a target transaction once it holds this many row
+	// changes (at a source-transaction boundary).
+	GroupChanges int
+	// GroupDelay ends a target transaction once it has been open this long.
+	GroupDelay time.Duration
+	// PipelineStatements bounds statements sent in one round trip.
+	PipelineStatements int
+	// BlockedRetry is how often apply retries after it stopped at a message
+	// it cannot apply.
+	BlockedRetry time.Duration
+}
+
+// DefaultConfig returns the defaults the command line starts from.
+func DefaultConfig() Config {
+	return Config{
+		GroupChanges:       5000,
+		GroupDelay:         100 * time.Millisecond,
+		PipelineStatements: 512,
+		BlockedRetry:       30 * time.Second,
+	}
+}
+
+// Validate reports the first problem with c.
+func (c Config) Validate() error {
+	switch {
+	case c.TargetURL == "":
+		return errors.New("no target database: set --target-url (or HAVEN_TARGET_URL)")
+	case c.NATSURL == "":
+		return errors.New("no NATS server: set --nats-url (or HAVEN_NATS_URL)")
+	case c.Group == "":
+		return errors.New("no group: set --group (or HAVEN_GROUP)")
+	case c.GroupChanges < 1 || c.PipelineStatements < 1:
+		return errors.New("group size and pipeline depth must be at least 1")
+	case c.GroupDelay <= 0 || c.BlockedRetry <= 0:
+		return errors.New("group delay and blocked retry must be positive")
+	}
+	return wire.ValidateGroup(c.Group)
+}

@@ -1,0 +1,33 @@
+// Package replicator applies a group's stream to the DR database: it runs
+// next to the standby.
+//
+// # What it guarantees
+//
+// Messages are applied in stream order, exactly once. The stream sequence,
+// commit LSN and commit time of the last applied source transaction are
+// written to haven.apply_position in the same target transaction as the
+// changes, so a crash at any moment either keeps a transaction and its
+// position or neither; on restart the durable consumer is recreated at the
+// sequence after the stored one. Duplicates that JetStream's dedupe window
+// let through (an agent that republished after a long outage) are skipped by
+// commit LSN.
+//
+// Several small source transactions are grouped into one target transaction,
+// never split; a transaction that spans several chunks is applied as it
+// arrives, inside one open target transaction, so its size is not bounded by
+// memory. Statements are prepared once per shape and pipelined; changes use
+// session_replication_role = replica, so triggers and foreign keys on DR do
+// not fire twice.
+//
+// A message it cannot apply safely (undecodable, from another group or
+// system, an unknown format version, a gap in the stream, a chunk out of
+// order) stops apply at that message: nothing after it is applied, it is not
+// acknowledged, and the log and the haven_standby_blocked metric say which
+// message and why.
+//
+// The initial snapshot arrives between SNAPSHOT_BEGIN and SNAPSHOT_END: the
+// standby creates missing target tables from the snapshot's descriptors (or
+// checks that existing ones match), empties them, and loads the rows with
+// COPY, one position-stamped target transaction per chunk, so a crash
+// mid-snapshot resumes where it stopped.
+package replicator

@@ -1,0 +1,41 @@
+package replicator
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// metrics are the standby's Prometheus series, registered on the registry
+// passed to New.
+type metrics struct {
+	transactions prometheus.Counter
+	changes      prometheus.Counter
+	groups       prometheus.Counter
+	snapshotRows prometheus.Counter
+	duplicates   prometheus.Counter
+	conflicts    *prometheus.CounterVec
+	appliedLSN   prometheus.Gauge
+	lagSeconds   prometheus.Gauge
+	pending      prometheus.Gauge
+	blocked      prometheus.Gauge
+	connected    prometheus.Gauge
+	errors       prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer, group string) *metrics {
+	labels := prometheus.Labels{"group": group}
+	m := &metrics{
+		transactions: prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_applied_transactions_total", Help: "Source transactions committed on DR.", ConstLabels: labels}),
+		changes:      prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_applied_changes_total", Help: "Row changes committed on DR.", ConstLabels: labels}),
+		groups:       prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_target_transactions_total", Help: "Target transactions committed on DR (each groups one or more source transactions).", ConstLabels: labels}),
+		snapshotRows: prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_snapshot_rows_total", Help: "Rows loaded from initial snapshots.", ConstLabels: labels}),
+		duplicates:   prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_skipped_duplicates_total", Help: "Chunks skipped because their transaction was already applied.", ConstLabels: labels}),
+		conflicts:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "haven_standby_missing_rows_total", Help: "Updates and deletes from the primary that found no row on DR (the DR copy drifted).", ConstLabels: labels}, []string{"table"}),
+		appliedLSN:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_standby_applied_lsn", Help: "Source commit LSN of the last transaction committed on DR.", ConstLabels: labels}),
+		lagSeconds:   prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_standby_lag_seconds", Help: "Age of the last applied source commit while messages are pending; 0 when DR has applied the whole stream.", ConstLabels: labels}),
+		pending:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_standby_pending_messages", Help: "Stream messages not yet delivered to the standby.", ConstLabels: labels}),
+		blocked:      prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_standby_blocked", Help: "1 while apply is stopped at a message it cannot apply (see the log for which and why).", ConstLabels: labels}),
+		connected:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_standby_applying", Help: "1 while the standby is connected and applying.", ConstLabels: labels}),
+		errors:       prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_errors_total", Help: "Errors that restarted the apply session.", ConstLabels: labels}),
+	}
+	reg.MustRegister(m.transactions, m.changes, m.groups, m.snapshotRows, m.duplicates, m.conflicts, m.appliedLSN,
+		m.lagSeconds, m.pending, m.blocked, m.connected, m.errors)
+	return m
+}

@@ -1,0 +1,122 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+)
+
+// positionDDL creates haven's bookkeeping on the DR database.
+const positionDDL = `
+CREATE SCHEMA IF NOT EXISTS haven;
+CREATE TABLE IF NOT EXISTS haven.apply_position (
+	group_name     text PRIMARY KEY,
+	stream_seq     bigint NOT NULL,
+	commit_lsn     pg_lsn NOT NULL,
+	commit_time    timestamptz,
+	system_id      numeric(20) NOT NULL,
+	epoch          bigint NOT NULL,
+	snapshot_lsn   pg_lsn NOT NULL,
+	snapshot_done  boolean NOT NULL,
+	heartbeat_at   timestamptz,
+	source_wal_lsn pg_lsn,
+	updated_at     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE haven.apply_position IS 'haven: last source transaction applied per group; written in the same transaction as the changes';`
+
+// savePositionSQL upserts a group's position; it runs as the last statement
+// of every target transaction.
+const savePositionSQL = `INSERT INTO haven.apply_position AS p
+	(group_name, stream_seq, commit_lsn, commit_time, system_id, epoch, snapshot_lsn, snapshot_done, heartbeat_at, source_wal_lsn, updated_at)
+	VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
+	ON CONFLICT (group_name) DO UPDATE SET stream_seq = $2, commit_lsn = $3, commit_time = $4, system_id = $5, epoch = $6,
+	snapshot_lsn = $7, snapshot_done = $8, heartbeat_at = COALESCE($9, p.heartbeat_at), source_wal_lsn = COALESCE($10, p.source_wal_lsn), updated_at = now()`
+
+// position is where apply stands: the last stream message whose effects are
+// committed on DR.
+type position struct {
+	streamSeq    uint64
+	commitLSN    pglogrepl.LSN
+	commitTime   time.Time
+	systemID     uint64
+	epoch        uint64
+	snapshotLSN  pglogrepl.LSN
+	snapshotDone bool
+	heartbeatAt  time.Time
+	sourceWALLSN pglogrepl.LSN
+}
+
+// params renders the position as text parameters of savePositionSQL.
+func (p position) params(group string) [][]byte {
+	optTime := func(t time.Time) []byte {
+		if t.IsZero() {
+			return nil
+		}
+		return []byte(t.UTC().Format(time.RFC3339Nano))
+	}
+	optLSN := func(l pglogrepl.LSN) []byte {
+		if l == 0 {
+			return nil
+		}
+		return []byte(l.String())
+	}
+	return [][]byte{
+		[]byte(group),
+		[]byte(strconv.FormatUint(p.streamSeq, 10)),
+		[]byte(p.commitLSN.String()),
+		optTime(p.commitTime),
+		[]byte(strconv.FormatUint(p.systemID, 10)),
+		[]byte(strconv.FormatUint(p.epoch, 10)),
+		[]byte(p.snapshotLSN.String()),
+		[]byte(strconv.FormatBool(p.snapshotDone)),
+		optTime(p.heartbeatAt),
+		optLSN(p.sourceWALLSN),
+	}
+}
+
+// loadPosition creates the bookkeeping if needed and reads the group's
+// position; found is false for a database haven never applied to.
+func loadPosition(ctx context.Context, conn *pgx.Conn, group string) (pos position, found bool, err error) {
+	if _, err := conn.Exec(ctx, positionDDL); err != nil {
+		return pos, false, fmt.Errorf("create haven.apply_position: %w", err)
+	}
+	var commitLSN, snapshotLSN string
+	var sourceWAL *string
+	var commitTime, heartbeatAt *time.Time
+	var systemID string
+	err = conn.QueryRow(ctx, `SELECT stream_seq, commit_lsn::text, commit_time, system_id::text, epoch, snapshot_lsn::text,
+		snapshot_done, heartbeat_at, source_wal_lsn::text FROM haven.apply_position WHERE group_name = $1`, group).
+		Scan(&pos.streamSeq, &commitLSN, &commitTime, &systemID, &pos.epoch, &snapshotLSN, &pos.snapshotDone, &heartbeatAt, &sourceWAL)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return pos, false, nil
+	}
+	if err != nil {
+		return pos, false, fmt.Errorf("read haven.apply_position: %w", err)
+	}
+	if pos.commitLSN, err = pglogrepl.ParseLSN(commitLSN); err != nil {
+		return pos, false, fmt.Errorf("parse commit_lsn %q: %w", commitLSN, err)
+	}
+	if pos.snapshotLSN, err = pglogrepl.ParseLSN(snapshotLSN); err != nil {
+		return pos, false, fmt.Errorf("parse snapshot_lsn %q: %w", snapshotLSN, err)
+	}
+	if pos.systemID, err = strconv.ParseUint(systemID, 10, 64); err != nil {
+		return pos, false, fmt.Errorf("parse system_id %q: %w", systemID, err)
+	}
+	if sourceWAL != nil {
+		if pos.sourceWALLSN, err = pglogrepl.ParseLSN(*sourceWAL); err != nil {
+			return pos, false, fmt.Errorf("parse source_wal_lsn %q: %w", *sourceWAL, err)
+		}
+	}
+	if commitTime != nil {
+		pos.commitTime = *commitTime
+	}
+	if heartbeatAt != nil {
+		pos.heartbeatAt = *heartbeatAt
+	}
+	return pos, true, nil
+}

@@ -1,0 +1,231 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+// Standby applies one group's stream to the DR database. Create it with New,
+// run it with Run.
+type Standby struct {
+	cfg     Config
+	log     zerolog.Logger
+	metrics *metrics
+	problem atomic.Pointer[string]
+}
+
+// New checks cfg and registers the standby's metrics on reg.
+func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Standby, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	log = log.With().Str("component", "standby").Str("group", cfg.Group).Logger()
+	s := &Standby{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
+	s.setProblem("starting")
+	return s, nil
+}
+
+// Healthy returns nil while the standby applies, or what stops it.
+func (s *Standby) Healthy() error {
+	if p := s.problem.Load(); p != nil {
+		return errors.New(*p)
+	}
+	return nil
+}
+
+func (s *Standby) setProblem(p string) {
+	if p == "" {
+		s.problem.Store(nil)
+		return
+	}
+	s.problem.Store(&p)
+}
+
+// operatorError is a setup problem only an operator can fix.
+type operatorError struct{ err error }
+
+func (e *operatorError) Error() string { return e.err.Error() }
+func (e *operatorError) Unwrap() error { return e.err }
+
+// Run applies until ctx ends. Unreachable servers and dropped connections
+// are retried with backoff; a message that cannot be applied blocks apply
+// (retried every BlockedRetry, in case it was fixed); a setup problem only
+// an operator can fix ends Run with an error.
+func (s *Standby) Run(ctx context.Context) error {
+	wait := time.Duration(0)
+	for {
+		err := s.runSession(ctx)
+		s.metrics.connected.Set(0)
+		if ctx.Err() != nil {
+			return nil
+		}
+		var oe *operatorError
+		var be *blockedError
+		switch {
+		case errors.As(err, &oe):
+			s.setProblem(err.Error())
+			s.log.Error().Err(err).Msg("apply stopped: this needs an operator")
+			return err
+		case errors.As(err, &be):
+			s.setProblem(err.Error())
+			s.metrics.blocked.Set(1)
+			s.log.Error().Err(err).Uint64("seq", be.seq).Str("reason", be.reason).Dur("retry_in", s.cfg.BlockedRetry).
+				Msg("apply is blocked: nothing after this message is applied and it is not acknowledged; fix the cause (see the error), apply resumes by itself")
+			wait = s.cfg.BlockedRetry
+		default:
+			s.setProblem(err.Error())
+			s.metrics.errors.Inc()
+			wait = min(max(2*wait, 500*time.Millisecond), 30*time.Second)
+			s.log.Warn().Err(err).Dur("retry_in", wait).Msg("apply session ended; retrying")
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (s *Standby) runSession(ctx context.Context) error {
+	connConfig, err := pgx.ParseConfig(s.cfg.TargetURL)
+	if err != nil {
+		return &operatorError{fmt.Errorf("parse --target-url: %w", err)}
+	}
+	if _, ok := connConfig.RuntimeParams["application_name"]; !ok {
+		connConfig.RuntimeParams["application_name"] = "haven_standby_" + s.cfg.Group
+	}
+	conn, err := pgx.ConnectConfig(ctx, connConfig)
+	if err != nil {
+		return fmt.Errorf("connect to DR database: %w", err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, "SET session_replication_role = replica"); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+			return &operatorError{fmt.Errorf("the DR role %q may not set session_replication_role: make it a superuser, or (PostgreSQL 15+) "+
+				"GRANT SET ON PARAMETER session_replication_role TO %s", conn.Config().User, pgx.Identifier{conn.Config().User}.Sanitize())}
+		}
+		return fmt.Errorf("set session_replication_role: %w", err)
+	}
+	var locked bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtext('haven standby ' || $1))`, s.cfg.Group).Scan(&locked); err != nil {
+		return fmt.Errorf("take the apply lock: %w", err)
+	}
+	if !locked {
+		return fmt.Errorf("another standby is applying group %q to this database (it holds the apply lock); this one waits", s.cfg.Group)
+	}
+	pos, found, err := loadPosition(ctx, conn, s.cfg.Group)
+	if err != nil {
+		return err
+	}
+
+	nc, err := nats.Connect(s.cfg.NATSURL, nats.Name("haven-standby-"+s.cfg.Group), nats.MaxReconnects(-1),
+		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+			if err != nil {
+				s.log.Warn().Err(err).Msg("disconnected from NATS; reconnecting")
+			}
+		}))
+	if err != nil {
+		return fmt.Errorf("connect to NATS at %s: %w", s.cfg.NATSURL, err)
+	}
+	defer nc.Close()
+	js, err := jetstream.New(nc)
+	if err != nil {
+		return fmt.Errorf("JetStream context: %w", err)
+	}
+	streamName := wire.StreamName(s.cfg.Group)
+	stream, err := js.Stream(ctx, streamName)
+	if errors.Is(err, jetstream.ErrStreamNotFound) {
+		return fmt.Errorf("stream %s does not exist yet: start the agent of group %q (it creates the stream), or check --nats-url", streamName, s.cfg.Group)
+	}
+	if err != nil {
+		return fmt.Errorf("look up stream %s: %w", streamName, err)
+	}
+	consumer, err := s.consumer(ctx, stream, pos.streamSeq)
+	if err != nil {
+		return err
+	}
+	iter, err := consumer.Messages(jetstream.PullMaxMessagesWithBytesLimit(512, 8<<20))
+	if err != nil {
+		return fmt.Errorf("pull from %s: %w", streamName, err)
+	}
+	defer iter.Stop()
+
+	a := newApplier(s.cfg, s.log, s.metrics, conn, pos, found)
+	s.metrics.connected.Set(1)
+	s.metrics.blocked.Set(0)
+	s.metrics.appliedLSN.Set(float64(pos.commitLSN))
+	s.setProblem("")
+	s.log.Info().Uint64("stream_seq", pos.streamSeq).Stringer("commit_lsn", pos.commitLSN).Bool("snapshot_done", pos.snapshotDone).
+		Msg("applying from the stored position")
+	defer func() {
+		// On the way out, keep complete transactions already applied.
+		if a.open && a.partial == nil {
+			stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			_ = a.commit(stopCtx)
+		}
+	}()
+	for {
+		wait := time.Second
+		if a.open && a.partial == nil {
+			wait = time.Millisecond
+		}
+		msg, err := iter.Next(jetstream.NextMaxWait(wait))
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, nats.ErrTimeout) {
+			if err := a.idle(ctx); err != nil {
+				return err
+			}
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("next message from %s: %w", streamName, err)
+		}
+		if err := a.handle(ctx, msg); err != nil {
+			return err
+		}
+	}
+}
+
+// consumer recreates the durable consumer at the message after the stored
+// position. The DR database, not the consumer, is the truth: a consumer
+// left by a crash may be ahead of it (acknowledged, not yet committed) or
+// behind it.
+func (s *Standby) consumer(ctx context.Context, stream jetstream.Stream, appliedSeq uint64) (jetstream.Consumer, error) {
+	name := wire.ConsumerName(s.cfg.Group)
+	if err := stream.DeleteConsumer(ctx, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
+		return nil, fmt.Errorf("reset consumer %s: %w", name, err)
+	}
+	cfg := jetstream.ConsumerConfig{
+		Durable:       name,
+		Description:   "haven standby of group " + s.cfg.Group,
+		AckPolicy:     jetstream.AckAllPolicy,
+		AckWait:       5 * time.Minute,
+		MaxAckPending: 1 << 20,
+		DeliverPolicy: jetstream.DeliverAllPolicy,
+	}
+	if appliedSeq > 0 {
+		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy
+		cfg.OptStartSeq = appliedSeq + 1
+	}
+	c, err := stream.CreateConsumer(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("create consumer %s: %w", name, err)
+	}
+	return c, nil
+}

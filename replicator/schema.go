@@ -1,0 +1,106 @@
+package replicator
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// targetColumn is a column of a DR table as its catalog describes it.
+type targetColumn struct {
+	name, typeName string
+	notNull        bool
+}
+
+// readTarget returns the columns of schema.name on DR, or exists=false.
+func readTarget(ctx context.Context, tx pgx.Tx, schema, name string) (cols map[string]targetColumn, rows bool, exists bool, err error) {
+	qualified := pgx.Identifier{schema, name}.Sanitize()
+	var oid *uint32
+	if err := tx.QueryRow(ctx, `SELECT to_regclass($1)::oid`, qualified).Scan(&oid); err != nil {
+		return nil, false, false, fmt.Errorf("look up %s: %w", qualified, err)
+	}
+	if oid == nil {
+		return nil, false, false, nil
+	}
+	r, err := tx.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
+		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, *oid)
+	if err != nil {
+		return nil, false, false, fmt.Errorf("describe %s: %w", qualified, err)
+	}
+	list, err := pgx.CollectRows(r, func(row pgx.CollectableRow) (targetColumn, error) {
+		var c targetColumn
+		return c, row.Scan(&c.name, &c.typeName, &c.notNull)
+	})
+	if err != nil {
+		return nil, false, false, fmt.Errorf("describe %s: %w", qualified, err)
+	}
+	cols = make(map[string]targetColumn, len(list))
+	for _, c := range list {
+		cols[c.name] = c
+	}
+	if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+qualified+")").Scan(&rows); err != nil {
+		return nil, false, false, fmt.Errorf("inspect %s: %w", qualified, err)
+	}
+	return cols, rows, true, nil
+}
+
+// checkTarget reports how an existing DR table differs from the source's
+// description; extra DR columns are allowed when they accept NULL.
+func checkTarget(rel *havenpb.Relation, cols map[string]targetColumn) error {
+	var problems []string
+	seen := make(map[string]bool, len(rel.Columns))
+	for _, c := range rel.Columns {
+		seen[c.Name] = true
+		t, ok := cols[c.Name]
+		switch {
+		case !ok:
+			problems = append(problems, fmt.Sprintf("column %q (%s) is missing", c.Name, c.Type))
+		case t.typeName != c.Type:
+			problems = append(problems, fmt.Sprintf("column %q is %s on DR but %s on the primary", c.Name, t.typeName, c.Type))
+		}
+	}
+	for name, t := range cols {
+		if !seen[name] && t.notNull {
+			problems = append(problems, fmt.Sprintf("DR-only column %q is NOT NULL, so rows from the primary cannot be inserted", name))
+		}
+	}
+	if len(problems) == 0 {
+		return nil
+	}
+	return fmt.Errorf("table %s on DR does not match the primary: %s; make it match (or drop it and let haven create it)",
+		pgx.Identifier{rel.Schema, rel.Name}.Sanitize(), strings.Join(problems, "; "))
+}
+
+// createTableSQL builds the DR table for a source relation: columns, NOT
+// NULL, and the replica identity as primary key or unique constraint.
+func createTableSQL(rel *havenpb.Relation) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "CREATE SCHEMA IF NOT EXISTS %s; CREATE TABLE %s (", pgx.Identifier{rel.Schema}.Sanitize(), pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
+	var keys []string
+	for i, c := range rel.Columns {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		// The type comes from the source's format_type(), which quotes and
+		// qualifies as needed; it is not an identifier to re-quote.
+		fmt.Fprintf(&b, "%s %s", pgx.Identifier{c.Name}.Sanitize(), c.Type)
+		if c.NotNull {
+			b.WriteString(" NOT NULL")
+		}
+		if c.Key {
+			keys = append(keys, pgx.Identifier{c.Name}.Sanitize())
+		}
+	}
+	switch {
+	case rel.ReplicaIdentity == "d" && len(keys) > 0:
+		fmt.Fprintf(&b, ", PRIMARY KEY (%s)", strings.Join(keys, ", "))
+	case rel.ReplicaIdentity == "i" && len(keys) > 0:
+		fmt.Fprintf(&b, ", UNIQUE (%s)", strings.Join(keys, ", "))
+	}
+	b.WriteString(")")
+	return b.String()
+}

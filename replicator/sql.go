@@ -1,0 +1,231 @@
+package replicator
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// statement is one parameterised SQL text for a shape of change: the same
+// table, operation, set of sent columns and (for REPLICA IDENTITY FULL)
+// pattern of NULLs in the old row share it, and so share a prepared
+// statement.
+type statement struct {
+	key    string
+	sql    string
+	params [][]byte
+	// matchesRow is set for UPDATE and DELETE: affecting no row means the DR
+	// copy has drifted from the primary.
+	matchesRow bool
+}
+
+// relationKey identifies a relation's shape: a changed table gets new
+// statements.
+func relationKey(rel *havenpb.Relation) string {
+	var b strings.Builder
+	b.WriteString(rel.Schema)
+	b.WriteByte('.')
+	b.WriteString(rel.Name)
+	b.WriteByte('(')
+	for _, c := range rel.Columns {
+		b.WriteString(c.Name)
+		b.WriteByte(' ')
+		b.WriteString(c.Type)
+		if c.Key {
+			b.WriteString(" key")
+		}
+		b.WriteByte(',')
+	}
+	b.WriteByte(')')
+	b.WriteString(rel.ReplicaIdentity)
+	return b.String()
+}
+
+func value(d *havenpb.Datum) []byte {
+	if d.Kind == havenpb.DatumKind_DATUM_NULL {
+		return nil
+	}
+	if d.Text == nil {
+		return []byte{}
+	}
+	return d.Text
+}
+
+// buildStatement renders the SQL and parameters of one row change.
+func buildStatement(rel *havenpb.Relation, relKey string, ch *havenpb.Change) (statement, error) {
+	table := pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
+	switch ch.Op {
+	case havenpb.Op_OP_INSERT:
+		return insertStatement(rel, relKey, table, ch.New), nil
+	case havenpb.Op_OP_UPDATE:
+		return updateStatement(rel, relKey, table, ch)
+	case havenpb.Op_OP_DELETE:
+		return deleteStatement(rel, relKey, table, ch.Old)
+	default:
+		return statement{}, fmt.Errorf("no row statement for op %s", ch.Op)
+	}
+}
+
+func insertStatement(rel *havenpb.Relation, relKey, table string, row *havenpb.Row) statement {
+	var cols, places []string
+	params := make([][]byte, 0, len(row.Values))
+	mask := make([]byte, len(row.Values))
+	for i, d := range row.Values {
+		if d.Kind == havenpb.DatumKind_DATUM_UNCHANGED_TOAST {
+			mask[i] = 'u'
+			continue
+		}
+		mask[i] = 'v'
+		cols = append(cols, pgx.Identifier{rel.Columns[i].Name}.Sanitize())
+		params = append(params, value(d))
+		places = append(places, fmt.Sprintf("$%d", len(params)))
+	}
+	return statement{
+		key:    relKey + "|I|" + string(mask),
+		sql:    fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s)", table, strings.Join(cols, ", "), strings.Join(places, ", ")),
+		params: params,
+	}
+}
+
+// whereIdentity matches the row a change refers to: by the identity columns,
+// or, for REPLICA IDENTITY FULL, by every column and exactly one row even
+// where the table holds duplicates.
+func whereIdentity(rel *havenpb.Relation, table string, identity *havenpb.Row, params [][]byte) (string, [][]byte, string, error) {
+	var conds []string
+	mask := make([]byte, 0, len(rel.Columns))
+	for i, c := range rel.Columns {
+		if !c.Key {
+			continue
+		}
+		d := identity.Values[i]
+		col := pgx.Identifier{c.Name}.Sanitize()
+		switch d.Kind {
+		case havenpb.DatumKind_DATUM_NULL:
+			if rel.ReplicaIdentity != "f" {
+				return "", nil, "", fmt.Errorf("key column %q of %s is NULL in a change", c.Name, table)
+			}
+			conds = append(conds, col+" IS NULL")
+			mask = append(mask, 'n')
+		case havenpb.DatumKind_DATUM_TEXT:
+			params = append(params, value(d))
+			conds = append(conds, fmt.Sprintf("%s = $%d", col, len(params)))
+			mask = append(mask, 'v')
+		default:
+			return "", nil, "", fmt.Errorf("key column %q of %s has no value in a change", c.Name, table)
+		}
+	}
+	if len(conds) == 0 {
+		return "", nil, "", fmt.Errorf("%s has no identity columns: updates and deletes cannot find their row", table)
+	}
+	where := strings.Join(conds, " AND ")
+	if rel.ReplicaIdentity == "f" {
+		where = fmt.Sprintf("ctid = (SELECT ctid FROM %s WHERE %s LIMIT 1)", table, where)
+	}
+	return where, params, string(mask), nil
+}
+
+func updateStatement(rel *havenpb.Relation, relKey, table string, ch *havenpb.Change) (statement, error) {
+	var sets []string
+	params := make([][]byte, 0, len(rel.Columns)+2)
+	setMask := make([]byte, len(rel.Columns))
+	for i, d := range ch.New.Values {
+		if d.Kind == havenpb.DatumKind_DATUM_UNCHANGED_TOAST {
+			// Not sent: DR keeps what it has.
+			setMask[i] = 'u'
+			continue
+		}
+		setMask[i] = 'v'
+		params = append(params, value(d))
+		sets = append(sets, fmt.Sprintf("%s = $%d", pgx.Identifier{rel.Columns[i].Name}.Sanitize(), len(params)))
+	}
+	identity := ch.Old
+	if identity == nil {
+		// The key did not change: the new row carries it.
+		identity = ch.New
+	}
+	where, params, whereMask, err := whereIdentity(rel, table, identity, params)
+	if err != nil {
+		return statement{}, err
+	}
+	if len(sets) == 0 {
+		// Nothing but unchanged TOAST values: there is nothing to write, but
+		// the row must still exist.
+		return statement{
+			key:        relKey + "|U0|" + whereMask,
+			sql:        fmt.Sprintf("SELECT 1 FROM %s WHERE %s", table, where),
+			params:     params,
+			matchesRow: true,
+		}, nil
+	}
+	return statement{
+		key:        relKey + "|U|" + string(setMask) + "|" + whereMask,
+		sql:        fmt.Sprintf("UPDATE %s SET %s WHERE %s", table, strings.Join(sets, ", "), where),
+		params:     params,
+		matchesRow: true,
+	}, nil
+}
+
+func deleteStatement(rel *havenpb.Relation, relKey, table string, old *havenpb.Row) (statement, error) {
+	where, params, mask, err := whereIdentity(rel, table, old, nil)
+	if err != nil {
+		return statement{}, err
+	}
+	return statement{
+		key:        relKey + "|D|" + mask,
+		sql:        fmt.Sprintf("DELETE FROM %s WHERE %s", table, where),
+		params:     params,
+		matchesRow: true,
+	}, nil
+}
+
+// truncateSQL renders one TRUNCATE of every relation the source truncated
+// together, with the source's options.
+func truncateSQL(rels []*havenpb.Relation, ch *havenpb.Change) string {
+	names := make([]string, len(rels))
+	for i, r := range rels {
+		names[i] = pgx.Identifier{r.Schema, r.Name}.Sanitize()
+	}
+	sql := "TRUNCATE " + strings.Join(names, ", ")
+	if ch.TruncateRestartIdentity {
+		sql += " RESTART IDENTITY"
+	}
+	if ch.TruncateCascade {
+		sql += " CASCADE"
+	}
+	return sql
+}
+
+// copyText renders rows in COPY's text format: tab-separated, \N for NULL,
+// backslash escapes for the characters COPY treats specially.
+func copyText(buf []byte, rows []*havenpb.Row) []byte {
+	for _, row := range rows {
+		for i, d := range row.Values {
+			if i > 0 {
+				buf = append(buf, '\t')
+			}
+			if d.Kind == havenpb.DatumKind_DATUM_NULL {
+				buf = append(buf, '\\', 'N')
+				continue
+			}
+			for _, c := range d.Text {
+				switch c {
+				case '\\':
+					buf = append(buf, '\\', '\\')
+				case '\n':
+					buf = append(buf, '\\', 'n')
+				case '\r':
+					buf = append(buf, '\\', 'r')
+				case '\t':
+					buf = append(buf, '\\', 't')
+				default:
+					buf = append(buf, c)
+				}
+			}
+		}
+		buf = append(buf, '\n')
+	}
+	return buf
+}
