@@ -6,7 +6,7 @@ import (
 
 // perValueOverhead approximates the protobuf framing of one value, so that a
 // chunk's estimated size stays an upper bound of its encoded size.
-const perValueOverhead = 8
+const perValueOverhead = 12
 
 // chunkBuilder gathers changes into a chunk until it reaches its size bound.
 type chunkBuilder struct {
@@ -29,12 +29,19 @@ func (b *chunkBuilder) reset(header *havenpb.Chunk) {
 	b.described = map[uint32]bool{}
 }
 
-// add appends a change, describing rel in the chunk on its first use.
-func (b *chunkBuilder) add(rel *havenpb.Relation, ch *havenpb.Change) {
-	if rel != nil && !b.described[rel.Id] {
+// describe adds rel to the chunk's descriptors on its first use.
+func (b *chunkBuilder) describe(rel *havenpb.Relation) {
+	if !b.described[rel.Id] {
 		b.described[rel.Id] = true
 		b.chunk.Relations = append(b.chunk.Relations, rel)
 		b.size += relationSize(rel)
+	}
+}
+
+// add appends a change of rel (nil: the caller described its relations).
+func (b *chunkBuilder) add(rel *havenpb.Relation, ch *havenpb.Change) {
+	if rel != nil {
+		b.describe(rel)
 	}
 	b.chunk.Changes = append(b.chunk.Changes, ch)
 	b.size += changeSize(ch)
@@ -48,7 +55,7 @@ func (b *chunkBuilder) full() bool { return b.size >= b.limit }
 func relationSize(r *havenpb.Relation) int {
 	n := len(r.Schema) + len(r.Name) + 16
 	for _, c := range r.Columns {
-		n += len(c.Name) + len(c.Type) + 24
+		n += len(c.Name) + len(c.Type) + 32
 	}
 	return n
 }

@@ -282,10 +282,7 @@ func (st *streamer) onTruncate(ctx context.Context, m *pglogrepl.TruncateMessage
 		if !ok {
 			return fmt.Errorf("truncate of relation %d before its description", id)
 		}
-		if !b.described[id] {
-			b.described[id] = true
-			b.chunk.Relations = append(b.chunk.Relations, rel)
-		}
+		b.describe(rel)
 	}
 	b.add(nil, ch)
 	return nil

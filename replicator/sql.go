@@ -9,6 +9,9 @@ import (
 	"github.com/haven-dr/haven/proto/havenpb"
 )
 
+// Statements name tables with ONLY: a change on the source touched exactly
+// the table it names, never its inheritance children.
+
 // statement is one parameterised SQL text for a shape of change: the same
 // table, operation, set of sent columns and (for REPLICA IDENTITY FULL)
 // pattern of NULLs in the old row share it, and so share a prepared
@@ -26,12 +29,10 @@ type statement struct {
 // statements.
 func relationKey(rel *havenpb.Relation) string {
 	var b strings.Builder
-	b.WriteString(rel.Schema)
-	b.WriteByte('.')
-	b.WriteString(rel.Name)
+	b.WriteString(pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
 	b.WriteByte('(')
 	for _, c := range rel.Columns {
-		b.WriteString(c.Name)
+		b.WriteString(pgx.Identifier{c.Name}.Sanitize())
 		b.WriteByte(' ')
 		b.WriteString(c.Type)
 		if c.Key {
@@ -122,7 +123,7 @@ func whereIdentity(rel *havenpb.Relation, table string, identity *havenpb.Row, p
 	}
 	where := strings.Join(conds, " AND ")
 	if rel.ReplicaIdentity == "f" {
-		where = fmt.Sprintf("ctid = (SELECT ctid FROM %s WHERE %s LIMIT 1)", table, where)
+		where = fmt.Sprintf("ctid = (SELECT ctid FROM ONLY %s WHERE %s LIMIT 1)", table, where)
 	}
 	return where, params, string(mask), nil
 }
@@ -155,14 +156,14 @@ func updateStatement(rel *havenpb.Relation, relKey, table string, ch *havenpb.Ch
 		// the row must still exist.
 		return statement{
 			key:        relKey + "|U0|" + whereMask,
-			sql:        fmt.Sprintf("SELECT 1 FROM %s WHERE %s", table, where),
+			sql:        fmt.Sprintf("SELECT 1 FROM ONLY %s WHERE %s", table, where),
 			params:     params,
 			matchesRow: true,
 		}, nil
 	}
 	return statement{
 		key:        relKey + "|U|" + string(setMask) + "|" + whereMask,
-		sql:        fmt.Sprintf("UPDATE %s SET %s WHERE %s", table, strings.Join(sets, ", "), where),
+		sql:        fmt.Sprintf("UPDATE ONLY %s SET %s WHERE %s", table, strings.Join(sets, ", "), where),
 		params:     params,
 		matchesRow: true,
 	}, nil
@@ -175,20 +176,21 @@ func deleteStatement(rel *havenpb.Relation, relKey, table string, old *havenpb.R
 	}
 	return statement{
 		key:        relKey + "|D|" + mask,
-		sql:        fmt.Sprintf("DELETE FROM %s WHERE %s", table, where),
+		sql:        fmt.Sprintf("DELETE FROM ONLY %s WHERE %s", table, where),
 		params:     params,
 		matchesRow: true,
 	}, nil
 }
 
 // truncateSQL renders one TRUNCATE of every relation the source truncated
-// together, with the source's options.
+// together, with the source's options. The source lists every table it
+// emptied, so each is truncated ONLY: DR children are not the source's.
 func truncateSQL(rels []*havenpb.Relation, ch *havenpb.Change) string {
 	names := make([]string, len(rels))
 	for i, r := range rels {
 		names[i] = pgx.Identifier{r.Schema, r.Name}.Sanitize()
 	}
-	sql := "TRUNCATE " + strings.Join(names, ", ")
+	sql := "TRUNCATE ONLY " + strings.Join(names, ", ")
 	if ch.TruncateRestartIdentity {
 		sql += " RESTART IDENTITY"
 	}

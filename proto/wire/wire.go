@@ -95,7 +95,7 @@ func Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
 	case "":
 		return nil, fmt.Errorf("%w: no %s header: not a haven message", ErrCorrupt, HeaderEncoding)
 	default:
-		return nil, fmt.Errorf("%w: encoding %q (known: %s, %s)", ErrUnsupported, encoding, EncodingProto, EncodingProtoZstd)
+		return nil, fmt.Errorf("%w: encoding %q (this haven knows %s and %s): a newer agent may have written it; upgrade haven on this side", ErrUnsupported, encoding, EncodingProto, EncodingProtoZstd)
 	}
 	var c havenpb.Chunk
 	if err := proto.Unmarshal(raw, &c); err != nil {
@@ -117,13 +117,16 @@ func FormatHeader() string { return formatHeaderValue }
 // column, and that every value says whether it is NULL, text or an unchanged
 // TOAST placeholder.
 func Validate(c *havenpb.Chunk) error {
+	if c.GetFormatVersion() == 0 {
+		return fmt.Errorf("%w: no format version: not a haven chunk", ErrCorrupt)
+	}
 	if c.GetFormatVersion() != FormatVersion {
 		return fmt.Errorf("%w: format version %d, this haven reads %d: upgrade haven on this side", ErrUnsupported, c.GetFormatVersion(), FormatVersion)
 	}
 	switch c.GetKind() {
 	case havenpb.Kind_KIND_TRANSACTION, havenpb.Kind_KIND_SNAPSHOT_BEGIN, havenpb.Kind_KIND_SNAPSHOT_ROWS, havenpb.Kind_KIND_SNAPSHOT_END:
 	default:
-		return fmt.Errorf("%w: chunk kind %d", ErrUnsupported, c.GetKind())
+		return fmt.Errorf("%w: chunk kind %d: a newer agent may have written it; upgrade haven on this side", ErrUnsupported, c.GetKind())
 	}
 	if c.GetGroup() == "" || c.GetSystemId() == 0 {
 		return fmt.Errorf("%w: chunk without group or system id", ErrCorrupt)
@@ -191,8 +194,9 @@ func validateChange(ch *havenpb.Change, columns map[uint32]int) error {
 			switch d.GetKind() {
 			case havenpb.DatumKind_DATUM_NULL, havenpb.DatumKind_DATUM_TEXT:
 			case havenpb.DatumKind_DATUM_UNCHANGED_TOAST:
-				if row == ch.GetOld() {
-					return errors.New("unchanged-TOAST marker in an old row")
+				// Only an update can leave a TOASTed value out.
+				if row == ch.GetOld() || ch.GetOp() != havenpb.Op_OP_UPDATE {
+					return fmt.Errorf("unchanged-TOAST marker in the %s row of a %s", rowName(row == ch.GetOld()), ch.GetOp())
 				}
 			default:
 				return fmt.Errorf("value kind %d", d.GetKind())
@@ -200,4 +204,11 @@ func validateChange(ch *havenpb.Change, columns map[uint32]int) error {
 		}
 	}
 	return nil
+}
+
+func rowName(old bool) string {
+	if old {
+		return "old"
+	}
+	return "new"
 }

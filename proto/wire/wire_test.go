@@ -1,0 +1,468 @@
+package wire
+
+import (
+	"bytes"
+	"errors"
+	"strings"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+func textDatum(s string) *havenpb.Datum {
+	return &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_TEXT, Text: []byte(s)}
+}
+
+func nullDatum() *havenpb.Datum { return &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_NULL} }
+
+func toastDatum() *havenpb.Datum {
+	return &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_UNCHANGED_TOAST}
+}
+
+func row(values ...*havenpb.Datum) *havenpb.Row { return &havenpb.Row{Values: values} }
+
+// sampleChunk is a transaction chunk that uses every part of the format:
+// two relations, every operation, and NULL, unchanged-TOAST, empty, non-UTF-8
+// and ordinary text values.
+func sampleChunk() *havenpb.Chunk {
+	customers := &havenpb.Relation{
+		Id: 16390, Schema: "public", Name: "customers", ReplicaIdentity: "d",
+		Columns: []*havenpb.Column{
+			{Name: "id", Type: "bigint", TypeOid: 20, TypeModifier: -1, Key: true, NotNull: true},
+			{Name: "name", Type: "text", TypeOid: 25, TypeModifier: -1},
+			{Name: "notes", Type: "text", TypeOid: 25, TypeModifier: -1},
+			{Name: "balance", Type: "numeric(12,2)", TypeOid: 1700, TypeModifier: 786438},
+		},
+	}
+	events := &havenpb.Relation{
+		Id: 4294967295, Schema: `Odd "Schema"`, Name: "Event Log", ReplicaIdentity: "f",
+		Columns: []*havenpb.Column{
+			{Name: "at", Type: "timestamp with time zone", TypeOid: 1184, TypeModifier: -1, Key: true},
+			{Name: "payload", Type: "bytea", TypeOid: 17, TypeModifier: -1, Key: true},
+		},
+	}
+	return &havenpb.Chunk{
+		FormatVersion: FormatVersion,
+		Kind:          havenpb.Kind_KIND_TRANSACTION,
+		SystemId:      7312345678901234567,
+		Group:         "crm",
+		Slot:          "haven_crm",
+		Epoch:         3,
+		Xid:           4294967290,
+		CommitLsn:     0x16B3748,
+		CommitTimeUs:  1735689600123456,
+		ChunkIndex:    2,
+		LastChunk:     true,
+		Relations:     []*havenpb.Relation{customers, events},
+		Changes: []*havenpb.Change{
+			{Op: havenpb.Op_OP_INSERT, RelationId: customers.Id,
+				New: row(textDatum("1"), textDatum("Zoë"), nullDatum(), textDatum("12.50"))},
+			{Op: havenpb.Op_OP_INSERT, RelationId: customers.Id,
+				New: row(textDatum("2"), textDatum(""), &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_TEXT, Text: []byte{0xff, 0xfe, 0x00, 0x80}}, nullDatum())},
+			// Key unchanged: no old row; the TOASTed notes were not sent.
+			{Op: havenpb.Op_OP_UPDATE, RelationId: customers.Id,
+				New: row(textDatum("1"), textDatum("Zoe"), toastDatum(), textDatum("13.00"))},
+			// Key changed: the old row carries the key, other columns NULL.
+			{Op: havenpb.Op_OP_UPDATE, RelationId: customers.Id,
+				Old: row(textDatum("2"), nullDatum(), nullDatum(), nullDatum()),
+				New: row(textDatum("3"), textDatum("x"), toastDatum(), nullDatum())},
+			{Op: havenpb.Op_OP_DELETE, RelationId: events.Id,
+				Old: row(textDatum("2025-01-01 00:00:00+00"), textDatum(`\x00ff`))},
+			{Op: havenpb.Op_OP_TRUNCATE, TruncateRelationIds: []uint32{customers.Id, events.Id},
+				TruncateCascade: true, TruncateRestartIdentity: true},
+		},
+		Heartbeat: &havenpb.Heartbeat{EmittedAtUs: 1735689600000000, WalLsn: 0x16B3700},
+	}
+}
+
+func TestEncodeDecodeRoundTrip(t *testing.T) {
+	big := sampleChunk()
+	for i := range 500 {
+		big.Changes = append(big.Changes, &havenpb.Change{Op: havenpb.Op_OP_INSERT, RelationId: 16390,
+			New: row(textDatum(strings.Repeat("9", i%19+1)), textDatum(strings.Repeat("name ", i%50)), nullDatum(), textDatum("0.00"))})
+	}
+	tests := []struct {
+		name  string
+		chunk *havenpb.Chunk
+	}{
+		{"transaction", sampleChunk()},
+		{"large transaction", big},
+		{"snapshot begin", &havenpb.Chunk{FormatVersion: FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_BEGIN,
+			SystemId: 1, Group: "crm", SnapshotLsn: 42, CommitLsn: 42, Relations: sampleChunk().Relations}},
+		{"snapshot end without changes", &havenpb.Chunk{FormatVersion: FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_END,
+			SystemId: 1, Group: "crm", SnapshotLsn: 42, CommitLsn: 42}},
+	}
+	for _, tt := range tests {
+		for _, compress := range []bool{false, true} {
+			name := tt.name + "/plain"
+			if compress {
+				name = tt.name + "/zstd"
+			}
+			t.Run(name, func(t *testing.T) {
+				payload, encoding, err := Encode(tt.chunk, compress)
+				if err != nil {
+					t.Fatalf("Encode: %v", err)
+				}
+				want := EncodingProto
+				if compress {
+					want = EncodingProtoZstd
+				}
+				if encoding != want {
+					t.Fatalf("encoding = %q, want %q", encoding, want)
+				}
+				for _, format := range []string{FormatHeader(), ""} {
+					got, err := Decode(encoding, format, payload)
+					if err != nil {
+						t.Fatalf("Decode(format %q): %v", format, err)
+					}
+					if !proto.Equal(got, tt.chunk) {
+						t.Fatalf("Decode(format %q) = %v, want %v", format, got, tt.chunk)
+					}
+				}
+			})
+		}
+	}
+}
+
+// proto.Equal does not tell an empty text from a missing one; the apply side
+// must, so check the datum kinds survive explicitly.
+func TestDecodeKeepsValueKinds(t *testing.T) {
+	for _, compress := range []bool{false, true} {
+		payload, encoding, err := Encode(sampleChunk(), compress)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := Decode(encoding, FormatHeader(), payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		second := got.Changes[1].New.Values
+		if k := second[1].Kind; k != havenpb.DatumKind_DATUM_TEXT || len(second[1].Text) != 0 {
+			t.Errorf("empty text decoded as %v %q", k, second[1].Text)
+		}
+		if !bytes.Equal(second[2].Text, []byte{0xff, 0xfe, 0x00, 0x80}) {
+			t.Errorf("non-UTF-8 text decoded as %q", second[2].Text)
+		}
+		if k := second[3].Kind; k != havenpb.DatumKind_DATUM_NULL {
+			t.Errorf("NULL decoded as %v", k)
+		}
+		if k := got.Changes[2].New.Values[2].Kind; k != havenpb.DatumKind_DATUM_UNCHANGED_TOAST {
+			t.Errorf("unchanged TOAST decoded as %v", k)
+		}
+		if got.Changes[2].Old != nil {
+			t.Errorf("absent old row decoded as %v", got.Changes[2].Old)
+		}
+	}
+}
+
+func TestHeaders(t *testing.T) {
+	if FormatHeader() != "1" {
+		t.Errorf("FormatHeader() = %q, want %q", FormatHeader(), "1")
+	}
+	if HeaderEncoding != "Haven-Encoding" || HeaderFormat != "Haven-Format" {
+		t.Errorf("header names changed: %q %q", HeaderEncoding, HeaderFormat)
+	}
+}
+
+func marshalChunk(t *testing.T, c *havenpb.Chunk) []byte {
+	t.Helper()
+	raw, err := proto.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return raw
+}
+
+func TestDecodeRejects(t *testing.T) {
+	valid := marshalChunk(t, sampleChunk())
+	compressed, _, err := Encode(sampleChunk(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	mutated := func(mutate func(c *havenpb.Chunk)) []byte {
+		c := sampleChunk()
+		mutate(c)
+		return marshalChunk(t, c)
+	}
+	flipped := bytes.Clone(compressed)
+	for i := len(flipped) / 3; i < len(flipped)*2/3; i++ {
+		flipped[i] ^= 0x5a
+	}
+
+	tests := []struct {
+		name     string
+		encoding string
+		format   string
+		payload  []byte
+		want     error  // nil: ErrCorrupt or ErrUnsupported
+		hint     string // the message must contain it
+	}{
+		{name: "unknown encoding", encoding: "proto+lz4", format: "1", payload: valid, want: ErrUnsupported, hint: "proto+lz4"},
+		{name: "empty encoding", encoding: "", format: "1", payload: valid, want: ErrCorrupt, hint: HeaderEncoding},
+		{name: "format header 2", encoding: EncodingProto, format: "2", payload: valid, want: ErrUnsupported, hint: "upgrade haven"},
+		{name: "format header 01", encoding: EncodingProto, format: "01", payload: valid, want: ErrUnsupported, hint: "upgrade haven"},
+		{name: "format version 2 in payload", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.FormatVersion = 2 }), want: ErrUnsupported, hint: "upgrade haven"},
+		{name: "format version 2 in payload without header", encoding: EncodingProto, format: "",
+			payload: mutated(func(c *havenpb.Chunk) { c.FormatVersion = 2 }), want: ErrUnsupported, hint: "upgrade haven"},
+		{name: "format version 0 in payload", encoding: EncodingProto, format: "",
+			payload: mutated(func(c *havenpb.Chunk) { c.FormatVersion = 0 })},
+		{name: "unknown kind", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Kind = 99 }), want: ErrUnsupported},
+		{name: "unspecified kind", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Kind = havenpb.Kind_KIND_UNSPECIFIED }), want: ErrUnsupported},
+		{name: "garbage", encoding: EncodingProto, format: "1", payload: []byte{0xff, 0xff, 0xff, 0xff, 0x0f}, want: ErrCorrupt},
+		{name: "text", encoding: EncodingProto, format: "1", payload: []byte("hello, world"), want: ErrCorrupt},
+		// Empty proto decodes as format version 0; either sentinel is fair.
+		{name: "empty payload", encoding: EncodingProto, format: "1", payload: nil},
+		{name: "truncated", encoding: EncodingProto, format: "1", payload: valid[:len(valid)-3], want: ErrCorrupt},
+		{name: "missing group", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Group = "" }), want: ErrCorrupt},
+		{name: "missing system id", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.SystemId = 0 }), want: ErrCorrupt},
+		{name: "relation without columns", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Relations[1].Columns = nil }), want: ErrCorrupt},
+		{name: "relation without name", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Relations[0].Name = "" }), want: ErrCorrupt},
+		{name: "column without type", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Relations[0].Columns[2].Type = "" }), want: ErrCorrupt},
+		{name: "change of undescribed relation", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[0].RelationId = 1 }), want: ErrCorrupt, hint: "undescribed relation 1"},
+		{name: "truncate of undescribed relation", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[5].TruncateRelationIds = []uint32{16390, 5} }), want: ErrCorrupt, hint: "relation 5"},
+		{name: "truncate without relations", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[5].TruncateRelationIds = nil }), want: ErrCorrupt},
+		{name: "row with too few values", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[0].New.Values = c.Changes[0].New.Values[:3] }), want: ErrCorrupt, hint: "3 values"},
+		{name: "row with too many values", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) {
+				c.Changes[4].Old.Values = append(c.Changes[4].Old.Values, textDatum("extra"))
+			}), want: ErrCorrupt},
+		{name: "old row with too few values", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[3].Old.Values = c.Changes[3].Old.Values[:1] }), want: ErrCorrupt},
+		{name: "unchanged TOAST in old row", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[3].Old.Values[1] = toastDatum() }), want: ErrCorrupt, hint: "TOAST"},
+		{name: "unchanged TOAST in deleted row", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[4].Old.Values[0] = toastDatum() }), want: ErrCorrupt, hint: "TOAST"},
+		{name: "unspecified value kind", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[0].New.Values[1] = &havenpb.Datum{Text: []byte("x")} }), want: ErrCorrupt},
+		{name: "unspecified value kind in old row", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[4].Old.Values[1].Kind = havenpb.DatumKind_DATUM_UNSPECIFIED }), want: ErrCorrupt},
+		{name: "unknown value kind", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[0].New.Values[1].Kind = 17 }), want: ErrCorrupt},
+		{name: "insert without new row", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[0].New = nil }), want: ErrCorrupt},
+		{name: "update without new row", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[3].New = nil }), want: ErrCorrupt},
+		{name: "delete without old row", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[4].Old = nil }), want: ErrCorrupt},
+		{name: "unspecified op", encoding: EncodingProto, format: "1",
+			payload: mutated(func(c *havenpb.Chunk) { c.Changes[0].Op = havenpb.Op_OP_UNSPECIFIED }), want: ErrCorrupt},
+		{name: "corrupt zstd", encoding: EncodingProtoZstd, format: "1", payload: flipped, want: ErrCorrupt, hint: "zstd"},
+		{name: "truncated zstd", encoding: EncodingProtoZstd, format: "1", payload: compressed[:len(compressed)-5], want: ErrCorrupt, hint: "zstd"},
+		{name: "plain proto as zstd", encoding: EncodingProtoZstd, format: "1", payload: valid, want: ErrCorrupt, hint: "zstd"},
+		{name: "zstd as plain proto", encoding: EncodingProto, format: "1", payload: compressed, want: ErrCorrupt},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Decode(tt.encoding, tt.format, tt.payload)
+			if err == nil {
+				t.Fatalf("Decode succeeded: %v", c)
+			}
+			if c != nil {
+				t.Errorf("Decode returned a chunk with error %v", err)
+			}
+			switch {
+			case tt.want == nil:
+				if !errors.Is(err, ErrCorrupt) && !errors.Is(err, ErrUnsupported) {
+					t.Errorf("Decode error %q is neither %q nor %q", err, ErrCorrupt, ErrUnsupported)
+				}
+			case !errors.Is(err, tt.want):
+				t.Errorf("Decode error %q is not %q", err, tt.want)
+			case errors.Is(err, otherSentinel(tt.want)):
+				t.Errorf("Decode error %q is also %q", err, otherSentinel(tt.want))
+			}
+			if tt.hint != "" && !strings.Contains(err.Error(), tt.hint) {
+				t.Errorf("Decode error %q does not mention %q", err, tt.hint)
+			}
+		})
+	}
+}
+
+func otherSentinel(err error) error {
+	if err == ErrCorrupt {
+		return ErrUnsupported
+	}
+	return ErrCorrupt
+}
+
+// A small compressed payload must not make the reader allocate without limit.
+func TestDecodeRejectsOversizedZstd(t *testing.T) {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// EncodeAll records the content size in the frame header.
+	withSize := enc.EncodeAll(make([]byte, maxDecodedSize+1), nil)
+
+	// A streaming encoder does not know the size up front; many small
+	// frames, each within the bound, add up past it.
+	var streamed bytes.Buffer
+	w, err := zstd.NewWriter(&streamed, zstd.WithEncoderLevel(zstd.SpeedFastest), zstd.WithEncoderConcurrency(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.Write(make([]byte, 1<<20)); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.Close(); err != nil {
+		t.Fatal(err)
+	}
+	frames := bytes.Repeat(streamed.Bytes(), maxDecodedSize>>20+1)
+
+	for name, payload := range map[string][]byte{"content size in header": withSize, "concatenated frames": frames} {
+		t.Run(name, func(t *testing.T) {
+			t.Logf("%d compressed bytes", len(payload))
+			c, err := Decode(EncodingProtoZstd, FormatHeader(), payload)
+			if err == nil {
+				t.Fatalf("Decode of more than %d decompressed bytes succeeded: %v", maxDecodedSize, c)
+			}
+			if !errors.Is(err, ErrCorrupt) {
+				t.Errorf("Decode error %q is not %q", err, ErrCorrupt)
+			}
+		})
+	}
+}
+
+func TestValidateAcceptsEncodedChunks(t *testing.T) {
+	if err := Validate(sampleChunk()); err != nil {
+		t.Fatalf("Validate(sample): %v", err)
+	}
+	// Only an update can leave a TOASTed value out: in an insert's new row
+	// the marker would load an empty value.
+	c := sampleChunk()
+	c.Changes[0].New.Values[2] = toastDatum()
+	if c.Changes[0].Op != havenpb.Op_OP_INSERT {
+		t.Fatalf("sample change 0 is %s, want an insert", c.Changes[0].Op)
+	}
+	if err := Validate(c); !errors.Is(err, ErrCorrupt) {
+		t.Errorf("Validate(unchanged TOAST in an insert) = %v, want %v", err, ErrCorrupt)
+	}
+}
+
+func TestValidateGroup(t *testing.T) {
+	tests := []struct {
+		group string
+		ok    bool
+	}{
+		{"crm", true},
+		{"a_1", true},
+		{"a", true},
+		{"a" + strings.Repeat("b", 39), true},
+		{"", false},
+		{"Crm", false},
+		{"1a", false},
+		{"_a", false},
+		{"a.b", false},
+		{"a b", false},
+		{"a-b", false},
+		{"a>", false},
+		{"a*", false},
+		{"crm\n", false},
+		{"é", false},
+		{"a" + strings.Repeat("b", 40), false},
+	}
+	for _, tt := range tests {
+		err := ValidateGroup(tt.group)
+		if tt.ok && err != nil {
+			t.Errorf("ValidateGroup(%q) = %v, want nil", tt.group, err)
+		}
+		if !tt.ok {
+			if err == nil {
+				t.Errorf("ValidateGroup(%q) = nil, want an error", tt.group)
+			} else if !strings.Contains(err.Error(), "lower-case") {
+				t.Errorf("ValidateGroup(%q) = %q: does not say what a group may hold", tt.group, err)
+			}
+		}
+	}
+}
+
+// The names are part of the deployed state (streams, consumers, message
+// ids used for deduplication): changing them breaks upgrades, so they are
+// pinned here.
+func TestNamesAreStable(t *testing.T) {
+	tests := []struct{ got, want string }{
+		{StreamName("crm"), "HAVEN_CRM"},
+		{StreamName("a_1"), "HAVEN_A_1"},
+		{ConsumerName("crm"), "standby_crm"},
+		{SubjectPrefix("crm"), "haven.crm."},
+		{SnapshotSubject("crm"), "haven.crm.snapshot"},
+		{TransactionSubject("crm"), "haven.crm.txn"},
+		{TransactionMsgID(7312345678901234567, "haven_crm", 0x16B3748, 2), "7312345678901234567/haven_crm/16B3748/2"},
+		{SnapshotMsgID(7, "haven_crm", 0x16B3748, 16390, 0), "7/haven_crm/snapshot/16B3748/16390/0"},
+		{SnapshotMarkerMsgID(7, "haven_crm", 0x16B3748, "begin"), "7/haven_crm/snapshot/16B3748/begin"},
+	}
+	for _, tt := range tests {
+		if tt.got != tt.want {
+			t.Errorf("got %q, want %q", tt.got, tt.want)
+		}
+	}
+	for _, subject := range []string{SnapshotSubject("crm"), TransactionSubject("crm")} {
+		if !strings.HasPrefix(subject, SubjectPrefix("crm")) {
+			t.Errorf("subject %q is outside the stream's prefix %q", subject, SubjectPrefix("crm"))
+		}
+	}
+}
+
+func TestNamesAreDistinct(t *testing.T) {
+	groups := []string{"crm", "crm_2", "crm2", "c", "cr", "billing", "a_1", "a1"}
+	seen := map[string]string{}
+	distinct := func(kind, name, from string) {
+		t.Helper()
+		if prev, ok := seen[kind+" "+name]; ok {
+			t.Errorf("%s %q comes from both %s and %s", kind, name, prev, from)
+		}
+		seen[kind+" "+name] = from
+	}
+	for _, g := range groups {
+		distinct("stream", StreamName(g), g)
+		distinct("consumer", ConsumerName(g), g)
+		distinct("prefix", SubjectPrefix(g), g)
+		for _, other := range groups {
+			if other != g && strings.HasPrefix(SnapshotSubject(g), SubjectPrefix(other)) {
+				t.Errorf("subject %q of group %q falls in group %q's stream", SnapshotSubject(g), g, other)
+			}
+		}
+	}
+
+	// Every message id of every kind, over neighbouring inputs, is distinct.
+	ids := map[string]string{}
+	add := func(id, from string) {
+		t.Helper()
+		if prev, ok := ids[id]; ok {
+			t.Errorf("message id %q comes from both %s and %s", id, prev, from)
+		}
+		ids[id] = from
+	}
+	for _, system := range []uint64{1, 11, 7312345678901234567} {
+		for _, slot := range []string{"haven_crm", "haven_crm_2", "haven_1"} {
+			for _, lsn := range []uint64{0, 1, 0x11, 0x16B3748, 1 << 40} {
+				for _, chunk := range []uint32{0, 1, 11} {
+					add(TransactionMsgID(system, slot, lsn, chunk), "txn")
+					for _, table := range []uint32{1, 16390} {
+						add(SnapshotMsgID(system, slot, lsn, table, chunk), "snapshot rows")
+					}
+				}
+				for _, marker := range []string{"begin", "end"} {
+					add(SnapshotMarkerMsgID(system, slot, lsn, marker), "snapshot "+marker)
+				}
+			}
+		}
+	}
+	if SnapshotMarkerMsgID(1, "haven_crm", 5, "begin") == SnapshotMarkerMsgID(1, "haven_crm", 5, "end") {
+		t.Error("begin and end markers share a message id")
+	}
+}
