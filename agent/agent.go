@@ -133,7 +133,8 @@ func (a *Agent) runSession(ctx context.Context) error {
 		return fmt.Errorf("connect to NATS at %s: %w", a.cfg.NATSURL, err)
 	}
 	defer nc.Close()
-	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(a.cfg.MaxInFlight+16))
+	js, err := jetstream.New(nc, jetstream.WithPublishAsyncMaxPending(a.cfg.MaxInFlight+16),
+		jetstream.WithPublishAsyncTimeout(a.cfg.PublishTimeout))
 	if err != nil {
 		return fmt.Errorf("JetStream context: %w", err)
 	}

@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -46,6 +48,10 @@ type Config struct {
 	StatusInterval time.Duration
 	// MaxInFlight bounds chunks published but not yet acknowledged.
 	MaxInFlight int
+	// PublishTimeout is how long a published chunk may wait for its
+	// acknowledgement before the session restarts (and republishes from the
+	// last confirmed position).
+	PublishTimeout time.Duration
 }
 
 // DefaultConfig returns the defaults the command line starts from.
@@ -59,6 +65,7 @@ func DefaultConfig() Config {
 		HeartbeatInterval: 5 * time.Second,
 		StatusInterval:    time.Second,
 		MaxInFlight:       256,
+		PublishTimeout:    30 * time.Second,
 	}
 }
 
@@ -77,12 +84,15 @@ func (c Config) Validate() error {
 		return fmt.Errorf("chunk size %d bytes: use at least 4096", c.ChunkBytes)
 	case c.SnapshotWorkers < 1:
 		return fmt.Errorf("snapshot workers %d: use at least 1", c.SnapshotWorkers)
-	case c.HeartbeatInterval <= 0 || c.StatusInterval <= 0:
-		return errors.New("heartbeat and status intervals must be positive")
+	case c.HeartbeatInterval <= 0 || c.StatusInterval <= 0 || c.PublishTimeout <= 0:
+		return errors.New("heartbeat and status intervals and the publish timeout must be positive")
 	case c.MaxInFlight < 1:
 		return fmt.Errorf("max in-flight %d: use at least 1", c.MaxInFlight)
 	case c.Epoch == 0:
 		return errors.New("epoch 0: epochs start at 1")
+	}
+	if _, err := pgconn.ParseConfig(c.SourceURL); err != nil {
+		return fmt.Errorf("--source-url: %w", err)
 	}
 	return wire.ValidateGroup(c.Group)
 }

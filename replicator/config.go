@@ -2,7 +2,10 @@ package replicator
 
 import (
 	"errors"
+	"fmt"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/haven-dr/haven/proto/wire"
 )
@@ -50,6 +53,9 @@ func (c Config) Validate() error {
 		return errors.New("group size and pipeline depth must be at least 1")
 	case c.GroupDelay <= 0 || c.BlockedRetry <= 0:
 		return errors.New("group delay and blocked retry must be positive")
+	}
+	if _, err := pgconn.ParseConfig(c.TargetURL); err != nil {
+		return fmt.Errorf("--target-url: %w", err)
 	}
 	return wire.ValidateGroup(c.Group)
 }

@@ -59,6 +59,7 @@ has acknowledged everything before it.`,
 	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "interval of heartbeats through the slot")
 	f.DurationVar(&cfg.StatusInterval, "status-interval", cfg.StatusInterval, "interval of status updates to the walsender (keep under wal_sender_timeout)")
 	f.IntVar(&cfg.MaxInFlight, "max-in-flight", cfg.MaxInFlight, "messages published but not yet acknowledged")
+	f.DurationVar(&cfg.PublishTimeout, "publish-timeout", cfg.PublishTimeout, "how long a message may wait for JetStream's acknowledgement before the agent reconnects and republishes")
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz and /metrics, e.g. :9187 (empty: off)")
 	return cmd
 }

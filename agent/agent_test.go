@@ -1,0 +1,302 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/internal/natstest"
+	"github.com/haven-dr/haven/internal/pgtest"
+)
+
+// logBuffer collects log lines written from several goroutines.
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	t   *testing.T
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.t.Log(strings.TrimSpace(string(p)))
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) count(s string) int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Count(l.buf.String(), s)
+}
+
+type running struct {
+	cancel context.CancelFunc
+	done   chan error
+	logs   *logBuffer
+	reg    *prometheus.Registry
+}
+
+// startAgent runs an agent in-process until the test ends.
+func startAgent(t *testing.T, cfg Config) *running {
+	t.Helper()
+	logs := &logBuffer{t: t}
+	reg := prometheus.NewRegistry()
+	a, err := New(cfg, zerolog.New(logs), reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &running{cancel: cancel, done: make(chan error, 1), logs: logs, reg: reg}
+	go func() { r.done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-r.done:
+		case <-time.After(20 * time.Second):
+			t.Error("agent did not stop within 20s")
+		}
+	})
+	return r
+}
+
+// runToError runs an agent that must stop by itself with an operator error.
+func runToError(t *testing.T, cfg Config) error {
+	t.Helper()
+	r := startAgent(t, cfg)
+	select {
+	case err := <-r.done:
+		r.done <- err // for the cleanup
+		if !IsOperatorError(err) {
+			t.Errorf("error %v is not marked as needing an operator", err)
+		}
+		return err
+	case <-time.After(60 * time.Second):
+		t.Fatal("agent kept running; it should have stopped with an error")
+		return nil
+	}
+}
+
+func testConfig(sourceURL, natsURL string) Config {
+	cfg := DefaultConfig()
+	cfg.SourceURL, cfg.NATSURL, cfg.Group = sourceURL, natsURL, "crm"
+	cfg.HeartbeatInterval = 200 * time.Millisecond
+	cfg.StatusInterval = 100 * time.Millisecond
+	cfg.PublishTimeout = 2 * time.Second
+	return cfg
+}
+
+func exec(t *testing.T, url, sql string, args ...any) {
+	t.Helper()
+	conn, err := pgx.Connect(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(t.Context(), sql, args...); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+func queryInt(t *testing.T, url, sql string, args ...any) int64 {
+	t.Helper()
+	conn, err := pgx.Connect(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	var n int64
+	if err := conn.QueryRow(t.Context(), sql, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return n
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func assertContains(t *testing.T, err error, parts ...string) {
+	t.Helper()
+	if err == nil {
+		t.Fatalf("no error, want one mentioning %q", parts)
+	}
+	for _, p := range parts {
+		if !strings.Contains(err.Error(), p) {
+			t.Errorf("error %q does not mention %q", err, p)
+		}
+	}
+}
+
+// One cluster serves the refusal cases, each in its own database.
+func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
+	pg := pgtest.New(t)
+	nats := natstest.New(t)
+	ctx := t.Context()
+
+	t.Run("wal_level", func(t *testing.T) {
+		replicaLevel := pgtest.NewWith(t, pgtest.Options{Name: "replica", Settings: map[string]string{"wal_level": "replica"}})
+		err := runToError(t, testConfig(replicaLevel.URL("postgres"), nats.URL()))
+		assertContains(t, err, `wal_level is "replica"`, "ALTER SYSTEM SET wal_level = logical", "restart PostgreSQL")
+	})
+
+	t.Run("replication privilege", func(t *testing.T) {
+		if err := pg.CreateDatabase(ctx, "noprivs"); err != nil {
+			t.Fatal(err)
+		}
+		exec(t, pg.URL("noprivs"), `CREATE ROLE app LOGIN`)
+		url := strings.Replace(pg.URL("noprivs"), "postgres@", "app@", 1)
+		err := runToError(t, testConfig(url, nats.URL()))
+		assertContains(t, err, `role "app" may not use replication`, `ALTER ROLE "app" REPLICATION`)
+	})
+
+	t.Run("table without identity", func(t *testing.T) {
+		if err := pg.CreateDatabase(ctx, "noident"); err != nil {
+			t.Fatal(err)
+		}
+		url := pg.URL("noident")
+		exec(t, url, `CREATE TABLE good (id int PRIMARY KEY); CREATE TABLE audit_log (at timestamptz, line text);
+			CREATE TABLE "Odd Name" (v int); ALTER TABLE "Odd Name" REPLICA IDENTITY NOTHING`)
+		err := runToError(t, testConfig(url, nats.URL()))
+		assertContains(t, err, "public.audit_log", "public.Odd Name", "ADD PRIMARY KEY", "REPLICA IDENTITY FULL", "--tables")
+		// Never added to a publication, so the primary's own UPDATEs keep working.
+		if n := queryInt(t, url, `SELECT count(*) FROM pg_publication`); n != 0 {
+			t.Errorf("%d publications exist after the refusal, want 0", n)
+		}
+		exec(t, url, `INSERT INTO audit_log VALUES (now(), 'x'); UPDATE audit_log SET line = 'y'`)
+		// Excluding them with --tables works.
+		cfg := testConfig(url, nats.URL())
+		cfg.Tables = []string{"good"}
+		r := startAgent(t, cfg)
+		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.count("streaming changes") == 1 })
+	})
+
+	t.Run("unknown table", func(t *testing.T) {
+		cfg := testConfig(pg.URL("postgres"), nats.URL())
+		cfg.Tables = []string{"nope"}
+		assertContains(t, runToError(t, cfg), `table "nope"`, "does not exist")
+	})
+
+	t.Run("invalidated slot", func(t *testing.T) {
+		if err := pg.CreateDatabase(ctx, "lost"); err != nil {
+			t.Fatal(err)
+		}
+		url := pg.URL("lost")
+		exec(t, url, `CREATE TABLE t (id int PRIMARY KEY)`)
+		cfg := testConfig(url, nats.URL())
+		cfg.Group = "lost"
+		first := startAgent(t, cfg)
+		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return first.logs.count("streaming changes") == 1 })
+		first.cancel()
+		<-first.done
+		first.done <- nil
+		// Invalidate the slot the way max_slot_wal_keep_size does.
+		exec(t, url, `ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`)
+		exec(t, url, `SELECT pg_reload_conf()`)
+		for i := range 6 {
+			exec(t, url, `INSERT INTO t SELECT g FROM generate_series($1::int, $1::int + 20000) g`, i*100000)
+			exec(t, url, `SELECT pg_switch_wal()`)
+			exec(t, url, `CHECKPOINT`)
+		}
+		waitFor(t, 30*time.Second, "the slot to be invalidated", func() bool {
+			return queryInt(t, url, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'haven_lost' AND wal_status = 'lost'`) == 1
+		})
+		err := runToError(t, cfg)
+		assertContains(t, err, `slot "haven_lost" was invalidated`, "pg_drop_replication_slot('haven_lost')", "fresh snapshot")
+		exec(t, url, `ALTER SYSTEM RESET max_slot_wal_keep_size`)
+		exec(t, url, `SELECT pg_reload_conf()`)
+	})
+}
+
+func closedPort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	return port
+}
+
+func TestRetriesWhileServersAreUnreachable(t *testing.T) {
+	nats := natstest.New(t)
+	t.Run("PostgreSQL", func(t *testing.T) {
+		r := startAgent(t, testConfig(fmt.Sprintf("postgres://postgres@127.0.0.1:%d/crm?connect_timeout=2", closedPort(t)), nats.URL()))
+		waitFor(t, 30*time.Second, "two retries", func() bool { return r.logs.count("retrying") >= 2 })
+		if r.logs.count("connect to source database") < 2 {
+			t.Error("the log does not say the source database is unreachable")
+		}
+	})
+	t.Run("NATS", func(t *testing.T) {
+		pg := pgtest.New(t)
+		r := startAgent(t, testConfig(pg.URL("postgres"), fmt.Sprintf("nats://127.0.0.1:%d", closedPort(t))))
+		waitFor(t, 30*time.Second, "two retries", func() bool { return r.logs.count("retrying") >= 2 })
+		if r.logs.count("connect to NATS") < 2 {
+			t.Error("the log does not say NATS is unreachable")
+		}
+	})
+}
+
+// TestConfirmsOnlyWhatJetStreamAcknowledged stops NATS while the agent
+// streams: the transactions it then receives must not be confirmed to
+// PostgreSQL (the slot keeps them) until NATS is back and has them.
+func TestConfirmsOnlyWhatJetStreamAcknowledged(t *testing.T) {
+	pg := pgtest.New(t)
+	nats := natstest.New(t)
+	url := pg.URL("postgres")
+	exec(t, url, `CREATE TABLE t (id int PRIMARY KEY, v text)`)
+	r := startAgent(t, testConfig(url, nats.URL()))
+	waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.count("streaming changes") == 1 })
+
+	confirmed := func() pglogrepl.LSN {
+		return pglogrepl.LSN(queryInt(t, url, `SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'haven_crm'`))
+	}
+	nats.Shutdown()
+	exec(t, url, `INSERT INTO t SELECT g, 'while NATS is down' FROM generate_series(1, 100) g`)
+	commitLSN := pglogrepl.LSN(queryInt(t, url, `SELECT (pg_current_wal_lsn() - '0/0')::bigint`))
+	// The agent has received the transaction (its received position passed
+	// it) but JetStream cannot have acknowledged it.
+	waitFor(t, 30*time.Second, "the agent to receive the transaction", func() bool {
+		return gaugeValue(r.reg, "haven_agent_received_lsn") >= float64(commitLSN)-4096
+	})
+	waitFor(t, 30*time.Second, "the session to fail on the missing acknowledgement", func() bool { return r.logs.count("retrying") >= 1 })
+	if c := confirmed(); c >= commitLSN {
+		t.Fatalf("slot confirmed %s although NATS was down when the transaction ending before %s was captured", c, commitLSN)
+	}
+	if err := nats.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 60*time.Second, "the slot to confirm the transaction once NATS has it", func() bool { return confirmed() >= commitLSN })
+}
+
+func gaugeValue(reg *prometheus.Registry, name string) float64 {
+	families, err := reg.Gather()
+	if err != nil {
+		return 0
+	}
+	for _, f := range families {
+		if f.GetName() == name {
+			for _, m := range f.GetMetric() {
+				return m.GetGauge().GetValue()
+			}
+		}
+	}
+	return 0
+}

@@ -1,0 +1,334 @@
+package replicator
+
+import (
+	"bytes"
+	"context"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/internal/natstest"
+	"github.com/haven-dr/haven/internal/pgtest"
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
+)
+
+const testSystemID = 7000000000000000001
+
+// feed is a group's stream that a test writes chunks into, as an agent
+// would.
+type feed struct {
+	t     *testing.T
+	js    jetstream.JetStream
+	group string
+}
+
+func newFeed(t *testing.T, natsURL, group string) *feed {
+	t.Helper()
+	nc, err := nats.Connect(natsURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nc.Close)
+	js, err := jetstream.New(nc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := js.CreateStream(t.Context(), jetstream.StreamConfig{Name: wire.StreamName(group),
+		Subjects: []string{wire.SubjectPrefix(group) + ">"}, Storage: jetstream.FileStorage}); err != nil {
+		t.Fatal(err)
+	}
+	return &feed{t: t, js: js, group: group}
+}
+
+func (f *feed) publishRaw(headers map[string]string, payload []byte) uint64 {
+	f.t.Helper()
+	msg := &nats.Msg{Subject: wire.TransactionSubject(f.group), Data: payload, Header: nats.Header{}}
+	for k, v := range headers {
+		msg.Header.Set(k, v)
+	}
+	ack, err := f.js.PublishMsg(f.t.Context(), msg)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return ack.Sequence
+}
+
+func (f *feed) publish(c *havenpb.Chunk) uint64 {
+	f.t.Helper()
+	payload, encoding, err := wire.Encode(c, false)
+	if err != nil {
+		f.t.Fatal(err)
+	}
+	return f.publishRaw(map[string]string{wire.HeaderEncoding: encoding, wire.HeaderFormat: wire.FormatHeader()}, payload)
+}
+
+var itemsRelation = &havenpb.Relation{Id: 16400, Schema: "public", Name: "items", ReplicaIdentity: "d", Columns: []*havenpb.Column{
+	{Name: "id", Type: "bigint", TypeOid: 20, TypeModifier: -1, Key: true, NotNull: true},
+	{Name: "note", Type: "text", TypeOid: 25, TypeModifier: -1},
+}}
+
+func chunk(group string, kind havenpb.Kind, lsn uint64) *havenpb.Chunk {
+	return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: kind, SystemId: testSystemID, Group: group, Slot: "haven_" + group,
+		Epoch: 1, CommitLsn: lsn, SnapshotLsn: 0x1000, LastChunk: true, CommitTimeUs: time.Now().UnixMicro()}
+}
+
+func text(s string) *havenpb.Datum { return &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_TEXT, Text: []byte(s)} }
+
+func insert(id, note string) *havenpb.Change {
+	return &havenpb.Change{Op: havenpb.Op_OP_INSERT, RelationId: itemsRelation.Id, New: &havenpb.Row{Values: []*havenpb.Datum{text(id), text(note)}}}
+}
+
+// snapshotAndTxn publishes a one-row snapshot of items and a transaction
+// inserting row 2 at LSN 0x2000.
+func (f *feed) snapshotAndTxn() {
+	begin := chunk(f.group, havenpb.Kind_KIND_SNAPSHOT_BEGIN, 0x1000)
+	begin.Relations = []*havenpb.Relation{itemsRelation}
+	f.publish(begin)
+	rows := chunk(f.group, havenpb.Kind_KIND_SNAPSHOT_ROWS, 0x1000)
+	rows.Relations = []*havenpb.Relation{itemsRelation}
+	rows.Changes = []*havenpb.Change{insert("1", "from the snapshot")}
+	f.publish(rows)
+	f.publish(chunk(f.group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
+	f.publish(f.txn(0x2000, insert("2", "first transaction")))
+}
+
+func (f *feed) txn(lsn uint64, changes ...*havenpb.Change) *havenpb.Chunk {
+	c := chunk(f.group, havenpb.Kind_KIND_TRANSACTION, lsn)
+	c.Xid = uint32(lsn)
+	c.Relations = []*havenpb.Relation{itemsRelation}
+	c.Changes = changes
+	return c
+}
+
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+	t   *testing.T
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.t.Log(strings.TrimSpace(string(p)))
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func startStandby(t *testing.T, targetURL, natsURL, group string) (*Standby, *logBuffer, *prometheus.Registry) {
+	t.Helper()
+	cfg := DefaultConfig()
+	cfg.TargetURL, cfg.NATSURL, cfg.Group = targetURL, natsURL, group
+	cfg.BlockedRetry = 200 * time.Millisecond
+	logs := &logBuffer{t: t}
+	reg := prometheus.NewRegistry()
+	s, err := New(cfg, zerolog.New(logs), reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-done:
+		case <-time.After(20 * time.Second):
+			t.Error("standby did not stop within 20s")
+		}
+	})
+	return s, logs, reg
+}
+
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func notes(t *testing.T, url string) []string {
+	t.Helper()
+	conn, err := pgx.Connect(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	rows, err := conn.Query(t.Context(), `SELECT id || ':' || note FROM items ORDER BY id`)
+	if err != nil {
+		return nil
+	}
+	list, _ := pgx.CollectRows(rows, pgx.RowTo[string])
+	return list
+}
+
+func metric(reg *prometheus.Registry, name string) float64 {
+	families, _ := reg.Gather()
+	for _, f := range families {
+		if f.GetName() == name {
+			for _, m := range f.GetMetric() {
+				if m.GetGauge() != nil {
+					return m.GetGauge().GetValue()
+				}
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	return 0
+}
+
+// TestStopsAtMessagesItCannotApply: for each kind of bad message, apply
+// stops exactly there: what came before is applied, nothing after it is,
+// the message is not acknowledged, and health and metrics say which and why.
+func TestStopsAtMessagesItCannotApply(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	encode := func(c *havenpb.Chunk) []byte {
+		payload, _, err := wire.Encode(c, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return payload
+	}
+	cases := []struct {
+		name   string
+		bad    func(f *feed) uint64 // publishes the bad message(s), returns the sequence apply must stop at
+		reason string
+	}{
+		{"undecodable", func(f *feed) uint64 {
+			return f.publishRaw(map[string]string{wire.HeaderEncoding: wire.EncodingProto}, []byte("\xff\xfe not protobuf"))
+		}, "undecodable"},
+		{"foreign message without headers", func(f *feed) uint64 {
+			return f.publishRaw(nil, []byte(`{"hello":"world"}`))
+		}, "not a haven message"},
+		{"unknown format version", func(f *feed) uint64 {
+			return f.publishRaw(map[string]string{wire.HeaderEncoding: wire.EncodingProto, wire.HeaderFormat: "2"}, encode(f.txn(0x3000, insert("3", "x"))))
+		}, "format version"},
+		{"another group", func(f *feed) uint64 {
+			c := f.txn(0x3000, insert("3", "x"))
+			c.Group = "other"
+			return f.publish(c)
+		}, `group "other"`},
+		{"another source system", func(f *feed) uint64 {
+			c := f.txn(0x3000, insert("3", "x"))
+			c.SystemId = 42
+			return f.publish(c)
+		}, "source system 42"},
+		{"chunk out of order", func(f *feed) uint64 {
+			c := f.txn(0x3000, insert("3", "x"))
+			c.ChunkIndex = 1
+			return f.publish(c)
+		}, "does not follow"},
+		{"gap in the stream", func(f *feed) uint64 {
+			seq := f.publish(f.txn(0x3000, insert("3", "removed before it was applied")))
+			st, err := f.js.Stream(f.t.Context(), wire.StreamName(f.group))
+			if err != nil {
+				f.t.Fatal(err)
+			}
+			if err := st.DeleteMsg(f.t.Context(), seq); err != nil {
+				f.t.Fatal(err)
+			}
+			return seq + 1
+		}, "expected stream sequence"},
+	}
+	for i, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			group := "g" + string(rune('a'+i))
+			db := group
+			if err := pg.CreateDatabase(t.Context(), db); err != nil {
+				t.Fatal(err)
+			}
+			f := newFeed(t, ns.URL(), group)
+			f.snapshotAndTxn()
+			stopAt := tc.bad(f)
+			f.publish(f.txn(0x9000, insert("9", "after the bad message")))
+
+			s, logs, reg := startStandby(t, pg.URL(db), ns.URL(), group)
+			waitFor(t, 30*time.Second, "apply to block", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
+			if got, want := strings.Join(notes(t, pg.URL(db)), ","), "1:from the snapshot,2:first transaction"; got != want {
+				t.Errorf("DR rows %q, want %q (everything before the bad message, nothing after)", got, want)
+			}
+			health := s.Healthy()
+			if health == nil || !strings.Contains(health.Error(), tc.reason) || !strings.Contains(health.Error(), "message "+strconv.FormatUint(stopAt, 10)) {
+				t.Errorf("health %v does not name message %d and %q", health, stopAt, tc.reason)
+			}
+			if !strings.Contains(logs.String(), "apply is blocked") {
+				t.Error("the log does not say apply is blocked")
+			}
+			// Not acknowledged: the consumer's ack floor is below it.
+			st, err := f.js.Stream(t.Context(), wire.StreamName(group))
+			if err != nil {
+				t.Fatal(err)
+			}
+			cons, err := st.Consumer(t.Context(), wire.ConsumerName(group))
+			if err != nil {
+				t.Fatal(err)
+			}
+			info, err := cons.Info(t.Context())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if info.AckFloor.Stream >= stopAt {
+				t.Errorf("consumer ack floor %d: the bad message %d was acknowledged", info.AckFloor.Stream, stopAt)
+			}
+			// Retries keep stopping at the same place.
+			retriesBefore := strings.Count(logs.String(), "apply is blocked")
+			waitFor(t, 30*time.Second, "a retry", func() bool { return strings.Count(logs.String(), "apply is blocked") > retriesBefore })
+			if got := len(notes(t, pg.URL(db))); got != 2 {
+				t.Errorf("after a retry DR has %d rows, want 2", got)
+			}
+		})
+	}
+}
+
+// TestLeavesForeignTablesAlone: a DR table that already holds rows in a
+// database haven never applied to is not emptied by a snapshot, and a table
+// whose columns differ is named with the difference.
+func TestLeavesForeignTablesAlone(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	for _, tc := range []struct {
+		group, setup, reason string
+	}{
+		{"full", `CREATE TABLE items (id bigint PRIMARY KEY, note text); INSERT INTO items VALUES (42, 'precious')`, "already has rows"},
+		{"shape", `CREATE TABLE items (id bigint PRIMARY KEY, note varchar(10))`, `column "note" is character varying(10) on DR but text on the primary`},
+	} {
+		t.Run(tc.group, func(t *testing.T) {
+			if err := pg.CreateDatabase(t.Context(), tc.group); err != nil {
+				t.Fatal(err)
+			}
+			if err := pg.Exec(t.Context(), tc.group, tc.setup); err != nil {
+				t.Fatal(err)
+			}
+			f := newFeed(t, ns.URL(), tc.group)
+			f.snapshotAndTxn()
+			s, _, reg := startStandby(t, pg.URL(tc.group), ns.URL(), tc.group)
+			waitFor(t, 30*time.Second, "apply to block", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
+			if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), tc.reason) {
+				t.Errorf("health %v does not say %q", err, tc.reason)
+			}
+			if tc.group == "full" {
+				if got := strings.Join(notes(t, pg.URL(tc.group)), ","); got != "42:precious" {
+					t.Errorf("DR rows %q: the existing row must be left alone", got)
+				}
+			}
+		})
+	}
+}
