@@ -81,7 +81,9 @@ func chunk(group string, kind havenpb.Kind, lsn uint64) *havenpb.Chunk {
 		Epoch: 1, CommitLsn: lsn, SnapshotLsn: 0x1000, LastChunk: true, CommitTimeUs: time.Now().UnixMicro()}
 }
 
-func text(s string) *havenpb.Datum { return &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_TEXT, Text: []byte(s)} }
+func text(s string) *havenpb.Datum {
+	return &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_TEXT, Text: []byte(s)}
+}
 
 func insert(id, note string) *havenpb.Change {
 	return &havenpb.Change{Op: havenpb.Op_OP_INSERT, RelationId: itemsRelation.Id, New: &havenpb.Row{Values: []*havenpb.Datum{text(id), text(note)}}}
