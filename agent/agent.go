@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync/atomic"
 	"time"
 
@@ -200,6 +201,7 @@ func (s *session) replicationConn(ctx context.Context) (*pgconn.PgConn, error) {
 	if err != nil {
 		return nil, needsOperator("parse source URL: %v", err)
 	}
+	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
 	config.RuntimeParams["replication"] = "database"
 	config.RuntimeParams["application_name"] = SlotName(s.cfg.Group)
 	conn, err := pgconn.ConnectConfig(ctx, config)
@@ -251,6 +253,9 @@ func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
 		return 0, err
 	}
 	if st.exists {
+		if st.active {
+			return 0, fmt.Errorf("slot %q is in use by another process (another agent of group %q?); waiting for it to be released", slot, s.cfg.Group)
+		}
 		if st.plugin != "pgoutput" {
 			return 0, needsOperator("slot %q uses plugin %q, not pgoutput: it is not haven's; drop it or pick another group name", slot, st.plugin)
 		}

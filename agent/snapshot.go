@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"maps"
 	"strings"
 	"sync"
 
@@ -19,9 +20,9 @@ import (
 // before the end marker. The replication connection stays idle throughout:
 // the exported snapshot lives only as long as it does.
 func (s *session) snapshot(ctx context.Context, snapshotName string, consistent pglogrepl.LSN) error {
-	conn, err := pgx.Connect(ctx, s.cfg.SourceURL)
+	conn, err := s.snapshotConn(ctx)
 	if err != nil {
-		return fmt.Errorf("connect for snapshot: %w", err)
+		return err
 	}
 	defer conn.Close(context.Background())
 	tx, err := beginAtSnapshot(ctx, conn, snapshotName)
@@ -79,6 +80,20 @@ feed:
 	return nil
 }
 
+// snapshotConn opens a connection whose text output matches the stream's.
+func (s *session) snapshotConn(ctx context.Context) (*pgx.Conn, error) {
+	config, err := pgx.ParseConfig(s.cfg.SourceURL)
+	if err != nil {
+		return nil, needsOperator("parse source URL: %v", err)
+	}
+	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
+	conn, err := pgx.ConnectConfig(ctx, config)
+	if err != nil {
+		return nil, fmt.Errorf("connect for snapshot: %w", err)
+	}
+	return conn, nil
+}
+
 func beginAtSnapshot(ctx context.Context, conn *pgx.Conn, snapshotName string) (pgx.Tx, error) {
 	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
 	if err != nil {
@@ -104,12 +119,12 @@ func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker st
 	return waitAck(ctx, future)
 }
 
-// copyTable streams one table through COPY into snapshot chunks, keeping at
-// most MaxInFlight of them unacknowledged.
+// copyTable streams one table through COPY into snapshot chunks; the workers
+// share MaxInFlight unacknowledged chunks between them, which bounds memory.
 func (s *session) copyTable(ctx context.Context, snapshotName string, consistent pglogrepl.LSN, rel *havenpb.Relation) error {
-	conn, err := pgx.Connect(ctx, s.cfg.SourceURL)
+	conn, err := s.snapshotConn(ctx)
 	if err != nil {
-		return fmt.Errorf("connect: %w", err)
+		return err
 	}
 	defer conn.Close(context.Background())
 	tx, err := beginAtSnapshot(ctx, conn, snapshotName)
@@ -135,7 +150,7 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 			return err
 		}
 		inflight = append(inflight, future)
-		for len(inflight) >= s.cfg.MaxInFlight {
+		for len(inflight) >= max(1, s.cfg.MaxInFlight/s.cfg.SnapshotWorkers) {
 			if err := waitAck(ctx, inflight[0]); err != nil {
 				return err
 			}

@@ -59,9 +59,10 @@ type applier struct {
 	conn    *pgx.Conn
 	pg      *pgconn.PgConn
 
-	found bool     // the DR database has a position for the group
-	pos   position // committed on DR
-	next  position // pos plus what the open target transaction holds
+	found         bool      // the DR database has a position for the group
+	streamCreated time.Time // identity of the stream being applied
+	pos           position  // committed on DR
+	next          position  // pos plus what the open target transaction holds
 
 	lastSeq    uint64 // last stream sequence handled in this session
 	statements map[string]string
@@ -432,7 +433,7 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		if err := a.prepareTables(ctx, tx, seq, c.Relations); err != nil {
 			return err
 		}
-		next = position{streamSeq: seq, systemID: c.SystemId, epoch: c.Epoch, snapshotLSN: pglogrepl.LSN(c.SnapshotLsn)}
+		next = position{streamSeq: seq, systemID: c.SystemId, epoch: c.Epoch, snapshotLSN: pglogrepl.LSN(c.SnapshotLsn), streamCreated: a.streamCreated}
 		a.log.Info().Stringer("snapshot_lsn", next.snapshotLSN).Uint64("system_id", c.SystemId).Int("tables", len(c.Relations)).
 			Msg("initial snapshot begins; DR tables emptied")
 	case havenpb.Kind_KIND_SNAPSHOT_ROWS:

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS haven.apply_position (
 	snapshot_done  boolean NOT NULL,
 	heartbeat_at   timestamptz,
 	source_wal_lsn pg_lsn,
+	stream_created timestamptz NOT NULL,
 	updated_at     timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE haven.apply_position IS 'haven: last source transaction applied per group; written in the same transaction as the changes';`
@@ -32,10 +33,11 @@ COMMENT ON TABLE haven.apply_position IS 'haven: last source transaction applied
 // savePositionSQL upserts a group's position; it runs as the last statement
 // of every target transaction.
 const savePositionSQL = `INSERT INTO haven.apply_position AS p
-	(group_name, stream_seq, commit_lsn, commit_time, system_id, epoch, snapshot_lsn, snapshot_done, heartbeat_at, source_wal_lsn, updated_at)
-	VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, now())
+	(group_name, stream_seq, commit_lsn, commit_time, system_id, epoch, snapshot_lsn, snapshot_done, heartbeat_at, source_wal_lsn, stream_created, updated_at)
+	VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, now())
 	ON CONFLICT (group_name) DO UPDATE SET stream_seq = $2, commit_lsn = $3, commit_time = $4, system_id = $5, epoch = $6,
-	snapshot_lsn = $7, snapshot_done = $8, heartbeat_at = COALESCE($9, p.heartbeat_at), source_wal_lsn = COALESCE($10, p.source_wal_lsn), updated_at = now()`
+	snapshot_lsn = $7, snapshot_done = $8, heartbeat_at = COALESCE($9, p.heartbeat_at), source_wal_lsn = COALESCE($10, p.source_wal_lsn),
+	stream_created = $11, updated_at = now()`
 
 // position is where apply stands: the last stream message whose effects are
 // committed on DR.
@@ -49,6 +51,9 @@ type position struct {
 	snapshotDone bool
 	heartbeatAt  time.Time
 	sourceWALLSN pglogrepl.LSN
+	// streamCreated identifies the stream the position counts in: sequence
+	// numbers of a recreated stream mean nothing for this one.
+	streamCreated time.Time
 }
 
 // params renders the position as text parameters of savePositionSQL.
@@ -76,6 +81,7 @@ func (p position) params(group string) [][]byte {
 		[]byte(strconv.FormatBool(p.snapshotDone)),
 		optTime(p.heartbeatAt),
 		optLSN(p.sourceWALLSN),
+		[]byte(p.streamCreated.UTC().Format(time.RFC3339Nano)),
 	}
 }
 
@@ -90,8 +96,8 @@ func loadPosition(ctx context.Context, conn *pgx.Conn, group string) (pos positi
 	var commitTime, heartbeatAt *time.Time
 	var systemID string
 	err = conn.QueryRow(ctx, `SELECT stream_seq, commit_lsn::text, commit_time, system_id::text, epoch, snapshot_lsn::text,
-		snapshot_done, heartbeat_at, source_wal_lsn::text FROM haven.apply_position WHERE group_name = $1`, group).
-		Scan(&pos.streamSeq, &commitLSN, &commitTime, &systemID, &pos.epoch, &snapshotLSN, &pos.snapshotDone, &heartbeatAt, &sourceWAL)
+		snapshot_done, heartbeat_at, source_wal_lsn::text, stream_created FROM haven.apply_position WHERE group_name = $1`, group).
+		Scan(&pos.streamSeq, &commitLSN, &commitTime, &systemID, &pos.epoch, &snapshotLSN, &pos.snapshotDone, &heartbeatAt, &sourceWAL, &pos.streamCreated)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return pos, false, nil
 	}

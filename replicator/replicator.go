@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync/atomic"
 	"time"
 
@@ -103,6 +104,8 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return &operatorError{fmt.Errorf("parse --target-url: %w", err)}
 	}
+	// Parse values under the settings the agent produced them with.
+	maps.Copy(connConfig.RuntimeParams, wire.TextFormatSettings)
 	if _, ok := connConfig.RuntimeParams["application_name"]; !ok {
 		connConfig.RuntimeParams["application_name"] = "haven_standby_" + s.cfg.Group
 	}
@@ -153,6 +156,15 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("look up stream %s: %w", streamName, err)
 	}
+	info := stream.CachedInfo()
+	// PostgreSQL keeps microseconds.
+	created := info.Created.Truncate(time.Microsecond)
+	if found && !created.Equal(pos.streamCreated) {
+		return &blockedError{seq: pos.streamSeq + 1, reason: "stream recreated", err: fmt.Errorf(
+			"stream %s was created at %s, but the DR copy was applied from a stream created at %s: its sequence numbers do not continue "+
+				"what was applied; re-seed the DR copy (drop the agent's slot so it takes a new snapshot)",
+			streamName, created.UTC().Format(time.RFC3339Nano), pos.streamCreated.UTC().Format(time.RFC3339Nano))}
+	}
 	consumer, err := s.consumer(ctx, stream, pos.streamSeq)
 	if err != nil {
 		return err
@@ -164,6 +176,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	defer iter.Stop()
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, pos, found)
+	a.streamCreated = created
 	s.metrics.connected.Set(1)
 	s.metrics.blocked.Set(0)
 	s.metrics.appliedLSN.Set(float64(pos.commitLSN))

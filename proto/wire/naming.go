@@ -50,3 +50,16 @@ func SnapshotMsgID(systemID uint64, slot string, snapshotLSN uint64, table uint3
 func SnapshotMarkerMsgID(systemID uint64, slot string, snapshotLSN uint64, marker string) string {
 	return fmt.Sprintf("%d/%s/snapshot/%X/%s", systemID, slot, snapshotLSN, marker)
 }
+
+// TextFormatSettings are the session settings under which both sides
+// produce and parse values' text forms: the agent's replication and snapshot
+// connections and the standby's apply connection all run with them, so that
+// a value means the same on both sides whatever the servers' defaults
+// (a "01/02/2024" under DateStyle SQL, DMY is not the same date under MDY).
+var TextFormatSettings = map[string]string{
+	"DateStyle":          "ISO, YMD",
+	"IntervalStyle":      "postgres",
+	"extra_float_digits": "3",
+	"bytea_output":       "hex",
+	"TimeZone":           "UTC",
+}
