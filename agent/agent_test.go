@@ -1,12 +1,10 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,39 +15,20 @@ import (
 
 	"github.com/haven-dr/haven/internal/natstest"
 	"github.com/haven-dr/haven/internal/pgtest"
+	"github.com/haven-dr/haven/internal/testlog"
 )
-
-// logBuffer collects log lines written from several goroutines.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-	t   *testing.T
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.t.Log(strings.TrimSpace(string(p)))
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) count(s string) int {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return strings.Count(l.buf.String(), s)
-}
 
 type running struct {
 	cancel context.CancelFunc
 	done   chan error
-	logs   *logBuffer
+	logs   *testlog.Buffer
 	reg    *prometheus.Registry
 }
 
 // startAgent runs an agent in-process until the test ends.
 func startAgent(t *testing.T, cfg Config) *running {
 	t.Helper()
-	logs := &logBuffer{t: t}
+	logs := testlog.New(t)
 	reg := prometheus.NewRegistry()
 	a, err := New(cfg, zerolog.New(logs), reg)
 	if err != nil {
@@ -184,7 +163,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		cfg := testConfig(url, nats.URL())
 		cfg.Tables = []string{"good"}
 		r := startAgent(t, cfg)
-		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.count("streaming changes") == 1 })
+		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
 	})
 
 	t.Run("unknown table", func(t *testing.T) {
@@ -202,7 +181,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		cfg := testConfig(url, nats.URL())
 		cfg.Group = "lost"
 		first := startAgent(t, cfg)
-		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return first.logs.count("streaming changes") == 1 })
+		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return first.logs.Count("streaming changes") == 1 })
 		first.cancel()
 		<-first.done
 		first.done <- nil
@@ -239,16 +218,16 @@ func TestRetriesWhileServersAreUnreachable(t *testing.T) {
 	nats := natstest.New(t)
 	t.Run("PostgreSQL", func(t *testing.T) {
 		r := startAgent(t, testConfig(fmt.Sprintf("postgres://postgres@127.0.0.1:%d/crm?connect_timeout=2", closedPort(t)), nats.URL()))
-		waitFor(t, 30*time.Second, "two retries", func() bool { return r.logs.count("retrying") >= 2 })
-		if r.logs.count("connect to source database") < 2 {
+		waitFor(t, 30*time.Second, "two retries", func() bool { return r.logs.Count("retrying") >= 2 })
+		if r.logs.Count("connect to source database") < 2 {
 			t.Error("the log does not say the source database is unreachable")
 		}
 	})
 	t.Run("NATS", func(t *testing.T) {
 		pg := pgtest.New(t)
 		r := startAgent(t, testConfig(pg.URL("postgres"), fmt.Sprintf("nats://127.0.0.1:%d", closedPort(t))))
-		waitFor(t, 30*time.Second, "two retries", func() bool { return r.logs.count("retrying") >= 2 })
-		if r.logs.count("connect to NATS") < 2 {
+		waitFor(t, 30*time.Second, "two retries", func() bool { return r.logs.Count("retrying") >= 2 })
+		if r.logs.Count("connect to NATS") < 2 {
 			t.Error("the log does not say NATS is unreachable")
 		}
 	})
@@ -263,7 +242,7 @@ func TestConfirmsOnlyWhatJetStreamAcknowledged(t *testing.T) {
 	url := pg.URL("postgres")
 	exec(t, url, `CREATE TABLE t (id int PRIMARY KEY, v text)`)
 	r := startAgent(t, testConfig(url, nats.URL()))
-	waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.count("streaming changes") == 1 })
+	waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
 
 	confirmed := func() pglogrepl.LSN {
 		return pglogrepl.LSN(queryInt(t, url, `SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'haven_crm'`))
@@ -276,7 +255,7 @@ func TestConfirmsOnlyWhatJetStreamAcknowledged(t *testing.T) {
 	waitFor(t, 30*time.Second, "the agent to receive the transaction", func() bool {
 		return gaugeValue(r.reg, "haven_agent_received_lsn") >= float64(commitLSN)-4096
 	})
-	waitFor(t, 30*time.Second, "the session to fail on the missing acknowledgement", func() bool { return r.logs.count("retrying") >= 1 })
+	waitFor(t, 30*time.Second, "the session to fail on the missing acknowledgement", func() bool { return r.logs.Count("retrying") >= 1 })
 	if c := confirmed(); c >= commitLSN {
 		t.Fatalf("slot confirmed %s although NATS was down when the transaction ending before %s was captured", c, commitLSN)
 	}

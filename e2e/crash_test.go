@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/haven-dr/haven/proto/wire"
@@ -119,15 +118,7 @@ func TestSurvivesSIGKILLMidStreamAndMidBatch(t *testing.T) {
 	countApplies(t, dr, "contacts")
 	countApplies(t, dr, "deals")
 
-	nc, err := nats.Connect(s.nats.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := s.nats.JetStream(t)
 
 	w := startWorkload(t, s.primaryURL(), 3, 200)
 

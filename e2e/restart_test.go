@@ -4,9 +4,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 )
 
 // TestRecoversFromServerRestarts restarts NATS, the primary and the DR
@@ -67,15 +64,7 @@ func TestSurvivesSIGKILLDuringInitialSnapshot(t *testing.T) {
 	primary := connect(t, s.primaryURL())
 	seedCRM(t, primary, 2000)
 	dr := connect(t, s.drURL())
-	nc, err := nats.Connect(s.nats.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := s.nats.JetStream(t)
 	agentArgs := s.agentArgs("--chunk-bytes", "16384", "--snapshot-workers", "1")
 
 	agent := startHaven(t, "agent", agentArgs...)

@@ -1,11 +1,9 @@
 package replicator
 
 import (
-	"bytes"
 	"context"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,6 +15,7 @@ import (
 
 	"github.com/haven-dr/haven/internal/natstest"
 	"github.com/haven-dr/haven/internal/pgtest"
+	"github.com/haven-dr/haven/internal/testlog"
 	"github.com/haven-dr/haven/proto/havenpb"
 	"github.com/haven-dr/haven/proto/wire"
 )
@@ -31,17 +30,9 @@ type feed struct {
 	group string
 }
 
-func newFeed(t *testing.T, natsURL, group string) *feed {
+func newFeed(t *testing.T, ns *natstest.Server, group string) *feed {
 	t.Helper()
-	nc, err := nats.Connect(natsURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := ns.JetStream(t)
 	if _, err := js.CreateStream(t.Context(), jetstream.StreamConfig{Name: wire.StreamName(group),
 		Subjects: []string{wire.SubjectPrefix(group) + ">"}, Storage: jetstream.FileStorage}); err != nil {
 		t.Fatal(err)
@@ -111,31 +102,12 @@ func (f *feed) txn(lsn uint64, changes ...*havenpb.Change) *havenpb.Chunk {
 	return c
 }
 
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-	t   *testing.T
-}
-
-func (l *logBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	l.t.Log(strings.TrimSpace(string(p)))
-	return l.buf.Write(p)
-}
-
-func (l *logBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.buf.String()
-}
-
-func startStandby(t *testing.T, targetURL, natsURL, group string) (*Standby, *logBuffer, *prometheus.Registry) {
+func startStandby(t *testing.T, targetURL, natsURL, group string) (*Standby, *testlog.Buffer, *prometheus.Registry) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.TargetURL, cfg.NATSURL, cfg.Group = targetURL, natsURL, group
 	cfg.BlockedRetry = 200 * time.Millisecond
-	logs := &logBuffer{t: t}
+	logs := testlog.New(t)
 	reg := prometheus.NewRegistry()
 	s, err := New(cfg, zerolog.New(logs), reg)
 	if err != nil {
@@ -257,7 +229,7 @@ func TestStopsAtMessagesItCannotApply(t *testing.T) {
 			if err := pg.CreateDatabase(t.Context(), db); err != nil {
 				t.Fatal(err)
 			}
-			f := newFeed(t, ns.URL(), group)
+			f := newFeed(t, ns, group)
 			f.snapshotAndTxn()
 			stopAt := tc.bad(f)
 			f.publish(f.txn(0x9000, insert("9", "after the bad message")))
@@ -319,7 +291,7 @@ func TestLeavesForeignTablesAlone(t *testing.T) {
 			if err := pg.Exec(t.Context(), tc.group, tc.setup); err != nil {
 				t.Fatal(err)
 			}
-			f := newFeed(t, ns.URL(), tc.group)
+			f := newFeed(t, ns, tc.group)
 			f.snapshotAndTxn()
 			s, _, reg := startStandby(t, pg.URL(tc.group), ns.URL(), tc.group)
 			waitFor(t, 30*time.Second, "apply to block", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
