@@ -124,6 +124,13 @@ func (a *Agent) runSession(ctx context.Context) error {
 	s.log = s.log.With().Uint64("system_id", s.info.systemID).Logger()
 
 	nc, err := nats.Connect(a.cfg.NATSURL, nats.Name("haven-agent-"+a.cfg.Group), nats.MaxReconnects(-1),
+		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
+			ev := s.log.Warn().Err(err)
+			if sub != nil {
+				ev = ev.Str("subject", sub.Subject)
+			}
+			ev.Msg("NATS client error; a lost acknowledgement makes the agent republish after --publish-timeout")
+		}),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
 				s.log.Warn().Err(err).Msg("disconnected from NATS; reconnecting")

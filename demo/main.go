@@ -43,12 +43,18 @@ func main() {
 
 func step(format string, args ...any) { fmt.Printf("==> "+format+"\n", args...) }
 
-func run(ctx context.Context) error {
+func run(ctx context.Context) (err error) {
 	workDir, err := os.MkdirTemp("", "haven-demo-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(workDir)
+	defer func() {
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "logs kept in %s\n", workDir)
+			return
+		}
+		os.RemoveAll(workDir)
+	}()
 	logPath := filepath.Join(workDir, "haven.log")
 	logFile, err := os.Create(logPath)
 	if err != nil {

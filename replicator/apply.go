@@ -59,6 +59,7 @@ type applier struct {
 	conn    *pgx.Conn
 	pg      *pgconn.PgConn
 
+	stream        jetstream.Stream
 	found         bool      // the DR database has a position for the group
 	streamCreated time.Time // identity of the stream being applied
 	pos           position  // committed on DR
@@ -78,8 +79,8 @@ type applier struct {
 	partial      *partialTxn
 }
 
-func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, pos position, found bool) *applier {
-	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), pos: pos, next: pos, found: found,
+func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
+	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
 		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}}
 }
 
@@ -95,9 +96,7 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 		return nil
 	}
 	if seq != a.lastSeq+1 {
-		return a.stop(ctx, blocked(seq, "gap", "expected stream sequence %d next but got %d: messages were removed from the stream "+
-			"(retention limits or a purge) before the DR site applied them; the DR copy cannot be completed from this stream, re-seed it "+
-			"(drop the agent's slot so it takes a new snapshot)", a.lastSeq+1, seq))
+		return a.stop(ctx, a.gap(ctx, seq))
 	}
 	chunk, err := wire.Decode(msg.Headers().Get(wire.HeaderEncoding), msg.Headers().Get(wire.HeaderFormat), msg.Data())
 	if err != nil {
@@ -128,6 +127,25 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 		a.metrics.lagSeconds.Set(0)
 	}
 	return nil
+}
+
+// gap explains a message that arrived after a missing one. A message that
+// is still in the stream was only not delivered (the client dropped it as a
+// slow consumer): the session restarts and reads it again. One that is gone
+// can never be applied.
+func (a *applier) gap(ctx context.Context, got uint64) error {
+	missing := a.lastSeq + 1
+	_, err := a.stream.GetMsg(ctx, missing)
+	switch {
+	case err == nil:
+		return fmt.Errorf("message %d was not delivered before message %d; reading the stream again from it", missing, got)
+	case errors.Is(err, jetstream.ErrMsgNotFound):
+		return blocked(got, "gap", "expected stream sequence %d next but got %d: messages were removed from the stream "+
+			"(retention limits or a purge) before the DR site applied them; the DR copy cannot be completed from this stream, re-seed it "+
+			"(drop the agent's slot so it takes a new snapshot)", missing, got)
+	default:
+		return fmt.Errorf("look up message %d missing before message %d: %w", missing, got, err)
+	}
 }
 
 // stop ends the open target transaction before apply halts at a message:

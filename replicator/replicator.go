@@ -135,6 +135,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 
 	nc, err := nats.Connect(s.cfg.NATSURL, nats.Name("haven-standby-"+s.cfg.Group), nats.MaxReconnects(-1),
+		nats.ErrorHandler(natsErrorLogger(s.log)),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
 			if err != nil {
 				s.log.Warn().Err(err).Msg("disconnected from NATS; reconnecting")
@@ -175,7 +176,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 	defer iter.Stop()
 
-	a := newApplier(s.cfg, s.log, s.metrics, conn, pos, found)
+	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
 	a.streamCreated = created
 	s.metrics.connected.Set(1)
 	s.metrics.blocked.Set(0)
@@ -241,4 +242,16 @@ func (s *Standby) consumer(ctx context.Context, stream jetstream.Stream, applied
 		return nil, fmt.Errorf("create consumer %s: %w", name, err)
 	}
 	return c, nil
+}
+
+// natsErrorLogger reports asynchronous NATS client errors (such as a slow
+// consumer dropping messages) in the process's log instead of on stderr.
+func natsErrorLogger(log zerolog.Logger) nats.ErrHandler {
+	return func(_ *nats.Conn, sub *nats.Subscription, err error) {
+		ev := log.Warn().Err(err)
+		if sub != nil {
+			ev = ev.Str("subject", sub.Subject)
+		}
+		ev.Msg("NATS client error; anything it dropped is read again from the stream")
+	}
 }
