@@ -112,9 +112,9 @@ type session struct {
 
 func (a *Agent) runSession(ctx context.Context) error {
 	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.problem.Store(nil) }}
-	ctrl, err := pgx.Connect(ctx, a.cfg.SourceURL)
+	ctrl, err := s.connectSource(ctx)
 	if err != nil {
-		return fmt.Errorf("connect to source database: %w", err)
+		return err
 	}
 	defer ctrl.Close(context.Background())
 	s.ctrl = ctrl
@@ -202,6 +202,22 @@ func (s *session) warnDurability(ctx context.Context) {
 	}
 }
 
+// connectSource opens a connection to the source whose text output and type
+// names match the stream's.
+func (s *session) connectSource(ctx context.Context) (*pgx.Conn, error) {
+	config, err := pgx.ParseConfig(s.cfg.SourceURL)
+	if err != nil {
+		return nil, needsOperator("parse source URL: %v", err)
+	}
+	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
+	config.RuntimeParams["search_path"] = wire.TypeNameSearchPath
+	conn, err := pgx.ConnectConfig(ctx, config)
+	if err != nil {
+		return nil, fmt.Errorf("connect to source database: %w", err)
+	}
+	return conn, nil
+}
+
 // replicationConn opens a connection in logical replication mode.
 func (s *session) replicationConn(ctx context.Context) (*pgconn.PgConn, error) {
 	config, err := pgconn.ParseConfig(s.cfg.SourceURL)
@@ -209,6 +225,7 @@ func (s *session) replicationConn(ctx context.Context) (*pgconn.PgConn, error) {
 		return nil, needsOperator("parse source URL: %v", err)
 	}
 	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
+	config.RuntimeParams["search_path"] = wire.TypeNameSearchPath
 	config.RuntimeParams["replication"] = "database"
 	config.RuntimeParams["application_name"] = SlotName(s.cfg.Group)
 	conn, err := pgconn.ConnectConfig(ctx, config)

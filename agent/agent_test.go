@@ -74,7 +74,7 @@ func testConfig(sourceURL, natsURL string) Config {
 	return cfg
 }
 
-func exec(t *testing.T, url, sql string, args ...any) {
+func execSQL(t *testing.T, url, sql string, args ...any) {
 	t.Helper()
 	conn, err := pgx.Connect(t.Context(), url)
 	if err != nil {
@@ -139,7 +139,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		if err := pg.CreateDatabase(ctx, "noprivs"); err != nil {
 			t.Fatal(err)
 		}
-		exec(t, pg.URL("noprivs"), `CREATE ROLE app LOGIN`)
+		execSQL(t, pg.URL("noprivs"), `CREATE ROLE app LOGIN`)
 		url := strings.Replace(pg.URL("noprivs"), "postgres@", "app@", 1)
 		err := runToError(t, testConfig(url, nats.URL()))
 		assertContains(t, err, `role "app" may not use replication`, `ALTER ROLE "app" REPLICATION`)
@@ -150,7 +150,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 			t.Fatal(err)
 		}
 		url := pg.URL("noident")
-		exec(t, url, `CREATE TABLE good (id int PRIMARY KEY); CREATE TABLE audit_log (at timestamptz, line text);
+		execSQL(t, url, `CREATE TABLE good (id int PRIMARY KEY); CREATE TABLE audit_log (at timestamptz, line text);
 			CREATE TABLE "Odd Name" (v int); ALTER TABLE "Odd Name" REPLICA IDENTITY NOTHING`)
 		err := runToError(t, testConfig(url, nats.URL()))
 		assertContains(t, err, "public.audit_log", "public.Odd Name", "ADD PRIMARY KEY", "REPLICA IDENTITY FULL", "--tables")
@@ -158,7 +158,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		if n := queryInt(t, url, `SELECT count(*) FROM pg_publication`); n != 0 {
 			t.Errorf("%d publications exist after the refusal, want 0", n)
 		}
-		exec(t, url, `INSERT INTO audit_log VALUES (now(), 'x'); UPDATE audit_log SET line = 'y'`)
+		execSQL(t, url, `INSERT INTO audit_log VALUES (now(), 'x'); UPDATE audit_log SET line = 'y'`)
 		// Excluding them with --tables works.
 		cfg := testConfig(url, nats.URL())
 		cfg.Tables = []string{"good"}
@@ -177,7 +177,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 			t.Fatal(err)
 		}
 		url := pg.URL("lost")
-		exec(t, url, `CREATE TABLE t (id int PRIMARY KEY)`)
+		execSQL(t, url, `CREATE TABLE t (id int PRIMARY KEY)`)
 		cfg := testConfig(url, nats.URL())
 		cfg.Group = "lost"
 		first := startAgent(t, cfg)
@@ -186,20 +186,20 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		<-first.done
 		first.done <- nil
 		// Invalidate the slot the way max_slot_wal_keep_size does.
-		exec(t, url, `ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`)
-		exec(t, url, `SELECT pg_reload_conf()`)
+		execSQL(t, url, `ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'`)
+		execSQL(t, url, `SELECT pg_reload_conf()`)
 		for i := range 6 {
-			exec(t, url, `INSERT INTO t SELECT g FROM generate_series($1::int, $1::int + 20000) g`, i*100000)
-			exec(t, url, `SELECT pg_switch_wal()`)
-			exec(t, url, `CHECKPOINT`)
+			execSQL(t, url, `INSERT INTO t SELECT g FROM generate_series($1::int, $1::int + 20000) g`, i*100000)
+			execSQL(t, url, `SELECT pg_switch_wal()`)
+			execSQL(t, url, `CHECKPOINT`)
 		}
 		waitFor(t, 30*time.Second, "the slot to be invalidated", func() bool {
 			return queryInt(t, url, `SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'haven_lost' AND wal_status = 'lost'`) == 1
 		})
 		err := runToError(t, cfg)
 		assertContains(t, err, `slot "haven_lost" was invalidated`, "pg_drop_replication_slot('haven_lost')", "fresh snapshot")
-		exec(t, url, `ALTER SYSTEM RESET max_slot_wal_keep_size`)
-		exec(t, url, `SELECT pg_reload_conf()`)
+		execSQL(t, url, `ALTER SYSTEM RESET max_slot_wal_keep_size`)
+		execSQL(t, url, `SELECT pg_reload_conf()`)
 	})
 }
 
@@ -240,7 +240,7 @@ func TestConfirmsOnlyWhatJetStreamAcknowledged(t *testing.T) {
 	pg := pgtest.New(t)
 	nats := natstest.New(t)
 	url := pg.URL("postgres")
-	exec(t, url, `CREATE TABLE t (id int PRIMARY KEY, v text)`)
+	execSQL(t, url, `CREATE TABLE t (id int PRIMARY KEY, v text)`)
 	r := startAgent(t, testConfig(url, nats.URL()))
 	waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
 
@@ -248,7 +248,7 @@ func TestConfirmsOnlyWhatJetStreamAcknowledged(t *testing.T) {
 		return pglogrepl.LSN(queryInt(t, url, `SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'haven_crm'`))
 	}
 	nats.Shutdown()
-	exec(t, url, `INSERT INTO t SELECT g, 'while NATS is down' FROM generate_series(1, 100) g`)
+	execSQL(t, url, `INSERT INTO t SELECT g, 'while NATS is down' FROM generate_series(1, 100) g`)
 	commitLSN := pglogrepl.LSN(queryInt(t, url, `SELECT (pg_current_wal_lsn() - '0/0')::bigint`))
 	// The agent has received the transaction (its received position passed
 	// it) but JetStream cannot have acknowledged it.

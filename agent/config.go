@@ -48,6 +48,10 @@ type Config struct {
 	StatusInterval time.Duration
 	// MaxInFlight bounds chunks published but not yet acknowledged.
 	MaxInFlight int
+	// PgDump is the pg_dump used to ship the source schema with the initial
+	// snapshot: empty finds one, "off" ships none (the standby then creates
+	// bare tables: columns, NOT NULL and the key).
+	PgDump string
 	// PublishTimeout is how long a published chunk may wait for its
 	// acknowledgement before the session restarts (and republishes from the
 	// last confirmed position).

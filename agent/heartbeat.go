@@ -25,7 +25,7 @@ func (s *session) heartbeats(ctx context.Context) {
 	defer ticker.Stop()
 	for {
 		if conn == nil {
-			c, err := pgx.Connect(ctx, s.cfg.SourceURL)
+			c, err := s.connectSource(ctx)
 			if err != nil && ctx.Err() == nil {
 				s.log.Warn().Err(err).Msg("heartbeat connection failed; retrying at the next beat")
 			}

@@ -3,7 +3,6 @@ package agent
 import (
 	"context"
 	"fmt"
-	"maps"
 	"strings"
 	"sync"
 
@@ -20,7 +19,7 @@ import (
 // before the end marker. The replication connection stays idle throughout:
 // the exported snapshot lives only as long as it does.
 func (s *session) snapshot(ctx context.Context, snapshotName string, consistent pglogrepl.LSN) error {
-	conn, err := s.snapshotConn(ctx)
+	conn, err := s.connectSource(ctx)
 	if err != nil {
 		return err
 	}
@@ -40,6 +39,7 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	}
 	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
 	begin.Relations = rels
+	begin.SchemaSql = s.schemaScript(ctx, snapshotName)
 	if err := s.publishMarker(ctx, begin, "begin"); err != nil {
 		return err
 	}
@@ -80,18 +80,22 @@ feed:
 	return nil
 }
 
-// snapshotConn opens a connection whose text output matches the stream's.
-func (s *session) snapshotConn(ctx context.Context) (*pgx.Conn, error) {
-	config, err := pgx.ParseConfig(s.cfg.SourceURL)
-	if err != nil {
-		return nil, needsOperator("parse source URL: %v", err)
+// schemaScript dumps the source schema for the standby, or explains why it
+// ships none: the standby then creates bare tables.
+func (s *session) schemaScript(ctx context.Context, snapshotName string) string {
+	if s.cfg.PgDump == "off" {
+		return ""
 	}
-	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
-	conn, err := pgx.ConnectConfig(ctx, config)
-	if err != nil {
-		return nil, fmt.Errorf("connect for snapshot: %w", err)
+	pgDump, err := findPgDump(s.cfg.PgDump, s.info.version)
+	if err == nil {
+		var script string
+		if script, err = dumpSchema(ctx, pgDump, s.cfg.SourceURL, snapshotName); err == nil {
+			return script
+		}
 	}
-	return conn, nil
+	s.log.Warn().Err(err).Msg("no schema shipped with the snapshot: a DR database without the tables gets bare ones (columns, NOT NULL, key); " +
+		"create indexes, defaults, sequences and constraints there yourself (pg_dump --schema-only), or install pg_dump next to the agent")
+	return ""
 }
 
 func beginAtSnapshot(ctx context.Context, conn *pgx.Conn, snapshotName string) (pgx.Tx, error) {
@@ -122,7 +126,7 @@ func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker st
 // copyTable streams one table through COPY into snapshot chunks; the workers
 // share MaxInFlight unacknowledged chunks between them, which bounds memory.
 func (s *session) copyTable(ctx context.Context, snapshotName string, consistent pglogrepl.LSN, rel *havenpb.Relation) error {
-	conn, err := s.snapshotConn(ctx)
+	conn, err := s.connectSource(ctx)
 	if err != nil {
 		return err
 	}

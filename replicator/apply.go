@@ -56,8 +56,9 @@ type applier struct {
 	cfg     Config
 	log     zerolog.Logger
 	metrics *metrics
-	conn    *pgx.Conn
-	pg      *pgconn.PgConn
+	conn    *pgx.Conn      // applies, in the database's own session settings
+	pg      *pgconn.PgConn // conn's lower layer, for pipelining
+	catalog *pgx.Conn      // describes DR tables; type names as the source names them
 
 	stream        jetstream.Stream
 	found         bool      // the DR database has a position for the group
@@ -79,8 +80,8 @@ type applier struct {
 	partial      *partialTxn
 }
 
-func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
-	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
+func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn, catalog *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
+	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), catalog: catalog, stream: stream, pos: pos, next: pos, found: found,
 		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}}
 }
 
@@ -295,28 +296,12 @@ func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Re
 	if a.checked[key] {
 		return nil
 	}
-	var oid *uint32
-	if err := a.conn.QueryRow(ctx, `SELECT to_regclass($1)::oid`, pgx.Identifier{rel.Schema, rel.Name}.Sanitize()).Scan(&oid); err != nil {
-		return fmt.Errorf("look up %s.%s on DR: %w", rel.Schema, rel.Name, err)
+	cols, _, exists, err := readTarget(ctx, a.catalog, rel.Schema, rel.Name)
+	if err != nil {
+		return err
 	}
-	if oid == nil {
+	if !exists {
 		return blocked(seq, "missing table", "table %s.%s does not exist on DR; create it there (it was not part of the initial snapshot)", rel.Schema, rel.Name)
-	}
-	rows, err := a.conn.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
-		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, *oid)
-	if err != nil {
-		return fmt.Errorf("describe %s.%s on DR: %w", rel.Schema, rel.Name, err)
-	}
-	list, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (targetColumn, error) {
-		var c targetColumn
-		return c, row.Scan(&c.name, &c.typeName, &c.notNull)
-	})
-	if err != nil {
-		return fmt.Errorf("describe %s.%s on DR: %w", rel.Schema, rel.Name, err)
-	}
-	cols := make(map[string]targetColumn, len(list))
-	for _, c := range list {
-		cols[c.name] = c
 	}
 	if err := checkTarget(rel, cols); err != nil {
 		return blocked(seq, "schema mismatch", "%w", err)
@@ -448,7 +433,7 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 	next.streamSeq = seq
 	switch c.Kind {
 	case havenpb.Kind_KIND_SNAPSHOT_BEGIN:
-		if err := a.prepareTables(ctx, tx, seq, c.Relations); err != nil {
+		if err := a.prepareTables(ctx, tx, seq, c.Relations, c.SchemaSql); err != nil {
 			return err
 		}
 		next = position{streamSeq: seq, systemID: c.SystemId, epoch: c.Epoch, snapshotLSN: pglogrepl.LSN(c.SnapshotLsn), streamCreated: a.streamCreated}
@@ -477,35 +462,84 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 }
 
 // prepareTables creates or checks every DR table of a snapshot and empties
-// them. A DR table with rows in a database haven never applied to is left
-// alone: the target is probably not the database the operator meant.
-func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels []*havenpb.Relation) error {
-	names := make([]string, 0, len(rels))
-	for _, rel := range rels {
-		cols, hasRows, exists, err := readTarget(ctx, tx, rel.Schema, rel.Name)
-		if err != nil {
+// them. A DR database with none of the tables gets the source's schema (the
+// snapshot's pg_dump script) when the agent shipped one, else bare tables.
+// A DR table with rows in a database haven never applied to is left alone:
+// the target is probably not the database the operator meant.
+func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels []*havenpb.Relation, schemaSQL string) error {
+	// tx creates bare tables and empties them; the catalog connection reads
+	// what is committed.
+	type target struct {
+		cols            map[string]targetColumn
+		hasRows, exists bool
+	}
+	read := func() ([]target, int, error) {
+		targets := make([]target, len(rels))
+		existing := 0
+		for i, rel := range rels {
+			cols, hasRows, exists, err := readTarget(ctx, a.catalog, rel.Schema, rel.Name)
+			if err != nil {
+				return nil, 0, err
+			}
+			targets[i] = target{cols, hasRows, exists}
+			if exists {
+				existing++
+			}
+		}
+		return targets, existing, nil
+	}
+	targets, existing, err := read()
+	if err != nil {
+		return err
+	}
+	if existing == 0 && schemaSQL != "" {
+		if err := a.createSchema(ctx, seq, schemaSQL); err != nil {
 			return err
 		}
+		if targets, _, err = read(); err != nil {
+			return err
+		}
+	}
+	names := make([]string, 0, len(rels))
+	for i, rel := range rels {
+		t := targets[i]
 		qualified := pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
-		if !exists {
+		if !t.exists {
 			if _, err := tx.Exec(ctx, createTableSQL(rel)); err != nil {
 				return blocked(seq, "create table", "create %s on DR: %w (create its types or schema on DR first, e.g. from pg_dump --schema-only)", qualified, err)
 			}
-			a.log.Info().Str("table", rel.Schema+"."+rel.Name).Msg("created DR table from the snapshot's description")
+			a.log.Warn().Str("table", rel.Schema+"."+rel.Name).Msg("created a bare DR table (columns, NOT NULL, key) from the snapshot's description; add its indexes, defaults and constraints")
 		} else {
-			if err := checkTarget(rel, cols); err != nil {
+			if err := checkTarget(rel, t.cols); err != nil {
 				return blocked(seq, "schema mismatch", "%w", err)
 			}
-			if hasRows && !a.found {
+			if t.hasRows && !a.found {
 				return blocked(seq, "not empty", "DR table %s already has rows, but haven has never applied group %q to this database; "+
 					"point --target-url at the DR database meant for it, or empty the table (TRUNCATE %s) if its rows may be replaced", qualified, a.cfg.Group, qualified)
 			}
 		}
 		names = append(names, qualified)
 	}
-	if _, err := tx.Exec(ctx, "TRUNCATE "+strings.Join(names, ", ")); err != nil {
+	if _, err := tx.Exec(ctx, "TRUNCATE ONLY "+strings.Join(names, ", ")); err != nil {
 		return fmt.Errorf("empty DR tables for the snapshot: %w", err)
 	}
+	return nil
+}
+
+// createSchema runs the source's schema script on a connection of its own
+// (the script changes session settings), in one transaction.
+func (a *applier) createSchema(ctx context.Context, seq uint64, script string) error {
+	conn, err := pgx.Connect(ctx, a.cfg.TargetURL)
+	if err != nil {
+		return fmt.Errorf("connect to create the DR schema: %w", err)
+	}
+	defer conn.Close(context.Background())
+	// The simple protocol runs a multi-statement script as one transaction.
+	if err := conn.PgConn().Exec(ctx, script).Close(); err != nil {
+		return blocked(seq, "create schema", "create the primary's schema on DR: %w; create what is missing on DR "+
+			"(an extension that is not installed there?), or restore the schema yourself with pg_dump --schema-only", err)
+	}
+	a.log.Info().Int("bytes", len(script)).Msg("created the DR schema from the primary's (pg_dump --schema-only under the snapshot)")
 	return nil
 }
 

@@ -16,8 +16,16 @@ type targetColumn struct {
 	notNull        bool
 }
 
-// readTarget returns the columns of schema.name on DR, or exists=false.
-func readTarget(ctx context.Context, tx pgx.Tx, schema, name string) (cols map[string]targetColumn, rows bool, exists bool, err error) {
+// querier is what describing a table needs: a connection or a transaction.
+type querier interface {
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// readTarget returns the columns of schema.name on DR, or exists=false. Run
+// it on the catalog connection (search_path wire.TypeNameSearchPath), so
+// that type names compare with the source's.
+func readTarget(ctx context.Context, tx querier, schema, name string) (cols map[string]targetColumn, rows bool, exists bool, err error) {
 	qualified := pgx.Identifier{schema, name}.Sanitize()
 	var oid *uint32
 	if err := tx.QueryRow(ctx, `SELECT to_regclass($1)::oid`, qualified).Scan(&oid); err != nil {

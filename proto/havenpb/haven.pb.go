@@ -236,7 +236,12 @@ type Chunk struct {
 	Changes     []*Change   `protobuf:"bytes,14,rep,name=changes,proto3" json:"changes,omitempty"`
 	// Set when the transaction carried a haven heartbeat: the source's
 	// clock and WAL insert position when it was emitted.
-	Heartbeat     *Heartbeat `protobuf:"bytes,15,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
+	Heartbeat *Heartbeat `protobuf:"bytes,15,opt,name=heartbeat,proto3" json:"heartbeat,omitempty"`
+	// KIND_SNAPSHOT_BEGIN: SQL that recreates the source database's schema
+	// (pg_dump --schema-only under the snapshot: types, tables, defaults,
+	// sequences, constraints, indexes), for a DR database that has none of the
+	// group's tables yet. Empty when the agent had no pg_dump.
+	SchemaSql     string `protobuf:"bytes,16,opt,name=schema_sql,json=schemaSql,proto3" json:"schema_sql,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -374,6 +379,13 @@ func (x *Chunk) GetHeartbeat() *Heartbeat {
 		return x.Heartbeat
 	}
 	return nil
+}
+
+func (x *Chunk) GetSchemaSql() string {
+	if x != nil {
+		return x.SchemaSql
+	}
+	return ""
 }
 
 // Relation describes a table as the changes that use it see it.
@@ -792,7 +804,7 @@ var File_haven_proto protoreflect.FileDescriptor
 
 const file_haven_proto_rawDesc = "" +
 	"\n" +
-	"\vhaven.proto\x12\bhaven.v1\"\xfa\x03\n" +
+	"\vhaven.proto\x12\bhaven.v1\"\x99\x04\n" +
 	"\x05Chunk\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\"\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x0e.haven.v1.KindR\x04kind\x12\x1b\n" +
@@ -812,7 +824,9 @@ const file_haven_proto_rawDesc = "" +
 	"\fsnapshot_lsn\x18\f \x01(\x04R\vsnapshotLsn\x120\n" +
 	"\trelations\x18\r \x03(\v2\x12.haven.v1.RelationR\trelations\x12*\n" +
 	"\achanges\x18\x0e \x03(\v2\x10.haven.v1.ChangeR\achanges\x121\n" +
-	"\theartbeat\x18\x0f \x01(\v2\x13.haven.v1.HeartbeatR\theartbeat\"\x9d\x01\n" +
+	"\theartbeat\x18\x0f \x01(\v2\x13.haven.v1.HeartbeatR\theartbeat\x12\x1d\n" +
+	"\n" +
+	"schema_sql\x18\x10 \x01(\tR\tschemaSql\"\x9d\x01\n" +
 	"\bRelation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x16\n" +
 	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +

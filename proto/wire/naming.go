@@ -52,10 +52,10 @@ func SnapshotMarkerMsgID(systemID uint64, slot string, snapshotLSN uint64, marke
 }
 
 // TextFormatSettings are the session settings under which both sides
-// produce and parse values' text forms: the agent's replication and snapshot
-// connections and the standby's apply connection all run with them, so that
-// a value means the same on both sides whatever the servers' defaults
-// (a "01/02/2024" under DateStyle SQL, DMY is not the same date under MDY).
+// produce and parse values' text forms: the agent's connections and the
+// standby's apply connection run with them, so that a value means the same
+// on both sides whatever the servers' defaults (a "01/02/2024" under
+// DateStyle SQL, DMY is not the same date under MDY).
 var TextFormatSettings = map[string]string{
 	"DateStyle":          "ISO, YMD",
 	"IntervalStyle":      "postgres",
@@ -63,3 +63,10 @@ var TextFormatSettings = map[string]string{
 	"bytea_output":       "hex",
 	"TimeZone":           "UTC",
 }
+
+// TypeNameSearchPath is the search_path under which both sides name column
+// types (format_type): with only pg_catalog on it, every other type prints
+// schema-qualified on both sides alike. The standby's apply connection keeps
+// the database's own search_path, because triggers that fire on DR (ENABLE
+// ALWAYS) run in it.
+const TypeNameSearchPath = "pg_catalog"
