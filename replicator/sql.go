@@ -45,6 +45,14 @@ func relationKey(rel *havenpb.Relation) string {
 	return b.String()
 }
 
+// searchPathDependent are the reg* types, whose text form depends on the
+// session's search_path (the agent prints them schema-qualified): they are
+// matched by value (an OID comparison) instead.
+var searchPathDependent = map[uint32]bool{
+	24: true, 2202: true, 2203: true, 2204: true, 2205: true, 2206: true, // regproc … regtype
+	3734: true, 3769: true, 4089: true, 4096: true, 4191: true, // regconfig, regdictionary, regnamespace, regrole, regcollation
+}
+
 func value(d *havenpb.Datum) []byte {
 	if d.Kind == havenpb.DatumKind_DATUM_NULL {
 		return nil
@@ -112,7 +120,21 @@ func whereIdentity(rel *havenpb.Relation, table string, identity *havenpb.Row, p
 			mask = append(mask, 'n')
 		case havenpb.DatumKind_DATUM_TEXT:
 			params = append(params, value(d))
-			conds = append(conds, fmt.Sprintf("%s = $%d", col, len(params)))
+			if rel.ReplicaIdentity == "f" && !searchPathDependent[c.TypeOid] {
+				// The old row is the whole row image: match its text form
+				// exactly, through the type's output function. That works for
+				// types without an equality operator (json, point, xml) and
+				// tells apart values that = calls equal (1.0 and 1.00,
+				// citext's 'A' and 'a'), so the row the source changed is the
+				// row DR changes. (A cast to text would trim char(n).)
+				conds = append(conds, fmt.Sprintf("format('%%s', %s) = $%d::text", col, len(params)))
+			} else if searchPathDependent[c.TypeOid] {
+				// reg* = reg* resolves to oid = oid: name the type, or the
+				// parameter would be read as a bare OID.
+				conds = append(conds, fmt.Sprintf("%s = $%d::%s", col, len(params), c.Type))
+			} else {
+				conds = append(conds, fmt.Sprintf("%s = $%d", col, len(params)))
+			}
 			mask = append(mask, 'v')
 		default:
 			return "", nil, "", fmt.Errorf("key column %q of %s has no value in a change", c.Name, table)
