@@ -155,7 +155,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 		s.cfg.ChunkBytes = int(nc.MaxPayload() * 3 / 4)
 	}
 
-	if s.tables, err = selectTables(ctx, ctrl, a.cfg.Tables); err != nil {
+	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull); err != nil {
 		return err
 	}
 	missing, err := ensurePublication(ctx, ctrl, PublicationName(a.cfg.Group), s.tables)

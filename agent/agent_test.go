@@ -166,6 +166,20 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
 	})
 
+	t.Run("replica identity set on request", func(t *testing.T) {
+		cfg := testConfig(pg.URL("noident"), nats.URL())
+		cfg.Group = "setfull"
+		cfg.SetReplicaIdentityFull = true
+		r := startAgent(t, cfg)
+		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
+		if n := r.logs.Count("set REPLICA IDENTITY FULL on it"); n != 2 {
+			t.Errorf("the agent said %d times that it set REPLICA IDENTITY FULL, want once per table (2)", n)
+		}
+		if n := queryInt(t, pg.URL("noident"), `SELECT count(*) FROM pg_class WHERE relname IN ('audit_log', 'Odd Name') AND relreplident = 'f'`); n != 2 {
+			t.Errorf("%d of the 2 tables have REPLICA IDENTITY FULL", n)
+		}
+	})
+
 	t.Run("unknown table", func(t *testing.T) {
 		cfg := testConfig(pg.URL("postgres"), nats.URL())
 		cfg.Tables = []string{"nope"}

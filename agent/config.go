@@ -23,6 +23,9 @@ type Config struct {
 	// Tables restricts capture to these tables ("schema.table" or "table"
 	// for public). Empty: every table of the non-system schemas.
 	Tables []string
+	// SetReplicaIdentityFull gives tables without a primary key or usable
+	// replica identity REPLICA IDENTITY FULL instead of refusing them.
+	SetReplicaIdentityFull bool
 	// Epoch is the fencing token stamped on every message.
 	Epoch uint64
 	// StreamReplicas is the JetStream replica count for a stream the agent

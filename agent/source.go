@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/proto/havenpb"
 )
@@ -90,8 +91,9 @@ WHERE c.relkind = 'r'
 ORDER BY n.nspname, c.relname`
 
 // selectTables resolves the configured table list (or every user table)
-// and refuses tables that cannot be replicated safely.
-func selectTables(ctx context.Context, conn *pgx.Conn, wanted []string) ([]table, error) {
+// and refuses tables that cannot be replicated safely, unless setFull lets
+// it give them REPLICA IDENTITY FULL.
+func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wanted []string, setFull bool) ([]table, error) {
 	rows, err := conn.Query(ctx, tablesQuery)
 	if err != nil {
 		return nil, fmt.Errorf("list source tables: %w", err)
@@ -134,18 +136,28 @@ func selectTables(ctx context.Context, conn *pgx.Conn, wanted []string) ([]table
 		}
 	}
 	var refused []string
-	for _, t := range picked {
-		if !t.usableIdentity() {
-			refused = append(refused, t.schema+"."+t.name)
+	for i, t := range picked {
+		if t.usableIdentity() {
+			continue
 		}
+		if setFull {
+			if _, err := conn.Exec(ctx, "ALTER TABLE "+t.qualified()+" REPLICA IDENTITY FULL"); err != nil {
+				return nil, fmt.Errorf("set REPLICA IDENTITY FULL on %s: %w", t.qualified(), err)
+			}
+			log.Warn().Str("table", t.schema+"."+t.name).Msg("table had no primary key or usable replica identity: set REPLICA IDENTITY FULL on it " +
+				"(--set-replica-identity-full); its updates and deletes now log the whole old row, and DR finds rows by comparing whole rows; a primary key is cheaper")
+			picked[i].replicaIdentity = "f"
+			continue
+		}
+		refused = append(refused, t.schema+"."+t.name)
 	}
 	if len(refused) > 0 {
 		// Adding such a table to a publication that publishes UPDATE and
 		// DELETE would make the primary's own UPDATEs on it fail, so it is
 		// never added.
 		return nil, needsOperator("tables without a primary key or usable replica identity cannot be replicated: %s. "+
-			"Add a primary key (ALTER TABLE … ADD PRIMARY KEY (…)), or set ALTER TABLE … REPLICA IDENTITY FULL, "+
-			"or leave them out with --tables", strings.Join(refused, ", "))
+			"Add a primary key (ALTER TABLE … ADD PRIMARY KEY (…)), or set ALTER TABLE … REPLICA IDENTITY FULL "+
+			"(--set-replica-identity-full does it for you), or leave them out with --tables", strings.Join(refused, ", "))
 	}
 	if len(picked) == 0 {
 		return nil, needsOperator("no tables to replicate: the source database has no ordinary tables outside the system schemas (or --tables is empty)")

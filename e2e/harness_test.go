@@ -55,12 +55,18 @@ type site struct {
 	group   string
 }
 
-func newSite(t *testing.T) *site {
+func newSite(t *testing.T) *site { return newSiteWith(t, nil) }
+
+// newSiteWith starts a site whose primary has extra postgresql.conf settings.
+func newSiteWith(t *testing.T, primarySettings map[string]string) *site {
 	t.Helper()
 	s := &site{t: t, db: "crm", group: "crm"}
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); s.primary = pgtest.NewWith(t, pgtest.Options{Name: "primary"}) }()
+	go func() {
+		defer wg.Done()
+		s.primary = pgtest.NewWith(t, pgtest.Options{Name: "primary", Settings: primarySettings})
+	}()
 	go func() { defer wg.Done(); s.dr = pgtest.NewWith(t, pgtest.Options{Name: "dr"}) }()
 	wg.Wait()
 	if t.Failed() {
