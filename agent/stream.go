@@ -2,9 +2,8 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -292,12 +291,16 @@ func (st *streamer) onMessage(m *pglogrepl.LogicalDecodingMessage) error {
 	if m.Prefix != heartbeatPrefix(st.cfg.Group) || st.txn == nil {
 		return nil
 	}
-	at, err := strconv.ParseInt(strings.TrimSpace(string(m.Content)), 10, 64)
-	if err != nil {
-		st.log.Warn().Str("content", string(m.Content)).Msg("ignoring malformed heartbeat message")
+	var content heartbeatContent
+	if err := json.Unmarshal(m.Content, &content); err != nil {
+		st.log.Warn().Err(err).Msg("ignoring a malformed heartbeat message")
 		return nil
 	}
-	st.txn.heartbeat = &havenpb.Heartbeat{EmittedAtUs: at, WalLsn: uint64(m.LSN)}
+	hb := &havenpb.Heartbeat{EmittedAtUs: content.EmittedAtUs, WalLsn: uint64(m.LSN)}
+	for _, v := range content.Sequences {
+		hb.Sequences = append(hb.Sequences, &havenpb.SequenceValue{Schema: v.Schema, Name: v.Name, LastValue: v.LastValue})
+	}
+	st.txn.heartbeat = hb
 	return nil
 }
 

@@ -69,6 +69,7 @@ type applier struct {
 	lastSeq    uint64 // last stream sequence handled in this session
 	statements map[string]string
 	checked    map[string]bool // relation keys whose DR table was checked
+	sequences  map[string]bool // qualified sequence name: exists on DR
 
 	open         bool
 	batch        *pgconn.Batch
@@ -82,7 +83,7 @@ type applier struct {
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn, catalog *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), catalog: catalog, stream: stream, pos: pos, next: pos, found: found,
-		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}}
+		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, sequences: map[string]bool{}}
 }
 
 // handle applies one stream message (or skips a duplicate).
@@ -217,11 +218,45 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 	if hb := c.Heartbeat; hb != nil {
 		a.next.heartbeatAt = time.UnixMicro(hb.EmittedAtUs)
 		a.next.sourceWALLSN = pglogrepl.LSN(hb.WalLsn)
+		if err := a.advanceSequences(ctx, hb.Sequences); err != nil {
+			return err
+		}
 	}
 	a.groupTxns++
 	a.toAck = msg
 	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay {
 		return a.commit(ctx)
+	}
+	return nil
+}
+
+// advanceSeqSQL moves a DR sequence forward to a value sampled on the
+// source, never back (in its own direction for descending sequences).
+const advanceSeqSQL = `SELECT setval(format('%I.%I', $1::text, $2::text)::regclass, $3::bigint)
+	FROM pg_sequences WHERE schemaname = $1 AND sequencename = $2
+	AND (last_value IS NULL OR (increment_by > 0 AND last_value < $3::bigint) OR (increment_by < 0 AND last_value > $3::bigint))`
+
+// advanceSequences queues the setval of every sampled sequence that exists
+// on DR; a missing one is reported once per session.
+func (a *applier) advanceSequences(ctx context.Context, seqs []*havenpb.SequenceValue) error {
+	for _, v := range seqs {
+		name := pgx.Identifier{v.Schema, v.Name}.Sanitize()
+		exists, known := a.sequences[name]
+		if !known {
+			var oid *uint32
+			if err := a.catalog.QueryRow(ctx, `SELECT to_regclass($1)::oid`, name).Scan(&oid); err != nil {
+				return fmt.Errorf("look up sequence %s on DR: %w", name, err)
+			}
+			exists = oid != nil
+			a.sequences[name] = exists
+			if !exists {
+				a.log.Warn().Str("sequence", v.Schema+"."+v.Name).Msg("sequence used on the primary does not exist on DR; its value is not replicated: create it on DR")
+			}
+		}
+		if exists {
+			a.batch.ExecParams(advanceSeqSQL, [][]byte{[]byte(v.Schema), []byte(v.Name), []byte(strconv.FormatInt(v.LastValue, 10))}, nil, nil, nil)
+			a.entries = append(a.entries, batchEntry{})
+		}
 	}
 	return nil
 }

@@ -94,7 +94,9 @@ func insertStatement(rel *havenpb.Relation, relKey, table string, row *havenpb.R
 	}
 	return statement{
 		key:    relKey + "|I|" + string(mask),
-		sql:    fmt.Sprintf("INSERT INTO %s (%s) VALUES (%s)", table, strings.Join(cols, ", "), strings.Join(places, ", ")),
+		// The source's value of a GENERATED ALWAYS identity column is the
+		// value: DR must not draw its own.
+		sql:    fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", table, strings.Join(cols, ", "), strings.Join(places, ", ")),
 		params: params,
 	}
 }
@@ -158,6 +160,12 @@ func updateStatement(rel *havenpb.Relation, relKey, table string, ch *havenpb.Ch
 		if d.Kind == havenpb.DatumKind_DATUM_UNCHANGED_TOAST {
 			// Not sent: DR keeps what it has.
 			setMask[i] = 'u'
+			continue
+		}
+		if ch.Old == nil && rel.Columns[i].Key {
+			// The key did not change (no old key was sent): leave it alone,
+			// which also keeps GENERATED ALWAYS identity keys updatable.
+			setMask[i] = 'k'
 			continue
 		}
 		setMask[i] = 'v'

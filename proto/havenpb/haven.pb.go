@@ -749,9 +749,12 @@ func (x *Datum) GetText() []byte {
 }
 
 type Heartbeat struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	EmittedAtUs   int64                  `protobuf:"varint,1,opt,name=emitted_at_us,json=emittedAtUs,proto3" json:"emitted_at_us,omitempty"`
-	WalLsn        uint64                 `protobuf:"varint,2,opt,name=wal_lsn,json=walLsn,proto3" json:"wal_lsn,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	EmittedAtUs int64                  `protobuf:"varint,1,opt,name=emitted_at_us,json=emittedAtUs,proto3" json:"emitted_at_us,omitempty"`
+	WalLsn      uint64                 `protobuf:"varint,2,opt,name=wal_lsn,json=walLsn,proto3" json:"wal_lsn,omitempty"`
+	// Sequence positions sampled just before the heartbeat was emitted: the
+	// DR side moves its sequences forward to them (never back).
+	Sequences     []*SequenceValue `protobuf:"bytes,3,rep,name=sequences,proto3" json:"sequences,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -796,6 +799,75 @@ func (x *Heartbeat) GetEmittedAtUs() int64 {
 func (x *Heartbeat) GetWalLsn() uint64 {
 	if x != nil {
 		return x.WalLsn
+	}
+	return 0
+}
+
+func (x *Heartbeat) GetSequences() []*SequenceValue {
+	if x != nil {
+		return x.Sequences
+	}
+	return nil
+}
+
+type SequenceValue struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Schema string                 `protobuf:"bytes,1,opt,name=schema,proto3" json:"schema,omitempty"`
+	Name   string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	// pg_sequences.last_value: the last value handed out (or cached by a
+	// session) on the source when sampled.
+	LastValue     int64 `protobuf:"varint,3,opt,name=last_value,json=lastValue,proto3" json:"last_value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SequenceValue) Reset() {
+	*x = SequenceValue{}
+	mi := &file_haven_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SequenceValue) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SequenceValue) ProtoMessage() {}
+
+func (x *SequenceValue) ProtoReflect() protoreflect.Message {
+	mi := &file_haven_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SequenceValue.ProtoReflect.Descriptor instead.
+func (*SequenceValue) Descriptor() ([]byte, []int) {
+	return file_haven_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SequenceValue) GetSchema() string {
+	if x != nil {
+		return x.Schema
+	}
+	return ""
+}
+
+func (x *SequenceValue) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *SequenceValue) GetLastValue() int64 {
+	if x != nil {
+		return x.LastValue
 	}
 	return 0
 }
@@ -853,10 +925,16 @@ const file_haven_proto_rawDesc = "" +
 	"\x06values\x18\x01 \x03(\v2\x0f.haven.v1.DatumR\x06values\"D\n" +
 	"\x05Datum\x12'\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x13.haven.v1.DatumKindR\x04kind\x12\x12\n" +
-	"\x04text\x18\x02 \x01(\fR\x04text\"H\n" +
+	"\x04text\x18\x02 \x01(\fR\x04text\"\x7f\n" +
 	"\tHeartbeat\x12\"\n" +
 	"\remitted_at_us\x18\x01 \x01(\x03R\vemittedAtUs\x12\x17\n" +
-	"\awal_lsn\x18\x02 \x01(\x04R\x06walLsn*z\n" +
+	"\awal_lsn\x18\x02 \x01(\x04R\x06walLsn\x125\n" +
+	"\tsequences\x18\x03 \x03(\v2\x17.haven.v1.SequenceValueR\tsequences\"Z\n" +
+	"\rSequenceValue\x12\x16\n" +
+	"\x06schema\x18\x01 \x01(\tR\x06schema\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"last_value\x18\x03 \x01(\x03R\tlastValue*z\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KIND_TRANSACTION\x10\x01\x12\x17\n" +
@@ -890,18 +968,19 @@ func file_haven_proto_rawDescGZIP() []byte {
 }
 
 var file_haven_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_haven_proto_msgTypes = make([]protoimpl.MessageInfo, 7)
+var file_haven_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
 var file_haven_proto_goTypes = []any{
-	(Kind)(0),         // 0: haven.v1.Kind
-	(Op)(0),           // 1: haven.v1.Op
-	(DatumKind)(0),    // 2: haven.v1.DatumKind
-	(*Chunk)(nil),     // 3: haven.v1.Chunk
-	(*Relation)(nil),  // 4: haven.v1.Relation
-	(*Column)(nil),    // 5: haven.v1.Column
-	(*Change)(nil),    // 6: haven.v1.Change
-	(*Row)(nil),       // 7: haven.v1.Row
-	(*Datum)(nil),     // 8: haven.v1.Datum
-	(*Heartbeat)(nil), // 9: haven.v1.Heartbeat
+	(Kind)(0),             // 0: haven.v1.Kind
+	(Op)(0),               // 1: haven.v1.Op
+	(DatumKind)(0),        // 2: haven.v1.DatumKind
+	(*Chunk)(nil),         // 3: haven.v1.Chunk
+	(*Relation)(nil),      // 4: haven.v1.Relation
+	(*Column)(nil),        // 5: haven.v1.Column
+	(*Change)(nil),        // 6: haven.v1.Change
+	(*Row)(nil),           // 7: haven.v1.Row
+	(*Datum)(nil),         // 8: haven.v1.Datum
+	(*Heartbeat)(nil),     // 9: haven.v1.Heartbeat
+	(*SequenceValue)(nil), // 10: haven.v1.SequenceValue
 }
 var file_haven_proto_depIdxs = []int32{
 	0,  // 0: haven.v1.Chunk.kind:type_name -> haven.v1.Kind
@@ -914,11 +993,12 @@ var file_haven_proto_depIdxs = []int32{
 	7,  // 7: haven.v1.Change.new:type_name -> haven.v1.Row
 	8,  // 8: haven.v1.Row.values:type_name -> haven.v1.Datum
 	2,  // 9: haven.v1.Datum.kind:type_name -> haven.v1.DatumKind
-	10, // [10:10] is the sub-list for method output_type
-	10, // [10:10] is the sub-list for method input_type
-	10, // [10:10] is the sub-list for extension type_name
-	10, // [10:10] is the sub-list for extension extendee
-	0,  // [0:10] is the sub-list for field type_name
+	10, // 10: haven.v1.Heartbeat.sequences:type_name -> haven.v1.SequenceValue
+	11, // [11:11] is the sub-list for method output_type
+	11, // [11:11] is the sub-list for method input_type
+	11, // [11:11] is the sub-list for extension type_name
+	11, // [11:11] is the sub-list for extension extendee
+	0,  // [0:11] is the sub-list for field type_name
 }
 
 func init() { file_haven_proto_init() }
@@ -932,7 +1012,7 @@ func file_haven_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_haven_proto_rawDesc), len(file_haven_proto_rawDesc)),
 			NumEnums:      3,
-			NumMessages:   7,
+			NumMessages:   8,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
