@@ -93,7 +93,7 @@ func insertStatement(rel *havenpb.Relation, relKey, table string, row *havenpb.R
 		places = append(places, fmt.Sprintf("$%d", len(params)))
 	}
 	return statement{
-		key:    relKey + "|I|" + string(mask),
+		key: relKey + "|I|" + string(mask),
 		// The source's value of a GENERATED ALWAYS identity column is the
 		// value: DR must not draw its own.
 		sql:    fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", table, strings.Join(cols, ", "), strings.Join(places, ", ")),
