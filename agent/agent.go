@@ -108,6 +108,8 @@ type session struct {
 	stream    jetstream.Stream
 	tables    []table
 	streaming func() // called once streaming has started
+
+	lastWALWarning time.Time // heartbeats goroutine only
 }
 
 func (a *Agent) runSession(ctx context.Context) error {

@@ -293,3 +293,36 @@ func gaugeValue(reg *prometheus.Registry, name string) float64 {
 	}
 	return 0
 }
+
+// TestHeartbeatsAdvanceAnIdleSlot: only another database on the cluster
+// writes; without heartbeats through the slot, the idle group's slot would
+// pin all that WAL. With them, its confirmed and restart positions follow.
+// The same test checks the retained-WAL warning.
+func TestHeartbeatsAdvanceAnIdleSlot(t *testing.T) {
+	pg := pgtest.New(t)
+	nats := natstest.New(t)
+	if err := pg.CreateDatabase(t.Context(), "busy"); err != nil {
+		t.Fatal(err)
+	}
+	url := pg.URL("postgres")
+	execSQL(t, url, `CREATE TABLE idle (id int PRIMARY KEY)`)
+	cfg := testConfig(url, nats.URL())
+	cfg.RetainedWALWarning = 1 // warn at once: any retained WAL is above it
+	r := startAgent(t, cfg)
+	waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
+	waitFor(t, 30*time.Second, "the retained-WAL warning", func() bool { return r.logs.Count("more WAL on the primary than --retained-wal-warning") >= 1 })
+
+	lsn := func(sql string) int64 { return queryInt(t, url, sql) }
+	start := lsn(`SELECT (pg_current_wal_lsn() - '0/0')::bigint`)
+	execSQL(t, pg.URL("busy"), `CREATE TABLE noise AS SELECT g, md5(g::text) FROM generate_series(1, 300000) g`)
+	execSQL(t, url, `CHECKPOINT`)
+	end := lsn(`SELECT (pg_current_wal_lsn() - '0/0')::bigint`)
+	t.Logf("the other database wrote %d MiB of WAL", (end-start)>>20)
+	waitFor(t, 30*time.Second, "the idle slot to confirm past the other database's WAL", func() bool {
+		return lsn(`SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'haven_crm'`) >= end
+	})
+	waitFor(t, 60*time.Second, "the idle slot to release the other database's WAL", func() bool {
+		execSQL(t, url, `CHECKPOINT`)
+		return lsn(`SELECT (restart_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'haven_crm'`) > start+(end-start)/2
+	})
+}

@@ -51,6 +51,9 @@ type Config struct {
 	StatusInterval time.Duration
 	// MaxInFlight bounds chunks published but not yet acknowledged.
 	MaxInFlight int
+	// RetainedWALWarning is the WAL the slot may hold on the primary before
+	// the agent warns (0: never).
+	RetainedWALWarning int64
 	// PgDump is the pg_dump used to ship the source schema with the initial
 	// snapshot: empty finds one, "off" ships none (the standby then creates
 	// bare tables: columns, NOT NULL and the key).
@@ -64,15 +67,16 @@ type Config struct {
 // DefaultConfig returns the defaults the command line starts from.
 func DefaultConfig() Config {
 	return Config{
-		Epoch:             1,
-		StreamReplicas:    1,
-		DuplicateWindow:   2 * time.Minute,
-		ChunkBytes:        256 << 10,
-		SnapshotWorkers:   4,
-		HeartbeatInterval: 5 * time.Second,
-		StatusInterval:    time.Second,
-		MaxInFlight:       256,
-		PublishTimeout:    30 * time.Second,
+		Epoch:              1,
+		StreamReplicas:     1,
+		DuplicateWindow:    2 * time.Minute,
+		ChunkBytes:         256 << 10,
+		SnapshotWorkers:    4,
+		HeartbeatInterval:  5 * time.Second,
+		StatusInterval:     time.Second,
+		MaxInFlight:        256,
+		PublishTimeout:     30 * time.Second,
+		RetainedWALWarning: 8 << 30,
 	}
 }
 

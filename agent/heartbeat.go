@@ -97,6 +97,12 @@ func (s *session) beat(ctx context.Context, conn *pgx.Conn) error {
 	}
 	if retained != nil {
 		s.metrics.retainedWAL.Set(float64(*retained))
+		if w := s.cfg.RetainedWALWarning; w > 0 && *retained > w && time.Since(s.lastWALWarning) > time.Minute {
+			s.lastWALWarning = time.Now()
+			s.log.Warn().Int64("retained_bytes", *retained).Int64("threshold", w).Str("slot", SlotName(s.cfg.Group)).
+				Msg("the slot holds more WAL on the primary than --retained-wal-warning: changes are not reaching JetStream fast enough " +
+					"(NATS down or full, agent behind); the primary's disk fills until they do, or until max_slot_wal_keep_size invalidates the slot")
+		}
 	}
 	if lag != nil {
 		s.metrics.lagBytes.Set(float64(*lag))

@@ -61,6 +61,7 @@ has acknowledged everything before it.`,
 	f.DurationVar(&cfg.StatusInterval, "status-interval", cfg.StatusInterval, "interval of status updates to the walsender (keep under wal_sender_timeout)")
 	f.IntVar(&cfg.MaxInFlight, "max-in-flight", cfg.MaxInFlight, "messages published but not yet acknowledged")
 	f.DurationVar(&cfg.PublishTimeout, "publish-timeout", cfg.PublishTimeout, "how long a message may wait for JetStream's acknowledgement before the agent reconnects and republishes")
+	f.Int64Var(&cfg.RetainedWALWarning, "retained-wal-warning", cfg.RetainedWALWarning, "warn when the slot holds more WAL than this many bytes on the primary (0: never)")
 	f.StringVar(&cfg.PgDump, "pg-dump", "", `pg_dump that ships the source schema (types, defaults, sequences, constraints, indexes) with the initial snapshot; empty: find one; "off": none`)
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz and /metrics, e.g. :9187 (empty: off)")
 	return cmd
