@@ -28,7 +28,17 @@ CREATE TABLE IF NOT EXISTS haven.apply_position (
 	stream_created timestamptz NOT NULL,
 	updated_at     timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE haven.apply_position IS 'haven: last source transaction applied per group; written in the same transaction as the changes';`
+COMMENT ON TABLE haven.apply_position IS 'haven: last source transaction applied per group; written in the same transaction as the changes';
+CREATE TABLE IF NOT EXISTS haven.skipped_messages (
+	group_name text NOT NULL,
+	stream_seq bigint NOT NULL,
+	skipped_at timestamptz NOT NULL DEFAULT now(),
+	operator   text NOT NULL,
+	reason     text NOT NULL,
+	message    jsonb NOT NULL,
+	PRIMARY KEY (group_name, stream_seq)
+);
+COMMENT ON TABLE haven.skipped_messages IS 'haven: stream messages an operator deliberately skipped (haven skip): who, when, why, and the message';`
 
 // savePositionSQL upserts a group's position; it runs as the last statement
 // of every target transaction.

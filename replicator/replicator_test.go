@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -305,4 +306,83 @@ func TestLeavesForeignTablesAlone(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestOperatorInspectsAndSkips: an operator reads the message apply stopped
+// at, then deliberately skips it; the skip is recorded with the message, and
+// apply resumes after it. Any other message is refused.
+func TestOperatorInspectsAndSkips(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "ops"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	bad := f.publishRaw(map[string]string{wire.HeaderEncoding: wire.EncodingProto}, []byte("garbage"))
+	f.publish(f.txn(0x9000, insert("9", "after the bad message")))
+
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "apply to block", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
+
+	view, err := Inspect(t.Context(), ns.URL(), group, bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if view.DecodeError == "" || view.Chunk != nil || view.RawPrefix != hexOf("garbage") {
+		t.Errorf("inspect of the bad message: %+v", view)
+	}
+	good, err := Inspect(t.Context(), ns.URL(), group, bad-1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if good.Chunk == nil || len(good.Chunk.Changes) != 1 || good.Chunk.Changes[0].Table != "public.items" ||
+		good.Chunk.Changes[0].New["note"] != "first transaction" || good.Chunk.CommitLSN != "0/2000" {
+		t.Errorf("inspect of a transaction: %+v", good.Chunk)
+	}
+	if _, err := Inspect(t.Context(), ns.URL(), group, 999); err == nil || !strings.Contains(err.Error(), "has no message 999") {
+		t.Errorf("inspect of a missing message: %v", err)
+	}
+
+	req := SkipRequest{TargetURL: pg.URL(group), NATSURL: ns.URL(), Group: group, Seq: bad + 1, Reason: "test", Operator: "alice"}
+	if err := Skip(t.Context(), req); err == nil || !strings.Contains(err.Error(), "only the message apply stops at") {
+		t.Errorf("skipping a message apply is not stopped at: %v", err)
+	}
+	req.Seq, req.Reason = bad, ""
+	if err := Skip(t.Context(), req); err == nil || !strings.Contains(err.Error(), "--reason") {
+		t.Errorf("skipping without a reason: %v", err)
+	}
+	req.Reason = "garbage published by a test tool, nothing of the CRM's"
+	waitFor(t, 30*time.Second, "the skip to get the apply lock between the standby's retries", func() bool {
+		err := Skip(t.Context(), req)
+		if err != nil && !strings.Contains(err.Error(), "holds the apply lock") {
+			t.Fatal(err)
+		}
+		return err == nil
+	})
+	waitFor(t, 30*time.Second, "apply to resume after the skipped message", func() bool {
+		return strings.Join(notes(t, pg.URL(group)), ",") == "1:from the snapshot,2:first transaction,9:after the bad message"
+	})
+	if err := s.Healthy(); err != nil {
+		t.Errorf("standby still unhealthy after the skip: %v", err)
+	}
+	var who, why, decodeErr string
+	err = pgxQueryRow(t, pg.URL(group), `SELECT operator, reason, message->>'decode_error' FROM haven.skipped_messages WHERE stream_seq = $1`, int64(bad)).
+		Scan(&who, &why, &decodeErr)
+	if err != nil || who != "alice" || why != req.Reason || decodeErr == "" {
+		t.Errorf("recorded skip: operator %q, reason %q, decode error %q (%v)", who, why, decodeErr, err)
+	}
+}
+
+func hexOf(s string) string { return fmt.Sprintf("%x", s) }
+
+func pgxQueryRow(t *testing.T, url, sql string, args ...any) pgx.Row {
+	t.Helper()
+	conn, err := pgx.Connect(t.Context(), url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	return conn.QueryRow(t.Context(), sql, args...)
 }
