@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"slices"
 	"sync/atomic"
 	"time"
 
@@ -160,9 +161,27 @@ func (a *Agent) runSession(ctx context.Context) error {
 	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull); err != nil {
 		return err
 	}
+	capturing, err := s.installDDLCapture(ctx)
+	if err != nil {
+		return err
+	}
+	if capturing {
+		t, err := ddlLog(ctx, ctrl)
+		if err != nil {
+			return fmt.Errorf("look up haven.ddl_log: %w", err)
+		}
+		s.tables = append(s.tables, t)
+	}
 	missing, err := ensurePublication(ctx, ctrl, PublicationName(a.cfg.Group), s.tables)
 	if err != nil {
 		return err
+	}
+	if i := slices.Index(missing, "haven."+ddlLogTable); i >= 0 {
+		// DDL history needs no backfill: capture starts now.
+		if _, err := ctrl.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{PublicationName(a.cfg.Group)}.Sanitize()+" ADD TABLE haven."+ddlLogTable); err != nil {
+			return fmt.Errorf("add haven.ddl_log to the publication: %w", err)
+		}
+		missing = slices.Delete(missing, i, i+1)
 	}
 	a.metrics.unreplicated.Set(float64(len(missing)))
 	if len(missing) > 0 {

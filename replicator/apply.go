@@ -56,9 +56,8 @@ type applier struct {
 	cfg     Config
 	log     zerolog.Logger
 	metrics *metrics
-	conn    *pgx.Conn      // applies, in the database's own session settings
+	conn    *pgx.Conn      // applies, in the database's own search_path
 	pg      *pgconn.PgConn // conn's lower layer, for pipelining
-	catalog *pgx.Conn      // describes DR tables; type names as the source names them
 
 	stream        jetstream.Stream
 	found         bool      // the DR database has a position for the group
@@ -79,10 +78,11 @@ type applier struct {
 	groupStarted time.Time
 	toAck        jetstream.Msg
 	partial      *partialTxn
+	replayedDDL  bool // the open group replayed DDL
 }
 
-func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn, catalog *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
-	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), catalog: catalog, stream: stream, pos: pos, next: pos, found: found,
+func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
+	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
 		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, sequences: map[string]bool{}}
 }
 
@@ -224,7 +224,10 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 	}
 	a.groupTxns++
 	a.toAck = msg
-	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay {
+	// A transaction that changed the schema ends its group: what follows may
+	// rely on it being committed (a new enum value cannot be used in the
+	// transaction that added it).
+	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay || a.replayedDDL {
 		return a.commit(ctx)
 	}
 	return nil
@@ -244,7 +247,7 @@ func (a *applier) advanceSequences(ctx context.Context, seqs []*havenpb.Sequence
 		exists, known := a.sequences[name]
 		if !known {
 			var oid *uint32
-			if err := a.catalog.QueryRow(ctx, `SELECT to_regclass($1)::oid`, name).Scan(&oid); err != nil {
+			if err := a.conn.QueryRow(ctx, `SELECT to_regclass($1)::oid`, name).Scan(&oid); err != nil {
 				return fmt.Errorf("look up sequence %s on DR: %w", name, err)
 			}
 			exists = oid != nil
@@ -290,9 +293,6 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, c *havenpb.Chunk
 	for _, r := range c.Relations {
 		rels[r.Id] = r
 		keys[r.Id] = relationKey(r)
-		if err := a.checkRelation(ctx, seq, r, keys[r.Id]); err != nil {
-			return err
-		}
 	}
 	for _, ch := range c.Changes {
 		if ch.Op == havenpb.Op_OP_TRUNCATE {
@@ -304,6 +304,16 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, c *havenpb.Chunk
 			a.entries = append(a.entries, batchEntry{})
 		} else {
 			rel := rels[ch.RelationId]
+			// Checked at first use, not per chunk: a DDL replayed earlier in
+			// the chunk may just have created or changed the table.
+			if err := a.checkRelation(ctx, seq, rel, keys[ch.RelationId]); err != nil {
+				return err
+			}
+			if ch.Op == havenpb.Op_OP_INSERT && rel.Schema == "haven" && rel.Name == "ddl_log" {
+				if err := a.replayDDL(ctx, seq, rel, ch.New); err != nil {
+					return err
+				}
+			}
 			st, err := buildStatement(rel, keys[ch.RelationId], ch)
 			if err != nil {
 				return blocked(seq, "unappliable", "%w", err)
@@ -331,7 +341,7 @@ func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Re
 	if a.checked[key] {
 		return nil
 	}
-	cols, _, exists, err := readTarget(ctx, a.catalog, rel.Schema, rel.Name)
+	cols, _, exists, err := readTarget(ctx, a.conn, rel.Schema, rel.Name)
 	if err != nil {
 		return err
 	}
@@ -398,6 +408,7 @@ func (a *applier) commit(ctx context.Context) error {
 		return err
 	}
 	a.open = false
+	a.replayedDDL = false
 	a.found = true
 	a.pos = a.next
 	a.metrics.transactions.Add(float64(a.groupTxns))
@@ -422,6 +433,7 @@ func (a *applier) rollback(ctx context.Context) {
 	a.batch = nil
 	a.entries = a.entries[:0]
 	a.open = false
+	a.replayedDDL = false
 	a.partial = nil
 	a.next = a.pos
 	a.toAck = nil
@@ -459,6 +471,13 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		return blocked(seq, "out of order", "snapshot chunk of snapshot %s, but the DR copy is at snapshot %s (complete: %v)",
 			pglogrepl.LSN(c.SnapshotLsn), a.next.snapshotLSN, a.next.snapshotDone)
 	}
+	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_BEGIN && c.SchemaSql != "" {
+		// Before the transaction that prepares the tables, so that it sees
+		// what the script created.
+		if err := a.createMissingSchema(ctx, seq, c.Relations, c.SchemaSql); err != nil {
+			return err
+		}
+	}
 	tx, err := a.conn.Begin(ctx)
 	if err != nil {
 		return fmt.Errorf("begin: %w", err)
@@ -468,7 +487,7 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 	next.streamSeq = seq
 	switch c.Kind {
 	case havenpb.Kind_KIND_SNAPSHOT_BEGIN:
-		if err := a.prepareTables(ctx, tx, seq, c.Relations, c.SchemaSql); err != nil {
+		if err := a.prepareTables(ctx, tx, seq, c.Relations); err != nil {
 			return err
 		}
 		next = position{streamSeq: seq, systemID: c.SystemId, epoch: c.Epoch, snapshotLSN: pglogrepl.LSN(c.SnapshotLsn), streamCreated: a.streamCreated}
@@ -496,44 +515,40 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 	return nil
 }
 
+// createMissingSchema runs the source's schema script (the snapshot's
+// pg_dump) when the DR database has none of the group's tables.
+func (a *applier) createMissingSchema(ctx context.Context, seq uint64, rels []*havenpb.Relation, schemaSQL string) error {
+	for _, rel := range rels {
+		if rel.Schema == "haven" { // haven's own tables are made by the standby
+			continue
+		}
+		_, _, exists, err := readTarget(ctx, a.conn, rel.Schema, rel.Name)
+		if err != nil {
+			return err
+		}
+		if exists {
+			return nil
+		}
+	}
+	return a.createSchema(ctx, seq, schemaSQL)
+}
+
 // prepareTables creates or checks every DR table of a snapshot and empties
-// them. A DR database with none of the tables gets the source's schema (the
-// snapshot's pg_dump script) when the agent shipped one, else bare tables.
-// A DR table with rows in a database haven never applied to is left alone:
+// them; tables still missing after createMissingSchema are created bare. A
+// DR table with rows in a database haven never applied to is left alone:
 // the target is probably not the database the operator meant.
-func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels []*havenpb.Relation, schemaSQL string) error {
-	// tx creates bare tables and empties them; the catalog connection reads
-	// what is committed.
+func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels []*havenpb.Relation) error {
 	type target struct {
 		cols            map[string]targetColumn
 		hasRows, exists bool
 	}
-	read := func() ([]target, int, error) {
-		targets := make([]target, len(rels))
-		existing := 0
-		for i, rel := range rels {
-			cols, hasRows, exists, err := readTarget(ctx, a.catalog, rel.Schema, rel.Name)
-			if err != nil {
-				return nil, 0, err
-			}
-			targets[i] = target{cols, hasRows, exists}
-			if exists {
-				existing++
-			}
-		}
-		return targets, existing, nil
-	}
-	targets, existing, err := read()
-	if err != nil {
-		return err
-	}
-	if existing == 0 && schemaSQL != "" {
-		if err := a.createSchema(ctx, seq, schemaSQL); err != nil {
+	targets := make([]target, len(rels))
+	for i, rel := range rels {
+		cols, hasRows, exists, err := readTarget(ctx, tx, rel.Schema, rel.Name)
+		if err != nil {
 			return err
 		}
-		if targets, _, err = read(); err != nil {
-			return err
-		}
+		targets[i] = target{cols, hasRows, exists}
 	}
 	names := make([]string, 0, len(rels))
 	for i, rel := range rels {

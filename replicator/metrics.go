@@ -17,6 +17,10 @@ type metrics struct {
 	blocked      prometheus.Gauge
 	connected    prometheus.Gauge
 	errors       prometheus.Counter
+
+	ddlApplied     prometheus.Counter
+	ddlFailures    prometheus.Counter
+	ddlNotReplayed prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, group string) *metrics {
@@ -35,6 +39,10 @@ func newMetrics(reg prometheus.Registerer, group string) *metrics {
 		connected:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_standby_applying", Help: "1 while the standby is connected and applying.", ConstLabels: labels}),
 		errors:       prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_errors_total", Help: "Errors that restarted the apply session.", ConstLabels: labels}),
 	}
+	m.ddlApplied = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_ddl_replayed_total", Help: "DDL statements replayed on DR.", ConstLabels: labels})
+	m.ddlFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_ddl_failures_total", Help: "DDL replays that failed on DR and stopped apply (see the log).", ConstLabels: labels})
+	m.ddlNotReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_ddl_not_replayed_total", Help: "DDL that ran inside statements haven does not replay; make the change on DR by hand.", ConstLabels: labels})
+	reg.MustRegister(m.ddlApplied, m.ddlFailures, m.ddlNotReplayed)
 	reg.MustRegister(m.transactions, m.changes, m.groups, m.snapshotRows, m.duplicates, m.conflicts, m.appliedLSN,
 		m.lagSeconds, m.pending, m.blocked, m.connected, m.errors)
 	return m

@@ -38,6 +38,16 @@ CREATE TABLE IF NOT EXISTS haven.skipped_messages (
 	message    jsonb NOT NULL,
 	PRIMARY KEY (group_name, stream_seq)
 );
+CREATE TABLE IF NOT EXISTS haven.ddl_log (
+	id           bigint PRIMARY KEY,
+	txid         bigint NOT NULL,
+	at           timestamptz NOT NULL,
+	username     text NOT NULL,
+	search_path  text NOT NULL,
+	command_tags text NOT NULL,
+	ddl          text NOT NULL
+);
+COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on the primary and replayed here, in stream order';
 COMMENT ON TABLE haven.skipped_messages IS 'haven: stream messages an operator deliberately skipped (haven skip): who, when, why, and the message';`
 
 // savePositionSQL upserts a group's position; it runs as the last statement

@@ -114,14 +114,6 @@ func (s *Standby) runSession(ctx context.Context) error {
 		return fmt.Errorf("connect to DR database: %w", err)
 	}
 	defer conn.Close(context.Background())
-	catalogConfig := connConfig.Copy()
-	catalogConfig.RuntimeParams["search_path"] = wire.TypeNameSearchPath
-	catalogConfig.RuntimeParams["application_name"] = connConfig.RuntimeParams["application_name"] + "_catalog"
-	catalog, err := pgx.ConnectConfig(ctx, catalogConfig)
-	if err != nil {
-		return fmt.Errorf("connect to DR database: %w", err)
-	}
-	defer catalog.Close(context.Background())
 	if _, err := conn.Exec(ctx, "SET session_replication_role = replica"); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
@@ -184,7 +176,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 	defer iter.Stop()
 
-	a := newApplier(s.cfg, s.log, s.metrics, conn, catalog, stream, pos, found)
+	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
 	a.streamCreated = created
 	s.metrics.connected.Set(1)
 	s.metrics.blocked.Set(0)

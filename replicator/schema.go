@@ -6,8 +6,10 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // targetColumn is a column of a DR table as its catalog describes it.
@@ -18,14 +20,26 @@ type targetColumn struct {
 
 // querier is what describing a table needs: a connection or a transaction.
 type querier interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// readTarget returns the columns of schema.name on DR, or exists=false. Run
-// it on the catalog connection (search_path wire.TypeNameSearchPath), so
-// that type names compare with the source's.
+// readTarget returns the columns of schema.name on DR, or exists=false.
+// Type names are read under search_path wire.TypeNameSearchPath, so that
+// they compare with the source's; the session's own search_path is put back
+// (the apply connection's triggers run in it). It runs on the apply
+// connection so that it sees DDL replayed in the open transaction.
 func readTarget(ctx context.Context, tx querier, schema, name string) (cols map[string]targetColumn, rows bool, exists bool, err error) {
+	var searchPath string
+	if err := tx.QueryRow(ctx, `SELECT current_setting('search_path'), set_config('search_path', $1, false)`, wire.TypeNameSearchPath).Scan(&searchPath, nil); err != nil {
+		return nil, false, false, fmt.Errorf("set search_path to read type names: %w", err)
+	}
+	defer func() {
+		if _, restoreErr := tx.Exec(ctx, `SELECT set_config('search_path', $1, false)`, searchPath); restoreErr != nil && err == nil {
+			err = fmt.Errorf("restore search_path: %w", restoreErr)
+		}
+	}()
 	qualified := pgx.Identifier{schema, name}.Sanitize()
 	var oid *uint32
 	if err := tx.QueryRow(ctx, `SELECT to_regclass($1)::oid`, qualified).Scan(&oid); err != nil {

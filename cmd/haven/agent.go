@@ -1,6 +1,8 @@
 package main
 
 import (
+	"fmt"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/rs/zerolog"
@@ -13,6 +15,7 @@ import (
 func newAgentCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
 	cfg := agent.DefaultConfig()
 	var httpAddr string
+	var printDDLCapture bool
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Capture the primary database's changes into the group's JetStream stream",
@@ -22,6 +25,10 @@ committed change. It confirms a WAL position to PostgreSQL only once JetStream
 has acknowledged everything before it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if printDDLCapture {
+				_, err := fmt.Fprintln(cmd.OutOrStdout(), agent.DDLCaptureSQL())
+				return err
+			}
 			log, err := logger()
 			if err != nil {
 				return err
@@ -64,6 +71,7 @@ has acknowledged everything before it.`,
 	f.Int64Var(&cfg.RetainedWALWarning, "retained-wal-warning", cfg.RetainedWALWarning, "warn when the slot holds more WAL than this many bytes on the primary (0: never)")
 	f.StringVar(&cfg.PgDump, "pg-dump", "", `pg_dump that ships the source schema (types, defaults, sequences, constraints, indexes) with the initial snapshot; empty: find one; "off": none`)
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz and /metrics, e.g. :9187 (empty: off)")
+	f.BoolVar(&printDDLCapture, "print-ddl-capture", false, "print the SQL that installs DDL capture (for a superuser to run) and exit")
 	return cmd
 }
 

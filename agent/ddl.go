@@ -1,0 +1,159 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// ddlLogTable is the replicated table DDL is recorded in; the standby
+// replays each row's DDL at its place in the stream.
+const ddlLogTable = "ddl_log"
+
+// ddlCaptureSQL installs DDL capture on the source: an event trigger that
+// records, once per statement text and transaction, the statement text, the
+// search_path in force and the command tags into haven.ddl_log. Objects of
+// haven itself, temporary objects and objects created by extensions are not
+// recorded (CREATE EXTENSION is). Everything the function calls is
+// schema-qualified: it runs as its owner, with the caller's search_path.
+const ddlCaptureSQL = `
+CREATE SCHEMA IF NOT EXISTS haven;
+CREATE TABLE IF NOT EXISTS haven.ddl_log (
+	id           bigserial PRIMARY KEY,
+	txid         bigint NOT NULL DEFAULT pg_catalog.txid_current(),
+	at           timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+	username     text NOT NULL DEFAULT current_user,
+	search_path  text NOT NULL,
+	command_tags text NOT NULL,
+	ddl          text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ddl_log_txid ON haven.ddl_log (txid);
+COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on this database, replicated and replayed on the DR site in stream order';
+
+CREATE TABLE IF NOT EXISTS haven.groups (
+	name        text PRIMARY KEY,
+	publication text NOT NULL,
+	all_tables  boolean NOT NULL
+);
+COMMENT ON TABLE haven.groups IS 'haven: replication groups captured from this database; all_tables groups get new tables added to their publication';
+
+-- publish_new_tables adds a table just created (or just given a usable
+-- replica identity) to the publication of every all-tables group, so its
+-- rows are captured from its first insert. A table without a usable
+-- identity is never added (the primary's own UPDATEs on it would fail);
+-- the client is warned instead.
+CREATE OR REPLACE FUNCTION haven.publish_new_tables() RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+	t   record;
+	pub text;
+BEGIN
+	FOR t IN SELECT DISTINCT c.objid::regclass AS rel, k.relkind, k.relreplident, k.relpersistence,
+	                k.relispartition, pg_catalog.pg_relation_size(c.objid) > 0 AS has_rows,
+	                EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.objid AND
+	                        ((k.relreplident = 'd' AND i.indisprimary) OR (k.relreplident = 'i' AND i.indisreplident))) AS has_key
+	         FROM pg_catalog.pg_event_trigger_ddl_commands() c JOIN pg_catalog.pg_class k ON k.oid = c.objid
+	         WHERE c.object_type = 'table' AND NOT c.in_extension AND c.schema_name <> 'haven' AND c.schema_name NOT LIKE 'pg\_temp%'
+	LOOP
+		CONTINUE WHEN t.relkind <> 'r' OR t.relpersistence <> 'p';
+		FOR pub IN SELECT g.publication FROM haven.groups g WHERE g.all_tables LOOP
+			CONTINUE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables p
+			                      WHERE p.pubname = pub AND (p.schemaname || '.' || p.tablename)::regclass = t.rel);
+			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
+				RAISE WARNING 'haven: table % has no primary key or replica identity, so it is not replicated (publication %); add a primary key or set REPLICA IDENTITY FULL', t.rel, pub;
+			ELSIF t.has_rows THEN
+				RAISE WARNING 'haven: table % already holds rows; restart the haven agent of publication % to have it copied and replicated', t.rel, pub;
+			ELSE
+				EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %s', pub, t.rel);
+			END IF;
+		END LOOP;
+	END LOOP;
+END $$;
+
+CREATE OR REPLACE FUNCTION haven.mark_temporary_drop() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+BEGIN
+	-- sql_drop runs before ddl_command_end of the same statement.
+	PERFORM pg_catalog.set_config('haven.drop_only_temporary',
+		CASE WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger_dropped_objects() d
+		                      WHERE NOT d.is_temporary AND d.schema_name IS DISTINCT FROM 'haven')
+		     THEN 'on' ELSE 'off' END, true);
+END $$;
+
+CREATE OR REPLACE FUNCTION haven.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+DECLARE
+	statement text := pg_catalog.current_query();
+	relevant  boolean;
+BEGIN
+	IF tg_tag LIKE 'DROP %' THEN
+		relevant := pg_catalog.current_setting('haven.drop_only_temporary', true) IS DISTINCT FROM 'on';
+		PERFORM pg_catalog.set_config('haven.drop_only_temporary', 'off', true);
+	ELSE
+		SELECT pg_catalog.count(*) = 0 OR pg_catalog.bool_or(NOT c.in_extension
+		       AND c.schema_name IS DISTINCT FROM 'haven' AND c.schema_name NOT LIKE 'pg\_temp%')
+		  INTO relevant FROM pg_catalog.pg_event_trigger_ddl_commands() c;
+	END IF;
+	IF NOT relevant THEN
+		RETURN;
+	END IF;
+	IF tg_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE') THEN
+		PERFORM haven.publish_new_tables();
+	END IF;
+	-- Several DDL statements sent in one query string are recorded once.
+	IF EXISTS (SELECT 1 FROM haven.ddl_log l WHERE l.txid = pg_catalog.txid_current() AND l.ddl = statement) THEN
+		RETURN;
+	END IF;
+	INSERT INTO haven.ddl_log (search_path, command_tags, ddl)
+	VALUES (pg_catalog.current_setting('search_path'), tg_tag, statement);
+END $$;
+
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'haven_mark_temporary_drop') THEN
+		CREATE EVENT TRIGGER haven_mark_temporary_drop ON sql_drop EXECUTE FUNCTION haven.mark_temporary_drop();
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'haven_capture_ddl') THEN
+		CREATE EVENT TRIGGER haven_capture_ddl ON ddl_command_end EXECUTE FUNCTION haven.capture_ddl();
+	END IF;
+END $$;`
+
+// DDLCaptureSQL is the SQL that installs DDL capture, for an operator who
+// installs it as a superuser on the agent's behalf.
+func DDLCaptureSQL() string { return ddlCaptureSQL }
+
+// installDDLCapture sets up DDL capture and records the group (whether it
+// takes every new table); event triggers need a superuser. It reports
+// whether capture is on.
+func (s *session) installDDLCapture(ctx context.Context) (bool, error) {
+	var super bool
+	if err := s.ctrl.QueryRow(ctx, `SELECT rolsuper FROM pg_roles WHERE rolname = current_user`).Scan(&super); err != nil {
+		return false, fmt.Errorf("check for superuser: %w", err)
+	}
+	if !super {
+		var installed bool
+		if err := s.ctrl.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_event_trigger WHERE evtname = 'haven_capture_ddl')`).Scan(&installed); err != nil {
+			return false, fmt.Errorf("look up DDL capture: %w", err)
+		}
+		if !installed {
+			s.log.Warn().Msg("DDL is NOT captured: event triggers need a superuser. Run the agent once as a superuser, " +
+				"or install the capture yourself (haven agent --print-ddl-capture prints the SQL); until then, schema changes on the primary must be made on DR by hand, first")
+			return false, nil
+		}
+		return true, nil
+	}
+	if _, err := s.ctrl.Exec(ctx, ddlCaptureSQL); err != nil {
+		return false, fmt.Errorf("install DDL capture: %w", err)
+	}
+	if _, err := s.ctrl.Exec(ctx, `INSERT INTO haven.groups (name, publication, all_tables) VALUES ($1, $2, $3)
+		ON CONFLICT (name) DO UPDATE SET publication = excluded.publication, all_tables = excluded.all_tables`,
+		s.cfg.Group, PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0); err != nil {
+		return false, fmt.Errorf("record group %q: %w", s.cfg.Group, err)
+	}
+	return true, nil
+}
+
+// ddlLog is haven.ddl_log as a table of the group.
+func ddlLog(ctx context.Context, conn *pgx.Conn) (table, error) {
+	t := table{schema: "haven", name: ddlLogTable, replicaIdentity: "d", hasKey: true}
+	err := conn.QueryRow(ctx, `SELECT 'haven.ddl_log'::regclass::oid`).Scan(&t.oid)
+	return t, err
+}

@@ -1,0 +1,307 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// A row inserted into haven.ddl_log on the source carries a DDL statement
+// text (as the client sent it), the search_path it ran under and its command
+// tags. The standby replays it at that row's place in the stream, inside the
+// open target transaction, so the changes after it see the new schema and a
+// crash can neither lose nor repeat it.
+
+// ddlLogColumns names the haven.ddl_log columns replay reads.
+var ddlLogColumns = struct{ ddl, searchPath, tags string }{"ddl", "search_path", "command_tags"}
+
+// notReplayed are leading keywords of statements that a DDL text may carry
+// but that replay leaves out: data changes arrive through the stream
+// anyway, and session or transaction control does not belong to replay.
+var notReplayed = map[string]bool{
+	"INSERT": true, "UPDATE": true, "DELETE": true, "MERGE": true, "COPY": true, "SELECT": true, "VALUES": true,
+	"TABLE": true, "WITH": true, "TRUNCATE": true, "SET": true, "RESET": true, "BEGIN": true, "START": true,
+	"COMMIT": true, "END": true, "ROLLBACK": true, "ABORT": true, "SAVEPOINT": true, "RELEASE": true, "PREPARE": true,
+	"EXECUTE": true, "DEALLOCATE": true, "LISTEN": true, "UNLISTEN": true, "NOTIFY": true, "LOCK": true, "VACUUM": true,
+	"ANALYZE": true, "ANALYSE": true, "CHECKPOINT": true, "DISCARD": true, "SHOW": true, "EXPLAIN": true, "FETCH": true,
+	"MOVE": true, "CLOSE": true, "DECLARE": true, "CLUSTER": true, "LOAD": true,
+}
+
+// concurrently drops CONCURRENTLY from index statements: replay runs inside
+// a transaction, where it is not allowed (DR takes the brief lock instead).
+var concurrently = regexp.MustCompile(`(?i)^(\s*(?:CREATE\s+(?:UNIQUE\s+)?INDEX|DROP\s+INDEX|REINDEX\s+(?:\(.*?\)\s*)?(?:INDEX|TABLE|SCHEMA|DATABASE|SYSTEM)))\s+CONCURRENTLY\b`)
+
+// replayableStatements splits a DDL text into statements and keeps those
+// to replay.
+func replayableStatements(text string) []string {
+	var out []string
+	for _, st := range splitStatements(text) {
+		if notReplayed[leadingKeyword(st)] {
+			continue
+		}
+		out = append(out, concurrently.ReplaceAllString(st, "$1"))
+	}
+	return out
+}
+
+// leadingKeyword is a statement's first word, upper-cased, past comments
+// and opening parentheses.
+func leadingKeyword(st string) string {
+	st = strings.TrimLeft(stripLeadingComments(st), "( \t\r\n")
+	end := strings.IndexFunc(st, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r == '_')
+	})
+	if end < 0 {
+		end = len(st)
+	}
+	return strings.ToUpper(st[:end])
+}
+
+func stripLeadingComments(s string) string {
+	for {
+		s = strings.TrimLeft(s, " \t\r\n")
+		switch {
+		case strings.HasPrefix(s, "--"):
+			i := strings.IndexByte(s, '\n')
+			if i < 0 {
+				return ""
+			}
+			s = s[i+1:]
+		case strings.HasPrefix(s, "/*"):
+			_, rest := scanBlockComment(s)
+			s = rest
+		default:
+			return s
+		}
+	}
+}
+
+// scanBlockComment returns a (possibly nested) /* */ comment and the rest.
+func scanBlockComment(s string) (string, string) {
+	depth := 0
+	for i := 0; i < len(s)-1; i++ {
+		switch {
+		case s[i] == '/' && s[i+1] == '*':
+			depth++
+			i++
+		case s[i] == '*' && s[i+1] == '/':
+			depth--
+			i++
+			if depth == 0 {
+				return s[:i+1], s[i+1:]
+			}
+		}
+	}
+	return s, ""
+}
+
+var dollarTag = regexp.MustCompile(`^\$([A-Za-z_][A-Za-z_0-9]*)?\$`)
+
+// splitStatements splits SQL text at top-level semicolons, honouring
+// quotes ('…', E'…', "…"), dollar quotes and comments. Empty statements
+// are dropped; each statement is trimmed.
+func splitStatements(text string) []string {
+	var out []string
+	start := 0
+	emit := func(end int) {
+		if st := strings.TrimSpace(text[start:end]); st != "" && strings.TrimSpace(stripLeadingComments(st)) != "" {
+			out = append(out, st)
+		}
+	}
+	for i := 0; i < len(text); i++ {
+		c := text[i]
+		switch {
+		case c == ';':
+			emit(i)
+			start = i + 1
+		case c == '-' && i+1 < len(text) && text[i+1] == '-':
+			if j := strings.IndexByte(text[i:], '\n'); j >= 0 {
+				i += j
+			} else {
+				i = len(text)
+			}
+		case c == '/' && i+1 < len(text) && text[i+1] == '*':
+			comment, _ := scanBlockComment(text[i:])
+			i += len(comment) - 1
+		case c == '\'':
+			escapes := i > 0 && (text[i-1] == 'E' || text[i-1] == 'e') && (i < 2 || !isIdentChar(text[i-2]))
+			i = endOfQuoted(text, i, '\'', escapes)
+		case c == '"':
+			i = endOfQuoted(text, i, '"', false)
+		case c == '$' && (i == 0 || !isIdentChar(text[i-1])):
+			if tag := dollarTag.FindString(text[i:]); tag != "" {
+				if j := strings.Index(text[i+len(tag):], tag); j >= 0 {
+					i += len(tag) + j + len(tag) - 1
+				} else {
+					i = len(text)
+				}
+			}
+		}
+	}
+	emit(len(text))
+	return out
+}
+
+func isIdentChar(c byte) bool {
+	return c == '_' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+}
+
+// endOfQuoted returns the index of the quote closing the one at i; a
+// doubled quote is an escaped quote, and so is a backslash-escaped one in
+// an E” string.
+func endOfQuoted(text string, i int, quote byte, backslashEscapes bool) int {
+	for j := i + 1; j < len(text); j++ {
+		switch {
+		case backslashEscapes && text[j] == '\\':
+			j++
+		case text[j] == quote:
+			if j+1 < len(text) && text[j+1] == quote {
+				j++
+				continue
+			}
+			return j
+		}
+	}
+	return len(text)
+}
+
+// alreadyApplied reports a replay error that means DR already has the
+// change (the operator made it there too): an object that exists for a
+// statement creating it, or one that is gone for a statement dropping it.
+func alreadyApplied(err error, statement string) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	switch pgErr.Code {
+	case "42P07", "42710", "42701", "42P06", "42723", "42P16":
+		// duplicate table, object, column, schema, function; invalid table definition for a duplicate constraint
+		return pgErr.Code != "42P16" || strings.Contains(pgErr.Message, "already exists")
+	case "42P01", "42704", "42703", "3F000", "42883":
+		// undefined table, object, column, schema, function
+		return leadingKeyword(statement) == "DROP" || strings.Contains(strings.ToUpper(statement), " DROP ")
+	}
+	return false
+}
+
+// replayDDL runs the DDL a haven.ddl_log insert carries, statement by
+// statement, each under a savepoint, with the search_path it ran under on
+// the source. A statement that would also change rows is refused (the rows
+// arrive through the stream: they would be changed twice).
+func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relation, row *havenpb.Row) error {
+	field := func(name string) string {
+		for i, c := range rel.Columns {
+			if c.Name == name && row.Values[i].Kind == havenpb.DatumKind_DATUM_TEXT {
+				return string(row.Values[i].Text)
+			}
+		}
+		return ""
+	}
+	text, searchPath, tags := field(ddlLogColumns.ddl), field(ddlLogColumns.searchPath), field(ddlLogColumns.tags)
+	if err := a.flush(ctx, seq); err != nil {
+		return err
+	}
+	statements := replayableStatements(text)
+	if len(statements) == 0 {
+		a.metrics.ddlNotReplayed.Inc()
+		a.log.Error().Uint64("seq", seq).Str("command_tags", tags).Str("ddl", text).
+			Msg("DDL ran inside a statement haven does not replay (a function called by SELECT?); make the same schema change on DR by hand: " +
+				"changes to tables it touched stop at a schema mismatch until DR matches")
+		return nil
+	}
+	exec := func(sql string) error { return a.pg.Exec(ctx, sql).Close() }
+	var restore string
+	if err := a.conn.QueryRow(ctx, `SELECT current_setting('search_path')`).Scan(&restore); err != nil {
+		return fmt.Errorf("read search_path: %w", err)
+	}
+	for _, st := range statements {
+		if err := exec("SAVEPOINT haven_ddl"); err != nil {
+			return fmt.Errorf("savepoint before DDL: %w", err)
+		}
+		if _, err := a.conn.Exec(ctx, `SELECT set_config('search_path', $1, true)`, searchPath); err != nil {
+			return fmt.Errorf("set the DDL's search_path %q: %w", searchPath, err)
+		}
+		before, err := a.rowsChangedInTransaction(ctx)
+		if err != nil {
+			return err
+		}
+		runErr := exec(st)
+		if runErr == nil {
+			after, err := a.rowsChangedInTransaction(ctx)
+			if err != nil {
+				return err
+			}
+			if changed := rowsChangedBetween(before, after); changed > 0 {
+				_ = exec("ROLLBACK TO SAVEPOINT haven_ddl")
+				a.metrics.ddlFailures.Inc()
+				return blocked(seq, "ddl changes rows", "replaying DDL %q on DR also changed %d rows; those rows arrive through the stream, so replaying it would change them twice: "+
+					"make its schema change on DR by hand, without the data changes; replay then finds it in effect and goes on", st, changed)
+			}
+		}
+		switch {
+		case runErr == nil:
+			a.metrics.ddlApplied.Inc()
+			a.log.Info().Uint64("seq", seq).Str("ddl", st).Msg("replayed DDL")
+		case alreadyApplied(runErr, st):
+			if err := exec("ROLLBACK TO SAVEPOINT haven_ddl"); err != nil {
+				return fmt.Errorf("roll back DDL: %w", err)
+			}
+			a.log.Warn().Uint64("seq", seq).Str("ddl", st).AnErr("error", runErr).Msg("DDL already in effect on DR; continuing")
+		default:
+			_ = exec("ROLLBACK TO SAVEPOINT haven_ddl")
+			a.metrics.ddlFailures.Inc()
+			return blocked(seq, "ddl failed", "replay DDL %q (search_path %q) on DR: %w; make DR able to take it (or make the change there by hand), apply resumes by itself", st, searchPath, runErr)
+		}
+		if err := exec("RELEASE SAVEPOINT haven_ddl"); err != nil {
+			return fmt.Errorf("release savepoint after DDL: %w", err)
+		}
+	}
+	if _, err := a.conn.Exec(ctx, `SELECT set_config('search_path', $1, true)`, restore); err != nil {
+		return fmt.Errorf("restore search_path: %w", err)
+	}
+	// The tables it changed have new shapes: check them again.
+	clear(a.checked)
+	a.replayedDDL = true
+	return nil
+}
+
+// rowsChangedInTransaction counts, per table, the rows this transaction
+// inserted, updated or deleted so far (materialized views, which a replayed
+// REFRESH fills, are not replicated and do not count).
+func (a *applier) rowsChangedInTransaction(ctx context.Context) (map[uint32]int64, error) {
+	rows, err := a.conn.Query(ctx, `SELECT s.relid, s.n_tup_ins + s.n_tup_upd + s.n_tup_del
+		FROM pg_stat_xact_user_tables s JOIN pg_class c ON c.oid = s.relid WHERE c.relkind IN ('r', 'p')`)
+	if err != nil {
+		return nil, fmt.Errorf("count rows changed in the transaction: %w", err)
+	}
+	counts := map[uint32]int64{}
+	var relid uint32
+	var n int64
+	_, err = pgx.ForEachRow(rows, []any{&relid, &n}, func() error {
+		counts[relid] = n
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("count rows changed in the transaction: %w", err)
+	}
+	return counts, nil
+}
+
+// rowsChangedBetween sums what grew between two counts; a table that the
+// statement dropped simply disappears from the second.
+func rowsChangedBetween(before, after map[uint32]int64) int64 {
+	var changed int64
+	for relid, n := range after {
+		if n > before[relid] {
+			changed += n - before[relid]
+		}
+	}
+	return changed
+}

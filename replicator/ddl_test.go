@@ -1,0 +1,47 @@
+package replicator
+
+import (
+	"reflect"
+	"testing"
+)
+
+func TestSplitStatements(t *testing.T) {
+	for _, tc := range []struct {
+		name, text string
+		want       []string
+	}{
+		{"one", "CREATE TABLE t (id int)", []string{"CREATE TABLE t (id int)"}},
+		{"several with blanks", " CREATE TABLE a (x int);; \n ALTER TABLE a ADD b int ; ", []string{"CREATE TABLE a (x int)", "ALTER TABLE a ADD b int"}},
+		{"semicolon in a string", "INSERT INTO t VALUES ('a;b'); DROP TABLE t", []string{"INSERT INTO t VALUES ('a;b')", "DROP TABLE t"}},
+		{"doubled quote", "COMMENT ON TABLE t IS 'it''s; fine'; SELECT 1", []string{"COMMENT ON TABLE t IS 'it''s; fine'", "SELECT 1"}},
+		{"E string with escaped quote", `SELECT E'a\';b'; SELECT 2`, []string{`SELECT E'a\';b'`, "SELECT 2"}},
+		{"quoted identifier", `CREATE TABLE "we;ird" (x int); SELECT 1`, []string{`CREATE TABLE "we;ird" (x int)`, "SELECT 1"}},
+		{"dollar quotes", "CREATE FUNCTION f() RETURNS int AS $$ SELECT 1; $$ LANGUAGE sql; DO $body$ BEGIN PERFORM 1; END $body$",
+			[]string{"CREATE FUNCTION f() RETURNS int AS $$ SELECT 1; $$ LANGUAGE sql", "DO $body$ BEGIN PERFORM 1; END $body$"}},
+		{"positional parameter is not a dollar quote", "PREPARE p AS SELECT $1; SELECT 2", []string{"PREPARE p AS SELECT $1", "SELECT 2"}},
+		{"comments", "-- a; comment\nCREATE TABLE a (x int); /* b; /* nested; */ c */ DROP TABLE b; -- trailing;",
+			[]string{"-- a; comment\nCREATE TABLE a (x int)", "/* b; /* nested; */ c */ DROP TABLE b"}},
+		{"only comments", "-- nothing; here\n/* ; */", nil},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := splitStatements(tc.text); !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("splitStatements(%q)\n got %q\nwant %q", tc.text, got, tc.want)
+			}
+		})
+	}
+}
+
+func TestReplayableStatements(t *testing.T) {
+	got := replayableStatements(`BEGIN; SET search_path TO sales; CREATE TABLE leads (id int); INSERT INTO leads VALUES (1);
+		WITH x AS (DELETE FROM leads RETURNING *) SELECT 1; UPDATE leads SET id = 2; (SELECT 1);
+		create index concurrently leads_id on leads (id); DROP INDEX CONCURRENTLY IF EXISTS old_idx;
+		ALTER TABLE leads ADD COLUMN who text; DO $$ BEGIN CREATE TYPE t AS ENUM ('a'); END $$; COMMIT`)
+	want := []string{"CREATE TABLE leads (id int)", "create index leads_id on leads (id)", "DROP INDEX IF EXISTS old_idx",
+		"ALTER TABLE leads ADD COLUMN who text", "DO $$ BEGIN CREATE TYPE t AS ENUM ('a'); END $$"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("replayable statements\n got %q\nwant %q", got, want)
+	}
+	if got := replayableStatements("SELECT my_migration()"); len(got) != 0 {
+		t.Errorf("a SELECT is not replayed, got %q", got)
+	}
+}
