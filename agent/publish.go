@@ -70,9 +70,10 @@ type publisher struct {
 	maxPayload int64
 }
 
-// publish sends one chunk. The error is immediate (encoding, size, a closed
-// connection); the acknowledgement arrives on the future.
-func (p *publisher) publish(ctx context.Context, subject, msgID string, c *havenpb.Chunk) (jetstream.PubAckFuture, int, error) {
+// publish sends one chunk. With expectLast set, JetStream stores it only if
+// the stream's last message is that one. The error is immediate (encoding,
+// size, a closed connection); the acknowledgement arrives on the future.
+func (p *publisher) publish(ctx context.Context, subject, msgID, expectLast string, c *havenpb.Chunk) (jetstream.PubAckFuture, int, error) {
 	payload, encoding, err := wire.Encode(c, p.compress)
 	if err != nil {
 		return nil, 0, err
@@ -84,7 +85,11 @@ func (p *publisher) publish(ctx context.Context, subject, msgID string, c *haven
 	msg := &nats.Msg{Subject: subject, Data: payload, Header: nats.Header{}}
 	msg.Header.Set(wire.HeaderEncoding, encoding)
 	msg.Header.Set(wire.HeaderFormat, wire.FormatHeader())
-	future, err := p.js.PublishMsgAsync(msg, jetstream.WithMsgID(msgID), jetstream.WithExpectStream(p.stream))
+	opts := []jetstream.PublishOpt{jetstream.WithMsgID(msgID), jetstream.WithExpectStream(p.stream)}
+	if expectLast != "" {
+		opts = append(opts, jetstream.WithExpectLastMsgID(expectLast))
+	}
+	future, err := p.js.PublishMsgAsync(msg, opts...)
 	if err != nil {
 		return nil, 0, fmt.Errorf("publish %s: %w", msgID, err)
 	}

@@ -116,7 +116,7 @@ func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''
 // its acknowledgement.
 func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker string) error {
 	future, _, err := s.publisher.publish(ctx, wire.SnapshotSubject(s.cfg.Group),
-		wire.SnapshotMarkerMsgID(c.SystemId, c.Slot, c.SnapshotLsn, marker), c)
+		wire.SnapshotMarkerMsgID(c.SystemId, c.Slot, c.SnapshotLsn, marker), "", c)
 	if err != nil {
 		return err
 	}
@@ -149,7 +149,7 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 		c := builder.chunk
 		c.LastChunk = last
 		future, _, err := s.publisher.publish(ctx, wire.SnapshotSubject(s.cfg.Group),
-			wire.SnapshotMsgID(c.SystemId, c.Slot, c.SnapshotLsn, rel.Id, c.ChunkIndex), c)
+			wire.SnapshotMsgID(c.SystemId, c.Slot, c.SnapshotLsn, rel.Id, c.ChunkIndex), "", c)
 		if err != nil {
 			return err
 		}

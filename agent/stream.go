@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -21,10 +22,9 @@ func heartbeatPrefix(group string) string { return "haven.heartbeat." + group }
 
 // pending is one published chunk waiting for JetStream's acknowledgement.
 type pending struct {
-	future     jetstream.PubAckFuture // nil: nothing was published (e.g. an empty transaction)
-	commitLSN  pglogrepl.LSN
+	future     jetstream.PubAckFuture // nil: nothing was published (an empty transaction, or one already in the stream)
+	endLSN     pglogrepl.LSN          // set when the chunk ends a transaction: what is then confirmed
 	commitTime time.Time
-	endsTxn    bool
 	changes    int
 }
 
@@ -35,7 +35,24 @@ type txnState struct {
 	commitTime time.Time
 	builder    *chunkBuilder
 	heartbeat  *havenpb.Heartbeat
-	chunks     uint32
+	chunks     uint32 // published in this session
+	changes    uint32 // seen so far: the ordinal of the next change
+	// What of it the stream already holds (from before a restart): changes
+	// with a lower ordinal are not published again; stored means all of it.
+	storedThrough uint32
+	stored        bool
+}
+
+// streamTail is the last message the stream holds when a session starts:
+// the agent continues exactly after it, and chains every publish to the
+// previous one, so that JetStream refuses anything published after a
+// message it lost or rejected and the stream never holds a transaction
+// ahead of an earlier one.
+type streamTail struct {
+	msgID     string        // Nats-Msg-Id of the last message ("" for none)
+	commitLSN pglogrepl.LSN // the transaction it belongs to (0: not one of this slot's transactions)
+	through   uint32        // changes of that transaction the stream holds
+	last      bool          // the stream holds all of that transaction
 }
 
 // streamer owns the replication connection for one session; it runs on one
@@ -49,6 +66,7 @@ type streamer struct {
 	receivedLSN  pglogrepl.LSN
 	confirmedLSN pglogrepl.LSN
 	nextStatus   time.Time
+	tail         streamTail
 }
 
 type typeKey struct {
@@ -69,13 +87,40 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 	if err != nil {
 		return fmt.Errorf("start replication on slot %q: %w", slot, err)
 	}
+	tail, err := s.readTail(ctx)
+	if err != nil {
+		return err
+	}
 	st := &streamer{session: s, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
-		receivedLSN: start, confirmedLSN: start}
+		receivedLSN: start, confirmedLSN: start, tail: tail}
 	s.metrics.connected.Set(1)
 	s.streaming()
 	s.metrics.confirmedLSN.Set(float64(start))
 	s.log.Info().Stringer("start_lsn", start).Msg("streaming changes")
 	return st.loop(ctx)
+}
+
+// readTail reads the stream's last message.
+func (s *session) readTail(ctx context.Context) (streamTail, error) {
+	info, err := s.stream.Info(ctx)
+	if err != nil {
+		return streamTail{}, fmt.Errorf("read stream state: %w", err)
+	}
+	if info.State.Msgs == 0 {
+		return streamTail{}, nil
+	}
+	msg, err := s.stream.GetMsg(ctx, info.State.LastSeq)
+	if err != nil {
+		return streamTail{}, fmt.Errorf("read the stream's last message (seq %d): %w", info.State.LastSeq, err)
+	}
+	tail := streamTail{msgID: msg.Header.Get(jetstream.MsgIDHeader)}
+	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	if err == nil && c.Kind == havenpb.Kind_KIND_TRANSACTION && c.SystemId == s.info.systemID && c.Slot == SlotName(s.cfg.Group) {
+		tail.commitLSN = pglogrepl.LSN(c.CommitLsn)
+		tail.through = c.FirstChange + uint32(len(c.Changes))
+		tail.last = c.LastChunk
+	}
+	return tail, nil
 }
 
 func (st *streamer) loop(ctx context.Context) error {
@@ -172,13 +217,23 @@ func (st *streamer) handleLogical(ctx context.Context, data []byte) error {
 			return fmt.Errorf("BEGIN of xid %d inside xid %d", m.Xid, st.txn.xid)
 		}
 		st.txn = &txnState{xid: m.Xid, commitLSN: m.FinalLSN, commitTime: m.CommitTime}
+		switch {
+		case st.tail.commitLSN == 0:
+		case m.FinalLSN < st.tail.commitLSN:
+			// Published before a restart, and the stream holds everything
+			// up to its last message.
+			st.txn.stored = true
+		case m.FinalLSN == st.tail.commitLSN:
+			st.txn.stored = st.tail.last
+			st.txn.storedThrough = st.tail.through
+		}
 		st.txn.builder = newChunkBuilder(st.cfg.ChunkBytes, st.txnHeader(0))
 		return nil
 	case *pglogrepl.CommitMessage:
 		if st.txn == nil {
 			return fmt.Errorf("COMMIT at %s outside a transaction", m.CommitLSN)
 		}
-		return st.finishTxn(ctx)
+		return st.finishTxn(ctx, m.TransactionEndLSN)
 	case *pglogrepl.InsertMessage:
 		return st.onRow(ctx, havenpb.Op_OP_INSERT, m.RelationID, nil, m.Tuple)
 	case *pglogrepl.UpdateMessage:
@@ -200,11 +255,11 @@ func (st *streamer) txnHeader(index uint32) *havenpb.Chunk {
 	t := st.txn
 	return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_TRANSACTION, SystemId: st.info.systemID,
 		Group: st.cfg.Group, Slot: SlotName(st.cfg.Group), Epoch: st.cfg.Epoch, Xid: t.xid, CommitLsn: uint64(t.commitLSN),
-		CommitTimeUs: t.commitTime.UnixMicro(), ChunkIndex: index}
+		CommitTimeUs: t.commitTime.UnixMicro(), ChunkIndex: index, FirstChange: t.changes}
 }
 
 func (st *streamer) onRelation(ctx context.Context, m *pglogrepl.RelationMessage) error {
-	if st.txn != nil && st.txn.builder.described[m.RelationID] {
+	if st.txn != nil && !st.txn.builder.empty() && st.txn.builder.described[m.RelationID] {
 		// The table changed shape inside the transaction: later changes must
 		// travel with the new description, in a chunk of their own.
 		if err := st.flushChunk(ctx, false); err != nil {
@@ -259,32 +314,24 @@ func (st *streamer) onRow(ctx context.Context, op havenpb.Op, relID uint32, oldT
 			return fmt.Errorf("new row of %s.%s: %w", rel.Schema, rel.Name, err)
 		}
 	}
-	return st.addChange(ctx, rel, ch)
+	return st.addChange(ctx, []*havenpb.Relation{rel}, ch)
 }
 
 func (st *streamer) onTruncate(ctx context.Context, m *pglogrepl.TruncateMessage) error {
 	if st.txn == nil {
 		return fmt.Errorf("truncate outside a transaction")
 	}
-	ch := &havenpb.Change{Op: havenpb.Op_OP_TRUNCATE, TruncateRelationIds: m.RelationIDs,
-		TruncateCascade: m.Option&1 != 0, TruncateRestartIdentity: m.Option&2 != 0}
-	// Describe every truncated relation in the chunk that carries it.
-	b := st.txn.builder
-	if b.full() {
-		if err := st.flushChunk(ctx, false); err != nil {
-			return err
-		}
-		b = st.txn.builder
-	}
-	for _, id := range m.RelationIDs {
+	rels := make([]*havenpb.Relation, len(m.RelationIDs))
+	for i, id := range m.RelationIDs {
 		rel, ok := st.relations[id]
 		if !ok {
 			return fmt.Errorf("truncate of relation %d before its description", id)
 		}
-		b.describe(rel)
+		rels[i] = rel
 	}
-	b.add(nil, ch)
-	return nil
+	ch := &havenpb.Change{Op: havenpb.Op_OP_TRUNCATE, TruncateRelationIds: m.RelationIDs,
+		TruncateCascade: m.Option&1 != 0, TruncateRestartIdentity: m.Option&2 != 0}
+	return st.addChange(ctx, rels, ch)
 }
 
 func (st *streamer) onMessage(m *pglogrepl.LogicalDecodingMessage) error {
@@ -329,34 +376,57 @@ func toRow(t *pglogrepl.TupleData, columns int) (*havenpb.Row, error) {
 	return row, nil
 }
 
-func (st *streamer) addChange(ctx context.Context, rel *havenpb.Relation, ch *havenpb.Change) error {
-	if st.txn.builder.full() {
+// addChange adds the transaction's next change to its current chunk,
+// unless the stream already holds it.
+func (st *streamer) addChange(ctx context.Context, rels []*havenpb.Relation, ch *havenpb.Change) error {
+	t := st.txn
+	ordinal := t.changes
+	t.changes++
+	if t.stored || ordinal < t.storedThrough {
+		return nil
+	}
+	if t.builder.full() {
 		if err := st.flushChunk(ctx, false); err != nil {
 			return err
 		}
 	}
-	st.txn.builder.add(rel, ch)
+	b := t.builder
+	if b.empty() {
+		b.chunk.FirstChange = ordinal
+	}
+	for _, rel := range rels {
+		b.describe(rel)
+	}
+	b.add(nil, ch)
 	return nil
 }
 
 // finishTxn publishes the transaction's last chunk. A transaction with no
-// change and no heartbeat publishes nothing but still moves the confirmed
-// position once everything before it is acknowledged.
-func (st *streamer) finishTxn(ctx context.Context) error {
+// change and no heartbeat, or one the stream already holds, publishes
+// nothing but still moves the confirmed position once everything before it
+// is acknowledged.
+func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	t := st.txn
-	if t.builder.empty() && t.chunks == 0 && t.heartbeat == nil {
-		st.inflight = append(st.inflight, pending{commitLSN: t.commitLSN, commitTime: t.commitTime, endsTxn: true})
+	if t.stored || (t.changes == 0 && t.heartbeat == nil) {
 		st.txn = nil
+		st.inflight = append(st.inflight, pending{endLSN: endLSN, commitTime: t.commitTime})
 		return nil
 	}
-	if err := st.flushChunk(ctx, true); err != nil {
+	if t.builder.empty() {
+		t.builder.chunk.FirstChange = t.changes
+	}
+	t.builder.chunk.EndLsn = uint64(endLSN)
+	err := st.flushChunk(ctx, true)
+	st.txn = nil
+	if err != nil {
 		return err
 	}
-	st.txn = nil
+	st.inflight[len(st.inflight)-1].endLSN = endLSN
 	return nil
 }
 
-// flushChunk publishes the transaction's current chunk and starts the next.
+// flushChunk publishes the transaction's current chunk, chained to the
+// stream's previous message, and starts the next chunk.
 func (st *streamer) flushChunk(ctx context.Context, last bool) error {
 	t := st.txn
 	c := t.builder.chunk
@@ -367,13 +437,13 @@ func (st *streamer) flushChunk(ctx context.Context, last bool) error {
 	if err := st.waitForRoom(ctx); err != nil {
 		return err
 	}
-	future, _, err := st.publisher.publish(ctx, wire.TransactionSubject(st.cfg.Group),
-		wire.TransactionMsgID(st.info.systemID, SlotName(st.cfg.Group), uint64(t.commitLSN), c.ChunkIndex), c)
+	msgID := wire.TransactionMsgID(st.info.systemID, SlotName(st.cfg.Group), uint64(t.commitLSN), c.FirstChange)
+	future, _, err := st.publisher.publish(ctx, wire.TransactionSubject(st.cfg.Group), msgID, st.tail.msgID, c)
 	if err != nil {
 		return err
 	}
-	st.inflight = append(st.inflight, pending{future: future, commitLSN: t.commitLSN, commitTime: t.commitTime,
-		endsTxn: last, changes: len(c.Changes)})
+	st.tail.msgID = msgID
+	st.inflight = append(st.inflight, pending{future: future, commitTime: t.commitTime, changes: len(c.Changes)})
 	t.chunks++
 	t.builder.reset(st.txnHeader(t.chunks))
 	return nil
@@ -389,7 +459,7 @@ func (st *streamer) waitForRoom(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		if err != nil && waitCtx.Err() == nil {
+		if err != nil && !errors.Is(err, context.DeadlineExceeded) {
 			return err
 		}
 		if !time.Now().Before(st.nextStatus) {
@@ -429,8 +499,9 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 		}
 		st.inflight = st.inflight[1:]
 		st.metrics.changes.Add(float64(head.changes))
-		if head.endsTxn {
-			st.setConfirmed(head.commitLSN)
+		if head.endLSN != 0 {
+			// Past the commit record: a restart does not decode it again.
+			st.setConfirmed(head.endLSN)
 			if head.future != nil {
 				st.metrics.transactions.Inc()
 				st.metrics.lagSeconds.Set(time.Since(head.commitTime).Seconds())

@@ -282,6 +282,8 @@ func assertEqual(t *testing.T, primary, dr *pgx.Conn, tables map[string]string) 
 	}
 }
 
+func countIn(s, sub string) int { return strings.Count(s, sub) }
+
 // metric reads one sample from a process's /metrics text.
 func metricValue(body []byte, name string) (float64, bool) {
 	for line := range bytes.SplitSeq(body, []byte("\n")) {

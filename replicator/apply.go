@@ -41,7 +41,7 @@ func blocked(seq uint64, reason string, format string, args ...any) error {
 type partialTxn struct {
 	commitLSN uint64
 	xid       uint32
-	next      uint32
+	next      uint32 // ordinal of the next change to apply
 }
 
 // batchEntry remembers what a pipelined statement was, to judge its result.
@@ -171,42 +171,51 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 		return blocked(seq, "no snapshot", "transaction at %s before any complete initial snapshot: the stream does not begin with the group's snapshot "+
 			"(it aged out, or was purged); re-seed the DR copy", pglogrepl.LSN(c.CommitLsn))
 	}
-	if a.partial == nil && c.CommitLsn <= uint64(a.next.commitLSN) {
+	if c.CommitLsn <= uint64(a.next.commitLSN) {
 		// Already applied: a copy the dedupe window let through.
 		a.metrics.duplicates.Inc()
 		a.skip(msg)
 		return nil
 	}
-	if c.ChunkIndex == 0 {
-		if a.partial != nil {
-			if a.partial.commitLSN != c.CommitLsn {
-				return blocked(seq, "out of order", "transaction at %s starts while transaction at %s is incomplete",
-					pglogrepl.LSN(c.CommitLsn), pglogrepl.LSN(a.partial.commitLSN))
-			}
-			// The agent restarted and sends the transaction again from its
-			// start: drop what we applied of it.
-			a.log.Warn().Stringer("commit_lsn", pglogrepl.LSN(c.CommitLsn)).Uint32("xid", c.Xid).
-				Msg("transaction republished from its first chunk; restarting it")
-			a.rollback(ctx)
-		}
+	switch {
+	case a.partial != nil && a.partial.commitLSN != c.CommitLsn:
+		return blocked(seq, "out of order", "transaction at %s starts while transaction at %s is incomplete",
+			pglogrepl.LSN(c.CommitLsn), pglogrepl.LSN(a.partial.commitLSN))
+	case a.partial != nil && c.FirstChange == 0 && a.partial.next > 0:
+		// The agent restarted and sends the transaction again from its
+		// start: drop what was applied of it (it is alone in the open
+		// target transaction) and begin again.
+		a.log.Warn().Stringer("commit_lsn", pglogrepl.LSN(c.CommitLsn)).Uint32("xid", c.Xid).
+			Msg("transaction republished from its first change; applying it again from there")
+		a.rollback(ctx)
+		a.partial = &partialTxn{commitLSN: c.CommitLsn, xid: c.Xid}
+	case a.partial != nil && c.FirstChange > a.partial.next:
+		return blocked(seq, "out of order", "transaction at %s continues at change %d, but only %d changes of it arrived",
+			pglogrepl.LSN(c.CommitLsn), c.FirstChange, a.partial.next)
+	case a.partial == nil && c.FirstChange != 0:
+		return blocked(seq, "out of order", "chunk starting at change %d of transaction at %s without its beginning", c.FirstChange, pglogrepl.LSN(c.CommitLsn))
+	case a.partial == nil:
 		if !c.LastChunk && a.open {
 			// Keep a multi-chunk transaction alone in its target transaction,
-			// so that restarting it never undoes others.
+			// so that starting it again never undoes others.
 			if err := a.commit(ctx); err != nil {
 				return err
 			}
 		}
 		a.partial = &partialTxn{commitLSN: c.CommitLsn, xid: c.Xid}
-	} else if a.partial == nil || a.partial.commitLSN != c.CommitLsn || a.partial.next != c.ChunkIndex {
-		return blocked(seq, "out of order", "chunk %d of transaction at %s does not follow what was applied", c.ChunkIndex, pglogrepl.LSN(c.CommitLsn))
+	}
+	// A chunk published again after a restart may overlap what arrived.
+	changes := c.Changes
+	if overlap := int(a.partial.next) - int(c.FirstChange); overlap > 0 {
+		changes = changes[min(overlap, len(changes)):]
 	}
 	if err := a.begin(ctx); err != nil {
 		return err
 	}
-	if err := a.applyChanges(ctx, seq, c); err != nil {
+	if err := a.applyChanges(ctx, seq, c.Relations, changes); err != nil {
 		return err
 	}
-	a.partial.next++
+	a.partial.next = max(a.partial.next, c.FirstChange+uint32(len(c.Changes)))
 	if !c.LastChunk {
 		return nil
 	}
@@ -287,14 +296,14 @@ func (a *applier) begin(ctx context.Context) error {
 	return nil
 }
 
-func (a *applier) applyChanges(ctx context.Context, seq uint64, c *havenpb.Chunk) error {
-	rels := make(map[uint32]*havenpb.Relation, len(c.Relations))
-	keys := make(map[uint32]string, len(c.Relations))
-	for _, r := range c.Relations {
+func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*havenpb.Relation, changes []*havenpb.Change) error {
+	rels := make(map[uint32]*havenpb.Relation, len(relations))
+	keys := make(map[uint32]string, len(relations))
+	for _, r := range relations {
 		rels[r.Id] = r
 		keys[r.Id] = relationKey(r)
 	}
-	for _, ch := range c.Changes {
+	for _, ch := range changes {
 		if ch.Op == havenpb.Op_OP_TRUNCATE {
 			targets := make([]*havenpb.Relation, len(ch.TruncateRelationIds))
 			for i, id := range ch.TruncateRelationIds {
@@ -362,6 +371,12 @@ func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
 	}
 	name := "haven_" + strconv.Itoa(len(a.statements))
 	if _, err := a.pg.Prepare(ctx, name, st.sql, nil); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			// The DR table cannot take the change as sent (a column type or
+			// constraint differs): retrying does not help.
+			return "", blocked(a.lastSeq+1, "apply failed", "prepare %q: %w", st.sql, err)
+		}
 		return "", fmt.Errorf("prepare %q: %w", st.sql, err)
 	}
 	a.statements[st.key] = name
@@ -499,7 +514,10 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		}
 	case havenpb.Kind_KIND_SNAPSHOT_END:
 		next.snapshotDone = true
-		next.commitLSN = pglogrepl.LSN(c.SnapshotLsn)
+		// The snapshot holds every transaction whose commit record starts
+		// before its consistent point; one starting exactly there is
+		// streamed, so it must not count as applied.
+		next.commitLSN = pglogrepl.LSN(c.SnapshotLsn) - 1
 		a.log.Info().Stringer("snapshot_lsn", next.snapshotLSN).Msg("initial snapshot loaded; applying the stream")
 	}
 	if _, err := tx.Conn().PgConn().ExecParams(ctx, savePositionSQL, next.params(a.cfg.Group), nil, nil, nil).Close(); err != nil {
@@ -571,6 +589,10 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 		names = append(names, qualified)
 	}
 	if _, err := tx.Exec(ctx, "TRUNCATE ONLY "+strings.Join(names, ", ")); err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			return blocked(seq, "apply failed", "empty DR tables for the snapshot: %w (a DR table outside the group with a foreign key to one of them?)", err)
+		}
 		return fmt.Errorf("empty DR tables for the snapshot: %w", err)
 	}
 	return nil

@@ -170,7 +170,9 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	iter, err := consumer.Messages(jetstream.PullMaxMessagesWithBytesLimit(512, 8<<20))
+	// Room for the largest message the server accepts, or one would never
+	// be delivered.
+	iter, err := consumer.Messages(jetstream.PullMaxMessagesWithBytesLimit(512, max(8<<20, 2*int(nc.MaxPayload()))))
 	if err != nil {
 		return fmt.Errorf("pull from %s: %w", streamName, err)
 	}

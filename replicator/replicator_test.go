@@ -208,9 +208,9 @@ func TestStopsAtMessagesItCannotApply(t *testing.T) {
 		}, "source system 42"},
 		{"chunk out of order", func(f *feed) uint64 {
 			c := f.txn(0x3000, insert("3", "x"))
-			c.ChunkIndex = 1
+			c.FirstChange = 1
 			return f.publish(c)
-		}, "does not follow"},
+		}, "without its beginning"},
 		{"gap in the stream", func(f *feed) uint64 {
 			seq := f.publish(f.txn(0x3000, insert("3", "removed before it was applied")))
 			st, err := f.js.Stream(f.t.Context(), wire.StreamName(f.group))
@@ -385,4 +385,52 @@ func pgxQueryRow(t *testing.T, url, sql string, args ...any) pgx.Row {
 	}
 	t.Cleanup(func() { conn.Close(context.Background()) })
 	return conn.QueryRow(t.Context(), sql, args...)
+}
+
+// TestAssemblesTransactionsAsTheAgentRepublishesThem: the transaction whose
+// commit record starts exactly at the snapshot's consistent point is
+// applied; a transaction published again after an agent restart, cut into
+// different chunks, is applied once; a copy of an applied transaction
+// arriving in the middle of another is skipped.
+func TestAssemblesTransactionsAsTheAgentRepublishesThem(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "chunks"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	begin := chunk(group, havenpb.Kind_KIND_SNAPSHOT_BEGIN, 0x1000)
+	begin.Relations = []*havenpb.Relation{itemsRelation}
+	f.publish(begin)
+	f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
+	// Commit record at the consistent point itself: not in the snapshot.
+	f.publish(f.txn(0x1000, insert("1", "at the consistent point")))
+
+	part := func(lsn uint64, first uint32, last bool, ids ...string) *havenpb.Chunk {
+		c := f.txn(lsn)
+		c.FirstChange, c.LastChunk = first, last
+		for _, id := range ids {
+			c.Changes = append(c.Changes, insert(id, "big"))
+		}
+		return c
+	}
+	// 0x2000: changes 0-2 in a chunk, then the agent restarted and sent it
+	// again as 0-1, 2-4 (overlapping), with a copy of 0x1000 in between.
+	f.publish(part(0x2000, 0, false, "10", "11", "12"))
+	f.publish(f.txn(0x1000, insert("1", "at the consistent point")))
+	f.publish(part(0x2000, 0, false, "10", "11"))
+	f.publish(part(0x2000, 2, true, "12", "13", "14"))
+	// 0x3000: 0-1, then an overlapping 1-3.
+	f.publish(part(0x3000, 0, false, "20", "21"))
+	f.publish(part(0x3000, 1, true, "21", "22", "23"))
+
+	_, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	want := "1:at the consistent point,10:big,11:big,12:big,13:big,14:big,20:big,21:big,22:big,23:big"
+	waitFor(t, 30*time.Second, "every transaction applied once", func() bool {
+		return strings.Join(notes(t, pg.URL(group)), ",") == want
+	})
+	if metric(reg, "haven_standby_blocked") != 0 {
+		t.Error("apply blocked")
+	}
 }

@@ -213,8 +213,11 @@ func deleteStatement(rel *havenpb.Relation, relKey, table string, old *havenpb.R
 }
 
 // truncateSQL renders one TRUNCATE of every relation the source truncated
-// together, with the source's options. The source lists every table it
-// emptied, so each is truncated ONLY: DR children are not the source's.
+// together. The source lists every table it emptied, CASCADE included, so
+// each is truncated ONLY and without CASCADE: tables on DR that the source
+// did not empty (DR children, DR-only tables with foreign keys) keep their
+// rows, as PostgreSQL's own subscriber does it. RESTART IDENTITY carries
+// over.
 func truncateSQL(rels []*havenpb.Relation, ch *havenpb.Change) string {
 	names := make([]string, len(rels))
 	for i, r := range rels {
@@ -223,9 +226,6 @@ func truncateSQL(rels []*havenpb.Relation, ch *havenpb.Change) string {
 	sql := "TRUNCATE ONLY " + strings.Join(names, ", ")
 	if ch.TruncateRestartIdentity {
 		sql += " RESTART IDENTITY"
-	}
-	if ch.TruncateCascade {
-		sql += " CASCADE"
 	}
 	return sql
 }

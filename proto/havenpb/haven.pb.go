@@ -226,7 +226,9 @@ type Chunk struct {
 	CommitLsn uint64 `protobuf:"varint,8,opt,name=commit_lsn,json=commitLsn,proto3" json:"commit_lsn,omitempty"`
 	// Commit time on the source, microseconds since the Unix epoch.
 	CommitTimeUs int64 `protobuf:"varint,9,opt,name=commit_time_us,json=commitTimeUs,proto3" json:"commit_time_us,omitempty"`
-	// Position of this chunk within its transaction or table copy, from 0.
+	// Position of this chunk within its transaction or table copy, from 0
+	// (informational: chunk boundaries may differ when a transaction is
+	// published again; first_change identifies what a chunk holds).
 	ChunkIndex uint32 `protobuf:"varint,10,opt,name=chunk_index,json=chunkIndex,proto3" json:"chunk_index,omitempty"`
 	// Set on the chunk that completes the transaction (or table copy).
 	LastChunk bool `protobuf:"varint,11,opt,name=last_chunk,json=lastChunk,proto3" json:"last_chunk,omitempty"`
@@ -241,7 +243,15 @@ type Chunk struct {
 	// (pg_dump --schema-only under the snapshot: types, tables, defaults,
 	// sequences, constraints, indexes), for a DR database that has none of the
 	// group's tables yet. Empty when the agent had no pg_dump.
-	SchemaSql     string `protobuf:"bytes,16,opt,name=schema_sql,json=schemaSql,proto3" json:"schema_sql,omitempty"`
+	SchemaSql string `protobuf:"bytes,16,opt,name=schema_sql,json=schemaSql,proto3" json:"schema_sql,omitempty"`
+	// KIND_TRANSACTION: ordinal, within the transaction, of this chunk's first
+	// change. A transaction published again after an agent restart may be cut
+	// into chunks differently; readers use this to skip what they already
+	// have and to detect what is missing.
+	FirstChange uint32 `protobuf:"varint,17,opt,name=first_change,json=firstChange,proto3" json:"first_change,omitempty"`
+	// KIND_TRANSACTION, last chunk: LSN just past the commit record (what the
+	// agent confirms to PostgreSQL).
+	EndLsn        uint64 `protobuf:"varint,18,opt,name=end_lsn,json=endLsn,proto3" json:"end_lsn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -386,6 +396,20 @@ func (x *Chunk) GetSchemaSql() string {
 		return x.SchemaSql
 	}
 	return ""
+}
+
+func (x *Chunk) GetFirstChange() uint32 {
+	if x != nil {
+		return x.FirstChange
+	}
+	return 0
+}
+
+func (x *Chunk) GetEndLsn() uint64 {
+	if x != nil {
+		return x.EndLsn
+	}
+	return 0
 }
 
 // Relation describes a table as the changes that use it see it.
@@ -876,7 +900,7 @@ var File_haven_proto protoreflect.FileDescriptor
 
 const file_haven_proto_rawDesc = "" +
 	"\n" +
-	"\vhaven.proto\x12\bhaven.v1\"\x99\x04\n" +
+	"\vhaven.proto\x12\bhaven.v1\"\xd5\x04\n" +
 	"\x05Chunk\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\"\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x0e.haven.v1.KindR\x04kind\x12\x1b\n" +
@@ -898,7 +922,9 @@ const file_haven_proto_rawDesc = "" +
 	"\achanges\x18\x0e \x03(\v2\x10.haven.v1.ChangeR\achanges\x121\n" +
 	"\theartbeat\x18\x0f \x01(\v2\x13.haven.v1.HeartbeatR\theartbeat\x12\x1d\n" +
 	"\n" +
-	"schema_sql\x18\x10 \x01(\tR\tschemaSql\"\x9d\x01\n" +
+	"schema_sql\x18\x10 \x01(\tR\tschemaSql\x12!\n" +
+	"\ffirst_change\x18\x11 \x01(\rR\vfirstChange\x12\x17\n" +
+	"\aend_lsn\x18\x12 \x01(\x04R\x06endLsn\"\x9d\x01\n" +
 	"\bRelation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x16\n" +
 	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +

@@ -33,11 +33,12 @@ func SubjectPrefix(group string) string { return "haven." + group + "." }
 func SnapshotSubject(group string) string    { return SubjectPrefix(group) + "snapshot" }
 func TransactionSubject(group string) string { return SubjectPrefix(group) + "txn" }
 
-// TransactionMsgID is the Nats-Msg-Id of one chunk of a source transaction.
-// It depends only on the source, so a restarted agent republishing the same
-// chunk produces the same id and JetStream drops the copy.
-func TransactionMsgID(systemID uint64, slot string, commitLSN uint64, chunk uint32) string {
-	return fmt.Sprintf("%d/%s/%X/%d", systemID, slot, commitLSN, chunk)
+// TransactionMsgID is the Nats-Msg-Id of the chunk of a source transaction
+// that starts at change firstChange. It depends only on the source, so a
+// restarted agent republishing the same chunk produces the same id and
+// JetStream drops the copy.
+func TransactionMsgID(systemID uint64, slot string, commitLSN uint64, firstChange uint32) string {
+	return fmt.Sprintf("%d/%s/%X/%d", systemID, slot, commitLSN, firstChange)
 }
 
 // SnapshotMsgID is the Nats-Msg-Id of a chunk of a table's snapshot copy;
@@ -57,6 +58,8 @@ func SnapshotMarkerMsgID(systemID uint64, slot string, snapshotLSN uint64, marke
 // on both sides whatever the servers' defaults (a "01/02/2024" under
 // DateStyle SQL, DMY is not the same date under MDY).
 var TextFormatSettings = map[string]string{
+	"client_encoding":    "UTF8",
+	"lc_monetary":        "C",
 	"DateStyle":          "ISO, YMD",
 	"IntervalStyle":      "postgres",
 	"extra_float_digits": "3",
