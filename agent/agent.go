@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -17,7 +18,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
-	"github.com/haven-dr/haven/proto/havenpb"
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -107,6 +107,7 @@ type session struct {
 	repl      *pgconn.PgConn
 	publisher *publisher
 	stream    jetstream.Stream
+	state     jetstream.KeyValue // the group's snapshot state (wire.StateBucket)
 	tables    []table
 	streaming func() // called once streaming has started
 
@@ -151,6 +152,11 @@ func (a *Agent) runSession(ctx context.Context) error {
 	}
 	if s.stream, err = ensureStream(ctx, js, a.cfg); err != nil {
 		return err
+	}
+	if s.state, err = js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{Bucket: wire.StateBucket,
+		Description: "haven: state of each group's initial snapshot", History: 5, Storage: jetstream.FileStorage,
+		Replicas: a.cfg.StreamReplicas}); err != nil {
+		return fmt.Errorf("open key-value bucket %s: %w", wire.StateBucket, err)
 	}
 	s.warnDurability(ctx)
 	s.publisher = &publisher{js: js, stream: wire.StreamName(a.cfg.Group), compress: a.cfg.Compress, maxPayload: nc.MaxPayload()}
@@ -322,10 +328,16 @@ func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
 			s.log.Info().Str("slot", slot).Stringer("confirmed_lsn", st.confirmedLSN).Msg("resuming from the slot")
 			return st.confirmedLSN, nil
 		}
-		s.log.Warn().Str("slot", slot).Msg("slot exists but its initial snapshot never completed in the stream; dropping the slot and taking a new snapshot")
+		s.log.Warn().Str("slot", slot).Msg("slot exists but its initial snapshot never completed (or is not in this stream); dropping the slot and taking a new snapshot")
 		if _, err := s.ctrl.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, slot); err != nil {
 			return 0, fmt.Errorf("drop incomplete slot %q: %w", slot, err)
 		}
+	}
+	// Say a snapshot is under way before the slot exists: if anything fails
+	// from here until its end marker is stored, the next start knows the
+	// slot it finds is not to be trusted.
+	if err := s.putSnapshotState(ctx, wire.SnapshotState{SystemID: s.info.systemID, Slot: slot, StreamCreated: s.stream.CachedInfo().Created}); err != nil {
+		return 0, err
 	}
 	s.repl, err = s.replicationConn(ctx)
 	if err != nil {
@@ -335,6 +347,15 @@ func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
 		pglogrepl.CreateReplicationSlotOptions{SnapshotAction: "EXPORT_SNAPSHOT", Mode: pglogrepl.LogicalReplication})
 	if err != nil {
 		s.repl.Close(context.Background())
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			switch pgErr.Code {
+			case "42710":
+				return 0, needsOperator("create slot %q: %v: a slot of that name exists in another database of the cluster; give this group another name", slot, err)
+			case "53400":
+				return 0, needsOperator("create slot %q: %v: raise max_replication_slots (and max_wal_senders) on the primary and restart it, or drop an unused slot", slot, err)
+			}
+		}
 		return 0, fmt.Errorf("create slot %q: %w", slot, err)
 	}
 	consistent, err := pglogrepl.ParseLSN(created.ConsistentPoint)
@@ -351,22 +372,42 @@ func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
 	return consistent, nil
 }
 
-// snapshotCompleted reports whether the stream's last snapshot message is
-// the end marker of a snapshot taken for this slot on this system.
+// snapshotCompleted reports whether the group's recorded snapshot was
+// finished, for this slot on this system, at or before the slot's position.
 func (s *session) snapshotCompleted(ctx context.Context, slotConfirmed pglogrepl.LSN) (bool, error) {
-	msg, err := s.stream.GetLastMsgForSubject(ctx, wire.SnapshotSubject(s.cfg.Group))
-	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return false, nil
+	st, err := s.snapshotState(ctx)
+	if err != nil || st == nil {
+		return false, err
+	}
+	return st.Done && st.SystemID == s.info.systemID && st.Slot == SlotName(s.cfg.Group) &&
+		st.SameStream(s.stream.CachedInfo().Created) && pglogrepl.LSN(st.SnapshotLSN) <= slotConfirmed, nil
+}
+
+// snapshotState reads the group's snapshot state; nil when none is recorded.
+func (s *session) snapshotState(ctx context.Context) (*wire.SnapshotState, error) {
+	entry, err := s.state.Get(ctx, wire.SnapshotKey(s.cfg.Group))
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil, nil
 	}
 	if err != nil {
-		return false, fmt.Errorf("read last snapshot message: %w", err)
+		return nil, fmt.Errorf("read snapshot state of group %q: %w", s.cfg.Group, err)
 	}
-	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	var st wire.SnapshotState
+	if err := json.Unmarshal(entry.Value(), &st); err != nil {
+		return nil, fmt.Errorf("decode snapshot state of group %q: %w", s.cfg.Group, err)
+	}
+	return &st, nil
+}
+
+func (s *session) putSnapshotState(ctx context.Context, st wire.SnapshotState) error {
+	value, err := json.Marshal(st)
 	if err != nil {
-		return false, fmt.Errorf("decode last snapshot message (seq %d): %w", msg.Sequence, err)
+		return fmt.Errorf("encode snapshot state: %w", err)
 	}
-	return c.Kind == havenpb.Kind_KIND_SNAPSHOT_END && c.SystemId == s.info.systemID &&
-		c.Slot == SlotName(s.cfg.Group) && pglogrepl.LSN(c.SnapshotLsn) <= slotConfirmed, nil
+	if _, err := s.state.Put(ctx, wire.SnapshotKey(s.cfg.Group), value); err != nil {
+		return fmt.Errorf("record snapshot state of group %q: %w", s.cfg.Group, err)
+	}
+	return nil
 }
 
 // backoff doubles a wait up to a bound.

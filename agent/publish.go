@@ -36,6 +36,11 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg Config) (jets
 		// the primary), not drop old ones a standby may still need.
 		discard = jetstream.DiscardNew
 	}
+	duplicates := cfg.DuplicateWindow
+	if cfg.StreamMaxAge > 0 && duplicates > cfg.StreamMaxAge {
+		// JetStream requires it; exactly-once does not depend on it.
+		duplicates = cfg.StreamMaxAge
+	}
 	stream, err = js.CreateStream(ctx, jetstream.StreamConfig{
 		Name:        name,
 		Description: "haven changes of group " + cfg.Group,
@@ -46,8 +51,13 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg Config) (jets
 		MaxAge:      cfg.StreamMaxAge,
 		MaxBytes:    orUnlimited(cfg.StreamMaxBytes),
 		Discard:     discard,
-		Duplicates:  cfg.DuplicateWindow,
+		Duplicates:  duplicates,
 	})
+	var apiErr *jetstream.APIError
+	if errors.As(err, &apiErr) {
+		// JetStream refused the configuration: retrying does not help.
+		return nil, needsOperator("create stream %s: %v: check the --stream-* flags and the JetStream server's limits", name, err)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("create stream %s: %w", name, err)
 	}

@@ -40,7 +40,13 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
 	begin.Relations = rels
 	begin.SchemaSql = s.schemaScript(ctx, snapshotName)
-	if err := s.publishMarker(ctx, begin, "begin"); err != nil {
+	beginSeq, err := s.publishMarker(ctx, begin, "begin")
+	if err != nil {
+		return err
+	}
+	state := wire.SnapshotState{SystemID: s.info.systemID, Slot: SlotName(s.cfg.Group), SnapshotLSN: uint64(consistent), BeginSeq: beginSeq,
+		StreamCreated: s.stream.CachedInfo().Created}
+	if err := s.putSnapshotState(ctx, state); err != nil {
 		return err
 	}
 
@@ -73,7 +79,11 @@ feed:
 	if err := context.Cause(ctx); err != nil {
 		return err
 	}
-	if err := s.publishMarker(ctx, header(havenpb.Kind_KIND_SNAPSHOT_END), "end"); err != nil {
+	if _, err := s.publishMarker(ctx, header(havenpb.Kind_KIND_SNAPSHOT_END), "end"); err != nil {
+		return err
+	}
+	state.Done = true
+	if err := s.putSnapshotState(ctx, state); err != nil {
 		return err
 	}
 	s.log.Info().Stringer("consistent_lsn", consistent).Int("tables", len(rels)).Msg("initial snapshot published")
@@ -112,15 +122,22 @@ func beginAtSnapshot(ctx context.Context, conn *pgx.Conn, snapshotName string) (
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
-// publishMarker publishes a snapshot's begin or end marker and waits for
-// its acknowledgement.
-func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker string) error {
+// publishMarker publishes a snapshot's begin or end marker, waits for its
+// acknowledgement and returns its stream sequence.
+func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker string) (uint64, error) {
 	future, _, err := s.publisher.publish(ctx, wire.SnapshotSubject(s.cfg.Group),
 		wire.SnapshotMarkerMsgID(c.SystemId, c.Slot, c.SnapshotLsn, marker), "", c)
 	if err != nil {
-		return err
+		return 0, err
 	}
-	return waitAck(ctx, future)
+	select {
+	case ack := <-future.Ok():
+		return ack.Sequence, nil
+	case err := <-future.Err():
+		return 0, fmt.Errorf("JetStream did not acknowledge the snapshot's %s marker: %w", marker, err)
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
 }
 
 // copyTable streams one table through COPY into snapshot chunks; the workers

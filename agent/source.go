@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/proto/havenpb"
@@ -180,6 +181,10 @@ func ensurePublication(ctx context.Context, conn *pgx.Conn, name string, tables 
 		sql := fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert, update, delete, truncate')",
 			pgx.Identifier{name}.Sanitize(), strings.Join(names, ", "))
 		if _, err := conn.Exec(ctx, sql); err != nil {
+			var pgErr *pgconn.PgError
+			if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+				return nil, needsOperator("create publication %q: %v: the agent's role needs CREATE on the database and must own the tables (or be a superuser)", name, err)
+			}
 			return nil, fmt.Errorf("create publication %q: %w", name, err)
 		}
 		return nil, nil

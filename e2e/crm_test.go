@@ -178,11 +178,21 @@ func randomText(rng *rand.Rand, n int) string {
 	return b.String()
 }
 
-// waitCaughtUp writes a marker row on the primary and waits until DR has it.
+// waitCaughtUp writes a marker row on the primary and waits until DR has it
+// and has loaded every table of its latest snapshot (the marker may be
+// part of a snapshot whose other tables are still loading).
 func waitCaughtUp(t *testing.T, primary, dr *pgx.Conn, id int64, timeout time.Duration) {
 	t.Helper()
 	mustExec(t, primary, `INSERT INTO marker (id) VALUES ($1)`, id)
-	waitFor(t, timeout, fmt.Sprintf("marker %d on DR", id), func() (bool, error) { return markerSeen(t.Context(), dr, id) })
+	waitFor(t, timeout, fmt.Sprintf("marker %d on DR", id), func() (bool, error) {
+		seen, err := markerSeen(t.Context(), dr, id)
+		if !seen || err != nil {
+			return false, err
+		}
+		var loaded bool
+		err = dr.QueryRow(t.Context(), `SELECT bool_and(snapshot_done) FROM haven.apply_position`).Scan(&loaded)
+		return loaded, err
+	})
 }
 
 func TestReplicatesCRMWorkloadExactly(t *testing.T) {

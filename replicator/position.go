@@ -29,6 +29,12 @@ CREATE TABLE IF NOT EXISTS haven.apply_position (
 	updated_at     timestamptz NOT NULL DEFAULT now()
 );
 COMMENT ON TABLE haven.apply_position IS 'haven: last source transaction applied per group; written in the same transaction as the changes';
+CREATE TABLE IF NOT EXISTS haven.standby_identity (
+	id         uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+	created_at timestamptz NOT NULL DEFAULT now()
+);
+INSERT INTO haven.standby_identity SELECT WHERE NOT EXISTS (SELECT 1 FROM haven.standby_identity);
+COMMENT ON TABLE haven.standby_identity IS 'haven: identifies this DR database to the stream (its consumers are named after it)';
 CREATE TABLE IF NOT EXISTS haven.skipped_messages (
 	group_name text NOT NULL,
 	stream_seq bigint NOT NULL,
@@ -103,6 +109,15 @@ func (p position) params(group string) [][]byte {
 		optLSN(p.sourceWALLSN),
 		[]byte(p.streamCreated.UTC().Format(time.RFC3339Nano)),
 	}
+}
+
+// standbyID names this DR database among the consumers of a stream.
+func standbyID(ctx context.Context, conn *pgx.Conn) (string, error) {
+	var id string
+	if err := conn.QueryRow(ctx, `SELECT replace(id::text, '-', '') FROM haven.standby_identity ORDER BY created_at LIMIT 1`).Scan(&id); err != nil {
+		return "", fmt.Errorf("read haven.standby_identity: %w", err)
+	}
+	return id[:12], nil
 }
 
 // loadPosition creates the bookkeeping if needed and reads the group's

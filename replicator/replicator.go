@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"maps"
@@ -133,6 +134,10 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	id, err := standbyID(ctx, conn)
+	if err != nil {
+		return err
+	}
 
 	nc, err := nats.Connect(s.cfg.NATSURL, nats.Name("haven-standby-"+s.cfg.Group), nats.MaxReconnects(-1),
 		nats.ErrorHandler(natsErrorLogger(s.log)),
@@ -157,16 +162,17 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("look up stream %s: %w", streamName, err)
 	}
-	info := stream.CachedInfo()
+	info, err := stream.Info(ctx)
+	if err != nil {
+		return fmt.Errorf("read stream %s: %w", streamName, err)
+	}
 	// PostgreSQL keeps microseconds.
 	created := info.Created.Truncate(time.Microsecond)
-	if found && !created.Equal(pos.streamCreated) {
-		return &blockedError{seq: pos.streamSeq + 1, reason: "stream recreated", err: fmt.Errorf(
-			"stream %s was created at %s, but the DR copy was applied from a stream created at %s: its sequence numbers do not continue "+
-				"what was applied; re-seed the DR copy (drop the agent's slot so it takes a new snapshot)",
-			streamName, created.UTC().Format(time.RFC3339Nano), pos.streamCreated.UTC().Format(time.RFC3339Nano))}
+	from, err := s.startAfter(ctx, js, info, created, pos, found)
+	if err != nil {
+		return err
 	}
-	consumer, err := s.consumer(ctx, stream, pos.streamSeq)
+	consumer, err := s.consumer(ctx, stream, wire.ConsumerName(s.cfg.Group, id), from)
 	if err != nil {
 		return err
 	}
@@ -180,6 +186,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
 	a.streamCreated = created
+	a.lastSeq = from
 	s.metrics.connected.Set(1)
 	s.metrics.blocked.Set(0)
 	s.metrics.appliedLSN.Set(float64(pos.commitLSN))
@@ -218,12 +225,64 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 }
 
+// startAfter decides after which stream sequence apply starts: after the
+// stored position when the stream continues it; else, when the stream holds
+// a newer initial snapshot (the agent was re-seeded), just before that
+// snapshot, which replaces the DR copy; else apply is blocked.
+func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, info *jetstream.StreamInfo, created time.Time, pos position, found bool) (uint64, error) {
+	var problem string
+	switch {
+	case found && !created.Equal(pos.streamCreated):
+		problem = fmt.Sprintf("stream %s was created at %s, but the DR copy was applied from a stream created at %s: its sequence numbers do not continue what was applied",
+			info.Config.Name, created.UTC().Format(time.RFC3339Nano), pos.streamCreated.UTC().Format(time.RFC3339Nano))
+	case info.State.Msgs > 0 && info.State.FirstSeq > pos.streamSeq+1:
+		problem = fmt.Sprintf("stream %s begins at message %d, but the DR copy needs message %d next: messages were removed (retention limits or a purge) before it applied them",
+			info.Config.Name, info.State.FirstSeq, pos.streamSeq+1)
+	case !found:
+		// A new DR copy starts at the latest snapshot, not at the stream's
+		// first message: older snapshots would only be loaded to be replaced.
+		if latest := s.latestSnapshot(ctx, js, info, created); latest != nil {
+			s.log.Info().Uint64("seq", latest.BeginSeq).Msg("new DR copy: starting at the group's latest initial snapshot")
+			return latest.BeginSeq - 1, nil
+		}
+		return 0, nil
+	default:
+		return pos.streamSeq, nil
+	}
+	if latest := s.latestSnapshot(ctx, js, info, created); latest != nil && (latest.BeginSeq > pos.streamSeq || !created.Equal(pos.streamCreated)) {
+		s.log.Warn().Str("problem", problem).Uint64("seq", latest.BeginSeq).
+			Msg("re-seeding the DR copy from the group's latest initial snapshot, which replaces it")
+		return latest.BeginSeq - 1, nil
+	}
+	return 0, &blockedError{seq: pos.streamSeq + 1, reason: "cannot continue", err: fmt.Errorf(
+		"%s; re-seed the DR copy: drop the agent's slot (SELECT pg_drop_replication_slot('haven_%s') on the primary) so it takes a new snapshot, "+
+			"which this standby then loads by itself", problem, s.cfg.Group)}
+}
+
+// latestSnapshot returns the group's latest initial snapshot when this
+// stream still holds its beginning, or nil.
+func (s *Standby) latestSnapshot(ctx context.Context, js jetstream.JetStream, info *jetstream.StreamInfo, created time.Time) *wire.SnapshotState {
+	kv, err := js.KeyValue(ctx, wire.StateBucket)
+	if err != nil {
+		return nil
+	}
+	entry, err := kv.Get(ctx, wire.SnapshotKey(s.cfg.Group))
+	if err != nil {
+		return nil
+	}
+	var st wire.SnapshotState
+	if json.Unmarshal(entry.Value(), &st) != nil || st.BeginSeq == 0 || !st.SameStream(created) ||
+		st.BeginSeq < info.State.FirstSeq || st.BeginSeq > info.State.LastSeq {
+		return nil
+	}
+	return &st
+}
+
 // consumer recreates the durable consumer at the message after the stored
 // position. The DR database, not the consumer, is the truth: a consumer
 // left by a crash may be ahead of it (acknowledged, not yet committed) or
 // behind it.
-func (s *Standby) consumer(ctx context.Context, stream jetstream.Stream, appliedSeq uint64) (jetstream.Consumer, error) {
-	name := wire.ConsumerName(s.cfg.Group)
+func (s *Standby) consumer(ctx context.Context, stream jetstream.Stream, name string, appliedSeq uint64) (jetstream.Consumer, error) {
 	if err := stream.DeleteConsumer(ctx, name); err != nil && !errors.Is(err, jetstream.ErrConsumerNotFound) {
 		return nil, fmt.Errorf("reset consumer %s: %w", name, err)
 	}
@@ -233,7 +292,10 @@ func (s *Standby) consumer(ctx context.Context, stream jetstream.Stream, applied
 		AckPolicy:     jetstream.AckAllPolicy,
 		AckWait:       5 * time.Minute,
 		MaxAckPending: 1 << 20,
-		DeliverPolicy: jetstream.DeliverAllPolicy,
+		// The DR database, not the consumer, holds the position: a consumer
+		// left by a DR database that is gone may be cleaned up.
+		InactiveThreshold: 7 * 24 * time.Hour,
+		DeliverPolicy:     jetstream.DeliverAllPolicy,
 	}
 	if appliedSeq > 0 {
 		cfg.DeliverPolicy = jetstream.DeliverByStartSequencePolicy

@@ -252,7 +252,11 @@ func TestStopsAtMessagesItCannotApply(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			cons, err := st.Consumer(t.Context(), wire.ConsumerName(group))
+			var id string
+			if err := pgxQueryRow(t, pg.URL(db), `SELECT replace(id::text, '-', '') FROM haven.standby_identity`).Scan(&id); err != nil {
+				t.Fatal(err)
+			}
+			cons, err := st.Consumer(t.Context(), wire.ConsumerName(group, id[:12]))
 			if err != nil {
 				t.Fatal(err)
 			}

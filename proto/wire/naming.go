@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"time"
 )
 
 var groupPattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
@@ -18,8 +19,9 @@ func ValidateGroup(group string) error {
 	return nil
 }
 
-// ConsumerName is the standby's durable consumer on a group's stream.
-func ConsumerName(group string) string { return "standby_" + group }
+// ConsumerName is a standby's durable consumer on a group's stream; standby
+// identifies the DR database (several may follow one stream).
+func ConsumerName(group, standby string) string { return "standby_" + group + "_" + standby }
 
 // StreamName is the JetStream stream that carries a group's chunks.
 func StreamName(group string) string { return "HAVEN_" + strings.ToUpper(group) }
@@ -73,3 +75,32 @@ var TextFormatSettings = map[string]string{
 // the database's own search_path, because triggers that fire on DR (ENABLE
 // ALWAYS) run in it.
 const TypeNameSearchPath = "pg_catalog"
+
+// StateBucket is the JetStream key-value bucket where an agent records the
+// state of its group's initial snapshot. Unlike the stream's messages, the
+// record does not age out: an agent can always tell a finished snapshot
+// from an interrupted one, and a standby can always find the latest.
+const StateBucket = "HAVEN_STATE"
+
+// SnapshotKey is a group's key in StateBucket.
+func SnapshotKey(group string) string { return "snapshot." + group }
+
+// SnapshotState is the value under SnapshotKey, JSON-encoded.
+type SnapshotState struct {
+	SystemID    uint64 `json:"system_id"`
+	Slot        string `json:"slot"`
+	SnapshotLSN uint64 `json:"snapshot_lsn,omitempty"`
+	// BeginSeq is the stream sequence of the snapshot's SNAPSHOT_BEGIN.
+	BeginSeq uint64 `json:"begin_seq,omitempty"`
+	// Done is set once SNAPSHOT_END is in the stream.
+	Done bool `json:"done"`
+	// StreamCreated identifies the stream the snapshot went into (its
+	// creation time): a recreated stream does not hold it.
+	StreamCreated time.Time `json:"stream_created"`
+}
+
+// SameStream reports whether the state was recorded for the stream created
+// at created (compared at microseconds, as PostgreSQL stores it).
+func (st SnapshotState) SameStream(created time.Time) bool {
+	return st.StreamCreated.Truncate(time.Microsecond).Equal(created.Truncate(time.Microsecond))
+}

@@ -397,7 +397,7 @@ func TestNamesAreStable(t *testing.T) {
 	tests := []struct{ got, want string }{
 		{StreamName("crm"), "HAVEN_CRM"},
 		{StreamName("a_1"), "HAVEN_A_1"},
-		{ConsumerName("crm"), "standby_crm"},
+		{ConsumerName("crm", "1a2b3c4d"), "standby_crm_1a2b3c4d"},
 		{SubjectPrefix("crm"), "haven.crm."},
 		{SnapshotSubject("crm"), "haven.crm.snapshot"},
 		{TransactionSubject("crm"), "haven.crm.txn"},
@@ -429,7 +429,7 @@ func TestNamesAreDistinct(t *testing.T) {
 	}
 	for _, g := range groups {
 		distinct("stream", StreamName(g), g)
-		distinct("consumer", ConsumerName(g), g)
+		distinct("consumer", ConsumerName(g, "x"), g)
 		distinct("prefix", SubjectPrefix(g), g)
 		for _, other := range groups {
 			if other != g && strings.HasPrefix(SnapshotSubject(g), SubjectPrefix(other)) {
