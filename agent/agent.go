@@ -189,6 +189,9 @@ func (a *Agent) runSession(ctx context.Context) error {
 		}
 		missing = slices.Delete(missing, i, i+1)
 	}
+	if s.tables, err = publishedTables(ctx, ctrl, PublicationName(a.cfg.Group)); err != nil {
+		return err
+	}
 	a.metrics.unreplicated.Set(float64(len(missing)))
 	if len(missing) > 0 {
 		s.log.Error().Strs("tables", missing).Msg("these tables are not in the group's publication, so their changes are NOT replicated; " +

@@ -81,15 +81,50 @@ func (t table) usableIdentity() bool {
 	return t.replicaIdentity == "f" || ((t.replicaIdentity == "d" || t.replicaIdentity == "i") && t.hasKey)
 }
 
-const tablesQuery = `
-SELECT c.oid, n.nspname, c.relname, c.relreplident::text, c.relpersistence = 'u',
+// tableColumns selects a table as the agent needs it.
+const tableColumns = `c.oid, n.nspname, c.relname, c.relreplident::text, c.relpersistence = 'u',
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND
-               ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))
+               ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))`
+
+const tablesQuery = `
+SELECT ` + tableColumns + `
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haven')
   AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
 ORDER BY n.nspname, c.relname`
+
+// publishedQuery lists the tables a publication publishes.
+const publishedQuery = `
+SELECT ` + tableColumns + `
+FROM pg_publication_tables p
+JOIN pg_namespace n ON n.nspname = p.schemaname
+JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename
+WHERE p.pubname = $1
+ORDER BY n.nspname, c.relname`
+
+func scanTables(rows pgx.Rows) ([]table, error) {
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (table, error) {
+		var t table
+		err := row.Scan(&t.oid, &t.schema, &t.name, &t.replicaIdentity, &t.unlogged, &t.hasKey)
+		return t, err
+	})
+}
+
+// publishedTables is what the slot streams: the snapshot copies exactly
+// these, so that every streamed table starts from a copy and every copied
+// table is kept up to date.
+func publishedTables(ctx context.Context, conn *pgx.Conn, publication string) ([]table, error) {
+	rows, err := conn.Query(ctx, publishedQuery, publication)
+	if err != nil {
+		return nil, fmt.Errorf("list tables of publication %q: %w", publication, err)
+	}
+	tables, err := scanTables(rows)
+	if err != nil {
+		return nil, fmt.Errorf("list tables of publication %q: %w", publication, err)
+	}
+	return tables, nil
+}
 
 // selectTables resolves the configured table list (or every user table)
 // and refuses tables that cannot be replicated safely, unless setFull lets
@@ -99,11 +134,7 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 	if err != nil {
 		return nil, fmt.Errorf("list source tables: %w", err)
 	}
-	all, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (table, error) {
-		var t table
-		err := row.Scan(&t.oid, &t.schema, &t.name, &t.replicaIdentity, &t.unlogged, &t.hasKey)
-		return t, err
-	})
+	all, err := scanTables(rows)
 	if err != nil {
 		return nil, fmt.Errorf("list source tables: %w", err)
 	}
