@@ -78,7 +78,12 @@ type applier struct {
 	groupStarted time.Time
 	toAck        jetstream.Msg
 	partial      *partialTxn
-	replayedDDL  bool // the open group replayed DDL
+	replayedDDL  bool   // the open group replayed DDL
+	txnFirstSeq  uint64 // stream sequence of the first chunk of the transaction being applied
+	// isolateThrough: up to this stream sequence, every source transaction
+	// gets a target transaction of its own, so that a failure names exactly
+	// the transaction that failed (set after apply failed inside a group).
+	isolateThrough uint64
 }
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
@@ -189,13 +194,14 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 			Msg("transaction republished from its first change; applying it again from there")
 		a.rollback(ctx)
 		a.partial = &partialTxn{commitLSN: c.CommitLsn, xid: c.Xid}
+		a.txnFirstSeq = seq
 	case a.partial != nil && c.FirstChange > a.partial.next:
 		return blocked(seq, "out of order", "transaction at %s continues at change %d, but only %d changes of it arrived",
 			pglogrepl.LSN(c.CommitLsn), c.FirstChange, a.partial.next)
 	case a.partial == nil && c.FirstChange != 0:
 		return blocked(seq, "out of order", "chunk starting at change %d of transaction at %s without its beginning", c.FirstChange, pglogrepl.LSN(c.CommitLsn))
 	case a.partial == nil:
-		if !c.LastChunk && a.open {
+		if a.open && (!c.LastChunk || seq <= a.isolateThrough) {
 			// Keep a multi-chunk transaction alone in its target transaction,
 			// so that starting it again never undoes others.
 			if err := a.commit(ctx); err != nil {
@@ -203,6 +209,7 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 			}
 		}
 		a.partial = &partialTxn{commitLSN: c.CommitLsn, xid: c.Xid}
+		a.txnFirstSeq = seq
 	}
 	// A chunk published again after a restart may overlap what arrived.
 	changes := c.Changes
@@ -236,7 +243,7 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 	// A transaction that changed the schema ends its group: what follows may
 	// rely on it being committed (a new enum value cannot be used in the
 	// transaction that added it).
-	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay || a.replayedDDL {
+	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay || a.replayedDDL || seq <= a.isolateThrough {
 		return a.commit(ctx)
 	}
 	return nil
@@ -375,7 +382,7 @@ func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
 		if errors.As(err, &pgErr) {
 			// The DR table cannot take the change as sent (a column type or
 			// constraint differs): retrying does not help.
-			return "", blocked(a.lastSeq+1, "apply failed", "prepare %q: %w", st.sql, err)
+			return "", blocked(a.txnFirstSeq, "apply failed", "prepare %q: %w", st.sql, err)
 		}
 		return "", fmt.Errorf("prepare %q: %w", st.sql, err)
 	}
@@ -395,7 +402,10 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
-			return blocked(seq, "apply failed", "%w", err)
+			// Name the first message of the transaction being applied: with
+			// one transaction per target transaction (as after such a stop,
+			// see isolateThrough) that is the message to inspect or skip.
+			return blocked(a.txnFirstSeq, "apply failed", "%w", err)
 		}
 		return fmt.Errorf("apply batch: %w", err)
 	}

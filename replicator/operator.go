@@ -157,11 +157,11 @@ type SkipRequest struct {
 	Operator string
 }
 
-// Skip steps over the message apply is stopped at: it records the message
-// (as inspect shows it), who skipped it, when and why in
-// haven.skipped_messages, and moves the apply position past it, in one DR
-// transaction. It refuses any other message, and refuses while a standby
-// holds the apply lock.
+// Skip steps over the message apply is stopped at (the whole transaction
+// when the message is its first chunk): it records the message (as inspect
+// shows it), who skipped it, when and why in haven.skipped_messages, and
+// moves the apply position past it, in one DR transaction. It refuses any
+// other message, and refuses while a standby holds the apply lock.
 func Skip(ctx context.Context, req SkipRequest) error {
 	switch {
 	case req.Reason == "":
@@ -199,10 +199,18 @@ func Skip(ctx context.Context, req SkipRequest) error {
 		return err
 	}
 	defer closeConn()
+	through := req.Seq
 	msg, err := stream.GetMsg(ctx, req.Seq)
 	switch {
 	case err == nil:
 		view = viewMessage(msg)
+		if c := view.Chunk; c != nil && c.Kind == havenpb.Kind_KIND_TRANSACTION.String() && !c.LastChunk {
+			// A transaction is skipped whole: its later chunks could not be
+			// applied without its first.
+			if through, err = lastChunkOf(ctx, stream, req.Seq, c.CommitLSN); err != nil {
+				return err
+			}
+		}
 	case !errors.Is(err, jetstream.ErrMsgNotFound):
 		return fmt.Errorf("read message %d: %w", req.Seq, err)
 	}
@@ -220,7 +228,7 @@ func Skip(ctx context.Context, req SkipRequest) error {
 		return fmt.Errorf("record the skip: %w", err)
 	}
 	tag, err := tx.Exec(ctx, `UPDATE haven.apply_position SET stream_seq = $2, updated_at = now() WHERE group_name = $1 AND stream_seq = $3`,
-		req.Group, int64(req.Seq), int64(pos.streamSeq))
+		req.Group, int64(through), int64(pos.streamSeq))
 	if err != nil {
 		return fmt.Errorf("move the apply position: %w", err)
 	}
@@ -228,6 +236,26 @@ func Skip(ctx context.Context, req SkipRequest) error {
 		return errors.New("the apply position moved meanwhile; nothing skipped")
 	}
 	return tx.Commit(ctx)
+}
+
+// lastChunkOf finds the stream sequence of the last chunk of the
+// transaction at commitLSN whose first chunk is at seq.
+func lastChunkOf(ctx context.Context, stream jetstream.Stream, seq uint64, commitLSN string) (uint64, error) {
+	info, err := stream.Info(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("read stream state: %w", err)
+	}
+	for next := seq + 1; next <= info.State.LastSeq; next++ {
+		msg, err := stream.GetMsg(ctx, next)
+		if err != nil {
+			return 0, fmt.Errorf("read message %d: %w", next, err)
+		}
+		v := viewMessage(msg)
+		if v.Chunk != nil && v.Chunk.CommitLSN == commitLSN && v.Chunk.LastChunk {
+			return next, nil
+		}
+	}
+	return 0, fmt.Errorf("the transaction at %s that starts at message %d has no last chunk in the stream yet; wait for it and skip again", commitLSN, seq)
 }
 
 // openStream connects to NATS and looks up a group's stream.

@@ -26,6 +26,9 @@ type Standby struct {
 	log     zerolog.Logger
 	metrics *metrics
 	problem atomic.Pointer[string]
+	// isolateThrough is handed to each session's applier (Run's goroutine
+	// only).
+	isolateThrough uint64
 }
 
 // New checks cfg and registers the standby's metrics on reg.
@@ -81,6 +84,11 @@ func (s *Standby) Run(ctx context.Context) error {
 			s.log.Error().Err(err).Msg("apply stopped: this needs an operator")
 			return err
 		case errors.As(err, &be):
+			if be.reason == "apply failed" {
+				// Retry one source transaction at a time past this point,
+				// so the message named is exactly the one that fails.
+				s.isolateThrough = max(s.isolateThrough, be.seq+uint64(s.cfg.GroupChanges)+1)
+			}
 			s.setProblem(err.Error())
 			s.metrics.blocked.Set(1)
 			s.log.Error().Err(err).Uint64("seq", be.seq).Str("reason", be.reason).Dur("retry_in", s.cfg.BlockedRetry).
@@ -185,6 +193,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	defer iter.Stop()
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
+	a.isolateThrough = s.isolateThrough
 	a.streamCreated = created
 	a.lastSeq = from
 	s.metrics.connected.Set(1)

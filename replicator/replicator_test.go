@@ -438,3 +438,42 @@ func TestAssemblesTransactionsAsTheAgentRepublishesThem(t *testing.T) {
 		t.Error("apply blocked")
 	}
 }
+
+// TestAFailingTransactionInAGroupIsNamedExactly: several source
+// transactions share a target transaction; one of them cannot be applied
+// (a key DR already has). The retry applies them one by one, so apply
+// stops at exactly that transaction, which the operator can then skip.
+func TestAFailingTransactionInAGroupIsNamedExactly(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "grouped"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn() // row 1 from the snapshot, row 2 in a transaction
+	f.publish(f.txn(0x3000, insert("3", "fine")))
+	bad := f.publish(f.txn(0x4000, insert("1", "a key DR already has")))
+	f.publish(f.txn(0x5000, insert("5", "after the bad one")))
+
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	name := "message " + strconv.FormatUint(bad, 10)
+	waitFor(t, 30*time.Second, "apply to stop at exactly the failing transaction", func() bool {
+		err := s.Healthy()
+		return metric(reg, "haven_standby_blocked") == 1 && err != nil && strings.Contains(err.Error(), name)
+	})
+	if got := strings.Join(notes(t, pg.URL(group)), ","); got != "1:from the snapshot,2:first transaction,3:fine" {
+		t.Errorf("DR rows %q: the transactions before the failing one must be applied", got)
+	}
+	req := SkipRequest{TargetURL: pg.URL(group), NATSURL: ns.URL(), Group: group, Seq: bad, Reason: "duplicate key", Operator: "bob"}
+	waitFor(t, 30*time.Second, "the skip", func() bool {
+		err := Skip(t.Context(), req)
+		if err != nil && !strings.Contains(err.Error(), "holds the apply lock") {
+			t.Fatal(err)
+		}
+		return err == nil
+	})
+	waitFor(t, 30*time.Second, "apply to resume", func() bool {
+		return strings.Join(notes(t, pg.URL(group)), ",") == "1:from the snapshot,2:first transaction,3:fine,5:after the bad one"
+	})
+}
