@@ -62,7 +62,7 @@ BEGIN
 			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
 				RAISE WARNING 'haven: table % has no primary key or replica identity, so it is not replicated (publication %); add a primary key or set REPLICA IDENTITY FULL', t.rel, pub;
 			ELSIF t.has_rows THEN
-				RAISE WARNING 'haven: table % already holds rows; restart the haven agent of publication % to have it copied and replicated', t.rel, pub;
+				RAISE WARNING 'haven: table % already holds rows, so it is not added to publication % (DR would lack those rows); re-seed the group to replicate it', t.rel, pub;
 			ELSE
 				EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %s', pub, t.rel);
 			END IF;
