@@ -65,10 +65,11 @@ type applier struct {
 	pos           position  // committed on DR
 	next          position  // pos plus what the open target transaction holds
 
-	lastSeq    uint64 // last stream sequence handled in this session
-	statements map[string]string
-	checked    map[string]bool // relation keys whose DR table was checked
-	sequences  map[string]bool // qualified sequence name: exists on DR
+	lastSeq     uint64 // last stream sequence handled in this session
+	statements  map[string]string
+	checked     map[string]bool // relation keys whose DR table was checked
+	partitioned map[string]bool // relation keys whose DR table is partitioned
+	sequences   map[string]bool // qualified sequence name: exists on DR
 
 	open         bool
 	batch        *pgconn.Batch
@@ -88,7 +89,7 @@ type applier struct {
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
-		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, sequences: map[string]bool{}}
+		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{}}
 }
 
 // handle applies one stream message (or skips a duplicate).
@@ -313,10 +314,15 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 	for _, ch := range changes {
 		if ch.Op == havenpb.Op_OP_TRUNCATE {
 			targets := make([]*havenpb.Relation, len(ch.TruncateRelationIds))
+			partitioned := make([]bool, len(targets))
 			for i, id := range ch.TruncateRelationIds {
 				targets[i] = rels[id]
+				if err := a.checkRelation(ctx, seq, targets[i], keys[id]); err != nil {
+					return err
+				}
+				partitioned[i] = a.partitioned[keys[id]]
 			}
-			a.batch.ExecParams(truncateSQL(targets, ch), nil, nil, nil, nil)
+			a.batch.ExecParams(truncateSQL(targets, partitioned, ch), nil, nil, nil, nil)
 			a.entries = append(a.entries, batchEntry{})
 		} else {
 			rel := rels[ch.RelationId]
@@ -330,7 +336,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 					return err
 				}
 			}
-			st, err := buildStatement(rel, keys[ch.RelationId], ch)
+			st, err := buildStatement(rel, keys[ch.RelationId], a.partitioned[keys[ch.RelationId]], ch)
 			if err != nil {
 				return blocked(seq, "unappliable", "%w", err)
 			}
@@ -357,17 +363,18 @@ func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Re
 	if a.checked[key] {
 		return nil
 	}
-	cols, _, exists, err := readTarget(ctx, a.conn, rel.Schema, rel.Name)
+	target, err := readTarget(ctx, a.conn, rel.Schema, rel.Name)
 	if err != nil {
 		return err
 	}
-	if !exists {
+	if !target.exists {
 		return blocked(seq, "missing table", "table %s.%s does not exist on DR; create it there (it was not part of the initial snapshot)", rel.Schema, rel.Name)
 	}
-	if err := checkTarget(rel, cols); err != nil {
+	if err := checkTarget(rel, target.cols); err != nil {
 		return blocked(seq, "schema mismatch", "%w", err)
 	}
 	a.checked[key] = true
+	a.partitioned[key] = target.partitioned
 	return nil
 }
 
@@ -550,11 +557,11 @@ func (a *applier) createMissingSchema(ctx context.Context, seq uint64, rels []*h
 		if rel.Schema == "haven" { // haven's own tables are made by the standby
 			continue
 		}
-		_, _, exists, err := readTarget(ctx, a.conn, rel.Schema, rel.Name)
+		target, err := readTarget(ctx, a.conn, rel.Schema, rel.Name)
 		if err != nil {
 			return err
 		}
-		if exists {
+		if target.exists {
 			return nil
 		}
 	}
@@ -566,17 +573,13 @@ func (a *applier) createMissingSchema(ctx context.Context, seq uint64, rels []*h
 // DR table with rows in a database haven never applied to is left alone:
 // the target is probably not the database the operator meant.
 func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels []*havenpb.Relation) error {
-	type target struct {
-		cols            map[string]targetColumn
-		hasRows, exists bool
-	}
-	targets := make([]target, len(rels))
+	targets := make([]targetTable, len(rels))
 	for i, rel := range rels {
-		cols, hasRows, exists, err := readTarget(ctx, tx, rel.Schema, rel.Name)
+		t, err := readTarget(ctx, tx, rel.Schema, rel.Name)
 		if err != nil {
 			return err
 		}
-		targets[i] = target{cols, hasRows, exists}
+		targets[i] = t
 	}
 	names := make([]string, 0, len(rels))
 	for i, rel := range rels {
@@ -596,9 +599,9 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 					"point --target-url at the DR database meant for it, or empty the table (TRUNCATE %s) if its rows may be replaced", qualified, a.cfg.Group, qualified)
 			}
 		}
-		names = append(names, qualified)
+		names = append(names, tableRef(qualified, t.partitioned))
 	}
-	if _, err := tx.Exec(ctx, "TRUNCATE ONLY "+strings.Join(names, ", ")); err != nil {
+	if _, err := tx.Exec(ctx, "TRUNCATE "+strings.Join(names, ", ")); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			return blocked(seq, "apply failed", "empty DR tables for the snapshot: %w (a DR table outside the group with a foreign key to one of them?)", err)

@@ -25,15 +25,23 @@ type querier interface {
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
 }
 
-// readTarget returns the columns of schema.name on DR, or exists=false.
-// Type names are read under search_path wire.TypeNameSearchPath, so that
-// they compare with the source's; the session's own search_path is put back
-// (the apply connection's triggers run in it). It runs on the apply
-// connection so that it sees DDL replayed in the open transaction.
-func readTarget(ctx context.Context, tx querier, schema, name string) (cols map[string]targetColumn, rows bool, exists bool, err error) {
+// targetTable is a DR table as its catalog describes it.
+type targetTable struct {
+	exists      bool
+	cols        map[string]targetColumn
+	hasRows     bool
+	partitioned bool // statements must not say ONLY: it would reach no row
+}
+
+// readTarget describes schema.name on DR. Type names are read under
+// search_path wire.TypeNameSearchPath, so that they compare with the
+// source's; the session's own search_path is put back (the apply
+// connection's triggers run in it). It runs on the apply connection so that
+// it sees DDL replayed in the open transaction.
+func readTarget(ctx context.Context, tx querier, schema, name string) (t targetTable, err error) {
 	var searchPath string
 	if err := tx.QueryRow(ctx, `SELECT current_setting('search_path'), set_config('search_path', $1, false)`, wire.TypeNameSearchPath).Scan(&searchPath, nil); err != nil {
-		return nil, false, false, fmt.Errorf("set search_path to read type names: %w", err)
+		return t, fmt.Errorf("set search_path to read type names: %w", err)
 	}
 	defer func() {
 		if _, restoreErr := tx.Exec(ctx, `SELECT set_config('search_path', $1, false)`, searchPath); restoreErr != nil && err == nil {
@@ -43,31 +51,32 @@ func readTarget(ctx context.Context, tx querier, schema, name string) (cols map[
 	qualified := pgx.Identifier{schema, name}.Sanitize()
 	var oid *uint32
 	if err := tx.QueryRow(ctx, `SELECT to_regclass($1)::oid`, qualified).Scan(&oid); err != nil {
-		return nil, false, false, fmt.Errorf("look up %s: %w", qualified, err)
+		return t, fmt.Errorf("look up %s: %w", qualified, err)
 	}
 	if oid == nil {
-		return nil, false, false, nil
+		return t, nil
 	}
 	r, err := tx.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
 		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, *oid)
 	if err != nil {
-		return nil, false, false, fmt.Errorf("describe %s: %w", qualified, err)
+		return t, fmt.Errorf("describe %s: %w", qualified, err)
 	}
 	list, err := pgx.CollectRows(r, func(row pgx.CollectableRow) (targetColumn, error) {
 		var c targetColumn
 		return c, row.Scan(&c.name, &c.typeName, &c.notNull)
 	})
 	if err != nil {
-		return nil, false, false, fmt.Errorf("describe %s: %w", qualified, err)
+		return t, fmt.Errorf("describe %s: %w", qualified, err)
 	}
-	cols = make(map[string]targetColumn, len(list))
+	t = targetTable{exists: true, cols: make(map[string]targetColumn, len(list))}
 	for _, c := range list {
-		cols[c.name] = c
+		t.cols[c.name] = c
 	}
-	if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+qualified+")").Scan(&rows); err != nil {
-		return nil, false, false, fmt.Errorf("inspect %s: %w", qualified, err)
+	if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+qualified+"), (SELECT relkind = 'p' FROM pg_class WHERE oid = $1)", *oid).
+		Scan(&t.hasRows, &t.partitioned); err != nil {
+		return t, fmt.Errorf("inspect %s: %w", qualified, err)
 	}
-	return cols, rows, true, nil
+	return t, nil
 }
 
 // checkTarget reports how an existing DR table differs from the source's

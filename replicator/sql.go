@@ -10,7 +10,17 @@ import (
 )
 
 // Statements name tables with ONLY: a change on the source touched exactly
-// the table it names, never its inheritance children.
+// the table it names, never its inheritance children. A partitioned table
+// (a group published via the partition root) is named without ONLY: with
+// it, UPDATE and DELETE would reach no row at all.
+
+// tableRef names a table in an UPDATE, DELETE or TRUNCATE.
+func tableRef(qualified string, partitioned bool) string {
+	if partitioned {
+		return qualified
+	}
+	return "ONLY " + qualified
+}
 
 // statement is one parameterised SQL text for a shape of change: the same
 // table, operation, set of sent columns and (for REPLICA IDENTITY FULL)
@@ -64,15 +74,15 @@ func value(d *havenpb.Datum) []byte {
 }
 
 // buildStatement renders the SQL and parameters of one row change.
-func buildStatement(rel *havenpb.Relation, relKey string, ch *havenpb.Change) (statement, error) {
+func buildStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch *havenpb.Change) (statement, error) {
 	table := pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
 	switch ch.Op {
 	case havenpb.Op_OP_INSERT:
 		return insertStatement(rel, relKey, table, ch.New), nil
 	case havenpb.Op_OP_UPDATE:
-		return updateStatement(rel, relKey, table, ch)
+		return updateStatement(rel, relKey, tableRef(table, partitioned), ch)
 	case havenpb.Op_OP_DELETE:
-		return deleteStatement(rel, relKey, table, ch.Old)
+		return deleteStatement(rel, relKey, tableRef(table, partitioned), ch.Old)
 	default:
 		return statement{}, fmt.Errorf("no row statement for op %s", ch.Op)
 	}
@@ -147,7 +157,9 @@ func whereIdentity(rel *havenpb.Relation, table string, identity *havenpb.Row, p
 	}
 	where := strings.Join(conds, " AND ")
 	if rel.ReplicaIdentity == "f" {
-		where = fmt.Sprintf("ctid = (SELECT ctid FROM ONLY %s WHERE %s LIMIT 1)", table, where)
+		// ctid alone is unique only within one table: a partitioned table
+		// holds rows of several.
+		where = fmt.Sprintf("(tableoid, ctid) = (SELECT tableoid, ctid FROM %s WHERE %s LIMIT 1)", table, where)
 	}
 	return where, params, string(mask), nil
 }
@@ -186,14 +198,14 @@ func updateStatement(rel *havenpb.Relation, relKey, table string, ch *havenpb.Ch
 		// the row must still exist.
 		return statement{
 			key:        relKey + "|U0|" + whereMask,
-			sql:        fmt.Sprintf("SELECT 1 FROM ONLY %s WHERE %s", table, where),
+			sql:        fmt.Sprintf("SELECT 1 FROM %s WHERE %s", table, where),
 			params:     params,
 			matchesRow: true,
 		}, nil
 	}
 	return statement{
 		key:        relKey + "|U|" + string(setMask) + "|" + whereMask,
-		sql:        fmt.Sprintf("UPDATE ONLY %s SET %s WHERE %s", table, strings.Join(sets, ", "), where),
+		sql:        fmt.Sprintf("UPDATE %s SET %s WHERE %s", table, strings.Join(sets, ", "), where),
 		params:     params,
 		matchesRow: true,
 	}, nil
@@ -206,7 +218,7 @@ func deleteStatement(rel *havenpb.Relation, relKey, table string, old *havenpb.R
 	}
 	return statement{
 		key:        relKey + "|D|" + mask,
-		sql:        fmt.Sprintf("DELETE FROM ONLY %s WHERE %s", table, where),
+		sql:        fmt.Sprintf("DELETE FROM %s WHERE %s", table, where),
 		params:     params,
 		matchesRow: true,
 	}, nil
@@ -214,16 +226,16 @@ func deleteStatement(rel *havenpb.Relation, relKey, table string, old *havenpb.R
 
 // truncateSQL renders one TRUNCATE of every relation the source truncated
 // together. The source lists every table it emptied, CASCADE included, so
-// each is truncated ONLY and without CASCADE: tables on DR that the source
-// did not empty (DR children, DR-only tables with foreign keys) keep their
-// rows, as PostgreSQL's own subscriber does it. RESTART IDENTITY carries
-// over.
-func truncateSQL(rels []*havenpb.Relation, ch *havenpb.Change) string {
+// each is truncated ONLY (but for partitioned tables) and without CASCADE:
+// tables on DR that the source did not empty (DR children, DR-only tables
+// with foreign keys) keep their rows, as PostgreSQL's own subscriber does
+// it. RESTART IDENTITY carries over.
+func truncateSQL(rels []*havenpb.Relation, partitioned []bool, ch *havenpb.Change) string {
 	names := make([]string, len(rels))
 	for i, r := range rels {
-		names[i] = pgx.Identifier{r.Schema, r.Name}.Sanitize()
+		names[i] = tableRef(pgx.Identifier{r.Schema, r.Name}.Sanitize(), partitioned[i])
 	}
-	sql := "TRUNCATE ONLY " + strings.Join(names, ", ")
+	sql := "TRUNCATE " + strings.Join(names, ", ")
 	if ch.TruncateRestartIdentity {
 		sql += " RESTART IDENTITY"
 	}

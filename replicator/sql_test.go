@@ -169,7 +169,7 @@ func TestBuildStatement(t *testing.T) {
 			change: &havenpb.Change{Op: havenpb.Op_OP_UPDATE,
 				Old: sqlTestRow(sqlTestText("2025-01-01 00:00:00+00"), sqlTestNull(), sqlTestText("boot")),
 				New: sqlTestRow(sqlTestToast(), sqlTestToast(), sqlTestToast())},
-			sql:        `SELECT 1 FROM ONLY "public"."log" WHERE ctid = (SELECT ctid FROM ONLY "public"."log" WHERE format('%s', "at") = $1::text AND "level" IS NULL AND format('%s', "message") = $2::text LIMIT 1)`,
+			sql:        `SELECT 1 FROM ONLY "public"."log" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM ONLY "public"."log" WHERE format('%s', "at") = $1::text AND "level" IS NULL AND format('%s', "message") = $2::text LIMIT 1)`,
 			params:     sqlTestWantParams("2025-01-01 00:00:00+00", "boot"),
 			matchesRow: true,
 		},
@@ -180,7 +180,7 @@ func TestBuildStatement(t *testing.T) {
 				Old: sqlTestRow(sqlTestText("2025-01-01 00:00:00+00"), sqlTestNull(), sqlTestText("boot")),
 				New: sqlTestRow(sqlTestText("2025-01-01 00:00:00+00"), sqlTestText("info"), sqlTestText("boot"))},
 			sql: `UPDATE ONLY "public"."log" SET "at" = $1, "level" = $2, "message" = $3 ` +
-				`WHERE ctid = (SELECT ctid FROM ONLY "public"."log" WHERE format('%s', "at") = $4::text AND "level" IS NULL AND format('%s', "message") = $5::text LIMIT 1)`,
+				`WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM ONLY "public"."log" WHERE format('%s', "at") = $4::text AND "level" IS NULL AND format('%s', "message") = $5::text LIMIT 1)`,
 			params:     sqlTestWantParams("2025-01-01 00:00:00+00", "info", "boot", "2025-01-01 00:00:00+00", "boot"),
 			matchesRow: true,
 		},
@@ -196,7 +196,7 @@ func TestBuildStatement(t *testing.T) {
 			name:       "delete, REPLICA IDENTITY FULL",
 			rel:        log,
 			change:     &havenpb.Change{Op: havenpb.Op_OP_DELETE, Old: sqlTestRow(sqlTestNull(), sqlTestText("warn"), sqlTestText(""))},
-			sql:        `DELETE FROM ONLY "public"."log" WHERE ctid = (SELECT ctid FROM ONLY "public"."log" WHERE "at" IS NULL AND format('%s', "level") = $1::text AND format('%s', "message") = $2::text LIMIT 1)`,
+			sql:        `DELETE FROM ONLY "public"."log" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM ONLY "public"."log" WHERE "at" IS NULL AND format('%s', "level") = $1::text AND format('%s', "message") = $2::text LIMIT 1)`,
 			params:     sqlTestWantParams("warn", ""),
 			matchesRow: true,
 		},
@@ -204,7 +204,7 @@ func TestBuildStatement(t *testing.T) {
 			name:       "delete, REPLICA IDENTITY FULL, all NULL",
 			rel:        log,
 			change:     &havenpb.Change{Op: havenpb.Op_OP_DELETE, Old: sqlTestRow(sqlTestNull(), sqlTestNull(), sqlTestNull())},
-			sql:        `DELETE FROM ONLY "public"."log" WHERE ctid = (SELECT ctid FROM ONLY "public"."log" WHERE "at" IS NULL AND "level" IS NULL AND "message" IS NULL LIMIT 1)`,
+			sql:        `DELETE FROM ONLY "public"."log" WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM ONLY "public"."log" WHERE "at" IS NULL AND "level" IS NULL AND "message" IS NULL LIMIT 1)`,
 			params:     []string{},
 			matchesRow: true,
 		},
@@ -212,7 +212,7 @@ func TestBuildStatement(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.change.RelationId = tt.rel.Id
-			st, err := buildStatement(tt.rel, relationKey(tt.rel), tt.change)
+			st, err := buildStatement(tt.rel, relationKey(tt.rel), false, tt.change)
 			if err != nil {
 				t.Fatalf("buildStatement: %v", err)
 			}
@@ -268,7 +268,7 @@ func TestBuildStatementErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.change.RelationId = tt.rel.Id
-			st, err := buildStatement(tt.rel, relationKey(tt.rel), tt.change)
+			st, err := buildStatement(tt.rel, relationKey(tt.rel), false, tt.change)
 			if err == nil {
 				t.Fatalf("buildStatement = %q, want an error", st.sql)
 			}
@@ -290,7 +290,7 @@ func TestStatementKeys(t *testing.T) {
 	build := func(ch *havenpb.Change) statement {
 		t.Helper()
 		ch.RelationId = orders.Id
-		st, err := buildStatement(orders, key, ch)
+		st, err := buildStatement(orders, key, false, ch)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -350,7 +350,7 @@ func TestStatementKeyDeterminesSQL(t *testing.T) {
 		default:
 			ch.Op, ch.Old = havenpb.Op_OP_DELETE, row(false)
 		}
-		st, err := buildStatement(rel, relationKey(rel), ch)
+		st, err := buildStatement(rel, relationKey(rel), false, ch)
 		if err != nil {
 			continue // NULL or TOAST keys: covered by TestBuildStatementErrors
 		}
@@ -425,7 +425,7 @@ func TestRelationKeyIsInjective(t *testing.T) {
 				for i := range values {
 					values[i] = sqlTestText("1")
 				}
-				st, err := buildStatement(rel, relationKey(rel), &havenpb.Change{Op: havenpb.Op_OP_INSERT, New: sqlTestRow(values...)})
+				st, err := buildStatement(rel, relationKey(rel), false, &havenpb.Change{Op: havenpb.Op_OP_INSERT, New: sqlTestRow(values...)})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -449,17 +449,17 @@ func TestTruncateSQL(t *testing.T) {
 	}{
 		{"one table", []*havenpb.Relation{log}, &havenpb.Change{}, `TRUNCATE ONLY "public"."log"`},
 		{"quoted names", []*havenpb.Relation{orders}, &havenpb.Change{}, `TRUNCATE ONLY ` + sqlTestOrdersTable},
-		{"several tables", []*havenpb.Relation{orders, log}, &havenpb.Change{}, `TRUNCATE ONLY ` + sqlTestOrdersTable + `, "public"."log"`},
+		{"several tables", []*havenpb.Relation{orders, log}, &havenpb.Change{}, `TRUNCATE ONLY ` + sqlTestOrdersTable + `, ONLY "public"."log"`},
 		{"restart identity", []*havenpb.Relation{log}, &havenpb.Change{TruncateRestartIdentity: true}, `TRUNCATE ONLY "public"."log" RESTART IDENTITY`},
 		{"cascade is not replayed: the source listed every table it emptied", []*havenpb.Relation{log}, &havenpb.Change{TruncateCascade: true}, `TRUNCATE ONLY "public"."log"`},
 		{"restart identity and cascade", []*havenpb.Relation{orders, log},
 			&havenpb.Change{TruncateRestartIdentity: true, TruncateCascade: true},
-			`TRUNCATE ONLY ` + sqlTestOrdersTable + `, "public"."log" RESTART IDENTITY`},
+			`TRUNCATE ONLY ` + sqlTestOrdersTable + `, ONLY "public"."log" RESTART IDENTITY`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.change.Op = havenpb.Op_OP_TRUNCATE
-			if got := truncateSQL(tt.rels, tt.change); got != tt.want {
+			if got := truncateSQL(tt.rels, make([]bool, len(tt.rels)), tt.change); got != tt.want {
 				t.Errorf("got  %s\nwant %s", got, tt.want)
 			}
 		})
@@ -586,5 +586,21 @@ func TestCopyTextRoundTrip(t *testing.T) {
 				t.Fatalf("row %d value %d: got %v %q, want %v %q", i, j, d.Kind, d.Text, want.Kind, want.Text)
 			}
 		}
+	}
+}
+
+func TestPartitionedTablesAreNamedWithoutOnly(t *testing.T) {
+	rel := &havenpb.Relation{Id: 1, Schema: "public", Name: "events", ReplicaIdentity: "d", Columns: []*havenpb.Column{
+		{Name: "id", Type: "bigint", Key: true}, {Name: "body", Type: "text"}}}
+	st, err := buildStatement(rel, relationKey(rel), true, &havenpb.Change{Op: havenpb.Op_OP_DELETE, RelationId: 1,
+		Old: sqlTestRow(sqlTestText("1"), sqlTestNull())})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `DELETE FROM "public"."events" WHERE "id" = $1`; st.sql != want {
+		t.Errorf("got %s, want %s (ONLY on a partitioned table reaches no row)", st.sql, want)
+	}
+	if got, want := truncateSQL([]*havenpb.Relation{rel, rel}, []bool{true, false}, &havenpb.Change{}), `TRUNCATE "public"."events", ONLY "public"."events"`; got != want {
+		t.Errorf("got %s, want %s", got, want)
 	}
 }
