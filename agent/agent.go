@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"maps"
 	"slices"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -18,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/haven-dr/haven/internal/opshttp"
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -26,16 +26,11 @@ type Agent struct {
 	cfg     Config
 	log     zerolog.Logger
 	metrics *metrics
-	problem atomic.Pointer[string]
+	health  opshttp.Health
 }
 
 // Healthy returns nil while the agent streams, or what keeps it from it.
-func (a *Agent) Healthy() error {
-	if p := a.problem.Load(); p != nil {
-		return errors.New(*p)
-	}
-	return nil
-}
+func (a *Agent) Healthy() error { return a.health.Err() }
 
 // New checks cfg and registers the agent's metrics on reg.
 func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Agent, error) {
@@ -44,8 +39,7 @@ func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Agent, err
 	}
 	log = log.With().Str("component", "agent").Str("group", cfg.Group).Logger()
 	a := &Agent{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
-	starting := "starting"
-	a.problem.Store(&starting)
+	a.health.Set("starting")
 	return a, nil
 }
 
@@ -64,8 +58,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		if err == nil {
 			err = errors.New("capture session ended")
 		}
-		problem := err.Error()
-		a.problem.Store(&problem)
+		a.health.Set(err.Error())
 		if IsOperatorError(err) {
 			a.log.Error().Err(err).Msg("capture stopped: this needs an operator")
 			return err
@@ -115,7 +108,7 @@ type session struct {
 }
 
 func (a *Agent) runSession(ctx context.Context) error {
-	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.problem.Store(nil) }}
+	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.health.Set("") }}
 	ctrl, err := s.connectSource(ctx)
 	if err != nil {
 		return err

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -16,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/rs/zerolog"
 
+	"github.com/haven-dr/haven/internal/opshttp"
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -25,7 +25,7 @@ type Standby struct {
 	cfg     Config
 	log     zerolog.Logger
 	metrics *metrics
-	problem atomic.Pointer[string]
+	health  opshttp.Health
 	// isolateThrough is handed to each session's applier (Run's goroutine
 	// only).
 	isolateThrough uint64
@@ -38,25 +38,12 @@ func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Standby, e
 	}
 	log = log.With().Str("component", "standby").Str("group", cfg.Group).Logger()
 	s := &Standby{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
-	s.setProblem("starting")
+	s.health.Set("starting")
 	return s, nil
 }
 
 // Healthy returns nil while the standby applies, or what stops it.
-func (s *Standby) Healthy() error {
-	if p := s.problem.Load(); p != nil {
-		return errors.New(*p)
-	}
-	return nil
-}
-
-func (s *Standby) setProblem(p string) {
-	if p == "" {
-		s.problem.Store(nil)
-		return
-	}
-	s.problem.Store(&p)
-}
+func (s *Standby) Healthy() error { return s.health.Err() }
 
 // operatorError is a setup problem only an operator can fix.
 type operatorError struct{ err error }
@@ -80,7 +67,7 @@ func (s *Standby) Run(ctx context.Context) error {
 		var be *blockedError
 		switch {
 		case errors.As(err, &oe):
-			s.setProblem(err.Error())
+			s.health.Set(err.Error())
 			s.log.Error().Err(err).Msg("apply stopped: this needs an operator")
 			return err
 		case errors.As(err, &be):
@@ -89,13 +76,13 @@ func (s *Standby) Run(ctx context.Context) error {
 				// so the message named is exactly the one that fails.
 				s.isolateThrough = max(s.isolateThrough, be.seq+uint64(s.cfg.GroupChanges)+1)
 			}
-			s.setProblem(err.Error())
+			s.health.Set(err.Error())
 			s.metrics.blocked.Set(1)
 			s.log.Error().Err(err).Uint64("seq", be.seq).Str("reason", be.reason).Dur("retry_in", s.cfg.BlockedRetry).
 				Msg("apply is blocked: nothing after this message is applied and it is not acknowledged; fix the cause (see the error), apply resumes by itself")
 			wait = s.cfg.BlockedRetry
 		default:
-			s.setProblem(err.Error())
+			s.health.Set(err.Error())
 			s.metrics.errors.Inc()
 			wait = min(max(2*wait, 500*time.Millisecond), 30*time.Second)
 			s.log.Warn().Err(err).Dur("retry_in", wait).Msg("apply session ended; retrying")
@@ -199,7 +186,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	s.metrics.connected.Set(1)
 	s.metrics.blocked.Set(0)
 	s.metrics.appliedLSN.Set(float64(pos.commitLSN))
-	s.setProblem("")
+	s.health.Set("")
 	s.log.Info().Uint64("stream_seq", pos.streamSeq).Stringer("commit_lsn", pos.commitLSN).Bool("snapshot_done", pos.snapshotDone).
 		Msg("applying from the stored position")
 	defer func() {

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -48,4 +49,25 @@ func Serve(ctx context.Context, addr string, gatherer prometheus.Gatherer, healt
 		_ = srv.Shutdown(shutdownCtx)
 	}()
 	return ln.Addr().String(), done, nil
+}
+
+// Health is what a process reports on /healthz: nothing while it does its
+// job, else the problem that keeps it from it. Safe for concurrent use.
+type Health struct{ problem atomic.Pointer[string] }
+
+// Set records the problem; an empty one means healthy.
+func (h *Health) Set(problem string) {
+	if problem == "" {
+		h.problem.Store(nil)
+		return
+	}
+	h.problem.Store(&problem)
+}
+
+// Err returns the problem, or nil.
+func (h *Health) Err() error {
+	if p := h.problem.Load(); p != nil {
+		return errors.New(*p)
+	}
+	return nil
 }
