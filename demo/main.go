@@ -180,8 +180,9 @@ watch:
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-ticker.C:
-			p, _ := countActivities(ctx, primaryConn)
+			// DR first: the primary, read after it, is never behind it.
 			d, _ := countActivities(ctx, drConn)
+			p, _ := countActivities(ctx, primaryConn)
 			fmt.Printf("    %7.0fs  %14d  %14d  %9.3fs\n", time.Since(started).Seconds(), p, d, gauge(reg, "haven_standby_lag_seconds"))
 		}
 	}
