@@ -66,6 +66,7 @@ type applier struct {
 	next          position  // pos plus what the open target transaction holds
 
 	lastSeq     uint64 // last stream sequence handled in this session
+	lastPending uint64 // messages the stream still held for us after it
 	statements  map[string]string
 	checked     map[string]bool // relation keys whose DR table was checked
 	partitioned map[string]bool // relation keys whose DR table is partitioned
@@ -131,9 +132,7 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 		return err
 	}
 	a.lastSeq = seq
-	if meta.NumPending == 0 && !a.open {
-		a.metrics.lagSeconds.Set(0)
-	}
+	a.lastPending = meta.NumPending
 	return nil
 }
 
@@ -480,7 +479,13 @@ func (a *applier) rollback(ctx context.Context) {
 // source transactions is committed rather than kept waiting.
 func (a *applier) idle(ctx context.Context) error {
 	if a.open && a.partial == nil {
-		return a.commit(ctx)
+		if err := a.commit(ctx); err != nil {
+			return err
+		}
+	}
+	if !a.open && a.lastPending == 0 {
+		// Nothing buffered, nothing left in the stream: DR is current.
+		a.metrics.lagSeconds.Set(0)
 	}
 	return nil
 }
