@@ -20,16 +20,19 @@ const ddlLogTable = "ddl_log"
 const ddlCaptureSQL = `
 CREATE SCHEMA IF NOT EXISTS haven;
 CREATE TABLE IF NOT EXISTS haven.ddl_log (
-	id           bigserial PRIMARY KEY,
-	txid         bigint NOT NULL DEFAULT pg_catalog.txid_current(),
-	at           timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
-	username     text NOT NULL DEFAULT current_user,
-	search_path  text NOT NULL,
-	command_tags text NOT NULL,
-	ddl          text NOT NULL
+	id             bigserial PRIMARY KEY,
+	txid           bigint NOT NULL DEFAULT pg_catalog.txid_current(),
+	at             timestamptz NOT NULL DEFAULT pg_catalog.clock_timestamp(),
+	username       text NOT NULL,
+	search_path    text NOT NULL,
+	command_tags   text NOT NULL,
+	ddl            text NOT NULL,
+	rewrite_reason int NOT NULL DEFAULT 0
 );
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS ddl_log_txid ON haven.ddl_log (txid);
-COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on this database, replicated and replayed on the DR site in stream order';
+COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on this database, replicated and replayed on the DR site in stream order, as the role that ran it';
+REVOKE ALL ON haven.ddl_log FROM PUBLIC;
 
 CREATE TABLE IF NOT EXISTS haven.groups (
 	name        text PRIMARY KEY,
@@ -42,35 +45,68 @@ COMMENT ON TABLE haven.groups IS 'haven: replication groups captured from this d
 -- replica identity) to the publication of every all-tables group, so its
 -- rows are captured from its first insert. A table without a usable
 -- identity is never added (the primary's own UPDATEs on it would fail);
--- the client is warned instead.
-CREATE OR REPLACE FUNCTION haven.publish_new_tables() RETURNS void LANGUAGE plpgsql SECURITY DEFINER AS $$
+-- the client is warned instead. Like every function here that runs with
+-- its owner's rights, it runs with search_path pg_catalog: a caller's
+-- objects (an operator named <>) cannot stand in for the built-in ones.
+CREATE OR REPLACE FUNCTION haven.publish_new_tables() RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	t   record;
 	pub text;
 BEGIN
 	FOR t IN SELECT DISTINCT c.objid::regclass AS rel, k.relkind, k.relreplident, k.relpersistence,
-	                k.relispartition, pg_catalog.pg_relation_size(c.objid) > 0 AS has_rows,
-	                EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.objid AND
+	                k.relispartition, pg_relation_size(c.objid) > 0 AS has_rows,
+	                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.objid AND
 	                        ((k.relreplident = 'd' AND i.indisprimary) OR (k.relreplident = 'i' AND i.indisreplident))) AS has_key
-	         FROM pg_catalog.pg_event_trigger_ddl_commands() c JOIN pg_catalog.pg_class k ON k.oid = c.objid
+	         FROM pg_event_trigger_ddl_commands() c JOIN pg_class k ON k.oid = c.objid
 	         WHERE c.object_type = 'table' AND NOT c.in_extension AND c.schema_name <> 'haven' AND c.schema_name NOT LIKE 'pg\_temp%'
 	LOOP
 		CONTINUE WHEN t.relkind <> 'r' OR t.relpersistence <> 'p';
 		FOR pub IN SELECT g.publication FROM haven.groups g WHERE g.all_tables LOOP
-			CONTINUE WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables p
-			                      WHERE p.pubname = pub AND (p.schemaname || '.' || p.tablename)::regclass = t.rel);
+			CONTINUE WHEN EXISTS (SELECT 1 FROM pg_publication_tables p
+			                      WHERE p.pubname = pub AND format('%I.%I', p.schemaname, p.tablename)::regclass = t.rel);
 			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
 				RAISE WARNING 'haven: table % has no primary key or replica identity, so it is not replicated (publication %); add a primary key or set REPLICA IDENTITY FULL', t.rel, pub;
 			ELSIF t.has_rows THEN
 				RAISE WARNING 'haven: table % already holds rows, so it is not added to publication % (DR would lack those rows); re-seed the group to replicate it', t.rel, pub;
 			ELSE
-				EXECUTE pg_catalog.format('ALTER PUBLICATION %I ADD TABLE %s', pub, t.rel);
+				EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, t.rel);
 			END IF;
 		END LOOP;
 	END LOOP;
 END $$;
 
-CREATE OR REPLACE FUNCTION haven.mark_temporary_drop() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+-- record_ddl writes one statement to haven.ddl_log. It runs with its
+-- owner's rights (the log is not writable by others) but only inside an
+-- event trigger, and it records as the role to replay as the caller's
+-- current role only when the session's login role may act as it: nobody
+-- can have DDL replayed on DR with rights they do not hold.
+CREATE OR REPLACE FUNCTION haven.record_ddl(statement text, tag text, caller_search_path text, caller_role text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	replay_as text := session_user;
+BEGIN
+	PERFORM 1 FROM pg_event_trigger_ddl_commands() LIMIT 1; -- fails outside an event trigger
+	IF pg_has_role(session_user, caller_role, 'MEMBER') THEN
+		replay_as := caller_role;
+	END IF;
+	-- Several DDL statements sent in one query string are recorded once.
+	IF NOT EXISTS (SELECT 1 FROM haven.ddl_log l WHERE l.txid = txid_current() AND l.ddl = statement) THEN
+		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason)
+		VALUES (replay_as, caller_search_path, tag, statement,
+		        coalesce(nullif(current_setting('haven.rewrite_reason', true), ''), '0')::int);
+		PERFORM set_config('haven.rewrite_reason', '0', true);
+	END IF;
+	-- After recording: the ALTER PUBLICATION it may run is DDL too.
+	IF tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE') THEN
+		PERFORM haven.publish_new_tables();
+	END IF;
+END $$;
+
+-- The event trigger functions run as the caller: they only read the
+-- caller's context and hand it to record_ddl. The search_path recorded is
+-- the one in effect, resolved ("$user" and all) and quoted.
+CREATE OR REPLACE FUNCTION haven.mark_temporary_drop() RETURNS event_trigger LANGUAGE plpgsql AS $$
 BEGIN
 	-- sql_drop runs before ddl_command_end of the same statement.
 	PERFORM pg_catalog.set_config('haven.drop_only_temporary',
@@ -79,37 +115,51 @@ BEGIN
 		     THEN 'on' ELSE 'off' END, true);
 END $$;
 
-CREATE OR REPLACE FUNCTION haven.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
-DECLARE
-	statement text := pg_catalog.current_query();
-	relevant  boolean;
+-- A rewrite that fills a column with values the DR site would compute
+-- differently (a volatile default, a new identity or serial column) is
+-- flagged, so that the standby refuses to replay it rather than diverge.
+CREATE OR REPLACE FUNCTION haven.mark_rewrite() RETURNS event_trigger LANGUAGE plpgsql AS $$
 BEGIN
+	PERFORM pg_catalog.set_config('haven.rewrite_reason',
+		(coalesce(NULLIF(pg_catalog.current_setting('haven.rewrite_reason', true), ''), '0')::int
+		 | pg_catalog.pg_event_trigger_table_rewrite_reason())::text, true);
+END $$;
+
+CREATE OR REPLACE FUNCTION haven.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+DECLARE
+	relevant boolean;
+BEGIN
+	IF tg_tag LIKE '% PUBLICATION' OR tg_tag LIKE '% SUBSCRIPTION' THEN
+		-- Replication setup of this site, not schema: not the DR site's.
+		RETURN;
+	END IF;
 	IF tg_tag LIKE 'DROP %' THEN
 		relevant := pg_catalog.current_setting('haven.drop_only_temporary', true) IS DISTINCT FROM 'on';
 		PERFORM pg_catalog.set_config('haven.drop_only_temporary', 'off', true);
 	ELSE
 		SELECT pg_catalog.count(*) = 0 OR pg_catalog.bool_or(NOT c.in_extension
-		       AND c.schema_name IS DISTINCT FROM 'haven' AND c.schema_name NOT LIKE 'pg\_temp%')
+		       AND c.schema_name IS DISTINCT FROM 'haven' AND coalesce(c.schema_name, '') NOT LIKE 'pg\_temp%')
 		  INTO relevant FROM pg_catalog.pg_event_trigger_ddl_commands() c;
 	END IF;
-	IF NOT relevant THEN
-		RETURN;
+	IF coalesce(relevant, true) THEN
+		PERFORM haven.record_ddl(pg_catalog.current_query(), tg_tag,
+			pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.quote_ident(s) FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) s), ', '),
+			current_user::text);
 	END IF;
-	IF tg_tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE') THEN
-		PERFORM haven.publish_new_tables();
-	END IF;
-	-- Several DDL statements sent in one query string are recorded once.
-	IF EXISTS (SELECT 1 FROM haven.ddl_log l WHERE l.txid = pg_catalog.txid_current() AND l.ddl = statement) THEN
-		RETURN;
-	END IF;
-	INSERT INTO haven.ddl_log (search_path, command_tags, ddl)
-	VALUES (pg_catalog.current_setting('search_path'), tg_tag, statement);
 END $$;
+
+-- Every role's DDL passes through these; only record_ddl writes the log.
+GRANT USAGE ON SCHEMA haven TO PUBLIC;
+GRANT EXECUTE ON FUNCTION haven.record_ddl(text, text, text, text), haven.capture_ddl(), haven.mark_temporary_drop(), haven.mark_rewrite() TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION haven.publish_new_tables() FROM PUBLIC;
 
 DO $$
 BEGIN
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'haven_mark_temporary_drop') THEN
 		CREATE EVENT TRIGGER haven_mark_temporary_drop ON sql_drop EXECUTE FUNCTION haven.mark_temporary_drop();
+	END IF;
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'haven_mark_rewrite') THEN
+		CREATE EVENT TRIGGER haven_mark_rewrite ON table_rewrite EXECUTE FUNCTION haven.mark_rewrite();
 	END IF;
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'haven_capture_ddl') THEN
 		CREATE EVENT TRIGGER haven_capture_ddl ON ddl_command_end EXECUTE FUNCTION haven.capture_ddl();

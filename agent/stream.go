@@ -109,9 +109,20 @@ func (s *session) readTail(ctx context.Context) (streamTail, error) {
 	if info.State.Msgs == 0 {
 		return streamTail{}, nil
 	}
-	msg, err := s.stream.GetMsg(ctx, info.State.LastSeq)
-	if err != nil {
-		return streamTail{}, fmt.Errorf("read the stream's last message (seq %d): %w", info.State.LastSeq, err)
+	// The last sequence may name a message deleted on its own: the tail is
+	// the last one still there.
+	var msg *jetstream.RawStreamMsg
+	for seq := info.State.LastSeq; seq >= info.State.FirstSeq && seq > 0; seq-- {
+		msg, err = s.stream.GetMsg(ctx, seq)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, jetstream.ErrMsgNotFound) {
+			return streamTail{}, fmt.Errorf("read the stream's last message (seq %d): %w", seq, err)
+		}
+	}
+	if msg == nil {
+		return streamTail{}, nil
 	}
 	tail := streamTail{msgID: msg.Header.Get(jetstream.MsgIDHeader)}
 	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)

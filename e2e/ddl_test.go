@@ -122,3 +122,74 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 	assertSameSchema(t, primary, dr)
 	assertEqual(t, primary, dr, map[string]string{"deals": "id", "notes": "id"})
 }
+
+// TestDDLCannotEscalate: a role that may only create tables tries to make
+// haven's DDL capture (which runs with a superuser's rights) or DDL replay
+// on DR (which runs on a superuser's connection) act for it; neither does.
+func TestDDLCannotEscalate(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	dr := connect(t, s.drURL())
+	for _, conn := range []*pgx.Conn{primary, dr} {
+		mustExec(t, conn, `CREATE ROLE mallory LOGIN; GRANT CREATE ON SCHEMA public TO mallory`)
+	}
+	mustExec(t, primary, `CREATE TABLE marker (id bigint PRIMARY KEY)`)
+	startHaven(t, "agent", s.agentArgs()...)
+	startHaven(t, "standby", s.standbyArgs()...)
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+
+	mallory := connect(t, strings.Replace(s.primaryURL(), "postgres@", "mallory@", 1))
+	mustExec(t, mallory, `
+CREATE FUNCTION public.evil(a text, b text) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+	BEGIN EXECUTE 'ALTER ROLE mallory SUPERUSER'; EXCEPTION WHEN OTHERS THEN NULL; END;
+	RETURN a OPERATOR(pg_catalog.<>) b;
+END $$;
+CREATE OPERATOR public.<> (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil);
+CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evil);`)
+	mustExec(t, mallory, `SET search_path = public, pg_catalog`)
+	mustExec(t, mallory, `CREATE TABLE public.harmless (id int PRIMARY KEY)`)
+	mustExec(t, mallory, `RESET search_path`)
+	// Harmless where it runs first, a superuser role where run by one.
+	mustExec(t, mallory, `DO $$ BEGIN
+		CREATE TABLE mal_t (id int PRIMARY KEY);
+		IF current_user::text OPERATOR(pg_catalog.<>) 'mallory' THEN EXECUTE 'CREATE ROLE pwned SUPERUSER LOGIN'; END IF;
+	END $$`)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+
+	var super bool
+	if err := primary.QueryRow(t.Context(), `SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'`).Scan(&super); err != nil || super {
+		t.Errorf("mallory became superuser on the primary through haven's DDL capture (%v)", err)
+	}
+	var pwned int
+	if err := dr.QueryRow(t.Context(), `SELECT count(*) FROM pg_roles WHERE rolname = 'pwned'`).Scan(&pwned); err != nil || pwned != 0 {
+		t.Errorf("DDL replay on DR created a superuser role for mallory (%v)", err)
+	}
+	var owner string
+	if err := dr.QueryRow(t.Context(), `SELECT tableowner FROM pg_tables WHERE tablename = 'mal_t'`).Scan(&owner); err != nil || owner != "mallory" {
+		t.Errorf("mallory's table on DR is owned by %q (%v), want mallory: DDL replays as the role that ran it", owner, err)
+	}
+}
+
+// TestVolatileRewriteIsRefused: a column filled on the primary with values
+// DR would compute differently (a volatile default) cannot be replicated by
+// replaying the DDL; apply stops there and says so instead of diverging.
+func TestVolatileRewriteIsRefused(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	mustExec(t, primary, `CREATE TABLE tokens (id int PRIMARY KEY); CREATE TABLE marker (id bigint PRIMARY KEY);
+		INSERT INTO tokens SELECT generate_series(1, 50)`)
+	startHaven(t, "agent", s.agentArgs()...)
+	standby := startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+
+	mustExec(t, primary, `ALTER TABLE tokens ADD COLUMN token text DEFAULT md5(random()::text)`)
+	waitFor(t, 30*time.Second, "apply to refuse the rewrite", func() (bool, error) {
+		return strings.Contains(standby.output(), `"reason":"ddl not replayable"`), nil
+	})
+	var columns int
+	if err := dr.QueryRow(t.Context(), `SELECT count(*) FROM information_schema.columns WHERE table_name = 'tokens' AND column_name = 'token'`).Scan(&columns); err != nil || columns != 0 {
+		t.Errorf("the refused DDL was applied on DR (%d, %v)", columns, err)
+	}
+}

@@ -127,6 +127,11 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 	if err != nil {
 		var be *blockedError
 		if errors.As(err, &be) {
+			if chunk.Kind == havenpb.Kind_KIND_TRANSACTION && a.partial != nil {
+				// Name the transaction's first message: that is what an
+				// operator inspects and, if need be, skips.
+				be.seq = a.txnFirstSeq
+			}
 			return a.stop(ctx, err)
 		}
 		return err

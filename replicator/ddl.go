@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strconv"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -20,7 +21,12 @@ import (
 // crash can neither lose nor repeat it.
 
 // ddlLogColumns names the haven.ddl_log columns replay reads.
-var ddlLogColumns = struct{ ddl, searchPath, tags string }{"ddl", "search_path", "command_tags"}
+var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite string }{"ddl", "search_path", "command_tags", "username", "rewrite_reason"}
+
+// rewriteDefaultValue is PostgreSQL's AT_REWRITE_DEFAULT_VAL: the table was
+// rewritten to fill a new column (a volatile default, a new identity or
+// serial column), whose values DR would compute on its own, differently.
+const rewriteDefaultValue = 0x02
 
 // notReplayed are leading keywords of statements that a DDL text may carry
 // but that replay leaves out: data changes arrive through the stream
@@ -34,19 +40,19 @@ var notReplayed = map[string]bool{
 	"MOVE": true, "CLOSE": true, "DECLARE": true, "CLUSTER": true, "LOAD": true,
 }
 
-// concurrently drops CONCURRENTLY from index statements: replay runs inside
-// a transaction, where it is not allowed (DR takes the brief lock instead).
-var concurrently = regexp.MustCompile(`(?i)^(\s*(?:CREATE\s+(?:UNIQUE\s+)?INDEX|DROP\s+INDEX|REINDEX\s+(?:\(.*?\)\s*)?(?:INDEX|TABLE|SCHEMA|DATABASE|SYSTEM)))\s+CONCURRENTLY\b`)
+// concurrently drops CONCURRENTLY from statements that cannot run inside a
+// transaction with it, as replay does (DR takes the brief lock instead).
+var concurrently = regexp.MustCompile(`(?is)^(\s*(?:CREATE\s+(?:UNIQUE\s+)?INDEX|DROP\s+INDEX|REINDEX\s+(?:\(.*?\)\s*)?(?:INDEX|TABLE|SCHEMA|DATABASE|SYSTEM)|ALTER\s+TABLE\s+.*?\s+DETACH\s+PARTITION\s+\S+))\s+CONCURRENTLY\b`)
 
 // replayableStatements splits a DDL text into statements and keeps those
-// to replay.
+// to replay, comments before them dropped.
 func replayableStatements(text string) []string {
 	var out []string
 	for _, st := range splitStatements(text) {
 		if notReplayed[leadingKeyword(st)] {
 			continue
 		}
-		out = append(out, concurrently.ReplaceAllString(st, "$1"))
+		out = append(out, concurrently.ReplaceAllString(stripLeadingComments(st), "$1"))
 	}
 	return out
 }
@@ -102,7 +108,12 @@ func scanBlockComment(s string) (string, string) {
 	return s, ""
 }
 
-var dollarTag = regexp.MustCompile(`^\$([A-Za-z_][A-Za-z_0-9]*)?\$`)
+var (
+	dollarTag   = regexp.MustCompile(`^\$([A-Za-z_][A-Za-z_0-9]*)?\$`)
+	beginAtomic = regexp.MustCompile(`(?i)^BEGIN\s+ATOMIC\b`)
+	endWord     = regexp.MustCompile(`(?i)^END\b`)
+	caseWord    = regexp.MustCompile(`(?i)^CASE\b`)
+)
 
 // splitStatements splits SQL text at top-level semicolons, honouring
 // quotes ('…', E'…', "…"), dollar quotes and comments. Empty statements
@@ -115,9 +126,34 @@ func splitStatements(text string) []string {
 			out = append(out, st)
 		}
 	}
+	// Semicolons inside parentheses (CREATE RULE … (a; b)) or a BEGIN
+	// ATOMIC … END body do not end a statement; CASE … END inside a body
+	// does not end the body.
+	parens, atomic, cases := 0, 0, 0
+	wordAt := func(i int, re *regexp.Regexp) bool {
+		return (i == 0 || !isIdentChar(text[i-1])) && re.MatchString(text[i:])
+	}
 	for i := 0; i < len(text); i++ {
 		c := text[i]
 		switch {
+		case c == '(':
+			parens++
+		case c == ')':
+			parens = max(0, parens-1)
+		case (c == 'B' || c == 'b') && wordAt(i, beginAtomic):
+			atomic++
+			i += len(beginAtomic.FindString(text[i:])) - 1
+		case (c == 'C' || c == 'c') && atomic > 0 && wordAt(i, caseWord):
+			cases++
+			i += 3
+		case (c == 'E' || c == 'e') && atomic > 0 && wordAt(i, endWord):
+			if cases > 0 {
+				cases--
+			} else {
+				atomic--
+			}
+			i += 2
+		case c == ';' && (parens > 0 || atomic > 0):
 		case c == ';':
 			emit(i)
 			start = i + 1
@@ -204,7 +240,14 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 		}
 		return ""
 	}
-	text, searchPath, tags := field(ddlLogColumns.ddl), field(ddlLogColumns.searchPath), field(ddlLogColumns.tags)
+	text, searchPath, tags, role := field(ddlLogColumns.ddl), field(ddlLogColumns.searchPath), field(ddlLogColumns.tags), field(ddlLogColumns.role)
+	if rewrite, _ := strconv.Atoi(field(ddlLogColumns.rewrite)); rewrite&rewriteDefaultValue != 0 {
+		a.metrics.ddlFailures.Inc()
+		return blocked(seq, "ddl not replayable", "DDL %q filled a new column on the primary with values DR would compute differently "+
+			"(a volatile default such as random() or now(), or a new identity or serial column numbered in each side's row order): "+
+			"replaying it would make DR differ silently. Re-seed the group (drop the agent's slot), or make such changes as ADD COLUMN "+
+			"without the default followed by an UPDATE, whose rows are replicated", text)
+	}
 	if err := a.flush(ctx, seq); err != nil {
 		return err
 	}
@@ -224,6 +267,13 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 	for _, st := range statements {
 		if err := exec("SAVEPOINT haven_ddl"); err != nil {
 			return fmt.Errorf("savepoint before DDL: %w", err)
+		}
+		// As the role that ran it on the primary: DDL gets no more rights on
+		// DR than it had there, and what it creates has the same owner.
+		if err := exec("SET LOCAL ROLE " + pgx.Identifier{role}.Sanitize()); err != nil {
+			_ = exec("ROLLBACK TO SAVEPOINT haven_ddl")
+			a.metrics.ddlFailures.Inc()
+			return blocked(seq, "ddl failed", "replay DDL as role %q: %w; create the role on DR (e.g. from pg_dumpall --roles-only), apply resumes by itself", role, err)
 		}
 		if _, err := a.conn.Exec(ctx, `SELECT set_config('search_path', $1, true)`, searchPath); err != nil {
 			return fmt.Errorf("set the DDL's search_path %q: %w", searchPath, err)
@@ -259,6 +309,9 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 			a.metrics.ddlFailures.Inc()
 			return blocked(seq, "ddl failed", "replay DDL %q (search_path %q) on DR: %w; make DR able to take it (or make the change there by hand), apply resumes by itself", st, searchPath, runErr)
 		}
+		if err := exec("RESET ROLE"); err != nil {
+			return fmt.Errorf("reset role after DDL: %w", err)
+		}
 		if err := exec("RELEASE SAVEPOINT haven_ddl"); err != nil {
 			return fmt.Errorf("release savepoint after DDL: %w", err)
 		}
@@ -266,8 +319,10 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 	if _, err := a.conn.Exec(ctx, `SELECT set_config('search_path', $1, true)`, restore); err != nil {
 		return fmt.Errorf("restore search_path: %w", err)
 	}
-	// The tables it changed have new shapes: check them again.
+	// The tables it changed have new shapes, and sequences may have been
+	// created: look at them again.
 	clear(a.checked)
+	clear(a.sequences)
 	a.replayedDDL = true
 	return nil
 }

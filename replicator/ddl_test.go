@@ -45,3 +45,30 @@ func TestReplayableStatements(t *testing.T) {
 		t.Errorf("a SELECT is not replayed, got %q", got)
 	}
 }
+
+func TestSplitStatementsKeepsBodies(t *testing.T) {
+	for _, tc := range []struct {
+		name, text string
+		want       []string
+	}{
+		{"BEGIN ATOMIC", "CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END; DROP TABLE x",
+			[]string{"CREATE FUNCTION f() RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT 1; SELECT 2; END", "DROP TABLE x"}},
+		{"rule with several actions", "CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO a VALUES (1); INSERT INTO b VALUES (2)); SELECT 1",
+			[]string{"CREATE RULE r AS ON INSERT TO t DO ALSO (INSERT INTO a VALUES (1); INSERT INTO b VALUES (2))", "SELECT 1"}},
+		{"CASE inside BEGIN ATOMIC", "CREATE FUNCTION g(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT CASE WHEN x > 0 THEN 1 END; SELECT 2; END; SELECT 3",
+			[]string{"CREATE FUNCTION g(x int) RETURNS int LANGUAGE sql BEGIN ATOMIC SELECT CASE WHEN x > 0 THEN 1 END; SELECT 2; END", "SELECT 3"}},
+		{"a column named end is no END", "CREATE TABLE t (begin_at int, end_at int); CREATE TABLE u (x int)",
+			[]string{"CREATE TABLE t (begin_at int, end_at int)", "CREATE TABLE u (x int)"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got := splitStatements(tc.text); !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("splitStatements(%q)\n got %q\nwant %q", tc.text, got, tc.want)
+			}
+		})
+	}
+	got := replayableStatements("-- add an index\nCREATE INDEX CONCURRENTLY i ON t (x); ALTER TABLE p DETACH PARTITION p1 CONCURRENTLY")
+	want := []string{"CREATE INDEX i ON t (x)", "ALTER TABLE p DETACH PARTITION p1"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("replayable statements\n got %q\nwant %q", got, want)
+	}
+}

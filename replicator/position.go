@@ -45,14 +45,16 @@ CREATE TABLE IF NOT EXISTS haven.skipped_messages (
 	PRIMARY KEY (group_name, stream_seq)
 );
 CREATE TABLE IF NOT EXISTS haven.ddl_log (
-	id           bigint PRIMARY KEY,
-	txid         bigint NOT NULL,
-	at           timestamptz NOT NULL,
-	username     text NOT NULL,
-	search_path  text NOT NULL,
-	command_tags text NOT NULL,
-	ddl          text NOT NULL
+	id             bigint PRIMARY KEY,
+	txid           bigint NOT NULL,
+	at             timestamptz NOT NULL,
+	username       text NOT NULL,
+	search_path    text NOT NULL,
+	command_tags   text NOT NULL,
+	ddl            text NOT NULL,
+	rewrite_reason int NOT NULL DEFAULT 0
 );
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL DEFAULT 0;
 COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on the primary and replayed here, in stream order';
 COMMENT ON TABLE haven.skipped_messages IS 'haven: stream messages an operator deliberately skipped (haven skip): who, when, why, and the message';`
 

@@ -71,11 +71,10 @@ func (s *Standby) Run(ctx context.Context) error {
 			s.log.Error().Err(err).Msg("apply stopped: this needs an operator")
 			return err
 		case errors.As(err, &be):
-			if be.reason == "apply failed" {
-				// Retry one source transaction at a time past this point,
-				// so the message named is exactly the one that fails.
-				s.isolateThrough = max(s.isolateThrough, be.seq+uint64(s.cfg.GroupChanges)+1)
-			}
+			// Retry one source transaction at a time past this point: the
+			// transactions before the failing one then commit, and the
+			// message named is exactly the one after the stored position.
+			s.isolateThrough = max(s.isolateThrough, be.seq+uint64(s.cfg.GroupChanges)+1)
 			s.health.Set(err.Error())
 			s.metrics.blocked.Set(1)
 			s.log.Error().Err(err).Uint64("seq", be.seq).Str("reason", be.reason).Dur("retry_in", s.cfg.BlockedRetry).
@@ -255,8 +254,8 @@ func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, info *
 			"which this standby then loads by itself", problem, s.cfg.Group)}
 }
 
-// latestSnapshot returns the group's latest initial snapshot when this
-// stream still holds its beginning, or nil.
+// latestSnapshot returns the group's latest complete initial snapshot when
+// this stream still holds its beginning, or nil.
 func (s *Standby) latestSnapshot(ctx context.Context, js jetstream.JetStream, info *jetstream.StreamInfo, created time.Time) *wire.SnapshotState {
 	kv, err := js.KeyValue(ctx, wire.StateBucket)
 	if err != nil {
@@ -267,7 +266,7 @@ func (s *Standby) latestSnapshot(ctx context.Context, js jetstream.JetStream, in
 		return nil
 	}
 	var st wire.SnapshotState
-	if json.Unmarshal(entry.Value(), &st) != nil || st.BeginSeq == 0 || !st.SameStream(created) ||
+	if json.Unmarshal(entry.Value(), &st) != nil || !st.Done || st.BeginSeq == 0 || !st.SameStream(created) ||
 		st.BeginSeq < info.State.FirstSeq || st.BeginSeq > info.State.LastSeq {
 		return nil
 	}
