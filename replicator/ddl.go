@@ -118,7 +118,11 @@ var (
 // splitStatements splits SQL text at top-level semicolons, honouring
 // quotes ('…', E'…', "…"), dollar quotes and comments. Empty statements
 // are dropped; each statement is trimmed.
-func splitStatements(text string) []string {
+func splitStatements(text string) []string { return splitTopLevel(text, ';') }
+
+// splitTopLevel splits SQL text at sep where it stands outside quotes,
+// comments, parentheses and bodies.
+func splitTopLevel(text string, sep byte) []string {
 	var out []string
 	start := 0
 	emit := func(end int) {
@@ -153,8 +157,8 @@ func splitStatements(text string) []string {
 				atomic--
 			}
 			i += 2
-		case c == ';' && (parens > 0 || atomic > 0):
-		case c == ';':
+		case c == sep && (parens > 0 || atomic > 0):
+		case c == sep:
 			emit(i)
 			start = i + 1
 		case c == '-' && i+1 < len(text) && text[i+1] == '-':
@@ -214,6 +218,11 @@ func endOfQuoted(text string, i int, quote byte, backslashEscapes bool) int {
 func alreadyApplied(err error, statement string) bool {
 	var pgErr *pgconn.PgError
 	if !errors.As(err, &pgErr) {
+		return false
+	}
+	if len(splitTopLevel(statement, ',')) > 1 {
+		// Several actions or objects (ALTER TABLE t DROP x, ADD y): one of
+		// them being in effect says nothing of the others.
 		return false
 	}
 	switch pgErr.Code {

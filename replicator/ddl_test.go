@@ -3,6 +3,8 @@ package replicator
 import (
 	"reflect"
 	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 func TestSplitStatements(t *testing.T) {
@@ -70,5 +72,25 @@ func TestSplitStatementsKeepsBodies(t *testing.T) {
 	want := []string{"CREATE INDEX i ON t (x)", "ALTER TABLE p DETACH PARTITION p1"}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("replayable statements\n got %q\nwant %q", got, want)
+	}
+}
+
+func TestAlreadyAppliedOnlyForSingleActions(t *testing.T) {
+	dup := &pgconn.PgError{Code: "42701", Message: `column "a" of relation "t" already exists`}
+	if !alreadyApplied(dup, "ALTER TABLE t ADD COLUMN a int") {
+		t.Error("a single ADD COLUMN already in effect should pass")
+	}
+	if alreadyApplied(dup, "ALTER TABLE t ADD COLUMN a int, ADD COLUMN b int") {
+		t.Error("with two actions, one in effect says nothing of the other: it must stop")
+	}
+	missing := &pgconn.PgError{Code: "42704", Message: `constraint "old" does not exist`}
+	if alreadyApplied(missing, "ALTER TABLE t DROP CONSTRAINT old, ADD CONSTRAINT u UNIQUE (email)") {
+		t.Error("a DROP that finds nothing must not hide the ADD next to it")
+	}
+	if !alreadyApplied(&pgconn.PgError{Code: "42P01"}, "DROP TABLE gone") {
+		t.Error("dropping what is gone should pass")
+	}
+	if alreadyApplied(&pgconn.PgError{Code: "42P01"}, "ALTER TABLE gone ADD COLUMN x int") {
+		t.Error("altering a missing table is not 'already applied'")
 	}
 }
