@@ -18,6 +18,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/internal/opshttp"
+	"github.com/haven-dr/haven/proto/havenpb"
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -372,11 +373,36 @@ func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
 // finished, for this slot on this system, at or before the slot's position.
 func (s *session) snapshotCompleted(ctx context.Context, slotConfirmed pglogrepl.LSN) (bool, error) {
 	st, err := s.snapshotState(ctx)
-	if err != nil || st == nil {
+	if err != nil {
 		return false, err
+	}
+	if st == nil {
+		// No record (the bucket was lost or recreated): the stream's own
+		// end marker, if it is the last snapshot message, still tells.
+		return s.snapshotEndInStream(ctx, slotConfirmed)
 	}
 	return st.Done && st.SystemID == s.info.systemID && st.Slot == SlotName(s.cfg.Group) &&
 		st.SameStream(s.stream.CachedInfo().Created) && pglogrepl.LSN(st.SnapshotLSN) <= slotConfirmed, nil
+}
+
+// snapshotEndInStream reports whether the stream's last snapshot message is
+// the end marker of a snapshot of this slot on this system, and records it.
+func (s *session) snapshotEndInStream(ctx context.Context, slotConfirmed pglogrepl.LSN) (bool, error) {
+	msg, err := s.stream.GetLastMsgForSubject(ctx, wire.SnapshotSubject(s.cfg.Group))
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("read the last snapshot message: %w", err)
+	}
+	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	if err != nil || c.Kind != havenpb.Kind_KIND_SNAPSHOT_END || c.SystemId != s.info.systemID ||
+		c.Slot != SlotName(s.cfg.Group) || pglogrepl.LSN(c.SnapshotLsn) > slotConfirmed {
+		return false, nil
+	}
+	s.log.Warn().Msg("no snapshot state recorded in " + wire.StateBucket + "; the stream's end marker shows the snapshot finished: recording it")
+	return true, s.putSnapshotState(ctx, wire.SnapshotState{SystemID: c.SystemId, Slot: c.Slot, SnapshotLSN: c.SnapshotLsn,
+		Done: true, StreamCreated: s.stream.CachedInfo().Created})
 }
 
 // snapshotState reads the group's snapshot state; nil when none is recorded.

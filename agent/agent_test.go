@@ -16,6 +16,7 @@ import (
 	"github.com/haven-dr/haven/internal/natstest"
 	"github.com/haven-dr/haven/internal/pgtest"
 	"github.com/haven-dr/haven/internal/testlog"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 type running struct {
@@ -323,4 +324,34 @@ func TestHeartbeatsAdvanceAnIdleSlot(t *testing.T) {
 		execSQL(t, url, `CHECKPOINT`)
 		return lsn(`SELECT (restart_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = 'haven_crm'`) > start+(end-start)/2
 	})
+}
+
+// TestSnapshotStateLostIsRecoveredFromTheStream: without its record in the
+// key-value bucket (deleted, recreated), a restarted agent finds the
+// snapshot's end marker in the stream and resumes instead of re-seeding,
+// which would empty every DR copy for the length of a copy.
+func TestSnapshotStateLostIsRecoveredFromTheStream(t *testing.T) {
+	pg := pgtest.New(t)
+	nats := natstest.New(t)
+	url := pg.URL("postgres")
+	execSQL(t, url, `CREATE TABLE t (id int PRIMARY KEY)`)
+	cfg := testConfig(url, nats.URL())
+	first := startAgent(t, cfg)
+	waitFor(t, 30*time.Second, "the agent to stream", func() bool { return first.logs.Count("streaming changes") == 1 })
+	first.cancel()
+	<-first.done
+	first.done <- nil
+
+	js := nats.JetStream(t)
+	if err := js.DeleteKeyValue(t.Context(), wire.StateBucket); err != nil {
+		t.Fatal(err)
+	}
+	second := startAgent(t, cfg)
+	waitFor(t, 30*time.Second, "the restarted agent to stream", func() bool { return second.logs.Count("streaming changes") == 1 })
+	if second.logs.Count("resuming from the slot") != 1 || second.logs.Count("taking a new snapshot") != 0 {
+		t.Error("the restarted agent re-seeded instead of resuming from its slot")
+	}
+	if second.logs.Count("the stream's end marker shows the snapshot finished") != 1 {
+		t.Error("the agent did not say it recovered the snapshot state from the stream")
+	}
 }
