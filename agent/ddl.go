@@ -51,8 +51,9 @@ COMMENT ON TABLE haven.groups IS 'haven: replication groups captured from this d
 CREATE OR REPLACE FUNCTION haven.publish_new_tables() RETURNS void LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
-	t   record;
-	pub text;
+	t       record;
+	pub     text;
+	refusal text;
 BEGIN
 	FOR t IN SELECT DISTINCT c.objid::regclass AS rel, k.relkind, k.relreplident, k.relpersistence,
 	                k.relispartition, pg_relation_size(c.objid) > 0 AS has_rows,
@@ -66,9 +67,16 @@ BEGIN
 			CONTINUE WHEN EXISTS (SELECT 1 FROM pg_publication_tables p
 			                      WHERE p.pubname = pub AND format('%I.%I', p.schemaname, p.tablename)::regclass = t.rel);
 			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
-				RAISE WARNING 'haven: table % has no primary key or replica identity, so it is not replicated (publication %); add a primary key or set REPLICA IDENTITY FULL', t.rel, pub;
+				refusal := format('table %s has no primary key or replica identity, so it is not replicated (publication %s); add a primary key or set REPLICA IDENTITY FULL', t.rel, pub);
 			ELSIF t.has_rows THEN
-				RAISE WARNING 'haven: table % already holds rows, so it is not added to publication % (DR would lack those rows); re-seed the group to replicate it', t.rel, pub;
+				refusal := format('table %s already holds rows, so it is not added to publication %s (DR would lack those rows); re-seed the group to replicate it', t.rel, pub);
+			END IF;
+			IF refusal IS NOT NULL THEN
+				RAISE WARNING 'haven: %', refusal;
+				-- Also through the stream, so the DR site reports it.
+				INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl)
+				VALUES (session_user, '', 'HAVEN NOT REPLICATED', '-- haven: ' || refusal);
+				refusal := NULL;
 			ELSE
 				EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, t.rel);
 			END IF;

@@ -86,6 +86,8 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 		// The search_path in force travels with the DDL.
 		`SET search_path TO sales, public; CREATE TABLE leads (id int PRIMARY KEY, who text); INSERT INTO leads VALUES (1, 'lead'); RESET search_path`,
 		`DROP TABLE sales.quotas`,
+		// No key: never published; DR gets the table but says its rows will not follow.
+		`CREATE TABLE scratchpad (note text)`,
 	}
 	for _, st := range steps {
 		if err := primary.PgConn().Exec(t.Context(), st).Close(); err != nil {
@@ -95,6 +97,9 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
 	assertSameSchema(t, primary, dr)
 	assertEqual(t, primary, dr, map[string]string{"contacts": "id", "deals": "id", "activities": "id", "notes": "id", "sales.leads": "id"})
+	if !strings.Contains(standby.output(), "table public.scratchpad has no primary key") {
+		t.Error("the standby did not report that the key-less table is not replicated")
+	}
 
 	// Made on DR by hand first: replay finds it in effect and goes on.
 	mustExec(t, dr, `ALTER TABLE notes ADD COLUMN tag text`)

@@ -23,6 +23,10 @@ import (
 // ddlLogColumns names the haven.ddl_log columns replay reads.
 var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite string }{"ddl", "search_path", "command_tags", "username", "rewrite_reason"}
 
+// notReplicatedTag marks a haven.ddl_log row in which the source's event
+// trigger reports a new table it could not add to the publication.
+const notReplicatedTag = "HAVEN NOT REPLICATED"
+
 // rewriteDefaultValue is PostgreSQL's AT_REWRITE_DEFAULT_VAL: the table was
 // rewritten to fill a new column (a volatile default, a new identity or
 // serial column), whose values DR would compute on its own, differently.
@@ -250,6 +254,12 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 		return ""
 	}
 	text, searchPath, tags, role := field(ddlLogColumns.ddl), field(ddlLogColumns.searchPath), field(ddlLogColumns.tags), field(ddlLogColumns.role)
+	if tags == notReplicatedTag {
+		a.metrics.unreplicatedTables.Inc()
+		a.log.Error().Uint64("seq", seq).Str("reason", strings.TrimPrefix(text, "-- haven: ")).
+			Msg("a table created on the primary is not replicated: DR has it (from its DDL) but will not receive its rows")
+		return nil
+	}
 	if rewrite, _ := strconv.Atoi(field(ddlLogColumns.rewrite)); rewrite&rewriteDefaultValue != 0 {
 		a.metrics.ddlFailures.Inc()
 		return blocked(seq, "ddl not replayable", "DDL %q filled a new column on the primary with values DR would compute differently "+
