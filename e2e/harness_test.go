@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -163,15 +162,6 @@ func (p *proc) stop() {
 	}
 }
 
-func (p *proc) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
 func (p *proc) output() string {
 	out, _ := os.ReadFile(p.log)
 	return string(out)
@@ -283,15 +273,3 @@ func assertEqual(t *testing.T, primary, dr *pgx.Conn, tables map[string]string) 
 }
 
 func countIn(s, sub string) int { return strings.Count(s, sub) }
-
-// metric reads one sample from a process's /metrics text.
-func metricValue(body []byte, name string) (float64, bool) {
-	for line := range bytes.SplitSeq(body, []byte("\n")) {
-		if bytes.HasPrefix(line, []byte(name+" ")) || bytes.HasPrefix(line, []byte(name+"{")) {
-			fields := bytes.Fields(line)
-			v, err := strconv.ParseFloat(string(fields[len(fields)-1]), 64)
-			return v, err == nil
-		}
-	}
-	return 0, false
-}

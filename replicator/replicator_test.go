@@ -157,13 +157,12 @@ func notes(t *testing.T, url string) []string {
 func metric(reg *prometheus.Registry, name string) float64 {
 	families, _ := reg.Gather()
 	for _, f := range families {
-		if f.GetName() == name {
-			for _, m := range f.GetMetric() {
-				if m.GetGauge() != nil {
-					return m.GetGauge().GetValue()
-				}
-				return m.GetCounter().GetValue()
+		if f.GetName() == name && len(f.GetMetric()) > 0 {
+			m := f.GetMetric()[0]
+			if m.GetGauge() != nil {
+				return m.GetGauge().GetValue()
 			}
+			return m.GetCounter().GetValue()
 		}
 	}
 	return 0

@@ -368,7 +368,7 @@ func TestStatementKeyDeterminesSQL(t *testing.T) {
 
 func TestRelationKey(t *testing.T) {
 	base := sqlTestOrders
-	if relationKey(base()) != relationKey(base()) {
+	if a, b := relationKey(base()), relationKey(base()); a != b {
 		t.Fatal("relationKey is not deterministic")
 	}
 	variants := map[string]func(r *havenpb.Relation){
