@@ -227,8 +227,15 @@ func Skip(ctx context.Context, req SkipRequest) error {
 		req.Group, int64(req.Seq), req.Operator, req.Reason, string(recorded)); err != nil {
 		return fmt.Errorf("record the skip: %w", err)
 	}
-	tag, err := tx.Exec(ctx, `UPDATE haven.apply_position SET stream_seq = $2, updated_at = now() WHERE group_name = $1 AND stream_seq = $3`,
-		req.Group, int64(through), int64(pos.streamSeq))
+	// A skipped transaction counts as done: copies of it are skipped too.
+	commitLSN := pos.commitLSN
+	if c := view.Chunk; c != nil && c.Kind == havenpb.Kind_KIND_TRANSACTION.String() {
+		if lsn, err := pglogrepl.ParseLSN(c.CommitLSN); err == nil && lsn > commitLSN {
+			commitLSN = lsn
+		}
+	}
+	tag, err := tx.Exec(ctx, `UPDATE haven.apply_position SET stream_seq = $2, commit_lsn = $4::pg_lsn, updated_at = now()
+		WHERE group_name = $1 AND stream_seq = $3`, req.Group, int64(through), int64(pos.streamSeq), commitLSN.String())
 	if err != nil {
 		return fmt.Errorf("move the apply position: %w", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"maps"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/nats-io/nats.go"
@@ -16,6 +17,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/internal/opshttp"
+	"github.com/haven-dr/haven/proto/havenpb"
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -162,7 +164,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 	// PostgreSQL keeps microseconds.
 	created := info.Created.Truncate(time.Microsecond)
-	from, err := s.startAfter(ctx, js, info, created, pos, found)
+	from, err := s.startAfter(ctx, js, stream, info, created, pos, found)
 	if err != nil {
 		return err
 	}
@@ -224,7 +226,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 // stored position when the stream continues it; else, when the stream holds
 // a newer initial snapshot (the agent was re-seeded), just before that
 // snapshot, which replaces the DR copy; else apply is blocked.
-func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, info *jetstream.StreamInfo, created time.Time, pos position, found bool) (uint64, error) {
+func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, stream jetstream.Stream, info *jetstream.StreamInfo, created time.Time, pos position, found bool) (uint64, error) {
 	var problem string
 	switch {
 	case found && !created.Equal(pos.streamCreated):
@@ -242,6 +244,10 @@ func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, info *
 		}
 		return 0, nil
 	default:
+		if err := checkPositionMessage(ctx, stream, info, pos); err != nil {
+			problem = err.Error()
+			break
+		}
 		return pos.streamSeq, nil
 	}
 	if latest := s.latestSnapshot(ctx, js, info, created); latest != nil && (latest.BeginSeq > pos.streamSeq || !created.Equal(pos.streamCreated)) {
@@ -252,6 +258,37 @@ func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, info *
 	return 0, &blockedError{seq: pos.streamSeq + 1, reason: "cannot continue", err: fmt.Errorf(
 		"%s; re-seed the DR copy: drop the agent's slot (SELECT pg_drop_replication_slot('haven_%s') on the primary) so it takes a new snapshot, "+
 			"which this standby then loads by itself", problem, s.cfg.Group)}
+}
+
+// checkPositionMessage makes sure the message at the stored position is the
+// one applied there. A JetStream server that lost acknowledged messages (one
+// replica, no sync to disk, a crash) hands their sequence numbers out again:
+// continuing after the position would skip whatever now stands there.
+func checkPositionMessage(ctx context.Context, stream jetstream.Stream, info *jetstream.StreamInfo, pos position) error {
+	if pos.streamSeq == 0 || pos.streamSeq < info.State.FirstSeq {
+		return nil
+	}
+	if pos.streamSeq > info.State.LastSeq {
+		return fmt.Errorf("stream %s ends at message %d, but the DR copy applied up to message %d: the stream lost messages it had acknowledged "+
+			"(a single server without sync to disk that crashed?)", info.Config.Name, info.State.LastSeq, pos.streamSeq)
+	}
+	msg, err := stream.GetMsg(ctx, pos.streamSeq)
+	if errors.Is(err, jetstream.ErrMsgNotFound) {
+		return nil // deleted on its own: nothing to compare
+	}
+	if err != nil {
+		return fmt.Errorf("read message %d: %w", pos.streamSeq, err)
+	}
+	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	if err != nil {
+		return nil // a message skipped on purpose may be undecodable
+	}
+	same := c.SystemId == pos.systemID && (c.Kind != havenpb.Kind_KIND_TRANSACTION || pglogrepl.LSN(c.CommitLsn) == pos.commitLSN)
+	if !same {
+		return fmt.Errorf("message %d of stream %s is not the one the DR copy applied there (commit %s, now %s): the stream lost messages it had acknowledged "+
+			"and handed their sequence numbers out again", pos.streamSeq, info.Config.Name, pos.commitLSN, pglogrepl.LSN(c.CommitLsn))
+	}
+	return nil
 }
 
 // latestSnapshot returns the group's latest complete initial snapshot when

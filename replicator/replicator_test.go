@@ -476,3 +476,40 @@ func TestAFailingTransactionInAGroupIsNamedExactly(t *testing.T) {
 		return strings.Join(notes(t, pg.URL(group)), ",") == "1:from the snapshot,2:first transaction,3:fine,5:after the bad one"
 	})
 }
+
+// TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied: a JetStream server that
+// lost acknowledged messages hands their sequence numbers out again; the
+// standby checks, when it starts, that the message at its stored position
+// is the one it applied there, and stops if not.
+func TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "rewritten"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	ctx, cancel := context.WithCancel(t.Context())
+	cfg := DefaultConfig()
+	cfg.TargetURL, cfg.NATSURL, cfg.Group, cfg.BlockedRetry = pg.URL(group), ns.URL(), group, 200*time.Millisecond
+	first, err := New(cfg, zerolog.New(testlog.New(t)), prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- first.Run(ctx) }()
+	waitFor(t, 30*time.Second, "the transaction on DR", func() bool { return len(notes(t, pg.URL(group))) == 2 })
+	cancel()
+	<-done
+
+	// As if the message at the stored position were another transaction.
+	if err := pg.Exec(t.Context(), group, `UPDATE haven.apply_position SET commit_lsn = '0/1FFF'`); err != nil {
+		t.Fatal(err)
+	}
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "apply to stop", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
+	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), "is not the one the DR copy applied there") {
+		t.Errorf("health %v does not say the stream changed under the position", err)
+	}
+}
