@@ -115,8 +115,9 @@ func TestSurvivesSIGKILLMidStreamAndMidBatch(t *testing.T) {
 	standby := startHaven(t, "standby", s.standbyArgs()...)
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
-	countApplies(t, dr, "contacts")
-	countApplies(t, dr, "deals")
+	drWriter := connect(t, s.drWriteURL())
+	countApplies(t, drWriter, "contacts")
+	countApplies(t, drWriter, "deals")
 
 	js := s.nats.JetStream(t)
 

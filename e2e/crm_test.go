@@ -210,4 +210,9 @@ func TestReplicatesCRMWorkloadExactly(t *testing.T) {
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
 	assertEqual(t, primary, dr, crmTables)
+
+	// Other sessions cannot write on DR by default: the copy cannot drift.
+	if _, err := dr.Exec(t.Context(), `INSERT INTO marker (id) VALUES (999)`); err == nil || !strings.Contains(err.Error(), "read-only transaction") {
+		t.Errorf("a write on DR by another session: %v, want it refused as read-only", err)
+	}
 }

@@ -102,7 +102,8 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 	}
 
 	// Made on DR by hand first: replay finds it in effect and goes on.
-	mustExec(t, dr, `ALTER TABLE notes ADD COLUMN tag text`)
+	drWriter := connect(t, s.drWriteURL())
+	mustExec(t, drWriter, `ALTER TABLE notes ADD COLUMN tag text`)
 	mustExec(t, primary, `ALTER TABLE notes ADD COLUMN tag text`)
 	mustExec(t, primary, `UPDATE notes SET tag = 'tagged'`)
 	waitCaughtUp(t, primary, dr, 3, 60*time.Second)
@@ -110,7 +111,7 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 
 	// A DDL that cannot succeed on DR (a row there was changed behind
 	// haven's back) stops apply at it; nothing after it is applied.
-	mustExec(t, dr, `UPDATE deals SET amount = -1 WHERE id = 1`)
+	mustExec(t, drWriter, `UPDATE deals SET amount = -1 WHERE id = 1`)
 	mustExec(t, primary, `ALTER TABLE deals ADD CONSTRAINT amount_positive CHECK (amount >= 0)`)
 	mustExec(t, primary, `INSERT INTO notes (id, body) VALUES (100, 'after the failing DDL')`)
 	waitFor(t, 30*time.Second, "apply to stop at the failing DDL", func() (bool, error) {
@@ -120,7 +121,7 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 	if err := dr.QueryRow(t.Context(), `SELECT count(*) FROM notes WHERE id = 100`).Scan(&after); err != nil || after != 0 {
 		t.Fatalf("a change after the failing DDL was applied (%d, %v)", after, err)
 	}
-	mustExec(t, dr, `UPDATE deals SET amount = (SELECT 0) WHERE id = 1`)
+	mustExec(t, drWriter, `UPDATE deals SET amount = (SELECT 0) WHERE id = 1`)
 	waitCaughtUp(t, primary, dr, 4, 60*time.Second)
 	mustExec(t, primary, `UPDATE deals SET amount = 1 WHERE id = 1`)
 	waitCaughtUp(t, primary, dr, 5, 60*time.Second)

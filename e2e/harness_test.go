@@ -84,6 +84,11 @@ func newSiteWith(t *testing.T, primarySettings map[string]string) *site {
 func (s *site) primaryURL() string { return s.primary.URL(s.db) }
 func (s *site) drURL() string      { return s.dr.URL(s.db) }
 
+// drWriteURL connects to DR as a session that may write there (the standby
+// makes the DR database read-only by default), to change it behind haven's
+// back or as after a failover.
+func (s *site) drWriteURL() string { return s.drURL() + "&default_transaction_read_only=off" }
+
 func (s *site) agentArgs(extra ...string) []string {
 	return append([]string{"agent", "--source-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group,
 		"--heartbeat-interval", "500ms"}, extra...)

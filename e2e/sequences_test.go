@@ -92,5 +92,5 @@ INSERT INTO orders (note) SELECT 'before' FROM generate_series(1, 100);`)
 		}
 	}
 	// Inserting on DR with the defaults does not collide with replicated rows.
-	mustExec(t, dr, `INSERT INTO orders (note) VALUES ('written on DR after a failover')`)
+	mustExec(t, connect(t, s.drWriteURL()), `INSERT INTO orders (note) VALUES ('written on DR after a failover')`)
 }

@@ -624,7 +624,12 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 // createSchema runs the source's schema script on a connection of its own
 // (the script changes session settings), in one transaction.
 func (a *applier) createSchema(ctx context.Context, seq uint64, script string) error {
-	conn, err := pgx.Connect(ctx, a.cfg.TargetURL)
+	config, err := pgx.ParseConfig(a.cfg.TargetURL)
+	if err != nil {
+		return fmt.Errorf("parse --target-url: %w", err)
+	}
+	config.RuntimeParams["default_transaction_read_only"] = "off"
+	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return fmt.Errorf("connect to create the DR schema: %w", err)
 	}

@@ -169,7 +169,12 @@ func Skip(ctx context.Context, req SkipRequest) error {
 	case req.Operator == "":
 		return errors.New("say who skips it (--operator)")
 	}
-	conn, err := pgx.Connect(ctx, req.TargetURL)
+	config, err := pgx.ParseConfig(req.TargetURL)
+	if err != nil {
+		return fmt.Errorf("parse --target-url: %w", err)
+	}
+	config.RuntimeParams["default_transaction_read_only"] = "off"
+	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return fmt.Errorf("connect to DR database: %w", err)
 	}

@@ -103,6 +103,8 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 	// Parse values under the settings the agent produced them with.
 	maps.Copy(connConfig.RuntimeParams, wire.TextFormatSettings)
+	// The DR database is read-only for every session but haven's own.
+	connConfig.RuntimeParams["default_transaction_read_only"] = "off"
 	if _, ok := connConfig.RuntimeParams["application_name"]; !ok {
 		connConfig.RuntimeParams["application_name"] = "haven_standby_" + s.cfg.Group
 	}
@@ -130,6 +132,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	s.protectDR(ctx, conn)
 	id, err := standbyID(ctx, conn)
 	if err != nil {
 		return err
@@ -219,6 +222,20 @@ func (s *Standby) runSession(ctx context.Context) error {
 		if err := a.handle(ctx, msg); err != nil {
 			return err
 		}
+	}
+}
+
+// protectDR makes new sessions on the DR database read-only by default, so
+// that an application pointed at the DR site by mistake cannot make it
+// drift from the primary. It is a default, not a barrier (a session may SET
+// it off); failing to set it is reported, not fatal.
+func (s *Standby) protectDR(ctx context.Context, conn *pgx.Conn) {
+	var db string
+	if err := conn.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
+		return
+	}
+	if _, err := conn.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{db}.Sanitize()+" SET default_transaction_read_only = on"); err != nil {
+		s.log.Warn().Err(err).Msg("could not make the DR database read-only for other sessions (the DR role must own it): writes there would make it drift from the primary")
 	}
 }
 

@@ -504,7 +504,7 @@ func TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied(t *testing.T) {
 	<-done
 
 	// As if the message at the stored position were another transaction.
-	if err := pg.Exec(t.Context(), group, `UPDATE haven.apply_position SET commit_lsn = '0/1FFF'`); err != nil {
+	if err := pgxQueryRow(t, pg.URL(group)+"&default_transaction_read_only=off", `UPDATE haven.apply_position SET commit_lsn = '0/1FFF' RETURNING 1`).Scan(new(int)); err != nil {
 		t.Fatal(err)
 	}
 	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
