@@ -93,17 +93,18 @@ func errorKind(err error) string {
 
 // session is everything one capture session holds open.
 type session struct {
-	cfg       Config
-	log       zerolog.Logger
-	metrics   *metrics
-	info      sourceInfo
-	ctrl      *pgx.Conn
-	repl      *pgconn.PgConn
-	publisher *publisher
-	stream    jetstream.Stream
-	state     jetstream.KeyValue // the group's snapshot state (wire.StateBucket)
-	tables    []table
-	streaming func() // called once streaming has started
+	cfg         Config
+	log         zerolog.Logger
+	metrics     *metrics
+	info        sourceInfo
+	ctrl        *pgx.Conn
+	repl        *pgconn.PgConn
+	publisher   *publisher
+	stream      jetstream.Stream
+	state       jetstream.KeyValue // the group's snapshot state (wire.StateBucket)
+	tables      []table
+	partitioned map[uint32]bool // tables (by OID) that are partitioned
+	streaming   func()          // called once streaming has started
 
 	lastWALWarning time.Time // heartbeats goroutine only
 }
@@ -158,7 +159,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 		s.cfg.ChunkBytes = int(nc.MaxPayload() * 3 / 4)
 	}
 
-	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull); err != nil {
+	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull, a.cfg.PublishViaRoot); err != nil {
 		return err
 	}
 	capturing, err := s.installDDLCapture(ctx)
@@ -172,7 +173,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 		}
 		s.tables = append(s.tables, t)
 	}
-	missing, err := ensurePublication(ctx, ctrl, PublicationName(a.cfg.Group), s.tables)
+	missing, err := ensurePublication(ctx, ctrl, PublicationName(a.cfg.Group), s.tables, a.cfg.PublishViaRoot)
 	if err != nil {
 		return err
 	}
@@ -185,6 +186,15 @@ func (a *Agent) runSession(ctx context.Context) error {
 	}
 	if s.tables, err = publishedTables(ctx, ctrl, PublicationName(a.cfg.Group)); err != nil {
 		return err
+	}
+	s.partitioned = map[uint32]bool{}
+	for _, t := range s.tables {
+		s.partitioned[t.oid] = t.partitioned
+	}
+	if capturing && a.cfg.PublishViaRoot {
+		if err := s.capturePartitionTruncates(ctx); err != nil {
+			return err
+		}
 	}
 	a.metrics.unreplicated.Set(float64(len(missing)))
 	if len(missing) > 0 {

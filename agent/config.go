@@ -23,6 +23,10 @@ type Config struct {
 	// Tables restricts capture to these tables ("schema.table" or "table"
 	// for public). Empty: every table of the non-system schemas.
 	Tables []string
+	// PublishViaRoot publishes partitioned tables as their root (the changes
+	// of every partition arrive as the root's; DR routes them to its own
+	// partitions) instead of each partition as a table of its own.
+	PublishViaRoot bool
 	// SetReplicaIdentityFull gives tables without a primary key or usable
 	// replica identity REPLICA IDENTITY FULL instead of refusing them.
 	SetReplicaIdentityFull bool

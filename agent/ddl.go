@@ -39,6 +39,27 @@ CREATE TABLE IF NOT EXISTS haven.groups (
 	publication text NOT NULL,
 	all_tables  boolean NOT NULL
 );
+ALTER TABLE haven.groups ADD COLUMN IF NOT EXISTS via_root boolean NOT NULL DEFAULT false;
+
+-- Published via its partitioned root, a TRUNCATE of one partition is not
+-- sent by PostgreSQL at all: this statement trigger on every such partition
+-- sends it through the log, for the DR site to replay.
+CREATE OR REPLACE FUNCTION haven.capture_partition_truncate() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl)
+	VALUES (session_user, '', 'TRUNCATE', format('TRUNCATE ONLY %s', TG_RELID::regclass));
+	RETURN NULL;
+END $$;
+
+-- capture_truncate_of adds that trigger to a partition.
+CREATE OR REPLACE FUNCTION haven.capture_truncate_of(partition regclass) RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	PERFORM set_config('haven.internal', 'on', true);
+	EXECUTE format('CREATE OR REPLACE TRIGGER haven_capture_truncate BEFORE TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION haven.capture_partition_truncate()', partition);
+	PERFORM set_config('haven.internal', 'off', true);
+END $$;
 COMMENT ON TABLE haven.groups IS 'haven: replication groups captured from this database; all_tables groups get new tables added to their publication';
 
 -- publish_new_tables adds a table just created (or just given a usable
@@ -62,8 +83,15 @@ BEGIN
 	         FROM pg_event_trigger_ddl_commands() c JOIN pg_class k ON k.oid = c.objid
 	         WHERE c.object_type = 'table' AND NOT c.in_extension AND c.schema_name <> 'haven' AND c.schema_name NOT LIKE 'pg\_temp%'
 	LOOP
-		CONTINUE WHEN t.relkind <> 'r' OR t.relpersistence <> 'p';
-		FOR pub IN SELECT g.publication FROM haven.groups g WHERE g.all_tables LOOP
+		CONTINUE WHEN t.relpersistence <> 'p';
+		IF t.relkind = 'r' AND t.relispartition AND EXISTS (SELECT 1 FROM haven.groups g WHERE g.via_root) THEN
+			PERFORM haven.capture_truncate_of(t.rel);
+		END IF;
+		-- A group published via the partition root takes partitioned roots
+		-- (their partitions come with them); others take every plain table
+		-- and partition.
+		FOR pub IN SELECT g.publication FROM haven.groups g WHERE g.all_tables AND
+		           CASE WHEN g.via_root THEN t.relkind IN ('p', 'r') AND NOT t.relispartition ELSE t.relkind = 'r' END LOOP
 			CONTINUE WHEN EXISTS (SELECT 1 FROM pg_publication_tables p
 			                      WHERE p.pubname = pub AND format('%I.%I', p.schemaname, p.tablename)::regclass = t.rel);
 			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
@@ -137,6 +165,10 @@ CREATE OR REPLACE FUNCTION haven.capture_ddl() RETURNS event_trigger LANGUAGE pl
 DECLARE
 	relevant boolean;
 BEGIN
+	IF pg_catalog.current_setting('haven.internal', true) = 'on' THEN
+		-- haven's own triggers on this site: not the DR site's.
+		RETURN;
+	END IF;
 	IF tg_tag LIKE '% PUBLICATION' OR tg_tag LIKE '% SUBSCRIPTION' THEN
 		-- Replication setup of this site, not schema: not the DR site's.
 		RETURN;
@@ -158,8 +190,9 @@ END $$;
 
 -- Every role's DDL passes through these; only record_ddl writes the log.
 GRANT USAGE ON SCHEMA haven TO PUBLIC;
-GRANT EXECUTE ON FUNCTION haven.record_ddl(text, text, text, text), haven.capture_ddl(), haven.mark_temporary_drop(), haven.mark_rewrite() TO PUBLIC;
-REVOKE EXECUTE ON FUNCTION haven.publish_new_tables() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION haven.record_ddl(text, text, text, text), haven.capture_ddl(), haven.mark_temporary_drop(), haven.mark_rewrite(),
+	haven.capture_partition_truncate() TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION haven.publish_new_tables(), haven.capture_truncate_of(regclass) FROM PUBLIC;
 
 DO $$
 BEGIN
@@ -201,12 +234,27 @@ func (s *session) installDDLCapture(ctx context.Context) (bool, error) {
 	if _, err := s.ctrl.Exec(ctx, ddlCaptureSQL); err != nil {
 		return false, fmt.Errorf("install DDL capture: %w", err)
 	}
-	if _, err := s.ctrl.Exec(ctx, `INSERT INTO haven.groups (name, publication, all_tables) VALUES ($1, $2, $3)
-		ON CONFLICT (name) DO UPDATE SET publication = excluded.publication, all_tables = excluded.all_tables`,
-		s.cfg.Group, PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0); err != nil {
+	if _, err := s.ctrl.Exec(ctx, `INSERT INTO haven.groups (name, publication, all_tables, via_root) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (name) DO UPDATE SET publication = excluded.publication, all_tables = excluded.all_tables, via_root = excluded.via_root`,
+		s.cfg.Group, PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0, s.cfg.PublishViaRoot); err != nil {
 		return false, fmt.Errorf("record group %q: %w", s.cfg.Group, err)
 	}
 	return true, nil
+}
+
+// capturePartitionTruncates puts the truncate-capturing trigger on every
+// partition of the partitioned tables the group publishes via their root.
+func (s *session) capturePartitionTruncates(ctx context.Context) error {
+	_, err := s.ctrl.Exec(ctx, `SELECT haven.capture_truncate_of(t.relid)
+		FROM pg_publication_tables p
+		JOIN pg_namespace n ON n.nspname = p.schemaname
+		JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename AND c.relkind = 'p',
+		LATERAL pg_partition_tree(c.oid) t
+		WHERE p.pubname = $1 AND t.isleaf AND t.level > 0`, PublicationName(s.cfg.Group))
+	if err != nil {
+		return fmt.Errorf("capture TRUNCATE of single partitions: %w", err)
+	}
+	return nil
 }
 
 // ddlLog is haven.ddl_log as a table of the group.

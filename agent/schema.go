@@ -85,7 +85,8 @@ func dumpSchema(ctx context.Context, pgDump, sourceURL, snapshotName string) (st
 }
 
 // filterDump drops what the DR side must not run from a plain pg_dump
-// script: psql meta-commands (\restrict, \unrestrict) and event triggers.
+// script: psql meta-commands (\restrict, \unrestrict), event triggers and
+// haven's own triggers.
 // Sections start with pg_dump's "-- Name: …; Type: …;" headers.
 func filterDump(dump []byte) (string, error) {
 	var b strings.Builder
@@ -95,7 +96,10 @@ func filterDump(dump []byte) (string, error) {
 	for sc.Scan() {
 		line := sc.Text()
 		if strings.HasPrefix(line, "-- Name: ") || strings.HasPrefix(line, "-- Data for Name: ") {
-			skip = strings.Contains(line, "; Type: EVENT TRIGGER;")
+			// Event triggers, and haven's triggers on partitions, call
+			// functions of haven's schema, which the DR site has not.
+			skip = strings.Contains(line, "; Type: EVENT TRIGGER;") ||
+				(strings.Contains(line, " haven_capture_truncate; Type: TRIGGER;"))
 		}
 		if skip {
 			continue

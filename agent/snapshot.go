@@ -192,7 +192,13 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 	for i, c := range rel.Columns {
 		columns[i] = pgx.Identifier{c.Name}.Sanitize()
 	}
-	query := fmt.Sprintf("COPY (SELECT %s FROM ONLY %s) TO STDOUT", strings.Join(columns, ", "), pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
+	from := "ONLY " + pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
+	if s.partitioned[rel.Id] {
+		// ONLY on a partitioned table reads nothing: its rows are its
+		// partitions'.
+		from = pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
+	}
+	query := fmt.Sprintf("COPY (SELECT %s FROM %s) TO STDOUT", strings.Join(columns, ", "), from)
 	if _, err := tx.Conn().PgConn().CopyTo(ctx, parser, query); err != nil {
 		return fmt.Errorf("COPY: %w", err)
 	}

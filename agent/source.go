@@ -72,6 +72,7 @@ type table struct {
 	replicaIdentity string // relreplident
 	hasKey          bool   // a usable identity index exists (PK or USING INDEX)
 	unlogged        bool
+	partitioned     bool // a partitioned table (published via the partition root)
 }
 
 func (t table) qualified() string { return pgx.Identifier{t.schema, t.name}.Sanitize() }
@@ -84,12 +85,13 @@ func (t table) usableIdentity() bool {
 // tableColumns selects a table as the agent needs it.
 const tableColumns = `c.oid, n.nspname, c.relname, c.relreplident::text, c.relpersistence = 'u',
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND
-               ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident)))`
+               ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))),
+       c.relkind = 'p'`
 
 const tablesQuery = `
 SELECT ` + tableColumns + `
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind = 'r'
+WHERE ((c.relkind = 'r' AND NOT ($1 AND c.relispartition)) OR ($1 AND c.relkind = 'p' AND NOT c.relispartition))
   AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haven')
   AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
 ORDER BY n.nspname, c.relname`
@@ -106,7 +108,7 @@ ORDER BY n.nspname, c.relname`
 func scanTables(rows pgx.Rows) ([]table, error) {
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (table, error) {
 		var t table
-		err := row.Scan(&t.oid, &t.schema, &t.name, &t.replicaIdentity, &t.unlogged, &t.hasKey)
+		err := row.Scan(&t.oid, &t.schema, &t.name, &t.replicaIdentity, &t.unlogged, &t.hasKey, &t.partitioned)
 		return t, err
 	})
 }
@@ -129,8 +131,8 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, publication string) ([
 // selectTables resolves the configured table list (or every user table)
 // and refuses tables that cannot be replicated safely, unless setFull lets
 // it give them REPLICA IDENTITY FULL.
-func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wanted []string, setFull bool) ([]table, error) {
-	rows, err := conn.Query(ctx, tablesQuery)
+func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wanted []string, setFull, viaRoot bool) ([]table, error) {
+	rows, err := conn.Query(ctx, tablesQuery, viaRoot)
 	if err != nil {
 		return nil, fmt.Errorf("list source tables: %w", err)
 	}
@@ -159,7 +161,8 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 			}
 			t, ok := byName[name]
 			if !ok {
-				return nil, needsOperator("table %q (from --tables) does not exist on the source, or is not an ordinary table", w)
+				return nil, needsOperator("table %q (from --tables) does not exist on the source, or is not an ordinary table "+
+					"(a partition when --publish-via-partition-root is set, or a partitioned table when it is not)", w)
 			}
 			if t.unlogged {
 				return nil, needsOperator("table %s is UNLOGGED: its changes never reach the WAL, so it cannot be replicated; run ALTER TABLE %s SET LOGGED; or leave it out of --tables", name, t.qualified())
@@ -199,18 +202,23 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 
 // ensurePublication creates the group's publication for tables, or checks
 // that an existing one covers them.
-func ensurePublication(ctx context.Context, conn *pgx.Conn, name string, tables []table) (missing []string, err error) {
-	var exists bool
-	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, name).Scan(&exists); err != nil {
+func ensurePublication(ctx context.Context, conn *pgx.Conn, name string, tables []table, viaRoot bool) (missing []string, err error) {
+	var exists, existingViaRoot bool
+	if err := conn.QueryRow(ctx, `SELECT count(*) > 0, coalesce(bool_or(pubviaroot), false) FROM pg_publication WHERE pubname = $1`, name).
+		Scan(&exists, &existingViaRoot); err != nil {
 		return nil, fmt.Errorf("look up publication %q: %w", name, err)
+	}
+	if exists && existingViaRoot != viaRoot {
+		return nil, needsOperator("publication %q has publish_via_partition_root = %v, but the agent runs with --publish-via-partition-root=%v: "+
+			"run it as before, or re-seed the group (drop the publication and the slot) to change it", name, existingViaRoot, viaRoot)
 	}
 	if !exists {
 		names := make([]string, len(tables))
 		for i, t := range tables {
 			names[i] = t.qualified()
 		}
-		sql := fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert, update, delete, truncate')",
-			pgx.Identifier{name}.Sanitize(), strings.Join(names, ", "))
+		sql := fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s WITH (publish = 'insert, update, delete, truncate', publish_via_partition_root = %v)",
+			pgx.Identifier{name}.Sanitize(), strings.Join(names, ", "), viaRoot)
 		if _, err := conn.Exec(ctx, sql); err != nil {
 			var pgErr *pgconn.PgError
 			if errors.As(err, &pgErr) && pgErr.Code == "42501" {

@@ -271,6 +271,11 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 		return err
 	}
 	statements := replayableStatements(text)
+	if tags == "TRUNCATE" {
+		// Sent by the source's trigger for a partition published via its
+		// root (PostgreSQL does not publish it): haven's own statement.
+		statements = []string{text}
+	}
 	if len(statements) == 0 {
 		a.metrics.ddlNotReplayed.Inc()
 		a.log.Error().Uint64("seq", seq).Str("command_tags", tags).Str("ddl", text).

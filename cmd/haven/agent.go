@@ -55,6 +55,7 @@ has acknowledged everything before it.`,
 	f.StringVar(&cfg.NATSURL, "nats-url", "", "NATS server URL(s), comma-separated")
 	f.StringVar(&cfg.Group, "group", "", "replication group name (lower-case letters, digits, underscores)")
 	f.StringSliceVar(&cfg.Tables, "tables", nil, "tables to replicate (schema.table, comma-separated); default: every table outside system schemas")
+	f.BoolVar(&cfg.PublishViaRoot, "publish-via-partition-root", false, "publish partitioned tables as their root table, so DR may partition them differently (needs a superuser once, to capture TRUNCATE of single partitions)")
 	f.BoolVar(&cfg.SetReplicaIdentityFull, "set-replica-identity-full", false, "give tables without a primary key or usable replica identity REPLICA IDENTITY FULL instead of refusing them (says so for each)")
 	f.Uint64Var(&cfg.Epoch, "epoch", cfg.Epoch, "fencing epoch stamped on every message")
 	f.IntVar(&cfg.StreamReplicas, "stream-replicas", cfg.StreamReplicas, "replicas of a stream the agent creates (1, 3 or 5)")
