@@ -93,18 +93,18 @@ func errorKind(err error) string {
 
 // session is everything one capture session holds open.
 type session struct {
-	cfg         Config
-	log         zerolog.Logger
-	metrics     *metrics
-	info        sourceInfo
-	ctrl        *pgx.Conn
-	repl        *pgconn.PgConn
-	publisher   *publisher
-	stream      jetstream.Stream
-	state       jetstream.KeyValue // the group's snapshot state (wire.StateBucket)
-	tables      []table
-	partitioned map[uint32]bool // tables (by OID) that are partitioned
-	streaming   func()          // called once streaming has started
+	cfg       Config
+	log       zerolog.Logger
+	metrics   *metrics
+	info      sourceInfo
+	ctrl      *pgx.Conn
+	repl      *pgconn.PgConn
+	publisher *publisher
+	stream    jetstream.Stream
+	state     jetstream.KeyValue // the group's snapshot state (wire.StateBucket)
+	tables    []table
+	published map[uint32]bool // published tables by OID: true for partitioned ones
+	streaming func()          // called once streaming has started
 
 	lastWALWarning time.Time // heartbeats goroutine only
 }
@@ -187,9 +187,9 @@ func (a *Agent) runSession(ctx context.Context) error {
 	if s.tables, err = publishedTables(ctx, ctrl, PublicationName(a.cfg.Group)); err != nil {
 		return err
 	}
-	s.partitioned = map[uint32]bool{}
+	s.published = map[uint32]bool{}
 	for _, t := range s.tables {
-		s.partitioned[t.oid] = t.partitioned
+		s.published[t.oid] = t.partitioned
 	}
 	if capturing && a.cfg.PublishViaRoot {
 		if err := s.capturePartitionTruncates(ctx); err != nil {

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS haven.ddl_log (
 	rewrite_reason int NOT NULL DEFAULT 0
 );
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL DEFAULT 0;
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFAULT '{}';
 CREATE INDEX IF NOT EXISTS ddl_log_txid ON haven.ddl_log (txid);
 COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on this database, replicated and replayed on the DR site in stream order, as the role that ran it';
 REVOKE ALL ON haven.ddl_log FROM PUBLIC;
@@ -128,9 +129,15 @@ BEGIN
 	END IF;
 	-- Several DDL statements sent in one query string are recorded once.
 	IF NOT EXISTS (SELECT 1 FROM haven.ddl_log l WHERE l.txid = txid_current() AND l.ddl = statement) THEN
-		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason)
+		-- The tables the statement worked on (an index's table for an
+		-- index), so that a group of some tables only can leave out DDL on
+		-- others.
+		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason, relations)
 		VALUES (replay_as, caller_search_path, tag, statement,
-		        coalesce(nullif(current_setting('haven.rewrite_reason', true), ''), '0')::int);
+		        coalesce(nullif(current_setting('haven.rewrite_reason', true), ''), '0')::int,
+		        ARRAY(SELECT DISTINCT coalesce(i.indrelid, c.objid) FROM pg_event_trigger_ddl_commands() c
+		              LEFT JOIN pg_index i ON i.indexrelid = c.objid
+		              WHERE c.classid = 'pg_class'::regclass));
 		PERFORM set_config('haven.rewrite_reason', '0', true);
 	END IF;
 	-- After recording: the ALTER PUBLICATION it may run is DDL too.

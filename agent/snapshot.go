@@ -193,7 +193,7 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 		columns[i] = pgx.Identifier{c.Name}.Sanitize()
 	}
 	from := "ONLY " + pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
-	if s.partitioned[rel.Id] {
+	if s.published[rel.Id] {
 		// ONLY on a partitioned table reads nothing: its rows are its
 		// partitions'.
 		from = pgx.Identifier{rel.Schema, rel.Name}.Sanitize()

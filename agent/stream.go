@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -313,6 +315,9 @@ func (st *streamer) onRow(ctx context.Context, op havenpb.Op, relID uint32, oldT
 	if !ok {
 		return fmt.Errorf("change for relation %d before its description", relID)
 	}
+	if op == havenpb.Op_OP_INSERT && rel.Schema == "haven" && rel.Name == ddlLogTable && !st.ddlConcernsGroup(rel, newTuple) {
+		return nil
+	}
 	ch := &havenpb.Change{Op: op, RelationId: relID}
 	var err error
 	if oldTuple != nil {
@@ -326,6 +331,36 @@ func (st *streamer) onRow(ctx context.Context, op havenpb.Op, relID uint32, oldT
 		}
 	}
 	return st.addChange(ctx, []*havenpb.Relation{rel}, ch)
+}
+
+// ddlConcernsGroup tells whether a haven.ddl_log row is for this group: a
+// group of some tables (--tables) leaves out DDL that worked only on tables
+// outside it, which the DR site may not have. DDL on no table (a type, a
+// schema, a function) is kept.
+func (st *streamer) ddlConcernsGroup(rel *havenpb.Relation, row *pglogrepl.TupleData) bool {
+	if len(st.cfg.Tables) == 0 {
+		return true
+	}
+	for i, c := range rel.Columns {
+		if c.Name != "relations" || i >= len(row.Columns) || row.Columns[i].DataType != pglogrepl.TupleDataTypeText {
+			continue
+		}
+		list := strings.Trim(string(row.Columns[i].Data), "{}")
+		if list == "" {
+			return true
+		}
+		for _, field := range strings.Split(list, ",") {
+			oid, err := strconv.ParseUint(field, 10, 32)
+			if err != nil {
+				return true
+			}
+			if _, ok := st.published[uint32(oid)]; ok {
+				return true
+			}
+		}
+		return false
+	}
+	return true
 }
 
 func (st *streamer) onTruncate(ctx context.Context, m *pglogrepl.TruncateMessage) error {

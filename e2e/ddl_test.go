@@ -199,3 +199,27 @@ func TestVolatileRewriteIsRefused(t *testing.T) {
 		t.Errorf("the refused DDL was applied on DR (%d, %v)", columns, err)
 	}
 }
+
+// TestDDLOfAGroupOfSomeTables: a group limited with --tables replays the
+// DDL of its tables and leaves out DDL on tables outside it.
+func TestDDLOfAGroupOfSomeTables(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	seedCRM(t, primary, 10)
+	startHaven(t, "agent", s.agentArgs("--tables", "accounts,marker")...)
+	startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+
+	mustExec(t, primary, `CREATE TABLE other (id int PRIMARY KEY)`)
+	mustExec(t, primary, `ALTER TABLE other ADD COLUMN v int`)
+	mustExec(t, primary, `CREATE INDEX other_v ON other (v)`)
+	mustExec(t, primary, `ALTER TABLE accounts ADD COLUMN tier int`)
+	mustExec(t, primary, `UPDATE accounts SET tier = id % 3`)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"accounts": "id"})
+	var others int
+	if err := dr.QueryRow(t.Context(), `SELECT count(*) FROM pg_class WHERE relname IN ('other', 'other_v')`).Scan(&others); err != nil || others != 0 {
+		t.Errorf("DDL on a table outside the group reached DR (%d objects, %v)", others, err)
+	}
+}

@@ -592,6 +592,7 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 		targets[i] = t
 	}
 	names := make([]string, 0, len(rels))
+	anyRows := false
 	for i, rel := range rels {
 		t := targets[i]
 		qualified := pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
@@ -610,6 +611,12 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 			}
 		}
 		names = append(names, tableRef(qualified, t.partitioned))
+		anyRows = anyRows || t.hasRows
+	}
+	if !anyRows {
+		// A new DR copy: nothing to empty (and tables outside the group
+		// may reference these, which TRUNCATE would refuse).
+		return nil
 	}
 	if _, err := tx.Exec(ctx, "TRUNCATE "+strings.Join(names, ", ")); err != nil {
 		var pgErr *pgconn.PgError
