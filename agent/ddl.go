@@ -80,7 +80,7 @@ BEGIN
 	FOR t IN SELECT DISTINCT c.objid::regclass AS rel, k.relkind, k.relreplident, k.relpersistence,
 	                k.relispartition, pg_relation_size(c.objid) > 0 AS has_rows,
 	                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.objid AND
-	                        ((k.relreplident = 'd' AND i.indisprimary) OR (k.relreplident = 'i' AND i.indisreplident))) AS has_key
+	                        i.indimmediate AND ((k.relreplident = 'd' AND i.indisprimary) OR (k.relreplident = 'i' AND i.indisreplident))) AS has_key
 	         FROM pg_event_trigger_ddl_commands() c JOIN pg_class k ON k.oid = c.objid
 	         WHERE c.object_type = 'table' AND NOT c.in_extension AND c.schema_name <> 'haven' AND c.schema_name NOT LIKE 'pg\_temp%'
 	LOOP

@@ -82,10 +82,12 @@ func (t table) usableIdentity() bool {
 	return t.replicaIdentity == "f" || ((t.replicaIdentity == "d" || t.replicaIdentity == "i") && t.hasKey)
 }
 
-// tableColumns selects a table as the agent needs it.
+// tableColumns selects a table as the agent needs it. A deferrable primary
+// key is no replica identity for PostgreSQL (indimmediate): such a table has
+// none, and publishing it would make the primary's UPDATEs fail.
 const tableColumns = `c.oid, n.nspname, c.relname, c.relreplident::text, c.relpersistence = 'u',
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND
-               ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))),
+               i.indimmediate AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))),
        c.relkind = 'p'`
 
 const tablesQuery = `

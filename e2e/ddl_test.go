@@ -86,6 +86,8 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 		// The search_path in force travels with the DDL.
 		`SET search_path TO sales, public; CREATE TABLE leads (id int PRIMARY KEY, who text); INSERT INTO leads VALUES (1, 'lead'); RESET search_path`,
 		`DROP TABLE sales.quotas`,
+		// One text switching schemas between its statements.
+		`SET search_path = sales; CREATE TABLE log2 (id int PRIMARY KEY); SET search_path = public; CREATE TABLE log2 (id int PRIMARY KEY); RESET search_path`,
 		// No key: never published; DR gets the table but says its rows will not follow.
 		`CREATE TABLE scratchpad (note text)`,
 	}

@@ -412,7 +412,7 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 	a.entries = a.entries[:0]
 	if err != nil {
 		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) {
+		if errors.As(err, &pgErr) && !connectionLost(pgErr) {
 			// Name the first message of the transaction being applied: with
 			// one transaction per target transaction (as after such a stop,
 			// see isolateThrough) that is the message to inspect or skip.
@@ -428,6 +428,13 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 		}
 	}
 	return nil
+}
+
+// connectionLost reports errors that end the session rather than judge the
+// change (the DR server shutting down or restarting, an administrator
+// ending the session): apply retries them.
+func connectionLost(err *pgconn.PgError) bool {
+	return err.Severity == "FATAL" || err.Severity == "PANIC" || strings.HasPrefix(err.Code, "57") || strings.HasPrefix(err.Code, "08")
 }
 
 // commit ends the open target transaction with the position of its last

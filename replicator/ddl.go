@@ -53,12 +53,36 @@ var concurrently = regexp.MustCompile(`(?is)^(\s*(?:CREATE\s+(?:UNIQUE\s+)?INDEX
 func replayableStatements(text string) []string {
 	var out []string
 	for _, st := range splitStatements(text) {
+		if local, ok := searchPathStatement(st); ok {
+			// A text that switches schemas between its statements must
+			// switch on DR too; for this transaction only.
+			out = append(out, local)
+			continue
+		}
 		if notReplayed[leadingKeyword(st)] {
 			continue
 		}
 		out = append(out, concurrently.ReplaceAllString(stripLeadingComments(st), "$1"))
 	}
 	return out
+}
+
+var (
+	setSearchPath   = regexp.MustCompile(`(?is)^\s*SET\s+(?:SESSION\s+|LOCAL\s+)?(search_path\b.*)$`)
+	resetSearchPath = regexp.MustCompile(`(?is)^\s*RESET\s+search_path\s*$`)
+)
+
+// searchPathStatement rewrites SET or RESET of search_path as SET LOCAL,
+// so that replay does not change the apply session beyond its transaction.
+func searchPathStatement(st string) (string, bool) {
+	st = stripLeadingComments(st)
+	if m := setSearchPath.FindStringSubmatch(st); m != nil {
+		return "SET LOCAL " + m[1], true
+	}
+	if resetSearchPath.MatchString(st) {
+		return "SET LOCAL search_path TO DEFAULT", true
+	}
+	return "", false
 }
 
 // leadingKeyword is a statement's first word, upper-cased, past comments
@@ -276,7 +300,13 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 		// root (PostgreSQL does not publish it): haven's own statement.
 		statements = []string{text}
 	}
-	if len(statements) == 0 {
+	onlySearchPath := true
+	for _, st := range statements {
+		if _, ok := searchPathStatement(st); !ok {
+			onlySearchPath = false
+		}
+	}
+	if onlySearchPath {
 		a.metrics.ddlNotReplayed.Inc()
 		a.log.Error().Uint64("seq", seq).Str("command_tags", tags).Str("ddl", text).
 			Msg("DDL ran inside a statement haven does not replay (a function called by SELECT?); make the same schema change on DR by hand: " +
@@ -288,6 +318,11 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 	if err := a.conn.QueryRow(ctx, `SELECT current_setting('search_path')`).Scan(&restore); err != nil {
 		return fmt.Errorf("read search_path: %w", err)
 	}
+	// The search_path in force at the text's first DDL; SET statements in
+	// the text change it from there, as they did on the primary.
+	if _, err := a.conn.Exec(ctx, `SELECT set_config('search_path', $1, true)`, searchPath); err != nil {
+		return fmt.Errorf("set the DDL's search_path %q: %w", searchPath, err)
+	}
 	for _, st := range statements {
 		if err := exec("SAVEPOINT haven_ddl"); err != nil {
 			return fmt.Errorf("savepoint before DDL: %w", err)
@@ -298,9 +333,6 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 			_ = exec("ROLLBACK TO SAVEPOINT haven_ddl")
 			a.metrics.ddlFailures.Inc()
 			return blocked(seq, "ddl failed", "replay DDL as role %q: %w; create the role on DR (e.g. from pg_dumpall --roles-only), apply resumes by itself", role, err)
-		}
-		if _, err := a.conn.Exec(ctx, `SELECT set_config('search_path', $1, true)`, searchPath); err != nil {
-			return fmt.Errorf("set the DDL's search_path %q: %w", searchPath, err)
 		}
 		before, err := a.rowsChangedInTransaction(ctx)
 		if err != nil {

@@ -38,7 +38,7 @@ func TestReplayableStatements(t *testing.T) {
 		WITH x AS (DELETE FROM leads RETURNING *) SELECT 1; UPDATE leads SET id = 2; (SELECT 1);
 		create index concurrently leads_id on leads (id); DROP INDEX CONCURRENTLY IF EXISTS old_idx;
 		ALTER TABLE leads ADD COLUMN who text; DO $$ BEGIN CREATE TYPE t AS ENUM ('a'); END $$; COMMIT`)
-	want := []string{"CREATE TABLE leads (id int)", "create index leads_id on leads (id)", "DROP INDEX IF EXISTS old_idx",
+	want := []string{"SET LOCAL search_path TO sales", "CREATE TABLE leads (id int)", "create index leads_id on leads (id)", "DROP INDEX IF EXISTS old_idx",
 		"ALTER TABLE leads ADD COLUMN who text", "DO $$ BEGIN CREATE TYPE t AS ENUM ('a'); END $$"}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("replayable statements\n got %q\nwant %q", got, want)
@@ -92,5 +92,14 @@ func TestAlreadyAppliedOnlyForSingleActions(t *testing.T) {
 	}
 	if alreadyApplied(&pgconn.PgError{Code: "42P01"}, "ALTER TABLE gone ADD COLUMN x int") {
 		t.Error("altering a missing table is not 'already applied'")
+	}
+}
+
+func TestSearchPathSwitchesAreReplayed(t *testing.T) {
+	got := replayableStatements("SET search_path = a; CREATE TABLE log (id int); SET SESSION search_path TO b; DROP TABLE t; RESET search_path; CREATE TABLE x (i int)")
+	want := []string{"SET LOCAL search_path = a", "CREATE TABLE log (id int)", "SET LOCAL search_path TO b", "DROP TABLE t",
+		"SET LOCAL search_path TO DEFAULT", "CREATE TABLE x (i int)"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("got %q\nwant %q", got, want)
 	}
 }
