@@ -343,7 +343,7 @@ func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
 	// Say a snapshot is under way before the slot exists: if anything fails
 	// from here until its end marker is stored, the next start knows the
 	// slot it finds is not to be trusted.
-	if err := s.putSnapshotState(ctx, wire.SnapshotState{SystemID: s.info.systemID, Slot: slot, StreamCreated: s.stream.CachedInfo().Created}); err != nil {
+	if err := s.putSnapshotState(ctx, wire.SnapshotState{SystemID: s.info.systemID, Database: s.info.database, Slot: slot, StreamCreated: s.stream.CachedInfo().Created}); err != nil {
 		return 0, err
 	}
 	s.repl, err = s.replicationConn(ctx)
@@ -411,7 +411,7 @@ func (s *session) snapshotEndInStream(ctx context.Context, slotConfirmed pglogre
 		return false, nil
 	}
 	s.log.Warn().Msg("no snapshot state recorded in " + wire.StateBucket + "; the stream's end marker shows the snapshot finished: recording it")
-	return true, s.putSnapshotState(ctx, wire.SnapshotState{SystemID: c.SystemId, Slot: c.Slot, SnapshotLSN: c.SnapshotLsn,
+	return true, s.putSnapshotState(ctx, wire.SnapshotState{SystemID: c.SystemId, Database: s.info.database, Slot: c.Slot, SnapshotLSN: c.SnapshotLsn,
 		Done: true, StreamCreated: s.stream.CachedInfo().Created})
 }
 

@@ -44,7 +44,7 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	if err != nil {
 		return err
 	}
-	state := wire.SnapshotState{SystemID: s.info.systemID, Slot: SlotName(s.cfg.Group), SnapshotLSN: uint64(consistent), BeginSeq: beginSeq,
+	state := wire.SnapshotState{SystemID: s.info.systemID, Database: s.info.database, Slot: SlotName(s.cfg.Group), SnapshotLSN: uint64(consistent), BeginSeq: beginSeq,
 		StreamCreated: s.stream.CachedInfo().Created}
 	if err := s.putSnapshotState(ctx, state); err != nil {
 		return err

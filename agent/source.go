@@ -35,6 +35,7 @@ func IsOperatorError(err error) bool {
 type sourceInfo struct {
 	systemID uint64
 	version  int
+	database string
 }
 
 // checkSource verifies the server can feed a logical slot to this user.
@@ -46,7 +47,7 @@ func checkSource(ctx context.Context, conn *pgx.Conn) (sourceInfo, error) {
 	err := conn.QueryRow(ctx, `SELECT current_setting('wal_level'),
 		current_setting('server_version_num')::int,
 		(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user),
-		(SELECT system_identifier::text FROM pg_control_system())`).Scan(&walLevel, &info.version, &canReplicate, &sysID)
+		(SELECT system_identifier::text FROM pg_control_system()), current_database()`).Scan(&walLevel, &info.version, &canReplicate, &sysID, &info.database)
 	if err != nil {
 		return info, fmt.Errorf("inspect source server: %w", err)
 	}

@@ -377,9 +377,28 @@ func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Re
 	if err := checkTarget(rel, target.cols); err != nil {
 		return blocked(seq, "schema mismatch", "%w", err)
 	}
+	a.warnFiringTriggers(ctx, rel)
 	a.checked[key] = true
 	a.partitioned[key] = target.partitioned
 	return nil
+}
+
+// warnFiringTriggers says which DR triggers fire while haven applies (ENABLE
+// ALWAYS or REPLICA): one that also runs on the primary has its effects
+// arrive twice, once through the stream and once from itself.
+func (a *applier) warnFiringTriggers(ctx context.Context, rel *havenpb.Relation) {
+	rows, err := a.conn.Query(ctx, `SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND tgenabled IN ('A', 'R')`,
+		pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
+	if err != nil {
+		return
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || len(names) == 0 {
+		return
+	}
+	a.log.Warn().Str("table", rel.Schema+"."+rel.Name).Strs("triggers", names).
+		Msg("these DR triggers fire while haven applies (ENABLE ALWAYS or REPLICA); if they also run on the primary, what they write arrives twice: " +
+			"ALTER TABLE … ENABLE TRIGGER … on DR to keep them to local writes")
 }
 
 // prepare returns the name of the prepared statement for st's shape.
@@ -680,7 +699,7 @@ func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenp
 	if _, err := tx.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(copyText(nil, rows)), sql); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
-			return blocked(seq, "apply failed", "load snapshot rows into %s.%s: %w", rel.Schema, rel.Name, err)
+			return blocked(seq, "apply failed", "load snapshot rows into %s.%s: %w (an ENABLE ALWAYS or REPLICA trigger on DR writing elsewhere?)", rel.Schema, rel.Name, err)
 		}
 		return fmt.Errorf("load snapshot rows into %s.%s: %w", rel.Schema, rel.Name, err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -121,23 +122,6 @@ func (s *Standby) runSession(ctx context.Context) error {
 		}
 		return fmt.Errorf("set session_replication_role: %w", err)
 	}
-	var locked bool
-	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtext('haven standby ' || $1))`, s.cfg.Group).Scan(&locked); err != nil {
-		return fmt.Errorf("take the apply lock: %w", err)
-	}
-	if !locked {
-		return fmt.Errorf("another standby is applying group %q to this database (it holds the apply lock); this one waits", s.cfg.Group)
-	}
-	pos, found, err := loadPosition(ctx, conn, s.cfg.Group)
-	if err != nil {
-		return err
-	}
-	s.protectDR(ctx, conn)
-	id, err := standbyID(ctx, conn)
-	if err != nil {
-		return err
-	}
-
 	nc, err := nats.Connect(s.cfg.NATSURL, nats.Name("haven-standby-"+s.cfg.Group), nats.MaxReconnects(-1),
 		nats.ErrorHandler(natsErrorLogger(s.log)),
 		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
@@ -161,6 +145,27 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("look up stream %s: %w", streamName, err)
 	}
+	// Before anything is written to the target: it must not be the source.
+	if err := s.refuseSource(ctx, conn, js); err != nil {
+		return err
+	}
+	var locked bool
+	if err := conn.QueryRow(ctx, `SELECT pg_try_advisory_lock(hashtext('haven standby ' || $1))`, s.cfg.Group).Scan(&locked); err != nil {
+		return fmt.Errorf("take the apply lock: %w", err)
+	}
+	if !locked {
+		return fmt.Errorf("another standby is applying group %q to this database (it holds the apply lock); this one waits", s.cfg.Group)
+	}
+	pos, found, err := loadPosition(ctx, conn, s.cfg.Group)
+	if err != nil {
+		return err
+	}
+	s.protectDR(ctx, conn)
+	id, err := standbyID(ctx, conn)
+	if err != nil {
+		return err
+	}
+
 	info, err := stream.Info(ctx)
 	if err != nil {
 		return fmt.Errorf("read stream %s: %w", streamName, err)
@@ -223,6 +228,34 @@ func (s *Standby) runSession(ctx context.Context) error {
 			return err
 		}
 	}
+}
+
+// refuseSource stops a standby whose target is the group's source database
+// (same system, same database): applying there would feed the primary its
+// own changes in a loop, and making it read-only would stop production.
+func (s *Standby) refuseSource(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream) error {
+	kv, err := js.KeyValue(ctx, wire.StateBucket)
+	if err != nil {
+		return nil
+	}
+	entry, err := kv.Get(ctx, wire.SnapshotKey(s.cfg.Group))
+	if err != nil {
+		return nil
+	}
+	var st wire.SnapshotState
+	if json.Unmarshal(entry.Value(), &st) != nil || st.SystemID == 0 || st.Database == "" {
+		return nil
+	}
+	var systemID, database string
+	if err := conn.QueryRow(ctx, `SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database()`).Scan(&systemID, &database); err != nil {
+		s.log.Warn().Err(err).Msg("could not read the target's system identifier to check that it is not the source database")
+		return nil
+	}
+	if systemID == strconv.FormatUint(st.SystemID, 10) && database == st.Database {
+		return &operatorError{fmt.Errorf("--target-url points at database %q of the source cluster (system %s), the very database group %q captures: "+
+			"point it at the DR database", database, systemID, s.cfg.Group)}
+	}
+	return nil
 }
 
 // protectDR makes new sessions on the DR database read-only by default, so

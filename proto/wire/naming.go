@@ -87,7 +87,10 @@ func SnapshotKey(group string) string { return "snapshot." + group }
 
 // SnapshotState is the value under SnapshotKey, JSON-encoded.
 type SnapshotState struct {
-	SystemID    uint64 `json:"system_id"`
+	SystemID uint64 `json:"system_id"`
+	// Database is the source database's name: with SystemID, a standby
+	// recognises a target that is the source itself.
+	Database    string `json:"database,omitempty"`
 	Slot        string `json:"slot"`
 	SnapshotLSN uint64 `json:"snapshot_lsn,omitempty"`
 	// BeginSeq is the stream sequence of the snapshot's SNAPSHOT_BEGIN.

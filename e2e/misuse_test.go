@@ -1,0 +1,40 @@
+package e2e
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestStandbyPointedAtThePrimaryRefuses: a standby whose --target-url is
+// the source database stops before writing anything there (it would make
+// the primary read-only and feed it its own changes).
+func TestStandbyPointedAtThePrimaryRefuses(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	mustExec(t, primary, `CREATE TABLE acct (id int PRIMARY KEY, v int); CREATE TABLE marker (id bigint PRIMARY KEY)`)
+	startHaven(t, "agent", s.agentArgs()...)
+	startHaven(t, "standby", s.standbyArgs()...)
+	waitCaughtUp(t, primary, connect(t, s.drURL()), 1, 60*time.Second)
+
+	wrong := startHaven(t, "standby-on-primary", "standby", "--target-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group)
+	waitFor(t, 30*time.Second, "the misdirected standby to stop", func() (bool, error) {
+		select {
+		case <-wrong.done:
+			return true, nil
+		default:
+			return false, nil
+		}
+	})
+	if !strings.Contains(wrong.output(), "points at database") {
+		t.Errorf("the standby did not say its target is the source:\n%s", tail(wrong.output(), 5))
+	}
+	fresh := connect(t, s.primaryURL())
+	if _, err := fresh.Exec(t.Context(), `INSERT INTO acct VALUES (1, 1)`); err != nil {
+		t.Errorf("the primary no longer takes writes after a standby was pointed at it: %v", err)
+	}
+	var tables int
+	if err := fresh.QueryRow(t.Context(), `SELECT count(*) FROM pg_tables WHERE schemaname = 'haven' AND tablename = 'apply_position'`).Scan(&tables); err != nil || tables != 0 {
+		t.Errorf("the misdirected standby wrote its bookkeeping on the primary (%d, %v)", tables, err)
+	}
+}
