@@ -234,16 +234,8 @@ func (s *Standby) runSession(ctx context.Context) error {
 // (same system, same database): applying there would feed the primary its
 // own changes in a loop, and making it read-only would stop production.
 func (s *Standby) refuseSource(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream) error {
-	kv, err := js.KeyValue(ctx, wire.StateBucket)
-	if err != nil {
-		return nil
-	}
-	entry, err := kv.Get(ctx, wire.SnapshotKey(s.cfg.Group))
-	if err != nil {
-		return nil
-	}
-	var st wire.SnapshotState
-	if json.Unmarshal(entry.Value(), &st) != nil || st.SystemID == 0 || st.Database == "" {
+	st := s.snapshotState(ctx, js)
+	if st == nil || st.SystemID == 0 || st.Database == "" {
 		return nil
 	}
 	var systemID, database string
@@ -344,6 +336,17 @@ func checkPositionMessage(ctx context.Context, stream jetstream.Stream, info *je
 // latestSnapshot returns the group's latest complete initial snapshot when
 // this stream still holds its beginning, or nil.
 func (s *Standby) latestSnapshot(ctx context.Context, js jetstream.JetStream, info *jetstream.StreamInfo, created time.Time) *wire.SnapshotState {
+	st := s.snapshotState(ctx, js)
+	if st == nil || !st.Done || st.BeginSeq == 0 || !st.SameStream(created) ||
+		st.BeginSeq < info.State.FirstSeq || st.BeginSeq > info.State.LastSeq {
+		return nil
+	}
+	return st
+}
+
+// snapshotState reads the group's snapshot state the agent records, or nil
+// when there is none (or it cannot be read: callers then decide without it).
+func (s *Standby) snapshotState(ctx context.Context, js jetstream.JetStream) *wire.SnapshotState {
 	kv, err := js.KeyValue(ctx, wire.StateBucket)
 	if err != nil {
 		return nil
@@ -353,8 +356,7 @@ func (s *Standby) latestSnapshot(ctx context.Context, js jetstream.JetStream, in
 		return nil
 	}
 	var st wire.SnapshotState
-	if json.Unmarshal(entry.Value(), &st) != nil || !st.Done || st.BeginSeq == 0 || !st.SameStream(created) ||
-		st.BeginSeq < info.State.FirstSeq || st.BeginSeq > info.State.LastSeq {
+	if json.Unmarshal(entry.Value(), &st) != nil {
 		return nil
 	}
 	return &st
