@@ -18,6 +18,8 @@ const ddlLogTable = "ddl_log"
 // recorded (CREATE EXTENSION is). Everything the function calls is
 // schema-qualified: it runs as its owner, with the caller's search_path.
 const ddlCaptureSQL = `
+-- Two agents starting at once install it one after the other.
+SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('haven ddl capture'));
 CREATE SCHEMA IF NOT EXISTS haven;
 CREATE TABLE IF NOT EXISTS haven.ddl_log (
 	id             bigserial PRIMARY KEY,

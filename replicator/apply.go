@@ -48,6 +48,9 @@ type partialTxn struct {
 type batchEntry struct {
 	matchesRow bool
 	table      string
+	// rel and change describe the row, rendered only if it is missing.
+	rel    *havenpb.Relation
+	change *havenpb.Change
 }
 
 // applier applies messages to the DR database over one connection. It is
@@ -349,7 +352,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				return err
 			}
 			a.batch.ExecPrepared(name, st.params, nil, nil)
-			a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, table: rel.Schema + "." + rel.Name})
+			a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, table: rel.Schema + "." + rel.Name, rel: rel, change: ch})
 		}
 		a.groupChanges++
 		if len(a.entries) >= a.cfg.PipelineStatements {
@@ -442,11 +445,38 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 	for i, r := range results {
 		if i < len(entries) && entries[i].matchesRow && r.CommandTag.RowsAffected() == 0 {
 			a.metrics.conflicts.WithLabelValues(entries[i].table).Inc()
-			a.log.Error().Str("table", entries[i].table).Uint64("seq", seq).
+			a.log.Error().Str("table", entries[i].table).Str("key", identityText(entries[i].rel, entries[i].change)).Uint64("seq", seq).
 				Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
 		}
 	}
 	return nil
+}
+
+// identityText renders the identity of the row a change looks for, for a
+// log line: key=value pairs, long values cut.
+func identityText(rel *havenpb.Relation, ch *havenpb.Change) string {
+	if rel == nil || ch == nil {
+		return ""
+	}
+	row := ch.Old
+	if row == nil {
+		row = ch.New
+	}
+	var parts []string
+	for i, c := range rel.Columns {
+		if !c.Key || row == nil || i >= len(row.Values) {
+			continue
+		}
+		v := "NULL"
+		if d := row.Values[i]; d.Kind == havenpb.DatumKind_DATUM_TEXT {
+			v = string(d.Text)
+			if len(v) > 64 {
+				v = v[:64] + "…"
+			}
+		}
+		parts = append(parts, c.Name+"="+v)
+	}
+	return strings.Join(parts, ", ")
 }
 
 // connectionLost reports errors that end the session rather than judge the

@@ -604,3 +604,13 @@ func TestPartitionedTablesAreNamedWithoutOnly(t *testing.T) {
 		t.Errorf("got %s, want %s", got, want)
 	}
 }
+
+func TestIdentityTextNamesTheKey(t *testing.T) {
+	rel := &havenpb.Relation{Schema: "public", Name: "t", Columns: []*havenpb.Column{
+		{Name: "id", Type: "bigint", Key: true}, {Name: "region", Type: "text", Key: true}, {Name: "v", Type: "text"}}}
+	ch := &havenpb.Change{Op: havenpb.Op_OP_DELETE, Old: sqlTestRow(sqlTestText("7"), sqlTestText(strings.Repeat("x", 100)), sqlTestNull())}
+	got := identityText(rel, ch)
+	if want := "id=7, region=" + strings.Repeat("x", 64) + "…"; got != want {
+		t.Errorf("got %q, want %q", got, want)
+	}
+}
