@@ -12,10 +12,21 @@
 //
 // Each source transaction becomes one or more chunks of bounded size, in
 // commit order; a transaction of any size is never held whole in memory.
-// Every chunk carries a Nats-Msg-Id derived from the source (system id, slot,
-// commit LSN, chunk index), so JetStream drops what a restarted agent
-// publishes twice; the standby's apply position covers what falls outside the
-// duplicate window.
+// A chunk is identified by its transaction's commit LSN and the ordinal of
+// its first change (also its Nats-Msg-Id), not by where chunk boundaries
+// fell, so a restarted agent may cut a transaction differently. Every publish
+// is chained to the stream's previous message (Nats-Expected-Last-Msg-Id), so
+// JetStream refuses whatever follows a message it lost or rejected and the
+// stream never holds a transaction ahead of an earlier one; a new session
+// reads the stream's last message and continues exactly after it.
+//
+// The state of the initial snapshot is recorded in the HAVEN_STATE
+// key-value bucket before the slot is created and when its end marker is
+// stored, so an interrupted snapshot is never taken for a finished one.
+//
+// With a superuser, DDL is captured by event triggers into the replicated
+// haven.ddl_log (see ddl.go), and new tables of an all-tables group join the
+// publication in the transaction that creates them.
 //
 // Three positions are kept apart: received (decoded from the walsender),
 // published (handed to JetStream) and confirmed (every chunk of every
@@ -26,7 +37,8 @@
 // back-pressured, so the walsender does not time the connection out.
 //
 // Heartbeats go through the slot itself (pg_logical_emit_message), so an
-// idle database still advances the slot and end-to-end lag can be measured.
+// idle database still advances the slot and end-to-end lag can be measured;
+// they carry the sequences' positions to the DR site in WAL order.
 //
 // Connection failures (PostgreSQL or NATS) are retried with backoff and
 // logged; configuration problems that an operator must fix (wal_level,

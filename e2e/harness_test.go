@@ -276,5 +276,3 @@ func assertEqual(t *testing.T, primary, dr *pgx.Conn, tables map[string]string) 
 		}
 	}
 }
-
-func countIn(s, sub string) int { return strings.Count(s, sub) }

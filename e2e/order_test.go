@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -61,7 +62,7 @@ func TestAFullStreamKeepsOrderAndLosesNothing(t *testing.T) {
 		mustExec(t, primary, `INSERT INTO docs VALUES ($1, 'small')`, i)
 	}
 	waitFor(t, 60*time.Second, "the agent to hit the full stream", func() (bool, error) {
-		return countIn(agent.output(), "retrying") > 0, nil
+		return strings.Count(agent.output(), "retrying") > 0, nil
 	})
 	js := s.nats.JetStream(t)
 	st, err := js.Stream(t.Context(), wire.StreamName(s.group))

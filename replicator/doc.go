@@ -8,16 +8,18 @@
 // written to haven.apply_position in the same target transaction as the
 // changes, so a crash at any moment either keeps a transaction and its
 // position or neither; on restart the durable consumer is recreated at the
-// sequence after the stored one. Duplicates that JetStream's dedupe window
-// let through (an agent that republished after a long outage) are skipped by
-// commit LSN.
+// sequence after the stored one, once the message stored there is checked
+// to be the one applied. Duplicates that JetStream's dedupe window let
+// through are skipped by commit LSN, and a transaction sent again in other
+// chunks is applied from the first change not yet applied.
 //
 // Several small source transactions are grouped into one target transaction,
 // never split; a transaction that spans several chunks is applied as it
 // arrives, inside one open target transaction, so its size is not bounded by
 // memory. Statements are prepared once per shape and pipelined; changes use
 // session_replication_role = replica, so triggers and foreign keys on DR do
-// not fire twice.
+// not fire twice. A haven.ddl_log row replays its DDL at that point of the
+// stream, as the role that ran it on the primary (see ddl.go).
 //
 // A message it cannot apply safely (undecodable, from another group or
 // system, an unknown format version, a gap in the stream, a chunk out of
