@@ -20,6 +20,8 @@ const ddlLogTable = "ddl_log"
 const ddlCaptureSQL = `
 -- Two agents starting at once install it one after the other.
 SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('haven ddl capture'));
+-- Installing it again (at every start) is not DDL for the DR site.
+SELECT pg_catalog.set_config('haven.internal', 'on', false);
 CREATE SCHEMA IF NOT EXISTS haven;
 CREATE TABLE IF NOT EXISTS haven.ddl_log (
 	id             bigserial PRIMARY KEY,
@@ -214,7 +216,8 @@ BEGIN
 	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_event_trigger WHERE evtname = 'haven_capture_ddl') THEN
 		CREATE EVENT TRIGGER haven_capture_ddl ON ddl_command_end EXECUTE FUNCTION haven.capture_ddl();
 	END IF;
-END $$;`
+END $$;
+SELECT pg_catalog.set_config('haven.internal', 'off', false);`
 
 // DDLCaptureSQL is the SQL that installs DDL capture, for an operator who
 // installs it as a superuser on the agent's behalf.
