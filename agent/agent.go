@@ -103,14 +103,15 @@ type session struct {
 	stream    jetstream.Stream
 	state     jetstream.KeyValue // the group's snapshot state (wire.StateBucket)
 	tables    []table
-	published map[uint32]bool // published tables by OID: true for partitioned ones
+	published map[uint32]bool // published tables by OID: true for partitioned ones (streamer only)
 	streaming func()          // called once streaming has started
+	hub       *backfillHub
 
 	lastWALWarning time.Time // heartbeats goroutine only
 }
 
 func (a *Agent) runSession(ctx context.Context) error {
-	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.health.Set("") }}
+	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.health.Set("") }, hub: newBackfillHub()}
 	ctrl, err := s.connectSource(ctx)
 	if err != nil {
 		return err
@@ -159,7 +160,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 		s.cfg.ChunkBytes = int(nc.MaxPayload() * 3 / 4)
 	}
 
-	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull, a.cfg.PublishViaRoot); err != nil {
+	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull, a.cfg.PublishViaRoot, PublicationName(a.cfg.Group)); err != nil {
 		return err
 	}
 	capturing, err := s.installDDLCapture(ctx)
@@ -184,6 +185,9 @@ func (a *Agent) runSession(ctx context.Context) error {
 		}
 		missing = slices.Delete(missing, i, i+1)
 	}
+	if missing, err = s.backfillMissing(ctx, s.tables, missing); err != nil {
+		return err
+	}
 	if s.tables, err = publishedTables(ctx, ctrl, PublicationName(a.cfg.Group)); err != nil {
 		return err
 	}
@@ -198,8 +202,8 @@ func (a *Agent) runSession(ctx context.Context) error {
 	}
 	a.metrics.unreplicated.Set(float64(len(missing)))
 	if len(missing) > 0 {
-		s.log.Error().Strs("tables", missing).Msg("these tables are not in the group's publication, so their changes are NOT replicated; " +
-			"to include them, re-seed the group: stop the agent, DROP PUBLICATION and pg_drop_replication_slot('" + SlotName(a.cfg.Group) + "'), start the agent")
+		s.log.Error().Strs("tables", missing).Msg("these tables are not in the group's publication and cannot be backfilled (REPLICA IDENTITY FULL without a key to copy them by), so their changes are NOT replicated; " +
+			"give them a primary key and restart the agent, or re-seed the group: stop the agent, DROP PUBLICATION and pg_drop_replication_slot('" + SlotName(a.cfg.Group) + "'), start the agent")
 	}
 
 	startLSN, err := s.prepareSlot(ctx)
@@ -218,7 +222,24 @@ func (a *Agent) runSession(ctx context.Context) error {
 		stopHeartbeats()
 		<-heartbeatsDone
 	}()
-	return s.streamChanges(ctx, startLSN)
+	// A backfill that fails ends the session, which starts over.
+	streamCtx, fail := context.WithCancelCause(ctx)
+	backfillsDone := make(chan struct{})
+	go func() {
+		defer close(backfillsDone)
+		s.runBackfills(streamCtx, fail)
+	}()
+	defer func() {
+		fail(nil)
+		<-backfillsDone
+	}()
+	if err := s.streamChanges(streamCtx, startLSN); err != nil {
+		return err
+	}
+	if ctx.Err() == nil {
+		return context.Cause(streamCtx)
+	}
+	return nil
 }
 
 // warnDurability says plainly when a JetStream acknowledgement does not mean

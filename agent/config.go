@@ -62,6 +62,10 @@ type Config struct {
 	// snapshot: empty finds one, "off" ships none (the standby then creates
 	// bare tables: columns, NOT NULL and the key).
 	PgDump string
+	// BackfillChunkRows is how many rows a backfill reads per chunk (one
+	// short REPEATABLE READ transaction each; the rows are held in memory
+	// until JetStream has them).
+	BackfillChunkRows int
 	// PublishTimeout is how long a published chunk may wait for its
 	// acknowledgement before the session restarts (and republishes from the
 	// last confirmed position).
@@ -80,6 +84,7 @@ func DefaultConfig() Config {
 		StatusInterval:     time.Second,
 		MaxInFlight:        256,
 		PublishTimeout:     30 * time.Second,
+		BackfillChunkRows:  1000,
 		RetainedWALWarning: 8 << 30,
 	}
 }
@@ -103,6 +108,8 @@ func (c Config) Validate() error {
 		return errors.New("heartbeat and status intervals and the publish timeout must be positive")
 	case c.MaxInFlight < 1:
 		return fmt.Errorf("max in-flight %d: use at least 1", c.MaxInFlight)
+	case c.BackfillChunkRows < 1:
+		return fmt.Errorf("backfill chunk rows %d: use at least 1", c.BackfillChunkRows)
 	case c.Epoch == 0:
 		return errors.New("epoch 0: epochs start at 1")
 	}

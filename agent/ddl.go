@@ -69,7 +69,8 @@ COMMENT ON TABLE haven.groups IS 'haven: replication groups captured from this d
 
 -- publish_new_tables adds a table just created (or just given a usable
 -- replica identity) to the publication of every all-tables group, so its
--- rows are captured from its first insert. A table without a usable
+-- rows are captured from its first insert; rows it already holds (CREATE
+-- TABLE AS, a key added later) are backfilled. A table without a usable
 -- identity is never added (the primary's own UPDATEs on it would fail);
 -- the client is warned instead. Like every function here that runs with
 -- its owner's rights, it runs with search_path pg_catalog: a caller's
@@ -78,14 +79,14 @@ CREATE OR REPLACE FUNCTION haven.publish_new_tables() RETURNS void LANGUAGE plpg
 SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	t       record;
-	pub     text;
+	grp     record;
 	refusal text;
 BEGIN
-	FOR t IN SELECT DISTINCT c.objid::regclass AS rel, k.relkind, k.relreplident, k.relpersistence,
+	FOR t IN SELECT DISTINCT c.objid::regclass AS rel, c.objid AS relid, n.nspname, k.relname, k.relkind, k.relreplident, k.relpersistence,
 	                k.relispartition, pg_relation_size(c.objid) > 0 AS has_rows,
 	                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.objid AND
 	                        i.indimmediate AND ((k.relreplident = 'd' AND i.indisprimary) OR (k.relreplident = 'i' AND i.indisreplident))) AS has_key
-	         FROM pg_event_trigger_ddl_commands() c JOIN pg_class k ON k.oid = c.objid
+	         FROM pg_event_trigger_ddl_commands() c JOIN pg_class k ON k.oid = c.objid JOIN pg_namespace n ON n.oid = k.relnamespace
 	         WHERE c.object_type = 'table' AND NOT c.in_extension AND c.schema_name <> 'haven' AND c.schema_name NOT LIKE 'pg\_temp%'
 	LOOP
 		CONTINUE WHEN t.relpersistence <> 'p';
@@ -95,14 +96,14 @@ BEGIN
 		-- A group published via the partition root takes partitioned roots
 		-- (their partitions come with them); others take every plain table
 		-- and partition.
-		FOR pub IN SELECT g.publication FROM haven.groups g WHERE g.all_tables AND
-		           CASE WHEN g.via_root THEN t.relkind IN ('p', 'r') AND NOT t.relispartition ELSE t.relkind = 'r' END LOOP
+		FOR grp IN SELECT g.name, g.publication FROM haven.groups g WHERE g.all_tables AND
+		         CASE WHEN g.via_root THEN t.relkind IN ('p', 'r') AND NOT t.relispartition ELSE t.relkind = 'r' END LOOP
 			CONTINUE WHEN EXISTS (SELECT 1 FROM pg_publication_tables p
-			                      WHERE p.pubname = pub AND format('%I.%I', p.schemaname, p.tablename)::regclass = t.rel);
+			                      WHERE p.pubname = grp.publication AND format('%I.%I', p.schemaname, p.tablename)::regclass = t.rel);
 			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
-				refusal := format('table %s has no primary key or replica identity, so it is not replicated (publication %s); add a primary key or set REPLICA IDENTITY FULL', t.rel, pub);
-			ELSIF t.has_rows THEN
-				refusal := format('table %s already holds rows, so it is not added to publication %s (DR would lack those rows); re-seed the group to replicate it', t.rel, pub);
+				refusal := format('table %s has no primary key or replica identity, so it is not replicated (publication %s); add a primary key or set REPLICA IDENTITY FULL', t.rel, grp.publication);
+			ELSIF t.has_rows AND NOT t.has_key THEN
+				refusal := format('table %s already holds rows but has no primary key to copy them by, so it is not added to publication %s; add a primary key (its rows are then backfilled), or re-seed the group', t.rel, grp.publication);
 			END IF;
 			IF refusal IS NOT NULL THEN
 				RAISE WARNING 'haven: %', refusal;
@@ -111,7 +112,14 @@ BEGIN
 				VALUES (session_user, '', 'HAVEN NOT REPLICATED', '-- haven: ' || refusal);
 				refusal := NULL;
 			ELSE
-				EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, t.rel);
+				EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', grp.publication, t.rel);
+				IF t.has_rows THEN
+					-- The rows it already holds reach DR by a backfill, which
+					-- the group's agent starts when it decodes this message:
+					-- changes from here on are streamed as usual.
+					PERFORM pg_logical_emit_message(true, 'haven.backfill.' || grp.name,
+						json_build_object('begin', json_build_object('oid', t.relid::bigint, 'schema', t.nspname, 'name', t.relname))::text);
+				END IF;
 			END IF;
 		END LOOP;
 	END LOOP;
@@ -174,7 +182,8 @@ END $$;
 
 CREATE OR REPLACE FUNCTION haven.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
 DECLARE
-	relevant boolean;
+	relevant  boolean;
+	statement text := pg_catalog.current_query();
 BEGIN
 	IF pg_catalog.current_setting('haven.internal', true) = 'on' THEN
 		-- haven's own triggers on this site: not the DR site's.
@@ -192,8 +201,25 @@ BEGIN
 		       AND c.schema_name IS DISTINCT FROM 'haven' AND coalesce(c.schema_name, '') NOT LIKE 'pg\_temp%')
 		  INTO relevant FROM pg_catalog.pg_event_trigger_ddl_commands() c;
 	END IF;
+	IF tg_tag IN ('CREATE TABLE AS', 'SELECT INTO') THEN
+		-- DR gets the table, not the query: the query may read what DR
+		-- lacks (a temporary table), and the rows come by backfill.
+		SELECT pg_catalog.format('CREATE %sTABLE %I.%I (%s)', CASE WHEN k.relpersistence = 'u' THEN 'UNLOGGED ' END, n.nspname, k.relname,
+		       pg_catalog.string_agg(pg_catalog.format('%I %s%s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod),
+		           CASE WHEN a.attcollation OPERATOR(pg_catalog.<>) t.typcollation THEN ' COLLATE ' || a.attcollation::pg_catalog.regcollation::text END),
+		           ', ' ORDER BY a.attnum))
+		  INTO statement
+		  FROM pg_catalog.pg_event_trigger_ddl_commands() c
+		  JOIN pg_catalog.pg_class k ON k.oid OPERATOR(pg_catalog.=) c.objid
+		  JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) k.relnamespace
+		  JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) k.oid AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+		  JOIN pg_catalog.pg_type t ON t.oid OPERATOR(pg_catalog.=) a.atttypid
+		 WHERE c.object_type OPERATOR(pg_catalog.=) 'table'
+		 GROUP BY n.nspname, k.relname, k.relpersistence;
+		statement := coalesce(statement, pg_catalog.current_query());
+	END IF;
 	IF coalesce(relevant, true) THEN
-		PERFORM haven.record_ddl(pg_catalog.current_query(), tg_tag,
+		PERFORM haven.record_ddl(statement, tg_tag,
 			pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.quote_ident(s) FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) s), ', '),
 			current_user::text);
 	END IF;

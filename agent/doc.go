@@ -26,7 +26,9 @@
 //
 // With a superuser, DDL is captured by event triggers into the replicated
 // haven.ddl_log (see ddl.go), and new tables of an all-tables group join the
-// publication in the transaction that creates them.
+// publication in the transaction that creates them. A table that joins with
+// rows in it is backfilled by key-ordered chunks while the stream goes on,
+// each published at its watermark's place in the stream (see backfill.go).
 //
 // Three positions are kept apart: received (decoded from the walsender),
 // published (handed to JetStream) and confirmed (every chunk of every

@@ -17,6 +17,8 @@ type metrics struct {
 	connected    prometheus.Gauge
 	errors       *prometheus.CounterVec
 	unreplicated prometheus.Gauge
+	backfillRows prometheus.Counter
+	backfilling  prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, group string) *metrics {
@@ -34,8 +36,10 @@ func newMetrics(reg prometheus.Registerer, group string) *metrics {
 		connected:    prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_agent_streaming", Help: "1 while the agent streams from its slot.", ConstLabels: labels}),
 		errors:       prometheus.NewCounterVec(prometheus.CounterOpts{Name: "haven_agent_errors_total", Help: "Errors that restarted the capture session, by kind.", ConstLabels: labels}, []string{"kind"}),
 		unreplicated: prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_agent_unreplicated_tables", Help: "Tables the configuration selects that the group's publication does not cover.", ConstLabels: labels}),
+		backfillRows: prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_agent_backfill_rows_total", Help: "Rows copied by backfills of tables that joined the group with rows, published and acknowledged.", ConstLabels: labels}),
+		backfilling:  prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_agent_backfilling_tables", Help: "Tables whose backfill is not finished.", ConstLabels: labels}),
 	}
 	reg.MustRegister(m.transactions, m.changes, m.chunks, m.snapshotRows, m.receivedLSN, m.confirmedLSN,
-		m.retainedWAL, m.lagBytes, m.lagSeconds, m.connected, m.errors, m.unreplicated)
+		m.retainedWAL, m.lagBytes, m.lagSeconds, m.connected, m.errors, m.unreplicated, m.backfillRows, m.backfilling)
 	return m
 }

@@ -65,15 +65,17 @@ func versionMajor(s string) int {
 	return 0
 }
 
-// dumpSchema runs pg_dump --schema-only under the exported snapshot, so the
-// schema is exactly the one the copied rows have. Objects that belong to
+// dumpSchema runs pg_dump --schema-only with options (under the exported
+// snapshot for the initial snapshot, so the schema is exactly the one the
+// copied rows have; for one table for a backfill). Objects that belong to
 // haven itself, and event triggers (they call functions in haven's schema),
 // are left out; so are owners, privileges and tablespaces, which the DR
 // site need not share.
-func dumpSchema(ctx context.Context, pgDump, sourceURL, snapshotName string) (string, error) {
-	cmd := exec.CommandContext(ctx, pgDump, "--schema-only", "--snapshot="+snapshotName, "--no-owner", "--no-privileges",
+func dumpSchema(ctx context.Context, pgDump, sourceURL string, options ...string) (string, error) {
+	args := append([]string{"--schema-only", "--no-owner", "--no-privileges",
 		"--no-publications", "--no-subscriptions", "--no-tablespaces", "--no-security-labels", "--exclude-schema=haven",
-		"--dbname="+sourceURL)
+		"--dbname=" + sourceURL}, options...)
+	cmd := exec.CommandContext(ctx, pgDump, args...)
 	cmd.Env = append(os.Environ(), "PGCONNECT_TIMEOUT=30")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr

@@ -39,7 +39,7 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	}
 	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
 	begin.Relations = rels
-	begin.SchemaSql = s.schemaScript(ctx, snapshotName)
+	begin.SchemaSql = s.schemaScript(ctx, "--snapshot="+snapshotName)
 	beginSeq, err := s.publishMarker(ctx, begin, "begin")
 	if err != nil {
 		return err
@@ -90,16 +90,17 @@ feed:
 	return nil
 }
 
-// schemaScript dumps the source schema for the standby, or explains why it
-// ships none: the standby then creates bare tables.
-func (s *session) schemaScript(ctx context.Context, snapshotName string) string {
+// schemaScript dumps the source schema (pg_dump with options) for the
+// standby, or explains why it ships none: the standby then creates bare
+// tables.
+func (s *session) schemaScript(ctx context.Context, options ...string) string {
 	if s.cfg.PgDump == "off" {
 		return ""
 	}
 	pgDump, err := findPgDump(s.cfg.PgDump, s.info.version)
 	if err == nil {
 		var script string
-		if script, err = dumpSchema(ctx, pgDump, s.cfg.SourceURL, snapshotName); err == nil {
+		if script, err = dumpSchema(ctx, pgDump, s.cfg.SourceURL, options...); err == nil {
 			return script
 		}
 	}

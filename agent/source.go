@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -133,8 +134,10 @@ func publishedTables(ctx context.Context, conn *pgx.Conn, publication string) ([
 
 // selectTables resolves the configured table list (or every user table)
 // and refuses tables that cannot be replicated safely, unless setFull lets
-// it give them REPLICA IDENTITY FULL.
-func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wanted []string, setFull, viaRoot bool) ([]table, error) {
+// it give them REPLICA IDENTITY FULL. A group of every table that already
+// runs (its publication exists) leaves such tables out, loudly, rather than
+// stop capturing the others.
+func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wanted []string, setFull, viaRoot bool, publication string) ([]table, error) {
 	rows, err := conn.Query(ctx, tablesQuery, viaRoot)
 	if err != nil {
 		return nil, fmt.Errorf("list source tables: %w", err)
@@ -188,6 +191,16 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 			continue
 		}
 		refused = append(refused, t.schema+"."+t.name)
+	}
+	var running bool
+	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, publication).Scan(&running); err != nil {
+		return nil, fmt.Errorf("look up publication %q: %w", publication, err)
+	}
+	if len(refused) > 0 && len(wanted) == 0 && running {
+		log.Error().Strs("tables", refused).Msg("tables without a primary key or usable replica identity are NOT replicated: " +
+			"add a primary key (its rows are then backfilled), or set ALTER TABLE … REPLICA IDENTITY FULL and re-seed the group")
+		picked = slices.DeleteFunc(picked, func(t table) bool { return slices.Contains(refused, t.schema+"."+t.name) })
+		refused = nil
 	}
 	if len(refused) > 0 {
 		// Adding such a table to a publication that publishes UPDATE and

@@ -28,6 +28,7 @@ type pending struct {
 	endLSN     pglogrepl.LSN          // set when the chunk ends a transaction: what is then confirmed
 	commitTime time.Time
 	changes    int
+	onAck      []func() // run once JetStream has the whole transaction
 }
 
 // txnState is the source transaction being decoded.
@@ -43,6 +44,10 @@ type txnState struct {
 	// with a lower ordinal are not published again; stored means all of it.
 	storedThrough uint32
 	stored        bool
+	// Keys it changed in tables being backfilled, and what to do once it
+	// is in the stream.
+	touched     *touched
+	onPublished []func()
 }
 
 // streamTail is the last message the stream holds when a session starts:
@@ -69,6 +74,10 @@ type streamer struct {
 	confirmedLSN pglogrepl.LSN
 	nextStatus   time.Time
 	tail         streamTail
+	// Tables being backfilled, and the transactions that changed them that
+	// a backfill snapshot has not yet been seen to include.
+	backfilling map[uint32]bool
+	touched     []*touched
 }
 
 type typeKey struct {
@@ -93,8 +102,15 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 	if err != nil {
 		return err
 	}
+	backfills, err := s.backfills(ctx)
+	if err != nil {
+		return err
+	}
 	st := &streamer{session: s, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
-		receivedLSN: start, confirmedLSN: start, tail: tail}
+		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]bool{}}
+	for _, b := range backfills {
+		st.backfilling[b.OID] = true
+	}
 	s.metrics.connected.Set(1)
 	s.streaming()
 	s.metrics.confirmedLSN.Set(float64(start))
@@ -256,7 +272,7 @@ func (st *streamer) handleLogical(ctx context.Context, data []byte) error {
 	case *pglogrepl.TruncateMessage:
 		return st.onTruncate(ctx, m)
 	case *pglogrepl.LogicalDecodingMessage:
-		return st.onMessage(m)
+		return st.onMessage(ctx, m)
 	case *pglogrepl.TypeMessage, *pglogrepl.OriginMessage:
 		return nil
 	default:
@@ -330,7 +346,9 @@ func (st *streamer) onRow(ctx context.Context, op havenpb.Op, relID uint32, oldT
 			return fmt.Errorf("new row of %s.%s: %w", rel.Schema, rel.Name, err)
 		}
 	}
-	return st.addChange(ctx, []*havenpb.Relation{rel}, ch)
+	st.noteTouched(rel, ch)
+	_, err = st.addChange(ctx, []*havenpb.Relation{rel}, ch)
+	return err
 }
 
 // ddlConcernsGroup tells whether a haven.ddl_log row is for this group: a
@@ -374,14 +392,27 @@ func (st *streamer) onTruncate(ctx context.Context, m *pglogrepl.TruncateMessage
 			return fmt.Errorf("truncate of relation %d before its description", id)
 		}
 		rels[i] = rel
+		if st.backfilling[id] {
+			if st.txn.touched == nil {
+				st.txn.touched = &touched{xid: st.txn.xid}
+			}
+			st.txn.touched.add(id, "", false)
+		}
 	}
 	ch := &havenpb.Change{Op: havenpb.Op_OP_TRUNCATE, TruncateRelationIds: m.RelationIDs,
 		TruncateCascade: m.Option&1 != 0, TruncateRestartIdentity: m.Option&2 != 0}
-	return st.addChange(ctx, rels, ch)
+	_, err := st.addChange(ctx, rels, ch)
+	return err
 }
 
-func (st *streamer) onMessage(m *pglogrepl.LogicalDecodingMessage) error {
-	if m.Prefix != heartbeatPrefix(st.cfg.Group) || st.txn == nil {
+func (st *streamer) onMessage(ctx context.Context, m *pglogrepl.LogicalDecodingMessage) error {
+	if st.txn == nil {
+		return nil
+	}
+	if m.Prefix == backfillPrefix(st.cfg.Group) {
+		return st.onBackfillMessage(ctx, m.Content)
+	}
+	if m.Prefix != heartbeatPrefix(st.cfg.Group) {
 		return nil
 	}
 	var content heartbeatContent
@@ -423,17 +454,17 @@ func toRow(t *pglogrepl.TupleData, columns int) (*havenpb.Row, error) {
 }
 
 // addChange adds the transaction's next change to its current chunk,
-// unless the stream already holds it.
-func (st *streamer) addChange(ctx context.Context, rels []*havenpb.Relation, ch *havenpb.Change) error {
+// unless the stream already holds it; it reports which.
+func (st *streamer) addChange(ctx context.Context, rels []*havenpb.Relation, ch *havenpb.Change) (bool, error) {
 	t := st.txn
 	ordinal := t.changes
 	t.changes++
 	if t.stored || ordinal < t.storedThrough {
-		return nil
+		return false, nil
 	}
 	if t.builder.full() {
 		if err := st.flushChunk(ctx, false); err != nil {
-			return err
+			return false, err
 		}
 	}
 	b := t.builder
@@ -444,7 +475,7 @@ func (st *streamer) addChange(ctx context.Context, rels []*havenpb.Relation, ch 
 		b.describe(rel)
 	}
 	b.add(nil, ch)
-	return nil
+	return true, nil
 }
 
 // finishTxn publishes the transaction's last chunk. A transaction with no
@@ -453,9 +484,17 @@ func (st *streamer) addChange(ctx context.Context, rels []*havenpb.Relation, ch 
 // is acknowledged.
 func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	t := st.txn
+	if t.touched != nil {
+		st.touched = append(st.touched, t.touched)
+	}
+	if !t.stored && t.storedThrough > t.changes {
+		// A backfill chunk whose rows went with the session that read them:
+		// the stream holds part of it, and gets the end of it.
+		t.changes = t.storedThrough
+	}
 	if t.stored || (t.changes == 0 && t.heartbeat == nil) {
 		st.txn = nil
-		st.inflight = append(st.inflight, pending{endLSN: endLSN, commitTime: t.commitTime})
+		st.inflight = append(st.inflight, pending{endLSN: endLSN, commitTime: t.commitTime, onAck: t.onPublished})
 		return nil
 	}
 	if t.builder.empty() {
@@ -468,6 +507,7 @@ func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 		return err
 	}
 	st.inflight[len(st.inflight)-1].endLSN = endLSN
+	st.inflight[len(st.inflight)-1].onAck = t.onPublished
 	return nil
 }
 
@@ -545,6 +585,9 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 		}
 		st.inflight = st.inflight[1:]
 		st.metrics.changes.Add(float64(head.changes))
+		for _, f := range head.onAck {
+			f()
+		}
 		if head.endLSN != 0 {
 			// Past the commit record: a restart does not decode it again.
 			st.setConfirmed(head.endLSN)

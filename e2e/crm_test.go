@@ -77,6 +77,15 @@ type workload struct {
 
 func startWorkload(t *testing.T, url string, clients int, maxAccount int64) *workload {
 	t.Helper()
+	return startLoad(t, url, clients, func(ctx context.Context, conn *pgx.Conn, rng *rand.Rand) error {
+		return crmTransaction(ctx, conn, rng, maxAccount)
+	})
+}
+
+// startLoad runs transactions from several connections until stopped; a
+// deadlock or serialization failure between clients is retried.
+func startLoad(t *testing.T, url string, clients int, txn func(context.Context, *pgx.Conn, *rand.Rand) error) *workload {
+	t.Helper()
 	w := &workload{stop: make(chan struct{})}
 	for i := range clients {
 		conn := connect(t, url)
@@ -90,7 +99,7 @@ func startWorkload(t *testing.T, url string, clients int, maxAccount int64) *wor
 					return
 				default:
 				}
-				err := crmTransaction(t.Context(), conn, rng, maxAccount)
+				err := txn(t.Context(), conn, rng)
 				if err != nil {
 					var pgErr *pgconn.PgError
 					if errors.As(err, &pgErr) && (pgErr.Code == "40P01" || pgErr.Code == "40001") {

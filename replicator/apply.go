@@ -47,7 +47,10 @@ type partialTxn struct {
 // batchEntry remembers what a pipelined statement was, to judge its result.
 type batchEntry struct {
 	matchesRow bool
-	table      string
+	// tolerateMissing: the table is being backfilled, its row may not be
+	// on DR yet.
+	tolerateMissing bool
+	table           string
 	// rel and change describe the row, rendered only if it is missing.
 	rel    *havenpb.Relation
 	change *havenpb.Change
@@ -71,9 +74,11 @@ type applier struct {
 	lastSeq     uint64 // last stream sequence handled in this session
 	lastPending uint64 // messages the stream still held for us after it
 	statements  map[string]string
-	checked     map[string]bool // relation keys whose DR table was checked
-	partitioned map[string]bool // relation keys whose DR table is partitioned
-	sequences   map[string]bool // qualified sequence name: exists on DR
+	checked     map[string]bool   // relation keys whose DR table was checked
+	partitioned map[string]bool   // relation keys whose DR table is partitioned
+	targetOID   map[string]uint32 // relation keys' DR tables
+	backfilling map[uint32]bool   // DR tables being backfilled
+	sequences   map[string]bool   // qualified sequence name: exists on DR
 
 	open         bool
 	batch        *pgconn.Batch
@@ -93,7 +98,8 @@ type applier struct {
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
-		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{}}
+		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
+		targetOID: map[string]uint32{}, backfilling: map[uint32]bool{}}
 }
 
 // handle applies one stream message (or skips a duplicate).
@@ -318,7 +324,13 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 		rels[r.Id] = r
 		keys[r.Id] = relationKey(r)
 	}
-	for _, ch := range changes {
+	for i, ch := range changes {
+		if ch.Op == havenpb.Op_OP_BACKFILL {
+			if err := a.backfill(ctx, seq, ch.Backfill, i == 0 && a.partial != nil && a.partial.next == 0); err != nil {
+				return err
+			}
+			continue
+		}
 		if ch.Op == havenpb.Op_OP_TRUNCATE {
 			targets := make([]*havenpb.Relation, len(ch.TruncateRelationIds))
 			partitioned := make([]bool, len(targets))
@@ -352,7 +364,8 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				return err
 			}
 			a.batch.ExecPrepared(name, st.params, nil, nil)
-			a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, table: rel.Schema + "." + rel.Name, rel: rel, change: ch})
+			a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[keys[ch.RelationId]]],
+				table: rel.Schema + "." + rel.Name, rel: rel, change: ch})
 		}
 		a.groupChanges++
 		if len(a.entries) >= a.cfg.PipelineStatements {
@@ -383,6 +396,7 @@ func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Re
 	a.warnFiringTriggers(ctx, rel)
 	a.checked[key] = true
 	a.partitioned[key] = target.partitioned
+	a.targetOID[key] = target.oid
 	return nil
 }
 
@@ -443,7 +457,7 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 		return fmt.Errorf("apply batch: %w", err)
 	}
 	for i, r := range results {
-		if i < len(entries) && entries[i].matchesRow && r.CommandTag.RowsAffected() == 0 {
+		if i < len(entries) && entries[i].matchesRow && !entries[i].tolerateMissing && r.CommandTag.RowsAffected() == 0 {
 			a.metrics.conflicts.WithLabelValues(entries[i].table).Inc()
 			a.log.Error().Str("table", entries[i].table).Str("key", identityText(entries[i].rel, entries[i].change)).Uint64("seq", seq).
 				Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
@@ -533,6 +547,12 @@ func (a *applier) rollback(ctx context.Context) {
 		if err := a.pg.Exec(ctx, "ROLLBACK").Close(); err != nil {
 			a.log.Warn().Err(err).Msg("rollback failed")
 		}
+	}
+	if a.pg.IsClosed() {
+		return // the session ends; the next one reads them
+	}
+	if err := a.loadBackfills(ctx); err != nil {
+		a.log.Warn().Err(err).Msg("re-read the tables being backfilled after a rollback")
 	}
 }
 

@@ -23,6 +23,7 @@ type metrics struct {
 	ddlNotReplayed prometheus.Counter
 
 	unreplicatedTables prometheus.Counter
+	backfilling        prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, group string) *metrics {
@@ -44,8 +45,9 @@ func newMetrics(reg prometheus.Registerer, group string) *metrics {
 	m.ddlApplied = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_ddl_replayed_total", Help: "DDL statements replayed on DR.", ConstLabels: labels})
 	m.ddlFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_ddl_failures_total", Help: "DDL replays that failed on DR and stopped apply (see the log).", ConstLabels: labels})
 	m.ddlNotReplayed = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_ddl_not_replayed_total", Help: "DDL that ran inside statements haven does not replay; make the change on DR by hand.", ConstLabels: labels})
-	m.unreplicatedTables = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_unreplicated_tables_total", Help: "Tables created on the primary that it could not add to the group (no key, or created with rows); see the log.", ConstLabels: labels})
-	reg.MustRegister(m.ddlApplied, m.ddlFailures, m.ddlNotReplayed, m.unreplicatedTables)
+	m.unreplicatedTables = prometheus.NewCounter(prometheus.CounterOpts{Name: "haven_standby_unreplicated_tables_total", Help: "Tables created on the primary that it could not add to the group (no key); see the log.", ConstLabels: labels})
+	m.backfilling = prometheus.NewGauge(prometheus.GaugeOpts{Name: "haven_standby_backfilling_tables", Help: "DR tables whose rows are still being backfilled from the primary.", ConstLabels: labels})
+	reg.MustRegister(m.ddlApplied, m.ddlFailures, m.ddlNotReplayed, m.unreplicatedTables, m.backfilling)
 	reg.MustRegister(m.transactions, m.changes, m.groups, m.snapshotRows, m.duplicates, m.conflicts, m.appliedLSN,
 		m.lagSeconds, m.pending, m.blocked, m.connected, m.errors)
 	return m

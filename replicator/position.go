@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS haven.ddl_log (
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL DEFAULT 0;
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFAULT '{}';
 COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on the primary and replayed here, in stream order';
+CREATE TABLE IF NOT EXISTS haven.backfills (
+	group_name  text NOT NULL,
+	relid       oid NOT NULL,
+	table_name  text NOT NULL,
+	began_at    timestamptz NOT NULL DEFAULT now(),
+	PRIMARY KEY (group_name, relid)
+);
+COMMENT ON TABLE haven.backfills IS 'haven: tables whose rows are still being backfilled from the primary; until done, an update or delete may find no row here';
 COMMENT ON TABLE haven.skipped_messages IS 'haven: stream messages an operator deliberately skipped (haven skip): who, when, why, and the message';`
 
 // savePositionSQL upserts a group's position; it runs as the last statement

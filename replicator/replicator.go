@@ -189,6 +189,9 @@ func (s *Standby) runSession(ctx context.Context) error {
 	defer iter.Stop()
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
+	if err := a.loadBackfills(ctx); err != nil {
+		return err
+	}
 	a.isolateThrough = s.isolateThrough
 	a.streamCreated = created
 	a.lastSeq = from

@@ -28,6 +28,7 @@ type querier interface {
 // targetTable is a DR table as its catalog describes it.
 type targetTable struct {
 	exists      bool
+	oid         uint32
 	cols        map[string]targetColumn
 	hasRows     bool
 	partitioned bool // statements must not say ONLY: it would reach no row
@@ -68,7 +69,7 @@ func readTarget(ctx context.Context, tx querier, schema, name string) (t targetT
 	if err != nil {
 		return t, fmt.Errorf("describe %s: %w", qualified, err)
 	}
-	t = targetTable{exists: true, cols: make(map[string]targetColumn, len(list))}
+	t = targetTable{exists: true, oid: *oid, cols: make(map[string]targetColumn, len(list))}
 	for _, c := range list {
 		t.cols[c.name] = c
 	}

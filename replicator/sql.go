@@ -79,6 +79,8 @@ func buildStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch *
 	switch ch.Op {
 	case havenpb.Op_OP_INSERT:
 		return insertStatement(rel, relKey, table, ch.New), nil
+	case havenpb.Op_OP_UPSERT:
+		return upsertStatement(rel, relKey, table, ch.New), nil
 	case havenpb.Op_OP_UPDATE:
 		return updateStatement(rel, relKey, tableRef(table, partitioned), ch)
 	case havenpb.Op_OP_DELETE:

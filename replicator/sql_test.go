@@ -130,6 +130,14 @@ func TestBuildStatement(t *testing.T) {
 			params: sqlTestWantParams("1", "1); DROP TABLE x; --", `"; --`),
 		},
 		{
+			name:   "upsert of a backfilled row replaces the DR row with its key",
+			rel:    orders,
+			change: &havenpb.Change{Op: havenpb.Op_OP_UPSERT, New: sqlTestRow(sqlTestText("1"), sqlTestText("12.50"), sqlTestNull())},
+			sql: `INSERT INTO "Sales ""EU"""."Order Items" ("Id", "unit price", "note ""x""") OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3)` +
+				` ON CONFLICT ("Id") DO UPDATE SET "unit price" = EXCLUDED."unit price", "note ""x""" = EXCLUDED."note ""x"""`,
+			params: sqlTestWantParams("1", "12.50", "<nil>"),
+		},
+		{
 			name:       "update, key unchanged: old row absent, new row's key finds the row, the key is not set",
 			rel:        orders,
 			change:     &havenpb.Change{Op: havenpb.Op_OP_UPDATE, New: sqlTestRow(sqlTestText("7"), sqlTestText("3.00"), sqlTestNull())},

@@ -64,6 +64,7 @@ has acknowledged everything before it.`,
 	f.DurationVar(&cfg.DuplicateWindow, "duplicate-window", cfg.DuplicateWindow, "JetStream dedupe window of a stream the agent creates")
 	f.IntVar(&cfg.ChunkBytes, "chunk-bytes", cfg.ChunkBytes, "upper bound of one message's size")
 	f.BoolVar(&cfg.Compress, "compress", cfg.Compress, "compress messages with zstd")
+	f.IntVar(&cfg.BackfillChunkRows, "backfill-chunk-rows", cfg.BackfillChunkRows, "rows per chunk when backfilling a table that joined the group with rows (each chunk is one short read, held in memory until JetStream has it)")
 	f.IntVar(&cfg.SnapshotWorkers, "snapshot-workers", cfg.SnapshotWorkers, "tables copied in parallel by the initial snapshot")
 	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "interval of heartbeats through the slot")
 	f.DurationVar(&cfg.StatusInterval, "status-interval", cfg.StatusInterval, "interval of status updates to the walsender (keep under wal_sender_timeout)")

@@ -105,6 +105,11 @@ const (
 	Op_OP_UPDATE      Op = 2
 	Op_OP_DELETE      Op = 3
 	Op_OP_TRUNCATE    Op = 4
+	// A row as the source held it at this point of the stream, read by a
+	// backfill: insert it, or replace the DR row with the same key.
+	Op_OP_UPSERT Op = 5
+	// A backfill of the table named in backfill begins or ends.
+	Op_OP_BACKFILL Op = 6
 )
 
 // Enum value maps for Op.
@@ -115,6 +120,8 @@ var (
 		2: "OP_UPDATE",
 		3: "OP_DELETE",
 		4: "OP_TRUNCATE",
+		5: "OP_UPSERT",
+		6: "OP_BACKFILL",
 	}
 	Op_value = map[string]int32{
 		"OP_UNSPECIFIED": 0,
@@ -122,6 +129,8 @@ var (
 		"OP_UPDATE":      2,
 		"OP_DELETE":      3,
 		"OP_TRUNCATE":    4,
+		"OP_UPSERT":      5,
+		"OP_BACKFILL":    6,
 	}
 )
 
@@ -204,6 +213,55 @@ func (x DatumKind) Number() protoreflect.EnumNumber {
 // Deprecated: Use DatumKind.Descriptor instead.
 func (DatumKind) EnumDescriptor() ([]byte, []int) {
 	return file_haven_proto_rawDescGZIP(), []int{2}
+}
+
+type Backfill_Phase int32
+
+const (
+	Backfill_PHASE_UNSPECIFIED Backfill_Phase = 0
+	Backfill_PHASE_BEGIN       Backfill_Phase = 1
+	Backfill_PHASE_END         Backfill_Phase = 2
+)
+
+// Enum value maps for Backfill_Phase.
+var (
+	Backfill_Phase_name = map[int32]string{
+		0: "PHASE_UNSPECIFIED",
+		1: "PHASE_BEGIN",
+		2: "PHASE_END",
+	}
+	Backfill_Phase_value = map[string]int32{
+		"PHASE_UNSPECIFIED": 0,
+		"PHASE_BEGIN":       1,
+		"PHASE_END":         2,
+	}
+)
+
+func (x Backfill_Phase) Enum() *Backfill_Phase {
+	p := new(Backfill_Phase)
+	*p = x
+	return p
+}
+
+func (x Backfill_Phase) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (Backfill_Phase) Descriptor() protoreflect.EnumDescriptor {
+	return file_haven_proto_enumTypes[3].Descriptor()
+}
+
+func (Backfill_Phase) Type() protoreflect.EnumType {
+	return &file_haven_proto_enumTypes[3]
+}
+
+func (x Backfill_Phase) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use Backfill_Phase.Descriptor instead.
+func (Backfill_Phase) EnumDescriptor() ([]byte, []int) {
+	return file_haven_proto_rawDescGZIP(), []int{4, 0}
 }
 
 // Chunk is one message on the stream.
@@ -590,8 +648,10 @@ type Change struct {
 	TruncateRelationIds     []uint32 `protobuf:"varint,5,rep,packed,name=truncate_relation_ids,json=truncateRelationIds,proto3" json:"truncate_relation_ids,omitempty"`
 	TruncateCascade         bool     `protobuf:"varint,6,opt,name=truncate_cascade,json=truncateCascade,proto3" json:"truncate_cascade,omitempty"`
 	TruncateRestartIdentity bool     `protobuf:"varint,7,opt,name=truncate_restart_identity,json=truncateRestartIdentity,proto3" json:"truncate_restart_identity,omitempty"`
-	unknownFields           protoimpl.UnknownFields
-	sizeCache               protoimpl.SizeCache
+	// OP_BACKFILL: which table, and whether its backfill begins or ends.
+	Backfill      *Backfill `protobuf:"bytes,8,opt,name=backfill,proto3" json:"backfill,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Change) Reset() {
@@ -673,6 +733,89 @@ func (x *Change) GetTruncateRestartIdentity() bool {
 	return false
 }
 
+func (x *Change) GetBackfill() *Backfill {
+	if x != nil {
+		return x.Backfill
+	}
+	return nil
+}
+
+// Backfill brackets the incremental copy of a table that joined a running
+// group with rows in it. At BEGIN the DR table is created if missing and
+// emptied; until END, changes arrive for rows DR does not have yet (an
+// update or delete of such a row changes nothing) and OP_UPSERT changes
+// bring the rows, each as the source held it at its place in the stream.
+type Backfill struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Phase  Backfill_Phase         `protobuf:"varint,1,opt,name=phase,proto3,enum=haven.v1.Backfill_Phase" json:"phase,omitempty"`
+	Schema string                 `protobuf:"bytes,2,opt,name=schema,proto3" json:"schema,omitempty"`
+	Name   string                 `protobuf:"bytes,3,opt,name=name,proto3" json:"name,omitempty"`
+	// PHASE_BEGIN: SQL that creates the table on a DR database that lacks it
+	// (pg_dump --schema-only --table); empty when the table's creation is
+	// replayed from the stream.
+	SchemaSql     string `protobuf:"bytes,4,opt,name=schema_sql,json=schemaSql,proto3" json:"schema_sql,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Backfill) Reset() {
+	*x = Backfill{}
+	mi := &file_haven_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Backfill) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Backfill) ProtoMessage() {}
+
+func (x *Backfill) ProtoReflect() protoreflect.Message {
+	mi := &file_haven_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Backfill.ProtoReflect.Descriptor instead.
+func (*Backfill) Descriptor() ([]byte, []int) {
+	return file_haven_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *Backfill) GetPhase() Backfill_Phase {
+	if x != nil {
+		return x.Phase
+	}
+	return Backfill_PHASE_UNSPECIFIED
+}
+
+func (x *Backfill) GetSchema() string {
+	if x != nil {
+		return x.Schema
+	}
+	return ""
+}
+
+func (x *Backfill) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Backfill) GetSchemaSql() string {
+	if x != nil {
+		return x.SchemaSql
+	}
+	return ""
+}
+
 // Row holds one value per column of its relation, in column order.
 type Row struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -683,7 +826,7 @@ type Row struct {
 
 func (x *Row) Reset() {
 	*x = Row{}
-	mi := &file_haven_proto_msgTypes[4]
+	mi := &file_haven_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -695,7 +838,7 @@ func (x *Row) String() string {
 func (*Row) ProtoMessage() {}
 
 func (x *Row) ProtoReflect() protoreflect.Message {
-	mi := &file_haven_proto_msgTypes[4]
+	mi := &file_haven_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -708,7 +851,7 @@ func (x *Row) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Row.ProtoReflect.Descriptor instead.
 func (*Row) Descriptor() ([]byte, []int) {
-	return file_haven_proto_rawDescGZIP(), []int{4}
+	return file_haven_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Row) GetValues() []*Datum {
@@ -730,7 +873,7 @@ type Datum struct {
 
 func (x *Datum) Reset() {
 	*x = Datum{}
-	mi := &file_haven_proto_msgTypes[5]
+	mi := &file_haven_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +885,7 @@ func (x *Datum) String() string {
 func (*Datum) ProtoMessage() {}
 
 func (x *Datum) ProtoReflect() protoreflect.Message {
-	mi := &file_haven_proto_msgTypes[5]
+	mi := &file_haven_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +898,7 @@ func (x *Datum) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Datum.ProtoReflect.Descriptor instead.
 func (*Datum) Descriptor() ([]byte, []int) {
-	return file_haven_proto_rawDescGZIP(), []int{5}
+	return file_haven_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Datum) GetKind() DatumKind {
@@ -785,7 +928,7 @@ type Heartbeat struct {
 
 func (x *Heartbeat) Reset() {
 	*x = Heartbeat{}
-	mi := &file_haven_proto_msgTypes[6]
+	mi := &file_haven_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -797,7 +940,7 @@ func (x *Heartbeat) String() string {
 func (*Heartbeat) ProtoMessage() {}
 
 func (x *Heartbeat) ProtoReflect() protoreflect.Message {
-	mi := &file_haven_proto_msgTypes[6]
+	mi := &file_haven_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -810,7 +953,7 @@ func (x *Heartbeat) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Heartbeat.ProtoReflect.Descriptor instead.
 func (*Heartbeat) Descriptor() ([]byte, []int) {
-	return file_haven_proto_rawDescGZIP(), []int{6}
+	return file_haven_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Heartbeat) GetEmittedAtUs() int64 {
@@ -847,7 +990,7 @@ type SequenceValue struct {
 
 func (x *SequenceValue) Reset() {
 	*x = SequenceValue{}
-	mi := &file_haven_proto_msgTypes[7]
+	mi := &file_haven_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -859,7 +1002,7 @@ func (x *SequenceValue) String() string {
 func (*SequenceValue) ProtoMessage() {}
 
 func (x *SequenceValue) ProtoReflect() protoreflect.Message {
-	mi := &file_haven_proto_msgTypes[7]
+	mi := &file_haven_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -872,7 +1015,7 @@ func (x *SequenceValue) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SequenceValue.ProtoReflect.Descriptor instead.
 func (*SequenceValue) Descriptor() ([]byte, []int) {
-	return file_haven_proto_rawDescGZIP(), []int{7}
+	return file_haven_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *SequenceValue) GetSchema() string {
@@ -937,7 +1080,7 @@ const file_haven_proto_rawDesc = "" +
 	"\btype_oid\x18\x03 \x01(\rR\atypeOid\x12#\n" +
 	"\rtype_modifier\x18\x04 \x01(\x05R\ftypeModifier\x12\x10\n" +
 	"\x03key\x18\x05 \x01(\bR\x03key\x12\x19\n" +
-	"\bnot_null\x18\x06 \x01(\bR\anotNull\"\xa4\x02\n" +
+	"\bnot_null\x18\x06 \x01(\bR\anotNull\"\xd4\x02\n" +
 	"\x06Change\x12\x1c\n" +
 	"\x02op\x18\x01 \x01(\x0e2\f.haven.v1.OpR\x02op\x12\x1f\n" +
 	"\vrelation_id\x18\x02 \x01(\rR\n" +
@@ -946,7 +1089,18 @@ const file_haven_proto_rawDesc = "" +
 	"\x03new\x18\x04 \x01(\v2\r.haven.v1.RowR\x03new\x122\n" +
 	"\x15truncate_relation_ids\x18\x05 \x03(\rR\x13truncateRelationIds\x12)\n" +
 	"\x10truncate_cascade\x18\x06 \x01(\bR\x0ftruncateCascade\x12:\n" +
-	"\x19truncate_restart_identity\x18\a \x01(\bR\x17truncateRestartIdentity\".\n" +
+	"\x19truncate_restart_identity\x18\a \x01(\bR\x17truncateRestartIdentity\x12.\n" +
+	"\bbackfill\x18\b \x01(\v2\x12.haven.v1.BackfillR\bbackfill\"\xc5\x01\n" +
+	"\bBackfill\x12.\n" +
+	"\x05phase\x18\x01 \x01(\x0e2\x18.haven.v1.Backfill.PhaseR\x05phase\x12\x16\n" +
+	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +
+	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1d\n" +
+	"\n" +
+	"schema_sql\x18\x04 \x01(\tR\tschemaSql\">\n" +
+	"\x05Phase\x12\x15\n" +
+	"\x11PHASE_UNSPECIFIED\x10\x00\x12\x0f\n" +
+	"\vPHASE_BEGIN\x10\x01\x12\r\n" +
+	"\tPHASE_END\x10\x02\".\n" +
 	"\x03Row\x12'\n" +
 	"\x06values\x18\x01 \x03(\v2\x0f.haven.v1.DatumR\x06values\"D\n" +
 	"\x05Datum\x12'\n" +
@@ -966,13 +1120,15 @@ const file_haven_proto_rawDesc = "" +
 	"\x10KIND_TRANSACTION\x10\x01\x12\x17\n" +
 	"\x13KIND_SNAPSHOT_BEGIN\x10\x02\x12\x16\n" +
 	"\x12KIND_SNAPSHOT_ROWS\x10\x03\x12\x15\n" +
-	"\x11KIND_SNAPSHOT_END\x10\x04*V\n" +
+	"\x11KIND_SNAPSHOT_END\x10\x04*v\n" +
 	"\x02Op\x12\x12\n" +
 	"\x0eOP_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tOP_INSERT\x10\x01\x12\r\n" +
 	"\tOP_UPDATE\x10\x02\x12\r\n" +
 	"\tOP_DELETE\x10\x03\x12\x0f\n" +
-	"\vOP_TRUNCATE\x10\x04*]\n" +
+	"\vOP_TRUNCATE\x10\x04\x12\r\n" +
+	"\tOP_UPSERT\x10\x05\x12\x0f\n" +
+	"\vOP_BACKFILL\x10\x06*]\n" +
 	"\tDatumKind\x12\x15\n" +
 	"\x11DATUM_UNSPECIFIED\x10\x00\x12\x0e\n" +
 	"\n" +
@@ -993,38 +1149,42 @@ func file_haven_proto_rawDescGZIP() []byte {
 	return file_haven_proto_rawDescData
 }
 
-var file_haven_proto_enumTypes = make([]protoimpl.EnumInfo, 3)
-var file_haven_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_haven_proto_enumTypes = make([]protoimpl.EnumInfo, 4)
+var file_haven_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_haven_proto_goTypes = []any{
 	(Kind)(0),             // 0: haven.v1.Kind
 	(Op)(0),               // 1: haven.v1.Op
 	(DatumKind)(0),        // 2: haven.v1.DatumKind
-	(*Chunk)(nil),         // 3: haven.v1.Chunk
-	(*Relation)(nil),      // 4: haven.v1.Relation
-	(*Column)(nil),        // 5: haven.v1.Column
-	(*Change)(nil),        // 6: haven.v1.Change
-	(*Row)(nil),           // 7: haven.v1.Row
-	(*Datum)(nil),         // 8: haven.v1.Datum
-	(*Heartbeat)(nil),     // 9: haven.v1.Heartbeat
-	(*SequenceValue)(nil), // 10: haven.v1.SequenceValue
+	(Backfill_Phase)(0),   // 3: haven.v1.Backfill.Phase
+	(*Chunk)(nil),         // 4: haven.v1.Chunk
+	(*Relation)(nil),      // 5: haven.v1.Relation
+	(*Column)(nil),        // 6: haven.v1.Column
+	(*Change)(nil),        // 7: haven.v1.Change
+	(*Backfill)(nil),      // 8: haven.v1.Backfill
+	(*Row)(nil),           // 9: haven.v1.Row
+	(*Datum)(nil),         // 10: haven.v1.Datum
+	(*Heartbeat)(nil),     // 11: haven.v1.Heartbeat
+	(*SequenceValue)(nil), // 12: haven.v1.SequenceValue
 }
 var file_haven_proto_depIdxs = []int32{
 	0,  // 0: haven.v1.Chunk.kind:type_name -> haven.v1.Kind
-	4,  // 1: haven.v1.Chunk.relations:type_name -> haven.v1.Relation
-	6,  // 2: haven.v1.Chunk.changes:type_name -> haven.v1.Change
-	9,  // 3: haven.v1.Chunk.heartbeat:type_name -> haven.v1.Heartbeat
-	5,  // 4: haven.v1.Relation.columns:type_name -> haven.v1.Column
+	5,  // 1: haven.v1.Chunk.relations:type_name -> haven.v1.Relation
+	7,  // 2: haven.v1.Chunk.changes:type_name -> haven.v1.Change
+	11, // 3: haven.v1.Chunk.heartbeat:type_name -> haven.v1.Heartbeat
+	6,  // 4: haven.v1.Relation.columns:type_name -> haven.v1.Column
 	1,  // 5: haven.v1.Change.op:type_name -> haven.v1.Op
-	7,  // 6: haven.v1.Change.old:type_name -> haven.v1.Row
-	7,  // 7: haven.v1.Change.new:type_name -> haven.v1.Row
-	8,  // 8: haven.v1.Row.values:type_name -> haven.v1.Datum
-	2,  // 9: haven.v1.Datum.kind:type_name -> haven.v1.DatumKind
-	10, // 10: haven.v1.Heartbeat.sequences:type_name -> haven.v1.SequenceValue
-	11, // [11:11] is the sub-list for method output_type
-	11, // [11:11] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	9,  // 6: haven.v1.Change.old:type_name -> haven.v1.Row
+	9,  // 7: haven.v1.Change.new:type_name -> haven.v1.Row
+	8,  // 8: haven.v1.Change.backfill:type_name -> haven.v1.Backfill
+	3,  // 9: haven.v1.Backfill.phase:type_name -> haven.v1.Backfill.Phase
+	10, // 10: haven.v1.Row.values:type_name -> haven.v1.Datum
+	2,  // 11: haven.v1.Datum.kind:type_name -> haven.v1.DatumKind
+	12, // 12: haven.v1.Heartbeat.sequences:type_name -> haven.v1.SequenceValue
+	13, // [13:13] is the sub-list for method output_type
+	13, // [13:13] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_haven_proto_init() }
@@ -1037,8 +1197,8 @@ func file_haven_proto_init() {
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_haven_proto_rawDesc), len(file_haven_proto_rawDesc)),
-			NumEnums:      3,
-			NumMessages:   8,
+			NumEnums:      4,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -144,6 +144,9 @@ func Validate(c *havenpb.Chunk) error {
 		columns[r.GetId()] = len(r.GetColumns())
 	}
 	for i, ch := range c.GetChanges() {
+		if op := ch.GetOp(); op > havenpb.Op_OP_BACKFILL {
+			return fmt.Errorf("%w: change %d has op %d: a newer agent may have written it; upgrade haven on this side", ErrUnsupported, i, op)
+		}
 		if err := validateChange(ch, columns); err != nil {
 			return fmt.Errorf("%w: change %d: %v", ErrCorrupt, i, err)
 		}
@@ -152,6 +155,13 @@ func Validate(c *havenpb.Chunk) error {
 }
 
 func validateChange(ch *havenpb.Change, columns map[uint32]int) error {
+	if ch.GetOp() == havenpb.Op_OP_BACKFILL {
+		b := ch.GetBackfill()
+		if b.GetName() == "" || (b.GetPhase() != havenpb.Backfill_PHASE_BEGIN && b.GetPhase() != havenpb.Backfill_PHASE_END) {
+			return errors.New("backfill without table or phase")
+		}
+		return nil
+	}
 	if ch.GetOp() == havenpb.Op_OP_TRUNCATE {
 		if len(ch.GetTruncateRelationIds()) == 0 {
 			return errors.New("truncate without relations")
@@ -168,9 +178,9 @@ func validateChange(ch *havenpb.Change, columns map[uint32]int) error {
 		return fmt.Errorf("undescribed relation %d", ch.GetRelationId())
 	}
 	switch ch.GetOp() {
-	case havenpb.Op_OP_INSERT:
+	case havenpb.Op_OP_INSERT, havenpb.Op_OP_UPSERT:
 		if ch.GetNew() == nil {
-			return errors.New("insert without new row")
+			return fmt.Errorf("%s without new row", ch.GetOp())
 		}
 	case havenpb.Op_OP_UPDATE:
 		if ch.GetNew() == nil {
