@@ -52,7 +52,7 @@ func newRoot() *cobra.Command {
 		}
 		return log.Level(level).With().Timestamp().Logger(), nil
 	}
-	root.AddCommand(newAgentCmd(logger), newStandbyCmd(logger), newInspectCmd(), newSkipCmd(logger))
+	root.AddCommand(newAgentCmd(logger), newStandbyCmd(logger), newControllerCmd(logger), newCtlCmd(), newInspectCmd(), newSkipCmd(logger))
 	return root
 }
 

@@ -1,0 +1,74 @@
+package main
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/rs/zerolog"
+	"github.com/spf13/cobra"
+
+	"github.com/haven-dr/haven/failover"
+)
+
+func newControllerCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
+	cfg := failover.DefaultConfig()
+	var peers []string
+	cmd := &cobra.Command{
+		Use:   "controller",
+		Short: "Run one node of the controller quorum that detects a lost primary, fences it and promotes the DR site",
+		Long: `Controller nodes (3 or 5, across sites) form a Raft quorum. Each probes every
+group's primary; the leader fails a group over when a majority saw its primary
+down for --failover-after, the primary's lease ran out, and DR lags at most
+--max-rpo. Every node serves the control API (haven ctl) and forwards changes to
+the leader. Start a new cluster with the same --peers on every node, or add a
+node to a running one with --join.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logger()
+			if err != nil {
+				return err
+			}
+			if cfg.Peers, err = parsePeers(peers); err != nil {
+				return err
+			}
+			c, err := failover.Start(cfg, log)
+			if err != nil {
+				return err
+			}
+			ctx, stop := signalContext()
+			defer stop()
+			return c.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.ID, "id", "", "this node's id, unique in the quorum")
+	f.StringVar(&cfg.RaftAddr, "raft-addr", "", "host:port for Raft traffic between controller nodes")
+	f.StringVar(&cfg.APIAddr, "api-addr", "", "host:port the control API listens on")
+	f.StringVar(&cfg.APIURL, "api-url", "", "URL other nodes and clients reach this node's API at (default http://<api-addr>)")
+	f.StringVar(&cfg.DataDir, "data-dir", "", "directory for the Raft log and snapshots")
+	f.StringSliceVar(&peers, "peers", nil, "every voter of a new cluster as id=host:port (Raft address), this node included, the same on every node")
+	f.StringVar(&cfg.Join, "join", "", "API URL of a running node, to join its cluster")
+	f.DurationVar(&cfg.Policy.FailoverAfter, "failover-after", cfg.Policy.FailoverAfter, "how long a majority must see the primary down before failover")
+	f.DurationVar(&cfg.Policy.MaxRPO, "max-rpo", cfg.Policy.MaxRPO, "most DR may lag for an automatic failover; beyond it, alert and wait for failover --force")
+	f.DurationVar(&cfg.Policy.ProbeInterval, "probe-interval", cfg.Policy.ProbeInterval, "how often each node probes each primary")
+	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", cfg.LeaseTTL, "the primary agent's lease; shorter than --failover-after")
+	return cmd
+}
+
+func parsePeers(list []string) (map[string]string, error) {
+	if len(list) == 0 {
+		return nil, nil
+	}
+	peers := map[string]string{}
+	for _, p := range list {
+		id, addr, ok := strings.Cut(p, "=")
+		if !ok || id == "" || addr == "" {
+			return nil, fmt.Errorf("--peers entry %q: use id=host:port", p)
+		}
+		if _, dup := peers[id]; dup {
+			return nil, fmt.Errorf("--peers names %q twice", id)
+		}
+		peers[id] = addr
+	}
+	return peers, nil
+}

@@ -1,0 +1,210 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/spf13/cobra"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
+)
+
+// ctl holds what every haven ctl subcommand shares.
+type ctl struct {
+	apis    []string
+	json    bool
+	actor   string
+	timeout time.Duration
+}
+
+// call runs fn against each controller API in turn until one answers (a
+// node that is down or has no route to the leader gives way to the next).
+func call[T any](ctx context.Context, c *ctl, fn func(context.Context, havenpbconnect.ControlClient) (*T, error)) (*T, error) {
+	if len(c.apis) == 0 {
+		return nil, errors.New("no controller: set --api URL (or HAVEN_API), e.g. http://ctl1:7400")
+	}
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	var errs []string
+	for _, url := range c.apis {
+		cl := havenpbconnect.NewControlClient(http.DefaultClient, strings.TrimRight(url, "/"))
+		resp, err := fn(ctx, cl)
+		if err == nil {
+			return resp, nil
+		}
+		code := connect.CodeOf(err)
+		if code != connect.CodeUnavailable && code != connect.CodeUnknown && code != connect.CodeDeadlineExceeded {
+			// The quorum answered: another node would say the same.
+			return nil, errors.New(connect.CodeOf(err).String() + ": " + strings.TrimPrefix(err.Error(), code.String()+": "))
+		}
+		errs = append(errs, fmt.Sprintf("%s: %v", url, err))
+	}
+	return nil, fmt.Errorf("no controller answered:\n  %s", strings.Join(errs, "\n  "))
+}
+
+func (c *ctl) print(w io.Writer, m proto.Message, text func()) error {
+	if c.json {
+		out, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(m)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintln(w, string(out))
+		return err
+	}
+	text()
+	return nil
+}
+
+func newCtlCmd() *cobra.Command {
+	c := &ctl{actor: os.Getenv("USER")}
+	cmd := &cobra.Command{
+		Use:   "ctl",
+		Short: "Operate the controller quorum: status, failover, pause, resume",
+	}
+	pf := cmd.PersistentFlags()
+	pf.StringSliceVar(&c.apis, "api", nil, "control API URL(s) of controller nodes, comma-separated; each is tried in turn")
+	pf.BoolVar(&c.json, "json", false, "print the answer as JSON")
+	pf.StringVar(&c.actor, "actor", c.actor, "who is acting, for the audit trail (default: $USER)")
+	pf.DurationVar(&c.timeout, "timeout", 30*time.Second, "how long to wait for an answer")
+
+	status := &cobra.Command{
+		Use:   "status",
+		Short: "Show the groups, their primary site, epoch, lag and health as each controller node sees it",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.StatusResponse, error) {
+				r, err := cl.Status(ctx, connect.NewRequest(&havenpb.StatusRequest{}))
+				if err != nil {
+					return nil, err
+				}
+				return r.Msg, nil
+			})
+			if err != nil {
+				return err
+			}
+			return c.print(cmd.OutOrStdout(), resp, func() { printStatus(cmd.OutOrStdout(), resp) })
+		},
+	}
+
+	var force bool
+	var reason string
+	failoverCmd := &cobra.Command{
+		Use:   "failover",
+		Short: "Promote a group's DR site (refused for a healthy primary or a lagging DR unless --force)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			group, _ := cmd.Flags().GetString("group")
+			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.FailoverResponse, error) {
+				r, err := cl.Failover(ctx, connect.NewRequest(&havenpb.FailoverRequest{Group: group, Force: force, Actor: c.actor, Reason: reason}))
+				if err != nil {
+					return nil, err
+				}
+				return r.Msg, nil
+			})
+			if err != nil {
+				return err
+			}
+			return c.print(cmd.OutOrStdout(), resp, func() {
+				fmt.Fprintf(cmd.OutOrStdout(), "group %s: site %s ordered to promote at epoch %d (haven ctl status shows when it is done)\n", group, resp.PrimarySite, resp.Epoch)
+			})
+		},
+	}
+	failoverCmd.Flags().BoolVar(&force, "force", false, "fail over even if the primary answers or DR lags more than max_rpo (the old primary is fenced first; what DR lacks is reported)")
+	failoverCmd.Flags().StringVar(&reason, "reason", "", "why, for the audit trail")
+
+	pauseResume := func(name, short string, do func(context.Context, havenpbconnect.ControlClient, string) error) *cobra.Command {
+		return &cobra.Command{
+			Use:   name,
+			Short: short,
+			Args:  cobra.NoArgs,
+			RunE: func(cmd *cobra.Command, _ []string) error {
+				group, _ := cmd.Flags().GetString("group")
+				resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.StatusRequest, error) {
+					return &havenpb.StatusRequest{}, do(ctx, cl, group)
+				})
+				if err != nil {
+					return err
+				}
+				return c.print(cmd.OutOrStdout(), resp, func() { fmt.Fprintf(cmd.OutOrStdout(), "group %s: %s\n", group, name+"d") })
+			},
+		}
+	}
+	pause := pauseResume("pause", "Stop automatic failover of a group (alerts still fire)", func(ctx context.Context, cl havenpbconnect.ControlClient, g string) error {
+		_, err := cl.Pause(ctx, connect.NewRequest(&havenpb.PauseRequest{Group: g, Actor: c.actor}))
+		return err
+	})
+	resume := pauseResume("resume", "Let the quorum fail a group over by itself again", func(ctx context.Context, cl havenpbconnect.ControlClient, g string) error {
+		_, err := cl.Resume(ctx, connect.NewRequest(&havenpb.ResumeRequest{Group: g, Actor: c.actor}))
+		return err
+	})
+	for _, sub := range []*cobra.Command{failoverCmd, pause, resume} {
+		sub.Flags().String("group", "", "the group")
+		_ = sub.MarkFlagRequired("group")
+	}
+	cmd.AddCommand(status, failoverCmd, pause, resume)
+	return cmd
+}
+
+func printStatus(w io.Writer, s *havenpb.StatusResponse) {
+	leader := s.LeaderId
+	if leader == "" {
+		leader = "NONE (no majority)"
+	}
+	fmt.Fprintf(w, "leader: %s (answered by %s)\n", leader, s.NodeId)
+	for _, n := range s.Nodes {
+		fmt.Fprintf(w, "  node %s  raft %s  api %s  voter %v\n", n.Id, n.RaftAddress, n.ApiUrl, n.Voter)
+	}
+	now := time.Now()
+	ago := func(ms int64) string {
+		if ms == 0 {
+			return "never"
+		}
+		return now.Sub(time.UnixMilli(ms)).Round(10*time.Millisecond).String() + " ago"
+	}
+	for _, g := range s.Groups {
+		fmt.Fprintf(w, "group %s: primary %s, DR %s, epoch %d, %s", g.Name, g.PrimarySite, g.DrSite, g.Epoch, g.State)
+		if g.Paused {
+			fmt.Fprint(w, ", automatic failover PAUSED")
+		}
+		fmt.Fprintf(w, "\n  DR lag %.2fs (reported %s), agent seen %s, lease %s\n", g.LagSeconds, ago(g.StandbySeenUnixMs), ago(g.AgentSeenUnixMs),
+			leaseText(now, g.LeaseExpiresUnixMs))
+		for _, o := range g.Observations {
+			state := "up"
+			if !o.Up {
+				state = "DOWN (" + o.Error + ")"
+			}
+			fmt.Fprintf(w, "  %s sees the primary %s since %s, probed %s\n", o.NodeId, state, ago(o.SinceUnixMs), ago(o.AtUnixMs))
+		}
+		if g.Alert != "" {
+			fmt.Fprintf(w, "  ALERT: %s\n", g.Alert)
+		}
+	}
+	if len(s.Audit) > 0 {
+		fmt.Fprintln(w, "recent actions:")
+		from := max(0, len(s.Audit)-10)
+		for _, e := range s.Audit[from:] {
+			fmt.Fprintf(w, "  %s  %-8s %-10s %-12s %s\n", time.UnixMilli(e.AtUnixMs).UTC().Format(time.DateTime), e.Group, e.Action, e.Actor, e.Outcome)
+		}
+	}
+}
+
+func leaseText(now time.Time, expiresMs int64) string {
+	if expiresMs == 0 {
+		return "none"
+	}
+	left := time.UnixMilli(expiresMs).Sub(now)
+	if left < 0 {
+		return "EXPIRED " + (-left).Round(10*time.Millisecond).String() + " ago"
+	}
+	return "valid for " + left.Round(10*time.Millisecond).String()
+}

@@ -1,0 +1,274 @@
+package failover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/hashicorp/raft"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// api serves the control API on one node: reads from its own copy of the
+// state, changes through the leader (a follower forwards them).
+type api struct{ c *Controller }
+
+func connectRequest[T any](m *T) *connect.Request[T] { return connect.NewRequest(m) }
+
+func (a *api) Status(ctx context.Context, _ *connect.Request[havenpb.StatusRequest]) (*connect.Response[havenpb.StatusResponse], error) {
+	st := a.c.fsm.read()
+	_, leader := a.c.raft.LeaderWithID()
+	resp := &havenpb.StatusResponse{LeaderId: string(leader), NodeId: a.c.cfg.ID}
+	if f := a.c.raft.GetConfiguration(); f.Error() == nil {
+		for _, s := range f.Configuration().Servers {
+			resp.Nodes = append(resp.Nodes, &havenpb.Node{Id: string(s.ID), RaftAddress: string(s.Address),
+				ApiUrl: st.Nodes[string(s.ID)].APIURL, Voter: s.Suffrage == raft.Voter})
+		}
+	}
+	names := make([]string, 0, len(st.Groups))
+	for name := range st.Groups {
+		names = append(names, name)
+	}
+	sort.Strings(names)
+	p := a.c.cfg.Policy
+	for _, name := range names {
+		g := st.Groups[name]
+		gs := &havenpb.GroupStatus{Name: g.Name, PrimarySite: g.PrimarySite, DrSite: g.DRSite, Epoch: g.Epoch, Paused: g.Paused, State: g.State,
+			LagSeconds: g.LagSeconds, StandbySeenUnixMs: g.StandbySeenMs, AgentSeenUnixMs: g.AgentSeenMs, LeaseExpiresUnixMs: g.LeaseExpiresMs,
+			Alert: g.Alert, FailoverAfterMs: p.FailoverAfter.Milliseconds(), MaxRpoSeconds: p.MaxRPO.Seconds()}
+		nodes := make([]string, 0, len(g.Observations))
+		for n := range g.Observations {
+			nodes = append(nodes, n)
+		}
+		sort.Strings(nodes)
+		for _, n := range nodes {
+			o := g.Observations[n]
+			gs.Observations = append(gs.Observations, &havenpb.Observation{NodeId: n, Up: o.Up, SinceUnixMs: o.SinceMs, AtUnixMs: o.AtMs, Error: o.Error})
+		}
+		resp.Groups = append(resp.Groups, gs)
+	}
+	from := max(0, len(st.Audit)-50)
+	for _, e := range st.Audit[from:] {
+		resp.Audit = append(resp.Audit, &havenpb.AuditEntry{Index: e.Index, AtUnixMs: e.AtMs, Actor: e.Actor, Action: e.Action, Group: e.Group, Outcome: e.Outcome, Hash: e.Hash})
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (a *api) group(name string) (*Group, error) {
+	g, ok := a.c.fsm.read().Groups[name]
+	if !ok {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("no group %q: haven ctl status lists the groups (a group appears when its agent first checks in)", name))
+	}
+	return g, nil
+}
+
+func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.Failover(ctx, req)
+	}
+	r := req.Msg
+	g, err := a.group(r.Group)
+	if err != nil {
+		return nil, err
+	}
+	if g.State != StateActive {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("group %q is %s: a failover to site %s is under way", g.Name, g.State, g.PrimarySite))
+	}
+	if g.DRSite == "" {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("group %q has no DR site: no standby has checked in", g.Name))
+	}
+	if !r.Force {
+		var up []string
+		now := time.Now().UnixMilli()
+		for n, o := range g.Observations {
+			if o.Up && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
+				up = append(up, n)
+			}
+		}
+		if len(up) > 0 {
+			sort.Strings(up)
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the primary of group %q (site %s) answers probes from %s: refusing to fail over a healthy primary; "+
+				"use --force to do it anyway (it is fenced first), or a switchover", g.Name, g.PrimarySite, strings.Join(up, ", ")))
+		}
+		if g.LagSeconds > a.c.cfg.Policy.MaxRPO.Seconds() {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q lags %.1fs, more than max_rpo %s: --force accepts losing that", g.Name, g.LagSeconds, a.c.cfg.Policy.MaxRPO))
+		}
+	}
+	// Never two primaries: the old primary's agent fences itself when its
+	// lease runs out, so DR is promoted only after that.
+	wait := time.Until(time.UnixMilli(g.LeaseExpiresMs).Add(a.c.cfg.Policy.ClockMargin))
+	if wait > 0 {
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	actor := r.Actor
+	if actor == "" {
+		actor = "operator"
+	}
+	reason := "manual failover"
+	if r.Force {
+		reason = "forced failover"
+	}
+	if r.Reason != "" {
+		reason += ": " + r.Reason
+	}
+	if _, err := a.c.propose(command{Kind: cmdFailover, AtMs: time.Now().UnixMilli(), Group: g.Name, Epoch: g.Epoch, Actor: actor, Reason: reason}); err != nil {
+		return nil, connect.NewError(connect.CodeAborted, err)
+	}
+	return connect.NewResponse(&havenpb.FailoverResponse{Epoch: g.Epoch + 1, PrimarySite: g.DRSite}), nil
+}
+
+// leader returns the leader's client when this node is not it (nil when
+// it is), or an error when there is none.
+func (a *api) leader() (interface {
+	Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error)
+	Pause(context.Context, *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error)
+	Resume(context.Context, *connect.Request[havenpb.ResumeRequest]) (*connect.Response[havenpb.ResumeResponse], error)
+	CheckIn(context.Context, *connect.Request[havenpb.CheckInRequest]) (*connect.Response[havenpb.CheckInResponse], error)
+	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
+	Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error)
+}, error) {
+	if a.c.isLeader() {
+		return nil, nil
+	}
+	cl, err := a.c.leaderClient()
+	if err != nil {
+		return nil, connect.NewError(connect.CodeUnavailable, err)
+	}
+	return cl, nil
+}
+
+func (a *api) pauseResume(ctx context.Context, kind, group, actor string) error {
+	if _, err := a.group(group); err != nil {
+		return err
+	}
+	if actor == "" {
+		actor = "operator"
+	}
+	if _, err := a.c.propose(command{Kind: kind, AtMs: time.Now().UnixMilli(), Group: group, Actor: actor}); err != nil {
+		return connect.NewError(connect.CodeAborted, err)
+	}
+	return nil
+}
+
+func (a *api) Pause(ctx context.Context, req *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.Pause(ctx, req)
+	}
+	if err := a.pauseResume(ctx, cmdPause, req.Msg.Group, req.Msg.Actor); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&havenpb.PauseResponse{}), nil
+}
+
+func (a *api) Resume(ctx context.Context, req *connect.Request[havenpb.ResumeRequest]) (*connect.Response[havenpb.ResumeResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.Resume(ctx, req)
+	}
+	if err := a.pauseResume(ctx, cmdResume, req.Msg.Group, req.Msg.Actor); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&havenpb.ResumeResponse{}), nil
+}
+
+func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInRequest]) (*connect.Response[havenpb.CheckInResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.CheckIn(ctx, req)
+	}
+	r := req.Msg
+	if r.Group == "" || r.Site == "" || r.Component == havenpb.Component_COMPONENT_UNSPECIFIED {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a check-in needs a group, a site and a component"))
+	}
+	agent := r.Component == havenpb.Component_COMPONENT_AGENT
+	res, err := a.c.propose(command{Kind: cmdCheckIn, AtMs: time.Now().UnixMilli(), Group: r.Group, Site: r.Site, Agent: agent,
+		Epoch: r.Epoch, URL: r.DatabaseUrl, LagSeconds: r.LagSeconds, Promoted: r.PromotedEpoch,
+		GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
+	if err != nil {
+		var ce *connect.Error
+		if errors.As(err, &ce) {
+			return nil, err
+		}
+		return nil, connect.NewError(connect.CodeFailedPrecondition, err)
+	}
+	out := res.(checkInResult)
+	return connect.NewResponse(&havenpb.CheckInResponse{Epoch: out.Epoch, PrimarySite: out.PrimarySite, LeaseGranted: out.Lease,
+		LeaseTtlMs: a.c.cfg.LeaseTTL.Milliseconds(), Fence: out.Fence, Promote: out.Promote}), nil
+}
+
+func (a *api) observe(ctx context.Context, r *havenpb.ObserveRequest) (*havenpb.ObserveResponse, error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		_, err := leader.Observe(ctx, connect.NewRequest(r))
+		return &havenpb.ObserveResponse{}, err
+	}
+	o := &Observation{Up: r.Up, AtMs: r.AtUnixMs, SinceMs: r.AtUnixMs, Error: r.Error}
+	if _, err := a.c.propose(command{Kind: cmdObserve, AtMs: time.Now().UnixMilli(), Group: r.Group, Node: r.NodeId, Observation: o}); err != nil {
+		return nil, connect.NewError(connect.CodeUnavailable, err)
+	}
+	return &havenpb.ObserveResponse{}, nil
+}
+
+func (a *api) Observe(ctx context.Context, req *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error) {
+	resp, err := a.observe(ctx, req.Msg)
+	if err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (a *api) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.Join(ctx, req)
+	}
+	r := req.Msg
+	if r.NodeId == "" || r.RaftAddress == "" || r.ApiUrl == "" {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a join needs the node's id, Raft address and API URL"))
+	}
+	known := false
+	if f := a.c.raft.GetConfiguration(); f.Error() == nil {
+		for _, s := range f.Configuration().Servers {
+			known = known || s.ID == raft.ServerID(r.NodeId)
+		}
+	}
+	if !known {
+		if err := a.c.raft.AddVoter(raft.ServerID(r.NodeId), raft.ServerAddress(r.RaftAddress), 0, 10*time.Second).Error(); err != nil {
+			return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("add node %s: %w", r.NodeId, err))
+		}
+		a.c.log.Info().Str("joined", r.NodeId).Str("raft", r.RaftAddress).Msg("node added to the quorum")
+	}
+	if _, err := a.c.propose(command{Kind: cmdNode, AtMs: time.Now().UnixMilli(), Node: r.NodeId, Info: &NodeInfo{APIURL: r.ApiUrl}}); err != nil {
+		return nil, connect.NewError(connect.CodeUnavailable, err)
+	}
+	return connect.NewResponse(&havenpb.JoinResponse{}), nil
+}

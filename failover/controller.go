@@ -1,0 +1,420 @@
+package failover
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"github.com/hashicorp/raft"
+	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
+	"github.com/jackc/pgx/v5"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/internal/fence"
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
+)
+
+// Config is what a controller node needs; cmd/haven fills it from flags.
+type Config struct {
+	ID       string
+	RaftAddr string // host:port this node's Raft transport binds and advertises
+	APIAddr  string // host:port the control API listens on
+	// APIURL is how other nodes and clients reach the API (default
+	// http://APIAddr).
+	APIURL  string
+	DataDir string
+	// Peers bootstraps a new cluster: every voter's ID and Raft address,
+	// this node's included, the same on every node.
+	Peers map[string]string
+	// Join is the API URL of a running node, for a node that joins a
+	// running cluster.
+	Join     string
+	Policy   Policy
+	LeaseTTL time.Duration
+}
+
+// DefaultConfig returns the defaults the command line starts from.
+func DefaultConfig() Config {
+	return Config{
+		Policy: Policy{FailoverAfter: 3 * time.Second, MaxRPO: 10 * time.Second, ProbeInterval: 500 * time.Millisecond,
+			ClockMargin: 500 * time.Millisecond, StandbyTimeout: 5 * time.Second},
+		LeaseTTL: 2 * time.Second,
+	}
+}
+
+// Validate reports the first problem with c.
+func (c Config) Validate() error {
+	switch {
+	case c.ID == "":
+		return errors.New("no node id: set --id")
+	case c.RaftAddr == "" || c.APIAddr == "":
+		return errors.New("set --raft-addr and --api-addr (host:port each)")
+	case c.DataDir == "":
+		return errors.New("no data directory: set --data-dir")
+	case len(c.Peers) == 0 && c.Join == "":
+		return errors.New("set --peers id=host:port,… (every voter, this node included) to start a cluster, or --join URL to join one")
+	case c.LeaseTTL <= 0 || c.Policy.FailoverAfter <= c.LeaseTTL:
+		return fmt.Errorf("--lease-ttl (%s) must be positive and shorter than --failover-after (%s): the old primary must fence itself before DR is promoted", c.LeaseTTL, c.Policy.FailoverAfter)
+	case c.Policy.ProbeInterval <= 0:
+		return errors.New("--probe-interval must be positive")
+	}
+	if _, ok := c.Peers[c.ID]; len(c.Peers) > 0 && !ok {
+		return fmt.Errorf("--peers does not list this node (%s)", c.ID)
+	}
+	return nil
+}
+
+// Controller is one node of the quorum.
+type Controller struct {
+	cfg   Config
+	log   zerolog.Logger
+	fsm   *fsm
+	raft  *raft.Raft
+	trans *raft.NetworkTransport
+	store *raftboltdb.BoltStore
+
+	mu      sync.Mutex
+	clients map[string]havenpbconnect.ControlClient // by API URL
+	probes  map[string]Observation                  // by group: this node's own view
+}
+
+// Start opens the node's Raft state and joins the quorum. Run serves it.
+func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if cfg.APIURL == "" {
+		cfg.APIURL = "http://" + cfg.APIAddr
+	}
+	log = log.With().Str("component", "controller").Str("node", cfg.ID).Logger()
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create --data-dir: %w", err)
+	}
+	c := &Controller{cfg: cfg, log: log, fsm: newFSM(), clients: map[string]havenpbconnect.ControlClient{}, probes: map[string]Observation{}}
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(cfg.ID)
+	// Elections in about a second: detection takes FailoverAfter anyway.
+	rc.HeartbeatTimeout = 500 * time.Millisecond
+	rc.ElectionTimeout = 500 * time.Millisecond
+	rc.LeaderLeaseTimeout = 250 * time.Millisecond
+	rc.CommitTimeout = 20 * time.Millisecond
+	rc.SnapshotThreshold = 4096
+	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: zerologWriter{log}})
+	var err error
+	if c.store, err = raftboltdb.NewBoltStore(filepath.Join(cfg.DataDir, "raft.db")); err != nil {
+		return nil, fmt.Errorf("open Raft log in %s: %w", cfg.DataDir, err)
+	}
+	snaps, err := raft.NewFileSnapshotStore(cfg.DataDir, 3, zerologWriter{log})
+	if err != nil {
+		return nil, fmt.Errorf("open Raft snapshots in %s: %w", cfg.DataDir, err)
+	}
+	addr, err := net.ResolveTCPAddr("tcp", cfg.RaftAddr)
+	if err != nil {
+		return nil, fmt.Errorf("--raft-addr %q: %w", cfg.RaftAddr, err)
+	}
+	if c.trans, err = raft.NewTCPTransport(cfg.RaftAddr, addr, 3, 2*time.Second, zerologWriter{log}); err != nil {
+		return nil, fmt.Errorf("listen for Raft on %s: %w", cfg.RaftAddr, err)
+	}
+	existing, err := raft.HasExistingState(c.store, c.store, snaps)
+	if err != nil {
+		return nil, fmt.Errorf("read Raft state: %w", err)
+	}
+	if c.raft, err = raft.NewRaft(rc, c.fsm, c.store, c.store, snaps, c.trans); err != nil {
+		return nil, fmt.Errorf("start Raft: %w", err)
+	}
+	if !existing && len(cfg.Peers) > 0 {
+		var servers []raft.Server
+		for id, a := range cfg.Peers {
+			servers = append(servers, raft.Server{ID: raft.ServerID(id), Address: raft.ServerAddress(a), Suffrage: raft.Voter})
+		}
+		if err := c.raft.BootstrapCluster(raft.Configuration{Servers: servers}).Error(); err != nil && !errors.Is(err, raft.ErrCantBootstrap) {
+			return nil, fmt.Errorf("bootstrap the cluster: %w", err)
+		}
+	}
+	return c, nil
+}
+
+// zerologWriter carries Raft's own log lines into the node's log.
+type zerologWriter struct{ log zerolog.Logger }
+
+func (w zerologWriter) Write(p []byte) (int, error) {
+	w.log.Warn().Str("from", "raft").Msg(string(trimNewline(p)))
+	return len(p), nil
+}
+
+func trimNewline(p []byte) []byte {
+	for len(p) > 0 && (p[len(p)-1] == '\n' || p[len(p)-1] == '\r') {
+		p = p[:len(p)-1]
+	}
+	return p
+}
+
+// Run serves the control API and runs the node's loops until ctx ends.
+func (c *Controller) Run(ctx context.Context) error {
+	defer c.shutdown()
+	ln, err := net.Listen("tcp", c.cfg.APIAddr)
+	if err != nil {
+		return fmt.Errorf("listen for the control API on %s: %w", c.cfg.APIAddr, err)
+	}
+	mux := http.NewServeMux()
+	path, handler := havenpbconnect.NewControlHandler(&api{c: c})
+	mux.Handle(path, handler)
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		<-ctx.Done()
+		shutdownCtx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shutdownCtx)
+	}()
+	var wg sync.WaitGroup
+	wg.Add(2)
+	go func() { defer wg.Done(); c.probeLoop(ctx) }()
+	go func() { defer wg.Done(); c.leaderLoop(ctx) }()
+	c.log.Info().Str("api", c.cfg.APIURL).Str("raft", c.cfg.RaftAddr).Msg("controller node running")
+	err = srv.Serve(ln)
+	wg.Wait()
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return err
+}
+
+func (c *Controller) shutdown() {
+	if err := c.raft.Shutdown().Error(); err != nil {
+		c.log.Warn().Err(err).Msg("Raft shutdown")
+	}
+	_ = c.trans.Close()
+	_ = c.store.Close()
+}
+
+// propose applies a command through the quorum (on the leader) and returns
+// the state machine's answer.
+func (c *Controller) propose(cmd command) (any, error) {
+	data, err := json.Marshal(cmd)
+	if err != nil {
+		return nil, err
+	}
+	f := c.raft.Apply(data, 5*time.Second)
+	if err := f.Error(); err != nil {
+		return nil, fmt.Errorf("commit %s through the quorum: %w", cmd.Kind, err)
+	}
+	if err, ok := f.Response().(error); ok {
+		return nil, err
+	}
+	return f.Response(), nil
+}
+
+func (c *Controller) isLeader() bool { return c.raft.State() == raft.Leader }
+
+// leaderClient returns a client of the leader's API, or why there is none.
+func (c *Controller) leaderClient() (havenpbconnect.ControlClient, error) {
+	_, id := c.raft.LeaderWithID()
+	if id == "" {
+		return nil, errors.New("no leader: the quorum has no majority (are more than half of the controller nodes up and connected?)")
+	}
+	info, ok := c.fsm.read().Nodes[string(id)]
+	if !ok || info.APIURL == "" {
+		return nil, fmt.Errorf("leader %s has not published its API address yet; retry", id)
+	}
+	return c.client(info.APIURL), nil
+}
+
+func (c *Controller) client(url string) havenpbconnect.ControlClient {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cl, ok := c.clients[url]; ok {
+		return cl
+	}
+	cl := havenpbconnect.NewControlClient(&http.Client{Timeout: 10 * time.Second}, url)
+	c.clients[url] = cl
+	return cl
+}
+
+// probeLoop probes every group's primary and hands the result to the
+// leader; it also makes sure the leader knows this node's API address.
+func (c *Controller) probeLoop(ctx context.Context) {
+	ticker := time.NewTicker(c.cfg.Policy.ProbeInterval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		st := c.fsm.read()
+		if info, ok := st.Nodes[c.cfg.ID]; !ok || info.APIURL != c.cfg.APIURL {
+			c.announce(ctx)
+		}
+		var wg sync.WaitGroup
+		for _, g := range st.Groups {
+			url := g.PrimaryURL()
+			if url == "" {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c.probe(ctx, g.Name, url)
+			}()
+		}
+		wg.Wait()
+	}
+}
+
+// probe checks that a primary answers SQL within the probe interval.
+func (c *Controller) probe(ctx context.Context, group, url string) {
+	timeout := max(c.cfg.Policy.ProbeInterval*2, time.Second)
+	pctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	err := probeSQL(pctx, url)
+	if ctx.Err() != nil {
+		return
+	}
+	now := time.Now().UnixMilli()
+	o := Observation{Up: err == nil, AtMs: now, SinceMs: now}
+	if err != nil {
+		o.Error = err.Error()
+	}
+	c.mu.Lock()
+	if prev, ok := c.probes[group]; ok && prev.Up == o.Up {
+		o.SinceMs = prev.SinceMs
+	}
+	c.probes[group] = o
+	c.mu.Unlock()
+	if !o.Up {
+		c.log.Debug().Str("group", group).Str("error", o.Error).Msg("primary probe failed")
+	}
+	req := &havenpb.ObserveRequest{NodeId: c.cfg.ID, Group: group, Up: o.Up, AtUnixMs: o.AtMs, Error: o.Error}
+	if _, err := (&api{c: c}).observe(ctx, req); err != nil && ctx.Err() == nil {
+		c.log.Debug().Err(err).Msg("could not hand a probe to the leader")
+	}
+}
+
+func probeSQL(ctx context.Context, url string) error {
+	cfg, err := pgx.ParseConfig(url)
+	if err != nil {
+		return err
+	}
+	cfg.RuntimeParams["application_name"] = "haven_controller_probe"
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	var one int
+	return conn.QueryRow(ctx, "SELECT 1").Scan(&one)
+}
+
+// announce records this node's API address in the state.
+func (c *Controller) announce(ctx context.Context) {
+	if c.isLeader() {
+		if _, err := c.propose(command{Kind: cmdNode, AtMs: time.Now().UnixMilli(), Node: c.cfg.ID, Info: &NodeInfo{APIURL: c.cfg.APIURL}}); err != nil {
+			c.log.Warn().Err(err).Msg("record this node's API address")
+		}
+		return
+	}
+	cl, err := c.leaderClient()
+	if err != nil {
+		if c.cfg.Join == "" {
+			return
+		}
+		// Not in a quorum yet: ask the node we were told to join.
+		cl = c.client(c.cfg.Join)
+	}
+	if _, err := cl.Join(ctx, connectRequest(&havenpb.JoinRequest{NodeId: c.cfg.ID, RaftAddress: c.cfg.RaftAddr, ApiUrl: c.cfg.APIURL})); err != nil {
+		c.log.Debug().Err(err).Msg("announce this node to the leader")
+	}
+}
+
+// leaderLoop decides, on the leader, which groups fail over.
+func (c *Controller) leaderLoop(ctx context.Context) {
+	ticker := time.NewTicker(c.cfg.Policy.ProbeInterval / 2)
+	defer ticker.Stop()
+	var lastFenceCheck time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-ticker.C:
+		}
+		if !c.isLeader() {
+			continue
+		}
+		st := c.fsm.read()
+		voters := c.voters()
+		now := time.Now()
+		if now.Sub(lastFenceCheck) >= c.cfg.Policy.ProbeInterval {
+			lastFenceCheck = now
+			c.fenceDeposed(ctx, st)
+		}
+		for _, g := range st.Groups {
+			d := Decide(g, voters, now, c.cfg.Policy)
+			if d.Failover {
+				reason := fmt.Sprintf("primary down for %s on a majority of %d controller nodes, DR lag %.2fs", c.cfg.Policy.FailoverAfter, voters, g.LagSeconds)
+				c.log.Warn().Str("group", g.Name).Str("reason", reason).Msg("failing over: promoting the DR site")
+				if _, err := c.propose(command{Kind: cmdFailover, AtMs: now.UnixMilli(), Group: g.Name, Epoch: g.Epoch,
+					Actor: "controller@" + c.cfg.ID, Reason: reason}); err != nil {
+					c.log.Error().Err(err).Str("group", g.Name).Msg("failover not committed")
+				}
+				continue
+			}
+			if d.Alert != g.Alert {
+				if d.Alert != "" {
+					c.log.Error().Str("group", g.Name).Msg(d.Alert)
+				}
+				_, _ = c.propose(command{Kind: cmdAlert, AtMs: now.UnixMilli(), Group: g.Name, Reason: d.Alert})
+			}
+		}
+	}
+}
+
+// fenceDeposed fences every reachable database of a deposed primary that
+// is not fenced: an old primary that comes back, with or without its agent,
+// must not take writes while another site is primary.
+func (c *Controller) fenceDeposed(ctx context.Context, st *State) {
+	var wg sync.WaitGroup
+	for _, g := range st.Groups {
+		for site, url := range g.DeposedURLs() {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				fctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				defer cancel()
+				fenced, err := fence.IsFenced(fctx, url)
+				if err != nil || fenced {
+					return // down (nothing takes writes there), or fenced
+				}
+				if err := fence.Fence(fctx, url); err != nil {
+					c.log.Error().Err(err).Str("group", g.Name).Str("site", site).Msg("the deposed primary is reachable and NOT fenced, and fencing it failed: stop it by hand")
+					return
+				}
+				c.log.Warn().Str("group", g.Name).Str("site", site).Uint64("epoch", g.Epoch).Msg("fenced the deposed primary, reachable again")
+			}()
+		}
+	}
+	wg.Wait()
+}
+
+// voters counts the quorum's voting members.
+func (c *Controller) voters() int {
+	f := c.raft.GetConfiguration()
+	if f.Error() != nil {
+		return 0
+	}
+	n := 0
+	for _, s := range f.Configuration().Servers {
+		if s.Suffrage == raft.Voter {
+			n++
+		}
+	}
+	return n
+}

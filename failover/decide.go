@@ -1,0 +1,72 @@
+package failover
+
+import (
+	"fmt"
+	"sort"
+	"time"
+)
+
+// Policy is when a group fails over by itself.
+type Policy struct {
+	// FailoverAfter is how long a majority of controller nodes must have
+	// seen the primary down.
+	FailoverAfter time.Duration
+	// MaxRPO is the most DR may lag for an automatic failover.
+	MaxRPO time.Duration
+	// ProbeInterval is how often each node probes; an observation older
+	// than three intervals no longer counts.
+	ProbeInterval time.Duration
+	// ClockMargin is added to a lease before it counts as expired, for
+	// the clocks of controller nodes disagreeing.
+	ClockMargin time.Duration
+	// StandbyTimeout is how recently the DR standby must have reported
+	// for its lag to be trusted.
+	StandbyTimeout time.Duration
+}
+
+// Decision is what the leader does about a group now.
+type Decision struct {
+	Failover bool
+	// Alert says why a failover that looks due does not happen (empty: no
+	// reason to alert).
+	Alert string
+}
+
+// Decide is the failover rule, a pure function of the group's state, the
+// number of voting controller nodes and the time: a group fails over when
+// a majority of the nodes have seen its primary down for FailoverAfter, its
+// primary's lease has expired, and its DR standby reported recently with a
+// lag within MaxRPO. When the primary is down but one of the others does
+// not hold, it alerts instead and waits for an operator's forced failover.
+func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
+	if g.State != StateActive || g.DRSite == "" {
+		return Decision{}
+	}
+	nowMs := now.UnixMilli()
+	var down []string
+	for node, o := range g.Observations {
+		fresh := nowMs-o.AtMs <= (3 * p.ProbeInterval).Milliseconds()
+		if fresh && !o.Up && nowMs-o.SinceMs >= p.FailoverAfter.Milliseconds() {
+			down = append(down, node)
+		}
+	}
+	if len(down) < voters/2+1 {
+		return Decision{}
+	}
+	sort.Strings(down)
+	if nowMs < g.LeaseExpiresMs+p.ClockMargin.Milliseconds() {
+		// The agent may still be writing: its lease runs out first.
+		return Decision{}
+	}
+	switch {
+	case g.Paused:
+		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but automatic failover is paused: resume, or haven ctl failover --group %s", g.PrimarySite, down, g.Name)}
+	case nowMs-g.StandbySeenMs > p.StandbyTimeout.Milliseconds():
+		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR site %s has not reported for %s: its lag is unknown; check the standby, or haven ctl failover --group %s --force",
+			g.PrimarySite, down, g.DRSite, time.Duration(nowMs-g.StandbySeenMs)*time.Millisecond, g.Name)}
+	case g.LagSeconds > p.MaxRPO.Seconds():
+		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR lags %.1fs, more than max_rpo %s: failing over would lose that; haven ctl failover --group %s --force accepts it",
+			g.PrimarySite, down, g.LagSeconds, p.MaxRPO, g.Name)}
+	}
+	return Decision{Failover: true}
+}

@@ -1,0 +1,353 @@
+package failover
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"maps"
+	"slices"
+	"sync"
+
+	"github.com/hashicorp/raft"
+)
+
+// Group states.
+const (
+	StateActive    = "ACTIVE"    // the primary site is primary
+	StatePromoting = "PROMOTING" // the DR site is ordered to promote and has not said it did
+)
+
+// Group is one replicated database as the quorum knows it.
+type Group struct {
+	Name        string `json:"name"`
+	PrimarySite string `json:"primary_site"`
+	DRSite      string `json:"dr_site,omitempty"`
+	// Epoch is the fencing token: it grows at every change of primary.
+	Epoch  uint64 `json:"epoch"`
+	State  string `json:"state"`
+	Paused bool   `json:"paused,omitempty"`
+	// Database URLs by site, as each site's agent (its primary database)
+	// and standby (its DR database) registered them: controllers probe the
+	// primary's, and fence a deposed primary's.
+	AgentURLs   map[string]string `json:"agent_urls,omitempty"`
+	StandbyURLs map[string]string `json:"standby_urls,omitempty"`
+	// LeaseExpiresMs is when the primary site's agent stops being allowed
+	// to write, by the clock of the leader that granted it.
+	LeaseExpiresMs int64   `json:"lease_expires_ms,omitempty"`
+	AgentSeenMs    int64   `json:"agent_seen_ms,omitempty"`
+	StandbySeenMs  int64   `json:"standby_seen_ms,omitempty"`
+	LagSeconds     float64 `json:"lag_seconds,omitempty"`
+	// Observations of the primary by controller node.
+	Observations map[string]Observation `json:"observations,omitempty"`
+	Alert        string                 `json:"alert,omitempty"`
+}
+
+// Observation is one controller node's view of a group's primary.
+type Observation struct {
+	Up      bool   `json:"up"`
+	SinceMs int64  `json:"since_ms"` // when the view last changed
+	AtMs    int64  `json:"at_ms"`    // when it last probed
+	Error   string `json:"error,omitempty"`
+}
+
+// NodeInfo is how to reach a controller node's API.
+type NodeInfo struct {
+	APIURL string `json:"api_url"`
+}
+
+// AuditEntry records one operator action or decision; entries form a hash
+// chain, so an edited or removed entry shows.
+type AuditEntry struct {
+	Index   uint64 `json:"index"`
+	AtMs    int64  `json:"at_ms"`
+	Actor   string `json:"actor"`
+	Action  string `json:"action"`
+	Group   string `json:"group"`
+	Outcome string `json:"outcome"`
+	Hash    string `json:"hash"`
+}
+
+// maxAudit is how many audit entries the state keeps.
+const maxAudit = 10000
+
+// State is what the quorum agrees on.
+type State struct {
+	Groups map[string]*Group   `json:"groups"`
+	Nodes  map[string]NodeInfo `json:"nodes"`
+	Audit  []AuditEntry        `json:"audit"`
+}
+
+func newState() *State {
+	return &State{Groups: map[string]*Group{}, Nodes: map[string]NodeInfo{}}
+}
+
+// clone copies the state deeply enough for readers to keep.
+func (s *State) clone() *State {
+	c := &State{Groups: make(map[string]*Group, len(s.Groups)), Nodes: maps.Clone(s.Nodes), Audit: slices.Clone(s.Audit)}
+	for name, g := range s.Groups {
+		cg := *g
+		cg.AgentURLs = maps.Clone(g.AgentURLs)
+		cg.StandbyURLs = maps.Clone(g.StandbyURLs)
+		cg.Observations = maps.Clone(g.Observations)
+		c.Groups[name] = &cg
+	}
+	return c
+}
+
+func (s *State) audit(atMs int64, actor, action, group, outcome string) {
+	e := AuditEntry{AtMs: atMs, Actor: actor, Action: action, Group: group, Outcome: outcome}
+	prev := ""
+	if n := len(s.Audit); n > 0 {
+		e.Index = s.Audit[n-1].Index + 1
+		prev = s.Audit[n-1].Hash
+	}
+	sum := sha256.Sum256(fmt.Appendf(nil, "%s|%d|%d|%s|%s|%s|%s", prev, e.Index, e.AtMs, e.Actor, e.Action, e.Group, e.Outcome))
+	e.Hash = hex.EncodeToString(sum[:])
+	s.Audit = append(s.Audit, e)
+	if len(s.Audit) > maxAudit {
+		s.Audit = slices.Delete(s.Audit, 0, len(s.Audit)-maxAudit)
+	}
+}
+
+// Command kinds.
+const (
+	cmdCheckIn  = "checkin"
+	cmdObserve  = "observe"
+	cmdFailover = "failover"
+	cmdPause    = "pause"
+	cmdResume   = "resume"
+	cmdNode     = "node"
+	cmdAlert    = "alert"
+)
+
+// command is one change to the state, as the leader proposes it; it carries
+// the leader's clock so that every node applies it alike.
+type command struct {
+	Kind  string `json:"kind"`
+	AtMs  int64  `json:"at_ms"`
+	Group string `json:"group,omitempty"`
+	Actor string `json:"actor,omitempty"`
+
+	// checkin
+	Site        string       `json:"site,omitempty"`
+	Agent       bool         `json:"agent,omitempty"`
+	Epoch       uint64       `json:"epoch,omitempty"`
+	URL         string       `json:"url,omitempty"`
+	LagSeconds  float64      `json:"lag_seconds,omitempty"`
+	Promoted    uint64       `json:"promoted,omitempty"`
+	LeaseTTLMs  int64        `json:"lease_ttl_ms,omitempty"`
+	SentAtMs    int64        `json:"sent_at_ms,omitempty"`
+	GrantLease  bool         `json:"grant_lease,omitempty"`
+	Observation *Observation `json:"observation,omitempty"`
+	Node        string       `json:"node,omitempty"`
+	Reason      string       `json:"reason,omitempty"`
+	Info        *NodeInfo    `json:"info,omitempty"`
+}
+
+// apply changes the state by one command and returns what the caller needs.
+func (s *State) apply(c command) any {
+	g := s.Groups[c.Group]
+	switch c.Kind {
+	case cmdNode:
+		s.Nodes[c.Node] = *c.Info
+		return nil
+	case cmdCheckIn:
+		return s.checkIn(c)
+	case cmdObserve:
+		if g == nil {
+			return nil
+		}
+		o := *c.Observation
+		if prev, ok := g.Observations[c.Node]; ok && prev.Up == o.Up {
+			o.SinceMs = prev.SinceMs
+		}
+		if g.Observations == nil {
+			g.Observations = map[string]Observation{}
+		}
+		g.Observations[c.Node] = o
+		return nil
+	case cmdAlert:
+		if g != nil {
+			g.Alert = c.Reason
+		}
+		return nil
+	case cmdPause, cmdResume:
+		if g == nil {
+			return fmt.Errorf("no group %q", c.Group)
+		}
+		g.Paused = c.Kind == cmdPause
+		s.audit(c.AtMs, c.Actor, c.Kind, c.Group, "ok")
+		return nil
+	case cmdFailover:
+		if g == nil {
+			return fmt.Errorf("no group %q", c.Group)
+		}
+		if g.Epoch != c.Epoch {
+			// Decided on an older state: another change came first.
+			s.audit(c.AtMs, c.Actor, "failover", c.Group, fmt.Sprintf("refused: epoch is %d, not %d", g.Epoch, c.Epoch))
+			return fmt.Errorf("group %q is at epoch %d now, not %d: check status and retry", c.Group, g.Epoch, c.Epoch)
+		}
+		if g.State != StateActive || g.DRSite == "" {
+			s.audit(c.AtMs, c.Actor, "failover", c.Group, "refused: "+g.State)
+			return fmt.Errorf("group %q cannot fail over: state %s, DR site %q", c.Group, g.State, g.DRSite)
+		}
+		g.PrimarySite, g.DRSite = g.DRSite, g.PrimarySite
+		g.Epoch++
+		g.State = StatePromoting
+		g.LeaseExpiresMs = 0
+		g.Observations = nil
+		g.Alert = ""
+		s.audit(c.AtMs, c.Actor, "failover", c.Group, fmt.Sprintf("site %s promoted to primary at epoch %d: %s", g.PrimarySite, g.Epoch, c.Reason))
+		return nil
+	}
+	return fmt.Errorf("unknown command %q", c.Kind)
+}
+
+// checkInResult is what a check-in tells the site.
+type checkInResult struct {
+	Epoch       uint64
+	PrimarySite string
+	Lease       bool
+	Fence       bool
+	Promote     bool
+}
+
+func (s *State) checkIn(c command) any {
+	g := s.Groups[c.Group]
+	if g == nil {
+		if !c.Agent {
+			return fmt.Errorf("group %q is unknown to the controllers: start its agent with --controllers first", c.Group)
+		}
+		g = &Group{Name: c.Group, PrimarySite: c.Site, Epoch: c.Epoch, State: StateActive}
+		s.Groups[c.Group] = g
+		s.audit(c.AtMs, "agent@"+c.Site, "register", c.Group, fmt.Sprintf("primary site %s at epoch %d", c.Site, c.Epoch))
+	}
+	if c.URL != "" {
+		urls := &g.StandbyURLs
+		if c.Agent {
+			urls = &g.AgentURLs
+		}
+		if *urls == nil {
+			*urls = map[string]string{}
+		}
+		(*urls)[c.Site] = c.URL
+	}
+	r := checkInResult{Epoch: g.Epoch, PrimarySite: g.PrimarySite}
+	if c.Agent {
+		g.AgentSeenMs = c.AtMs
+		switch {
+		case c.Site != g.PrimarySite:
+			r.Fence = true
+		case c.GrantLease && g.State == StateActive:
+			// The agent counts its lease from when it sent the request, a
+			// little earlier: it runs out there first.
+			g.LeaseExpiresMs = max(g.LeaseExpiresMs, c.AtMs+c.LeaseTTLMs)
+			r.Lease = true
+		}
+		return r
+	}
+	if c.Site == g.PrimarySite {
+		// The standby of the promoted site.
+		if g.State == StatePromoting && c.Promoted >= g.Epoch {
+			g.State = StateActive
+			s.audit(c.AtMs, "standby@"+c.Site, "promoted", c.Group, fmt.Sprintf("site %s is primary at epoch %d", c.Site, g.Epoch))
+		}
+		r.Promote = g.State == StatePromoting
+		return r
+	}
+	if g.DRSite == "" {
+		g.DRSite = c.Site
+		s.audit(c.AtMs, "standby@"+c.Site, "register", c.Group, "DR site "+c.Site)
+	}
+	if c.Site == g.DRSite {
+		g.StandbySeenMs = c.AtMs
+		g.LagSeconds = c.LagSeconds
+	}
+	return r
+}
+
+// PrimaryURL is the URL to probe the group's primary with: its agent's, or
+// after a failover, the promoted standby's.
+func (g *Group) PrimaryURL() string {
+	if url := g.AgentURLs[g.PrimarySite]; url != "" {
+		return url
+	}
+	return g.StandbyURLs[g.PrimarySite]
+}
+
+// DeposedURLs are the databases of sites whose agent captured there but
+// that are not primary any more: they must stay fenced.
+func (g *Group) DeposedURLs() map[string]string {
+	out := map[string]string{}
+	for site, url := range g.AgentURLs {
+		if site != g.PrimarySite {
+			out[site] = url
+		}
+	}
+	return out
+}
+
+// fsm is the raft.FSM over State.
+type fsm struct {
+	mu    sync.RWMutex
+	state *State
+}
+
+func newFSM() *fsm { return &fsm{state: newState()} }
+
+func (f *fsm) Apply(l *raft.Log) any {
+	var c command
+	if err := json.Unmarshal(l.Data, &c); err != nil {
+		return fmt.Errorf("decode command at index %d: %w", l.Index, err)
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.state.apply(c)
+}
+
+// read returns a copy of the state.
+func (f *fsm) read() *State {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.state.clone()
+}
+
+func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
+	data, err := json.Marshal(f.read())
+	if err != nil {
+		return nil, err
+	}
+	return snapshot(data), nil
+}
+
+func (f *fsm) Restore(r io.ReadCloser) error {
+	defer r.Close()
+	st := newState()
+	if err := json.NewDecoder(r).Decode(st); err != nil {
+		return fmt.Errorf("restore controller state: %w", err)
+	}
+	if st.Groups == nil {
+		st.Groups = map[string]*Group{}
+	}
+	if st.Nodes == nil {
+		st.Nodes = map[string]NodeInfo{}
+	}
+	f.mu.Lock()
+	f.state = st
+	f.mu.Unlock()
+	return nil
+}
+
+type snapshot []byte
+
+func (s snapshot) Persist(sink raft.SnapshotSink) error {
+	if _, err := sink.Write(s); err != nil {
+		_ = sink.Cancel()
+		return err
+	}
+	return sink.Close()
+}
+
+func (s snapshot) Release() {}

@@ -1,0 +1,103 @@
+package failover
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"reflect"
+	"testing"
+
+	"github.com/hashicorp/raft"
+)
+
+func apply(t *testing.T, f *fsm, index uint64, c command) any {
+	t.Helper()
+	data, err := json.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f.Apply(&raft.Log{Index: index, Data: data})
+}
+
+type sink struct {
+	bytes.Buffer
+	cancelled bool
+}
+
+func (s *sink) ID() string    { return "test" }
+func (s *sink) Cancel() error { s.cancelled = true; return nil }
+func (s *sink) Close() error  { return nil }
+
+// TestFSMFailoverLifecycle: an agent registers its group, a standby its DR
+// site; a failover swaps them, bumps the epoch, fences the old primary's
+// agent and orders the DR standby to promote until it reports it did.
+func TestFSMFailoverLifecycle(t *testing.T) {
+	f := newFSM()
+	if err, _ := apply(t, f, 1, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "b"}).(error); err == nil {
+		t.Fatal("a standby created an unknown group")
+	}
+	r := apply(t, f, 2, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, URL: "postgres://a", GrantLease: true, LeaseTTLMs: 2000}).(checkInResult)
+	if !r.Lease || r.Fence || r.Epoch != 1 || r.PrimarySite != "a" {
+		t.Fatalf("agent check-in: %+v", r)
+	}
+	apply(t, f, 3, command{Kind: cmdCheckIn, AtMs: 1100, Group: "crm", Site: "b", URL: "postgres://b", LagSeconds: 0.3})
+	g := f.read().Groups["crm"]
+	if g.DRSite != "b" || g.LeaseExpiresMs != 3000 || g.LagSeconds != 0.3 {
+		t.Fatalf("group after check-ins: %+v", g)
+	}
+	if err, _ := apply(t, f, 4, command{Kind: cmdFailover, AtMs: 5000, Group: "crm", Epoch: 7, Actor: "op"}).(error); err == nil {
+		t.Fatal("a failover decided on a stale epoch was applied")
+	}
+	if err, _ := apply(t, f, 5, command{Kind: cmdFailover, AtMs: 5000, Group: "crm", Epoch: 1, Actor: "op", Reason: "test"}).(error); err != nil {
+		t.Fatal(err)
+	}
+	g = f.read().Groups["crm"]
+	if g.PrimarySite != "b" || g.DRSite != "a" || g.Epoch != 2 || g.State != StatePromoting {
+		t.Fatalf("group after failover: %+v", g)
+	}
+	if err, _ := apply(t, f, 6, command{Kind: cmdFailover, AtMs: 5001, Group: "crm", Epoch: 2, Actor: "op"}).(error); err == nil {
+		t.Fatal("a second failover while promoting was applied")
+	}
+	if r := apply(t, f, 7, command{Kind: cmdCheckIn, AtMs: 5100, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000}).(checkInResult); !r.Fence || r.Lease {
+		t.Fatalf("old primary's agent: %+v, want fenced without lease", r)
+	}
+	if r := apply(t, f, 8, command{Kind: cmdCheckIn, AtMs: 5200, Group: "crm", Site: "b"}).(checkInResult); !r.Promote || r.Epoch != 2 {
+		t.Fatalf("DR standby: %+v, want an order to promote at epoch 2", r)
+	}
+	if r := apply(t, f, 9, command{Kind: cmdCheckIn, AtMs: 5300, Group: "crm", Site: "b", Promoted: 2}).(checkInResult); r.Promote {
+		t.Fatalf("DR standby still ordered to promote after it did: %+v", r)
+	}
+	if g := f.read().Groups["crm"]; g.State != StateActive {
+		t.Fatalf("state after promotion: %s", g.State)
+	}
+	// The audit trail chains.
+	audit := f.read().Audit
+	if len(audit) < 4 {
+		t.Fatalf("audit has %d entries", len(audit))
+	}
+	for i := 1; i < len(audit); i++ {
+		if audit[i].Index != audit[i-1].Index+1 || audit[i].Hash == audit[i-1].Hash {
+			t.Fatalf("audit entries %d and %d do not chain", i-1, i)
+		}
+	}
+
+	// Snapshot and restore give the same state.
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var s sink
+	if err := snap.Persist(&s); err != nil {
+		t.Fatal(err)
+	}
+	restored := newFSM()
+	if err := restored.Restore(io.NopCloser(bytes.NewReader(s.Bytes()))); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(f.read(), restored.read()) {
+		t.Fatalf("restored state differs:\n%+v\n%+v", f.read(), restored.read())
+	}
+	if err := restored.Restore(io.NopCloser(bytes.NewReader([]byte("not json")))); err == nil {
+		t.Fatal("a corrupt snapshot was restored")
+	}
+}

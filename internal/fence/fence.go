@@ -1,0 +1,115 @@
+// Package fence stops, and lets again, every write to a PostgreSQL
+// database, in a way no client can undo and that outlives a restart: the
+// agent of a deposed or lease-less primary fences its own database, and the
+// controllers fence an old primary they find reachable again.
+//
+// A fence is
+//   - ALTER SYSTEM SET default_transaction_read_only = on (reloaded), and the
+//     same as the database's default, so that clients with
+//     target_session_attrs=read-write skip the node;
+//   - ALTER DATABASE … ALLOW_CONNECTIONS false, and the database's sessions
+//     ended: no client can undo that with SET.
+package fence
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// IsFenced reports whether the database of url is fenced.
+func IsFenced(ctx context.Context, url string) (bool, error) {
+	conn, db, err := maintenanceConn(ctx, url)
+	if err != nil {
+		return false, err
+	}
+	defer conn.Close(context.Background())
+	var allow bool
+	var readOnly string
+	if err := conn.QueryRow(ctx, `SELECT datallowconn, current_setting('default_transaction_read_only') FROM pg_database WHERE datname = $1`, db).
+		Scan(&allow, &readOnly); err != nil {
+		return false, fmt.Errorf("read the fence state of %q: %w", db, err)
+	}
+	return !allow || readOnly == "on", nil
+}
+
+// Ping checks that the server of url answers, through its postgres
+// database (a fenced database takes no connections).
+func Ping(ctx context.Context, url string) error {
+	conn, _, err := maintenanceConn(ctx, url)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	var one int
+	return conn.QueryRow(ctx, `SELECT 1`).Scan(&one)
+}
+
+// maintenanceConn connects to the source server's postgres database: a
+// fenced database takes no connections.
+func maintenanceConn(ctx context.Context, sourceURL string) (*pgx.Conn, string, error) {
+	cfg, err := pgx.ParseConfig(sourceURL)
+	if err != nil {
+		return nil, "", err
+	}
+	db := cfg.Database
+	cfg.Database = "postgres"
+	cfg.RuntimeParams["default_transaction_read_only"] = "off"
+	cfg.RuntimeParams["application_name"] = "haven_fence"
+	cfg.ConnectTimeout = 5 * time.Second
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, "", fmt.Errorf("connect to the postgres database of the source server: %w", err)
+	}
+	return conn, db, nil
+}
+
+// Fence stops every write to the database of sourceURL, persistently. It
+// needs a superuser.
+func Fence(ctx context.Context, sourceURL string) error {
+	conn, db, err := maintenanceConn(ctx, sourceURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	ident := pgx.Identifier{db}.Sanitize()
+	for _, sql := range []string{
+		`ALTER SYSTEM SET default_transaction_read_only = on`,
+		`SELECT pg_reload_conf()`,
+		`ALTER DATABASE ` + ident + ` ALLOW_CONNECTIONS false`,
+		`ALTER DATABASE ` + ident + ` SET default_transaction_read_only = on`,
+	} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("fence %q (%s): %w", db, sql, err)
+		}
+	}
+	// Sessions already there could keep writing: end them (the database's
+	// client backends; the fence's own session is in another database).
+	if _, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()`, db); err != nil {
+		return fmt.Errorf("end the sessions of %q: %w", db, err)
+	}
+	return nil
+}
+
+// Lift undoes Fence.
+func Lift(ctx context.Context, sourceURL string) error {
+	conn, db, err := maintenanceConn(ctx, sourceURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	ident := pgx.Identifier{db}.Sanitize()
+	for _, sql := range []string{
+		`ALTER DATABASE ` + ident + ` RESET default_transaction_read_only`,
+		`ALTER DATABASE ` + ident + ` ALLOW_CONNECTIONS true`,
+		`ALTER SYSTEM RESET default_transaction_read_only`,
+		`SELECT pg_reload_conf()`,
+	} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("lift the fence of %q (%s): %w", db, sql, err)
+		}
+	}
+	return nil
+}
