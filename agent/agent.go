@@ -49,12 +49,41 @@ func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Agent, err
 // backoff; it returns only when ctx ends or an operator must act.
 func (a *Agent) Run(ctx context.Context) error {
 	backoff := newBackoff(500*time.Millisecond, 30*time.Second)
+	var keeper *leaseKeeper
+	if len(a.cfg.Controllers) > 0 {
+		keeper = newLeaseKeeper(a.cfg, a.log)
+		if err := keeper.loadFenced(ctx); err != nil {
+			a.log.Warn().Err(err).Msg("could not read whether the database is fenced")
+		}
+		go keeper.run(ctx)
+	}
 	for {
+		sessCtx, cancel := context.WithCancel(ctx)
+		if keeper != nil {
+			if !keeper.waitCapture(ctx, a.health.Set) {
+				cancel()
+				return nil
+			}
+			epoch, _, changed := keeper.state()
+			a.cfg.Epoch = epoch
+			go func() {
+				select {
+				case <-changed: // deposed, or a new epoch: start over
+					cancel()
+				case <-sessCtx.Done():
+				}
+			}()
+		}
 		started := time.Now()
-		err := a.runSession(ctx)
+		err := a.runSession(sessCtx)
+		roleChanged := sessCtx.Err() != nil
+		cancel()
 		a.metrics.connected.Set(0)
 		if ctx.Err() != nil {
 			return nil
+		}
+		if roleChanged {
+			continue // deposed, or a new epoch
 		}
 		if err == nil {
 			err = errors.New("capture session ended")

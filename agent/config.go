@@ -30,8 +30,17 @@ type Config struct {
 	// SetReplicaIdentityFull gives tables without a primary key or usable
 	// replica identity REPLICA IDENTITY FULL instead of refusing them.
 	SetReplicaIdentityFull bool
-	// Epoch is the fencing token stamped on every message.
+	// Epoch is the fencing token stamped on every message; with
+	// Controllers, the quorum's epoch for the group replaces it.
 	Epoch uint64
+	// Controllers are the control API URLs of the controller quorum; empty:
+	// no failover coordination (the agent never fences).
+	Controllers []string
+	// Site names this agent's site to the controllers.
+	Site string
+	// ProbeURL is the URL the controllers probe the primary with (default
+	// SourceURL).
+	ProbeURL string
 	// StreamReplicas is the JetStream replica count for a stream the agent
 	// creates (1 or 3 or 5).
 	StreamReplicas int
@@ -110,6 +119,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("max in-flight %d: use at least 1", c.MaxInFlight)
 	case c.BackfillChunkRows < 1:
 		return fmt.Errorf("backfill chunk rows %d: use at least 1", c.BackfillChunkRows)
+	case len(c.Controllers) > 0 && c.Site == "":
+		return errors.New("--controllers needs --site: the name of this agent's site (e.g. the data centre)")
 	case c.Epoch == 0:
 		return errors.New("epoch 0: epochs start at 1")
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -78,6 +79,7 @@ type applier struct {
 	partitioned map[string]bool   // relation keys whose DR table is partitioned
 	targetOID   map[string]uint32 // relation keys' DR tables
 	backfilling map[uint32]bool   // DR tables being backfilled
+	lagMs       *atomic.Int64     // where the lag is reported to the controllers (nil: nowhere)
 	sequences   map[string]bool   // qualified sequence name: exists on DR
 
 	open         bool
@@ -522,7 +524,7 @@ func (a *applier) commit(ctx context.Context) error {
 	a.metrics.groups.Inc()
 	a.metrics.appliedLSN.Set(float64(a.pos.commitLSN))
 	if !a.pos.commitTime.IsZero() {
-		a.metrics.lagSeconds.Set(time.Since(a.pos.commitTime).Seconds())
+		a.setLag(time.Since(a.pos.commitTime))
 	}
 	if a.toAck != nil {
 		if err := a.toAck.Ack(); err != nil {
@@ -531,6 +533,13 @@ func (a *applier) commit(ctx context.Context) error {
 		a.toAck = nil
 	}
 	return nil
+}
+
+func (a *applier) setLag(lag time.Duration) {
+	a.metrics.lagSeconds.Set(lag.Seconds())
+	if a.lagMs != nil {
+		a.lagMs.Store(lag.Milliseconds())
+	}
 }
 
 // rollback abandons the open target transaction; apply restarts from the
@@ -566,7 +575,7 @@ func (a *applier) idle(ctx context.Context) error {
 	}
 	if !a.open && a.lastPending == 0 {
 		// Nothing buffered, nothing left in the stream: DR is current.
-		a.metrics.lagSeconds.Set(0)
+		a.setLag(0)
 	}
 	return nil
 }

@@ -28,6 +28,17 @@ type Config struct {
 	// BlockedRetry is how often apply retries after it stopped at a message
 	// it cannot apply.
 	BlockedRetry time.Duration
+	// Controllers are the control API URLs of the controller quorum; empty:
+	// no failover (the standby is never promoted by haven).
+	Controllers []string
+	// Site names the DR site to the controllers.
+	Site string
+	// PromoteHook is a shell command run after a promotion, with
+	// HAVEN_GROUP, HAVEN_SITE and HAVEN_EPOCH in its environment.
+	PromoteHook string
+	// SequenceGap is how many increments past the primary's last known
+	// value a promotion moves every sequence.
+	SequenceGap int64
 }
 
 // DefaultConfig returns the defaults the command line starts from.
@@ -37,6 +48,7 @@ func DefaultConfig() Config {
 		GroupDelay:         100 * time.Millisecond,
 		PipelineStatements: 512,
 		BlockedRetry:       30 * time.Second,
+		SequenceGap:        1000,
 	}
 }
 
@@ -53,6 +65,10 @@ func (c Config) Validate() error {
 		return errors.New("group size and pipeline depth must be at least 1")
 	case c.GroupDelay <= 0 || c.BlockedRetry <= 0:
 		return errors.New("group delay and blocked retry must be positive")
+	case len(c.Controllers) > 0 && c.Site == "":
+		return errors.New("--controllers needs --site: the name of the DR site (e.g. the data centre)")
+	case c.SequenceGap < 0:
+		return errors.New("--promote-sequence-gap must not be negative")
 	}
 	if _, err := pgconn.ParseConfig(c.TargetURL); err != nil {
 		return fmt.Errorf("--target-url: %w", err)

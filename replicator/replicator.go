@@ -32,6 +32,7 @@ type Standby struct {
 	// isolateThrough is handed to each session's applier (Run's goroutine
 	// only).
 	isolateThrough uint64
+	control        controlState
 }
 
 // New checks cfg and registers the standby's metrics on reg.
@@ -59,11 +60,18 @@ func (e *operatorError) Unwrap() error { return e.err }
 // (retried every BlockedRetry, in case it was fixed); a setup problem only
 // an operator can fix ends Run with an error.
 func (s *Standby) Run(ctx context.Context) error {
+	if len(s.cfg.Controllers) > 0 {
+		go s.checkIns(ctx)
+	}
 	wait := time.Duration(0)
 	for {
 		err := s.runSession(ctx)
 		s.metrics.connected.Set(0)
 		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, errPromoted) {
+			s.promotedIdle(ctx)
 			return nil
 		}
 		var oe *operatorError
@@ -160,6 +168,13 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if err := s.loadPromotion(ctx, conn); err != nil {
+		return err
+	}
+	if s.control.promoted.Load() > 0 {
+		// A primary now: nothing more is applied here.
+		return errPromoted
+	}
 	s.protectDR(ctx, conn)
 	id, err := standbyID(ctx, conn)
 	if err != nil {
@@ -189,6 +204,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	defer iter.Stop()
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
+	a.lagMs = &s.control.lagMs
 	if err := a.loadBackfills(ctx); err != nil {
 		return err
 	}
@@ -210,6 +226,15 @@ func (s *Standby) runSession(ctx context.Context) error {
 		}
 	}()
 	for {
+		if target := s.control.promoteTo.Load(); target > s.control.promoted.Load() {
+			drained, err := a.drained(ctx)
+			if err != nil {
+				return err
+			}
+			if drained {
+				return s.promote(ctx, a, nc, target)
+			}
+		}
 		wait := time.Second
 		if a.open && a.partial == nil {
 			wait = time.Millisecond

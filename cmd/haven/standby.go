@@ -48,6 +48,10 @@ position in haven.apply_position in the same transaction as the changes.`,
 	f.DurationVar(&cfg.GroupDelay, "group-delay", cfg.GroupDelay, "time after which a target transaction commits")
 	f.IntVar(&cfg.PipelineStatements, "pipeline", cfg.PipelineStatements, "statements sent per round trip")
 	f.DurationVar(&cfg.BlockedRetry, "blocked-retry", cfg.BlockedRetry, "how often apply retries a message it could not apply")
+	f.StringSliceVar(&cfg.Controllers, "controllers", nil, "control API URLs of the controller quorum (comma-separated): report DR's lag, and promote this database when the quorum orders it")
+	f.StringVar(&cfg.Site, "site", "", "name of the DR site (with --controllers)")
+	f.StringVar(&cfg.PromoteHook, "promote-hook", "", "shell command run after a promotion (HAVEN_GROUP, HAVEN_SITE, HAVEN_EPOCH in its environment)")
+	f.Int64Var(&cfg.SequenceGap, "promote-sequence-gap", cfg.SequenceGap, "increments a promotion moves every sequence past the primary's last known value")
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz and /metrics, e.g. :9188 (empty: off)")
 	return cmd
 }

@@ -1,0 +1,250 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/internal/fence"
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
+)
+
+// The agent of the primary site holds a lease from the controller quorum,
+// renewed at every check-in. Without a renewal for the lease's time to live,
+// or told that another site is primary at a newer epoch, it fences its
+// database: the controllers promote the DR site only after the lease has run
+// out, so there are never two writable primaries.
+//
+// The fence stops writes for good, not just by default:
+//   - ALTER SYSTEM SET default_transaction_read_only = on (reloaded), so that
+//     clients with target_session_attrs=read-write skip the node;
+//   - ALTER DATABASE … ALLOW_CONNECTIONS false and the database's client
+//     sessions ended, which no client can undo with SET.
+//
+// Both are persistent: a fenced primary that restarts comes up fenced. Only
+// an agent whose check-in is granted the current epoch's lease lifts it.
+
+// leaseKeeper checks in with the controllers and fences or unfences the
+// source database.
+type leaseKeeper struct {
+	cfg     Config
+	log     zerolog.Logger
+	clients []havenpbconnect.ControlClient
+
+	mu         sync.Mutex
+	validUntil time.Time // the lease, by this process's clock
+	epoch      uint64
+	primary    string
+	deposed    bool // another site is primary: capture stops
+	fenced     bool
+	changed    chan struct{} // closed and replaced when deposed or epoch change
+}
+
+func newLeaseKeeper(cfg Config, log zerolog.Logger) *leaseKeeper {
+	k := &leaseKeeper{cfg: cfg, log: log.With().Str("site", cfg.Site).Logger(), epoch: cfg.Epoch, changed: make(chan struct{})}
+	for _, url := range cfg.Controllers {
+		k.clients = append(k.clients, havenpbconnect.NewControlClient(&http.Client{Timeout: 2 * time.Second}, strings.TrimRight(url, "/")))
+	}
+	return k
+}
+
+// state returns the epoch to stamp and whether this site may capture.
+func (k *leaseKeeper) state() (epoch uint64, deposed bool, changed <-chan struct{}) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.epoch, k.deposed, k.changed
+}
+
+// checkIn asks each controller in turn until one answers.
+func (k *leaseKeeper) checkIn(ctx context.Context) (*havenpb.CheckInResponse, error) {
+	k.mu.Lock()
+	req := &havenpb.CheckInRequest{Group: k.cfg.Group, Site: k.cfg.Site, Component: havenpb.Component_COMPONENT_AGENT,
+		Epoch: k.epoch, DatabaseUrl: k.cfg.ProbeURL}
+	k.mu.Unlock()
+	if req.DatabaseUrl == "" {
+		req.DatabaseUrl = k.cfg.SourceURL
+	}
+	var errs []error
+	for _, cl := range k.clients {
+		resp, err := cl.CheckIn(ctx, connect.NewRequest(req))
+		if err == nil {
+			return resp.Msg, nil
+		}
+		errs = append(errs, err)
+		if connect.CodeOf(err) == connect.CodeFailedPrecondition || connect.CodeOf(err) == connect.CodeInvalidArgument {
+			break
+		}
+	}
+	return nil, errors.Join(errs...)
+}
+
+// run checks in every quarter of the lease until ctx ends.
+func (k *leaseKeeper) run(ctx context.Context) {
+	interval := 500 * time.Millisecond
+	var failing, lastWarned time.Time
+	lostSaid := false
+	for {
+		sent := time.Now()
+		// A lease is for a primary that works: while the database does not
+		// answer, the agent does not renew it, so that DR can take over.
+		pctx, cancel := context.WithTimeout(ctx, time.Second)
+		err := fence.Ping(pctx, k.cfg.SourceURL)
+		cancel()
+		var resp *havenpb.CheckInResponse
+		if err != nil {
+			err = fmt.Errorf("the database does not answer, so the lease is not renewed: %w", err)
+		} else {
+			resp, err = k.checkIn(ctx)
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		switch {
+		case err != nil:
+			if failing.IsZero() || time.Since(lastWarned) > 30*time.Second {
+				lastWarned = time.Now()
+				k.log.Warn().Err(err).Msg("check-in failed; the lease runs out if none succeeds in time, and the database is then fenced")
+			}
+			if failing.IsZero() {
+				failing = time.Now()
+			}
+		case resp.Fence:
+			k.depose(ctx, resp)
+		case resp.LeaseGranted:
+			if !failing.IsZero() {
+				k.log.Info().Dur("after", time.Since(failing)).Msg("check-in succeeds again")
+				failing = time.Time{}
+			}
+			lostSaid = false
+			ttl := time.Duration(resp.LeaseTtlMs) * time.Millisecond
+			interval = max(ttl/4, 100*time.Millisecond)
+			k.grant(ctx, resp, sent.Add(ttl))
+		}
+		k.mu.Lock()
+		expired := !k.validUntil.IsZero() && time.Now().After(k.validUntil) && !k.fenced
+		k.mu.Unlock()
+		if expired {
+			if !lostSaid {
+				lostSaid = true
+				k.log.Error().Msg("lease lost: no controller renewed it in time; fencing the database until one does (writes stop, so that DR can be promoted safely)")
+			}
+			k.fence(ctx, "lease lost")
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(interval):
+		}
+	}
+}
+
+func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, until time.Time) {
+	k.mu.Lock()
+	k.validUntil = until
+	epochChanged := resp.Epoch != k.epoch
+	k.epoch, k.primary = resp.Epoch, resp.PrimarySite
+	fenced := k.fenced
+	if epochChanged {
+		k.changeLocked()
+	}
+	k.mu.Unlock()
+	if fenced {
+		if err := fence.Lift(ctx, k.cfg.SourceURL); err != nil {
+			k.log.Error().Err(err).Msg("lease regained but the fence could not be lifted; retrying at the next check-in")
+			return
+		}
+		k.mu.Lock()
+		k.fenced = false
+		k.mu.Unlock()
+		k.log.Warn().Uint64("epoch", resp.Epoch).Msg("lease regained: fence lifted, the database accepts writes again")
+	}
+}
+
+// changeLocked wakes whoever waits for a change of role (k.mu held).
+func (k *leaseKeeper) changeLocked() {
+	close(k.changed)
+	k.changed = make(chan struct{})
+}
+
+func (k *leaseKeeper) depose(ctx context.Context, resp *havenpb.CheckInResponse) {
+	k.mu.Lock()
+	first := !k.deposed
+	k.deposed = true
+	k.epoch, k.primary = resp.Epoch, resp.PrimarySite
+	fenced := k.fenced
+	if first {
+		k.changeLocked()
+	}
+	k.mu.Unlock()
+	if first {
+		k.log.Error().Str("primary_site", resp.PrimarySite).Uint64("epoch", resp.Epoch).
+			Msg("another site is primary now: fencing this database and stopping capture; it must rejoin as a standby")
+	}
+	if !fenced {
+		k.fence(ctx, fmt.Sprintf("site %s is primary at epoch %d", resp.PrimarySite, resp.Epoch))
+	}
+}
+
+func (k *leaseKeeper) fence(ctx context.Context, why string) {
+	if err := fence.Fence(ctx, k.cfg.SourceURL); err != nil {
+		k.log.Debug().Err(err).Msg("could not fence the database (is it down?); retrying at the next check-in")
+		return
+	}
+	k.log.Warn().Str("why", why).Msg("database fenced: read-only by default, no connections, its sessions ended")
+	k.mu.Lock()
+	k.fenced = true
+	k.mu.Unlock()
+}
+
+// waitCapture blocks until this site may capture: it holds the lease, is
+// primary and its database is not fenced. It returns false when ctx ends.
+func (k *leaseKeeper) waitCapture(ctx context.Context, health func(string)) bool {
+	said := ""
+	for {
+		k.mu.Lock()
+		var why string
+		switch {
+		case k.deposed:
+			why = fmt.Sprintf("deposed: site %s is primary at epoch %d; this database is fenced", k.primary, k.epoch)
+		case k.fenced:
+			why = "fenced: waiting for the lease to lift the fence"
+		case time.Now().After(k.validUntil):
+			why = "waiting for a lease from the controllers"
+		}
+		k.mu.Unlock()
+		if why == "" {
+			return true
+		}
+		if why != said {
+			k.log.Warn().Msg("capture waits: " + why)
+			health(why)
+			said = why
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// loadFenced reads whether the database is fenced from its persistent state:
+// a database that came up fenced before this agent started is fenced.
+func (k *leaseKeeper) loadFenced(ctx context.Context) error {
+	fenced, err := fence.IsFenced(ctx, k.cfg.SourceURL)
+	if err != nil {
+		return err
+	}
+	k.mu.Lock()
+	k.fenced = fenced
+	k.mu.Unlock()
+	return nil
+}

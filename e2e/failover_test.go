@@ -1,0 +1,212 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"os/exec"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// quorum is three controller nodes on loopback.
+type quorum struct {
+	apis  []string
+	procs []*proc
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func startQuorum(t *testing.T, n int, extra ...string) *quorum {
+	t.Helper()
+	q := &quorum{}
+	var peers, raftAddrs, apiAddrs []string
+	for i := range n {
+		raftAddrs = append(raftAddrs, fmt.Sprintf("127.0.0.1:%d", freePort(t)))
+		apiAddrs = append(apiAddrs, fmt.Sprintf("127.0.0.1:%d", freePort(t)))
+		peers = append(peers, fmt.Sprintf("c%d=%s", i+1, raftAddrs[i]))
+	}
+	for i := range n {
+		args := append([]string{"controller", "--id", fmt.Sprintf("c%d", i+1), "--raft-addr", raftAddrs[i], "--api-addr", apiAddrs[i],
+			"--data-dir", t.TempDir(), "--peers", strings.Join(peers, ",")}, extra...)
+		q.procs = append(q.procs, startHaven(t, fmt.Sprintf("controller-c%d", i+1), args...))
+		q.apis = append(q.apis, "http://"+apiAddrs[i])
+	}
+	return q
+}
+
+// ctl runs haven ctl against the quorum.
+func (q *quorum) ctl(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	cmd := exec.Command(havenBin, append(append([]string{"ctl", "--api", strings.Join(q.apis, ",")}, args...), "--timeout", "20s")...)
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+type ctlStatus struct {
+	LeaderID string `json:"leaderId"`
+	Groups   []struct {
+		Name        string  `json:"name"`
+		PrimarySite string  `json:"primarySite"`
+		DRSite      string  `json:"drSite"`
+		Epoch       string  `json:"epoch"`
+		State       string  `json:"state"`
+		LagSeconds  float64 `json:"lagSeconds"`
+		LeaseMs     string  `json:"leaseExpiresUnixMs"`
+	} `json:"groups"`
+}
+
+func (q *quorum) status(t *testing.T) (ctlStatus, error) {
+	out, err := q.ctl(t, "status", "--json")
+	if err != nil {
+		return ctlStatus{}, fmt.Errorf("haven ctl status: %v: %s", err, out)
+	}
+	var st ctlStatus
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		return ctlStatus{}, fmt.Errorf("haven ctl status --json: %v: %s", err, out)
+	}
+	return st, nil
+}
+
+// TestFailoverAfterThePrimaryIsKilled: three controllers, an agent at site
+// a and a standby at site b. The primary's postmaster is SIGKILLed under a
+// workload; the quorum promotes DR, and a client on a multi-host
+// connection string with target_session_attrs=read-write writes there by
+// itself. The old primary, restarted with its agent still running, is
+// fenced and takes no write, even from a session that turns
+// default_transaction_read_only off.
+func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	seedCRM(t, primary, 50)
+	mustExec(t, primary, `CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())`)
+	q := startQuorum(t, 3)
+	controllers := strings.Join(q.apis, ",")
+	startHaven(t, "agent", s.agentArgs("--controllers", controllers, "--site", "a")...)
+	startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b",
+		"--promote-hook", "echo promoted $HAVEN_GROUP at epoch $HAVEN_EPOCH")...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	waitFor(t, 30*time.Second, "the quorum to know both sites", func() (bool, error) {
+		st, err := q.status(t)
+		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].LeaseMs != "", nil
+	})
+
+	// Bad operator input changes nothing.
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"failover", "--group", "nope"}, `no group "nope"`},
+		{[]string{"failover", "--group", "crm"}, "refusing to fail over a healthy primary"},
+		{[]string{"pause"}, `required flag(s) "group" not set`},
+	} {
+		out, err := q.ctl(t, c.args...)
+		if err == nil || !strings.Contains(out, c.want) {
+			t.Errorf("haven ctl %s: %v, %q; want an error saying %q", strings.Join(c.args, " "), err, out, c.want)
+		}
+	}
+	if st, err := q.status(t); err != nil || st.Groups[0].Epoch != "1" || st.Groups[0].PrimarySite != "a" {
+		t.Fatalf("after refused commands: %+v, %v", st, err)
+	}
+
+	// Clients use both hosts; only a read-write one takes their writes.
+	multiHost := fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/%s?target_session_attrs=read-write&connect_timeout=1",
+		s.primary.Port(), s.dr.Port(), s.db)
+	w := startWorkload(t, s.primaryURL(), 2, 50)
+	var next atomic.Int64
+	writer := startLoad(t, multiHost, 1, func(ctx context.Context, conn *pgx.Conn, _ *rand.Rand) error {
+		_, err := conn.Exec(ctx, `INSERT INTO acked (id) VALUES ($1)`, next.Add(1))
+		return err
+	})
+	waitFor(t, 30*time.Second, "writes through the multi-host connection", func() (bool, error) { return next.Load() > 100, nil })
+
+	killed := time.Now()
+	if err := s.primary.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	w.abandon()
+	writer.abandon()
+	// The first write acknowledged by the new primary ends the outage.
+	var rto time.Duration
+	waitFor(t, 30*time.Second, "a write accepted through the multi-host connection string", func() (bool, error) {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, multiHost)
+		if err != nil {
+			return false, nil
+		}
+		defer conn.Close(context.Background())
+		if _, err := conn.Exec(ctx, `INSERT INTO acked (id) VALUES (-1)`); err != nil {
+			return false, nil
+		}
+		rto = time.Since(killed)
+		return true, nil
+	})
+	t.Logf("RTO: %s from SIGKILL of the primary to the first write accepted on the promoted DR database", rto.Round(time.Millisecond))
+	if rto > 10*time.Second {
+		t.Errorf("RTO %s, want within 10 s with the defaults", rto)
+	}
+	st, err := q.status(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := st.Groups[0]; g.PrimarySite != "b" || g.Epoch != "2" {
+		t.Errorf("after failover the quorum says primary %s at epoch %s, want b at 2", g.PrimarySite, g.Epoch)
+	}
+
+	// The old primary comes back with its agent running: it is fenced.
+	if err := s.primary.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	oldURL := s.primaryURL() + "&default_transaction_read_only=off"
+	waitFor(t, 30*time.Second, "the old primary to be fenced", func() (bool, error) {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, oldURL)
+		if err != nil {
+			return strings.Contains(err.Error(), "not currently accepting connections"), nil
+		}
+		conn.Close(context.Background())
+		return false, nil
+	})
+	var readOnly string
+	maint := connect(t, s.primary.URL("postgres"))
+	if err := maint.QueryRow(t.Context(), `SHOW default_transaction_read_only`).Scan(&readOnly); err != nil || readOnly != "on" {
+		t.Errorf("the fenced old primary has default_transaction_read_only = %q (%v), want on", readOnly, err)
+	}
+	if out, err := q.ctl(t, "failover", "--group", "crm"); err == nil || !strings.Contains(out, "refusing to fail over a healthy primary") {
+		t.Errorf("a second failover was not refused: %v, %s", err, out)
+	}
+
+	// Writes now go to the new primary only.
+	after := connect(t, multiHost)
+	mustExec(t, after, `INSERT INTO acked (id) VALUES (-2)`)
+	var onDR int
+	if err := dr.QueryRow(t.Context(), `SELECT count(*) FROM acked WHERE id IN (-1, -2)`).Scan(&onDR); err != nil || onDR != 2 {
+		t.Errorf("writes after failover: %d of 2 on the promoted database (%v)", onDR, err)
+	}
+
+	// A node without a majority behind it says so, and changes nothing.
+	q.procs[0].kill()
+	q.procs[1].kill()
+	lone := &quorum{apis: q.apis[2:]}
+	waitFor(t, 30*time.Second, "the lone controller to refuse changes", func() (bool, error) {
+		out, err := lone.ctl(t, "pause", "--group", "crm")
+		return err != nil && strings.Contains(out, "no majority"), nil
+	})
+}

@@ -1,0 +1,248 @@
+package replicator
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+	"github.com/rs/zerolog"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
+)
+
+// The standby of the DR site checks in with the controller quorum; when the
+// quorum orders it to promote, it drains the stream (applies every message
+// the old primary's agent published before it was fenced), moves every
+// sequence past what the primary can have handed out, makes the DR database
+// writable, records the promotion, announces the new topology on NATS and
+// runs the operator's hook. From then on it applies nothing: the database is
+// the group's primary at the new epoch.
+
+// promotionDDL records promotions on the DR database.
+const promotionDDL = `CREATE TABLE IF NOT EXISTS haven.promotions (
+	group_name  text PRIMARY KEY,
+	epoch       bigint NOT NULL,
+	promoted_at timestamptz NOT NULL DEFAULT now(),
+	commit_lsn  pg_lsn NOT NULL,
+	steps       jsonb NOT NULL
+);
+COMMENT ON TABLE haven.promotions IS 'haven: this database was promoted to primary of the group at this epoch; the standby applies nothing after it'`
+
+// errPromoted ends an apply session once the database is primary.
+var errPromoted = errors.New("promoted")
+
+// controlState is what the standby shares with its check-ins.
+type controlState struct {
+	promoteTo atomic.Uint64 // epoch the quorum ordered a promotion to
+	promoted  atomic.Uint64 // epoch this database was promoted to
+	lagMs     atomic.Int64
+}
+
+// checkIns reports to the controllers until ctx ends.
+func (s *Standby) checkIns(ctx context.Context) {
+	var clients []havenpbconnect.ControlClient
+	for _, url := range s.cfg.Controllers {
+		clients = append(clients, havenpbconnect.NewControlClient(&http.Client{Timeout: 2 * time.Second}, strings.TrimRight(url, "/")))
+	}
+	warned := time.Time{}
+	for {
+		req := &havenpb.CheckInRequest{Group: s.cfg.Group, Site: s.cfg.Site, Component: havenpb.Component_COMPONENT_STANDBY,
+			DatabaseUrl: s.cfg.TargetURL, LagSeconds: float64(s.control.lagMs.Load()) / 1000, PromotedEpoch: s.control.promoted.Load(),
+			Epoch: s.control.promoted.Load()}
+		var resp *havenpb.CheckInResponse
+		var errs []error
+		for _, cl := range clients {
+			r, err := cl.CheckIn(ctx, connect.NewRequest(req))
+			if err == nil {
+				resp = r.Msg
+				break
+			}
+			errs = append(errs, err)
+		}
+		switch {
+		case ctx.Err() != nil:
+			return
+		case resp == nil:
+			if time.Since(warned) > 30*time.Second {
+				warned = time.Now()
+				s.log.Warn().Err(errors.Join(errs...)).Msg("no controller answered the standby's check-in: the quorum cannot see DR's lag, so it will not fail over by itself")
+			}
+		case resp.Promote && s.control.promoted.Load() < resp.Epoch:
+			if s.control.promoteTo.Swap(resp.Epoch) != resp.Epoch {
+				s.log.Warn().Uint64("epoch", resp.Epoch).Msg("the controllers ordered this site's promotion: draining the stream, then promoting")
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// loadPromotion reads whether the DR database was promoted already.
+func (s *Standby) loadPromotion(ctx context.Context, conn *pgx.Conn) error {
+	if _, err := conn.Exec(ctx, promotionDDL); err != nil {
+		return fmt.Errorf("create haven.promotions: %w", err)
+	}
+	var epoch uint64
+	err := conn.QueryRow(ctx, `SELECT epoch FROM haven.promotions WHERE group_name = $1`, s.cfg.Group).Scan(&epoch)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read haven.promotions: %w", err)
+	}
+	s.control.promoted.Store(epoch)
+	return nil
+}
+
+// drained reports whether apply has reached the end of the stream, so that
+// a promotion may run.
+func (a *applier) drained(ctx context.Context) (bool, error) {
+	info, err := a.stream.Info(ctx)
+	if err != nil {
+		return false, fmt.Errorf("read the stream's end: %w", err)
+	}
+	return a.lastSeq >= info.State.LastSeq, nil
+}
+
+// promote makes the DR database the group's primary at epoch.
+func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch uint64) error {
+	started := time.Now()
+	steps := map[string]float64{}
+	step := func(name string, since time.Time) { steps[name] = time.Since(since).Seconds() }
+	if a.partial != nil {
+		// The old primary's agent stopped in the middle of publishing a
+		// transaction: it committed there but never fully reached DR.
+		a.log.Error().Uint32("xid", a.partial.xid).Stringer("commit_lsn", pglogrepl.LSN(a.partial.commitLSN)).
+			Msg("the stream ends inside a transaction: it committed on the old primary but is not applied here; it is in the old primary's slot (see the lost-transaction report after rejoin)")
+		a.rollback(ctx)
+	}
+	t := time.Now()
+	if err := a.commit(ctx); err != nil {
+		return err
+	}
+	step("drain", t)
+	t = time.Now()
+	if err := advanceAllSequences(ctx, a.conn, s.cfg.SequenceGap); err != nil {
+		return err
+	}
+	step("sequences", t)
+	t = time.Now()
+	var db string
+	if err := a.conn.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
+		return fmt.Errorf("read the database name: %w", err)
+	}
+	stepsJSON, _ := json.Marshal(steps)
+	err := pgx.BeginFunc(ctx, a.conn, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{db}.Sanitize()+" RESET default_transaction_read_only"); err != nil {
+			return fmt.Errorf("make the DR database writable: %w", err)
+		}
+		_, err := tx.Exec(ctx, `INSERT INTO haven.promotions (group_name, epoch, commit_lsn, steps) VALUES ($1, $2, $3::pg_lsn, $4)
+			ON CONFLICT (group_name) DO UPDATE SET epoch = excluded.epoch, promoted_at = now(), commit_lsn = excluded.commit_lsn, steps = excluded.steps`,
+			s.cfg.Group, epoch, a.pos.commitLSN.String(), string(stepsJSON))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("promote: %w", err)
+	}
+	step("writable", t)
+	s.control.promoted.Store(epoch)
+	topology, _ := json.Marshal(map[string]any{"group": s.cfg.Group, "primary_site": s.cfg.Site, "epoch": epoch, "at": time.Now().UTC()})
+	if err := nc.Publish("haven."+s.cfg.Group+".topology", topology); err != nil {
+		s.log.Warn().Err(err).Msg("could not announce the new topology on NATS")
+	}
+	s.log.Warn().Uint64("epoch", epoch).Stringer("applied_through", a.pos.commitLSN).Interface("steps_seconds", steps).
+		Float64("took_seconds", time.Since(started).Seconds()).Msg("PROMOTED: the DR database is the group's primary and accepts writes; apply has stopped")
+	if s.cfg.PromoteHook != "" {
+		runHook(ctx, s.log, s.cfg.PromoteHook, s.cfg.Group, s.cfg.Site, epoch)
+	}
+	return errPromoted
+}
+
+// advanceAllSequences moves every sequence past the values the primary can
+// have handed out since its last sampled position: past the largest value
+// in the column it feeds, and then gap increments further.
+func advanceAllSequences(ctx context.Context, conn *pgx.Conn, gap int64) error {
+	rows, err := conn.Query(ctx, `
+SELECT s.oid::regclass::text, q.seqincrement, c.tab, c.col
+FROM pg_class s JOIN pg_sequence q ON q.seqrelid = s.oid JOIN pg_namespace n ON n.oid = s.relnamespace
+LEFT JOIN LATERAL (SELECT d.refobjid::regclass::text AS tab, quote_ident(a.attname) AS col FROM pg_depend d
+          JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+         WHERE d.classid = 'pg_class'::regclass AND d.objid = s.oid AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+         LIMIT 1) c ON true
+WHERE s.relkind = 'S' AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haven')`)
+	if err != nil {
+		return fmt.Errorf("list sequences: %w", err)
+	}
+	type seq struct {
+		name      string
+		increment int64
+		table     *string
+		column    *string
+	}
+	seqs, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (seq, error) {
+		var s seq
+		err := row.Scan(&s.name, &s.increment, &s.table, &s.column)
+		return s, err
+	})
+	if err != nil {
+		return fmt.Errorf("list sequences: %w", err)
+	}
+	for _, sq := range seqs {
+		agg, past := "max", "greatest"
+		if sq.increment < 0 {
+			agg, past = "min", "least"
+		}
+		used := "NULL"
+		if sq.table != nil && sq.column != nil {
+			used = fmt.Sprintf("(SELECT %s(%s)::bigint FROM %s)", agg, *sq.column, *sq.table)
+		}
+		sql := fmt.Sprintf(`SELECT setval(%s, %s(s.last_value, %s, s.start_value) + %d * %d) FROM pg_sequences s WHERE format('%%I.%%I', s.schemaname, s.sequencename)::regclass = %s::regclass`,
+			quote(sq.name), past, used, sq.increment, gap, quote(sq.name))
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("move sequence %s past the primary's values: %w", sq.name, err)
+		}
+	}
+	return nil
+}
+
+func quote(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// runHook runs the operator's promotion hook with the group, site and epoch
+// in its environment; its failure is reported, the promotion stands.
+func runHook(ctx context.Context, log zerolog.Logger, hook, group, site string, epoch uint64) {
+	hctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(hctx, "sh", "-c", hook)
+	cmd.Env = append(os.Environ(), "HAVEN_GROUP="+group, "HAVEN_SITE="+site, "HAVEN_EPOCH="+strconv.FormatUint(epoch, 10))
+	out, err := cmd.CombinedOutput()
+	ev := log.Info()
+	if err != nil {
+		ev = log.Error().Err(err)
+	}
+	ev.Str("hook", hook).Str("output", strings.TrimSpace(string(out))).Msg("promotion hook ran")
+}
+
+// promotedIdle keeps a promoted standby parked: it applies nothing more.
+func (s *Standby) promotedIdle(ctx context.Context) {
+	msg := fmt.Sprintf("promoted: this database is the primary of group %s at epoch %d; apply has stopped (the old primary must rejoin as a standby)",
+		s.cfg.Group, s.control.promoted.Load())
+	s.health.Set("")
+	s.log.Warn().Msg(msg)
+	<-ctx.Done()
+}
