@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -151,6 +152,11 @@ func (a *Agent) runSession(ctx context.Context) error {
 		return err
 	}
 	s.log = s.log.With().Uint64("system_id", s.info.systemID).Logger()
+	if a.cfg.Synchronous {
+		if err := s.ensureSynchronous(ctx); err != nil {
+			return err
+		}
+	}
 
 	nc, err := nats.Connect(a.cfg.NATSURL, nats.Name("haven-agent-"+a.cfg.Group), nats.MaxReconnects(-1),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
@@ -271,6 +277,34 @@ func (a *Agent) runSession(ctx context.Context) error {
 	return nil
 }
 
+// ensureSynchronous makes the primary wait for the agent at each commit:
+// it names the agent's replication connection in synchronous_standby_names
+// when that is empty, and refuses to go on when it names others only.
+func (s *session) ensureSynchronous(ctx context.Context) error {
+	name := SlotName(s.cfg.Group)
+	var names, commit string
+	if err := s.ctrl.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')`).Scan(&names, &commit); err != nil {
+		return fmt.Errorf("read synchronous_standby_names: %w", err)
+	}
+	switch {
+	case names == "":
+		if _, err := s.ctrl.Exec(ctx, `ALTER SYSTEM SET synchronous_standby_names = '"`+name+`"'`); err != nil {
+			return needsOperator("--synchronous: set synchronous_standby_names = '%s' on the primary (the agent could not: %v)", name, err)
+		}
+		if _, err := s.ctrl.Exec(ctx, `SELECT pg_reload_conf()`); err != nil {
+			return fmt.Errorf("reload the configuration: %w", err)
+		}
+		s.log.Warn().Str("synchronous_standby_names", name).Msg("synchronous mode: commits on the primary now wait until JetStream has them; " +
+			"while the agent is down they wait (the lease and failover handle a lost agent)")
+	case !strings.Contains(names, name):
+		return needsOperator("--synchronous: synchronous_standby_names is %q and does not name the agent; add %s to it (e.g. 'FIRST 1 (%s, …)'), or run without --synchronous", names, name, name)
+	}
+	if commit == "off" || commit == "local" {
+		s.log.Warn().Str("synchronous_commit", commit).Msg("synchronous mode is on but synchronous_commit is " + commit + ": commits do not wait for the agent")
+	}
+	return nil
+}
+
 // warnDurability says plainly when a JetStream acknowledgement does not mean
 // the change is on disk.
 func (s *session) warnDurability(ctx context.Context) {
@@ -295,6 +329,9 @@ func (s *session) connectSource(ctx context.Context) (*pgx.Conn, error) {
 	}
 	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
 	config.RuntimeParams["search_path"] = wire.TypeNameSearchPath
+	// The agent's own commits never wait for a synchronous standby: in
+	// synchronous mode that standby is the agent itself.
+	config.RuntimeParams["synchronous_commit"] = "local"
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return nil, fmt.Errorf("connect to source database: %w", err)

@@ -488,18 +488,25 @@ func (s *session) backfillTarget(ctx context.Context, conn *pgx.Conn, oid uint32
 	return &tables[0], nil
 }
 
-// waitForCommitting waits until no transaction that has committed is still
-// invisible to new snapshots (one whose commit record is written but which
-// has not finished, such as one waiting for a synchronous standby): from
-// then on, every transaction decoded so far is visible to every snapshot.
+// waitForCommitting waits until every transaction that has committed but
+// is still invisible to new snapshots (its commit record is written but it
+// has not finished, such as one waiting for a synchronous standby) has
+// become visible: from then on, every transaction decoded so far is visible
+// to every snapshot. Transactions that commit meanwhile do not count: they
+// are decoded later, and remembered.
 func waitForCommitting(ctx context.Context, conn *pgx.Conn) error {
-	for {
-		var committing int
-		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'`).
-			Scan(&committing); err != nil {
+	var committing []string
+	if err := conn.QueryRow(ctx, `SELECT coalesce(array_agg(x::text), '{}') FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE pg_xact_status(x) = 'committed'`).
+		Scan(&committing); err != nil {
+		return fmt.Errorf("look for committing transactions: %w", err)
+	}
+	for len(committing) > 0 {
+		var still int
+		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot()) x WHERE x::text = ANY($1)`, committing).
+			Scan(&still); err != nil {
 			return fmt.Errorf("look for committing transactions: %w", err)
 		}
-		if committing == 0 {
+		if still == 0 {
 			return nil
 		}
 		select {
@@ -508,6 +515,7 @@ func waitForCommitting(ctx context.Context, conn *pgx.Conn) error {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+	return nil
 }
 
 // readChunk reads the next rows of t in key order after after (or the rows

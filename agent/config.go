@@ -41,6 +41,10 @@ type Config struct {
 	// ProbeURL is the URL the controllers probe the primary with (default
 	// SourceURL).
 	ProbeURL string
+	// Synchronous names the agent's replication connection in the
+	// primary's synchronous_standby_names: a commit returns to its client
+	// only once JetStream has it (RPO 0), at the cost of that round trip.
+	Synchronous bool
 	// StreamReplicas is the JetStream replica count for a stream the agent
 	// creates (1 or 3 or 5).
 	StreamReplicas int

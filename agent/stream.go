@@ -72,6 +72,7 @@ type streamer struct {
 	inflight     []pending
 	receivedLSN  pglogrepl.LSN
 	confirmedLSN pglogrepl.LSN
+	reportedLSN  pglogrepl.LSN // last confirmed position sent to the walsender
 	nextStatus   time.Time
 	tail         streamTail
 	// Tables being backfilled, and the transactions that changed them that
@@ -157,12 +158,18 @@ func (st *streamer) loop(ctx context.Context) error {
 		if err := st.collectAcks(ctx, false); err != nil {
 			return err
 		}
-		if !time.Now().Before(st.nextStatus) {
+		// In synchronous mode the primary's commits wait for the confirmed
+		// position: report it as soon as it moves.
+		if !time.Now().Before(st.nextStatus) || (st.cfg.Synchronous && st.confirmedLSN > st.reportedLSN) {
 			if err := st.sendStatus(ctx, false); err != nil {
 				return err
 			}
 		}
-		recvCtx, cancel := context.WithDeadline(ctx, st.nextStatus)
+		deadline := st.nextStatus
+		if soon := time.Now().Add(2 * time.Millisecond); st.cfg.Synchronous && len(st.inflight) > 0 && soon.Before(deadline) {
+			deadline = soon
+		}
+		recvCtx, cancel := context.WithDeadline(ctx, deadline)
 		msg, err := st.repl.ReceiveMessage(recvCtx)
 		cancel()
 		if err != nil {
@@ -617,6 +624,7 @@ func (st *streamer) sendStatus(ctx context.Context, reply bool) error {
 	if err != nil {
 		return fmt.Errorf("send standby status: %w", err)
 	}
+	st.reportedLSN = st.confirmedLSN
 	st.nextStatus = time.Now().Add(st.cfg.StatusInterval)
 	return nil
 }

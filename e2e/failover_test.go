@@ -7,7 +7,9 @@ import (
 	"math/rand/v2"
 	"net"
 	"os/exec"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -82,6 +84,111 @@ func (q *quorum) status(t *testing.T) (ctlStatus, error) {
 	return st, nil
 }
 
+// failoverSite is a site with three controllers, the agent at site a and
+// the standby at site b, caught up, and clients writing through a
+// multi-host connection string that records every acknowledged write.
+type failoverSite struct {
+	*site
+	q         *quorum
+	primary   *pgx.Conn
+	dr        *pgx.Conn
+	multiHost string
+	acked     *ackedWrites
+	load      []*workload
+}
+
+// ackedWrites are ids whose INSERT the client saw committed.
+type ackedWrites struct {
+	next atomic.Int64
+	mu   sync.Mutex
+	ids  []int64
+}
+
+func startFailoverSite(t *testing.T, agentArgs ...string) *failoverSite {
+	f := &failoverSite{site: newSite(t), acked: &ackedWrites{}}
+	s := f.site
+	f.primary = connect(t, s.primaryURL())
+	seedCRM(t, f.primary, 50)
+	mustExec(t, f.primary, `CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())`)
+	f.q = startQuorum(t, 3)
+	controllers := strings.Join(f.q.apis, ",")
+	startHaven(t, "agent", s.agentArgs(append([]string{"--controllers", controllers, "--site", "a"}, agentArgs...)...)...)
+	startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b",
+		"--promote-hook", "echo promoted $HAVEN_GROUP at epoch $HAVEN_EPOCH")...)
+	f.dr = connect(t, s.drURL())
+	waitCaughtUp(t, f.primary, f.dr, 1, 60*time.Second)
+	waitFor(t, 30*time.Second, "the quorum to know both sites", func() (bool, error) {
+		st, err := f.q.status(t)
+		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].LeaseMs != "", nil
+	})
+	// Clients use both hosts; only a read-write one takes their writes.
+	f.multiHost = fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/%s?target_session_attrs=read-write&connect_timeout=1",
+		s.primary.Port(), s.dr.Port(), s.db)
+	return f
+}
+
+// startWriting starts the CRM workload and two clients inserting into
+// acked through the multi-host connection string.
+func (f *failoverSite) startWriting(t *testing.T) {
+	f.load = append(f.load, startWorkload(t, f.primaryURL(), 2, 50))
+	f.load = append(f.load, startLoad(t, f.multiHost, 2, func(ctx context.Context, conn *pgx.Conn, _ *rand.Rand) error {
+		id := f.acked.next.Add(1)
+		if _, err := conn.Exec(ctx, `INSERT INTO acked (id) VALUES ($1)`, id); err != nil {
+			return err
+		}
+		f.acked.mu.Lock()
+		f.acked.ids = append(f.acked.ids, id)
+		f.acked.mu.Unlock()
+		return nil
+	}))
+	waitFor(t, 30*time.Second, "writes through the multi-host connection", func() (bool, error) { return f.acked.next.Load() > 200, nil })
+}
+
+// killPrimary SIGKILLs the primary's postmaster and returns the time until
+// the first write is accepted through the multi-host connection string,
+// and the writes acknowledged before the kill.
+func (f *failoverSite) killPrimary(t *testing.T) (time.Duration, []int64) {
+	killed := time.Now()
+	if err := f.site.primary.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range f.load {
+		w.abandon()
+	}
+	f.acked.mu.Lock()
+	acked := slices.Clone(f.acked.ids)
+	f.acked.mu.Unlock()
+	var rto time.Duration
+	waitFor(t, 30*time.Second, "a write accepted through the multi-host connection string", func() (bool, error) {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, f.multiHost)
+		if err != nil {
+			return false, nil
+		}
+		defer conn.Close(context.Background())
+		if _, err := conn.Exec(ctx, `INSERT INTO acked (id) VALUES (-1)`); err != nil {
+			return false, nil
+		}
+		rto = time.Since(killed)
+		return true, nil
+	})
+	t.Logf("RTO: %s from SIGKILL of the primary to the first write accepted on the promoted DR database", rto.Round(time.Millisecond))
+	if rto > 10*time.Second {
+		t.Errorf("RTO %s, want within 10 s with the defaults", rto)
+	}
+	return rto, acked
+}
+
+// missing counts the acknowledged writes the promoted database lacks.
+func (f *failoverSite) missing(t *testing.T, acked []int64) int {
+	var present int
+	if err := f.dr.QueryRow(t.Context(), `SELECT count(*) FROM acked WHERE id = ANY($1)`, acked).Scan(&present); err != nil {
+		t.Fatal(err)
+	}
+	return len(acked) - present
+}
+
 // TestFailoverAfterThePrimaryIsKilled: three controllers, an agent at site
 // a and a standby at site b. The primary's postmaster is SIGKILLed under a
 // workload; the quorum promotes DR, and a client on a multi-host
@@ -90,21 +197,8 @@ func (q *quorum) status(t *testing.T) (ctlStatus, error) {
 // fenced and takes no write, even from a session that turns
 // default_transaction_read_only off.
 func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
-	s := newSite(t)
-	primary := connect(t, s.primaryURL())
-	seedCRM(t, primary, 50)
-	mustExec(t, primary, `CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())`)
-	q := startQuorum(t, 3)
-	controllers := strings.Join(q.apis, ",")
-	startHaven(t, "agent", s.agentArgs("--controllers", controllers, "--site", "a")...)
-	startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b",
-		"--promote-hook", "echo promoted $HAVEN_GROUP at epoch $HAVEN_EPOCH")...)
-	dr := connect(t, s.drURL())
-	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
-	waitFor(t, 30*time.Second, "the quorum to know both sites", func() (bool, error) {
-		st, err := q.status(t)
-		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].LeaseMs != "", nil
-	})
+	f := startFailoverSite(t)
+	s, q, dr := f.site, f.q, f.dr
 
 	// Bad operator input changes nothing.
 	for _, c := range []struct {
@@ -124,43 +218,9 @@ func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
 		t.Fatalf("after refused commands: %+v, %v", st, err)
 	}
 
-	// Clients use both hosts; only a read-write one takes their writes.
-	multiHost := fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/%s?target_session_attrs=read-write&connect_timeout=1",
-		s.primary.Port(), s.dr.Port(), s.db)
-	w := startWorkload(t, s.primaryURL(), 2, 50)
-	var next atomic.Int64
-	writer := startLoad(t, multiHost, 1, func(ctx context.Context, conn *pgx.Conn, _ *rand.Rand) error {
-		_, err := conn.Exec(ctx, `INSERT INTO acked (id) VALUES ($1)`, next.Add(1))
-		return err
-	})
-	waitFor(t, 30*time.Second, "writes through the multi-host connection", func() (bool, error) { return next.Load() > 100, nil })
-
-	killed := time.Now()
-	if err := s.primary.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	w.abandon()
-	writer.abandon()
-	// The first write acknowledged by the new primary ends the outage.
-	var rto time.Duration
-	waitFor(t, 30*time.Second, "a write accepted through the multi-host connection string", func() (bool, error) {
-		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, multiHost)
-		if err != nil {
-			return false, nil
-		}
-		defer conn.Close(context.Background())
-		if _, err := conn.Exec(ctx, `INSERT INTO acked (id) VALUES (-1)`); err != nil {
-			return false, nil
-		}
-		rto = time.Since(killed)
-		return true, nil
-	})
-	t.Logf("RTO: %s from SIGKILL of the primary to the first write accepted on the promoted DR database", rto.Round(time.Millisecond))
-	if rto > 10*time.Second {
-		t.Errorf("RTO %s, want within 10 s with the defaults", rto)
-	}
+	f.startWriting(t)
+	_, acked := f.killPrimary(t)
+	t.Logf("asynchronous mode: %d of %d acknowledged writes did not reach DR before the kill", f.missing(t, acked), len(acked))
 	st, err := q.status(t)
 	if err != nil {
 		t.Fatal(err)
@@ -189,12 +249,16 @@ func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
 	if err := maint.QueryRow(t.Context(), `SHOW default_transaction_read_only`).Scan(&readOnly); err != nil || readOnly != "on" {
 		t.Errorf("the fenced old primary has default_transaction_read_only = %q (%v), want on", readOnly, err)
 	}
+	waitFor(t, 30*time.Second, "the promotion to be reported", func() (bool, error) {
+		st, err := q.status(t)
+		return err == nil && st.Groups[0].State == "ACTIVE", err
+	})
 	if out, err := q.ctl(t, "failover", "--group", "crm"); err == nil || !strings.Contains(out, "refusing to fail over a healthy primary") {
 		t.Errorf("a second failover was not refused: %v, %s", err, out)
 	}
 
 	// Writes now go to the new primary only.
-	after := connect(t, multiHost)
+	after := connect(t, f.multiHost)
 	mustExec(t, after, `INSERT INTO acked (id) VALUES (-2)`)
 	var onDR int
 	if err := dr.QueryRow(t.Context(), `SELECT count(*) FROM acked WHERE id IN (-1, -2)`).Scan(&onDR); err != nil || onDR != 2 {
@@ -209,4 +273,23 @@ func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
 		out, err := lone.ctl(t, "pause", "--group", "crm")
 		return err != nil && strings.Contains(out, "no majority"), nil
 	})
+}
+
+// TestSynchronousFailoverLosesNoAcknowledgedWrite: with --synchronous, a
+// commit returns only once JetStream has it, so every write a client saw
+// committed before the primary was killed is on the promoted database.
+func TestSynchronousFailoverLosesNoAcknowledgedWrite(t *testing.T) {
+	f := startFailoverSite(t, "--synchronous")
+	waitFor(t, 30*time.Second, "the agent to be the primary's synchronous standby", func() (bool, error) {
+		var state string
+		err := f.primary.QueryRow(t.Context(), `SELECT coalesce(max(sync_state), '') FROM pg_stat_replication WHERE application_name = 'haven_crm'`).Scan(&state)
+		return state == "sync", err
+	})
+	f.startWriting(t)
+	_, acked := f.killPrimary(t)
+	if n := f.missing(t, acked); n != 0 {
+		t.Errorf("synchronous mode: %d of %d acknowledged writes are missing on the promoted database", n, len(acked))
+	} else {
+		t.Logf("synchronous mode: all %d acknowledged writes are on the promoted database", len(acked))
+	}
 }

@@ -57,6 +57,8 @@ func maintenanceConn(ctx context.Context, sourceURL string) (*pgx.Conn, string, 
 	db := cfg.Database
 	cfg.Database = "postgres"
 	cfg.RuntimeParams["default_transaction_read_only"] = "off"
+	// A fenced primary in synchronous mode has no synchronous standby.
+	cfg.RuntimeParams["synchronous_commit"] = "local"
 	cfg.RuntimeParams["application_name"] = "haven_fence"
 	cfg.ConnectTimeout = 5 * time.Second
 	conn, err := pgx.ConnectConfig(ctx, cfg)
