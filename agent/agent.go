@@ -332,6 +332,9 @@ func (s *session) connectSource(ctx context.Context) (*pgx.Conn, error) {
 	// The agent's own commits never wait for a synchronous standby: in
 	// synchronous mode that standby is the agent itself.
 	config.RuntimeParams["synchronous_commit"] = "local"
+	// A rejoining primary is read-only by default; the agent still drops
+	// its slot there, and a primary's agent must never be read-only.
+	config.RuntimeParams["default_transaction_read_only"] = "off"
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return nil, fmt.Errorf("connect to source database: %w", err)

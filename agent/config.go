@@ -41,6 +41,9 @@ type Config struct {
 	// ProbeURL is the URL the controllers probe the primary with (default
 	// SourceURL).
 	ProbeURL string
+	// ReportDir is where a deposed primary's agent writes the report of
+	// transactions the new primary lacks, when it rejoins.
+	ReportDir string
 	// Synchronous names the agent's replication connection in the
 	// primary's synchronous_standby_names: a commit returns to its client
 	// only once JetStream has it (RPO 0), at the cost of that round trip.
@@ -98,6 +101,7 @@ func DefaultConfig() Config {
 		MaxInFlight:        256,
 		PublishTimeout:     30 * time.Second,
 		BackfillChunkRows:  1000,
+		ReportDir:          ".",
 		RetainedWALWarning: 8 << 30,
 	}
 }

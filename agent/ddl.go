@@ -35,6 +35,13 @@ CREATE TABLE IF NOT EXISTS haven.ddl_log (
 );
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL DEFAULT 0;
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFAULT '{}';
+-- A DR database promoted to primary has the table as its standby made it,
+-- without defaults: its ids continue after the replicated ones.
+CREATE SEQUENCE IF NOT EXISTS haven.ddl_log_id_seq OWNED BY haven.ddl_log.id;
+SELECT pg_catalog.setval('haven.ddl_log_id_seq', GREATEST(pg_catalog.nextval('haven.ddl_log_id_seq'),
+	(SELECT COALESCE(max(id), 0) + 1 FROM haven.ddl_log)), false);
+ALTER TABLE haven.ddl_log ALTER COLUMN id SET DEFAULT pg_catalog.nextval('haven.ddl_log_id_seq'),
+	ALTER COLUMN txid SET DEFAULT pg_catalog.txid_current(), ALTER COLUMN at SET DEFAULT pg_catalog.clock_timestamp();
 CREATE INDEX IF NOT EXISTS ddl_log_txid ON haven.ddl_log (txid);
 COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on this database, replicated and replayed on the DR site in stream order, as the role that ran it';
 REVOKE ALL ON haven.ddl_log FROM PUBLIC;

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/internal/fence"
@@ -45,6 +47,8 @@ type leaseKeeper struct {
 	primary    string
 	deposed    bool // another site is primary: capture stops
 	fenced     bool
+	reported   string        // the lost-transaction report written for a rejoin
+	standbyDB  bool          // a standby applies to the database: it is a DR copy
 	changed    chan struct{} // closed and replaced when deposed or epoch change
 }
 
@@ -67,7 +71,7 @@ func (k *leaseKeeper) state() (epoch uint64, deposed bool, changed <-chan struct
 func (k *leaseKeeper) checkIn(ctx context.Context) (*havenpb.CheckInResponse, error) {
 	k.mu.Lock()
 	req := &havenpb.CheckInRequest{Group: k.cfg.Group, Site: k.cfg.Site, Component: havenpb.Component_COMPONENT_AGENT,
-		Epoch: k.epoch, DatabaseUrl: k.cfg.ProbeURL}
+		Epoch: k.epoch, DatabaseUrl: k.cfg.ProbeURL, Reported: k.reported != "", Report: k.reported, StandbyDatabase: k.standbyDB}
 	k.mu.Unlock()
 	if req.DatabaseUrl == "" {
 		req.DatabaseUrl = k.cfg.SourceURL
@@ -118,6 +122,8 @@ func (k *leaseKeeper) run(ctx context.Context) {
 			}
 		case resp.Fence:
 			k.depose(ctx, resp)
+		case resp.Report:
+			k.rejoin(ctx, pglogrepl.LSN(resp.PromotedLsn))
 		case resp.LeaseGranted:
 			if !failing.IsZero() {
 				k.log.Info().Dur("after", time.Since(failing)).Msg("check-in succeeds again")
@@ -129,7 +135,9 @@ func (k *leaseKeeper) run(ctx context.Context) {
 			k.grant(ctx, resp, sent.Add(ttl))
 		}
 		k.mu.Lock()
-		expired := !k.validUntil.IsZero() && time.Now().After(k.validUntil) && !k.fenced
+		// A deposed site's fence is the quorum's business (it is lifted
+		// for a rejoin).
+		expired := !k.validUntil.IsZero() && time.Now().After(k.validUntil) && !k.fenced && !k.deposed
 		k.mu.Unlock()
 		if expired {
 			if !lostSaid {
@@ -149,6 +157,11 @@ func (k *leaseKeeper) run(ctx context.Context) {
 func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, until time.Time) {
 	k.mu.Lock()
 	k.validUntil = until
+	if k.deposed {
+		// Rejoined as a standby, and primary again since.
+		k.deposed, k.reported = false, ""
+		k.changeLocked()
+	}
 	epochChanged := resp.Epoch != k.epoch
 	k.epoch, k.primary = resp.Epoch, resp.PrimarySite
 	fenced := k.fenced
@@ -191,6 +204,57 @@ func (k *leaseKeeper) depose(ctx context.Context, resp *havenpb.CheckInResponse)
 	if !fenced {
 		k.fence(ctx, fmt.Sprintf("site %s is primary at epoch %d", resp.PrimarySite, resp.Epoch))
 	}
+}
+
+// rejoin prepares the deposed primary to become a standby: it lets
+// connections in (read-only by default), writes the report of what it
+// committed that DR never applied, and drops its slot and publication.
+func (k *leaseKeeper) rejoin(ctx context.Context, promotedLSN pglogrepl.LSN) {
+	k.mu.Lock()
+	done := k.reported != ""
+	if !k.deposed {
+		k.deposed = true
+		k.changeLocked()
+	}
+	k.mu.Unlock()
+	if done {
+		return
+	}
+	if err := fence.Reopen(ctx, k.cfg.SourceURL); err != nil {
+		k.log.Error().Err(err).Msg("rejoin: could not reopen the deposed database; retrying at the next check-in")
+		return
+	}
+	path, n, err := lostReport(ctx, k.cfg, promotedLSN, k.cfg.ReportDir)
+	if err != nil {
+		k.log.Error().Err(err).Msg("rejoin: could not write the lost-transaction report; retrying at the next check-in (the slot is kept until it is written)")
+		return
+	}
+	ev := k.log.Info()
+	if n > 0 {
+		ev = k.log.Error()
+	}
+	ev.Str("report", path).Int("transactions", n).Stringer("promoted_lsn", promotedLSN).
+		Msg("rejoin: transactions this database committed that the new primary lacks are in the report; reconcile them by hand")
+	sess := &session{cfg: k.cfg}
+	conn, err := sess.connectSource(ctx)
+	if err != nil {
+		k.log.Error().Err(err).Msg("rejoin: could not connect to drop the slot; retrying at the next check-in")
+		return
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`,
+		SlotName(k.cfg.Group)); err != nil {
+		k.log.Error().Err(err).Msg("rejoin: could not drop the slot; retrying at the next check-in")
+		return
+	}
+	if _, err := conn.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgx.Identifier{PublicationName(k.cfg.Group)}.Sanitize()); err != nil {
+		k.log.Error().Err(err).Msg("rejoin: could not drop the publication; retrying at the next check-in")
+		return
+	}
+	k.mu.Lock()
+	k.reported = path
+	k.fenced = false
+	k.mu.Unlock()
 }
 
 func (k *leaseKeeper) fence(ctx context.Context, why string) {
@@ -243,8 +307,21 @@ func (k *leaseKeeper) loadFenced(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	standbyDB := false
+	if !fenced {
+		conn, err := (&session{cfg: k.cfg}).connectSource(ctx)
+		if err != nil {
+			return err
+		}
+		defer conn.Close(context.Background())
+		if err := conn.QueryRow(ctx, `SELECT to_regclass('haven.apply_position') IS NOT NULL AND
+			EXISTS (SELECT 1 FROM haven.apply_position WHERE group_name = $1)`, k.cfg.Group).Scan(&standbyDB); err != nil {
+			// The table is missing: the query fails only then.
+			standbyDB = false
+		}
+	}
 	k.mu.Lock()
-	k.fenced = fenced
+	k.fenced, k.standbyDB = fenced, standbyDB
 	k.mu.Unlock()
 	return nil
 }

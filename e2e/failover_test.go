@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"net"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -69,6 +71,9 @@ type ctlStatus struct {
 		State       string  `json:"state"`
 		LagSeconds  float64 `json:"lagSeconds"`
 		LeaseMs     string  `json:"leaseExpiresUnixMs"`
+		// Former primaries not rejoined yet, and a rejoin under way.
+		DeposedSites []string `json:"deposedSites"`
+		Rejoin       string   `json:"rejoin"`
 	} `json:"groups"`
 }
 
@@ -292,4 +297,80 @@ func TestSynchronousFailoverLosesNoAcknowledgedWrite(t *testing.T) {
 	} else {
 		t.Logf("synchronous mode: all %d acknowledged writes are on the promoted database", len(acked))
 	}
+}
+
+// TestRejoinAfterFailover: both sites run an agent and a standby. The
+// primary's agent is killed, rows are committed that never reach the
+// stream, and the primary is killed too. DR is promoted and its agent starts
+// capturing; haven ctl rejoin makes the old primary's agent write those
+// rows to its report and drop its slot, and the old primary's standby
+// replaces its database with the new primary's snapshot and follows it.
+func TestRejoinAfterFailover(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	seedCRM(t, primary, 30)
+	mustExec(t, primary, `CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())`)
+	q := startQuorum(t, 3)
+	controllers := strings.Join(q.apis, ",")
+	reports := t.TempDir()
+	agentArgs := s.agentArgs("--controllers", controllers, "--site", "a", "--report-dir", reports)
+	agentA := startHaven(t, "agent-a", agentArgs...)
+	startHaven(t, "standby-b", s.standbyArgs("--controllers", controllers, "--site", "b")...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	// Each site also runs the other role, idle until the roles swap.
+	startHaven(t, "agent-b", "agent", "--source-url", s.drURL(), "--nats-url", s.nats.URL(), "--group", s.group,
+		"--heartbeat-interval", "500ms", "--controllers", controllers, "--site", "b")
+	startHaven(t, "standby-a", "standby", "--target-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group,
+		"--blocked-retry", "1s", "--controllers", controllers, "--site", "a")
+	mustExec(t, primary, `INSERT INTO acked (id) SELECT g FROM generate_series(1, 100) g`)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+
+	// Committed on the primary, never captured: the agent is down.
+	agentA.kill()
+	mustExec(t, primary, `INSERT INTO acked (id) SELECT g FROM generate_series(1001, 1005) g`)
+	if err := s.primary.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	startHaven(t, "agent-a-again", agentArgs...)
+	waitFor(t, 60*time.Second, "site b to be promoted", func() (bool, error) {
+		st, err := q.status(t)
+		return err == nil && st.Groups[0].PrimarySite == "b" && st.Groups[0].State == "ACTIVE", err
+	})
+	if err := s.primary.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	newPrimary := connect(t, s.drWriteURL())
+	mustExec(t, newPrimary, `INSERT INTO acked (id) SELECT g FROM generate_series(2001, 2050) g`)
+	if out, err := q.ctl(t, "rejoin", "--group", "crm"); err != nil {
+		t.Fatalf("haven ctl rejoin: %v: %s", err, out)
+	}
+	waitFor(t, 90*time.Second, "site a to rejoin as the standby", func() (bool, error) {
+		st, err := q.status(t)
+		return err == nil && len(st.Groups[0].DeposedSites) == 0 && st.Groups[0].Rejoin == "", err
+	})
+	old := connect(t, s.primary.URL(s.db))
+	waitCaughtUp(t, newPrimary, old, 3, 60*time.Second)
+	mustExec(t, newPrimary, `UPDATE contacts SET phone = 'after rejoin', n = n + 1 WHERE id % 2 = 0`)
+	waitCaughtUp(t, newPrimary, old, 4, 60*time.Second)
+	assertEqual(t, newPrimary, old, map[string]string{"acked": "id", "contacts": "id", "accounts": "id", "deals": "id"})
+	var lost int
+	if err := old.QueryRow(t.Context(), `SELECT count(*) FROM acked WHERE id BETWEEN 1001 AND 1005`).Scan(&lost); err != nil || lost != 0 {
+		t.Errorf("the rejoined database kept %d rows the new primary never had (%v)", lost, err)
+	}
+
+	files, err := filepath.Glob(filepath.Join(reports, "haven-lost-crm-*.sql"))
+	if err != nil || len(files) != 1 {
+		t.Fatalf("lost-transaction reports: %v, %v; want one", files, err)
+	}
+	report, err := os.ReadFile(files[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for id := 1001; id <= 1005; id++ {
+		if !strings.Contains(string(report), fmt.Sprintf("INSERT INTO \"public\".\"acked\" (\"id\", \"at\") VALUES ('%d'::bigint", id)) {
+			t.Errorf("the report lacks the uncaptured row %d:\n%s", id, report)
+		}
+	}
+	t.Logf("report %s:\n%s", files[0], report)
 }

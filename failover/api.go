@@ -41,6 +41,13 @@ func (a *api) Status(ctx context.Context, _ *connect.Request[havenpb.StatusReque
 		gs := &havenpb.GroupStatus{Name: g.Name, PrimarySite: g.PrimarySite, DrSite: g.DRSite, Epoch: g.Epoch, Paused: g.Paused, State: g.State,
 			LagSeconds: g.LagSeconds, StandbySeenUnixMs: g.StandbySeenMs, AgentSeenUnixMs: g.AgentSeenMs, LeaseExpiresUnixMs: g.LeaseExpiresMs,
 			Alert: g.Alert, FailoverAfterMs: p.FailoverAfter.Milliseconds(), MaxRpoSeconds: p.MaxRPO.Seconds()}
+		for site := range g.Deposed {
+			gs.DeposedSites = append(gs.DeposedSites, site)
+		}
+		sort.Strings(gs.DeposedSites)
+		if g.RejoinSite != "" {
+			gs.Rejoin = g.RejoinSite + ": " + g.RejoinPhase
+		}
 		nodes := make([]string, 0, len(g.Observations))
 		for n := range g.Observations {
 			nodes = append(nodes, n)
@@ -135,6 +142,7 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 func (a *api) leader() (interface {
 	Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error)
 	Pause(context.Context, *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error)
+	Rejoin(context.Context, *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error)
 	Resume(context.Context, *connect.Request[havenpb.ResumeRequest]) (*connect.Response[havenpb.ResumeResponse], error)
 	CheckIn(context.Context, *connect.Request[havenpb.CheckInRequest]) (*connect.Response[havenpb.CheckInResponse], error)
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
@@ -161,6 +169,28 @@ func (a *api) pauseResume(ctx context.Context, kind, group, actor string) error 
 		return connect.NewError(connect.CodeAborted, err)
 	}
 	return nil
+}
+
+func (a *api) Rejoin(ctx context.Context, req *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.Rejoin(ctx, req)
+	}
+	g, err := a.group(req.Msg.Group)
+	if err != nil {
+		return nil, err
+	}
+	actor := req.Msg.Actor
+	if actor == "" {
+		actor = "operator"
+	}
+	if _, err := a.c.propose(command{Kind: cmdRejoin, AtMs: time.Now().UnixMilli(), Group: g.Name, Actor: actor}); err != nil {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, err)
+	}
+	return connect.NewResponse(&havenpb.RejoinResponse{Site: g.DRSite}), nil
 }
 
 func (a *api) Pause(ctx context.Context, req *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error) {
@@ -205,7 +235,8 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	}
 	agent := r.Component == havenpb.Component_COMPONENT_AGENT
 	res, err := a.c.propose(command{Kind: cmdCheckIn, AtMs: time.Now().UnixMilli(), Group: r.Group, Site: r.Site, Agent: agent,
-		Epoch: r.Epoch, URL: r.DatabaseUrl, LagSeconds: r.LagSeconds, Promoted: r.PromotedEpoch,
+		Epoch: r.Epoch, URL: r.DatabaseUrl, LagSeconds: r.LagSeconds, Promoted: r.PromotedEpoch, AppliedLSN: r.AppliedLsn,
+		Reported: r.Reported, Reseeded: r.Reseeded, Report: r.Report, StandbyDB: r.StandbyDatabase,
 		GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
 	if err != nil {
 		var ce *connect.Error
@@ -216,7 +247,8 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	}
 	out := res.(checkInResult)
 	return connect.NewResponse(&havenpb.CheckInResponse{Epoch: out.Epoch, PrimarySite: out.PrimarySite, LeaseGranted: out.Lease,
-		LeaseTtlMs: a.c.cfg.LeaseTTL.Milliseconds(), Fence: out.Fence, Promote: out.Promote}), nil
+		LeaseTtlMs: a.c.cfg.LeaseTTL.Milliseconds(), Fence: out.Fence, Promote: out.Promote, Apply: out.Apply, Reseed: out.Reseed,
+		Report: out.Report, PromotedLsn: out.PromotedLSN}), nil
 }
 
 func (a *api) observe(ctx context.Context, r *havenpb.ObserveRequest) (*havenpb.ObserveResponse, error) {

@@ -39,6 +39,16 @@ type Group struct {
 	AgentSeenMs    int64   `json:"agent_seen_ms,omitempty"`
 	StandbySeenMs  int64   `json:"standby_seen_ms,omitempty"`
 	LagSeconds     float64 `json:"lag_seconds,omitempty"`
+	// Deposed sites: former primaries, by the epoch that deposed them,
+	// until they rejoin. Their agent is told to fence, their standby not
+	// to apply.
+	Deposed map[string]uint64 `json:"deposed,omitempty"`
+	// A rejoin under way: the site, and its phase (report, then reseed).
+	RejoinSite  string `json:"rejoin_site,omitempty"`
+	RejoinPhase string `json:"rejoin_phase,omitempty"`
+	// PromotedLSN is the last source commit the promoted standby applied:
+	// what the old primary committed after it never reached DR.
+	PromotedLSN uint64 `json:"promoted_lsn,omitempty"`
 	// Observations of the primary by controller node.
 	Observations map[string]Observation `json:"observations,omitempty"`
 	Alert        string                 `json:"alert,omitempty"`
@@ -91,6 +101,7 @@ func (s *State) clone() *State {
 		cg.AgentURLs = maps.Clone(g.AgentURLs)
 		cg.StandbyURLs = maps.Clone(g.StandbyURLs)
 		cg.Observations = maps.Clone(g.Observations)
+		cg.Deposed = maps.Clone(g.Deposed)
 		c.Groups[name] = &cg
 	}
 	return c
@@ -120,6 +131,13 @@ const (
 	cmdResume   = "resume"
 	cmdNode     = "node"
 	cmdAlert    = "alert"
+	cmdRejoin   = "rejoin"
+)
+
+// Rejoin phases.
+const (
+	phaseReport = "report" // the deposed agent writes its report and drops its slot
+	phaseReseed = "reseed" // the site's standby loads the new primary's snapshot
 )
 
 // command is one change to the state, as the leader proposes it; it carries
@@ -131,19 +149,24 @@ type command struct {
 	Actor string `json:"actor,omitempty"`
 
 	// checkin
-	Site        string       `json:"site,omitempty"`
-	Agent       bool         `json:"agent,omitempty"`
-	Epoch       uint64       `json:"epoch,omitempty"`
-	URL         string       `json:"url,omitempty"`
-	LagSeconds  float64      `json:"lag_seconds,omitempty"`
-	Promoted    uint64       `json:"promoted,omitempty"`
-	LeaseTTLMs  int64        `json:"lease_ttl_ms,omitempty"`
-	SentAtMs    int64        `json:"sent_at_ms,omitempty"`
-	GrantLease  bool         `json:"grant_lease,omitempty"`
+	Site       string  `json:"site,omitempty"`
+	Agent      bool    `json:"agent,omitempty"`
+	Epoch      uint64  `json:"epoch,omitempty"`
+	URL        string  `json:"url,omitempty"`
+	LagSeconds float64 `json:"lag_seconds,omitempty"`
+	Promoted   uint64  `json:"promoted,omitempty"`
+	AppliedLSN uint64  `json:"applied_lsn,omitempty"`
+	LeaseTTLMs int64   `json:"lease_ttl_ms,omitempty"`
+	GrantLease bool    `json:"grant_lease,omitempty"`
+	Reported   bool    `json:"reported,omitempty"`
+	Report     string  `json:"report,omitempty"`
+	Reseeded   bool    `json:"reseeded,omitempty"`
+	StandbyDB  bool    `json:"standby_db,omitempty"`
+
 	Observation *Observation `json:"observation,omitempty"`
 	Node        string       `json:"node,omitempty"`
-	Reason      string       `json:"reason,omitempty"`
 	Info        *NodeInfo    `json:"info,omitempty"`
+	Reason      string       `json:"reason,omitempty"`
 }
 
 // apply changes the state by one command and returns what the caller needs.
@@ -180,6 +203,20 @@ func (s *State) apply(c command) any {
 		g.Paused = c.Kind == cmdPause
 		s.audit(c.AtMs, c.Actor, c.Kind, c.Group, "ok")
 		return nil
+	case cmdRejoin:
+		if g == nil {
+			return fmt.Errorf("no group %q", c.Group)
+		}
+		if g.State != StateActive {
+			return fmt.Errorf("group %q is %s: wait for the promotion to finish", c.Group, g.State)
+		}
+		if _, ok := g.Deposed[g.DRSite]; !ok {
+			s.audit(c.AtMs, c.Actor, "rejoin", c.Group, "refused: nothing to rejoin")
+			return fmt.Errorf("group %q has no deposed primary to rejoin: its DR site %s is a standby already", c.Group, g.DRSite)
+		}
+		g.RejoinSite, g.RejoinPhase = g.DRSite, phaseReport
+		s.audit(c.AtMs, c.Actor, "rejoin", c.Group, "site "+g.DRSite+" rejoins as standby")
+		return nil
 	case cmdFailover:
 		if g == nil {
 			return fmt.Errorf("no group %q", c.Group)
@@ -193,8 +230,13 @@ func (s *State) apply(c command) any {
 			s.audit(c.AtMs, c.Actor, "failover", c.Group, "refused: "+g.State)
 			return fmt.Errorf("group %q cannot fail over: state %s, DR site %q", c.Group, g.State, g.DRSite)
 		}
+		if g.Deposed == nil {
+			g.Deposed = map[string]uint64{}
+		}
+		g.Deposed[g.PrimarySite] = g.Epoch + 1
 		g.PrimarySite, g.DRSite = g.DRSite, g.PrimarySite
 		g.Epoch++
+		g.RejoinSite, g.RejoinPhase = "", ""
 		g.State = StatePromoting
 		g.LeaseExpiresMs = 0
 		g.Observations = nil
@@ -212,13 +254,20 @@ type checkInResult struct {
 	Lease       bool
 	Fence       bool
 	Promote     bool
+	Apply       bool
+	Reseed      bool
+	Report      bool
+	PromotedLSN uint64
 }
 
 func (s *State) checkIn(c command) any {
 	g := s.Groups[c.Group]
 	if g == nil {
 		if !c.Agent {
-			return fmt.Errorf("group %q is unknown to the controllers: start its agent with --controllers first", c.Group)
+			return fmt.Errorf("group %q is unknown to the controllers: start its primary's agent with --controllers first", c.Group)
+		}
+		if c.StandbyDB {
+			return fmt.Errorf("group %q is unknown to the controllers, and site %s's database is a DR copy (a standby applies to it): start the primary site's agent first", c.Group, c.Site)
 		}
 		g = &Group{Name: c.Group, PrimarySite: c.Site, Epoch: c.Epoch, State: StateActive}
 		s.Groups[c.Group] = g
@@ -234,13 +283,25 @@ func (s *State) checkIn(c command) any {
 		}
 		(*urls)[c.Site] = c.URL
 	}
-	r := checkInResult{Epoch: g.Epoch, PrimarySite: g.PrimarySite}
+	r := checkInResult{Epoch: g.Epoch, PrimarySite: g.PrimarySite, PromotedLSN: g.PromotedLSN}
+	_, deposed := g.Deposed[c.Site]
+	rejoining := deposed && c.Site == g.RejoinSite
 	if c.Agent {
 		g.AgentSeenMs = c.AtMs
 		switch {
-		case c.Site != g.PrimarySite:
+		case rejoining:
+			// Its database is reopened for the report and the reload.
+			if g.RejoinPhase == phaseReport {
+				if c.Reported {
+					g.RejoinPhase = phaseReseed
+					s.audit(c.AtMs, "agent@"+c.Site, "rejoin report", c.Group, "report written: "+c.Report)
+				} else {
+					r.Report = true
+				}
+			}
+		case deposed:
 			r.Fence = true
-		case c.GrantLease && g.State == StateActive:
+		case c.Site == g.PrimarySite && c.GrantLease && g.State == StateActive:
 			// The agent counts its lease from when it sent the request, a
 			// little earlier: it runs out there first.
 			g.LeaseExpiresMs = max(g.LeaseExpiresMs, c.AtMs+c.LeaseTTLMs)
@@ -252,6 +313,7 @@ func (s *State) checkIn(c command) any {
 		// The standby of the promoted site.
 		if g.State == StatePromoting && c.Promoted >= g.Epoch {
 			g.State = StateActive
+			g.PromotedLSN = c.AppliedLSN
 			s.audit(c.AtMs, "standby@"+c.Site, "promoted", c.Group, fmt.Sprintf("site %s is primary at epoch %d", c.Site, g.Epoch))
 		}
 		r.Promote = g.State == StatePromoting
@@ -261,9 +323,23 @@ func (s *State) checkIn(c command) any {
 		g.DRSite = c.Site
 		s.audit(c.AtMs, "standby@"+c.Site, "register", c.Group, "DR site "+c.Site)
 	}
-	if c.Site == g.DRSite {
-		g.StandbySeenMs = c.AtMs
-		g.LagSeconds = c.LagSeconds
+	if c.Site != g.DRSite {
+		return r
+	}
+	g.StandbySeenMs = c.AtMs
+	g.LagSeconds = c.LagSeconds
+	switch {
+	case !deposed:
+		r.Apply = true
+	case rejoining && g.RejoinPhase == phaseReseed:
+		if c.Reseeded {
+			delete(g.Deposed, c.Site)
+			g.RejoinSite, g.RejoinPhase = "", ""
+			s.audit(c.AtMs, "standby@"+c.Site, "rejoined", c.Group, "site "+c.Site+" is the standby, loaded from the primary's snapshot")
+			r.Apply = true
+		} else {
+			r.Apply, r.Reseed = true, true
+		}
 	}
 	return r
 }
@@ -277,12 +353,12 @@ func (g *Group) PrimaryURL() string {
 	return g.StandbyURLs[g.PrimarySite]
 }
 
-// DeposedURLs are the databases of sites whose agent captured there but
-// that are not primary any more: they must stay fenced.
+// DeposedURLs are the databases of former primaries that have not started
+// to rejoin: they must stay fenced.
 func (g *Group) DeposedURLs() map[string]string {
 	out := map[string]string{}
-	for site, url := range g.AgentURLs {
-		if site != g.PrimarySite {
+	for site := range g.Deposed {
+		if url := g.AgentURLs[site]; url != "" && site != g.RejoinSite {
 			out[site] = url
 		}
 	}

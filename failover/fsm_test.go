@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"io"
-	"reflect"
 	"testing"
 
 	"github.com/hashicorp/raft"
@@ -45,6 +44,12 @@ func TestFSMFailoverLifecycle(t *testing.T) {
 	if g.DRSite != "b" || g.LeaseExpiresMs != 3000 || g.LagSeconds != 0.3 {
 		t.Fatalf("group after check-ins: %+v", g)
 	}
+	if r := apply(t, f, 3, command{Kind: cmdCheckIn, AtMs: 1200, Group: "crm", Site: "b", Agent: true, GrantLease: true, LeaseTTLMs: 2000}).(checkInResult); r.Fence || r.Lease {
+		t.Fatalf("the DR site's idle agent: %+v, want neither fenced nor leased", r)
+	}
+	if r := apply(t, f, 3, command{Kind: cmdCheckIn, AtMs: 1200, Group: "crm", Site: "b"}).(checkInResult); !r.Apply || r.Reseed {
+		t.Fatalf("DR standby before failover: %+v, want to apply", r)
+	}
 	if err, _ := apply(t, f, 4, command{Kind: cmdFailover, AtMs: 5000, Group: "crm", Epoch: 7, Actor: "op"}).(error); err == nil {
 		t.Fatal("a failover decided on a stale epoch was applied")
 	}
@@ -70,6 +75,32 @@ func TestFSMFailoverLifecycle(t *testing.T) {
 	if g := f.read().Groups["crm"]; g.State != StateActive {
 		t.Fatalf("state after promotion: %s", g.State)
 	}
+	// The old primary rejoins: its standby waits until its agent reported.
+	if r := apply(t, f, 10, command{Kind: cmdCheckIn, AtMs: 5400, Group: "crm", Site: "a"}).(checkInResult); r.Apply {
+		t.Fatalf("standby of the deposed site applies before rejoin: %+v", r)
+	}
+	if err, _ := apply(t, f, 11, command{Kind: cmdRejoin, AtMs: 5500, Group: "crm", Actor: "op"}).(error); err != nil {
+		t.Fatal(err)
+	}
+	if r := apply(t, f, 12, command{Kind: cmdCheckIn, AtMs: 5600, Group: "crm", Site: "a"}).(checkInResult); r.Apply {
+		t.Fatalf("standby applies before the deposed agent reported: %+v", r)
+	}
+	if r := apply(t, f, 13, command{Kind: cmdCheckIn, AtMs: 5700, Group: "crm", Site: "a", Agent: true}).(checkInResult); !r.Report || r.Fence || r.Lease {
+		t.Fatalf("deposed agent during rejoin: %+v, want asked to report, not fenced", r)
+	}
+	apply(t, f, 14, command{Kind: cmdCheckIn, AtMs: 5800, Group: "crm", Site: "a", Agent: true, Reported: true, Report: "/tmp/r.sql"})
+	if r := apply(t, f, 15, command{Kind: cmdCheckIn, AtMs: 5900, Group: "crm", Site: "a"}).(checkInResult); !r.Apply || !r.Reseed {
+		t.Fatalf("standby of the rejoining site: %+v, want to reseed", r)
+	}
+	if r := apply(t, f, 16, command{Kind: cmdCheckIn, AtMs: 6000, Group: "crm", Site: "a", Reseeded: true}).(checkInResult); !r.Apply || r.Reseed {
+		t.Fatalf("standby after reseeding: %+v, want to apply", r)
+	}
+	if g := f.read().Groups["crm"]; len(g.Deposed) != 0 || g.RejoinSite != "" {
+		t.Fatalf("after rejoin: deposed %v, rejoin %q", g.Deposed, g.RejoinSite)
+	}
+	if err, _ := apply(t, f, 17, command{Kind: cmdRejoin, AtMs: 6100, Group: "crm", Actor: "op"}).(error); err == nil {
+		t.Fatal("a rejoin with nothing to rejoin was accepted")
+	}
 	// The audit trail chains.
 	audit := f.read().Audit
 	if len(audit) < 4 {
@@ -94,8 +125,10 @@ func TestFSMFailoverLifecycle(t *testing.T) {
 	if err := restored.Restore(io.NopCloser(bytes.NewReader(s.Bytes()))); err != nil {
 		t.Fatal(err)
 	}
-	if !reflect.DeepEqual(f.read(), restored.read()) {
-		t.Fatalf("restored state differs:\n%+v\n%+v", f.read(), restored.read())
+	want, _ := json.Marshal(f.read())
+	got, _ := json.Marshal(restored.read())
+	if !bytes.Equal(want, got) || len(restored.read().Groups) != 1 {
+		t.Fatalf("restored state differs:\n%s\n%s", want, got)
 	}
 	if err := restored.Restore(io.NopCloser(bytes.NewReader([]byte("not json")))); err == nil {
 		t.Fatal("a corrupt snapshot was restored")

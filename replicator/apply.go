@@ -80,7 +80,12 @@ type applier struct {
 	targetOID   map[string]uint32 // relation keys' DR tables
 	backfilling map[uint32]bool   // DR tables being backfilled
 	lagMs       *atomic.Int64     // where the lag is reported to the controllers (nil: nowhere)
-	sequences   map[string]bool   // qualified sequence name: exists on DR
+	// replace lets a snapshot empty DR tables that hold rows although
+	// haven never applied to them (a deposed primary rejoining), and
+	// snapshotLoaded is told when it is loaded.
+	replace        bool
+	snapshotLoaded func()
+	sequences      map[string]bool // qualified sequence name: exists on DR
 
 	open         bool
 	batch        *pgconn.Batch
@@ -631,6 +636,7 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		// streamed, so it must not count as applied.
 		next.commitLSN = pglogrepl.LSN(c.SnapshotLsn) - 1
 		a.log.Info().Stringer("snapshot_lsn", next.snapshotLSN).Msg("initial snapshot loaded; applying the stream")
+
 	}
 	if _, err := tx.Conn().PgConn().ExecParams(ctx, savePositionSQL, next.params(a.cfg.Group), nil, nil, nil).Close(); err != nil {
 		return fmt.Errorf("save position: %w", err)
@@ -639,6 +645,9 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		return fmt.Errorf("commit snapshot step: %w", err)
 	}
 	a.pos, a.next, a.found = next, next, true
+	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_END && a.snapshotLoaded != nil {
+		a.snapshotLoaded()
+	}
 	if err := msg.Ack(); err != nil {
 		a.log.Debug().Err(err).Msg("ack failed; the message will be redelivered and skipped")
 	}
@@ -690,7 +699,7 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 			if err := checkTarget(rel, t.cols); err != nil {
 				return blocked(seq, "schema mismatch", "%w", err)
 			}
-			if t.hasRows && !a.found {
+			if t.hasRows && !a.found && !a.replace {
 				return blocked(seq, "not empty", "DR table %s already has rows, but haven has never applied group %q to this database; "+
 					"point --target-url at the DR database meant for it, or empty the table (TRUNCATE %s) if its rows may be replaced", qualified, a.cfg.Group, qualified)
 			}

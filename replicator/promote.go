@@ -46,9 +46,14 @@ var errPromoted = errors.New("promoted")
 
 // controlState is what the standby shares with its check-ins.
 type controlState struct {
-	promoteTo atomic.Uint64 // epoch the quorum ordered a promotion to
-	promoted  atomic.Uint64 // epoch this database was promoted to
-	lagMs     atomic.Int64
+	promoteTo  atomic.Uint64 // epoch the quorum ordered a promotion to
+	promoted   atomic.Uint64 // epoch this database was promoted to
+	appliedLSN atomic.Uint64 // last source commit applied when promoted
+	lagMs      atomic.Int64
+	answered   atomic.Bool // the quorum answered a check-in
+	apply      atomic.Bool // the quorum lets this site apply
+	reseed     atomic.Bool // … replacing what the database holds
+	reseeded   atomic.Bool // the replacement snapshot is loaded
 }
 
 // checkIns reports to the controllers until ctx ends.
@@ -61,7 +66,7 @@ func (s *Standby) checkIns(ctx context.Context) {
 	for {
 		req := &havenpb.CheckInRequest{Group: s.cfg.Group, Site: s.cfg.Site, Component: havenpb.Component_COMPONENT_STANDBY,
 			DatabaseUrl: s.cfg.TargetURL, LagSeconds: float64(s.control.lagMs.Load()) / 1000, PromotedEpoch: s.control.promoted.Load(),
-			Epoch: s.control.promoted.Load()}
+			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: s.control.reseed.Load() && s.control.reseeded.Load()}
 		var resp *havenpb.CheckInResponse
 		var errs []error
 		for _, cl := range clients {
@@ -80,8 +85,14 @@ func (s *Standby) checkIns(ctx context.Context) {
 				warned = time.Now()
 				s.log.Warn().Err(errors.Join(errs...)).Msg("no controller answered the standby's check-in: the quorum cannot see DR's lag, so it will not fail over by itself")
 			}
-		case resp.Promote && s.control.promoted.Load() < resp.Epoch:
-			if s.control.promoteTo.Swap(resp.Epoch) != resp.Epoch {
+		default:
+			if s.control.apply.Swap(resp.Apply) != resp.Apply {
+				s.log.Info().Bool("apply", resp.Apply).Bool("reseed", resp.Reseed).Str("primary_site", resp.PrimarySite).Uint64("epoch", resp.Epoch).
+					Msg("the controllers changed this site's orders")
+			}
+			s.control.reseed.Store(resp.Reseed)
+			s.control.answered.Store(true)
+			if resp.Promote && s.control.promoted.Load() < resp.Epoch && s.control.promoteTo.Swap(resp.Epoch) != resp.Epoch {
 				s.log.Warn().Uint64("epoch", resp.Epoch).Msg("the controllers ordered this site's promotion: draining the stream, then promoting")
 			}
 		}
@@ -97,6 +108,14 @@ func (s *Standby) checkIns(ctx context.Context) {
 func (s *Standby) loadPromotion(ctx context.Context, conn *pgx.Conn) error {
 	if _, err := conn.Exec(ctx, promotionDDL); err != nil {
 		return fmt.Errorf("create haven.promotions: %w", err)
+	}
+	if s.control.reseed.Load() {
+		// Rejoining: this database becomes a standby again.
+		if _, err := conn.Exec(ctx, `DELETE FROM haven.promotions WHERE group_name = $1`, s.cfg.Group); err != nil {
+			return fmt.Errorf("clear haven.promotions: %w", err)
+		}
+		s.control.promoted.Store(0)
+		return nil
 	}
 	var epoch uint64
 	err := conn.QueryRow(ctx, `SELECT epoch FROM haven.promotions WHERE group_name = $1`, s.cfg.Group).Scan(&epoch)
@@ -161,6 +180,7 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 		return fmt.Errorf("promote: %w", err)
 	}
 	step("writable", t)
+	s.control.appliedLSN.Store(uint64(a.pos.commitLSN))
 	s.control.promoted.Store(epoch)
 	topology, _ := json.Marshal(map[string]any{"group": s.cfg.Group, "primary_site": s.cfg.Site, "epoch": epoch, "at": time.Now().UTC()})
 	if err := nc.Publish("haven."+s.cfg.Group+".topology", topology); err != nil {
@@ -238,11 +258,31 @@ func runHook(ctx context.Context, log zerolog.Logger, hook, group, site string, 
 	ev.Str("hook", hook).Str("output", strings.TrimSpace(string(out))).Msg("promotion hook ran")
 }
 
-// promotedIdle keeps a promoted standby parked: it applies nothing more.
-func (s *Standby) promotedIdle(ctx context.Context) {
-	msg := fmt.Sprintf("promoted: this database is the primary of group %s at epoch %d; apply has stopped (the old primary must rejoin as a standby)",
-		s.cfg.Group, s.control.promoted.Load())
-	s.health.Set("")
-	s.log.Warn().Msg(msg)
-	<-ctx.Done()
+// waitForOrders blocks, with controllers, until the quorum lets this site
+// apply: not while it is primary, nor while its database is a deposed
+// primary that has not been told to rejoin. It returns false when ctx ends.
+func (s *Standby) waitForOrders(ctx context.Context) bool {
+	said := ""
+	for {
+		if s.control.apply.Load() {
+			return true
+		}
+		why := "waiting for the controllers to answer"
+		switch {
+		case s.control.promoted.Load() > 0:
+			why = fmt.Sprintf("promoted: this database is the primary of group %s at epoch %d; apply has stopped", s.cfg.Group, s.control.promoted.Load())
+		case s.control.answered.Load():
+			why = "this site's database is primary, or a deposed primary waiting for haven ctl rejoin: nothing is applied to it"
+		}
+		if why != said {
+			s.log.Warn().Msg(why)
+			s.health.Set("")
+			said = why
+		}
+		select {
+		case <-ctx.Done():
+			return false
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }

@@ -65,14 +65,21 @@ func (s *Standby) Run(ctx context.Context) error {
 	}
 	wait := time.Duration(0)
 	for {
+		if len(s.cfg.Controllers) > 0 && !s.waitForOrders(ctx) {
+			return nil
+		}
 		err := s.runSession(ctx)
 		s.metrics.connected.Set(0)
 		if ctx.Err() != nil {
 			return nil
 		}
 		if errors.Is(err, errPromoted) {
-			s.promotedIdle(ctx)
-			return nil
+			if len(s.cfg.Controllers) == 0 {
+				<-ctx.Done()
+				return nil
+			}
+			s.control.apply.Store(false)
+			continue
 		}
 		var oe *operatorError
 		var be *blockedError
@@ -205,6 +212,11 @@ func (s *Standby) runSession(ctx context.Context) error {
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
 	a.lagMs = &s.control.lagMs
+	if s.control.reseed.Load() {
+		// A deposed primary rejoining: what it holds is replaced.
+		a.replace = true
+		a.snapshotLoaded = func() { s.control.reseeded.Store(true) }
+	}
 	if err := a.loadBackfills(ctx); err != nil {
 		return err
 	}

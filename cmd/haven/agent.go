@@ -61,6 +61,7 @@ has acknowledged everything before it.`,
 	f.StringSliceVar(&cfg.Controllers, "controllers", nil, "control API URLs of the controller quorum (comma-separated): hold the primary's lease, fence this database when it is lost or another site is promoted")
 	f.StringVar(&cfg.Site, "site", "", "name of this agent's site (with --controllers)")
 	f.BoolVar(&cfg.Synchronous, "synchronous", false, "make commits on the primary wait until JetStream has them (RPO 0): names the agent in synchronous_standby_names")
+	f.StringVar(&cfg.ReportDir, "report-dir", cfg.ReportDir, "where a deposed primary's agent writes, when it rejoins, the SQL of transactions the new primary lacks")
 	f.StringVar(&cfg.ProbeURL, "probe-url", "", "URL the controllers probe this primary with (default: --source-url)")
 	f.IntVar(&cfg.StreamReplicas, "stream-replicas", cfg.StreamReplicas, "replicas of a stream the agent creates (1, 3 or 5)")
 	f.DurationVar(&cfg.StreamMaxAge, "stream-max-age", cfg.StreamMaxAge, "how long the stream keeps messages (0: no limit)")

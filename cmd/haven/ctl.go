@@ -69,7 +69,7 @@ func newCtlCmd() *cobra.Command {
 	c := &ctl{actor: os.Getenv("USER")}
 	cmd := &cobra.Command{
 		Use:   "ctl",
-		Short: "Operate the controller quorum: status, failover, pause, resume",
+		Short: "Operate the controller quorum: status, failover, rejoin, pause, resume",
 	}
 	pf := cmd.PersistentFlags()
 	pf.StringSliceVar(&c.apis, "api", nil, "control API URL(s) of controller nodes, comma-separated; each is tried in turn")
@@ -147,11 +147,33 @@ func newCtlCmd() *cobra.Command {
 		_, err := cl.Resume(ctx, connect.NewRequest(&havenpb.ResumeRequest{Group: g, Actor: c.actor}))
 		return err
 	})
-	for _, sub := range []*cobra.Command{failoverCmd, pause, resume} {
+	rejoin := &cobra.Command{
+		Use:   "rejoin",
+		Short: "Make a group's deposed primary its new standby: report what it committed that the new primary lacks, then reload it from the new primary",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			group, _ := cmd.Flags().GetString("group")
+			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.RejoinResponse, error) {
+				r, err := cl.Rejoin(ctx, connect.NewRequest(&havenpb.RejoinRequest{Group: group, Actor: c.actor}))
+				if err != nil {
+					return nil, err
+				}
+				return r.Msg, nil
+			})
+			if err != nil {
+				return err
+			}
+			return c.print(cmd.OutOrStdout(), resp, func() {
+				fmt.Fprintf(cmd.OutOrStdout(), "group %s: site %s rejoins: its agent writes the lost-transaction report (--report-dir) and drops its slot, "+
+					"then its standby reloads the database from the new primary (haven ctl status shows the progress)\n", group, resp.Site)
+			})
+		},
+	}
+	for _, sub := range []*cobra.Command{failoverCmd, pause, resume, rejoin} {
 		sub.Flags().String("group", "", "the group")
 		_ = sub.MarkFlagRequired("group")
 	}
-	cmd.AddCommand(status, failoverCmd, pause, resume)
+	cmd.AddCommand(status, failoverCmd, pause, resume, rejoin)
 	return cmd
 }
 

@@ -27,12 +27,10 @@ func IsFenced(ctx context.Context, url string) (bool, error) {
 	}
 	defer conn.Close(context.Background())
 	var allow bool
-	var readOnly string
-	if err := conn.QueryRow(ctx, `SELECT datallowconn, current_setting('default_transaction_read_only') FROM pg_database WHERE datname = $1`, db).
-		Scan(&allow, &readOnly); err != nil {
+	if err := conn.QueryRow(ctx, `SELECT datallowconn FROM pg_database WHERE datname = $1`, db).Scan(&allow); err != nil {
 		return false, fmt.Errorf("read the fence state of %q: %w", db, err)
 	}
-	return !allow || readOnly == "on", nil
+	return !allow, nil
 }
 
 // Ping checks that the server of url answers, through its postgres
@@ -111,6 +109,29 @@ func Lift(ctx context.Context, sourceURL string) error {
 	} {
 		if _, err := conn.Exec(ctx, sql); err != nil {
 			return fmt.Errorf("lift the fence of %q (%s): %w", db, sql, err)
+		}
+	}
+	return nil
+}
+
+// Reopen lets connections in again but keeps the database read-only by
+// default, as a DR database is: a deposed primary about to become a
+// standby, whose agent must read its slot and whose standby must load it.
+func Reopen(ctx context.Context, sourceURL string) error {
+	conn, db, err := maintenanceConn(ctx, sourceURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	ident := pgx.Identifier{db}.Sanitize()
+	for _, sql := range []string{
+		`ALTER DATABASE ` + ident + ` SET default_transaction_read_only = on`,
+		`ALTER DATABASE ` + ident + ` ALLOW_CONNECTIONS true`,
+		`ALTER SYSTEM RESET default_transaction_read_only`,
+		`SELECT pg_reload_conf()`,
+	} {
+		if _, err := conn.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("reopen %q (%s): %w", db, sql, err)
 		}
 	}
 	return nil

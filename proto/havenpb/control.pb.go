@@ -277,8 +277,12 @@ type GroupStatus struct {
 	Alert           string  `protobuf:"bytes,12,opt,name=alert,proto3" json:"alert,omitempty"`
 	FailoverAfterMs int64   `protobuf:"varint,13,opt,name=failover_after_ms,json=failoverAfterMs,proto3" json:"failover_after_ms,omitempty"`
 	MaxRpoSeconds   float64 `protobuf:"fixed64,14,opt,name=max_rpo_seconds,json=maxRpoSeconds,proto3" json:"max_rpo_seconds,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Former primaries not yet rejoined, and a rejoin under way ("site:
+	// phase").
+	DeposedSites  []string `protobuf:"bytes,15,rep,name=deposed_sites,json=deposedSites,proto3" json:"deposed_sites,omitempty"`
+	Rejoin        string   `protobuf:"bytes,16,opt,name=rejoin,proto3" json:"rejoin,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GroupStatus) Reset() {
@@ -407,6 +411,20 @@ func (x *GroupStatus) GetMaxRpoSeconds() float64 {
 		return x.MaxRpoSeconds
 	}
 	return 0
+}
+
+func (x *GroupStatus) GetDeposedSites() []string {
+	if x != nil {
+		return x.DeposedSites
+	}
+	return nil
+}
+
+func (x *GroupStatus) GetRejoin() string {
+	if x != nil {
+		return x.Rejoin
+	}
+	return ""
 }
 
 // Observation is one controller node's view of a group's primary.
@@ -700,6 +718,102 @@ func (x *FailoverResponse) GetPrimarySite() string {
 	return ""
 }
 
+type RejoinRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Group         string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	Actor         string                 `protobuf:"bytes,2,opt,name=actor,proto3" json:"actor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RejoinRequest) Reset() {
+	*x = RejoinRequest{}
+	mi := &file_control_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RejoinRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RejoinRequest) ProtoMessage() {}
+
+func (x *RejoinRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RejoinRequest.ProtoReflect.Descriptor instead.
+func (*RejoinRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *RejoinRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *RejoinRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+type RejoinResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Site          string                 `protobuf:"bytes,1,opt,name=site,proto3" json:"site,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RejoinResponse) Reset() {
+	*x = RejoinResponse{}
+	mi := &file_control_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RejoinResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RejoinResponse) ProtoMessage() {}
+
+func (x *RejoinResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RejoinResponse.ProtoReflect.Descriptor instead.
+func (*RejoinResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *RejoinResponse) GetSite() string {
+	if x != nil {
+		return x.Site
+	}
+	return ""
+}
+
 type PauseRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Group         string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
@@ -710,7 +824,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -722,7 +836,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -735,7 +849,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{8}
+	return file_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PauseRequest) GetGroup() string {
@@ -760,7 +874,7 @@ type PauseResponse struct {
 
 func (x *PauseResponse) Reset() {
 	*x = PauseResponse{}
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -772,7 +886,7 @@ func (x *PauseResponse) String() string {
 func (*PauseResponse) ProtoMessage() {}
 
 func (x *PauseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -785,7 +899,7 @@ func (x *PauseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseResponse.ProtoReflect.Descriptor instead.
 func (*PauseResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_rawDescGZIP(), []int{11}
 }
 
 type ResumeRequest struct {
@@ -798,7 +912,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -810,7 +924,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -823,7 +937,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *ResumeRequest) GetGroup() string {
@@ -848,7 +962,7 @@ type ResumeResponse struct {
 
 func (x *ResumeResponse) Reset() {
 	*x = ResumeResponse{}
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -860,7 +974,7 @@ func (x *ResumeResponse) String() string {
 func (*ResumeResponse) ProtoMessage() {}
 
 func (x *ResumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -873,7 +987,7 @@ func (x *ResumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeResponse.ProtoReflect.Descriptor instead.
 func (*ResumeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_rawDescGZIP(), []int{13}
 }
 
 type CheckInRequest struct {
@@ -890,13 +1004,23 @@ type CheckInRequest struct {
 	LagSeconds    float64 `protobuf:"fixed64,6,opt,name=lag_seconds,json=lagSeconds,proto3" json:"lag_seconds,omitempty"`
 	PromotedEpoch uint64  `protobuf:"varint,7,opt,name=promoted_epoch,json=promotedEpoch,proto3" json:"promoted_epoch,omitempty"`
 	AppliedLsn    uint64  `protobuf:"varint,8,opt,name=applied_lsn,json=appliedLsn,proto3" json:"applied_lsn,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Agent of a rejoining site: its report is written and its slot dropped.
+	Reported bool `protobuf:"varint,9,opt,name=reported,proto3" json:"reported,omitempty"`
+	// Standby of a rejoining site: its database holds the new primary's
+	// snapshot.
+	Reseeded bool `protobuf:"varint,10,opt,name=reseeded,proto3" json:"reseeded,omitempty"`
+	// Agent of a rejoining site: where its report is.
+	Report string `protobuf:"bytes,11,opt,name=report,proto3" json:"report,omitempty"`
+	// Agent: its database is a DR copy (a standby applies to it), so it
+	// cannot be the primary of a group that does not exist yet.
+	StandbyDatabase bool `protobuf:"varint,12,opt,name=standby_database,json=standbyDatabase,proto3" json:"standby_database,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *CheckInRequest) Reset() {
 	*x = CheckInRequest{}
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -908,7 +1032,7 @@ func (x *CheckInRequest) String() string {
 func (*CheckInRequest) ProtoMessage() {}
 
 func (x *CheckInRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -921,7 +1045,7 @@ func (x *CheckInRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckInRequest.ProtoReflect.Descriptor instead.
 func (*CheckInRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CheckInRequest) GetGroup() string {
@@ -980,6 +1104,34 @@ func (x *CheckInRequest) GetAppliedLsn() uint64 {
 	return 0
 }
 
+func (x *CheckInRequest) GetReported() bool {
+	if x != nil {
+		return x.Reported
+	}
+	return false
+}
+
+func (x *CheckInRequest) GetReseeded() bool {
+	if x != nil {
+		return x.Reseeded
+	}
+	return false
+}
+
+func (x *CheckInRequest) GetReport() string {
+	if x != nil {
+		return x.Report
+	}
+	return ""
+}
+
+func (x *CheckInRequest) GetStandbyDatabase() bool {
+	if x != nil {
+		return x.StandbyDatabase
+	}
+	return false
+}
+
 type CheckInResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Epoch       uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
@@ -992,14 +1144,24 @@ type CheckInResponse struct {
 	// primary at a newer epoch).
 	Fence bool `protobuf:"varint,5,opt,name=fence,proto3" json:"fence,omitempty"`
 	// Standby: promote the DR database to primary at epoch.
-	Promote       bool `protobuf:"varint,6,opt,name=promote,proto3" json:"promote,omitempty"`
+	Promote bool `protobuf:"varint,6,opt,name=promote,proto3" json:"promote,omitempty"`
+	// Standby: apply the stream to the site's database (false: the site is
+	// primary, or its database is a deposed primary not yet rejoined).
+	Apply bool `protobuf:"varint,7,opt,name=apply,proto3" json:"apply,omitempty"`
+	// Standby: the database may hold what the stream does not (a deposed
+	// primary): replace it with the stream's latest snapshot.
+	Reseed bool `protobuf:"varint,8,opt,name=reseed,proto3" json:"reseed,omitempty"`
+	// Agent of a deposed primary: write the report of transactions DR never
+	// applied (those committed after promoted_lsn), then drop the slot.
+	Report        bool   `protobuf:"varint,9,opt,name=report,proto3" json:"report,omitempty"`
+	PromotedLsn   uint64 `protobuf:"varint,10,opt,name=promoted_lsn,json=promotedLsn,proto3" json:"promoted_lsn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckInResponse) Reset() {
 	*x = CheckInResponse{}
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1011,7 +1173,7 @@ func (x *CheckInResponse) String() string {
 func (*CheckInResponse) ProtoMessage() {}
 
 func (x *CheckInResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1024,7 +1186,7 @@ func (x *CheckInResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckInResponse.ProtoReflect.Descriptor instead.
 func (*CheckInResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *CheckInResponse) GetEpoch() uint64 {
@@ -1069,6 +1231,34 @@ func (x *CheckInResponse) GetPromote() bool {
 	return false
 }
 
+func (x *CheckInResponse) GetApply() bool {
+	if x != nil {
+		return x.Apply
+	}
+	return false
+}
+
+func (x *CheckInResponse) GetReseed() bool {
+	if x != nil {
+		return x.Reseed
+	}
+	return false
+}
+
+func (x *CheckInResponse) GetReport() bool {
+	if x != nil {
+		return x.Report
+	}
+	return false
+}
+
+func (x *CheckInResponse) GetPromotedLsn() uint64 {
+	if x != nil {
+		return x.PromotedLsn
+	}
+	return 0
+}
+
 type ObserveRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
@@ -1082,7 +1272,7 @@ type ObserveRequest struct {
 
 func (x *ObserveRequest) Reset() {
 	*x = ObserveRequest{}
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1094,7 +1284,7 @@ func (x *ObserveRequest) String() string {
 func (*ObserveRequest) ProtoMessage() {}
 
 func (x *ObserveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1107,7 +1297,7 @@ func (x *ObserveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObserveRequest.ProtoReflect.Descriptor instead.
 func (*ObserveRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ObserveRequest) GetNodeId() string {
@@ -1153,7 +1343,7 @@ type ObserveResponse struct {
 
 func (x *ObserveResponse) Reset() {
 	*x = ObserveResponse{}
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1165,7 +1355,7 @@ func (x *ObserveResponse) String() string {
 func (*ObserveResponse) ProtoMessage() {}
 
 func (x *ObserveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1178,7 +1368,7 @@ func (x *ObserveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObserveResponse.ProtoReflect.Descriptor instead.
 func (*ObserveResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_rawDescGZIP(), []int{17}
 }
 
 type JoinRequest struct {
@@ -1192,7 +1382,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1204,7 +1394,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1217,7 +1407,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *JoinRequest) GetNodeId() string {
@@ -1249,7 +1439,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1261,7 +1451,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1274,7 +1464,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_rawDescGZIP(), []int{19}
 }
 
 var File_control_proto protoreflect.FileDescriptor
@@ -1293,7 +1483,7 @@ const file_control_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
 	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\x12\x14\n" +
-	"\x05voter\x18\x04 \x01(\bR\x05voter\"\xf8\x03\n" +
+	"\x05voter\x18\x04 \x01(\bR\x05voter\"\xb5\x04\n" +
 	"\vGroupStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12\x17\n" +
@@ -1310,7 +1500,9 @@ const file_control_proto_rawDesc = "" +
 	"\fobservations\x18\v \x03(\v2\x15.haven.v1.ObservationR\fobservations\x12\x14\n" +
 	"\x05alert\x18\f \x01(\tR\x05alert\x12*\n" +
 	"\x11failover_after_ms\x18\r \x01(\x03R\x0ffailoverAfterMs\x12&\n" +
-	"\x0fmax_rpo_seconds\x18\x0e \x01(\x01R\rmaxRpoSeconds\"\x8e\x01\n" +
+	"\x0fmax_rpo_seconds\x18\x0e \x01(\x01R\rmaxRpoSeconds\x12#\n" +
+	"\rdeposed_sites\x18\x0f \x03(\tR\fdeposedSites\x12\x16\n" +
+	"\x06rejoin\x18\x10 \x01(\tR\x06rejoin\"\x8e\x01\n" +
 	"\vObservation\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x0e\n" +
 	"\x02up\x18\x02 \x01(\bR\x02up\x12\"\n" +
@@ -1335,7 +1527,12 @@ const file_control_proto_rawDesc = "" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\"K\n" +
 	"\x10FailoverResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12!\n" +
-	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\":\n" +
+	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\";\n" +
+	"\rRejoinRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
+	"\x05actor\x18\x02 \x01(\tR\x05actor\"$\n" +
+	"\x0eRejoinResponse\x12\x12\n" +
+	"\x04site\x18\x01 \x01(\tR\x04site\":\n" +
 	"\fPauseRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
 	"\x05actor\x18\x02 \x01(\tR\x05actor\"\x0f\n" +
@@ -1343,7 +1540,7 @@ const file_control_proto_rawDesc = "" +
 	"\rResumeRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
 	"\x05actor\x18\x02 \x01(\tR\x05actor\"\x10\n" +
-	"\x0eResumeResponse\"\x8f\x02\n" +
+	"\x0eResumeResponse\"\x8a\x03\n" +
 	"\x0eCheckInRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x121\n" +
@@ -1354,7 +1551,12 @@ const file_control_proto_rawDesc = "" +
 	"lagSeconds\x12%\n" +
 	"\x0epromoted_epoch\x18\a \x01(\x04R\rpromotedEpoch\x12\x1f\n" +
 	"\vapplied_lsn\x18\b \x01(\x04R\n" +
-	"appliedLsn\"\xc1\x01\n" +
+	"appliedLsn\x12\x1a\n" +
+	"\breported\x18\t \x01(\bR\breported\x12\x1a\n" +
+	"\breseeded\x18\n" +
+	" \x01(\bR\breseeded\x12\x16\n" +
+	"\x06report\x18\v \x01(\tR\x06report\x12)\n" +
+	"\x10standby_database\x18\f \x01(\bR\x0fstandbyDatabase\"\xaa\x02\n" +
 	"\x0fCheckInResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12#\n" +
@@ -1362,7 +1564,12 @@ const file_control_proto_rawDesc = "" +
 	"\flease_ttl_ms\x18\x04 \x01(\x03R\n" +
 	"leaseTtlMs\x12\x14\n" +
 	"\x05fence\x18\x05 \x01(\bR\x05fence\x12\x18\n" +
-	"\apromote\x18\x06 \x01(\bR\apromote\"\x83\x01\n" +
+	"\apromote\x18\x06 \x01(\bR\apromote\x12\x14\n" +
+	"\x05apply\x18\a \x01(\bR\x05apply\x12\x16\n" +
+	"\x06reseed\x18\b \x01(\bR\x06reseed\x12\x16\n" +
+	"\x06report\x18\t \x01(\bR\x06report\x12!\n" +
+	"\fpromoted_lsn\x18\n" +
+	" \x01(\x04R\vpromotedLsn\"\x83\x01\n" +
 	"\x0eObserveRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05group\x18\x02 \x01(\tR\x05group\x12\x0e\n" +
@@ -1379,10 +1586,11 @@ const file_control_proto_rawDesc = "" +
 	"\tComponent\x12\x19\n" +
 	"\x15COMPONENT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCOMPONENT_AGENT\x10\x01\x12\x15\n" +
-	"\x11COMPONENT_STANDBY\x10\x022\xb7\x03\n" +
+	"\x11COMPONENT_STANDBY\x10\x022\xf4\x03\n" +
 	"\aControl\x12;\n" +
 	"\x06Status\x12\x17.haven.v1.StatusRequest\x1a\x18.haven.v1.StatusResponse\x12A\n" +
-	"\bFailover\x12\x19.haven.v1.FailoverRequest\x1a\x1a.haven.v1.FailoverResponse\x128\n" +
+	"\bFailover\x12\x19.haven.v1.FailoverRequest\x1a\x1a.haven.v1.FailoverResponse\x12;\n" +
+	"\x06Rejoin\x12\x17.haven.v1.RejoinRequest\x1a\x18.haven.v1.RejoinResponse\x128\n" +
 	"\x05Pause\x12\x16.haven.v1.PauseRequest\x1a\x17.haven.v1.PauseResponse\x12;\n" +
 	"\x06Resume\x12\x17.haven.v1.ResumeRequest\x1a\x18.haven.v1.ResumeResponse\x12>\n" +
 	"\aCheckIn\x12\x18.haven.v1.CheckInRequest\x1a\x19.haven.v1.CheckInResponse\x12>\n" +
@@ -1402,7 +1610,7 @@ func file_control_proto_rawDescGZIP() []byte {
 }
 
 var file_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
 var file_control_proto_goTypes = []any{
 	(Component)(0),           // 0: haven.v1.Component
 	(*StatusRequest)(nil),    // 1: haven.v1.StatusRequest
@@ -1413,16 +1621,18 @@ var file_control_proto_goTypes = []any{
 	(*AuditEntry)(nil),       // 6: haven.v1.AuditEntry
 	(*FailoverRequest)(nil),  // 7: haven.v1.FailoverRequest
 	(*FailoverResponse)(nil), // 8: haven.v1.FailoverResponse
-	(*PauseRequest)(nil),     // 9: haven.v1.PauseRequest
-	(*PauseResponse)(nil),    // 10: haven.v1.PauseResponse
-	(*ResumeRequest)(nil),    // 11: haven.v1.ResumeRequest
-	(*ResumeResponse)(nil),   // 12: haven.v1.ResumeResponse
-	(*CheckInRequest)(nil),   // 13: haven.v1.CheckInRequest
-	(*CheckInResponse)(nil),  // 14: haven.v1.CheckInResponse
-	(*ObserveRequest)(nil),   // 15: haven.v1.ObserveRequest
-	(*ObserveResponse)(nil),  // 16: haven.v1.ObserveResponse
-	(*JoinRequest)(nil),      // 17: haven.v1.JoinRequest
-	(*JoinResponse)(nil),     // 18: haven.v1.JoinResponse
+	(*RejoinRequest)(nil),    // 9: haven.v1.RejoinRequest
+	(*RejoinResponse)(nil),   // 10: haven.v1.RejoinResponse
+	(*PauseRequest)(nil),     // 11: haven.v1.PauseRequest
+	(*PauseResponse)(nil),    // 12: haven.v1.PauseResponse
+	(*ResumeRequest)(nil),    // 13: haven.v1.ResumeRequest
+	(*ResumeResponse)(nil),   // 14: haven.v1.ResumeResponse
+	(*CheckInRequest)(nil),   // 15: haven.v1.CheckInRequest
+	(*CheckInResponse)(nil),  // 16: haven.v1.CheckInResponse
+	(*ObserveRequest)(nil),   // 17: haven.v1.ObserveRequest
+	(*ObserveResponse)(nil),  // 18: haven.v1.ObserveResponse
+	(*JoinRequest)(nil),      // 19: haven.v1.JoinRequest
+	(*JoinResponse)(nil),     // 20: haven.v1.JoinResponse
 }
 var file_control_proto_depIdxs = []int32{
 	3,  // 0: haven.v1.StatusResponse.nodes:type_name -> haven.v1.Node
@@ -1432,20 +1642,22 @@ var file_control_proto_depIdxs = []int32{
 	0,  // 4: haven.v1.CheckInRequest.component:type_name -> haven.v1.Component
 	1,  // 5: haven.v1.Control.Status:input_type -> haven.v1.StatusRequest
 	7,  // 6: haven.v1.Control.Failover:input_type -> haven.v1.FailoverRequest
-	9,  // 7: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
-	11, // 8: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
-	13, // 9: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
-	15, // 10: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
-	17, // 11: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
-	2,  // 12: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
-	8,  // 13: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
-	10, // 14: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
-	12, // 15: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
-	14, // 16: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
-	16, // 17: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
-	18, // 18: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
-	12, // [12:19] is the sub-list for method output_type
-	5,  // [5:12] is the sub-list for method input_type
+	9,  // 7: haven.v1.Control.Rejoin:input_type -> haven.v1.RejoinRequest
+	11, // 8: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
+	13, // 9: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
+	15, // 10: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
+	17, // 11: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
+	19, // 12: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
+	2,  // 13: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
+	8,  // 14: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
+	10, // 15: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
+	12, // 16: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
+	14, // 17: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
+	16, // 18: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
+	18, // 19: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
+	20, // 20: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
+	13, // [13:21] is the sub-list for method output_type
+	5,  // [5:13] is the sub-list for method input_type
 	5,  // [5:5] is the sub-list for extension type_name
 	5,  // [5:5] is the sub-list for extension extendee
 	0,  // [0:5] is the sub-list for field type_name
@@ -1462,7 +1674,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   18,
+			NumMessages:   20,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -44,6 +44,8 @@ const (
 	ControlStatusProcedure = "/haven.v1.Control/Status"
 	// ControlFailoverProcedure is the fully-qualified name of the Control's Failover RPC.
 	ControlFailoverProcedure = "/haven.v1.Control/Failover"
+	// ControlRejoinProcedure is the fully-qualified name of the Control's Rejoin RPC.
+	ControlRejoinProcedure = "/haven.v1.Control/Rejoin"
 	// ControlPauseProcedure is the fully-qualified name of the Control's Pause RPC.
 	ControlPauseProcedure = "/haven.v1.Control/Pause"
 	// ControlResumeProcedure is the fully-qualified name of the Control's Resume RPC.
@@ -65,6 +67,11 @@ type ControlClient interface {
 	// Failover promotes the DR site of a group. Without force it is refused
 	// when the primary looks healthy or DR lags more than max_rpo.
 	Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error)
+	// Rejoin turns a group's deposed primary into its new standby: its agent
+	// reports what it committed that DR never applied, drops its slot, and
+	// its site's standby replaces the database with a fresh copy of the new
+	// primary.
+	Rejoin(context.Context, *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error)
 	// Pause stops automatic failover of a group (alerts still fire); Resume
 	// starts it again.
 	Pause(context.Context, *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error)
@@ -101,6 +108,12 @@ func NewControlClient(httpClient connect.HTTPClient, baseURL string, opts ...con
 			httpClient,
 			baseURL+ControlFailoverProcedure,
 			connect.WithSchema(controlMethods.ByName("Failover")),
+			connect.WithClientOptions(opts...),
+		),
+		rejoin: connect.NewClient[havenpb.RejoinRequest, havenpb.RejoinResponse](
+			httpClient,
+			baseURL+ControlRejoinProcedure,
+			connect.WithSchema(controlMethods.ByName("Rejoin")),
 			connect.WithClientOptions(opts...),
 		),
 		pause: connect.NewClient[havenpb.PauseRequest, havenpb.PauseResponse](
@@ -140,6 +153,7 @@ func NewControlClient(httpClient connect.HTTPClient, baseURL string, opts ...con
 type controlClient struct {
 	status   *connect.Client[havenpb.StatusRequest, havenpb.StatusResponse]
 	failover *connect.Client[havenpb.FailoverRequest, havenpb.FailoverResponse]
+	rejoin   *connect.Client[havenpb.RejoinRequest, havenpb.RejoinResponse]
 	pause    *connect.Client[havenpb.PauseRequest, havenpb.PauseResponse]
 	resume   *connect.Client[havenpb.ResumeRequest, havenpb.ResumeResponse]
 	checkIn  *connect.Client[havenpb.CheckInRequest, havenpb.CheckInResponse]
@@ -155,6 +169,11 @@ func (c *controlClient) Status(ctx context.Context, req *connect.Request[havenpb
 // Failover calls haven.v1.Control.Failover.
 func (c *controlClient) Failover(ctx context.Context, req *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error) {
 	return c.failover.CallUnary(ctx, req)
+}
+
+// Rejoin calls haven.v1.Control.Rejoin.
+func (c *controlClient) Rejoin(ctx context.Context, req *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error) {
+	return c.rejoin.CallUnary(ctx, req)
 }
 
 // Pause calls haven.v1.Control.Pause.
@@ -191,6 +210,11 @@ type ControlHandler interface {
 	// Failover promotes the DR site of a group. Without force it is refused
 	// when the primary looks healthy or DR lags more than max_rpo.
 	Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error)
+	// Rejoin turns a group's deposed primary into its new standby: its agent
+	// reports what it committed that DR never applied, drops its slot, and
+	// its site's standby replaces the database with a fresh copy of the new
+	// primary.
+	Rejoin(context.Context, *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error)
 	// Pause stops automatic failover of a group (alerts still fire); Resume
 	// starts it again.
 	Pause(context.Context, *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error)
@@ -223,6 +247,12 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 		ControlFailoverProcedure,
 		svc.Failover,
 		connect.WithSchema(controlMethods.ByName("Failover")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlRejoinHandler := connect.NewUnaryHandler(
+		ControlRejoinProcedure,
+		svc.Rejoin,
+		connect.WithSchema(controlMethods.ByName("Rejoin")),
 		connect.WithHandlerOptions(opts...),
 	)
 	controlPauseHandler := connect.NewUnaryHandler(
@@ -261,6 +291,8 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 			controlStatusHandler.ServeHTTP(w, r)
 		case ControlFailoverProcedure:
 			controlFailoverHandler.ServeHTTP(w, r)
+		case ControlRejoinProcedure:
+			controlRejoinHandler.ServeHTTP(w, r)
 		case ControlPauseProcedure:
 			controlPauseHandler.ServeHTTP(w, r)
 		case ControlResumeProcedure:
@@ -286,6 +318,10 @@ func (UnimplementedControlHandler) Status(context.Context, *connect.Request[have
 
 func (UnimplementedControlHandler) Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.Failover is not implemented"))
+}
+
+func (UnimplementedControlHandler) Rejoin(context.Context, *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.Rejoin is not implemented"))
 }
 
 func (UnimplementedControlHandler) Pause(context.Context, *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error) {
