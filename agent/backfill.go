@@ -50,8 +50,8 @@ import (
 // messages; ddlCaptureSQL writes it too.
 func backfillPrefix(group string) string { return "haven.backfill." + group }
 
-// backfillKey is a table's backfill state in the state bucket.
-func backfillKey(group string, oid uint32) string {
+// backfillStateKey is a table's backfill state in the state bucket.
+func backfillStateKey(group string, oid uint32) string {
 	return "backfill." + group + "." + strconv.FormatUint(uint64(oid), 10)
 }
 
@@ -83,16 +83,26 @@ type backfillState struct {
 	// first chunk); Exhausted is set once a chunk came back short.
 	After     string `json:"after,omitempty"`
 	Exhausted bool   `json:"exhausted,omitempty"`
+	// Until is the largest key when the first chunk was read: rows with a
+	// key past it were inserted since, so they come with the stream (or,
+	// moved there by an update, are read again).
+	Until string `json:"until,omitempty"`
 	// Retry holds keys to read again.
 	Retry  []string `json:"retry,omitempty"`
 	Copied int64    `json:"copied"`
+	// Key is what After and Retry are keys of.
+	Key backfillKey `json:"key"`
 }
 
 // backfillChunk is a chunk of rows handed from the worker to the streamer.
 type backfillChunk struct {
-	rel  *havenpb.Relation
-	rows []*havenpb.Row
-	done chan backfillResult
+	rel       *havenpb.Relation
+	key       backfillKey
+	restarted bool     // the first chunk by a changed key
+	until     string   // the copy's bound
+	retry     []string // the keys asked for again, if it is such a chunk
+	rows      []*havenpb.Row
+	done      chan backfillResult
 }
 
 // backfillResult is what became of a chunk, once JetStream has it.
@@ -105,12 +115,12 @@ type backfillResult struct {
 type backfillHub struct {
 	mu     sync.Mutex
 	chunks map[string]*backfillChunk
-	ends   map[uint32]chan struct{}
-	wake   chan struct{} // a backfill began
+	ends   map[uint32]chan bool // true: END published; false: refused, rows moved meanwhile
+	wake   chan struct{}        // a backfill began
 }
 
 func newBackfillHub() *backfillHub {
-	return &backfillHub{chunks: map[string]*backfillChunk{}, ends: map[uint32]chan struct{}{}, wake: make(chan struct{}, 1)}
+	return &backfillHub{chunks: map[string]*backfillChunk{}, ends: map[uint32]chan bool{}, wake: make(chan struct{}, 1)}
 }
 
 func (h *backfillHub) take(id string) *backfillChunk {
@@ -121,7 +131,7 @@ func (h *backfillHub) take(id string) *backfillChunk {
 	return c
 }
 
-func (h *backfillHub) takeEnd(oid uint32) chan struct{} {
+func (h *backfillHub) takeEnd(oid uint32) chan bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	c := h.ends[oid]
@@ -129,15 +139,28 @@ func (h *backfillHub) takeEnd(oid uint32) chan struct{} {
 	return c
 }
 
-// keyText joins a row's key values into one comparable string, or reports
-// false when a key value did not come (an unchanged TOASTed key).
-func keyText(rel *havenpb.Relation, row *havenpb.Row) (string, bool) {
+// backfillKey is what a backfill copies a table by: its primary key (or
+// replica identity index) columns in index order, whatever the table's
+// replica identity.
+type backfillKey struct {
+	Columns []string `json:"columns"`
+	Types   []string `json:"types"`
+	// Def identifies the key's definition (columns, types, collations): a
+	// backfill whose key changed reads the table again from its start.
+	Def string `json:"def"`
+}
+
+// keyText joins the values of a row's key columns into one comparable
+// string, or reports false when one did not come (an unchanged TOASTed
+// value, or a column the row lacks).
+func keyText(rel *havenpb.Relation, columns []string, row *havenpb.Row) (string, bool) {
+	if len(columns) == 0 {
+		return "", false
+	}
 	var b strings.Builder
-	for i, c := range rel.Columns {
-		if !c.Key {
-			continue
-		}
-		if i >= len(row.Values) || row.Values[i].Kind != havenpb.DatumKind_DATUM_TEXT {
+	for _, name := range columns {
+		i := slices.IndexFunc(rel.Columns, func(c *havenpb.Column) bool { return c.Name == name })
+		if i < 0 || i >= len(row.Values) || row.Values[i].Kind != havenpb.DatumKind_DATUM_TEXT {
 			return "", false
 		}
 		b.Write(row.Values[i].Text)
@@ -148,6 +171,27 @@ func keyText(rel *havenpb.Relation, row *havenpb.Row) (string, bool) {
 
 // splitKey undoes keyText.
 func splitKey(key string) []string { return strings.Split(strings.TrimSuffix(key, "\x00"), "\x00") }
+
+// keyQuery reads a table's backfill key.
+const keyQuery = `
+SELECT coalesce(array_agg(a.attname::text ORDER BY k.ord), '{}'), coalesce(array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY k.ord), '{}'),
+       coalesce(string_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' ' || coalesce(co.collname, ''), ', ' ORDER BY k.ord), '')
+FROM (SELECT i.indrelid, i.indkey FROM pg_index i JOIN pg_class c ON c.oid = i.indrelid
+      WHERE i.indrelid = $1 AND i.indimmediate AND (i.indisprimary OR (c.relreplident = 'i' AND i.indisreplident))
+      ORDER BY i.indisprimary DESC LIMIT 1) i,
+     unnest(i.indkey) WITH ORDINALITY k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = $1 AND a.attnum = k.attnum
+LEFT JOIN pg_collation co ON co.oid = a.attcollation AND a.attcollation <> 0`
+
+func readKey(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, oid uint32) (backfillKey, error) {
+	var k backfillKey
+	if err := q.QueryRow(ctx, keyQuery, oid).Scan(&k.Columns, &k.Types, &k.Def); err != nil {
+		return k, fmt.Errorf("read the key of table %d: %w", oid, err)
+	}
+	return k, nil
+}
 
 // pgSnapshot is pg_current_snapshot() reduced to 32-bit transaction ids,
 // which is what pgoutput reports.
@@ -198,7 +242,11 @@ func (s pgSnapshot) sees(xid uint32) bool {
 type touched struct {
 	xid   uint32
 	keys  map[uint32]map[string]bool
-	whole map[uint32]bool // truncated, or a key that did not come
+	whole map[uint32]bool   // truncated, or a key that did not come
+	def   map[uint32]string // the key definition the keys were taken by
+	// moved are keys rows took by an update of their key: a row moved to
+	// a key already copied is read again.
+	moved map[uint32][]string
 }
 
 func (t *touched) add(oid uint32, key string, ok bool) {
@@ -221,19 +269,79 @@ func (t *touched) add(oid uint32, key string, ok bool) {
 // noteTouched records the keys a change touches in a table being
 // backfilled.
 func (st *streamer) noteTouched(rel *havenpb.Relation, ch *havenpb.Change) {
-	if !st.backfilling[rel.Id] {
+	key, ok := st.backfilling[rel.Id]
+	if !ok {
 		return
 	}
 	t := st.txn
 	if t.touched == nil {
 		t.touched = &touched{xid: t.xid}
 	}
-	for _, row := range []*havenpb.Row{ch.Old, ch.New} {
-		if row != nil {
-			key, ok := keyText(rel, row)
-			t.touched.add(rel.Id, key, ok)
-		}
+	if t.touched.def == nil {
+		t.touched.def = map[uint32]string{}
 	}
+	t.touched.def[rel.Id] = key.Def
+	var oldKey, newKey string
+	var oldOK, newOK bool
+	if ch.Old != nil {
+		oldKey, oldOK = keyText(rel, key.Columns, ch.Old)
+		t.touched.add(rel.Id, oldKey, oldOK)
+	}
+	if ch.New != nil {
+		newKey, newOK = keyText(rel, key.Columns, ch.New)
+		t.touched.add(rel.Id, newKey, newOK)
+	}
+	if ch.Op == havenpb.Op_OP_UPDATE && ch.Old != nil && newOK && (!oldOK || oldKey != newKey) {
+		if t.touched.moved == nil {
+			t.touched.moved = map[uint32][]string{}
+		}
+		t.touched.moved[rel.Id] = append(t.touched.moved[rel.Id], newKey)
+	}
+}
+
+// movedKey is where the streamer records keys that rows moved to in a
+// table being backfilled; the worker adds them to the keys to read again.
+func movedKey(group string, oid uint32) string { return backfillStateKey(group, oid) + ".moved" }
+
+// saveMoved records the keys updates moved rows to, before the
+// transactions that moved them can be confirmed: a row moved into the part
+// of the table already copied would otherwise never be read.
+func (st *streamer) saveMoved(ctx context.Context) error {
+	for oid, keys := range st.moved {
+		name := movedKey(st.cfg.Group, oid)
+		for {
+			var list []string
+			var rev uint64
+			entry, err := st.state.Get(ctx, name)
+			switch {
+			case errors.Is(err, jetstream.ErrKeyNotFound):
+			case err != nil:
+				return fmt.Errorf("read %s: %w", name, err)
+			default:
+				if err := json.Unmarshal(entry.Value(), &list); err != nil {
+					return fmt.Errorf("%s holds %q: %w", name, entry.Value(), err)
+				}
+				rev = entry.Revision()
+			}
+			value, err := json.Marshal(append(list, keys...))
+			if err != nil {
+				return err
+			}
+			if rev == 0 {
+				_, err = st.state.Create(ctx, name, value)
+			} else {
+				_, err = st.state.Update(ctx, name, value, rev)
+			}
+			if err == nil {
+				break
+			}
+			if !errors.Is(err, jetstream.ErrKeyExists) && !strings.Contains(err.Error(), "wrong last sequence") {
+				return fmt.Errorf("record moved keys in %s: %w", name, err)
+			}
+		}
+		delete(st.moved, oid)
+	}
+	return nil
 }
 
 // onBackfillMessage handles a backfill message decoded in a transaction.
@@ -259,7 +367,7 @@ func (st *streamer) onBackfillMessage(ctx context.Context, content []byte) error
 // bucket before it can be confirmed: a restart finds and continues it.
 func (st *streamer) beginBackfill(ctx context.Context, b *backfillTable) error {
 	ch := &havenpb.Change{Op: havenpb.Op_OP_BACKFILL, Backfill: &havenpb.Backfill{Phase: havenpb.Backfill_PHASE_BEGIN,
-		Schema: b.Schema, Name: b.Name, SchemaSql: b.SchemaSQL}}
+		Schema: b.Schema, Name: b.Name, SchemaSql: b.SchemaSQL, SourceOid: b.OID}}
 	publishing, err := st.addChange(ctx, nil, ch)
 	if err != nil {
 		return err
@@ -275,14 +383,18 @@ func (st *streamer) beginBackfill(ctx context.Context, b *backfillTable) error {
 		case st.hub.wake <- struct{}{}:
 		default:
 		}
-	} else if _, err := st.state.Get(ctx, backfillKey(st.cfg.Group, b.OID)); err != nil {
+	} else if _, err := st.state.Get(ctx, backfillStateKey(st.cfg.Group, b.OID)); err != nil {
 		// Published before a restart and finished since.
 		if errors.Is(err, jetstream.ErrKeyNotFound) {
 			return nil
 		}
 		return fmt.Errorf("read backfill state of %s.%s: %w", b.Schema, b.Name, err)
 	}
-	st.backfilling[b.OID] = true
+	key, err := readKey(ctx, st.ctrl, b.OID)
+	if err != nil {
+		return err
+	}
+	st.backfilling[b.OID] = key
 	st.published[b.OID] = false
 	return nil
 }
@@ -300,6 +412,7 @@ func (st *streamer) backfillRows(ctx context.Context, id, snapshot string) error
 		return err
 	}
 	oid := chunk.rel.Id
+	st.backfilling[oid] = chunk.key
 	dirty := map[string]bool{}
 	whole := false
 	kept := st.touched[:0]
@@ -311,12 +424,13 @@ func (st *streamer) backfillRows(ctx context.Context, id, snapshot string) error
 		for k := range t.keys[oid] {
 			dirty[k] = true
 		}
-		whole = whole || t.whole[oid]
+		// Keys taken by another key definition say nothing of these.
+		whole = whole || t.whole[oid] || (t.def[oid] != "" && t.def[oid] != chunk.key.Def)
 	}
 	st.touched = kept
 	result := backfillResult{}
 	for _, row := range chunk.rows {
-		key, _ := keyText(chunk.rel, row)
+		key, _ := keyText(chunk.rel, chunk.key.Columns, row)
 		if whole || dirty[key] {
 			result.dirty = append(result.dirty, key)
 			continue
@@ -326,6 +440,13 @@ func (st *streamer) backfillRows(ctx context.Context, id, snapshot string) error
 		}
 		result.published++
 	}
+	// A key asked for again that an unseen transaction changed (moved a
+	// row to it, say) may be missing from the rows: ask again.
+	for _, key := range chunk.retry {
+		if (whole || dirty[key]) && !slices.Contains(result.dirty, key) {
+			result.dirty = append(result.dirty, key)
+		}
+	}
 	st.txn.onPublished = append(st.txn.onPublished, func() { chunk.done <- result })
 	return nil
 }
@@ -333,7 +454,26 @@ func (st *streamer) backfillRows(ctx context.Context, id, snapshot string) error
 // endBackfill publishes END; the worker forgets the backfill once JetStream
 // has it.
 func (st *streamer) endBackfill(ctx context.Context, b *backfillTable) error {
-	ch := &havenpb.Change{Op: havenpb.Op_OP_BACKFILL, Backfill: &havenpb.Backfill{Phase: havenpb.Backfill_PHASE_END, Schema: b.Schema, Name: b.Name}}
+	// Rows an update moved, in a transaction before this one, to a key the
+	// worker has not read yet: not the end.
+	pending := len(st.moved[b.OID]) > 0
+	if !pending {
+		entry, err := st.state.Get(ctx, movedKey(st.cfg.Group, b.OID))
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound):
+		case err != nil:
+			return fmt.Errorf("read moved keys of %s.%s: %w", b.Schema, b.Name, err)
+		default:
+			pending = len(entry.Value()) > 2 // more than "[]"
+		}
+	}
+	if pending {
+		if done := st.hub.takeEnd(b.OID); done != nil {
+			done <- false
+		}
+		return nil
+	}
+	ch := &havenpb.Change{Op: havenpb.Op_OP_BACKFILL, Backfill: &havenpb.Backfill{Phase: havenpb.Backfill_PHASE_END, Schema: b.Schema, Name: b.Name, SourceOid: b.OID}}
 	if _, err := st.addChange(ctx, nil, ch); err != nil {
 		return err
 	}
@@ -342,7 +482,7 @@ func (st *streamer) endBackfill(ctx context.Context, b *backfillTable) error {
 		st.touched = nil
 	}
 	if done := st.hub.takeEnd(b.OID); done != nil {
-		st.txn.onPublished = append(st.txn.onPublished, func() { close(done) })
+		st.txn.onPublished = append(st.txn.onPublished, func() { done <- true })
 	}
 	return nil
 }
@@ -352,7 +492,7 @@ func (s *session) putBackfill(ctx context.Context, state backfillState) error {
 	if err != nil {
 		return err
 	}
-	if _, err := s.state.Put(ctx, backfillKey(s.cfg.Group, state.OID), value); err != nil {
+	if _, err := s.state.Put(ctx, backfillStateKey(s.cfg.Group, state.OID), value); err != nil {
 		return fmt.Errorf("record backfill state of %s.%s: %w", state.Schema, state.Name, err)
 	}
 	return nil
@@ -428,8 +568,10 @@ func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backf
 	if err := waitForCommitting(ctx, conn); err != nil {
 		return err
 	}
-	started := time.Now()
-	for !state.Exhausted || len(state.Retry) > 0 {
+	for {
+		if err := s.takeMoved(ctx, &state); err != nil {
+			return err
+		}
 		t, err := s.backfillTarget(ctx, conn, state.OID)
 		if err != nil {
 			return err
@@ -438,28 +580,41 @@ func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backf
 			log.Warn().Msg("table dropped during its backfill; ending it")
 			break
 		}
-		if !t.hasKey || t.replicaIdentity == "f" {
-			return needsOperator("table %s lost the primary key its backfill copies by (or has REPLICA IDENTITY FULL): restore it, or re-seed the group", t.qualified())
-		}
 		state.Schema, state.Name = t.schema, t.name // renamed meanwhile?
-		retry := state.Retry[:min(len(state.Retry), s.cfg.BackfillChunkRows)]
-		chunk, rows, err := s.readChunk(ctx, conn, *t, state.After, retry)
+		if state.Exhausted && len(state.Retry) == 0 {
+			ended, err := s.endBackfillIn(ctx, conn, state)
+			if err != nil || ended {
+				return err
+			}
+			continue // rows moved meanwhile: read them first
+		}
+		// Keys to read again go by their key, a thousand at a time at least.
+		retry := state.Retry[:min(len(state.Retry), max(s.cfg.BackfillChunkRows, 1000))]
+		chunk, rows, err := s.readChunk(ctx, conn, *t, state, retry)
 		if err != nil {
 			return err
 		}
+		if chunk.restarted {
+			// A new key (another type, order or column): what was read by
+			// the old one says nothing of the new one's order. Read again.
+			log.Warn().Str("was", state.Key.Def).Str("now", chunk.key.Def).Msg("the table's key changed during its backfill: reading it again from its start")
+			state.After, state.Exhausted, state.Retry = "", false, nil
+		}
+		state.Key, state.Until = chunk.key, chunk.until
 		var result backfillResult
 		select {
 		case result = <-chunk.done:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		if len(retry) > 0 {
+		switch {
+		case len(retry) > 0 && !chunk.restarted:
 			state.Retry = append(state.Retry[len(retry):], result.dirty...)
-		} else {
+		default:
 			if len(rows) > 0 {
-				state.After, _ = keyText(chunk.rel, rows[len(rows)-1])
+				state.After, _ = keyText(chunk.rel, chunk.key.Columns, rows[len(rows)-1])
 			}
-			state.Exhausted = len(rows) < s.cfg.BackfillChunkRows
+			state.Exhausted = len(rows) < s.cfg.BackfillChunkRows || chunk.until == ""
 			state.Retry = append(state.Retry, result.dirty...)
 		}
 		state.Copied += int64(result.published)
@@ -468,10 +623,33 @@ func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backf
 			return err
 		}
 	}
-	if err := s.endBackfillIn(ctx, conn, state); err != nil {
+	_, err := s.endBackfillIn(ctx, conn, state)
+	return err
+}
+
+// takeMoved moves the keys the streamer recorded as moved into the keys
+// to read again, saving them there before forgetting them.
+func (s *session) takeMoved(ctx context.Context, state *backfillState) error {
+	name := movedKey(s.cfg.Group, state.OID)
+	entry, err := s.state.Get(ctx, name)
+	if errors.Is(err, jetstream.ErrKeyNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read %s: %w", name, err)
+	}
+	var moved []string
+	if err := json.Unmarshal(entry.Value(), &moved); err != nil {
+		return fmt.Errorf("%s holds %q: %w", name, entry.Value(), err)
+	}
+	state.Retry = append(state.Retry, moved...)
+	if err := s.putBackfill(ctx, *state); err != nil {
 		return err
 	}
-	log.Info().Int64("rows", state.Copied).Dur("took", time.Since(started)).Msg("backfill complete: the table is replicated in full")
+	// Only what was read: keys added meanwhile stay for the next round.
+	if err := s.state.Delete(ctx, name, jetstream.LastRevision(entry.Revision())); err != nil && !strings.Contains(err.Error(), "wrong last sequence") {
+		return fmt.Errorf("clear %s: %w", name, err)
+	}
 	return nil
 }
 
@@ -522,7 +700,7 @@ func waitForCommitting(ctx context.Context, conn *pgx.Conn) error {
 // with the keys in retry), hands them to the streamer and emits their
 // watermark, all in one transaction: the table cannot change shape between
 // the read and the watermark.
-func (s *session) readChunk(ctx context.Context, conn *pgx.Conn, t table, after string, retry []string) (*backfillChunk, []*havenpb.Row, error) {
+func (s *session) readChunk(ctx context.Context, conn *pgx.Conn, t table, state backfillState, retry []string) (*backfillChunk, []*havenpb.Row, error) {
 	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
 	if err != nil {
 		return nil, nil, fmt.Errorf("begin backfill chunk: %w", err)
@@ -547,19 +725,45 @@ func (s *session) readChunk(ctx context.Context, conn *pgx.Conn, t table, after 
 		return nil, nil, err
 	}
 	rel := rels[0]
+	key, err := readKey(ctx, tx, t.oid)
+	if err != nil {
+		return nil, nil, err
+	}
+	if len(key.Columns) == 0 {
+		return nil, nil, needsOperator("table %s has no primary key (or replica identity index) to copy its rows by, and its backfill is not finished: "+
+			"add a primary key, or re-seed the group", t.qualified())
+	}
+	// The upserts find DR's row by the copy's key, whatever the table's
+	// replica identity (FULL marks every column).
+	for _, c := range rel.Columns {
+		c.Key = slices.Contains(key.Columns, c.Name)
+	}
+	rel.ReplicaIdentity = "d"
+	after, until := state.After, state.Until
+	restarted := state.Key.Def != "" && key.Def != state.Key.Def
+	if restarted {
+		// Keys of another definition: start over.
+		after, until, retry = "", "", nil
+	}
+	if until == "" && after == "" && len(retry) == 0 {
+		// The first chunk: where the table ends now bounds the copy.
+		if until, err = lastKey(ctx, tx, t, key); err != nil {
+			return nil, nil, err
+		}
+	}
 	var rows []*havenpb.Row
 	parser := &copyRowParser{columns: len(rel.Columns), onRow: func(values []*havenpb.Datum) error {
 		rows = append(rows, &havenpb.Row{Values: values})
 		return nil
 	}}
-	if _, err := tx.Conn().PgConn().CopyTo(ctx, parser, chunkQuery(rel, t, after, retry, s.cfg.BackfillChunkRows)); err != nil {
+	if _, err := tx.Conn().PgConn().CopyTo(ctx, parser, chunkQuery(rel, key, t, after, until, retry, s.cfg.BackfillChunkRows)); err != nil {
 		return nil, nil, fmt.Errorf("read a chunk of %s: %w", t.qualified(), err)
 	}
 	if err := parser.finish(); err != nil {
 		return nil, nil, err
 	}
 	id := rand.Text()
-	chunk := &backfillChunk{rel: rel, rows: rows, done: make(chan backfillResult, 1)}
+	chunk := &backfillChunk{rel: rel, key: key, restarted: restarted, until: until, retry: retry, rows: rows, done: make(chan backfillResult, 1)}
 	s.hub.mu.Lock()
 	s.hub.chunks[id] = chunk
 	s.hub.mu.Unlock()
@@ -580,16 +784,15 @@ func (s *session) readChunk(ctx context.Context, conn *pgx.Conn, t table, after 
 // chunkQuery selects up to limit rows after the key after, in key order,
 // or the rows with the keys in retry. Key values are literals cast to
 // their column's type: the key order is the table's own.
-func chunkQuery(rel *havenpb.Relation, t table, after string, retry []string, limit int) string {
-	var cols, keyCols, keyTypes []string
+func chunkQuery(rel *havenpb.Relation, key backfillKey, t table, after, until string, retry []string, limit int) string {
+	var cols, keyCols []string
 	for _, c := range rel.Columns {
-		ident := pgx.Identifier{c.Name}.Sanitize()
-		cols = append(cols, ident)
-		if c.Key {
-			keyCols = append(keyCols, ident)
-			keyTypes = append(keyTypes, c.Type)
-		}
+		cols = append(cols, pgx.Identifier{c.Name}.Sanitize())
 	}
+	for _, c := range key.Columns {
+		keyCols = append(keyCols, pgx.Identifier{c}.Sanitize())
+	}
+	keyTypes := key.Types
 	literals := func(key string) string {
 		values := splitKey(key)
 		parts := make([]string, len(values))
@@ -611,37 +814,76 @@ func chunkQuery(rel *havenpb.Relation, t table, after string, retry []string, li
 			list[i] = literals(k)
 		}
 		query += fmt.Sprintf(" WHERE %s IN (%s)", keys, strings.Join(list, ", "))
-	case after != "":
-		query += fmt.Sprintf(" WHERE %s > %s ORDER BY %s LIMIT %d", keys, literals(after), strings.Join(keyCols, ", "), limit)
 	default:
+		var conds []string
+		if after != "" {
+			conds = append(conds, fmt.Sprintf("%s > %s", keys, literals(after)))
+		}
+		if until != "" {
+			conds = append(conds, fmt.Sprintf("%s <= %s", keys, literals(until)))
+		}
+		if len(conds) > 0 {
+			query += " WHERE " + strings.Join(conds, " AND ")
+		}
 		query += fmt.Sprintf(" ORDER BY %s LIMIT %d", strings.Join(keyCols, ", "), limit)
 	}
 	return "COPY (" + query + ") TO STDOUT"
 }
 
+// lastKey reads the table's largest key in the caller's snapshot ("" for
+// an empty table).
+func lastKey(ctx context.Context, tx pgx.Tx, t table, key backfillKey) (string, error) {
+	cols := make([]string, len(key.Columns))
+	for i, c := range key.Columns {
+		cols[i] = pgx.Identifier{c}.Sanitize() + "::text"
+	}
+	desc := make([]string, len(key.Columns))
+	for i, c := range key.Columns {
+		desc[i] = pgx.Identifier{c}.Sanitize() + " DESC"
+	}
+	from := "ONLY " + t.qualified()
+	if t.partitioned {
+		from = t.qualified()
+	}
+	var values []string
+	err := tx.QueryRow(ctx, fmt.Sprintf("SELECT ARRAY[%s] FROM %s ORDER BY %s LIMIT 1", strings.Join(cols, ", "), from, strings.Join(desc, ", "))).Scan(&values)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read the last key of %s: %w", t.qualified(), err)
+	}
+	return strings.Join(values, "\x00") + "\x00", nil
+}
+
 // endBackfillIn emits END and forgets the backfill once JetStream has it.
-func (s *session) endBackfillIn(ctx context.Context, conn *pgx.Conn, state backfillState) error {
-	done := make(chan struct{})
+func (s *session) endBackfillIn(ctx context.Context, conn *pgx.Conn, state backfillState) (bool, error) {
+	done := make(chan bool, 1)
 	s.hub.mu.Lock()
 	s.hub.ends[state.OID] = done
 	s.hub.mu.Unlock()
 	content, err := json.Marshal(backfillMessage{End: &backfillTable{OID: state.OID, Schema: state.Schema, Name: state.Name}})
 	if err != nil {
-		return err
+		return false, err
 	}
 	if _, err := conn.Exec(ctx, `SELECT pg_logical_emit_message(true, $1, $2::text)`, backfillPrefix(s.cfg.Group), string(content)); err != nil {
 		s.hub.takeEnd(state.OID)
-		return fmt.Errorf("emit the end of the backfill of %s.%s: %w", state.Schema, state.Name, err)
+		return false, fmt.Errorf("emit the end of the backfill of %s.%s: %w", state.Schema, state.Name, err)
 	}
+	var ended bool
 	select {
-	case <-done:
+	case ended = <-done:
 	case <-ctx.Done():
-		return ctx.Err()
+		return false, ctx.Err()
 	}
-	if err := s.state.Delete(ctx, backfillKey(s.cfg.Group, state.OID)); err != nil {
-		return fmt.Errorf("forget the backfill of %s.%s: %w", state.Schema, state.Name, err)
+	if !ended {
+		return false, nil
 	}
-	return nil
+	if err := s.state.Delete(ctx, backfillStateKey(s.cfg.Group, state.OID)); err != nil {
+		return false, fmt.Errorf("forget the backfill of %s.%s: %w", state.Schema, state.Name, err)
+	}
+	s.log.Info().Str("table", state.Schema+"."+state.Name).Int64("rows", state.Copied).Msg("backfill complete: the table is replicated in full")
+	return true, nil
 }
 
 // backfillMissing adds the selected tables that the group's publication
@@ -656,7 +898,11 @@ func (s *session) backfillMissing(ctx context.Context, selected []table, missing
 			continue
 		}
 		t := selected[i]
-		if !t.hasKey || t.replicaIdentity == "f" {
+		key, err := readKey(ctx, s.ctrl, t.oid)
+		if err != nil {
+			return nil, err
+		}
+		if len(key.Columns) == 0 {
 			refused = append(refused, name)
 			continue
 		}

@@ -39,27 +39,30 @@ func TestChunkQueryUsesTheKey(t *testing.T) {
 	tbl := table{schema: "public", name: "t"}
 	row := &havenpb.Row{Values: []*havenpb.Datum{
 		{Kind: havenpb.DatumKind_DATUM_TEXT, Text: []byte("o'brien")}, {Kind: havenpb.DatumKind_DATUM_TEXT, Text: []byte("7")}, {Kind: havenpb.DatumKind_DATUM_NULL}}}
-	key, ok := keyText(rel, row)
+	// The key in its index's order, not the table's.
+	bk := backfillKey{Columns: []string{"id", "tenant"}, Types: []string{"bigint", "text"}}
+	key, ok := keyText(rel, bk.Columns, row)
 	if !ok {
 		t.Fatal("keyText: no key")
 	}
 	for _, c := range []struct {
-		name, after string
-		retry       []string
-		want        string
+		name, after, until string
+		retry              []string
+		want               string
 	}{
-		{"first", "", nil, `COPY (SELECT "tenant", "id", "v" FROM ONLY "public"."t" ORDER BY "tenant", "id" LIMIT 50) TO STDOUT`},
-		{"next", key, nil, `COPY (SELECT "tenant", "id", "v" FROM ONLY "public"."t" WHERE ("tenant", "id") > ('o''brien'::text, '7'::bigint) ORDER BY "tenant", "id" LIMIT 50) TO STDOUT`},
-		{"retry", key, []string{key, "a\x001\x00"}, `COPY (SELECT "tenant", "id", "v" FROM ONLY "public"."t" WHERE ("tenant", "id") IN (('o''brien'::text, '7'::bigint), ('a'::text, '1'::bigint))) TO STDOUT`},
+		{"first", "", "", nil, `COPY (SELECT "tenant", "id", "v" FROM ONLY "public"."t" ORDER BY "id", "tenant" LIMIT 50) TO STDOUT`},
+		{"next", key, "", nil, `COPY (SELECT "tenant", "id", "v" FROM ONLY "public"."t" WHERE ("id", "tenant") > ('7'::bigint, 'o''brien'::text) ORDER BY "id", "tenant" LIMIT 50) TO STDOUT`},
+		{"bounded", key, "9\x00z\x00", nil, `COPY (SELECT "tenant", "id", "v" FROM ONLY "public"."t" WHERE ("id", "tenant") > ('7'::bigint, 'o''brien'::text) AND ("id", "tenant") <= ('9'::bigint, 'z'::text) ORDER BY "id", "tenant" LIMIT 50) TO STDOUT`},
+		{"retry", key, "", []string{key, "1\x00a\x00"}, `COPY (SELECT "tenant", "id", "v" FROM ONLY "public"."t" WHERE ("id", "tenant") IN (('7'::bigint, 'o''brien'::text), ('1'::bigint, 'a'::text))) TO STDOUT`},
 	} {
-		if got := chunkQuery(rel, tbl, c.after, c.retry, 50); got != c.want {
+		if got := chunkQuery(rel, bk, tbl, c.after, c.until, c.retry, 50); got != c.want {
 			t.Errorf("%s:\n got %s\nwant %s", c.name, got, c.want)
 		}
 	}
 	// An unchanged TOASTed key value gives no key: the whole table counts
 	// as touched.
 	row.Values[1] = &havenpb.Datum{Kind: havenpb.DatumKind_DATUM_UNCHANGED_TOAST}
-	if _, ok := keyText(rel, row); ok {
+	if _, ok := keyText(rel, bk.Columns, row); ok {
 		t.Error("keyText made a key without every key value")
 	}
 }

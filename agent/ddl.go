@@ -89,12 +89,19 @@ DECLARE
 	grp     record;
 	refusal text;
 BEGIN
-	FOR t IN SELECT DISTINCT c.objid::regclass AS rel, c.objid AS relid, n.nspname, k.relname, k.relkind, k.relreplident, k.relpersistence,
-	                k.relispartition, pg_relation_size(c.objid) > 0 AS has_rows,
-	                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.objid AND
-	                        i.indimmediate AND ((k.relreplident = 'd' AND i.indisprimary) OR (k.relreplident = 'i' AND i.indisreplident))) AS has_key
-	         FROM pg_event_trigger_ddl_commands() c JOIN pg_class k ON k.oid = c.objid JOIN pg_namespace n ON n.oid = k.relnamespace
-	         WHERE c.object_type = 'table' AND NOT c.in_extension AND c.schema_name <> 'haven' AND c.schema_name NOT LIKE 'pg\_temp%'
+	-- The tables the command made or changed, and their partitions (a key
+	-- added to a partitioned table, a partition attached).
+	FOR t IN SELECT DISTINCT x.oid::regclass AS rel, x.oid AS relid, n.nspname, k.relname, k.relkind, k.relreplident, k.relpersistence,
+	                k.relispartition, pg_relation_size(x.oid) > 0 AS has_rows,
+	                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = x.oid AND
+	                        i.indimmediate AND ((k.relreplident = 'd' AND i.indisprimary) OR (k.relreplident = 'i' AND i.indisreplident))) AS has_key,
+	                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = x.oid AND i.indimmediate AND i.indisprimary) AS has_pk
+	         FROM (SELECT c.objid FROM pg_event_trigger_ddl_commands() c WHERE c.object_type = 'table' AND NOT c.in_extension
+	               UNION
+	               SELECT p.relid FROM pg_event_trigger_ddl_commands() c, pg_partition_tree(c.objid) p
+	               WHERE c.object_type = 'table' AND NOT c.in_extension) x(oid)
+	         JOIN pg_class k ON k.oid = x.oid JOIN pg_namespace n ON n.oid = k.relnamespace
+	         WHERE n.nspname <> 'haven' AND n.nspname NOT LIKE 'pg\_temp%'
 	LOOP
 		CONTINUE WHEN t.relpersistence <> 'p';
 		IF t.relkind = 'r' AND t.relispartition AND EXISTS (SELECT 1 FROM haven.groups g WHERE g.via_root) THEN
@@ -109,7 +116,7 @@ BEGIN
 			                      WHERE p.pubname = grp.publication AND format('%I.%I', p.schemaname, p.tablename)::regclass = t.rel);
 			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
 				refusal := format('table %s has no primary key or replica identity, so it is not replicated (publication %s); add a primary key or set REPLICA IDENTITY FULL', t.rel, grp.publication);
-			ELSIF t.has_rows AND NOT t.has_key THEN
+			ELSIF t.has_rows AND NOT (t.has_key OR t.has_pk) THEN
 				refusal := format('table %s already holds rows but has no primary key to copy them by, so it is not added to publication %s; add a primary key (its rows are then backfilled), or re-seed the group', t.rel, grp.publication);
 			END IF;
 			IF refusal IS NOT NULL THEN

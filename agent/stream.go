@@ -77,8 +77,9 @@ type streamer struct {
 	tail         streamTail
 	// Tables being backfilled, and the transactions that changed them that
 	// a backfill snapshot has not yet been seen to include.
-	backfilling map[uint32]bool
+	backfilling map[uint32]backfillKey
 	touched     []*touched
+	moved       map[uint32][]string // keys rows moved to, not yet saved
 }
 
 type typeKey struct {
@@ -108,9 +109,15 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 		return err
 	}
 	st := &streamer{session: s, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
-		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]bool{}}
+		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]backfillKey{}, moved: map[uint32][]string{}}
 	for _, b := range backfills {
-		st.backfilling[b.OID] = true
+		key := b.Key
+		if key.Def == "" {
+			if key, err = readKey(ctx, s.ctrl, b.OID); err != nil {
+				return err
+			}
+		}
+		st.backfilling[b.OID] = key
 	}
 	s.metrics.connected.Set(1)
 	s.streaming()
@@ -166,7 +173,7 @@ func (st *streamer) loop(ctx context.Context) error {
 			}
 		}
 		deadline := st.nextStatus
-		if soon := time.Now().Add(2 * time.Millisecond); st.cfg.Synchronous && len(st.inflight) > 0 && soon.Before(deadline) {
+		if soon := time.Now().Add(2 * time.Millisecond); (st.cfg.Synchronous && len(st.inflight) > 0 || st.awaited()) && soon.Before(deadline) {
 			deadline = soon
 		}
 		recvCtx, cancel := context.WithDeadline(ctx, deadline)
@@ -195,6 +202,18 @@ func (st *streamer) loop(ctx context.Context) error {
 	}
 }
 
+// awaited reports whether someone waits for an in-flight transaction's
+// acknowledgement (a backfill chunk): it is then collected at once rather
+// than at the next message or status update.
+func (st *streamer) awaited() bool {
+	for _, p := range st.inflight {
+		if len(p.onAck) > 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // shutdown confirms what is acknowledged before the session ends, so a
 // graceful stop does not make the next start re-read more than needed.
 func (st *streamer) shutdown() {
@@ -219,7 +238,9 @@ func (st *streamer) handleCopyData(ctx context.Context, data []byte) error {
 			// Nothing open and everything acknowledged: every transaction
 			// committed before the walsender's position is in the stream.
 			st.receivedLSN = max(st.receivedLSN, ka.ServerWALEnd)
-			st.setConfirmed(ka.ServerWALEnd)
+			if err := st.setConfirmed(ctx, ka.ServerWALEnd); err != nil {
+				return err
+			}
 		}
 		if ka.ReplyRequested {
 			return st.sendStatus(ctx, false)
@@ -399,7 +420,7 @@ func (st *streamer) onTruncate(ctx context.Context, m *pglogrepl.TruncateMessage
 			return fmt.Errorf("truncate of relation %d before its description", id)
 		}
 		rels[i] = rel
-		if st.backfilling[id] {
+		if _, ok := st.backfilling[id]; ok {
 			if st.txn.touched == nil {
 				st.txn.touched = &touched{xid: st.txn.xid}
 			}
@@ -493,6 +514,9 @@ func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	t := st.txn
 	if t.touched != nil {
 		st.touched = append(st.touched, t.touched)
+		for oid, keys := range t.touched.moved {
+			st.moved[oid] = append(st.moved[oid], keys...)
+		}
 	}
 	if !t.stored && t.storedThrough > t.changes {
 		// A backfill chunk whose rows went with the session that read them:
@@ -597,7 +621,9 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 		}
 		if head.endLSN != 0 {
 			// Past the commit record: a restart does not decode it again.
-			st.setConfirmed(head.endLSN)
+			if err := st.setConfirmed(ctx, head.endLSN); err != nil {
+				return err
+			}
 			if head.future != nil {
 				st.metrics.transactions.Inc()
 				st.metrics.lagSeconds.Set(time.Since(head.commitTime).Seconds())
@@ -607,11 +633,20 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 	return nil
 }
 
-func (st *streamer) setConfirmed(lsn pglogrepl.LSN) {
+func (st *streamer) setConfirmed(ctx context.Context, lsn pglogrepl.LSN) error {
+	if lsn <= st.confirmedLSN {
+		return nil
+	}
+	// Keys rows moved to in backfilled tables are saved before the
+	// transactions that moved them can be confirmed.
+	if err := st.saveMoved(ctx); err != nil {
+		return err
+	}
 	if lsn > st.confirmedLSN {
 		st.confirmedLSN = lsn
 		st.metrics.confirmedLSN.Set(float64(lsn))
 	}
+	return nil
 }
 
 // sendStatus reports the confirmed position as written, flushed and applied:

@@ -50,11 +50,16 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 		return err
 	}
 	if b.Phase == havenpb.Backfill_PHASE_END {
-		if _, err := a.conn.Exec(ctx, `DELETE FROM haven.backfills WHERE group_name = $1 AND (relid = $2 OR NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = relid))`,
-			a.cfg.Group, target.oid); err != nil {
+		// By the source's OID: the table of that name on DR may be another
+		// one (dropped and made again on the primary meanwhile).
+		if _, err := a.conn.Exec(ctx, `DELETE FROM haven.backfills WHERE group_name = $1 AND
+			(CASE WHEN $3::oid <> 0 THEN source_relid = $3 ELSE relid = $2 END OR NOT EXISTS (SELECT 1 FROM pg_class WHERE oid = relid))`,
+			a.cfg.Group, target.oid, b.SourceOid); err != nil {
 			return fmt.Errorf("end the backfill of %s: %w", qualified, err)
 		}
-		delete(a.backfilling, target.oid)
+		if err := a.loadBackfills(ctx); err != nil {
+			return err
+		}
 		a.metrics.backfilling.Set(float64(len(a.backfilling)))
 		a.log.Info().Str("table", b.Schema+"."+b.Name).Uint64("seq", seq).Msg("backfill complete: the DR table holds every row")
 		return nil
@@ -98,8 +103,8 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 			return fmt.Errorf("empty %s for its backfill: %w", qualified, err)
 		}
 	}
-	if _, err := a.conn.Exec(ctx, `INSERT INTO haven.backfills (group_name, relid, table_name) VALUES ($1, $2, $3)
-		ON CONFLICT (group_name, relid) DO UPDATE SET began_at = now()`, a.cfg.Group, target.oid, b.Schema+"."+b.Name); err != nil {
+	if _, err := a.conn.Exec(ctx, `INSERT INTO haven.backfills (group_name, relid, table_name, source_relid) VALUES ($1, $2, $3, $4)
+		ON CONFLICT (group_name, relid) DO UPDATE SET began_at = now(), source_relid = excluded.source_relid`, a.cfg.Group, target.oid, b.Schema+"."+b.Name, b.SourceOid); err != nil {
 		return fmt.Errorf("begin the backfill of %s: %w", qualified, err)
 	}
 	a.backfilling[target.oid] = true

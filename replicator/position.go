@@ -64,6 +64,7 @@ CREATE TABLE IF NOT EXISTS haven.backfills (
 	began_at    timestamptz NOT NULL DEFAULT now(),
 	PRIMARY KEY (group_name, relid)
 );
+ALTER TABLE haven.backfills ADD COLUMN IF NOT EXISTS source_relid oid NOT NULL DEFAULT 0;
 COMMENT ON TABLE haven.backfills IS 'haven: tables whose rows are still being backfilled from the primary; until done, an update or delete may find no row here';
 COMMENT ON TABLE haven.skipped_messages IS 'haven: stream messages an operator deliberately skipped (haven skip): who, when, why, and the message';`
 

@@ -753,7 +753,10 @@ type Backfill struct {
 	// PHASE_BEGIN: SQL that creates the table on a DR database that lacks it
 	// (pg_dump --schema-only --table); empty when the table's creation is
 	// replayed from the stream.
-	SchemaSql     string `protobuf:"bytes,4,opt,name=schema_sql,json=schemaSql,proto3" json:"schema_sql,omitempty"`
+	SchemaSql string `protobuf:"bytes,4,opt,name=schema_sql,json=schemaSql,proto3" json:"schema_sql,omitempty"`
+	// The table's OID on the source: END closes the backfill BEGIN opened
+	// even if the table was dropped and another made under its name.
+	SourceOid     uint32 `protobuf:"varint,5,opt,name=source_oid,json=sourceOid,proto3" json:"source_oid,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -814,6 +817,13 @@ func (x *Backfill) GetSchemaSql() string {
 		return x.SchemaSql
 	}
 	return ""
+}
+
+func (x *Backfill) GetSourceOid() uint32 {
+	if x != nil {
+		return x.SourceOid
+	}
+	return 0
 }
 
 // Row holds one value per column of its relation, in column order.
@@ -1090,13 +1100,15 @@ const file_haven_proto_rawDesc = "" +
 	"\x15truncate_relation_ids\x18\x05 \x03(\rR\x13truncateRelationIds\x12)\n" +
 	"\x10truncate_cascade\x18\x06 \x01(\bR\x0ftruncateCascade\x12:\n" +
 	"\x19truncate_restart_identity\x18\a \x01(\bR\x17truncateRestartIdentity\x12.\n" +
-	"\bbackfill\x18\b \x01(\v2\x12.haven.v1.BackfillR\bbackfill\"\xc5\x01\n" +
+	"\bbackfill\x18\b \x01(\v2\x12.haven.v1.BackfillR\bbackfill\"\xe4\x01\n" +
 	"\bBackfill\x12.\n" +
 	"\x05phase\x18\x01 \x01(\x0e2\x18.haven.v1.Backfill.PhaseR\x05phase\x12\x16\n" +
 	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
-	"schema_sql\x18\x04 \x01(\tR\tschemaSql\">\n" +
+	"schema_sql\x18\x04 \x01(\tR\tschemaSql\x12\x1d\n" +
+	"\n" +
+	"source_oid\x18\x05 \x01(\rR\tsourceOid\">\n" +
 	"\x05Phase\x12\x15\n" +
 	"\x11PHASE_UNSPECIFIED\x10\x00\x12\x0f\n" +
 	"\vPHASE_BEGIN\x10\x01\x12\r\n" +
