@@ -8,6 +8,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -25,10 +26,11 @@ import (
 
 // Agent captures one group's changes. Create it with New, run it with Run.
 type Agent struct {
-	cfg     Config
-	log     zerolog.Logger
-	metrics *metrics
-	health  opshttp.Health
+	confirmed atomic.Uint64 // what JetStream holds of the slot, last session
+	cfg       Config
+	log       zerolog.Logger
+	metrics   *metrics
+	health    opshttp.Health
 }
 
 // Healthy returns nil while the agent streams, or what keeps it from it.
@@ -52,7 +54,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	backoff := newBackoff(500*time.Millisecond, 30*time.Second)
 	var keeper *leaseKeeper
 	if len(a.cfg.Controllers) > 0 {
-		keeper = newLeaseKeeper(a.cfg, a.log)
+		keeper = newLeaseKeeper(a.cfg, a.log, &a.confirmed)
 		if err := keeper.loadFenced(ctx); err != nil {
 			a.log.Warn().Err(err).Msg("could not read whether the database is fenced")
 		}
@@ -136,12 +138,13 @@ type session struct {
 	published map[uint32]bool // published tables by OID: true for partitioned ones (streamer only)
 	streaming func()          // called once streaming has started
 	hub       *backfillHub
+	confirmed *atomic.Uint64 // the confirmed position, for a switchover's drain
 
 	lastWALWarning time.Time // heartbeats goroutine only
 }
 
 func (a *Agent) runSession(ctx context.Context) error {
-	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.health.Set("") }, hub: newBackfillHub()}
+	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.health.Set("") }, hub: newBackfillHub(), confirmed: &a.confirmed}
 	ctrl, err := s.connectSource(ctx)
 	if err != nil {
 		return err
@@ -335,6 +338,8 @@ func (s *session) connectSource(ctx context.Context) (*pgx.Conn, error) {
 	// A rejoining primary is read-only by default; the agent still drops
 	// its slot there, and a primary's agent must never be read-only.
 	config.RuntimeParams["default_transaction_read_only"] = "off"
+	// A switchover's fence ends every session but haven's.
+	config.RuntimeParams["application_name"] = "haven_agent_" + s.cfg.Group
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return nil, fmt.Errorf("connect to source database: %w", err)

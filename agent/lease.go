@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -47,13 +48,16 @@ type leaseKeeper struct {
 	primary    string
 	deposed    bool // another site is primary: capture stops
 	fenced     bool
-	reported   string        // the lost-transaction report written for a rejoin
-	standbyDB  bool          // a standby applies to the database: it is a DR copy
+	reported   string // the lost-transaction report written for a rejoin
+	standbyDB  bool   // a standby applies to the database: it is a DR copy
+	confirmed  *atomic.Uint64
+	drainTo    pglogrepl.LSN // a switchover's fence: everything before it must reach the stream
+	drained    pglogrepl.LSN // … and does
 	changed    chan struct{} // closed and replaced when deposed or epoch change
 }
 
-func newLeaseKeeper(cfg Config, log zerolog.Logger) *leaseKeeper {
-	k := &leaseKeeper{cfg: cfg, log: log.With().Str("site", cfg.Site).Logger(), epoch: cfg.Epoch, changed: make(chan struct{})}
+func newLeaseKeeper(cfg Config, log zerolog.Logger, confirmed *atomic.Uint64) *leaseKeeper {
+	k := &leaseKeeper{cfg: cfg, log: log.With().Str("site", cfg.Site).Logger(), epoch: cfg.Epoch, changed: make(chan struct{}), confirmed: confirmed}
 	for _, url := range cfg.Controllers {
 		k.clients = append(k.clients, havenpbconnect.NewControlClient(&http.Client{Timeout: 2 * time.Second}, strings.TrimRight(url, "/")))
 	}
@@ -71,7 +75,8 @@ func (k *leaseKeeper) state() (epoch uint64, deposed bool, changed <-chan struct
 func (k *leaseKeeper) checkIn(ctx context.Context) (*havenpb.CheckInResponse, error) {
 	k.mu.Lock()
 	req := &havenpb.CheckInRequest{Group: k.cfg.Group, Site: k.cfg.Site, Component: havenpb.Component_COMPONENT_AGENT,
-		Epoch: k.epoch, DatabaseUrl: k.cfg.ProbeURL, Reported: k.reported != "", Report: k.reported, StandbyDatabase: k.standbyDB}
+		Epoch: k.epoch, DatabaseUrl: k.cfg.ProbeURL, Reported: k.reported != "", Report: k.reported, StandbyDatabase: k.standbyDB,
+		DrainedLsn: uint64(k.drained)}
 	k.mu.Unlock()
 	if req.DatabaseUrl == "" {
 		req.DatabaseUrl = k.cfg.SourceURL
@@ -133,6 +138,12 @@ func (k *leaseKeeper) run(ctx context.Context) {
 			ttl := time.Duration(resp.LeaseTtlMs) * time.Millisecond
 			interval = max(ttl/4, 100*time.Millisecond)
 			k.grant(ctx, resp, sent.Add(ttl))
+			if resp.SwitchoverFence {
+				k.switchoverFence(ctx)
+			}
+		}
+		if err == nil && resp.CheckInMs > 0 {
+			interval = time.Duration(resp.CheckInMs) * time.Millisecond
 		}
 		k.mu.Lock()
 		// A deposed site's fence is the quorum's business (it is lifted
@@ -160,11 +171,13 @@ func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, 
 	if k.deposed {
 		// Rejoined as a standby, and primary again since.
 		k.deposed, k.reported = false, ""
+		k.drainTo, k.drained = 0, 0
 		k.changeLocked()
 	}
 	epochChanged := resp.Epoch != k.epoch
 	k.epoch, k.primary = resp.Epoch, resp.PrimarySite
-	fenced := k.fenced
+	// A switchover's fence stays until the site is deposed.
+	fenced := k.fenced && k.drainTo == 0
 	if epochChanged {
 		k.changeLocked()
 	}
@@ -178,6 +191,44 @@ func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, 
 		k.fenced = false
 		k.mu.Unlock()
 		k.log.Warn().Uint64("epoch", resp.Epoch).Msg("lease regained: fence lifted, the database accepts writes again")
+	}
+}
+
+// switchoverFence fences the database for a planned switchover but keeps
+// haven's own sessions, so that capture drains every change committed
+// before the fence into the stream; the next check-in reports when it has.
+func (k *leaseKeeper) switchoverFence(ctx context.Context) {
+	if k.drainTo == 0 {
+		conn, err := (&session{cfg: k.cfg}).connectSource(ctx)
+		if err != nil {
+			k.log.Error().Err(err).Msg("switchover: could not connect to fence the database; retrying at the next check-in")
+			return
+		}
+		defer conn.Close(context.Background())
+		var mark string
+		if err := fence.FenceKeeping(ctx, k.cfg.SourceURL, "haven_"); err != nil {
+			k.log.Error().Err(err).Msg("switchover: fencing failed; retrying at the next check-in")
+			return
+		}
+		// Everything committed before this message is decoded before it.
+		if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, '{}')::text`, heartbeatPrefix(k.cfg.Group)).Scan(&mark); err != nil {
+			k.log.Error().Err(err).Msg("switchover: could not mark the fence in the WAL; retrying at the next check-in")
+			return
+		}
+		lsn, err := pglogrepl.ParseLSN(mark)
+		if err != nil {
+			return
+		}
+		k.mu.Lock()
+		k.drainTo, k.fenced = lsn, true
+		k.mu.Unlock()
+		k.log.Warn().Stringer("fence_lsn", lsn).Msg("switchover: database fenced for writes; draining its last changes into the stream")
+	}
+	if confirmed := pglogrepl.LSN(k.confirmed.Load()); confirmed >= k.drainTo && k.drained == 0 {
+		k.mu.Lock()
+		k.drained = confirmed
+		k.mu.Unlock()
+		k.log.Warn().Stringer("drained_lsn", confirmed).Msg("switchover: every change is in the stream; handing over")
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -73,6 +74,7 @@ type streamer struct {
 	receivedLSN  pglogrepl.LSN
 	confirmedLSN pglogrepl.LSN
 	reportedLSN  pglogrepl.LSN // last confirmed position sent to the walsender
+	confirmed    *atomic.Uint64
 	nextStatus   time.Time
 	tail         streamTail
 	// Tables being backfilled, and the transactions that changed them that
@@ -108,7 +110,7 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 	if err != nil {
 		return err
 	}
-	st := &streamer{session: s, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
+	st := &streamer{session: s, confirmed: s.confirmed, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
 		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]backfillKey{}, moved: map[uint32][]string{}}
 	for _, b := range backfills {
 		key := b.Key
@@ -645,6 +647,9 @@ func (st *streamer) setConfirmed(ctx context.Context, lsn pglogrepl.LSN) error {
 	if lsn > st.confirmedLSN {
 		st.confirmedLSN = lsn
 		st.metrics.confirmedLSN.Set(float64(lsn))
+		if st.confirmed != nil {
+			st.confirmed.Store(uint64(lsn))
+		}
 	}
 	return nil
 }

@@ -48,6 +48,7 @@ func (a *api) Status(ctx context.Context, _ *connect.Request[havenpb.StatusReque
 		if g.RejoinSite != "" {
 			gs.Rejoin = g.RejoinSite + ": " + g.RejoinPhase
 		}
+		gs.Switchover = g.Switchover
 		nodes := make([]string, 0, len(g.Observations))
 		for n := range g.Observations {
 			nodes = append(nodes, n)
@@ -89,6 +90,9 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 	}
 	if g.State != StateActive {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("group %q is %s: a failover to site %s is under way", g.Name, g.State, g.PrimarySite))
+	}
+	if g.Switchover != "" && !r.Force {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("group %q is switching over to site %s; --force fails over instead", g.Name, g.DRSite))
 	}
 	if g.DRSite == "" {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("group %q has no DR site: no standby has checked in", g.Name))
@@ -143,6 +147,7 @@ func (a *api) leader() (interface {
 	Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error)
 	Pause(context.Context, *connect.Request[havenpb.PauseRequest]) (*connect.Response[havenpb.PauseResponse], error)
 	Rejoin(context.Context, *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error)
+	Switchover(context.Context, *connect.Request[havenpb.SwitchoverRequest]) (*connect.Response[havenpb.SwitchoverResponse], error)
 	Resume(context.Context, *connect.Request[havenpb.ResumeRequest]) (*connect.Response[havenpb.ResumeResponse], error)
 	CheckIn(context.Context, *connect.Request[havenpb.CheckInRequest]) (*connect.Response[havenpb.CheckInResponse], error)
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
@@ -169,6 +174,41 @@ func (a *api) pauseResume(ctx context.Context, kind, group, actor string) error 
 		return connect.NewError(connect.CodeAborted, err)
 	}
 	return nil
+}
+
+// checkInMs asks sites to check in faster while a group changes hands.
+func (a *api) checkInMs(group string) int64 {
+	g := a.c.fsm.read().Groups[group]
+	if g != nil && (g.Switchover != "" || g.State == StatePromoting || g.AutoRejoin != "") {
+		return 100
+	}
+	return 0
+}
+
+func (a *api) Switchover(ctx context.Context, req *connect.Request[havenpb.SwitchoverRequest]) (*connect.Response[havenpb.SwitchoverResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.Switchover(ctx, req)
+	}
+	g, err := a.group(req.Msg.Group)
+	if err != nil {
+		return nil, err
+	}
+	if time.Since(time.UnixMilli(g.StandbySeenMs)) > a.c.cfg.Policy.StandbyTimeout || g.LagSeconds > a.c.cfg.Policy.MaxRPO.Seconds() {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR site %s of group %q has not reported recently or lags %.1fs: a switchover would wait for it with writes stopped; fix the standby first",
+			g.DRSite, g.Name, g.LagSeconds))
+	}
+	actor := req.Msg.Actor
+	if actor == "" {
+		actor = "operator"
+	}
+	if _, err := a.c.propose(command{Kind: cmdSwitchover, AtMs: time.Now().UnixMilli(), Group: g.Name, Actor: actor}); err != nil {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, err)
+	}
+	return connect.NewResponse(&havenpb.SwitchoverResponse{PrimarySite: g.DRSite}), nil
 }
 
 func (a *api) Rejoin(ctx context.Context, req *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error) {
@@ -236,7 +276,7 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	agent := r.Component == havenpb.Component_COMPONENT_AGENT
 	res, err := a.c.propose(command{Kind: cmdCheckIn, AtMs: time.Now().UnixMilli(), Group: r.Group, Site: r.Site, Agent: agent,
 		Epoch: r.Epoch, URL: r.DatabaseUrl, LagSeconds: r.LagSeconds, Promoted: r.PromotedEpoch, AppliedLSN: r.AppliedLsn,
-		Reported: r.Reported, Reseeded: r.Reseeded, Report: r.Report, StandbyDB: r.StandbyDatabase,
+		Reported: r.Reported, Reseeded: r.Reseeded, Report: r.Report, StandbyDB: r.StandbyDatabase, DrainedLSN: r.DrainedLsn,
 		GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
 	if err != nil {
 		var ce *connect.Error
@@ -248,7 +288,7 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	out := res.(checkInResult)
 	return connect.NewResponse(&havenpb.CheckInResponse{Epoch: out.Epoch, PrimarySite: out.PrimarySite, LeaseGranted: out.Lease,
 		LeaseTtlMs: a.c.cfg.LeaseTTL.Milliseconds(), Fence: out.Fence, Promote: out.Promote, Apply: out.Apply, Reseed: out.Reseed,
-		Report: out.Report, PromotedLsn: out.PromotedLSN}), nil
+		Report: out.Report, PromotedLsn: out.PromotedLSN, SwitchoverFence: out.SwitchoverFence, CheckInMs: a.checkInMs(r.Group)}), nil
 }
 
 func (a *api) observe(ctx context.Context, r *havenpb.ObserveRequest) (*havenpb.ObserveResponse, error) {

@@ -46,6 +46,11 @@ type Group struct {
 	// A rejoin under way: the site, and its phase (report, then reseed).
 	RejoinSite  string `json:"rejoin_site,omitempty"`
 	RejoinPhase string `json:"rejoin_phase,omitempty"`
+	// Switchover is a planned switchover's phase ("fence": the primary's
+	// agent fences and drains), and AutoRejoin the site that rejoins as
+	// standby once the other is promoted.
+	Switchover string `json:"switchover,omitempty"`
+	AutoRejoin string `json:"auto_rejoin,omitempty"`
 	// PromotedLSN is the last source commit the promoted standby applied:
 	// what the old primary committed after it never reached DR.
 	PromotedLSN uint64 `json:"promoted_lsn,omitempty"`
@@ -124,18 +129,20 @@ func (s *State) audit(atMs int64, actor, action, group, outcome string) {
 
 // Command kinds.
 const (
-	cmdCheckIn  = "checkin"
-	cmdObserve  = "observe"
-	cmdFailover = "failover"
-	cmdPause    = "pause"
-	cmdResume   = "resume"
-	cmdNode     = "node"
-	cmdAlert    = "alert"
-	cmdRejoin   = "rejoin"
+	cmdCheckIn    = "checkin"
+	cmdObserve    = "observe"
+	cmdFailover   = "failover"
+	cmdPause      = "pause"
+	cmdResume     = "resume"
+	cmdNode       = "node"
+	cmdAlert      = "alert"
+	cmdRejoin     = "rejoin"
+	cmdSwitchover = "switchover"
 )
 
-// Rejoin phases.
+// Rejoin and switchover phases.
 const (
+	phaseFence  = "fence"  // the primary's agent fences its database and drains its changes
 	phaseReport = "report" // the deposed agent writes its report and drops its slot
 	phaseReseed = "reseed" // the site's standby loads the new primary's snapshot
 )
@@ -162,6 +169,7 @@ type command struct {
 	Report     string  `json:"report,omitempty"`
 	Reseeded   bool    `json:"reseeded,omitempty"`
 	StandbyDB  bool    `json:"standby_db,omitempty"`
+	DrainedLSN uint64  `json:"drained_lsn,omitempty"`
 
 	Observation *Observation `json:"observation,omitempty"`
 	Node        string       `json:"node,omitempty"`
@@ -230,18 +238,20 @@ func (s *State) apply(c command) any {
 			s.audit(c.AtMs, c.Actor, "failover", c.Group, "refused: "+g.State)
 			return fmt.Errorf("group %q cannot fail over: state %s, DR site %q", c.Group, g.State, g.DRSite)
 		}
-		if g.Deposed == nil {
-			g.Deposed = map[string]uint64{}
-		}
-		g.Deposed[g.PrimarySite] = g.Epoch + 1
-		g.PrimarySite, g.DRSite = g.DRSite, g.PrimarySite
-		g.Epoch++
-		g.RejoinSite, g.RejoinPhase = "", ""
-		g.State = StatePromoting
-		g.LeaseExpiresMs = 0
-		g.Observations = nil
-		g.Alert = ""
+		g.promote()
 		s.audit(c.AtMs, c.Actor, "failover", c.Group, fmt.Sprintf("site %s promoted to primary at epoch %d: %s", g.PrimarySite, g.Epoch, c.Reason))
+		return nil
+	case cmdSwitchover:
+		if g == nil {
+			return fmt.Errorf("no group %q", c.Group)
+		}
+		if _, deposed := g.Deposed[g.DRSite]; g.State != StateActive || g.DRSite == "" || deposed || g.Switchover != "" {
+			s.audit(c.AtMs, c.Actor, "switchover", c.Group, "refused")
+			return fmt.Errorf("group %q cannot switch over now: state %s, DR site %q (deposed: %v), switchover %q; it needs a DR site that follows the primary",
+				c.Group, g.State, g.DRSite, deposed, g.Switchover)
+		}
+		g.Switchover = phaseFence
+		s.audit(c.AtMs, c.Actor, "switchover", c.Group, fmt.Sprintf("from site %s to site %s: fencing the primary", g.PrimarySite, g.DRSite))
 		return nil
 	}
 	return fmt.Errorf("unknown command %q", c.Kind)
@@ -249,15 +259,16 @@ func (s *State) apply(c command) any {
 
 // checkInResult is what a check-in tells the site.
 type checkInResult struct {
-	Epoch       uint64
-	PrimarySite string
-	Lease       bool
-	Fence       bool
-	Promote     bool
-	Apply       bool
-	Reseed      bool
-	Report      bool
-	PromotedLSN uint64
+	Epoch           uint64
+	PrimarySite     string
+	Lease           bool
+	Fence           bool
+	Promote         bool
+	Apply           bool
+	Reseed          bool
+	Report          bool
+	PromotedLSN     uint64
+	SwitchoverFence bool
 }
 
 func (s *State) checkIn(c command) any {
@@ -301,11 +312,22 @@ func (s *State) checkIn(c command) any {
 			}
 		case deposed:
 			r.Fence = true
+		case c.Site == g.PrimarySite && g.Switchover == phaseFence && c.DrainedLSN > 0:
+			// Fenced and drained: DR gets everything, then takes over; the
+			// old primary rejoins as its standby.
+			old := g.PrimarySite
+			g.Switchover = ""
+			g.promote()
+			g.AutoRejoin = old
+			s.audit(c.AtMs, "agent@"+old, "switchover", c.Group, fmt.Sprintf("site %s fenced and drained through %d: site %s promoted at epoch %d",
+				old, c.DrainedLSN, g.PrimarySite, g.Epoch))
+			r = checkInResult{Epoch: g.Epoch, PrimarySite: g.PrimarySite, Fence: true}
 		case c.Site == g.PrimarySite && c.GrantLease && g.State == StateActive:
 			// The agent counts its lease from when it sent the request, a
 			// little earlier: it runs out there first.
 			g.LeaseExpiresMs = max(g.LeaseExpiresMs, c.AtMs+c.LeaseTTLMs)
 			r.Lease = true
+			r.SwitchoverFence = g.Switchover == phaseFence
 		}
 		return r
 	}
@@ -315,6 +337,10 @@ func (s *State) checkIn(c command) any {
 			g.State = StateActive
 			g.PromotedLSN = c.AppliedLSN
 			s.audit(c.AtMs, "standby@"+c.Site, "promoted", c.Group, fmt.Sprintf("site %s is primary at epoch %d", c.Site, g.Epoch))
+			if g.AutoRejoin != "" {
+				g.RejoinSite, g.RejoinPhase, g.AutoRejoin = g.AutoRejoin, phaseReport, ""
+				s.audit(c.AtMs, "controller", "rejoin", c.Group, "site "+g.RejoinSite+" rejoins as standby after the switchover")
+			}
 		}
 		r.Promote = g.State == StatePromoting
 		return r
@@ -342,6 +368,22 @@ func (s *State) checkIn(c command) any {
 		}
 	}
 	return r
+}
+
+// promote makes the DR site primary at the next epoch; the old primary is
+// deposed until it rejoins.
+func (g *Group) promote() {
+	if g.Deposed == nil {
+		g.Deposed = map[string]uint64{}
+	}
+	g.Deposed[g.PrimarySite] = g.Epoch + 1
+	g.PrimarySite, g.DRSite = g.DRSite, g.PrimarySite
+	g.Epoch++
+	g.RejoinSite, g.RejoinPhase, g.Switchover = "", "", ""
+	g.State = StatePromoting
+	g.LeaseExpiresMs = 0
+	g.Observations = nil
+	g.Alert = ""
 }
 
 // PrimaryURL is the URL to probe the group's primary with: its agent's, or

@@ -21,6 +21,7 @@ import (
 
 	"github.com/haven-dr/haven/proto/havenpb"
 	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // The standby of the DR site checks in with the controller quorum; when the
@@ -96,10 +97,14 @@ func (s *Standby) checkIns(ctx context.Context) {
 				s.log.Warn().Uint64("epoch", resp.Epoch).Msg("the controllers ordered this site's promotion: draining the stream, then promoting")
 			}
 		}
+		interval := 500 * time.Millisecond
+		if resp != nil && resp.CheckInMs > 0 {
+			interval = time.Duration(resp.CheckInMs) * time.Millisecond
+		}
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(500 * time.Millisecond):
+		case <-time.After(interval):
 		}
 	}
 }
@@ -183,7 +188,7 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 	s.control.appliedLSN.Store(uint64(a.pos.commitLSN))
 	s.control.promoted.Store(epoch)
 	topology, _ := json.Marshal(map[string]any{"group": s.cfg.Group, "primary_site": s.cfg.Site, "epoch": epoch, "at": time.Now().UTC()})
-	if err := nc.Publish("haven."+s.cfg.Group+".topology", topology); err != nil {
+	if err := nc.Publish(wire.TopologySubject(s.cfg.Group), topology); err != nil {
 		s.log.Warn().Err(err).Msg("could not announce the new topology on NATS")
 	}
 	s.log.Warn().Uint64("epoch", epoch).Stringer("applied_through", a.pos.commitLSN).Interface("steps_seconds", steps).

@@ -248,6 +248,10 @@ func (s *Standby) runSession(ctx context.Context) error {
 			}
 		}
 		wait := time.Second
+		if len(s.cfg.Controllers) > 0 {
+			// An order to promote is looked at between messages.
+			wait = 100 * time.Millisecond
+		}
 		if a.open && a.partial == nil {
 			wait = time.Millisecond
 		}

@@ -69,7 +69,7 @@ func newCtlCmd() *cobra.Command {
 	c := &ctl{actor: os.Getenv("USER")}
 	cmd := &cobra.Command{
 		Use:   "ctl",
-		Short: "Operate the controller quorum: status, failover, rejoin, pause, resume",
+		Short: "Operate the controller quorum: status, failover, switchover, rejoin, pause, resume",
 	}
 	pf := cmd.PersistentFlags()
 	pf.StringSliceVar(&c.apis, "api", nil, "control API URL(s) of controller nodes, comma-separated; each is tried in turn")
@@ -169,11 +169,32 @@ func newCtlCmd() *cobra.Command {
 			})
 		},
 	}
-	for _, sub := range []*cobra.Command{failoverCmd, pause, resume, rejoin} {
+	switchover := &cobra.Command{
+		Use:   "switchover",
+		Short: "Hand the primary role to the DR site without losing a write; the old primary then follows as the standby",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			group, _ := cmd.Flags().GetString("group")
+			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.SwitchoverResponse, error) {
+				r, err := cl.Switchover(ctx, connect.NewRequest(&havenpb.SwitchoverRequest{Group: group, Actor: c.actor}))
+				if err != nil {
+					return nil, err
+				}
+				return r.Msg, nil
+			})
+			if err != nil {
+				return err
+			}
+			return c.print(cmd.OutOrStdout(), resp, func() {
+				fmt.Fprintf(cmd.OutOrStdout(), "group %s: switching over to site %s (haven ctl status shows the progress)\n", group, resp.PrimarySite)
+			})
+		},
+	}
+	for _, sub := range []*cobra.Command{failoverCmd, pause, resume, rejoin, switchover} {
 		sub.Flags().String("group", "", "the group")
 		_ = sub.MarkFlagRequired("group")
 	}
-	cmd.AddCommand(status, failoverCmd, pause, resume, rejoin)
+	cmd.AddCommand(status, failoverCmd, switchover, pause, resume, rejoin)
 	return cmd
 }
 

@@ -68,7 +68,12 @@ func maintenanceConn(ctx context.Context, sourceURL string) (*pgx.Conn, string, 
 
 // Fence stops every write to the database of sourceURL, persistently. It
 // needs a superuser.
-func Fence(ctx context.Context, sourceURL string) error {
+func Fence(ctx context.Context, sourceURL string) error { return FenceKeeping(ctx, sourceURL, "") }
+
+// FenceKeeping fences like Fence but leaves the sessions whose
+// application_name starts with keep (for a switchover, haven's own: its
+// capture drains what was committed before the fence).
+func FenceKeeping(ctx context.Context, sourceURL, keep string) error {
 	conn, db, err := maintenanceConn(ctx, sourceURL)
 	if err != nil {
 		return err
@@ -87,7 +92,8 @@ func Fence(ctx context.Context, sourceURL string) error {
 	}
 	// Sessions already there could keep writing: end them (the database's
 	// client backends; the fence's own session is in another database).
-	if _, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()`, db); err != nil {
+	if _, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()
+		AND ($2 = '' OR NOT starts_with(coalesce(application_name, ''), $2))`, db, keep); err != nil {
 		return fmt.Errorf("end the sessions of %q: %w", db, err)
 	}
 	return nil

@@ -279,8 +279,10 @@ type GroupStatus struct {
 	MaxRpoSeconds   float64 `protobuf:"fixed64,14,opt,name=max_rpo_seconds,json=maxRpoSeconds,proto3" json:"max_rpo_seconds,omitempty"`
 	// Former primaries not yet rejoined, and a rejoin under way ("site:
 	// phase").
-	DeposedSites  []string `protobuf:"bytes,15,rep,name=deposed_sites,json=deposedSites,proto3" json:"deposed_sites,omitempty"`
-	Rejoin        string   `protobuf:"bytes,16,opt,name=rejoin,proto3" json:"rejoin,omitempty"`
+	DeposedSites []string `protobuf:"bytes,15,rep,name=deposed_sites,json=deposedSites,proto3" json:"deposed_sites,omitempty"`
+	Rejoin       string   `protobuf:"bytes,16,opt,name=rejoin,proto3" json:"rejoin,omitempty"`
+	// A switchover under way: its phase.
+	Switchover    string `protobuf:"bytes,17,opt,name=switchover,proto3" json:"switchover,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -423,6 +425,13 @@ func (x *GroupStatus) GetDeposedSites() []string {
 func (x *GroupStatus) GetRejoin() string {
 	if x != nil {
 		return x.Rejoin
+	}
+	return ""
+}
+
+func (x *GroupStatus) GetSwitchover() string {
+	if x != nil {
+		return x.Switchover
 	}
 	return ""
 }
@@ -718,6 +727,102 @@ func (x *FailoverResponse) GetPrimarySite() string {
 	return ""
 }
 
+type SwitchoverRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Group         string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	Actor         string                 `protobuf:"bytes,2,opt,name=actor,proto3" json:"actor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SwitchoverRequest) Reset() {
+	*x = SwitchoverRequest{}
+	mi := &file_control_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SwitchoverRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SwitchoverRequest) ProtoMessage() {}
+
+func (x *SwitchoverRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SwitchoverRequest.ProtoReflect.Descriptor instead.
+func (*SwitchoverRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *SwitchoverRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *SwitchoverRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+type SwitchoverResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	PrimarySite   string                 `protobuf:"bytes,1,opt,name=primary_site,json=primarySite,proto3" json:"primary_site,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SwitchoverResponse) Reset() {
+	*x = SwitchoverResponse{}
+	mi := &file_control_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SwitchoverResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SwitchoverResponse) ProtoMessage() {}
+
+func (x *SwitchoverResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SwitchoverResponse.ProtoReflect.Descriptor instead.
+func (*SwitchoverResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SwitchoverResponse) GetPrimarySite() string {
+	if x != nil {
+		return x.PrimarySite
+	}
+	return ""
+}
+
 type RejoinRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Group         string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
@@ -728,7 +833,7 @@ type RejoinRequest struct {
 
 func (x *RejoinRequest) Reset() {
 	*x = RejoinRequest{}
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -740,7 +845,7 @@ func (x *RejoinRequest) String() string {
 func (*RejoinRequest) ProtoMessage() {}
 
 func (x *RejoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[8]
+	mi := &file_control_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -753,7 +858,7 @@ func (x *RejoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RejoinRequest.ProtoReflect.Descriptor instead.
 func (*RejoinRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{8}
+	return file_control_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RejoinRequest) GetGroup() string {
@@ -779,7 +884,7 @@ type RejoinResponse struct {
 
 func (x *RejoinResponse) Reset() {
 	*x = RejoinResponse{}
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -791,7 +896,7 @@ func (x *RejoinResponse) String() string {
 func (*RejoinResponse) ProtoMessage() {}
 
 func (x *RejoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[9]
+	mi := &file_control_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -804,7 +909,7 @@ func (x *RejoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RejoinResponse.ProtoReflect.Descriptor instead.
 func (*RejoinResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{9}
+	return file_control_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *RejoinResponse) GetSite() string {
@@ -824,7 +929,7 @@ type PauseRequest struct {
 
 func (x *PauseRequest) Reset() {
 	*x = PauseRequest{}
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -836,7 +941,7 @@ func (x *PauseRequest) String() string {
 func (*PauseRequest) ProtoMessage() {}
 
 func (x *PauseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[10]
+	mi := &file_control_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -849,7 +954,7 @@ func (x *PauseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseRequest.ProtoReflect.Descriptor instead.
 func (*PauseRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{10}
+	return file_control_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *PauseRequest) GetGroup() string {
@@ -874,7 +979,7 @@ type PauseResponse struct {
 
 func (x *PauseResponse) Reset() {
 	*x = PauseResponse{}
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -886,7 +991,7 @@ func (x *PauseResponse) String() string {
 func (*PauseResponse) ProtoMessage() {}
 
 func (x *PauseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[11]
+	mi := &file_control_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -899,7 +1004,7 @@ func (x *PauseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PauseResponse.ProtoReflect.Descriptor instead.
 func (*PauseResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{11}
+	return file_control_proto_rawDescGZIP(), []int{13}
 }
 
 type ResumeRequest struct {
@@ -912,7 +1017,7 @@ type ResumeRequest struct {
 
 func (x *ResumeRequest) Reset() {
 	*x = ResumeRequest{}
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -924,7 +1029,7 @@ func (x *ResumeRequest) String() string {
 func (*ResumeRequest) ProtoMessage() {}
 
 func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[12]
+	mi := &file_control_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -937,7 +1042,7 @@ func (x *ResumeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeRequest.ProtoReflect.Descriptor instead.
 func (*ResumeRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{12}
+	return file_control_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ResumeRequest) GetGroup() string {
@@ -962,7 +1067,7 @@ type ResumeResponse struct {
 
 func (x *ResumeResponse) Reset() {
 	*x = ResumeResponse{}
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -974,7 +1079,7 @@ func (x *ResumeResponse) String() string {
 func (*ResumeResponse) ProtoMessage() {}
 
 func (x *ResumeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[13]
+	mi := &file_control_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -987,7 +1092,7 @@ func (x *ResumeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ResumeResponse.ProtoReflect.Descriptor instead.
 func (*ResumeResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{13}
+	return file_control_proto_rawDescGZIP(), []int{15}
 }
 
 type CheckInRequest struct {
@@ -1014,13 +1119,16 @@ type CheckInRequest struct {
 	// Agent: its database is a DR copy (a standby applies to it), so it
 	// cannot be the primary of a group that does not exist yet.
 	StandbyDatabase bool `protobuf:"varint,12,opt,name=standby_database,json=standbyDatabase,proto3" json:"standby_database,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Agent of a primary fenced for a switchover: every change committed
+	// before the fence is in the stream, up to this LSN.
+	DrainedLsn    uint64 `protobuf:"varint,13,opt,name=drained_lsn,json=drainedLsn,proto3" json:"drained_lsn,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckInRequest) Reset() {
 	*x = CheckInRequest{}
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1032,7 +1140,7 @@ func (x *CheckInRequest) String() string {
 func (*CheckInRequest) ProtoMessage() {}
 
 func (x *CheckInRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[14]
+	mi := &file_control_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1045,7 +1153,7 @@ func (x *CheckInRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckInRequest.ProtoReflect.Descriptor instead.
 func (*CheckInRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{14}
+	return file_control_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *CheckInRequest) GetGroup() string {
@@ -1132,6 +1240,13 @@ func (x *CheckInRequest) GetStandbyDatabase() bool {
 	return false
 }
 
+func (x *CheckInRequest) GetDrainedLsn() uint64 {
+	if x != nil {
+		return x.DrainedLsn
+	}
+	return 0
+}
+
 type CheckInResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Epoch       uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
@@ -1153,15 +1268,20 @@ type CheckInResponse struct {
 	Reseed bool `protobuf:"varint,8,opt,name=reseed,proto3" json:"reseed,omitempty"`
 	// Agent of a deposed primary: write the report of transactions DR never
 	// applied (those committed after promoted_lsn), then drop the slot.
-	Report        bool   `protobuf:"varint,9,opt,name=report,proto3" json:"report,omitempty"`
-	PromotedLsn   uint64 `protobuf:"varint,10,opt,name=promoted_lsn,json=promotedLsn,proto3" json:"promoted_lsn,omitempty"`
+	Report      bool   `protobuf:"varint,9,opt,name=report,proto3" json:"report,omitempty"`
+	PromotedLsn uint64 `protobuf:"varint,10,opt,name=promoted_lsn,json=promotedLsn,proto3" json:"promoted_lsn,omitempty"`
+	// Agent of the primary: a switchover is under way; fence the database
+	// but keep capturing, and report when the stream holds everything.
+	SwitchoverFence bool `protobuf:"varint,11,opt,name=switchover_fence,json=switchoverFence,proto3" json:"switchover_fence,omitempty"`
+	// When to check in next (a switchover or promotion goes faster).
+	CheckInMs     int64 `protobuf:"varint,12,opt,name=check_in_ms,json=checkInMs,proto3" json:"check_in_ms,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *CheckInResponse) Reset() {
 	*x = CheckInResponse{}
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1173,7 +1293,7 @@ func (x *CheckInResponse) String() string {
 func (*CheckInResponse) ProtoMessage() {}
 
 func (x *CheckInResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[15]
+	mi := &file_control_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1186,7 +1306,7 @@ func (x *CheckInResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckInResponse.ProtoReflect.Descriptor instead.
 func (*CheckInResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{15}
+	return file_control_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *CheckInResponse) GetEpoch() uint64 {
@@ -1259,6 +1379,20 @@ func (x *CheckInResponse) GetPromotedLsn() uint64 {
 	return 0
 }
 
+func (x *CheckInResponse) GetSwitchoverFence() bool {
+	if x != nil {
+		return x.SwitchoverFence
+	}
+	return false
+}
+
+func (x *CheckInResponse) GetCheckInMs() int64 {
+	if x != nil {
+		return x.CheckInMs
+	}
+	return 0
+}
+
 type ObserveRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
@@ -1272,7 +1406,7 @@ type ObserveRequest struct {
 
 func (x *ObserveRequest) Reset() {
 	*x = ObserveRequest{}
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1284,7 +1418,7 @@ func (x *ObserveRequest) String() string {
 func (*ObserveRequest) ProtoMessage() {}
 
 func (x *ObserveRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[16]
+	mi := &file_control_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1297,7 +1431,7 @@ func (x *ObserveRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObserveRequest.ProtoReflect.Descriptor instead.
 func (*ObserveRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{16}
+	return file_control_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ObserveRequest) GetNodeId() string {
@@ -1343,7 +1477,7 @@ type ObserveResponse struct {
 
 func (x *ObserveResponse) Reset() {
 	*x = ObserveResponse{}
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1355,7 +1489,7 @@ func (x *ObserveResponse) String() string {
 func (*ObserveResponse) ProtoMessage() {}
 
 func (x *ObserveResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[17]
+	mi := &file_control_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1368,7 +1502,7 @@ func (x *ObserveResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ObserveResponse.ProtoReflect.Descriptor instead.
 func (*ObserveResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{17}
+	return file_control_proto_rawDescGZIP(), []int{19}
 }
 
 type JoinRequest struct {
@@ -1382,7 +1516,7 @@ type JoinRequest struct {
 
 func (x *JoinRequest) Reset() {
 	*x = JoinRequest{}
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1394,7 +1528,7 @@ func (x *JoinRequest) String() string {
 func (*JoinRequest) ProtoMessage() {}
 
 func (x *JoinRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[18]
+	mi := &file_control_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1407,7 +1541,7 @@ func (x *JoinRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinRequest.ProtoReflect.Descriptor instead.
 func (*JoinRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{18}
+	return file_control_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *JoinRequest) GetNodeId() string {
@@ -1439,7 +1573,7 @@ type JoinResponse struct {
 
 func (x *JoinResponse) Reset() {
 	*x = JoinResponse{}
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1451,7 +1585,7 @@ func (x *JoinResponse) String() string {
 func (*JoinResponse) ProtoMessage() {}
 
 func (x *JoinResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[19]
+	mi := &file_control_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1464,7 +1598,7 @@ func (x *JoinResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use JoinResponse.ProtoReflect.Descriptor instead.
 func (*JoinResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{19}
+	return file_control_proto_rawDescGZIP(), []int{21}
 }
 
 var File_control_proto protoreflect.FileDescriptor
@@ -1483,7 +1617,7 @@ const file_control_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
 	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\x12\x14\n" +
-	"\x05voter\x18\x04 \x01(\bR\x05voter\"\xb5\x04\n" +
+	"\x05voter\x18\x04 \x01(\bR\x05voter\"\xd5\x04\n" +
 	"\vGroupStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12\x17\n" +
@@ -1502,7 +1636,10 @@ const file_control_proto_rawDesc = "" +
 	"\x11failover_after_ms\x18\r \x01(\x03R\x0ffailoverAfterMs\x12&\n" +
 	"\x0fmax_rpo_seconds\x18\x0e \x01(\x01R\rmaxRpoSeconds\x12#\n" +
 	"\rdeposed_sites\x18\x0f \x03(\tR\fdeposedSites\x12\x16\n" +
-	"\x06rejoin\x18\x10 \x01(\tR\x06rejoin\"\x8e\x01\n" +
+	"\x06rejoin\x18\x10 \x01(\tR\x06rejoin\x12\x1e\n" +
+	"\n" +
+	"switchover\x18\x11 \x01(\tR\n" +
+	"switchover\"\x8e\x01\n" +
 	"\vObservation\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x0e\n" +
 	"\x02up\x18\x02 \x01(\bR\x02up\x12\"\n" +
@@ -1527,7 +1664,12 @@ const file_control_proto_rawDesc = "" +
 	"\x06reason\x18\x04 \x01(\tR\x06reason\"K\n" +
 	"\x10FailoverResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12!\n" +
-	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\";\n" +
+	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\"?\n" +
+	"\x11SwitchoverRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
+	"\x05actor\x18\x02 \x01(\tR\x05actor\"7\n" +
+	"\x12SwitchoverResponse\x12!\n" +
+	"\fprimary_site\x18\x01 \x01(\tR\vprimarySite\";\n" +
 	"\rRejoinRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
 	"\x05actor\x18\x02 \x01(\tR\x05actor\"$\n" +
@@ -1540,7 +1682,7 @@ const file_control_proto_rawDesc = "" +
 	"\rResumeRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
 	"\x05actor\x18\x02 \x01(\tR\x05actor\"\x10\n" +
-	"\x0eResumeResponse\"\x8a\x03\n" +
+	"\x0eResumeResponse\"\xab\x03\n" +
 	"\x0eCheckInRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x121\n" +
@@ -1556,7 +1698,9 @@ const file_control_proto_rawDesc = "" +
 	"\breseeded\x18\n" +
 	" \x01(\bR\breseeded\x12\x16\n" +
 	"\x06report\x18\v \x01(\tR\x06report\x12)\n" +
-	"\x10standby_database\x18\f \x01(\bR\x0fstandbyDatabase\"\xaa\x02\n" +
+	"\x10standby_database\x18\f \x01(\bR\x0fstandbyDatabase\x12\x1f\n" +
+	"\vdrained_lsn\x18\r \x01(\x04R\n" +
+	"drainedLsn\"\xf5\x02\n" +
 	"\x0fCheckInResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12#\n" +
@@ -1569,7 +1713,9 @@ const file_control_proto_rawDesc = "" +
 	"\x06reseed\x18\b \x01(\bR\x06reseed\x12\x16\n" +
 	"\x06report\x18\t \x01(\bR\x06report\x12!\n" +
 	"\fpromoted_lsn\x18\n" +
-	" \x01(\x04R\vpromotedLsn\"\x83\x01\n" +
+	" \x01(\x04R\vpromotedLsn\x12)\n" +
+	"\x10switchover_fence\x18\v \x01(\bR\x0fswitchoverFence\x12\x1e\n" +
+	"\vcheck_in_ms\x18\f \x01(\x03R\tcheckInMs\"\x83\x01\n" +
 	"\x0eObserveRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05group\x18\x02 \x01(\tR\x05group\x12\x0e\n" +
@@ -1586,10 +1732,12 @@ const file_control_proto_rawDesc = "" +
 	"\tComponent\x12\x19\n" +
 	"\x15COMPONENT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCOMPONENT_AGENT\x10\x01\x12\x15\n" +
-	"\x11COMPONENT_STANDBY\x10\x022\xf4\x03\n" +
+	"\x11COMPONENT_STANDBY\x10\x022\xbd\x04\n" +
 	"\aControl\x12;\n" +
 	"\x06Status\x12\x17.haven.v1.StatusRequest\x1a\x18.haven.v1.StatusResponse\x12A\n" +
-	"\bFailover\x12\x19.haven.v1.FailoverRequest\x1a\x1a.haven.v1.FailoverResponse\x12;\n" +
+	"\bFailover\x12\x19.haven.v1.FailoverRequest\x1a\x1a.haven.v1.FailoverResponse\x12G\n" +
+	"\n" +
+	"Switchover\x12\x1b.haven.v1.SwitchoverRequest\x1a\x1c.haven.v1.SwitchoverResponse\x12;\n" +
 	"\x06Rejoin\x12\x17.haven.v1.RejoinRequest\x1a\x18.haven.v1.RejoinResponse\x128\n" +
 	"\x05Pause\x12\x16.haven.v1.PauseRequest\x1a\x17.haven.v1.PauseResponse\x12;\n" +
 	"\x06Resume\x12\x17.haven.v1.ResumeRequest\x1a\x18.haven.v1.ResumeResponse\x12>\n" +
@@ -1610,29 +1758,31 @@ func file_control_proto_rawDescGZIP() []byte {
 }
 
 var file_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_control_proto_goTypes = []any{
-	(Component)(0),           // 0: haven.v1.Component
-	(*StatusRequest)(nil),    // 1: haven.v1.StatusRequest
-	(*StatusResponse)(nil),   // 2: haven.v1.StatusResponse
-	(*Node)(nil),             // 3: haven.v1.Node
-	(*GroupStatus)(nil),      // 4: haven.v1.GroupStatus
-	(*Observation)(nil),      // 5: haven.v1.Observation
-	(*AuditEntry)(nil),       // 6: haven.v1.AuditEntry
-	(*FailoverRequest)(nil),  // 7: haven.v1.FailoverRequest
-	(*FailoverResponse)(nil), // 8: haven.v1.FailoverResponse
-	(*RejoinRequest)(nil),    // 9: haven.v1.RejoinRequest
-	(*RejoinResponse)(nil),   // 10: haven.v1.RejoinResponse
-	(*PauseRequest)(nil),     // 11: haven.v1.PauseRequest
-	(*PauseResponse)(nil),    // 12: haven.v1.PauseResponse
-	(*ResumeRequest)(nil),    // 13: haven.v1.ResumeRequest
-	(*ResumeResponse)(nil),   // 14: haven.v1.ResumeResponse
-	(*CheckInRequest)(nil),   // 15: haven.v1.CheckInRequest
-	(*CheckInResponse)(nil),  // 16: haven.v1.CheckInResponse
-	(*ObserveRequest)(nil),   // 17: haven.v1.ObserveRequest
-	(*ObserveResponse)(nil),  // 18: haven.v1.ObserveResponse
-	(*JoinRequest)(nil),      // 19: haven.v1.JoinRequest
-	(*JoinResponse)(nil),     // 20: haven.v1.JoinResponse
+	(Component)(0),             // 0: haven.v1.Component
+	(*StatusRequest)(nil),      // 1: haven.v1.StatusRequest
+	(*StatusResponse)(nil),     // 2: haven.v1.StatusResponse
+	(*Node)(nil),               // 3: haven.v1.Node
+	(*GroupStatus)(nil),        // 4: haven.v1.GroupStatus
+	(*Observation)(nil),        // 5: haven.v1.Observation
+	(*AuditEntry)(nil),         // 6: haven.v1.AuditEntry
+	(*FailoverRequest)(nil),    // 7: haven.v1.FailoverRequest
+	(*FailoverResponse)(nil),   // 8: haven.v1.FailoverResponse
+	(*SwitchoverRequest)(nil),  // 9: haven.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil), // 10: haven.v1.SwitchoverResponse
+	(*RejoinRequest)(nil),      // 11: haven.v1.RejoinRequest
+	(*RejoinResponse)(nil),     // 12: haven.v1.RejoinResponse
+	(*PauseRequest)(nil),       // 13: haven.v1.PauseRequest
+	(*PauseResponse)(nil),      // 14: haven.v1.PauseResponse
+	(*ResumeRequest)(nil),      // 15: haven.v1.ResumeRequest
+	(*ResumeResponse)(nil),     // 16: haven.v1.ResumeResponse
+	(*CheckInRequest)(nil),     // 17: haven.v1.CheckInRequest
+	(*CheckInResponse)(nil),    // 18: haven.v1.CheckInResponse
+	(*ObserveRequest)(nil),     // 19: haven.v1.ObserveRequest
+	(*ObserveResponse)(nil),    // 20: haven.v1.ObserveResponse
+	(*JoinRequest)(nil),        // 21: haven.v1.JoinRequest
+	(*JoinResponse)(nil),       // 22: haven.v1.JoinResponse
 }
 var file_control_proto_depIdxs = []int32{
 	3,  // 0: haven.v1.StatusResponse.nodes:type_name -> haven.v1.Node
@@ -1642,22 +1792,24 @@ var file_control_proto_depIdxs = []int32{
 	0,  // 4: haven.v1.CheckInRequest.component:type_name -> haven.v1.Component
 	1,  // 5: haven.v1.Control.Status:input_type -> haven.v1.StatusRequest
 	7,  // 6: haven.v1.Control.Failover:input_type -> haven.v1.FailoverRequest
-	9,  // 7: haven.v1.Control.Rejoin:input_type -> haven.v1.RejoinRequest
-	11, // 8: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
-	13, // 9: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
-	15, // 10: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
-	17, // 11: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
-	19, // 12: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
-	2,  // 13: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
-	8,  // 14: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
-	10, // 15: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
-	12, // 16: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
-	14, // 17: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
-	16, // 18: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
-	18, // 19: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
-	20, // 20: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
-	13, // [13:21] is the sub-list for method output_type
-	5,  // [5:13] is the sub-list for method input_type
+	9,  // 7: haven.v1.Control.Switchover:input_type -> haven.v1.SwitchoverRequest
+	11, // 8: haven.v1.Control.Rejoin:input_type -> haven.v1.RejoinRequest
+	13, // 9: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
+	15, // 10: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
+	17, // 11: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
+	19, // 12: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
+	21, // 13: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
+	2,  // 14: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
+	8,  // 15: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
+	10, // 16: haven.v1.Control.Switchover:output_type -> haven.v1.SwitchoverResponse
+	12, // 17: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
+	14, // 18: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
+	16, // 19: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
+	18, // 20: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
+	20, // 21: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
+	22, // 22: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
+	14, // [14:23] is the sub-list for method output_type
+	5,  // [5:14] is the sub-list for method input_type
 	5,  // [5:5] is the sub-list for extension type_name
 	5,  // [5:5] is the sub-list for extension extendee
 	0,  // [0:5] is the sub-list for field type_name
@@ -1674,7 +1826,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

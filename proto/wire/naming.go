@@ -35,6 +35,11 @@ func SubjectPrefix(group string) string { return "haven." + group + "." }
 func SnapshotSubject(group string) string    { return SubjectPrefix(group) + "snapshot" }
 func TransactionSubject(group string) string { return SubjectPrefix(group) + "txn" }
 
+// TopologySubject is where a promoted standby announces a group's new
+// primary: outside the group's stream, whose readers take every message
+// there for a chunk.
+func TopologySubject(group string) string { return "haven_topology." + group }
+
 // TransactionMsgID is the Nats-Msg-Id of the chunk of a source transaction
 // that starts at change firstChange. It depends only on the source, so a
 // restarted agent republishing the same chunk produces the same id and

@@ -44,6 +44,8 @@ const (
 	ControlStatusProcedure = "/haven.v1.Control/Status"
 	// ControlFailoverProcedure is the fully-qualified name of the Control's Failover RPC.
 	ControlFailoverProcedure = "/haven.v1.Control/Failover"
+	// ControlSwitchoverProcedure is the fully-qualified name of the Control's Switchover RPC.
+	ControlSwitchoverProcedure = "/haven.v1.Control/Switchover"
 	// ControlRejoinProcedure is the fully-qualified name of the Control's Rejoin RPC.
 	ControlRejoinProcedure = "/haven.v1.Control/Rejoin"
 	// ControlPauseProcedure is the fully-qualified name of the Control's Pause RPC.
@@ -67,6 +69,11 @@ type ControlClient interface {
 	// Failover promotes the DR site of a group. Without force it is refused
 	// when the primary looks healthy or DR lags more than max_rpo.
 	Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error)
+	// Switchover hands the primary role to the DR site without losing a
+	// write: the primary is fenced, its agent drains its last changes into
+	// the stream, DR applies them and is promoted, and the old primary
+	// rejoins as the new standby.
+	Switchover(context.Context, *connect.Request[havenpb.SwitchoverRequest]) (*connect.Response[havenpb.SwitchoverResponse], error)
 	// Rejoin turns a group's deposed primary into its new standby: its agent
 	// reports what it committed that DR never applied, drops its slot, and
 	// its site's standby replaces the database with a fresh copy of the new
@@ -110,6 +117,12 @@ func NewControlClient(httpClient connect.HTTPClient, baseURL string, opts ...con
 			connect.WithSchema(controlMethods.ByName("Failover")),
 			connect.WithClientOptions(opts...),
 		),
+		switchover: connect.NewClient[havenpb.SwitchoverRequest, havenpb.SwitchoverResponse](
+			httpClient,
+			baseURL+ControlSwitchoverProcedure,
+			connect.WithSchema(controlMethods.ByName("Switchover")),
+			connect.WithClientOptions(opts...),
+		),
 		rejoin: connect.NewClient[havenpb.RejoinRequest, havenpb.RejoinResponse](
 			httpClient,
 			baseURL+ControlRejoinProcedure,
@@ -151,14 +164,15 @@ func NewControlClient(httpClient connect.HTTPClient, baseURL string, opts ...con
 
 // controlClient implements ControlClient.
 type controlClient struct {
-	status   *connect.Client[havenpb.StatusRequest, havenpb.StatusResponse]
-	failover *connect.Client[havenpb.FailoverRequest, havenpb.FailoverResponse]
-	rejoin   *connect.Client[havenpb.RejoinRequest, havenpb.RejoinResponse]
-	pause    *connect.Client[havenpb.PauseRequest, havenpb.PauseResponse]
-	resume   *connect.Client[havenpb.ResumeRequest, havenpb.ResumeResponse]
-	checkIn  *connect.Client[havenpb.CheckInRequest, havenpb.CheckInResponse]
-	observe  *connect.Client[havenpb.ObserveRequest, havenpb.ObserveResponse]
-	join     *connect.Client[havenpb.JoinRequest, havenpb.JoinResponse]
+	status     *connect.Client[havenpb.StatusRequest, havenpb.StatusResponse]
+	failover   *connect.Client[havenpb.FailoverRequest, havenpb.FailoverResponse]
+	switchover *connect.Client[havenpb.SwitchoverRequest, havenpb.SwitchoverResponse]
+	rejoin     *connect.Client[havenpb.RejoinRequest, havenpb.RejoinResponse]
+	pause      *connect.Client[havenpb.PauseRequest, havenpb.PauseResponse]
+	resume     *connect.Client[havenpb.ResumeRequest, havenpb.ResumeResponse]
+	checkIn    *connect.Client[havenpb.CheckInRequest, havenpb.CheckInResponse]
+	observe    *connect.Client[havenpb.ObserveRequest, havenpb.ObserveResponse]
+	join       *connect.Client[havenpb.JoinRequest, havenpb.JoinResponse]
 }
 
 // Status calls haven.v1.Control.Status.
@@ -169,6 +183,11 @@ func (c *controlClient) Status(ctx context.Context, req *connect.Request[havenpb
 // Failover calls haven.v1.Control.Failover.
 func (c *controlClient) Failover(ctx context.Context, req *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error) {
 	return c.failover.CallUnary(ctx, req)
+}
+
+// Switchover calls haven.v1.Control.Switchover.
+func (c *controlClient) Switchover(ctx context.Context, req *connect.Request[havenpb.SwitchoverRequest]) (*connect.Response[havenpb.SwitchoverResponse], error) {
+	return c.switchover.CallUnary(ctx, req)
 }
 
 // Rejoin calls haven.v1.Control.Rejoin.
@@ -210,6 +229,11 @@ type ControlHandler interface {
 	// Failover promotes the DR site of a group. Without force it is refused
 	// when the primary looks healthy or DR lags more than max_rpo.
 	Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error)
+	// Switchover hands the primary role to the DR site without losing a
+	// write: the primary is fenced, its agent drains its last changes into
+	// the stream, DR applies them and is promoted, and the old primary
+	// rejoins as the new standby.
+	Switchover(context.Context, *connect.Request[havenpb.SwitchoverRequest]) (*connect.Response[havenpb.SwitchoverResponse], error)
 	// Rejoin turns a group's deposed primary into its new standby: its agent
 	// reports what it committed that DR never applied, drops its slot, and
 	// its site's standby replaces the database with a fresh copy of the new
@@ -247,6 +271,12 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 		ControlFailoverProcedure,
 		svc.Failover,
 		connect.WithSchema(controlMethods.ByName("Failover")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlSwitchoverHandler := connect.NewUnaryHandler(
+		ControlSwitchoverProcedure,
+		svc.Switchover,
+		connect.WithSchema(controlMethods.ByName("Switchover")),
 		connect.WithHandlerOptions(opts...),
 	)
 	controlRejoinHandler := connect.NewUnaryHandler(
@@ -291,6 +321,8 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 			controlStatusHandler.ServeHTTP(w, r)
 		case ControlFailoverProcedure:
 			controlFailoverHandler.ServeHTTP(w, r)
+		case ControlSwitchoverProcedure:
+			controlSwitchoverHandler.ServeHTTP(w, r)
 		case ControlRejoinProcedure:
 			controlRejoinHandler.ServeHTTP(w, r)
 		case ControlPauseProcedure:
@@ -318,6 +350,10 @@ func (UnimplementedControlHandler) Status(context.Context, *connect.Request[have
 
 func (UnimplementedControlHandler) Failover(context.Context, *connect.Request[havenpb.FailoverRequest]) (*connect.Response[havenpb.FailoverResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.Failover is not implemented"))
+}
+
+func (UnimplementedControlHandler) Switchover(context.Context, *connect.Request[havenpb.SwitchoverRequest]) (*connect.Response[havenpb.SwitchoverResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.Switchover is not implemented"))
 }
 
 func (UnimplementedControlHandler) Rejoin(context.Context, *connect.Request[havenpb.RejoinRequest]) (*connect.Response[havenpb.RejoinResponse], error) {
