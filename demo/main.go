@@ -1,7 +1,8 @@
 // Command demo runs all of haven on one machine with no setup: an embedded
 // NATS server, two throwaway PostgreSQL clusters (primary and DR), the agent
-// and the standby, and the reference CRM workload (pgbench), and shows the DR
-// copy following live before checking that both sides are equal.
+// and the standby, three controller nodes, and the reference CRM workload
+// (pgbench); it shows the DR copy following live, checks that both sides are
+// equal, then kills the primary and measures the failover.
 //
 // Run it with `make demo`.
 package main
@@ -101,12 +102,19 @@ func run(ctx context.Context) (err error) {
 		}
 	}
 
-	step("starting the agent (capture) and the standby (apply); their logs go to %s", logPath)
+	step("starting three controller nodes (Raft quorum), the agent (capture, site a) and the standby (apply, site b); logs go to %s", logPath)
+	controllers, stopQuorum, err := startQuorum(ctx, workDir, log)
+	if err != nil {
+		return err
+	}
+	defer stopQuorum()
 	agentCfg := agent.DefaultConfig()
 	agentCfg.SourceURL, agentCfg.NATSURL, agentCfg.Group = primary.URL(database), nats.URL(), group
 	agentCfg.HeartbeatInterval = time.Second
+	agentCfg.Controllers, agentCfg.Site = controllers, "a"
 	standbyCfg := replicator.DefaultConfig()
 	standbyCfg.TargetURL, standbyCfg.NATSURL, standbyCfg.Group = dr.URL(database), nats.URL(), group
+	standbyCfg.Controllers, standbyCfg.Site = controllers, "b"
 	reg := prometheus.NewRegistry()
 	capture, err := agent.New(agentCfg, log, reg)
 	if err != nil {
@@ -222,9 +230,9 @@ watch:
 	if !equal {
 		return errors.New("the DR copy differs from the primary")
 	}
-	fmt.Printf("\nThe DR copy equals the primary: %.0f transactions and %.0f row changes applied, exactly once, in commit order.\n",
+	fmt.Printf("    the DR copy equals the primary: %.0f transactions and %.0f row changes applied, exactly once, in commit order\n",
 		gauge(reg, "haven_standby_applied_transactions_total"), gauge(reg, "haven_standby_applied_changes_total"))
-	return nil
+	return demoFailover(ctx, primary, dr, primaryConn, drConn, done)
 }
 
 // workloadDir finds the project's copy of the reference workload.
