@@ -2,22 +2,18 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"fmt"
-	"net/http"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	"connectrpc.com/connect"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/rs/zerolog"
 
+	"github.com/haven-dr/haven/internal/controlclient"
 	"github.com/haven-dr/haven/internal/fence"
 	"github.com/haven-dr/haven/proto/havenpb"
-	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
 )
 
 // The agent of the primary site holds a lease from the controller quorum,
@@ -40,7 +36,7 @@ import (
 type leaseKeeper struct {
 	cfg     Config
 	log     zerolog.Logger
-	clients []havenpbconnect.ControlClient
+	clients controlclient.Clients
 
 	mu         sync.Mutex
 	validUntil time.Time // the lease, by this process's clock
@@ -58,9 +54,7 @@ type leaseKeeper struct {
 
 func newLeaseKeeper(cfg Config, log zerolog.Logger, confirmed *atomic.Uint64) *leaseKeeper {
 	k := &leaseKeeper{cfg: cfg, log: log.With().Str("site", cfg.Site).Logger(), epoch: cfg.Epoch, changed: make(chan struct{}), confirmed: confirmed}
-	for _, url := range cfg.Controllers {
-		k.clients = append(k.clients, havenpbconnect.NewControlClient(&http.Client{Timeout: 2 * time.Second}, strings.TrimRight(url, "/")))
-	}
+	k.clients = controlclient.New(cfg.Controllers)
 	return k
 }
 
@@ -71,7 +65,8 @@ func (k *leaseKeeper) state() (epoch uint64, deposed bool, changed <-chan struct
 	return k.epoch, k.deposed, k.changed
 }
 
-// checkIn asks each controller in turn until one answers.
+// checkIn asks the quorum, every node at once: the lease must not run
+// out because one node hangs.
 func (k *leaseKeeper) checkIn(ctx context.Context) (*havenpb.CheckInResponse, error) {
 	k.mu.Lock()
 	req := &havenpb.CheckInRequest{Group: k.cfg.Group, Site: k.cfg.Site, Component: havenpb.Component_COMPONENT_AGENT,
@@ -81,18 +76,7 @@ func (k *leaseKeeper) checkIn(ctx context.Context) (*havenpb.CheckInResponse, er
 	if req.DatabaseUrl == "" {
 		req.DatabaseUrl = k.cfg.SourceURL
 	}
-	var errs []error
-	for _, cl := range k.clients {
-		resp, err := cl.CheckIn(ctx, connect.NewRequest(req))
-		if err == nil {
-			return resp.Msg, nil
-		}
-		errs = append(errs, err)
-		if connect.CodeOf(err) == connect.CodeFailedPrecondition || connect.CodeOf(err) == connect.CodeInvalidArgument {
-			break
-		}
-	}
-	return nil, errors.Join(errs...)
+	return k.clients.CheckIn(ctx, req, time.Second)
 }
 
 // run checks in every quarter of the lease until ctx ends.

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -456,4 +457,49 @@ func TestSwitchoverThereAndBack(t *testing.T) {
 		t.Logf("all %d acknowledged writes are on the final primary, once each", present)
 	}
 	assertEqual(t, final, standby, map[string]string{"acked": "id", "contacts": "id", "accounts": "id", "deals": "id", "activities": "id"})
+}
+
+// TestControllerLeaderCutOff: the leader of the quorum stops answering
+// (SIGSTOP) while the primary stays healthy. The other two elect a new
+// leader and the group keeps its primary and epoch: nothing fails over.
+// When the old leader comes back it follows, and still nothing changes.
+func TestControllerLeaderCutOff(t *testing.T) {
+	f := startFailoverSite(t)
+	q := f.q
+	st, err := q.status(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := st.LeaderID
+	i := 0
+	for j := range q.procs {
+		if fmt.Sprintf("c%d", j+1) == old {
+			i = j
+		}
+	}
+	if err := q.procs[i].cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), i, i+1)}
+	waitFor(t, 30*time.Second, "a new leader among the other two", func() (bool, error) {
+		st, err := rest.status(t)
+		return err == nil && st.LeaderID != "" && st.LeaderID != old, nil
+	})
+	// Longer than failover_after and the lease: a failover would have come.
+	mustExec(t, f.primary, `INSERT INTO marker (id) VALUES (100)`)
+	time.Sleep(5 * time.Second) // nothing to poll for: the test is that nothing happens
+	if st, err := rest.status(t); err != nil || st.Groups[0].PrimarySite != "a" || st.Groups[0].Epoch != "1" {
+		t.Fatalf("with the old leader cut off: %+v, %v; want site a primary at epoch 1", st, err)
+	}
+	if err := q.procs[i].cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "the old leader to follow", func() (bool, error) {
+		st, err := (&quorum{apis: q.apis[i : i+1]}).status(t)
+		return err == nil && st.LeaderID != "" && st.LeaderID != old, nil
+	})
+	if st, err := q.status(t); err != nil || st.Groups[0].PrimarySite != "a" || st.Groups[0].Epoch != "1" {
+		t.Fatalf("after the old leader came back: %+v, %v", st, err)
+	}
+	waitCaughtUp(t, f.primary, f.dr, 101, 30*time.Second)
 }

@@ -133,6 +133,11 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 	if chunk.Kind != havenpb.Kind_KIND_SNAPSHOT_BEGIN && a.next.systemID != 0 && chunk.SystemId != a.next.systemID {
 		return a.stop(ctx, blocked(seq, "foreign", "message from source system %d, but the DR copy follows system %d", chunk.SystemId, a.next.systemID))
 	}
+	if chunk.Epoch < a.next.epoch {
+		// Written by a primary deposed since: it must not reach DR.
+		return a.stop(ctx, blocked(seq, "stale epoch", "message of epoch %d, but the DR copy follows epoch %d: a deposed primary's agent wrote it (fence it; haven skip drops the message)",
+			chunk.Epoch, a.next.epoch))
+	}
 	a.metrics.pending.Set(float64(meta.NumPending))
 	switch chunk.Kind {
 	case havenpb.Kind_KIND_TRANSACTION:

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"strconv"
@@ -13,14 +12,13 @@ import (
 	"sync/atomic"
 	"time"
 
-	"connectrpc.com/connect"
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 
+	"github.com/haven-dr/haven/internal/controlclient"
 	"github.com/haven-dr/haven/proto/havenpb"
-	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -59,32 +57,20 @@ type controlState struct {
 
 // checkIns reports to the controllers until ctx ends.
 func (s *Standby) checkIns(ctx context.Context) {
-	var clients []havenpbconnect.ControlClient
-	for _, url := range s.cfg.Controllers {
-		clients = append(clients, havenpbconnect.NewControlClient(&http.Client{Timeout: 2 * time.Second}, strings.TrimRight(url, "/")))
-	}
+	clients := controlclient.New(s.cfg.Controllers)
 	warned := time.Time{}
 	for {
 		req := &havenpb.CheckInRequest{Group: s.cfg.Group, Site: s.cfg.Site, Component: havenpb.Component_COMPONENT_STANDBY,
 			DatabaseUrl: s.cfg.TargetURL, LagSeconds: float64(s.control.lagMs.Load()) / 1000, PromotedEpoch: s.control.promoted.Load(),
 			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: s.control.reseed.Load() && s.control.reseeded.Load()}
-		var resp *havenpb.CheckInResponse
-		var errs []error
-		for _, cl := range clients {
-			r, err := cl.CheckIn(ctx, connect.NewRequest(req))
-			if err == nil {
-				resp = r.Msg
-				break
-			}
-			errs = append(errs, err)
-		}
+		resp, err := clients.CheckIn(ctx, req, time.Second)
 		switch {
 		case ctx.Err() != nil:
 			return
 		case resp == nil:
 			if time.Since(warned) > 30*time.Second {
 				warned = time.Now()
-				s.log.Warn().Err(errors.Join(errs...)).Msg("no controller answered the standby's check-in: the quorum cannot see DR's lag, so it will not fail over by itself")
+				s.log.Warn().Err(err).Msg("no controller answered the standby's check-in: the quorum cannot see DR's lag, so it will not fail over by itself")
 			}
 		default:
 			if s.control.apply.Swap(resp.Apply) != resp.Apply {

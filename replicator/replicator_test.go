@@ -205,6 +205,12 @@ func TestStopsAtMessagesItCannotApply(t *testing.T) {
 			c.SystemId = 42
 			return f.publish(c)
 		}, "source system 42"},
+		{"message of an older epoch", func(f *feed) uint64 {
+			newer := f.txn(0x2800)
+			newer.Epoch = 2 // the group failed over: this is the new primary's
+			f.publish(newer)
+			return f.publish(f.txn(0x3000, insert("3", "from the deposed primary"))) // epoch 1
+		}, "stale epoch"},
 		{"chunk out of order", func(f *feed) uint64 {
 			c := f.txn(0x3000, insert("3", "x"))
 			c.FirstChange = 1
