@@ -55,6 +55,12 @@ func TestReseedAfterTheStreamAgedOut(t *testing.T) {
 	})
 
 	agent.stop()
+	// The walsender lets go of the slot a moment after the agent is gone.
+	waitFor(t, 30*time.Second, "the slot to be released", func() (bool, error) {
+		var active bool
+		err := primary.QueryRow(t.Context(), `SELECT active FROM pg_replication_slots WHERE slot_name = 'haven_crm'`).Scan(&active)
+		return !active, err
+	})
 	mustExec(t, primary, `SELECT pg_drop_replication_slot('haven_crm')`)
 	mustExec(t, primary, `UPDATE deals SET n = n + 1`)
 	startHaven(t, "agent-reseeded", agentArgs...)
