@@ -302,7 +302,8 @@ func TestSynchronousFailoverLosesNoAcknowledgedWrite(t *testing.T) {
 
 // TestRejoinAfterFailover: both sites run an agent and a standby. The
 // primary's agent is killed, rows are committed that never reach the
-// stream, and the primary is killed too. DR is promoted and its agent starts
+// stream, and the primary is killed too; restarted without its agent, it
+// is fenced by the controllers. DR is promoted and its agent starts
 // capturing; haven ctl rejoin makes the old primary's agent write those
 // rows to its report and drop its slot, and the old primary's standby
 // replaces its database with the new primary's snapshot and follows it.
@@ -320,14 +321,26 @@ func TestRejoinAfterFailover(t *testing.T) {
 	if err := s.primary.Kill(); err != nil {
 		t.Fatal(err)
 	}
-	startHaven(t, "agent-a-again", agentArgs...)
 	waitFor(t, 60*time.Second, "site b to be promoted", func() (bool, error) {
 		st, err := q.status(t)
 		return err == nil && st.Groups[0].PrimarySite == "b" && st.Groups[0].State == "ACTIVE", err
 	})
+	// The old primary comes back without its agent: the controllers fence
+	// it, and it takes no write, even from a session that asks for one.
 	if err := s.primary.Restart(t.Context()); err != nil {
 		t.Fatal(err)
 	}
+	waitFor(t, 30*time.Second, "the controllers to fence the old primary", func() (bool, error) {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, s.primaryURL()+"&default_transaction_read_only=off")
+		if err != nil {
+			return strings.Contains(err.Error(), "not currently accepting connections"), nil
+		}
+		conn.Close(context.Background())
+		return false, nil
+	})
+	startHaven(t, "agent-a-again", agentArgs...)
 	newPrimary := connect(t, s.drWriteURL())
 	mustExec(t, newPrimary, `INSERT INTO acked (id) SELECT g FROM generate_series(2001, 2050) g`)
 	if out, err := q.ctl(t, "rejoin", "--group", "crm"); err != nil {
