@@ -339,13 +339,17 @@ func (s *session) connectSource(ctx context.Context) (*pgx.Conn, error) {
 	// its slot there, and a primary's agent must never be read-only.
 	config.RuntimeParams["default_transaction_read_only"] = "off"
 	// A switchover's fence ends every session but haven's.
-	config.RuntimeParams["application_name"] = "haven_agent_" + s.cfg.Group
+	config.RuntimeParams["application_name"] = agentSessionName(s.cfg.Group)
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return nil, fmt.Errorf("connect to source database: %w", err)
 	}
 	return conn, nil
 }
+
+// agentSessionName is the application_name of the agent's sessions (its
+// replication connection's is SlotName).
+func agentSessionName(group string) string { return "haven_agent_" + group }
 
 // replicationConn opens a connection in logical replication mode.
 func (s *session) replicationConn(ctx context.Context) (*pgconn.PgConn, error) {

@@ -36,7 +36,7 @@ import (
 type leaseKeeper struct {
 	cfg     Config
 	log     zerolog.Logger
-	clients controlclient.Clients
+	clients *controlclient.Clients
 
 	mu         sync.Mutex
 	validUntil time.Time // the lease, by this process's clock
@@ -160,8 +160,13 @@ func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, 
 	}
 	epochChanged := resp.Epoch != k.epoch
 	k.epoch, k.primary = resp.Epoch, resp.PrimarySite
-	// A switchover's fence stays until the site is deposed.
-	fenced := k.fenced && k.drainTo == 0
+	// A switchover's fence stays until the site is deposed; an aborted
+	// switchover's is lifted.
+	fenced := k.fenced && !resp.SwitchoverFence
+	if !resp.SwitchoverFence && k.drainTo != 0 {
+		k.drainTo, k.drained, fenced = 0, 0, true
+		k.log.Warn().Msg("switchover aborted by the controllers: lifting the fence, this site stays primary")
+	}
 	if epochChanged {
 		k.changeLocked()
 	}
@@ -190,7 +195,7 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) {
 		}
 		defer conn.Close(context.Background())
 		var mark string
-		if err := fence.FenceKeeping(ctx, k.cfg.SourceURL, "haven_"); err != nil {
+		if err := fence.FenceKeeping(ctx, k.cfg.SourceURL, SlotName(k.cfg.Group), agentSessionName(k.cfg.Group)); err != nil {
 			k.log.Error().Err(err).Msg("switchover: fencing failed; retrying at the next check-in")
 			return
 		}
@@ -204,7 +209,7 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) {
 			return
 		}
 		k.mu.Lock()
-		k.drainTo, k.fenced = lsn, true
+		k.drainTo = lsn
 		k.mu.Unlock()
 		k.log.Warn().Stringer("fence_lsn", lsn).Msg("switchover: database fenced for writes; draining its last changes into the stream")
 	}

@@ -259,7 +259,7 @@ func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
 		st, err := q.status(t)
 		return err == nil && st.Groups[0].State == "ACTIVE", err
 	})
-	if out, err := q.ctl(t, "failover", "--group", "crm"); err == nil || !strings.Contains(out, "refusing to fail over a healthy primary") {
+	if out, err := q.ctl(t, "failover", "--group", "crm", "--force"); err == nil || !strings.Contains(out, "deposed primary that has not rejoined") {
 		t.Errorf("a second failover was not refused: %v, %s", err, out)
 	}
 

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"sort"
-	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -97,18 +96,21 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 	if g.DRSite == "" {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("group %q has no DR site: no standby has checked in", g.Name))
 	}
+	if _, stale := g.Deposed[g.DRSite]; stale {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("site %s of group %q is a deposed primary that has not rejoined: its data is stale, so it is not promoted, even with --force; "+
+			"bring site %s back, or restore from a backup", g.DRSite, g.Name, g.PrimarySite))
+	}
 	if !r.Force {
-		var up []string
+		down := 0
 		now := time.Now().UnixMilli()
-		for n, o := range g.Observations {
-			if o.Up && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
-				up = append(up, n)
+		for _, o := range g.Observations {
+			if !o.Up && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
+				down++
 			}
 		}
-		if len(up) > 0 {
-			sort.Strings(up)
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the primary of group %q (site %s) answers probes from %s: refusing to fail over a healthy primary; "+
-				"use --force to do it anyway (it is fenced first), or a switchover", g.Name, g.PrimarySite, strings.Join(up, ", ")))
+		if voters := a.c.voters(); down < voters/2+1 {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the primary of group %q (site %s) is not seen down by a majority of the controller nodes (%d of %d): "+
+				"refusing to fail over a healthy primary; use --force to do it anyway (it is fenced first), or a switchover", g.Name, g.PrimarySite, down, voters))
 		}
 		if g.LagSeconds > a.c.cfg.Policy.MaxRPO.Seconds() {
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q lags %.1fs, more than max_rpo %s: --force accepts losing that", g.Name, g.LagSeconds, a.c.cfg.Policy.MaxRPO))
@@ -196,6 +198,9 @@ func (a *api) Switchover(ctx context.Context, req *connect.Request[havenpb.Switc
 	g, err := a.group(req.Msg.Group)
 	if err != nil {
 		return nil, err
+	}
+	if time.Since(time.UnixMilli(g.AgentSeenMs)) > a.c.cfg.Policy.StandbyTimeout {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the primary's agent of group %q has not checked in recently: a switchover needs it to drain the primary", g.Name))
 	}
 	if time.Since(time.UnixMilli(g.StandbySeenMs)) > a.c.cfg.Policy.StandbyTimeout || g.LagSeconds > a.c.cfg.Policy.MaxRPO.Seconds() {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR site %s of group %q has not reported recently or lags %.1fs: a switchover would wait for it with writes stopped; fix the standby first",

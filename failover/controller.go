@@ -335,6 +335,10 @@ func (c *Controller) announce(ctx context.Context) {
 	}
 }
 
+// switchoverTimeout bounds a switchover's fence phase: an agent that does
+// not drain by then (it died, its capture failed) gets its primary back.
+const switchoverTimeout = 15 * time.Second
+
 // leaderLoop decides, on the leader, which groups fail over.
 func (c *Controller) leaderLoop(ctx context.Context) {
 	ticker := time.NewTicker(c.cfg.Policy.ProbeInterval / 2)
@@ -357,6 +361,12 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 			c.fenceDeposed(ctx, st)
 		}
 		for _, g := range st.Groups {
+			if g.Switchover != "" && now.Sub(time.UnixMilli(g.SwitchoverStarted)) > switchoverTimeout {
+				reason := fmt.Sprintf("the primary's agent did not drain within %s; the primary is unfenced and stays primary", switchoverTimeout)
+				c.log.Error().Str("group", g.Name).Msg("switchover aborted: " + reason)
+				_, _ = c.propose(command{Kind: cmdAbortSwitchover, AtMs: now.UnixMilli(), Group: g.Name, Actor: "controller@" + c.cfg.ID, Reason: reason})
+				continue
+			}
 			d := Decide(g, voters, now, c.cfg.Policy)
 			if d.Failover {
 				reason := fmt.Sprintf("primary down for %s on a majority of %d controller nodes, DR lag %.2fs", c.cfg.Policy.FailoverAfter, voters, g.LagSeconds)

@@ -42,6 +42,7 @@ func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 	if g.State != StateActive || g.DRSite == "" {
 		return Decision{}
 	}
+	_, staleDR := g.Deposed[g.DRSite]
 	nowMs := now.UnixMilli()
 	var down []string
 	for node, o := range g.Observations {
@@ -59,6 +60,9 @@ func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 		return Decision{}
 	}
 	switch {
+	case staleDR:
+		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) and the other site %s is a deposed primary that has not rejoined: its data is stale, so it is not promoted; "+
+			"bring %s back, or restore from a backup", g.PrimarySite, down, g.DRSite, g.PrimarySite)}
 	case g.Paused:
 		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but automatic failover is paused: resume, or haven ctl failover --group %s", g.PrimarySite, down, g.Name)}
 	case nowMs-g.StandbySeenMs > p.StandbyTimeout.Milliseconds():

@@ -101,6 +101,12 @@ func TestDecideScenarios(t *testing.T) {
 			down(g, "n2", 0, 5*time.Second)
 			standby(g, 5*time.Second, 0)
 		}, 5 * time.Second, false, ""},
+		{"the other site is a deposed primary, not rejoined", func(g *Group) {
+			g.Deposed = map[string]uint64{"b": 2}
+			down(g, "n1", 0, 5*time.Second)
+			down(g, "n2", 0, 5*time.Second)
+			standby(g, 5*time.Second, 0)
+		}, 5 * time.Second, false, "deposed primary"},
 		{"no DR site yet", func(g *Group) {
 			g.DRSite = ""
 			down(g, "n1", 0, 5*time.Second)

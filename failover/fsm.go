@@ -49,8 +49,9 @@ type Group struct {
 	// Switchover is a planned switchover's phase ("fence": the primary's
 	// agent fences and drains), and AutoRejoin the site that rejoins as
 	// standby once the other is promoted.
-	Switchover string `json:"switchover,omitempty"`
-	AutoRejoin string `json:"auto_rejoin,omitempty"`
+	Switchover        string `json:"switchover,omitempty"`
+	SwitchoverStarted int64  `json:"switchover_started_ms,omitempty"`
+	AutoRejoin        string `json:"auto_rejoin,omitempty"`
 	// PromotedLSN is the last source commit the promoted standby applied:
 	// what the old primary committed after it never reached DR.
 	PromotedLSN uint64 `json:"promoted_lsn,omitempty"`
@@ -129,15 +130,16 @@ func (s *State) audit(atMs int64, actor, action, group, outcome string) {
 
 // Command kinds.
 const (
-	cmdCheckIn    = "checkin"
-	cmdObserve    = "observe"
-	cmdFailover   = "failover"
-	cmdPause      = "pause"
-	cmdResume     = "resume"
-	cmdNode       = "node"
-	cmdAlert      = "alert"
-	cmdRejoin     = "rejoin"
-	cmdSwitchover = "switchover"
+	cmdCheckIn         = "checkin"
+	cmdObserve         = "observe"
+	cmdFailover        = "failover"
+	cmdPause           = "pause"
+	cmdResume          = "resume"
+	cmdNode            = "node"
+	cmdAlert           = "alert"
+	cmdRejoin          = "rejoin"
+	cmdSwitchover      = "switchover"
+	cmdAbortSwitchover = "abort-switchover"
 )
 
 // Rejoin and switchover phases.
@@ -238,6 +240,10 @@ func (s *State) apply(c command) any {
 			s.audit(c.AtMs, c.Actor, "failover", c.Group, "refused: "+g.State)
 			return fmt.Errorf("group %q cannot fail over: state %s, DR site %q", c.Group, g.State, g.DRSite)
 		}
+		if _, stale := g.Deposed[g.DRSite]; stale {
+			s.audit(c.AtMs, c.Actor, "failover", c.Group, "refused: DR site deposed, not rejoined")
+			return fmt.Errorf("group %q cannot fail over to site %s: it is a deposed primary that has not rejoined, so its data is stale", c.Group, g.DRSite)
+		}
 		g.promote()
 		s.audit(c.AtMs, c.Actor, "failover", c.Group, fmt.Sprintf("site %s promoted to primary at epoch %d: %s", g.PrimarySite, g.Epoch, c.Reason))
 		return nil
@@ -250,8 +256,15 @@ func (s *State) apply(c command) any {
 			return fmt.Errorf("group %q cannot switch over now: state %s, DR site %q (deposed: %v), switchover %q; it needs a DR site that follows the primary",
 				c.Group, g.State, g.DRSite, deposed, g.Switchover)
 		}
-		g.Switchover = phaseFence
+		g.Switchover, g.SwitchoverStarted = phaseFence, c.AtMs
 		s.audit(c.AtMs, c.Actor, "switchover", c.Group, fmt.Sprintf("from site %s to site %s: fencing the primary", g.PrimarySite, g.DRSite))
+		return nil
+	case cmdAbortSwitchover:
+		if g == nil || g.Switchover == "" {
+			return nil
+		}
+		g.Switchover = ""
+		s.audit(c.AtMs, c.Actor, "switchover aborted", c.Group, c.Reason)
 		return nil
 	}
 	return fmt.Errorf("unknown command %q", c.Kind)
@@ -352,8 +365,11 @@ func (s *State) checkIn(c command) any {
 	if c.Site != g.DRSite {
 		return r
 	}
-	g.StandbySeenMs = c.AtMs
-	g.LagSeconds = c.LagSeconds
+	if !deposed {
+		// A deposed site's standby applies nothing: its lag means nothing.
+		g.StandbySeenMs = c.AtMs
+		g.LagSeconds = c.LagSeconds
+	}
 	switch {
 	case !deposed:
 		r.Apply = true

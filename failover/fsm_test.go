@@ -75,6 +75,9 @@ func TestFSMFailoverLifecycle(t *testing.T) {
 	if g := f.read().Groups["crm"]; g.State != StateActive {
 		t.Fatalf("state after promotion: %s", g.State)
 	}
+	if err, _ := apply(t, f, 10, command{Kind: cmdFailover, AtMs: 5350, Group: "crm", Epoch: 2, Actor: "op"}).(error); err == nil {
+		t.Fatal("a failover to the deposed, not rejoined, old primary was applied")
+	}
 	// The old primary rejoins: its standby waits until its agent reported.
 	if r := apply(t, f, 10, command{Kind: cmdCheckIn, AtMs: 5400, Group: "crm", Site: "a"}).(checkInResult); r.Apply {
 		t.Fatalf("standby of the deposed site applies before rejoin: %+v", r)

@@ -255,7 +255,8 @@ func runHook(ctx context.Context, log zerolog.Logger, hook, group, site string, 
 func (s *Standby) waitForOrders(ctx context.Context) bool {
 	said := ""
 	for {
-		if s.control.apply.Load() {
+		if s.control.apply.Load() || s.control.promoteTo.Load() > s.control.promoted.Load() {
+			// Applying, or promoting: a session drains the stream first.
 			return true
 		}
 		why := "waiting for the controllers to answer"

@@ -68,12 +68,13 @@ func maintenanceConn(ctx context.Context, sourceURL string) (*pgx.Conn, string, 
 
 // Fence stops every write to the database of sourceURL, persistently. It
 // needs a superuser.
-func Fence(ctx context.Context, sourceURL string) error { return FenceKeeping(ctx, sourceURL, "") }
+func Fence(ctx context.Context, sourceURL string) error { return FenceKeeping(ctx, sourceURL) }
 
 // FenceKeeping fences like Fence but leaves the sessions whose
-// application_name starts with keep (for a switchover, haven's own: its
+// application_name is one of keep (for a switchover, the agent's own: its
 // capture drains what was committed before the fence).
-func FenceKeeping(ctx context.Context, sourceURL, keep string) error {
+func FenceKeeping(ctx context.Context, sourceURL string, keep ...string) error {
+	keep = append([]string{}, keep...) // an empty array, never NULL
 	conn, db, err := maintenanceConn(ctx, sourceURL)
 	if err != nil {
 		return err
@@ -92,8 +93,10 @@ func FenceKeeping(ctx context.Context, sourceURL, keep string) error {
 	}
 	// Sessions already there could keep writing: end them (the database's
 	// client backends; the fence's own session is in another database).
-	if _, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()
-		AND ($2 = '' OR NOT starts_with(coalesce(application_name, ''), $2))`, db, keep); err != nil {
+	// Each waited for (up to 5 s): a session in the middle of a commit has
+	// finished it, or is gone, when the fence is in place.
+	if _, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()
+		AND NOT coalesce(application_name, '') = ANY($2)`, db, keep); err != nil {
 		return fmt.Errorf("end the sessions of %q: %w", db, err)
 	}
 	return nil
