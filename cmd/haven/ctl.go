@@ -98,104 +98,70 @@ func newCtlCmd() *cobra.Command {
 
 	var force bool
 	var reason string
-	failoverCmd := &cobra.Command{
-		Use:   "failover",
-		Short: "Promote a group's DR site (refused for a healthy primary or a lagging DR unless --force)",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			group, _ := cmd.Flags().GetString("group")
-			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.FailoverResponse, error) {
-				r, err := cl.Failover(ctx, connect.NewRequest(&havenpb.FailoverRequest{Group: group, Force: force, Actor: c.actor, Reason: reason}))
-				if err != nil {
-					return nil, err
-				}
-				return r.Msg, nil
-			})
-			if err != nil {
-				return err
-			}
-			return c.print(cmd.OutOrStdout(), resp, func() {
-				fmt.Fprintf(cmd.OutOrStdout(), "group %s: site %s ordered to promote at epoch %d (haven ctl status shows when it is done)\n", group, resp.PrimarySite, resp.Epoch)
-			})
-		},
-	}
+	failoverCmd := groupCommand(c, "failover", "Promote a group's DR site (refused for a healthy primary or a lagging DR unless --force)",
+		func(ctx context.Context, cl havenpbconnect.ControlClient, g string) (*havenpb.FailoverResponse, error) {
+			return msg(cl.Failover(ctx, connect.NewRequest(&havenpb.FailoverRequest{Group: g, Force: force, Actor: c.actor, Reason: reason})))
+		}, func(g string, r *havenpb.FailoverResponse) string {
+			return fmt.Sprintf("group %s: site %s ordered to promote at epoch %d (haven ctl status shows when it is done)", g, r.PrimarySite, r.Epoch)
+		})
 	failoverCmd.Flags().BoolVar(&force, "force", false, "fail over even if the primary answers or DR lags more than max_rpo (the old primary is fenced first; what DR lacks is reported)")
 	failoverCmd.Flags().StringVar(&reason, "reason", "", "why, for the audit trail")
-
-	pauseResume := func(name, short string, do func(context.Context, havenpbconnect.ControlClient, string) error) *cobra.Command {
-		return &cobra.Command{
-			Use:   name,
-			Short: short,
-			Args:  cobra.NoArgs,
-			RunE: func(cmd *cobra.Command, _ []string) error {
-				group, _ := cmd.Flags().GetString("group")
-				resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.StatusRequest, error) {
-					return &havenpb.StatusRequest{}, do(ctx, cl, group)
-				})
-				if err != nil {
-					return err
-				}
-				return c.print(cmd.OutOrStdout(), resp, func() { fmt.Fprintf(cmd.OutOrStdout(), "group %s: %s\n", group, name+"d") })
-			},
-		}
-	}
-	pause := pauseResume("pause", "Stop automatic failover of a group (alerts still fire)", func(ctx context.Context, cl havenpbconnect.ControlClient, g string) error {
-		_, err := cl.Pause(ctx, connect.NewRequest(&havenpb.PauseRequest{Group: g, Actor: c.actor}))
-		return err
-	})
-	resume := pauseResume("resume", "Let the quorum fail a group over by itself again", func(ctx context.Context, cl havenpbconnect.ControlClient, g string) error {
-		_, err := cl.Resume(ctx, connect.NewRequest(&havenpb.ResumeRequest{Group: g, Actor: c.actor}))
-		return err
-	})
-	rejoin := &cobra.Command{
-		Use:   "rejoin",
-		Short: "Make a group's deposed primary its new standby: report what it committed that the new primary lacks, then reload it from the new primary",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			group, _ := cmd.Flags().GetString("group")
-			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.RejoinResponse, error) {
-				r, err := cl.Rejoin(ctx, connect.NewRequest(&havenpb.RejoinRequest{Group: group, Actor: c.actor}))
-				if err != nil {
-					return nil, err
-				}
-				return r.Msg, nil
-			})
-			if err != nil {
-				return err
-			}
-			return c.print(cmd.OutOrStdout(), resp, func() {
-				fmt.Fprintf(cmd.OutOrStdout(), "group %s: site %s rejoins: its agent writes the lost-transaction report (--report-dir) and drops its slot, "+
-					"then its standby reloads the database from the new primary (haven ctl status shows the progress)\n", group, resp.Site)
-			})
-		},
-	}
-	switchover := &cobra.Command{
-		Use:   "switchover",
-		Short: "Hand the primary role to the DR site without losing a write; the old primary then follows as the standby",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			group, _ := cmd.Flags().GetString("group")
-			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.SwitchoverResponse, error) {
-				r, err := cl.Switchover(ctx, connect.NewRequest(&havenpb.SwitchoverRequest{Group: group, Actor: c.actor}))
-				if err != nil {
-					return nil, err
-				}
-				return r.Msg, nil
-			})
-			if err != nil {
-				return err
-			}
-			return c.print(cmd.OutOrStdout(), resp, func() {
-				fmt.Fprintf(cmd.OutOrStdout(), "group %s: switching over to site %s (haven ctl status shows the progress)\n", group, resp.PrimarySite)
-			})
-		},
-	}
+	pause := groupCommand(c, "pause", "Stop automatic failover of a group (alerts still fire)",
+		func(ctx context.Context, cl havenpbconnect.ControlClient, g string) (*havenpb.PauseResponse, error) {
+			return msg(cl.Pause(ctx, connect.NewRequest(&havenpb.PauseRequest{Group: g, Actor: c.actor})))
+		}, func(g string, _ *havenpb.PauseResponse) string { return "group " + g + ": paused" })
+	resume := groupCommand(c, "resume", "Let the quorum fail a group over by itself again",
+		func(ctx context.Context, cl havenpbconnect.ControlClient, g string) (*havenpb.ResumeResponse, error) {
+			return msg(cl.Resume(ctx, connect.NewRequest(&havenpb.ResumeRequest{Group: g, Actor: c.actor})))
+		}, func(g string, _ *havenpb.ResumeResponse) string { return "group " + g + ": resumed" })
+	rejoin := groupCommand(c, "rejoin", "Make a group's deposed primary its new standby: report what it committed that the new primary lacks, then reload it from the new primary",
+		func(ctx context.Context, cl havenpbconnect.ControlClient, g string) (*havenpb.RejoinResponse, error) {
+			return msg(cl.Rejoin(ctx, connect.NewRequest(&havenpb.RejoinRequest{Group: g, Actor: c.actor})))
+		}, func(g string, r *havenpb.RejoinResponse) string {
+			return fmt.Sprintf("group %s: site %s rejoins: its agent writes the lost-transaction report (--report-dir) and drops its slot, "+
+				"then its standby reloads the database from the new primary (haven ctl status shows the progress)", g, r.Site)
+		})
+	switchover := groupCommand(c, "switchover", "Hand the primary role to the DR site without losing a write; the old primary then follows as the standby",
+		func(ctx context.Context, cl havenpbconnect.ControlClient, g string) (*havenpb.SwitchoverResponse, error) {
+			return msg(cl.Switchover(ctx, connect.NewRequest(&havenpb.SwitchoverRequest{Group: g, Actor: c.actor})))
+		}, func(g string, r *havenpb.SwitchoverResponse) string {
+			return fmt.Sprintf("group %s: switching over to site %s (haven ctl status shows the progress)", g, r.PrimarySite)
+		})
 	for _, sub := range []*cobra.Command{failoverCmd, pause, resume, rejoin, switchover} {
 		sub.Flags().String("group", "", "the group")
 		_ = sub.MarkFlagRequired("group")
 	}
 	cmd.AddCommand(status, failoverCmd, switchover, pause, resume, rejoin)
 	return cmd
+}
+
+// groupCommand makes a subcommand that sends one request about --group
+// and prints the answer.
+func groupCommand[T any, PT interface {
+	*T
+	proto.Message
+}](c *ctl, use, short string, send func(context.Context, havenpbconnect.ControlClient, string) (*T, error), text func(string, *T) string) *cobra.Command {
+	return &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			group, _ := cmd.Flags().GetString("group")
+			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*T, error) { return send(ctx, cl, group) })
+			if err != nil {
+				return err
+			}
+			return c.print(cmd.OutOrStdout(), PT(resp), func() { fmt.Fprintln(cmd.OutOrStdout(), text(group, resp)) })
+		},
+	}
+}
+
+// msg unwraps a Connect response.
+func msg[T any](r *connect.Response[T], err error) (*T, error) {
+	if err != nil {
+		return nil, err
+	}
+	return r.Msg, nil
 }
 
 func printStatus(w io.Writer, s *havenpb.StatusResponse) {
