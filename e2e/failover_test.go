@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,8 +24,9 @@ import (
 
 // quorum is three controller nodes on loopback.
 type quorum struct {
-	apis  []string
-	procs []*proc
+	apis    []string
+	procs   []*proc
+	metrics []string // each node's /metrics URL
 }
 
 func freePort(t *testing.T) int {
@@ -46,8 +49,10 @@ func startQuorum(t *testing.T, n int, extra ...string) *quorum {
 		peers = append(peers, fmt.Sprintf("c%d=%s", i+1, raftAddrs[i]))
 	}
 	for i := range n {
+		httpAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+		q.metrics = append(q.metrics, "http://"+httpAddr+"/metrics")
 		args := append([]string{"controller", "--id", fmt.Sprintf("c%d", i+1), "--raft-addr", raftAddrs[i], "--api-addr", apiAddrs[i],
-			"--data-dir", t.TempDir(), "--peers", strings.Join(peers, ",")}, extra...)
+			"--data-dir", t.TempDir(), "--peers", strings.Join(peers, ","), "--http-addr", httpAddr}, extra...)
 		q.procs = append(q.procs, startHaven(t, fmt.Sprintf("controller-c%d", i+1), args...))
 		q.apis = append(q.apis, "http://"+apiAddrs[i])
 	}
@@ -233,6 +238,20 @@ func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
 	}
 	if g := st.Groups[0]; g.PrimarySite != "b" || g.Epoch != "2" {
 		t.Errorf("after failover the quorum says primary %s at epoch %s, want b at 2", g.PrimarySite, g.Epoch)
+	}
+	// Every node's metrics say the same.
+	for _, url := range q.metrics {
+		resp, err := http.Get(url)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		for _, want := range []string{`haven_controller_group_epoch{group="crm"} 2`, `haven_controller_group_primary{group="crm",site="b"} 1`} {
+			if !strings.Contains(string(body), want) {
+				t.Errorf("%s lacks %s", url, want)
+			}
+		}
 	}
 
 	// The old primary comes back with its agent running: it is fenced.

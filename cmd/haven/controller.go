@@ -8,11 +8,13 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/haven-dr/haven/failover"
+	"github.com/haven-dr/haven/internal/opshttp"
 )
 
 func newControllerCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
 	cfg := failover.DefaultConfig()
 	var peers []string
+	var httpAddr string
 	cmd := &cobra.Command{
 		Use:   "controller",
 		Short: "Run one node of the controller quorum that detects a lost primary, fences it and promotes the DR site",
@@ -37,6 +39,15 @@ node to a running one with --join.`,
 			}
 			ctx, stop := signalContext()
 			defer stop()
+			if httpAddr != "" {
+				reg := newRegistry()
+				reg.MustRegister(c)
+				addr, _, err := opshttp.Serve(ctx, httpAddr, reg, c.Healthy)
+				if err != nil {
+					return err
+				}
+				log.Info().Str("addr", addr).Msg("serving /healthz and /metrics")
+			}
 			return c.Run(ctx)
 		},
 	}
@@ -52,6 +63,7 @@ node to a running one with --join.`,
 	f.DurationVar(&cfg.Policy.MaxRPO, "max-rpo", cfg.Policy.MaxRPO, "most DR may lag for an automatic failover; beyond it, alert and wait for failover --force")
 	f.DurationVar(&cfg.Policy.ProbeInterval, "probe-interval", cfg.Policy.ProbeInterval, "how often each node probes each primary")
 	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", cfg.LeaseTTL, "the primary agent's lease; shorter than --failover-after")
+	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz (200 while the node has a leader) and /metrics, e.g. :9189 (empty: off)")
 	return cmd
 }
 

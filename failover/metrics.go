@@ -1,0 +1,62 @@
+package failover
+
+import (
+	"errors"
+	"time"
+
+	"github.com/hashicorp/raft"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are read from the node's copy of the state at each scrape, so
+// they never drift from it.
+var (
+	leaderDesc  = prometheus.NewDesc("haven_controller_leader", "1 on the node that leads the quorum.", nil, nil)
+	epochDesc   = prometheus.NewDesc("haven_controller_group_epoch", "A group's epoch (fencing token); it grows at every change of primary.", []string{"group"}, nil)
+	primaryDesc = prometheus.NewDesc("haven_controller_group_primary", "1 for the site that is a group's primary.", []string{"group", "site"}, nil)
+	alertDesc   = prometheus.NewDesc("haven_controller_group_alert", "1 while a group's primary looks lost but it is not failed over automatically (see haven ctl status).", []string{"group"}, nil)
+	stateDesc   = prometheus.NewDesc("haven_controller_group_changing", "1 while a group changes hands: a promotion, switchover or rejoin under way.", []string{"group"}, nil)
+	lagDesc     = prometheus.NewDesc("haven_controller_group_dr_lag_seconds", "DR lag as the group's standby last reported it.", []string{"group"}, nil)
+	leaseDesc   = prometheus.NewDesc("haven_controller_group_lease_seconds", "Time left on the primary agent's lease (negative: expired).", []string{"group"}, nil)
+	deposedDesc = prometheus.NewDesc("haven_controller_group_deposed_sites", "Former primaries of a group that have not rejoined (the group runs without DR).", []string{"group"}, nil)
+)
+
+func (c *Controller) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{leaderDesc, epochDesc, primaryDesc, alertDesc, stateDesc, lagDesc, leaseDesc, deposedDesc} {
+		ch <- d
+	}
+}
+
+func (c *Controller) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	flag := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	gauge(leaderDesc, flag(c.isLeader()))
+	now := time.Now()
+	for name, g := range c.fsm.read().Groups {
+		gauge(epochDesc, float64(g.Epoch), name)
+		gauge(primaryDesc, 1, name, g.PrimarySite)
+		gauge(alertDesc, flag(g.Alert != ""), name)
+		gauge(stateDesc, flag(g.State != StateActive || g.Switchover != "" || g.RejoinSite != ""), name)
+		gauge(lagDesc, g.LagSeconds, name)
+		gauge(leaseDesc, time.UnixMilli(g.LeaseExpiresMs).Sub(now).Seconds(), name)
+		gauge(deposedDesc, float64(len(g.Deposed)), name)
+	}
+}
+
+// Healthy returns nil while the node is part of a quorum with a leader.
+func (c *Controller) Healthy() error {
+	if _, id := c.raft.LeaderWithID(); id == "" {
+		return errors.New("no leader: this node does not reach a majority of the quorum")
+	}
+	if c.raft.State() == raft.Shutdown {
+		return errors.New("raft is shut down")
+	}
+	return nil
+}
