@@ -37,7 +37,10 @@ type Config struct {
 	Peers map[string]string
 	// Join is the API URL of a running node, for a node that joins a
 	// running cluster.
-	Join     string
+	Join string
+	// RaftRoutes override, for this node only, where it dials a peer's
+	// Raft address (by node id): a gateway or tunnel between sites.
+	RaftRoutes map[string]string
 	Policy   Policy
 	LeaseTTL time.Duration
 }
@@ -121,7 +124,9 @@ func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--raft-addr %q: %w", cfg.RaftAddr, err)
 	}
-	if c.trans, err = raft.NewTCPTransport(cfg.RaftAddr, addr, 3, 2*time.Second, zerologWriter{log}); err != nil {
+	c.trans, err = raft.NewTCPTransportWithConfig(cfg.RaftAddr, addr, &raft.NetworkTransportConfig{
+		MaxPool: 3, Timeout: 2 * time.Second, Logger: rc.Logger, ServerAddressProvider: routes(cfg.RaftRoutes)})
+	if err != nil {
 		return nil, fmt.Errorf("listen for Raft on %s: %w", cfg.RaftAddr, err)
 	}
 	existing, err := raft.HasExistingState(c.store, c.store, snaps)
@@ -141,6 +146,17 @@ func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
 		}
 	}
 	return c, nil
+}
+
+// routes maps peer ids to the address this node dials them at.
+type routes map[string]string
+
+func (r routes) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {
+	if a, ok := r[string(id)]; ok {
+		return raft.ServerAddress(a), nil
+	}
+	// raft dials the address in the configuration.
+	return "", fmt.Errorf("no route for %s", id)
 }
 
 // zerologWriter carries Raft's own log lines into the node's log.

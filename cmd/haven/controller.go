@@ -13,7 +13,7 @@ import (
 
 func newControllerCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
 	cfg := failover.DefaultConfig()
-	var peers []string
+	var peers, routes []string
 	var httpAddr string
 	cmd := &cobra.Command{
 		Use:   "controller",
@@ -32,6 +32,9 @@ node to a running one with --join.`,
 			}
 			if cfg.Peers, err = parsePeers(peers); err != nil {
 				return err
+			}
+			if cfg.RaftRoutes, err = parsePeers(routes); err != nil {
+				return fmt.Errorf("--raft-route: %w", err)
 			}
 			c, err := failover.Start(cfg, log)
 			if err != nil {
@@ -59,6 +62,7 @@ node to a running one with --join.`,
 	f.StringVar(&cfg.DataDir, "data-dir", "", "directory for the Raft log and snapshots")
 	f.StringSliceVar(&peers, "peers", nil, "every voter of a new cluster as id=host:port (Raft address), this node included, the same on every node")
 	f.StringVar(&cfg.Join, "join", "", "API URL of a running node, to join its cluster")
+	f.StringSliceVar(&routes, "raft-route", nil, "id=host:port: where this node dials a peer's Raft traffic, when not at its address in --peers (a gateway between sites)")
 	f.DurationVar(&cfg.Policy.FailoverAfter, "failover-after", cfg.Policy.FailoverAfter, "how long a majority must see the primary down before failover")
 	f.DurationVar(&cfg.Policy.MaxRPO, "max-rpo", cfg.Policy.MaxRPO, "most DR may lag for an automatic failover; beyond it, alert and wait for failover --force")
 	f.DurationVar(&cfg.Policy.ProbeInterval, "probe-interval", cfg.Policy.ProbeInterval, "how often each node probes each primary")
