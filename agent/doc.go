@@ -42,6 +42,13 @@
 // idle database still advances the slot and end-to-end lag can be measured;
 // they carry the sequences' positions to the DR site in WAL order.
 //
+// With --controllers, the agent checks in with the controller quorum: it
+// captures only while its site is primary and holds the lease, fences its
+// database when the lease runs out or another site is promoted (see
+// lease.go), drains it for a switchover, and, when its site rejoins after a
+// failover, writes the transactions the new primary lacks to a report
+// (report.go) before dropping its slot.
+//
 // Connection failures (PostgreSQL or NATS) are retried with backoff and
 // logged; configuration problems that an operator must fix (wal_level,
 // privileges, tables without a usable replica identity, an invalidated slot)

@@ -22,14 +22,9 @@ import (
 // database: the controllers promote the DR site only after the lease has run
 // out, so there are never two writable primaries.
 //
-// The fence stops writes for good, not just by default:
-//   - ALTER SYSTEM SET default_transaction_read_only = on (reloaded), so that
-//     clients with target_session_attrs=read-write skip the node;
-//   - ALTER DATABASE … ALLOW_CONNECTIONS false and the database's client
-//     sessions ended, which no client can undo with SET.
-//
-// Both are persistent: a fenced primary that restarts comes up fenced. Only
-// an agent whose check-in is granted the current epoch's lease lifts it.
+// The fence (internal/fence) stops writes for good, not just by default, and
+// outlives a restart. Only an agent whose check-in is granted the current
+// epoch's lease lifts it.
 
 // leaseKeeper checks in with the controllers and fences or unfences the
 // source database.

@@ -23,7 +23,7 @@
 //
 // A message it cannot apply safely (undecodable, from another group or
 // system, an unknown format version, a gap in the stream, a chunk out of
-// order) stops apply at that message: nothing after it is applied, it is not
+// order, an older epoch) stops apply at that message: nothing after it is applied, it is not
 // acknowledged, and the log and the haven_standby_blocked metric say which
 // message and why.
 //
@@ -32,4 +32,14 @@
 // checks that existing ones match), empties them, and loads the rows with
 // COPY, one position-stamped target transaction per chunk, so a crash
 // mid-snapshot resumes where it stopped.
+//
+// A table that joins the group with rows is backfilled between BEGIN and END
+// changes: its rows arrive as upserts, and an update or delete of a row not
+// yet there is expected until END (see backfill.go).
+//
+// With --controllers, the standby checks in with the controller quorum: it
+// applies only while its site is the DR site, promotes its database when
+// ordered (promote.go), and, when its site rejoins after a failover, replaces
+// the database's content with the new primary's snapshot. A message of an
+// older epoch than it follows stops apply.
 package replicator
