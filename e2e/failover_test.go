@@ -41,6 +41,12 @@ func freePort(t *testing.T) int {
 
 func startQuorum(t *testing.T, n int, extra ...string) *quorum {
 	t.Helper()
+	return startQuorumWith(t, n, func(int) []string { return extra })
+}
+
+// startQuorumWith starts n controller nodes, node i with extra(i) flags.
+func startQuorumWith(t *testing.T, n int, extra func(i int) []string) *quorum {
+	t.Helper()
 	q := &quorum{}
 	var peers, raftAddrs, apiAddrs []string
 	for i := range n {
@@ -52,7 +58,7 @@ func startQuorum(t *testing.T, n int, extra ...string) *quorum {
 		httpAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 		q.metrics = append(q.metrics, "http://"+httpAddr+"/metrics")
 		args := append([]string{"controller", "--id", fmt.Sprintf("c%d", i+1), "--raft-addr", raftAddrs[i], "--api-addr", apiAddrs[i],
-			"--data-dir", t.TempDir(), "--peers", strings.Join(peers, ","), "--http-addr", httpAddr}, extra...)
+			"--data-dir", t.TempDir(), "--peers", strings.Join(peers, ","), "--http-addr", httpAddr}, extra(i)...)
 		q.procs = append(q.procs, startHaven(t, fmt.Sprintf("controller-c%d", i+1), args...))
 		q.apis = append(q.apis, "http://"+apiAddrs[i])
 	}
@@ -670,4 +676,65 @@ func TestControllerLeaderPartitioned(t *testing.T) {
 	if st, err := q.status(t); err != nil || st.Groups[0].PrimarySite != "a" || st.Groups[0].Epoch != "1" {
 		t.Fatalf("after the links healed: %+v, %v", st, err)
 	}
+}
+
+// TestOneControllerCutOffFromThePrimary: one controller node reaches the
+// primary through a link that is cut (--db-route); it sees the primary down
+// for longer than failover_after, the other two see it up: nothing fails
+// over, and the status shows each node's view.
+func TestOneControllerCutOffFromThePrimary(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	seedCRM(t, primary, 10)
+	primaryAddr := fmt.Sprintf("127.0.0.1:%d", s.primary.Port())
+	link := newCutProxy(t, primaryAddr)
+	q := startQuorumWith(t, 3, func(i int) []string {
+		if i == 0 {
+			return []string{"--db-route", primaryAddr + "=" + link.ln.Addr().String()}
+		}
+		return nil
+	})
+	controllers := strings.Join(q.apis, ",")
+	startHaven(t, "agent", s.agentArgs("--controllers", controllers, "--site", "a")...)
+	startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b")...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	link.setCut(true)
+	var seenDown time.Time
+	waitFor(t, 30*time.Second, "c1 to see the primary down for longer than failover_after", func() (bool, error) {
+		out, err := q.ctl(t, "status", "--json")
+		if err != nil {
+			return false, nil
+		}
+		var st struct {
+			Groups []struct {
+				Epoch        string `json:"epoch"`
+				Observations []struct {
+					NodeID string `json:"nodeId"`
+					Up     bool   `json:"up"`
+				} `json:"observations"`
+			} `json:"groups"`
+		}
+		if err := json.Unmarshal([]byte(out), &st); err != nil || len(st.Groups) != 1 {
+			return false, err
+		}
+		if st.Groups[0].Epoch != "1" {
+			return false, fmt.Errorf("the group failed over (epoch %s) although only c1 lost the primary", st.Groups[0].Epoch)
+		}
+		views := map[string]bool{}
+		for _, o := range st.Groups[0].Observations {
+			views[o.NodeID] = o.Up
+		}
+		if up, ok := views["c1"]; !ok || up || !views["c2"] || !views["c3"] {
+			seenDown = time.Time{}
+			return false, nil
+		}
+		if seenDown.IsZero() {
+			seenDown = time.Now()
+		}
+		return time.Since(seenDown) > 5*time.Second, nil
+	})
+	mustExec(t, primary, `UPDATE contacts SET n = n + 1`)
+	waitCaughtUp(t, primary, dr, 2, 30*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"contacts": "id"})
 }

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"sync"
@@ -41,6 +42,10 @@ type Config struct {
 	// RaftRoutes override, for this node only, where it dials a peer's
 	// Raft address (by node id): a gateway or tunnel between sites.
 	RaftRoutes map[string]string
+	// DBRoutes override, for this node only, where it reaches a database
+	// the agents registered ("host:port" to "host:port"), to probe or fence
+	// it: a gateway or tunnel between sites.
+	DBRoutes map[string]string
 	Policy   Policy
 	LeaseTTL time.Duration
 }
@@ -272,7 +277,7 @@ func (c *Controller) probeLoop(ctx context.Context) {
 		}
 		var wg sync.WaitGroup
 		for _, g := range st.Groups {
-			url := g.PrimaryURL()
+			url := c.route(g.PrimaryURL())
 			if url == "" {
 				continue
 			}
@@ -284,6 +289,19 @@ func (c *Controller) probeLoop(ctx context.Context) {
 		}
 		wg.Wait()
 	}
+}
+
+// route rewrites a database URL's host:port by DBRoutes.
+func (c *Controller) route(dbURL string) string {
+	u, err := url.Parse(dbURL)
+	if err != nil || u.Host == "" {
+		return dbURL
+	}
+	if to, ok := c.cfg.DBRoutes[u.Host]; ok {
+		u.Host = to
+		return u.String()
+	}
+	return dbURL
 }
 
 // probe checks that a primary answers SQL within the probe interval.
@@ -410,6 +428,7 @@ func (c *Controller) fenceDeposed(ctx context.Context, st *State) {
 	var wg sync.WaitGroup
 	for _, g := range st.Groups {
 		for site, url := range g.DeposedURLs() {
+			url := c.route(url)
 			wg.Add(1)
 			go func() {
 				defer wg.Done()

@@ -13,7 +13,7 @@ import (
 
 func newControllerCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
 	cfg := failover.DefaultConfig()
-	var peers, routes []string
+	var peers, routes, dbRoutes []string
 	var httpAddr string
 	cmd := &cobra.Command{
 		Use:   "controller",
@@ -35,6 +35,9 @@ node to a running one with --join.`,
 			}
 			if cfg.RaftRoutes, err = parsePeers(routes); err != nil {
 				return fmt.Errorf("--raft-route: %w", err)
+			}
+			if cfg.DBRoutes, err = parsePeers(dbRoutes); err != nil {
+				return fmt.Errorf("--db-route: %w", err)
 			}
 			c, err := failover.Start(cfg, log)
 			if err != nil {
@@ -67,6 +70,7 @@ node to a running one with --join.`,
 	f.DurationVar(&cfg.Policy.MaxRPO, "max-rpo", cfg.Policy.MaxRPO, "most DR may lag for an automatic failover; beyond it, alert and wait for failover --force")
 	f.DurationVar(&cfg.Policy.ProbeInterval, "probe-interval", cfg.Policy.ProbeInterval, "how often each node probes each primary")
 	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", cfg.LeaseTTL, "the primary agent's lease; shorter than --failover-after")
+	f.StringSliceVar(&dbRoutes, "db-route", nil, "host:port=host:port: where this node reaches a database the agents registered (to probe or fence it), when not at its own address")
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz (200 while the node has a leader) and /metrics, e.g. :9189 (empty: off)")
 	return cmd
 }
