@@ -37,10 +37,13 @@ fuzz:
 demo: deps
 	$(GO) run ./demo
 
-# Microbenchmarks of the hot paths (encoding, decoding, SQL generation). The
-# end-to-end benchmark against native logical replication is issue 5.
-bench:
+# Microbenchmarks of the hot paths (encoding, decoding, SQL generation), then
+# failover RTO and switchover pause on real clusters (bench/failover, results
+# in bench/results/). The throughput benchmark against native logical
+# replication is still to come.
+bench: deps
 	$(GO) test -run='^$$' -bench=. -benchmem ./proto/wire/ ./replicator/
+	$(GO) run ./bench/failover -runs 3
 
 generate:
 	$(GO) generate ./proto/...

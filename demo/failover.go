@@ -3,66 +3,14 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
-	"path/filepath"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/rs/zerolog"
 
-	"github.com/haven-dr/haven/failover"
 	"github.com/haven-dr/haven/internal/pgtest"
 )
-
-// startQuorum runs three controller nodes in this process on loopback
-// ports and returns their API URLs.
-func startQuorum(ctx context.Context, workDir string, log zerolog.Logger) ([]string, func(), error) {
-	free := func() (string, error) {
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return "", err
-		}
-		defer ln.Close()
-		return ln.Addr().String(), nil
-	}
-	var raftAddrs, apiAddrs []string
-	peers := map[string]string{}
-	for i := range 3 {
-		r, err := free()
-		if err != nil {
-			return nil, nil, err
-		}
-		a, err := free()
-		if err != nil {
-			return nil, nil, err
-		}
-		raftAddrs, apiAddrs = append(raftAddrs, r), append(apiAddrs, a)
-		peers[fmt.Sprintf("c%d", i+1)] = r
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	var urls []string
-	for i := range 3 {
-		cfg := failover.DefaultConfig()
-		cfg.ID, cfg.RaftAddr, cfg.APIAddr = fmt.Sprintf("c%d", i+1), raftAddrs[i], apiAddrs[i]
-		cfg.DataDir, cfg.Peers = filepath.Join(workDir, cfg.ID), peers
-		c, err := failover.Start(cfg, log)
-		if err != nil {
-			cancel()
-			wg.Wait()
-			return nil, nil, err
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			_ = c.Run(ctx)
-		}()
-		urls = append(urls, "http://"+apiAddrs[i])
-	}
-	return urls, func() { cancel(); wg.Wait() }, nil
-}
 
 // demoFailover kills the primary while a client writes through a
 // multi-host connection string, and reports how long writes stopped and

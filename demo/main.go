@@ -23,6 +23,7 @@ import (
 	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/agent"
+	"github.com/haven-dr/haven/failover"
 	"github.com/haven-dr/haven/internal/natstest"
 	"github.com/haven-dr/haven/internal/pgtest"
 	"github.com/haven-dr/haven/replicator"
@@ -103,7 +104,7 @@ func run(ctx context.Context) (err error) {
 	}
 
 	step("starting three controller nodes (Raft quorum), the agent (capture, site a) and the standby (apply, site b); logs go to %s", logPath)
-	controllers, stopQuorum, err := startQuorum(ctx, workDir, log)
+	controllers, stopQuorum, err := failover.StartLocal(ctx, 3, workDir, log)
 	if err != nil {
 		return err
 	}
