@@ -22,9 +22,11 @@ build:
 deps:
 	scripts/ensure-postgres.sh
 
+# -count=1: the e2e tests build the haven binary themselves, which go test's
+# cache does not see, so a cached pass could hide a change.
 test: deps
 	$(GO) vet ./...
-	$(GO) test -race -timeout 20m ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
 	$(MAKE) --no-print-directory fuzz
 
 fuzz:
