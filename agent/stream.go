@@ -82,6 +82,7 @@ type streamer struct {
 	backfilling map[uint32]backfillKey
 	touched     []*touched
 	moved       map[uint32][]string // keys rows moved to, not yet saved
+	awaiting    int                 // callbacks waiting in inflight
 }
 
 type typeKey struct {
@@ -207,14 +208,7 @@ func (st *streamer) loop(ctx context.Context) error {
 // awaited reports whether someone waits for an in-flight transaction's
 // acknowledgement (a backfill chunk): it is then collected at once rather
 // than at the next message or status update.
-func (st *streamer) awaited() bool {
-	for _, p := range st.inflight {
-		if len(p.onAck) > 0 {
-			return true
-		}
-	}
-	return false
-}
+func (st *streamer) awaited() bool { return st.awaiting > 0 }
 
 // shutdown confirms what is acknowledged before the session ends, so a
 // graceful stop does not make the next start re-read more than needed.
@@ -528,6 +522,7 @@ func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	if t.stored || (t.changes == 0 && t.heartbeat == nil) {
 		st.txn = nil
 		st.inflight = append(st.inflight, pending{endLSN: endLSN, commitTime: t.commitTime, onAck: t.onPublished})
+		st.awaiting += len(t.onPublished)
 		return nil
 	}
 	if t.builder.empty() {
@@ -541,6 +536,7 @@ func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	}
 	st.inflight[len(st.inflight)-1].endLSN = endLSN
 	st.inflight[len(st.inflight)-1].onAck = t.onPublished
+	st.awaiting += len(t.onPublished)
 	return nil
 }
 
@@ -618,6 +614,7 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 		}
 		st.inflight = st.inflight[1:]
 		st.metrics.changes.Add(float64(head.changes))
+		st.awaiting -= len(head.onAck)
 		for _, f := range head.onAck {
 			f()
 		}
