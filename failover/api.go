@@ -59,8 +59,7 @@ func (a *api) Status(ctx context.Context, _ *connect.Request[havenpb.StatusReque
 		}
 		resp.Groups = append(resp.Groups, gs)
 	}
-	from := max(0, len(st.Audit)-50)
-	for _, e := range st.Audit[from:] {
+	for _, e := range st.Audit {
 		resp.Audit = append(resp.Audit, &havenpb.AuditEntry{Index: e.Index, AtUnixMs: e.AtMs, Actor: e.Actor, Action: e.Action, Group: e.Group, Outcome: e.Outcome, Hash: e.Hash})
 	}
 	return connect.NewResponse(resp), nil

@@ -85,8 +85,12 @@ type AuditEntry struct {
 	Hash    string `json:"hash"`
 }
 
-// maxAudit is how many audit entries the state keeps.
-const maxAudit = 10000
+// maxAudit is how many audit entries the state keeps, recentAudit how many
+// a read of it returns.
+const (
+	maxAudit    = 10000
+	recentAudit = 50
+)
 
 // State is what the quorum agrees on.
 type State struct {
@@ -101,7 +105,10 @@ func newState() *State {
 
 // clone copies the state deeply enough for readers to keep.
 func (s *State) clone() *State {
-	c := &State{Groups: make(map[string]*Group, len(s.Groups)), Nodes: maps.Clone(s.Nodes), Audit: slices.Clone(s.Audit)}
+	// Readers see the recent audit only: the whole trail (up to maxAudit
+	// entries) goes into snapshots, not into every read.
+	c := &State{Groups: make(map[string]*Group, len(s.Groups)), Nodes: maps.Clone(s.Nodes),
+		Audit: slices.Clone(s.Audit[max(0, len(s.Audit)-recentAudit):])}
 	for name, g := range s.Groups {
 		cg := *g
 		cg.AgentURLs = maps.Clone(g.AgentURLs)
@@ -441,7 +448,7 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return f.state.apply(c)
 }
 
-// read returns a copy of the state.
+// read returns a copy of the state, with the recent audit entries.
 func (f *fsm) read() *State {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
@@ -449,7 +456,9 @@ func (f *fsm) read() *State {
 }
 
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
-	data, err := json.Marshal(f.read())
+	f.mu.RLock()
+	data, err := json.Marshal(f.state)
+	f.mu.RUnlock()
 	if err != nil {
 		return nil, err
 	}
