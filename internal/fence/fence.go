@@ -75,72 +75,68 @@ func Fence(ctx context.Context, sourceURL string) error { return FenceKeeping(ct
 // capture drains what was committed before the fence).
 func FenceKeeping(ctx context.Context, sourceURL string, keep ...string) error {
 	keep = append([]string{}, keep...) // an empty array, never NULL
-	conn, db, err := maintenanceConn(ctx, sourceURL)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	ident := pgx.Identifier{db}.Sanitize()
-	for _, sql := range []string{
-		`ALTER SYSTEM SET default_transaction_read_only = on`,
-		`SELECT pg_reload_conf()`,
-		`ALTER DATABASE ` + ident + ` ALLOW_CONNECTIONS false`,
-		`ALTER DATABASE ` + ident + ` SET default_transaction_read_only = on`,
-	} {
-		if _, err := conn.Exec(ctx, sql); err != nil {
-			return fmt.Errorf("fence %q (%s): %w", db, sql, err)
+	return run(ctx, sourceURL, "fence", func(db string) []string {
+		return []string{
+			`ALTER SYSTEM SET default_transaction_read_only = on`,
+			`SELECT pg_reload_conf()`,
+			`ALTER DATABASE ` + db + ` ALLOW_CONNECTIONS false`,
+			`ALTER DATABASE ` + db + ` SET default_transaction_read_only = on`,
 		}
-	}
-	// Sessions already there could keep writing: end them (the database's
-	// client backends; the fence's own session is in another database).
-	// Each waited for (up to 5 s): a session in the middle of a commit has
-	// finished it, or is gone, when the fence is in place.
-	if _, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()
-		AND NOT coalesce(application_name, '') = ANY($2)`, db, keep); err != nil {
-		return fmt.Errorf("end the sessions of %q: %w", db, err)
-	}
-	return nil
+	}, func(ctx context.Context, conn *pgx.Conn, db string) error {
+		// Sessions already there could keep writing: end them (the
+		// database's client backends; the fence's own session is in
+		// another database). Each waited for (up to 5 s): a session in the
+		// middle of a commit has finished it, or is gone, when the fence
+		// is in place.
+		_, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()
+			AND NOT coalesce(application_name, '') = ANY($2)`, db, keep)
+		return err
+	})
 }
 
 // Lift undoes Fence.
 func Lift(ctx context.Context, sourceURL string) error {
-	conn, db, err := maintenanceConn(ctx, sourceURL)
-	if err != nil {
-		return err
-	}
-	defer conn.Close(context.Background())
-	ident := pgx.Identifier{db}.Sanitize()
-	for _, sql := range []string{
-		`ALTER DATABASE ` + ident + ` RESET default_transaction_read_only`,
-		`ALTER DATABASE ` + ident + ` ALLOW_CONNECTIONS true`,
-		`ALTER SYSTEM RESET default_transaction_read_only`,
-		`SELECT pg_reload_conf()`,
-	} {
-		if _, err := conn.Exec(ctx, sql); err != nil {
-			return fmt.Errorf("lift the fence of %q (%s): %w", db, sql, err)
+	return run(ctx, sourceURL, "lift the fence of", func(db string) []string {
+		return []string{
+			`ALTER DATABASE ` + db + ` RESET default_transaction_read_only`,
+			`ALTER DATABASE ` + db + ` ALLOW_CONNECTIONS true`,
+			`ALTER SYSTEM RESET default_transaction_read_only`,
+			`SELECT pg_reload_conf()`,
 		}
-	}
-	return nil
+	}, nil)
 }
 
 // Reopen lets connections in again but keeps the database read-only by
 // default, as a DR database is: a deposed primary about to become a
 // standby, whose agent must read its slot and whose standby must load it.
 func Reopen(ctx context.Context, sourceURL string) error {
+	return run(ctx, sourceURL, "reopen", func(db string) []string {
+		return []string{
+			`ALTER DATABASE ` + db + ` SET default_transaction_read_only = on`,
+			`ALTER DATABASE ` + db + ` ALLOW_CONNECTIONS true`,
+			`ALTER SYSTEM RESET default_transaction_read_only`,
+			`SELECT pg_reload_conf()`,
+		}
+	}, nil)
+}
+
+// run executes, from the server's postgres database, the statements made
+// for the database of sourceURL (its quoted name), then finish if any.
+func run(ctx context.Context, sourceURL, what string, statements func(db string) []string,
+	finish func(ctx context.Context, conn *pgx.Conn, db string) error) error {
 	conn, db, err := maintenanceConn(ctx, sourceURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	ident := pgx.Identifier{db}.Sanitize()
-	for _, sql := range []string{
-		`ALTER DATABASE ` + ident + ` SET default_transaction_read_only = on`,
-		`ALTER DATABASE ` + ident + ` ALLOW_CONNECTIONS true`,
-		`ALTER SYSTEM RESET default_transaction_read_only`,
-		`SELECT pg_reload_conf()`,
-	} {
+	for _, sql := range statements(pgx.Identifier{db}.Sanitize()) {
 		if _, err := conn.Exec(ctx, sql); err != nil {
-			return fmt.Errorf("reopen %q (%s): %w", db, sql, err)
+			return fmt.Errorf("%s %q (%s): %w", what, db, sql, err)
+		}
+	}
+	if finish != nil {
+		if err := finish(ctx, conn, db); err != nil {
+			return fmt.Errorf("%s %q: end its sessions: %w", what, db, err)
 		}
 	}
 	return nil
