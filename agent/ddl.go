@@ -73,6 +73,50 @@ BEGIN
 	PERFORM set_config('haven.internal', 'off', true);
 END $$;
 COMMENT ON TABLE haven.groups IS 'haven: replication groups captured from this database; all_tables groups get new tables added to their publication';
+ALTER TABLE haven.groups ADD COLUMN IF NOT EXISTS write_guard boolean NOT NULL DEFAULT false;
+
+-- The write guard of a primary run with controllers: a statement trigger on
+-- every table refuses writes unless haven.write_grant names this server's
+-- current start. The agent writes that grant only while it holds the
+-- quorum's lease, so a primary that restarts (after a crash, or after a
+-- failover) takes no write until its agent confirms it is still primary.
+-- Sessions applying a stream (session_replication_role = replica, which
+-- only a superuser may set) pass: the trigger is not ENABLE ALWAYS.
+CREATE TABLE IF NOT EXISTS haven.write_grant (
+	id               boolean PRIMARY KEY DEFAULT true CHECK (id),
+	postmaster_start timestamptz,
+	unguarded        boolean NOT NULL DEFAULT false,
+	epoch            bigint NOT NULL DEFAULT 0,
+	granted_at       timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE haven.write_grant IS 'haven: the server start during which this database may take writes (its agent holds the lease); unguarded when no controllers are used';
+REVOKE ALL ON haven.write_grant FROM PUBLIC;
+GRANT SELECT ON haven.write_grant TO PUBLIC;
+
+-- Run as the writer: one index lookup per statement.
+CREATE OR REPLACE FUNCTION haven.guard_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM haven.write_grant g WHERE g.id AND
+	               (g.unguarded OR g.postmaster_start OPERATOR(pg_catalog.=) pg_catalog.pg_postmaster_start_time())) THEN
+		RAISE EXCEPTION 'haven: % refused on %: this server is not confirmed as the primary since it started', tg_op, tg_relid::pg_catalog.regclass
+			USING ERRCODE = 'read_only_sql_transaction',
+			      HINT = 'Writes resume when its haven agent holds the controllers'' lease; if the DR site was promoted, write there (haven ctl status).';
+	END IF;
+	RETURN NULL;
+END $$;
+
+-- guard_table puts the write guard on a table, unless it has it.
+CREATE OR REPLACE FUNCTION haven.guard_table(rel regclass) RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+	internal text := current_setting('haven.internal', true);
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = rel AND tgname = 'haven_guard') THEN
+		PERFORM set_config('haven.internal', 'on', true);
+		EXECUTE format('CREATE TRIGGER haven_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION haven.guard_writes()', rel);
+		PERFORM set_config('haven.internal', coalesce(internal, 'off'), true);
+	END IF;
+END $$;
 
 -- publish_new_tables adds a table just created (or just given a usable
 -- replica identity) to the publication of every all-tables group, so its
@@ -104,6 +148,9 @@ BEGIN
 	         WHERE n.nspname <> 'haven' AND n.nspname NOT LIKE 'pg\_temp%'
 	LOOP
 		CONTINUE WHEN t.relpersistence <> 'p';
+		IF t.relkind IN ('r', 'p') AND EXISTS (SELECT 1 FROM haven.groups g WHERE g.write_guard) THEN
+			PERFORM haven.guard_table(t.rel);
+		END IF;
 		IF t.relkind = 'r' AND t.relispartition AND EXISTS (SELECT 1 FROM haven.groups g WHERE g.via_root) THEN
 			PERFORM haven.capture_truncate_of(t.rel);
 		END IF;
@@ -242,8 +289,8 @@ END $$;
 -- Every role's DDL passes through these; only record_ddl writes the log.
 GRANT USAGE ON SCHEMA haven TO PUBLIC;
 GRANT EXECUTE ON FUNCTION haven.record_ddl(text, text, text, text), haven.capture_ddl(), haven.mark_temporary_drop(), haven.mark_rewrite(),
-	haven.capture_partition_truncate() TO PUBLIC;
-REVOKE EXECUTE ON FUNCTION haven.publish_new_tables(), haven.capture_truncate_of(regclass) FROM PUBLIC;
+	haven.capture_partition_truncate(), haven.guard_writes() TO PUBLIC;
+REVOKE EXECUTE ON FUNCTION haven.publish_new_tables(), haven.capture_truncate_of(regclass), haven.guard_table(regclass) FROM PUBLIC;
 
 DO $$
 BEGIN
@@ -286,12 +333,58 @@ func (s *session) installDDLCapture(ctx context.Context) (bool, error) {
 	if _, err := s.ctrl.Exec(ctx, ddlCaptureSQL); err != nil {
 		return false, fmt.Errorf("install DDL capture: %w", err)
 	}
-	if _, err := s.ctrl.Exec(ctx, `INSERT INTO haven.groups (name, publication, all_tables, via_root) VALUES ($1, $2, $3, $4)
-		ON CONFLICT (name) DO UPDATE SET publication = excluded.publication, all_tables = excluded.all_tables, via_root = excluded.via_root`,
-		s.cfg.Group, PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0, s.cfg.PublishViaRoot); err != nil {
+	guarded := len(s.cfg.Controllers) > 0
+	if _, err := s.ctrl.Exec(ctx, `INSERT INTO haven.groups (name, publication, all_tables, via_root, write_guard) VALUES ($1, $2, $3, $4, $5)
+		ON CONFLICT (name) DO UPDATE SET publication = excluded.publication, all_tables = excluded.all_tables, via_root = excluded.via_root,
+			write_guard = excluded.write_guard`,
+		s.cfg.Group, PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0, s.cfg.PublishViaRoot, guarded); err != nil {
 		return false, fmt.Errorf("record group %q: %w", s.cfg.Group, err)
 	}
+	if err := s.installWriteGuard(ctx); err != nil {
+		return false, err
+	}
 	return true, nil
+}
+
+// installWriteGuard sets the write guard up for a group run with
+// controllers: this session holds the lease, so it grants writes for the
+// server's current start, then guards every table that lacks the guard.
+// Without controllers on any group, writes are never refused.
+func (s *session) installWriteGuard(ctx context.Context) error {
+	var guarded bool
+	if err := s.ctrl.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM haven.groups WHERE write_guard)`).Scan(&guarded); err != nil {
+		return fmt.Errorf("look up the write guard: %w", err)
+	}
+	if !guarded {
+		_, err := s.ctrl.Exec(ctx, `INSERT INTO haven.write_grant (unguarded) VALUES (true) ON CONFLICT (id) DO UPDATE SET unguarded = true`)
+		if err != nil {
+			return fmt.Errorf("lift the write guard: %w", err)
+		}
+		return nil
+	}
+	if err := grantWrites(ctx, s.ctrl, s.cfg.Epoch); err != nil {
+		return err
+	}
+	_, err := s.ctrl.Exec(ctx, `SELECT haven.guard_table(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
+		  AND n.nspname NOT IN ('haven', 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
+		  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
+		  AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'haven_guard')`)
+	if err != nil {
+		return fmt.Errorf("put the write guard on the tables: %w", err)
+	}
+	return nil
+}
+
+// grantWrites lets the database take writes until the server restarts: its
+// agent holds the lease of epoch.
+func grantWrites(ctx context.Context, conn *pgx.Conn, epoch uint64) error {
+	_, err := conn.Exec(ctx, `INSERT INTO haven.write_grant (postmaster_start, unguarded, epoch) VALUES (pg_postmaster_start_time(), false, $1)
+		ON CONFLICT (id) DO UPDATE SET postmaster_start = excluded.postmaster_start, unguarded = false, epoch = excluded.epoch, granted_at = now()`, int64(epoch))
+	if err != nil {
+		return fmt.Errorf("grant writes for this server start: %w", err)
+	}
+	return nil
 }
 
 // capturePartitionTruncates puts the truncate-capturing trigger on every

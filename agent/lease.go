@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/internal/controlclient"
@@ -44,6 +46,7 @@ type leaseKeeper struct {
 	confirmed  *atomic.Uint64
 	drainTo    pglogrepl.LSN // a switchover's fence: everything before it must reach the stream
 	drained    pglogrepl.LSN // … and does
+	grantedFor time.Time     // the server start the write guard lets writes in for
 	changed    chan struct{} // closed and replaced when deposed or epoch change
 }
 
@@ -81,10 +84,11 @@ func (k *leaseKeeper) run(ctx context.Context) {
 	lostSaid := false
 	for {
 		sent := time.Now()
+		handOver := false
 		// A lease is for a primary that works: while the database does not
 		// answer, the agent does not renew it, so that DR can take over.
 		pctx, cancel := context.WithTimeout(ctx, time.Second)
-		err := fence.Ping(pctx, k.cfg.SourceURL)
+		serverStart, err := fence.Ping(pctx, k.cfg.SourceURL)
 		cancel()
 		var resp *havenpb.CheckInResponse
 		if err != nil {
@@ -116,13 +120,15 @@ func (k *leaseKeeper) run(ctx context.Context) {
 			lostSaid = false
 			ttl := time.Duration(resp.LeaseTtlMs) * time.Millisecond
 			interval = max(ttl/4, 100*time.Millisecond)
-			k.grant(ctx, resp, sent.Add(ttl))
-			if resp.SwitchoverFence {
-				k.switchoverFence(ctx)
-			}
+			k.grant(ctx, resp, sent.Add(ttl), serverStart)
+			handOver = resp.SwitchoverFence && k.switchoverFence(ctx)
 		}
 		if err == nil && resp.CheckInMs > 0 {
 			interval = time.Duration(resp.CheckInMs) * time.Millisecond
+		}
+		wait := interval
+		if handOver {
+			wait = 0 // drained: say so now
 		}
 		k.mu.Lock()
 		// A deposed site's fence is the quorum's business (it is lifted
@@ -139,12 +145,12 @@ func (k *leaseKeeper) run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(interval):
+		case <-time.After(wait):
 		}
 	}
 }
 
-func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, until time.Time) {
+func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, until, serverStart time.Time) {
 	k.mu.Lock()
 	k.validUntil = until
 	if k.deposed {
@@ -176,44 +182,83 @@ func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, 
 		k.mu.Unlock()
 		k.log.Warn().Uint64("epoch", resp.Epoch).Msg("lease regained: fence lifted, the database accepts writes again")
 	}
+	k.grantWrites(ctx, resp.Epoch, serverStart)
+}
+
+// grantWrites lets the write guard pass writes from the server's current
+// start on (once per start: after a restart, the database takes no write
+// until then).
+func (k *leaseKeeper) grantWrites(ctx context.Context, epoch uint64, serverStart time.Time) {
+	k.mu.Lock()
+	done := k.grantedFor.Equal(serverStart) || k.drainTo != 0
+	k.mu.Unlock()
+	if done {
+		return
+	}
+	conn, err := (&session{cfg: k.cfg}).connectSource(ctx)
+	if err != nil {
+		k.log.Warn().Err(err).Msg("could not connect to let writes in after the server's start; retrying at the next check-in")
+		return
+	}
+	defer conn.Close(context.Background())
+	if err := grantWrites(ctx, conn, epoch); err != nil {
+		// Before the first capture session installed the guard, there is
+		// no guard to pass.
+		if !isUndefinedTable(err) {
+			k.log.Warn().Err(err).Msg("could not let writes in after the server's start; retrying at the next check-in")
+		}
+		return
+	}
+	k.mu.Lock()
+	k.grantedFor = serverStart
+	k.mu.Unlock()
+	k.log.Info().Time("server_start", serverStart).Uint64("epoch", epoch).Msg("lease held: the write guard lets writes in until the server restarts")
 }
 
 // switchoverFence fences the database for a planned switchover but keeps
 // haven's own sessions, so that capture drains every change committed
-// before the fence into the stream; the next check-in reports when it has.
-func (k *leaseKeeper) switchoverFence(ctx context.Context) {
+// before the fence into the stream. It reports whether the drain just
+// completed, for the next check-in to say so at once.
+func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 	if k.drainTo == 0 {
 		conn, err := (&session{cfg: k.cfg}).connectSource(ctx)
 		if err != nil {
 			k.log.Error().Err(err).Msg("switchover: could not connect to fence the database; retrying at the next check-in")
-			return
+			return false
 		}
 		defer conn.Close(context.Background())
 		var mark string
 		if err := fence.FenceKeeping(ctx, k.cfg.SourceURL, SlotName(k.cfg.Group), agentSessionName(k.cfg.Group)); err != nil {
 			k.log.Error().Err(err).Msg("switchover: fencing failed; retrying at the next check-in")
-			return
+			return false
 		}
 		// Everything committed before this message is decoded before it.
 		if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, '{}')::text`, heartbeatPrefix(k.cfg.Group)).Scan(&mark); err != nil {
 			k.log.Error().Err(err).Msg("switchover: could not mark the fence in the WAL; retrying at the next check-in")
-			return
+			return false
 		}
 		lsn, err := pglogrepl.ParseLSN(mark)
 		if err != nil {
-			return
+			return false
 		}
 		k.mu.Lock()
 		k.drainTo = lsn
 		k.mu.Unlock()
 		k.log.Warn().Stringer("fence_lsn", lsn).Msg("switchover: database fenced for writes; draining its last changes into the stream")
 	}
-	if confirmed := pglogrepl.LSN(k.confirmed.Load()); confirmed >= k.drainTo && k.drained == 0 {
-		k.mu.Lock()
-		k.drained = confirmed
-		k.mu.Unlock()
-		k.log.Warn().Stringer("drained_lsn", confirmed).Msg("switchover: every change is in the stream; handing over")
+	// Writes are stopped: wait here for the drain (a moment: the fence
+	// ended every writer) rather than a check-in interval, but for less
+	// than the lease.
+	for deadline := time.Now().Add(time.Second); k.drained == 0 && time.Now().Before(deadline) && ctx.Err() == nil; time.Sleep(2 * time.Millisecond) {
+		if confirmed := pglogrepl.LSN(k.confirmed.Load()); confirmed >= k.drainTo {
+			k.mu.Lock()
+			k.drained = confirmed
+			k.mu.Unlock()
+			k.log.Warn().Stringer("drained_lsn", confirmed).Msg("switchover: every change is in the stream; handing over")
+			return true
+		}
 	}
+	return false
 }
 
 // changeLocked wakes whoever waits for a change of role (k.mu held).
@@ -259,6 +304,10 @@ func (k *leaseKeeper) rejoin(ctx context.Context, promotedLSN pglogrepl.LSN) {
 		k.log.Error().Err(err).Msg("rejoin: could not reopen the deposed database; retrying at the next check-in")
 		return
 	}
+	if err := k.withdrawGrant(ctx); err != nil {
+		k.log.Error().Err(err).Msg("rejoin: could not withdraw the write grant; retrying at the next check-in")
+		return
+	}
 	path, n, err := lostReport(ctx, k.cfg, promotedLSN, k.cfg.ReportDir)
 	if err != nil {
 		k.log.Error().Err(err).Msg("rejoin: could not write the lost-transaction report; retrying at the next check-in (the slot is kept until it is written)")
@@ -290,6 +339,29 @@ func (k *leaseKeeper) rejoin(ctx context.Context, promotedLSN pglogrepl.LSN) {
 	k.reported = path
 	k.fenced = false
 	k.mu.Unlock()
+}
+
+// withdrawGrant makes the write guard refuse writes: the deposed database
+// is reopened for its standby, which alone may write (as a replica).
+func (k *leaseKeeper) withdrawGrant(ctx context.Context) error {
+	conn, err := (&session{cfg: k.cfg}).connectSource(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, `UPDATE haven.write_grant SET postmaster_start = NULL`); err != nil && !isUndefinedTable(err) {
+		return err
+	}
+	k.mu.Lock()
+	k.grantedFor = time.Time{}
+	k.mu.Unlock()
+	return nil
+}
+
+// isUndefinedTable reports a missing table (SQLSTATE 42P01).
+func isUndefinedTable(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "42P01"
 }
 
 func (k *leaseKeeper) fence(ctx context.Context, why string) {

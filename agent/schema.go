@@ -98,10 +98,12 @@ func filterDump(dump []byte) (string, error) {
 	for sc.Scan() {
 		line := sc.Text()
 		if strings.HasPrefix(line, "-- Name: ") || strings.HasPrefix(line, "-- Data for Name: ") {
-			// Event triggers, and haven's triggers on partitions, call
-			// functions of haven's schema, which the DR site has not.
+			// Event triggers and haven's triggers (truncate capture on
+			// partitions, the write guard) call functions of haven's
+			// schema, which the DR site has not.
 			skip = strings.Contains(line, "; Type: EVENT TRIGGER;") ||
-				(strings.Contains(line, " haven_capture_truncate; Type: TRIGGER;"))
+				strings.Contains(line, " haven_capture_truncate; Type: TRIGGER;") ||
+				strings.Contains(line, " haven_guard; Type: TRIGGER;")
 		}
 		if skip {
 			continue

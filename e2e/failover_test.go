@@ -337,6 +337,38 @@ func TestSynchronousFailoverLosesNoAcknowledgedWrite(t *testing.T) {
 	}
 }
 
+// TestPrimaryRestartKeepsItsRole: a restart of the primary too short for a
+// failover. While its agent has not confirmed the lease since the start,
+// the write guard refuses writes; then writes resume there, and reach DR.
+func TestPrimaryRestartKeepsItsRole(t *testing.T) {
+	f := startFailoverSite(t)
+	if err := f.site.primary.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	var refused int
+	waitFor(t, 30*time.Second, "the restarted primary to take writes again", func() (bool, error) {
+		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, f.primaryURL())
+		if err != nil {
+			return false, nil
+		}
+		defer conn.Close(context.Background())
+		_, err = conn.Exec(ctx, `INSERT INTO acked (id) VALUES (1)`)
+		if err != nil && strings.Contains(err.Error(), "not confirmed as the primary") {
+			refused++
+		}
+		return err == nil, nil
+	})
+	t.Logf("writes refused by the write guard after the restart: %d", refused)
+	f.q.holdsPrimary(t, "a", "1", 2*time.Second)
+	waitCaughtUp(t, connect(t, f.primaryURL()), f.dr, 2, 60*time.Second)
+	var n int
+	if err := f.dr.QueryRow(t.Context(), `SELECT count(*) FROM acked WHERE id = 1`).Scan(&n); err != nil || n != 1 {
+		t.Errorf("the write after the restart is not on DR: %d rows (%v)", n, err)
+	}
+}
+
 // TestRejoinAfterFailover: both sites run an agent and a standby. The
 // primary's agent is killed, rows are committed that never reach the
 // stream, and the primary is killed too; restarted without its agent, it
@@ -362,10 +394,30 @@ func TestRejoinAfterFailover(t *testing.T) {
 		st, err := q.status(t)
 		return err == nil && st.Groups[0].PrimarySite == "b" && st.Groups[0].State == "ACTIVE", err
 	})
-	// The old primary comes back without its agent: the controllers fence
-	// it, and it takes no write, even from a session that asks for one.
+	// The old primary comes back without its agent. Before any controller
+	// reaches it (all three are frozen), its write guard refuses writes,
+	// even from a session that asks for them; then the controllers fence
+	// it.
+	for _, p := range q.procs {
+		if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if err := s.primary.Restart(t.Context()); err != nil {
 		t.Fatal(err)
+	}
+	rogue := connect(t, s.primaryURL()+"&default_transaction_read_only=off")
+	for _, sql := range []string{`INSERT INTO acked (id) VALUES (-7)`, `UPDATE contacts SET phone = 'rogue'`, `DELETE FROM deals`, `TRUNCATE accounts CASCADE`} {
+		_, err := rogue.Exec(t.Context(), sql)
+		if err == nil || !strings.Contains(err.Error(), "this server is not confirmed as the primary since it started") {
+			t.Errorf("the restarted old primary, before any fence: %s: %v; want the write guard's refusal", sql, err)
+		}
+	}
+	rogue.Close(t.Context())
+	for _, p := range q.procs {
+		if err := p.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+			t.Fatal(err)
+		}
 	}
 	waitFor(t, 30*time.Second, "the controllers to fence the old primary", func() (bool, error) {
 		ctx, cancel := context.WithTimeout(t.Context(), 2*time.Second)
@@ -392,6 +444,12 @@ func TestRejoinAfterFailover(t *testing.T) {
 	mustExec(t, newPrimary, `UPDATE contacts SET phone = 'after rejoin', n = n + 1 WHERE id % 2 = 0`)
 	waitCaughtUp(t, newPrimary, old, 4, 60*time.Second)
 	assertEqual(t, newPrimary, old, map[string]string{"acked": "id", "contacts": "id", "accounts": "id", "deals": "id"})
+	// The rejoined database takes writes from its standby only.
+	mustExec(t, old, `SET default_transaction_read_only = off`)
+	if _, err := old.Exec(t.Context(), `INSERT INTO acked (id) VALUES (-8)`); err == nil || !strings.Contains(err.Error(), "not confirmed as the primary") {
+		t.Errorf("the rejoined standby's database, a client's write: %v; want the write guard's refusal", err)
+	}
+	mustExec(t, old, `RESET default_transaction_read_only`)
 	var lost int
 	if err := old.QueryRow(t.Context(), `SELECT count(*) FROM acked WHERE id BETWEEN 1001 AND 1005`).Scan(&lost); err != nil || lost != 0 {
 		t.Errorf("the rejoined database kept %d rows the new primary never had (%v)", lost, err)

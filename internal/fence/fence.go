@@ -34,15 +34,17 @@ func IsFenced(ctx context.Context, url string) (bool, error) {
 }
 
 // Ping checks that the server of url answers, through its postgres
-// database (a fenced database takes no connections).
-func Ping(ctx context.Context, url string) error {
+// database (a fenced database takes no connections), and returns when the
+// server started.
+func Ping(ctx context.Context, url string) (time.Time, error) {
 	conn, _, err := maintenanceConn(ctx, url)
 	if err != nil {
-		return err
+		return time.Time{}, err
 	}
 	defer conn.Close(context.Background())
-	var one int
-	return conn.QueryRow(ctx, `SELECT 1`).Scan(&one)
+	var started time.Time
+	err = conn.QueryRow(ctx, `SELECT pg_postmaster_start_time()`).Scan(&started)
+	return started, err
 }
 
 // maintenanceConn connects to the source server's postgres database: a
