@@ -130,7 +130,7 @@ func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
 		return nil, fmt.Errorf("--raft-addr %q: %w", cfg.RaftAddr, err)
 	}
 	c.trans, err = raft.NewTCPTransportWithConfig(cfg.RaftAddr, addr, &raft.NetworkTransportConfig{
-		MaxPool: 3, Timeout: 2 * time.Second, Logger: rc.Logger, ServerAddressProvider: routes(cfg.RaftRoutes)})
+		MaxPool: 3, Timeout: 2 * time.Second, Logger: rc.Logger, ServerAddressProvider: routesOf(cfg)})
 	if err != nil {
 		return nil, fmt.Errorf("listen for Raft on %s: %w", cfg.RaftAddr, err)
 	}
@@ -155,6 +155,23 @@ func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
 
 // routes maps peer ids to the address this node dials them at.
 type routes map[string]string
+
+// routesOf returns where this node dials its peers: --raft-route, else the
+// bootstrap peers' addresses; nil (the addresses in the Raft configuration)
+// without routes.
+func routesOf(cfg Config) raft.ServerAddressProvider {
+	if len(cfg.RaftRoutes) == 0 {
+		return nil
+	}
+	r := routes{}
+	for id, a := range cfg.Peers {
+		r[id] = a
+	}
+	for id, a := range cfg.RaftRoutes {
+		r[id] = a
+	}
+	return r
+}
 
 func (r routes) ServerAddr(id raft.ServerID) (raft.ServerAddress, error) {
 	if a, ok := r[string(id)]; ok {
@@ -369,9 +386,14 @@ func (c *Controller) announce(ctx context.Context) {
 	}
 }
 
-// switchoverTimeout bounds a switchover's fence phase: an agent that does
-// not drain by then (it died, its capture failed) gets its primary back.
-const switchoverTimeout = 15 * time.Second
+// A switchover that does not get on is aborted: DR that does not catch up
+// by catchUpTimeout, or a primary's agent that does not drain within
+// switchoverTimeout of the fence (it died, its capture failed), which gets
+// its primary back.
+const (
+	catchUpTimeout    = time.Minute
+	switchoverTimeout = 15 * time.Second
+)
 
 // leaderLoop decides, on the leader, which groups fail over.
 func (c *Controller) leaderLoop(ctx context.Context) {
@@ -395,8 +417,7 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 			c.fenceDeposed(ctx, st)
 		}
 		for _, g := range st.Groups {
-			if g.Switchover != "" && now.Sub(time.UnixMilli(g.SwitchoverStarted)) > switchoverTimeout {
-				reason := fmt.Sprintf("the primary's agent did not drain within %s; the primary is unfenced and stays primary", switchoverTimeout)
+			if reason := switchoverStuck(g, now); reason != "" {
 				c.log.Error().Str("group", g.Name).Msg("switchover aborted: " + reason)
 				_, _ = c.propose(command{Kind: cmdAbortSwitchover, AtMs: now.UnixMilli(), Group: g.Name, Actor: "controller@" + c.cfg.ID, Reason: reason})
 				continue
@@ -419,6 +440,18 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// switchoverStuck says why a group's switchover must be aborted, if it must.
+func switchoverStuck(g *Group, now time.Time) string {
+	took := now.Sub(time.UnixMilli(g.SwitchoverStarted))
+	switch {
+	case g.Switchover == phaseCatchUp && took > catchUpTimeout:
+		return fmt.Sprintf("DR did not catch up to within %s of the primary in %s (it lags %.1fs); writes were never stopped", switchoverMaxLag, catchUpTimeout, g.LagSeconds)
+	case g.Switchover == phaseFence && took > switchoverTimeout:
+		return fmt.Sprintf("the primary's agent did not drain within %s; the primary is unfenced and stays primary", switchoverTimeout)
+	}
+	return ""
 }
 
 // fenceDeposed fences every reachable database of a deposed primary that

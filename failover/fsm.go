@@ -9,6 +9,7 @@ import (
 	"maps"
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/hashicorp/raft"
 )
@@ -151,9 +152,10 @@ const (
 
 // Rejoin and switchover phases.
 const (
-	phaseFence  = "fence"  // the primary's agent fences its database and drains its changes
-	phaseReport = "report" // the deposed agent writes its report and drops its slot
-	phaseReseed = "reseed" // the site's standby loads the new primary's snapshot
+	phaseCatchUp = "catch-up" // a switchover waits for DR to be current before it stops writes
+	phaseFence   = "fence"    // the primary's agent fences its database and drains its changes
+	phaseReport  = "report"   // the deposed agent writes its report and drops its slot
+	phaseReseed  = "reseed"   // the site's standby loads the new primary's snapshot
 )
 
 // command is one change to the state, as the leader proposes it; it carries
@@ -263,8 +265,13 @@ func (s *State) apply(c command) any {
 			return fmt.Errorf("group %q cannot switch over now: state %s, DR site %q (deposed: %v), switchover %q; it needs a DR site that follows the primary",
 				c.Group, g.State, g.DRSite, deposed, g.Switchover)
 		}
-		g.Switchover, g.SwitchoverStarted = phaseFence, c.AtMs
-		s.audit(c.AtMs, c.Actor, "switchover", c.Group, fmt.Sprintf("from site %s to site %s: fencing the primary", g.PrimarySite, g.DRSite))
+		g.Switchover, g.SwitchoverStarted = phaseCatchUp, c.AtMs
+		outcome := "waiting for DR to catch up before fencing the primary"
+		if g.current(c.AtMs) {
+			g.Switchover = phaseFence
+			outcome = "fencing the primary"
+		}
+		s.audit(c.AtMs, c.Actor, "switchover", c.Group, fmt.Sprintf("from site %s to site %s: %s", g.PrimarySite, g.DRSite, outcome))
 		return nil
 	case cmdAbortSwitchover:
 		if g == nil || g.Switchover == "" {
@@ -376,6 +383,12 @@ func (s *State) checkIn(c command) any {
 		// A deposed site's standby applies nothing: its lag means nothing.
 		g.StandbySeenMs = c.AtMs
 		g.LagSeconds = c.LagSeconds
+		if g.Switchover == phaseCatchUp && g.current(c.AtMs) {
+			// Writes stop only now: the pause is the drain of what is in
+			// flight, not of a backlog.
+			g.Switchover, g.SwitchoverStarted = phaseFence, c.AtMs
+			s.audit(c.AtMs, "standby@"+c.Site, "switchover", c.Group, fmt.Sprintf("DR lags %.2fs: fencing the primary", c.LagSeconds))
+		}
 	}
 	switch {
 	case !deposed:
@@ -407,6 +420,16 @@ func (g *Group) promote() {
 	g.LeaseExpiresMs = 0
 	g.Observations = nil
 	g.Alert = ""
+}
+
+// switchoverMaxLag is how far DR may lag when a switchover stops writes:
+// the write pause is about that long, plus the hand-over.
+const switchoverMaxLag = 300 * time.Millisecond
+
+// current reports whether DR reported, within the last second, a lag small
+// enough to stop writes for a switchover.
+func (g *Group) current(nowMs int64) bool {
+	return nowMs-g.StandbySeenMs <= 1000 && g.LagSeconds <= switchoverMaxLag.Seconds()
 }
 
 // PrimaryURL is the URL to probe the group's primary with: its agent's, or

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"io"
+	"strings"
 	"testing"
+	"time"
 
 	"github.com/hashicorp/raft"
 )
@@ -135,5 +137,49 @@ func TestFSMFailoverLifecycle(t *testing.T) {
 	}
 	if err := restored.Restore(io.NopCloser(bytes.NewReader([]byte("not json")))); err == nil {
 		t.Fatal("a corrupt snapshot was restored")
+	}
+}
+
+// TestFSMSwitchoverWaitsForDR: a switchover asked while DR lags stops no
+// write until DR reports it is current; one that waits too long is
+// aborted.
+func TestFSMSwitchoverWaitsForDR(t *testing.T) {
+	f := newFSM()
+	agent := command{Kind: cmdCheckIn, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000}
+	standby := command{Kind: cmdCheckIn, Group: "crm", Site: "b"}
+	agent.AtMs, standby.AtMs, standby.LagSeconds = 1000, 1000, 4
+	apply(t, f, 1, agent)
+	apply(t, f, 2, standby)
+	if err, _ := apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
+		t.Fatal(err)
+	}
+	agent.AtMs = 1200
+	if r := apply(t, f, 4, agent).(checkInResult); !r.Lease || r.SwitchoverFence {
+		t.Fatalf("agent while DR lags 4s: %+v, want its lease and no fence", r)
+	}
+	if reason := switchoverStuck(f.read().Groups["crm"], time.UnixMilli(1100).Add(catchUpTimeout+time.Second)); !strings.Contains(reason, "did not catch up") {
+		t.Errorf("a catch-up past its timeout: %q, want it aborted", reason)
+	}
+	standby.AtMs, standby.LagSeconds = 1300, 0.05
+	apply(t, f, 5, standby)
+	g := f.read().Groups["crm"]
+	if g.Switchover != phaseFence || g.SwitchoverStarted != 1300 {
+		t.Fatalf("after DR reported lag 0.05s: phase %q from %d, want fence from 1300", g.Switchover, g.SwitchoverStarted)
+	}
+	if reason := switchoverStuck(g, time.UnixMilli(1300).Add(time.Second)); reason != "" {
+		t.Errorf("a fence a second old aborted: %s", reason)
+	}
+	agent.AtMs = 1400
+	if r := apply(t, f, 6, agent).(checkInResult); !r.SwitchoverFence {
+		t.Fatalf("agent once DR is current: %+v, want the switchover fence", r)
+	}
+	// DR current when asked: the fence starts at once.
+	f = newFSM()
+	apply(t, f, 1, agent)
+	standby.AtMs = 1400
+	apply(t, f, 2, standby)
+	apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1500, Group: "crm", Actor: "op"})
+	if g := f.read().Groups["crm"]; g.Switchover != phaseFence {
+		t.Errorf("switchover with DR current: phase %q, want fence", g.Switchover)
 	}
 }

@@ -79,7 +79,7 @@ type applier struct {
 	partitioned map[string]bool   // relation keys whose DR table is partitioned
 	targetOID   map[string]uint32 // relation keys' DR tables
 	backfilling map[uint32]bool   // DR tables being backfilled
-	lagMs       *atomic.Int64     // where the lag is reported to the controllers (nil: nowhere)
+	lag         *lagClock         // where the lag is reported to the controllers (nil: nowhere)
 	// replace lets a snapshot empty DR tables that hold rows although
 	// haven never applied to them (a deposed primary rejoining), and
 	// snapshotLoaded is told when it is loaded.
@@ -534,7 +534,10 @@ func (a *applier) commit(ctx context.Context) error {
 	a.metrics.groups.Inc()
 	a.metrics.appliedLSN.Set(float64(a.pos.commitLSN))
 	if !a.pos.commitTime.IsZero() {
-		a.setLag(time.Since(a.pos.commitTime))
+		a.metrics.lagSeconds.Set(time.Since(a.pos.commitTime).Seconds())
+		if a.lag != nil {
+			a.lag.applied(a.pos.commitTime)
+		}
 	}
 	if a.toAck != nil {
 		if err := a.toAck.Ack(); err != nil {
@@ -545,11 +548,39 @@ func (a *applier) commit(ctx context.Context) error {
 	return nil
 }
 
-func (a *applier) setLag(lag time.Duration) {
-	a.metrics.lagSeconds.Set(lag.Seconds())
-	if a.lagMs != nil {
-		a.lagMs.Store(lag.Milliseconds())
+// lagClock is how far DR is behind, as the controllers are told: the age
+// of the last applied source commit, read when asked (a standby stuck in a
+// long snapshot load or a backlog falls further behind as time passes),
+// or 0 once it has applied the whole stream.
+type lagClock struct {
+	commitUs atomic.Int64 // the last applied source commit
+	current  atomic.Bool  // nothing is left to apply
+}
+
+// start begins a session at position pos: not current until shown so;
+// without a commit applied yet, behind since now.
+func (l *lagClock) start(pos position) {
+	at := pos.commitTime
+	if at.IsZero() {
+		at = time.Now()
 	}
+	l.commitUs.Store(at.UnixMicro())
+	l.current.Store(false)
+}
+
+func (l *lagClock) applied(commit time.Time) {
+	l.commitUs.Store(commit.UnixMicro())
+	l.current.Store(false)
+}
+
+func (l *lagClock) caughtUp() { l.current.Store(true) }
+
+// seconds is the lag now.
+func (l *lagClock) seconds() float64 {
+	if l.current.Load() {
+		return 0
+	}
+	return max(0, time.Since(time.UnixMicro(l.commitUs.Load())).Seconds())
 }
 
 // rollback abandons the open target transaction; apply restarts from the
@@ -585,7 +616,10 @@ func (a *applier) idle(ctx context.Context) error {
 	}
 	if !a.open && a.lastPending == 0 {
 		// Nothing buffered, nothing left in the stream: DR is current.
-		a.setLag(0)
+		a.metrics.lagSeconds.Set(0)
+		if a.lag != nil {
+			a.lag.caughtUp()
+		}
 	}
 	return nil
 }

@@ -48,7 +48,7 @@ type controlState struct {
 	promoteTo  atomic.Uint64 // epoch the quorum ordered a promotion to
 	promoted   atomic.Uint64 // epoch this database was promoted to
 	appliedLSN atomic.Uint64 // last source commit applied when promoted
-	lagMs      atomic.Int64
+	lag        lagClock
 	answered   atomic.Bool // the quorum answered a check-in
 	apply      atomic.Bool // the quorum lets this site apply
 	reseed     atomic.Bool // … replacing what the database holds
@@ -61,7 +61,7 @@ func (s *Standby) checkIns(ctx context.Context) {
 	warned := time.Time{}
 	for {
 		req := &havenpb.CheckInRequest{Group: s.cfg.Group, Site: s.cfg.Site, Component: havenpb.Component_COMPONENT_STANDBY,
-			DatabaseUrl: s.cfg.TargetURL, LagSeconds: float64(s.control.lagMs.Load()) / 1000, PromotedEpoch: s.control.promoted.Load(),
+			DatabaseUrl: s.cfg.TargetURL, LagSeconds: s.control.lag.seconds(), PromotedEpoch: s.control.promoted.Load(),
 			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: s.control.reseed.Load() && s.control.reseeded.Load()}
 		resp, err := clients.CheckIn(ctx, req, time.Second)
 		switch {
@@ -161,6 +161,14 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 	err := pgx.BeginFunc(ctx, a.conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{db}.Sanitize()+" RESET default_transaction_read_only"); err != nil {
 			return fmt.Errorf("make the DR database writable: %w", err)
+		}
+		// A former primary's write guard (haven agent) lets writes in
+		// from now: the quorum made this site primary at epoch.
+		if _, err := tx.Exec(ctx, `DO $$ BEGIN
+			IF to_regclass('haven.write_grant') IS NOT NULL THEN
+				UPDATE haven.write_grant SET postmaster_start = pg_postmaster_start_time(), unguarded = false, epoch = `+strconv.FormatUint(epoch, 10)+`, granted_at = now();
+			END IF; END $$`); err != nil {
+			return fmt.Errorf("let writes past the write guard: %w", err)
 		}
 		_, err := tx.Exec(ctx, `INSERT INTO haven.promotions (group_name, epoch, commit_lsn, steps) VALUES ($1, $2, $3::pg_lsn, $4)
 			ON CONFLICT (group_name) DO UPDATE SET epoch = excluded.epoch, promoted_at = now(), commit_lsn = excluded.commit_lsn, steps = excluded.steps`,

@@ -43,6 +43,7 @@ func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Standby, e
 	log = log.With().Str("component", "standby").Str("group", cfg.Group).Logger()
 	s := &Standby{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
 	s.health.Set("starting")
+	s.control.lag.start(position{}) // behind since now, until shown otherwise
 	return s, nil
 }
 
@@ -211,7 +212,8 @@ func (s *Standby) runSession(ctx context.Context) error {
 	defer iter.Stop()
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
-	a.lagMs = &s.control.lagMs
+	a.lag = &s.control.lag
+	a.lag.start(pos)
 	if s.control.reseed.Load() {
 		// A deposed primary rejoining: what it holds is replaced.
 		a.replace = true

@@ -71,12 +71,18 @@ func summarize(name string, target float64, d []time.Duration) figure {
 	return f
 }
 
-func run(ctx context.Context, runs int, out string) error {
+func run(ctx context.Context, runs int, out string) (err error) {
 	work, err := os.MkdirTemp("", "haven-bench-")
 	if err != nil {
 		return err
 	}
-	defer os.RemoveAll(work)
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("%w (logs kept in %s)", err, work)
+			return
+		}
+		os.RemoveAll(work)
+	}()
 	logFile, err := os.Create(filepath.Join(work, "haven.log"))
 	if err != nil {
 		return err

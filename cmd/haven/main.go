@@ -50,6 +50,8 @@ func newRoot() *cobra.Command {
 		default:
 			return zerolog.Logger{}, fmt.Errorf("--log-format %q: use json or console", logFormat)
 		}
+		// Milliseconds: a failover's steps are a few hundred apart.
+		zerolog.TimeFieldFormat = "2006-01-02T15:04:05.000Z07:00"
 		return log.Level(level).With().Timestamp().Logger(), nil
 	}
 	root.AddCommand(newAgentCmd(logger), newStandbyCmd(logger), newControllerCmd(logger), newCtlCmd(), newInspectCmd(), newSkipCmd(logger))
