@@ -162,6 +162,10 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 	return nil
 }
 
+// errNotDelivered: a message still in the stream was skipped by the client;
+// the next session reads it again, at once.
+var errNotDelivered = errors.New("not delivered")
+
 // gap explains a message that arrived after a missing one. A message that
 // is still in the stream was only not delivered (the client dropped it as a
 // slow consumer): the session restarts and reads it again. One that is gone
@@ -171,7 +175,7 @@ func (a *applier) gap(ctx context.Context, got uint64) error {
 	_, err := a.stream.GetMsg(ctx, missing)
 	switch {
 	case err == nil:
-		return fmt.Errorf("message %d was not delivered before message %d; reading the stream again from it", missing, got)
+		return fmt.Errorf("message %d was %w before message %d; reading the stream again from it", missing, errNotDelivered, got)
 	case errors.Is(err, jetstream.ErrMsgNotFound):
 		return blocked(got, "gap", "expected stream sequence %d next but got %d: messages were removed from the stream "+
 			"(retention limits or a purge) before the DR site applied them; the DR copy cannot be completed from this stream, re-seed it "+

@@ -106,6 +106,11 @@ func (s *Standby) loadPromotion(ctx context.Context, conn *pgx.Conn) error {
 			return fmt.Errorf("clear haven.promotions: %w", err)
 		}
 		s.control.promoted.Store(0)
+		// An order to promote given before this site was deposed is spent:
+		// kept, it would make the session check the stream's end after every
+		// message and, once caught up, promote the database again at an epoch
+		// already superseded. A new order is repeated at every check-in.
+		s.control.promoteTo.Store(0)
 		return nil
 	}
 	var epoch uint64

@@ -69,8 +69,12 @@ func (s *Standby) Run(ctx context.Context) error {
 		if len(s.cfg.Controllers) > 0 && !s.waitForOrders(ctx) {
 			return nil
 		}
+		started := time.Now()
 		err := s.runSession(ctx)
 		s.metrics.connected.Set(0)
+		if time.Since(started) > time.Minute {
+			wait = 0 // a session that ran a while: the next failure starts the backoff over
+		}
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -99,6 +103,10 @@ func (s *Standby) Run(ctx context.Context) error {
 			s.log.Error().Err(err).Uint64("seq", be.seq).Str("reason", be.reason).Dur("retry_in", s.cfg.BlockedRetry).
 				Msg("apply is blocked: nothing after this message is applied and it is not acknowledged; fix the cause (see the error), apply resumes by itself")
 			wait = s.cfg.BlockedRetry
+		case errors.Is(err, errNotDelivered):
+			// Nothing is wrong but a message the client lost: no backoff.
+			s.log.Warn().Err(err).Msg("apply session ended; reading the stream again")
+			wait = 0
 		default:
 			s.health.Set(err.Error())
 			s.metrics.errors.Inc()
@@ -203,9 +211,14 @@ func (s *Standby) runSession(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// Room for the largest message the server accepts, or one would never
-	// be delivered.
-	iter, err := consumer.Messages(jetstream.PullMaxMessagesWithBytesLimit(512, max(8<<20, 2*int(nc.MaxPayload()))))
+	// A bound on the bytes buffered, not on the messages: the client's buffer
+	// holds as many messages as it may request, and a batch requested with
+	// both limits ends with a status message the server adds, for which there
+	// is no room when apply is behind ("slow consumer, messages dropped", and
+	// now and then a message missing). Each request then asks for at least
+	// half of this: room for the largest message the server accepts, or one
+	// would never be delivered.
+	iter, err := consumer.Messages(jetstream.PullMaxBytes(max(8<<20, 2*int(nc.MaxPayload()))))
 	if err != nil {
 		return fmt.Errorf("pull from %s: %w", streamName, err)
 	}
@@ -240,7 +253,9 @@ func (s *Standby) runSession(ctx context.Context) error {
 		}
 	}()
 	for {
-		if target := s.control.promoteTo.Load(); target > s.control.promoted.Load() {
+		// A message still pending after the last one means the stream's end
+		// is not reached: no need to ask the server.
+		if target := s.control.promoteTo.Load(); target > s.control.promoted.Load() && a.lastPending == 0 {
 			drained, err := a.drained(ctx)
 			if err != nil {
 				return err
