@@ -214,7 +214,7 @@ BEGIN
 		PERFORM set_config('haven.rewrite_reason', '0', true);
 	END IF;
 	-- After recording: the ALTER PUBLICATION it may run is DDL too.
-	IF tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE') THEN
+	IF tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'CREATE SCHEMA') THEN
 		PERFORM haven.publish_new_tables();
 	END IF;
 END $$;
@@ -252,6 +252,10 @@ BEGIN
 	END IF;
 	IF tg_tag LIKE '% PUBLICATION' OR tg_tag LIKE '% SUBSCRIPTION' THEN
 		-- Replication setup of this site, not schema: not the DR site's.
+		RETURN;
+	END IF;
+	IF tg_tag IN ('CREATE TRIGGER', 'DROP TRIGGER', 'ALTER TRIGGER', 'ALTER TABLE') AND statement OPERATOR(pg_catalog.~*) '\mhaven_guard\M' THEN
+		-- haven's write guard of this site (DR has none).
 		RETURN;
 	END IF;
 	IF tg_tag LIKE 'DROP %' THEN
@@ -362,16 +366,34 @@ func (s *session) installWriteGuard(ctx context.Context) error {
 		}
 		return nil
 	}
+	if len(s.cfg.Controllers) == 0 {
+		// Another group of this database holds leases: only its agent
+		// lets writes in.
+		return nil
+	}
 	if err := grantWrites(ctx, s.ctrl, s.cfg.Epoch); err != nil {
 		return err
 	}
-	_, err := s.ctrl.Exec(ctx, `SELECT haven.guard_table(c.oid) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+	rows, err := s.ctrl.Query(ctx, `SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 		WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p'
 		  AND n.nspname NOT IN ('haven', 'pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
 		  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e')
 		  AND NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND t.tgname = 'haven_guard')`)
 	if err != nil {
-		return fmt.Errorf("put the write guard on the tables: %w", err)
+		return fmt.Errorf("list the tables without the write guard: %w", err)
+	}
+	oids, err := pgx.CollectRows(rows, pgx.RowTo[uint32])
+	if err != nil {
+		return fmt.Errorf("list the tables without the write guard: %w", err)
+	}
+	// One table at a time, each waiting a second at most for its lock:
+	// writes to the others never queue behind a long transaction.
+	for _, oid := range oids {
+		_, err := s.ctrl.Exec(ctx, fmt.Sprintf(`SET lock_timeout = '1s'; SELECT haven.guard_table(%d::oid); RESET lock_timeout`, oid))
+		if err != nil {
+			_, _ = s.ctrl.Exec(ctx, `RESET lock_timeout`)
+			s.log.Warn().Err(err).Uint32("table_oid", oid).Msg("could not put the write guard on a table now (busy?); the agent tries again at its next start")
+		}
 	}
 	return nil
 }

@@ -228,6 +228,10 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 		}
 		defer conn.Close(context.Background())
 		var mark string
+		if err := k.withdrawGrant(ctx); err != nil {
+			k.log.Error().Err(err).Msg("switchover: could not withdraw the write grant; retrying at the next check-in")
+			return false
+		}
 		if err := fence.FenceKeeping(ctx, k.cfg.SourceURL, SlotName(k.cfg.Group), agentSessionName(k.cfg.Group)); err != nil {
 			k.log.Error().Err(err).Msg("switchover: fencing failed; retrying at the next check-in")
 			return false
@@ -247,9 +251,15 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 		k.log.Warn().Stringer("fence_lsn", lsn).Msg("switchover: database fenced for writes; draining its last changes into the stream")
 	}
 	// Writes are stopped: wait here for the drain (a moment: the fence
-	// ended every writer) rather than a check-in interval, but for less
-	// than the lease.
-	for deadline := time.Now().Add(time.Second); k.drained == 0 && time.Now().Before(deadline) && ctx.Err() == nil; time.Sleep(2 * time.Millisecond) {
+	// ended every writer) rather than a check-in interval, but not into
+	// the lease's last half second.
+	k.mu.Lock()
+	deadline := time.Now().Add(time.Second)
+	if last := k.validUntil.Add(-500 * time.Millisecond); last.Before(deadline) {
+		deadline = last
+	}
+	k.mu.Unlock()
+	for ; k.drained == 0 && time.Now().Before(deadline) && ctx.Err() == nil; time.Sleep(2 * time.Millisecond) {
 		if confirmed := pglogrepl.LSN(k.confirmed.Load()); confirmed >= k.drainTo {
 			k.mu.Lock()
 			k.drained = confirmed
@@ -365,6 +375,11 @@ func isUndefinedTable(err error) bool {
 }
 
 func (k *leaseKeeper) fence(ctx context.Context, why string) {
+	// First the grant, while connections still work: should the fence be
+	// lifted by hand, writes stay refused until a lease grants them again.
+	if err := k.withdrawGrant(ctx); err != nil {
+		k.log.Debug().Err(err).Msg("could not withdraw the write grant before fencing")
+	}
 	if err := fence.Fence(ctx, k.cfg.SourceURL); err != nil {
 		k.log.Debug().Err(err).Msg("could not fence the database (is it down?); retrying at the next check-in")
 		return

@@ -38,6 +38,7 @@ type Decision struct {
 // primary's lease has expired, and its DR standby reported recently with a
 // lag within MaxRPO. When the primary is down but one of the others does
 // not hold, it alerts instead and waits for an operator's forced failover.
+// It also alerts when the primary is up but its agent has gone silent.
 func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 	if g.State != StateActive || g.DRSite == "" {
 		return Decision{}
@@ -52,6 +53,11 @@ func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 		}
 	}
 	if len(down) < voters/2+1 {
+		if g.AgentSeenMs != 0 && nowMs-g.AgentSeenMs > p.StandbyTimeout.Milliseconds() {
+			return Decision{Alert: fmt.Sprintf("the agent of primary site %s has not checked in for %s: changes are not captured (DR falls behind), "+
+				"and should the primary restart it refuses writes until its agent holds the lease again; start or fix the agent",
+				g.PrimarySite, time.Duration(nowMs-g.AgentSeenMs)*time.Millisecond)}
+		}
 		return Decision{}
 	}
 	sort.Strings(down)

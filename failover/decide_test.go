@@ -45,6 +45,18 @@ func TestDecideScenarios(t *testing.T) {
 			standby(g, 10*time.Second, 0)
 		},
 			10 * time.Second, false, ""},
+		{"primary up, its agent silent", func(g *Group) {
+			up(g, "n1", 10*time.Second)
+			up(g, "n2", 10*time.Second)
+			g.AgentSeenMs = ms(4 * time.Second)
+			standby(g, 10*time.Second, 0)
+		}, 10 * time.Second, false, "has not checked in for 6s"},
+		{"primary up, its agent checked in lately", func(g *Group) {
+			up(g, "n1", 10*time.Second)
+			up(g, "n2", 10*time.Second)
+			g.AgentSeenMs = ms(9 * time.Second)
+			standby(g, 10*time.Second, 0)
+		}, 10 * time.Second, false, ""},
 		{"majority down long enough", func(g *Group) {
 			down(g, "n1", 1*time.Second, 5*time.Second)
 			down(g, "n2", 1*time.Second, 5*time.Second)

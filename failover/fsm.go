@@ -325,7 +325,9 @@ func (s *State) checkIn(c command) any {
 	_, deposed := g.Deposed[c.Site]
 	rejoining := deposed && c.Site == g.RejoinSite
 	if c.Agent {
-		g.AgentSeenMs = c.AtMs
+		if c.Site == g.PrimarySite {
+			g.AgentSeenMs = c.AtMs
+		}
 		switch {
 		case rejoining:
 			// Its database is reopened for the report and the reload.
@@ -417,7 +419,7 @@ func (g *Group) promote() {
 	g.Epoch++
 	g.RejoinSite, g.RejoinPhase, g.Switchover = "", "", ""
 	g.State = StatePromoting
-	g.LeaseExpiresMs = 0
+	g.LeaseExpiresMs, g.AgentSeenMs = 0, 0
 	g.Observations = nil
 	g.Alert = ""
 }

@@ -557,9 +557,14 @@ func (a *applier) commit(ctx context.Context) error {
 // long snapshot load or a backlog falls further behind as time passes),
 // or 0 once it has applied the whole stream.
 type lagClock struct {
-	commitUs atomic.Int64 // the last applied source commit
-	current  atomic.Bool  // nothing is left to apply
+	commitUs  atomic.Int64 // the last applied source commit
+	currentUs atomic.Int64 // when apply last found nothing left to apply
 }
+
+// currentFor is how long a finding that nothing is left stays true: an
+// apply session that works finds it again at every idle moment; one that
+// died or hangs does not, and its lag grows from its last commit.
+const currentFor = 2 * time.Second
 
 // start begins a session at position pos: not current until shown so;
 // without a commit applied yet, behind since now.
@@ -569,19 +574,19 @@ func (l *lagClock) start(pos position) {
 		at = time.Now()
 	}
 	l.commitUs.Store(at.UnixMicro())
-	l.current.Store(false)
+	l.currentUs.Store(0)
 }
 
 func (l *lagClock) applied(commit time.Time) {
 	l.commitUs.Store(commit.UnixMicro())
-	l.current.Store(false)
+	l.currentUs.Store(0)
 }
 
-func (l *lagClock) caughtUp() { l.current.Store(true) }
+func (l *lagClock) caughtUp() { l.currentUs.Store(time.Now().UnixMicro()) }
 
 // seconds is the lag now.
 func (l *lagClock) seconds() float64 {
-	if l.current.Load() {
+	if at := l.currentUs.Load(); at != 0 && time.Since(time.UnixMicro(at)) < currentFor {
 		return 0
 	}
 	return max(0, time.Since(time.UnixMicro(l.commitUs.Load())).Seconds())
