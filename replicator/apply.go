@@ -440,14 +440,15 @@ func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
 		return name, nil
 	}
 	name := "haven_" + strconv.Itoa(len(a.statements))
-	if _, err := a.pg.Prepare(ctx, name, st.sql, nil); err != nil {
+	sql := st.sql()
+	if _, err := a.pg.Prepare(ctx, name, sql, nil); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			// The DR table cannot take the change as sent (a column type or
 			// constraint differs): retrying does not help.
-			return "", blocked(a.txnFirstSeq, "apply failed", "prepare %q: %w", st.sql, err)
+			return "", blocked(a.txnFirstSeq, "apply failed", "prepare %q: %w", sql, err)
 		}
-		return "", fmt.Errorf("prepare %q: %w", st.sql, err)
+		return "", fmt.Errorf("prepare %q: %w", sql, err)
 	}
 	a.statements[st.key] = name
 	return name, nil

@@ -116,22 +116,24 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 
 // upsertStatement inserts a backfilled row, or overwrites the DR row with
 // its key.
-func upsertStatement(rel *havenpb.Relation, relKey, table string, row *havenpb.Row) statement {
-	st := insertStatement(rel, relKey, table, row)
-	var keys, sets []string
-	for _, c := range rel.Columns {
-		ident := pgx.Identifier{c.Name}.Sanitize()
-		if c.Key {
-			keys = append(keys, ident)
-		} else {
-			sets = append(sets, ident+" = EXCLUDED."+ident)
-		}
-	}
+func upsertStatement(rel *havenpb.Relation, relKey string, row *havenpb.Row) statement {
+	st := insertStatement(rel, relKey, row)
 	st.key = strings.Replace(st.key, "|I|", "|U|", 1)
-	if len(sets) == 0 {
-		st.sql += fmt.Sprintf(" ON CONFLICT (%s) DO NOTHING", strings.Join(keys, ", "))
-	} else {
-		st.sql += fmt.Sprintf(" ON CONFLICT (%s) DO UPDATE SET %s", strings.Join(keys, ", "), strings.Join(sets, ", "))
+	insert := st.sql
+	st.sql = func() string {
+		var keys, sets []string
+		for _, c := range rel.Columns {
+			ident := pgx.Identifier{c.Name}.Sanitize()
+			if c.Key {
+				keys = append(keys, ident)
+			} else {
+				sets = append(sets, ident+" = EXCLUDED."+ident)
+			}
+		}
+		if len(sets) == 0 {
+			return insert() + fmt.Sprintf(" ON CONFLICT (%s) DO NOTHING", strings.Join(keys, ", "))
+		}
+		return insert() + fmt.Sprintf(" ON CONFLICT (%s) DO UPDATE SET %s", strings.Join(keys, ", "), strings.Join(sets, ", "))
 	}
 	return st
 }

@@ -25,10 +25,11 @@ func tableRef(qualified string, partitioned bool) string {
 // statement is one parameterised SQL text for a shape of change: the same
 // table, operation, set of sent columns and (for REPLICA IDENTITY FULL)
 // pattern of NULLs in the old row share it, and so share a prepared
-// statement.
+// statement. Its key and parameters are computed for every change; its
+// text only for a shape not prepared yet.
 type statement struct {
 	key    string
-	sql    string
+	sql    func() string
 	params [][]byte
 	// matchesRow is set for UPDATE and DELETE: affecting no row means the DR
 	// copy has drifted from the primary.
@@ -73,25 +74,28 @@ func value(d *havenpb.Datum) []byte {
 	return d.Text
 }
 
-// buildStatement renders the SQL and parameters of one row change.
+// buildStatement renders the parameters of one row change, and the SQL of
+// its shape.
 func buildStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch *havenpb.Change) (statement, error) {
-	table := pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
 	switch ch.Op {
 	case havenpb.Op_OP_INSERT:
-		return insertStatement(rel, relKey, table, ch.New), nil
+		return insertStatement(rel, relKey, ch.New), nil
 	case havenpb.Op_OP_UPSERT:
-		return upsertStatement(rel, relKey, table, ch.New), nil
+		return upsertStatement(rel, relKey, ch.New), nil
 	case havenpb.Op_OP_UPDATE:
-		return updateStatement(rel, relKey, tableRef(table, partitioned), ch)
+		return updateStatement(rel, relKey, partitioned, ch)
 	case havenpb.Op_OP_DELETE:
-		return deleteStatement(rel, relKey, tableRef(table, partitioned), ch.Old)
+		return deleteStatement(rel, relKey, partitioned, ch.Old)
 	default:
 		return statement{}, fmt.Errorf("no row statement for op %s", ch.Op)
 	}
 }
 
-func insertStatement(rel *havenpb.Relation, relKey, table string, row *havenpb.Row) statement {
-	var cols, places []string
+func qualifiedName(rel *havenpb.Relation) string {
+	return pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
+}
+
+func insertStatement(rel *havenpb.Relation, relKey string, row *havenpb.Row) statement {
 	params := make([][]byte, 0, len(row.Values))
 	mask := make([]byte, len(row.Values))
 	for i, d := range row.Values {
@@ -100,62 +104,89 @@ func insertStatement(rel *havenpb.Relation, relKey, table string, row *havenpb.R
 			continue
 		}
 		mask[i] = 'v'
-		cols = append(cols, pgx.Identifier{rel.Columns[i].Name}.Sanitize())
 		params = append(params, value(d))
-		places = append(places, fmt.Sprintf("$%d", len(params)))
 	}
 	return statement{
 		key: relKey + "|I|" + string(mask),
-		// The source's value of a GENERATED ALWAYS identity column is the
-		// value: DR must not draw its own.
-		sql:    fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", table, strings.Join(cols, ", "), strings.Join(places, ", ")),
+		sql: func() string {
+			var cols, places []string
+			for i, m := range mask {
+				if m == 'v' {
+					cols = append(cols, pgx.Identifier{rel.Columns[i].Name}.Sanitize())
+					places = append(places, fmt.Sprintf("$%d", len(places)+1))
+				}
+			}
+			// The source's value of a GENERATED ALWAYS identity column is
+			// the value: DR must not draw its own.
+			return fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", qualifiedName(rel), strings.Join(cols, ", "), strings.Join(places, ", "))
+		},
 		params: params,
 	}
 }
 
-// whereIdentity matches the row a change refers to: by the identity columns,
-// or, for REPLICA IDENTITY FULL, by every column and exactly one row even
-// where the table holds duplicates.
-func whereIdentity(rel *havenpb.Relation, table string, identity *havenpb.Row, params [][]byte) (string, [][]byte, string, error) {
-	var conds []string
+// identityParams appends the parameters that find the row a change refers
+// to (its identity columns; for REPLICA IDENTITY FULL, every column) and
+// returns them with the pattern of NULLs among them.
+func identityParams(rel *havenpb.Relation, identity *havenpb.Row, params [][]byte) ([][]byte, string, error) {
 	mask := make([]byte, 0, len(rel.Columns))
 	for i, c := range rel.Columns {
 		if !c.Key {
 			continue
 		}
-		d := identity.Values[i]
-		col := pgx.Identifier{c.Name}.Sanitize()
-		switch d.Kind {
+		switch d := identity.Values[i]; d.Kind {
 		case havenpb.DatumKind_DATUM_NULL:
 			if rel.ReplicaIdentity != "f" {
-				return "", nil, "", fmt.Errorf("key column %q of %s is NULL in a change", c.Name, table)
+				return nil, "", fmt.Errorf("key column %q of %s is NULL in a change", c.Name, qualifiedName(rel))
 			}
-			conds = append(conds, col+" IS NULL")
 			mask = append(mask, 'n')
 		case havenpb.DatumKind_DATUM_TEXT:
 			params = append(params, value(d))
-			if rel.ReplicaIdentity == "f" && !searchPathDependent[c.TypeOid] {
-				// The old row is the whole row image: match its text form
-				// exactly, through the type's output function. That works for
-				// types without an equality operator (json, point, xml) and
-				// tells apart values that = calls equal (1.0 and 1.00,
-				// citext's 'A' and 'a'), so the row the source changed is the
-				// row DR changes. (A cast to text would trim char(n).)
-				conds = append(conds, fmt.Sprintf("format('%%s', %s) = $%d::text", col, len(params)))
-			} else if searchPathDependent[c.TypeOid] {
-				// reg* = reg* resolves to oid = oid: name the type, or the
-				// parameter would be read as a bare OID.
-				conds = append(conds, fmt.Sprintf("%s = $%d::%s", col, len(params), c.Type))
-			} else {
-				conds = append(conds, fmt.Sprintf("%s = $%d", col, len(params)))
-			}
 			mask = append(mask, 'v')
 		default:
-			return "", nil, "", fmt.Errorf("key column %q of %s has no value in a change", c.Name, table)
+			return nil, "", fmt.Errorf("key column %q of %s has no value in a change", c.Name, qualifiedName(rel))
 		}
 	}
-	if len(conds) == 0 {
-		return "", nil, "", fmt.Errorf("%s has no identity columns: updates and deletes cannot find their row", table)
+	if len(mask) == 0 {
+		return nil, "", fmt.Errorf("%s has no identity columns: updates and deletes cannot find their row", qualifiedName(rel))
+	}
+	return params, string(mask), nil
+}
+
+// whereIdentity matches the row of identityParams' mask, its parameters
+// numbered from after the first n: by the identity columns, or, for
+// REPLICA IDENTITY FULL, by every column and exactly one row even where
+// the table holds duplicates.
+func whereIdentity(rel *havenpb.Relation, table, mask string, n int) string {
+	var conds []string
+	k := 0
+	for _, c := range rel.Columns {
+		if !c.Key {
+			continue
+		}
+		col := pgx.Identifier{c.Name}.Sanitize()
+		m := mask[k]
+		k++
+		if m == 'n' {
+			conds = append(conds, col+" IS NULL")
+			continue
+		}
+		n++
+		switch {
+		case rel.ReplicaIdentity == "f" && !searchPathDependent[c.TypeOid]:
+			// The old row is the whole row image: match its text form
+			// exactly, through the type's output function. That works for
+			// types without an equality operator (json, point, xml) and
+			// tells apart values that = calls equal (1.0 and 1.00, citext's
+			// 'A' and 'a'), so the row the source changed is the row DR
+			// changes. (A cast to text would trim char(n).)
+			conds = append(conds, fmt.Sprintf("format('%%s', %s) = $%d::text", col, n))
+		case searchPathDependent[c.TypeOid]:
+			// reg* = reg* resolves to oid = oid: name the type, or the
+			// parameter would be read as a bare OID.
+			conds = append(conds, fmt.Sprintf("%s = $%d::%s", col, n, c.Type))
+		default:
+			conds = append(conds, fmt.Sprintf("%s = $%d", col, n))
+		}
 	}
 	where := strings.Join(conds, " AND ")
 	if rel.ReplicaIdentity == "f" {
@@ -163,64 +194,77 @@ func whereIdentity(rel *havenpb.Relation, table string, identity *havenpb.Row, p
 		// holds rows of several.
 		where = fmt.Sprintf("(tableoid, ctid) = (SELECT tableoid, ctid FROM %s WHERE %s LIMIT 1)", table, where)
 	}
-	return where, params, string(mask), nil
+	return where
 }
 
-func updateStatement(rel *havenpb.Relation, relKey, table string, ch *havenpb.Change) (statement, error) {
-	var sets []string
+func updateStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch *havenpb.Change) (statement, error) {
 	params := make([][]byte, 0, len(rel.Columns)+2)
 	setMask := make([]byte, len(rel.Columns))
 	for i, d := range ch.New.Values {
-		if d.Kind == havenpb.DatumKind_DATUM_UNCHANGED_TOAST {
+		switch {
+		case d.Kind == havenpb.DatumKind_DATUM_UNCHANGED_TOAST:
 			// Not sent: DR keeps what it has.
 			setMask[i] = 'u'
-			continue
-		}
-		if ch.Old == nil && rel.Columns[i].Key {
+		case ch.Old == nil && rel.Columns[i].Key:
 			// The key did not change (no old key was sent): leave it alone,
 			// which also keeps GENERATED ALWAYS identity keys updatable.
 			setMask[i] = 'k'
-			continue
+		default:
+			setMask[i] = 'v'
+			params = append(params, value(d))
 		}
-		setMask[i] = 'v'
-		params = append(params, value(d))
-		sets = append(sets, fmt.Sprintf("%s = $%d", pgx.Identifier{rel.Columns[i].Name}.Sanitize(), len(params)))
 	}
+	sets := len(params)
 	identity := ch.Old
 	if identity == nil {
 		// The key did not change: the new row carries it.
 		identity = ch.New
 	}
-	where, params, whereMask, err := whereIdentity(rel, table, identity, params)
+	params, whereMask, err := identityParams(rel, identity, params)
 	if err != nil {
 		return statement{}, err
 	}
-	if len(sets) == 0 {
+	if sets == 0 {
 		// Nothing but unchanged TOAST values: there is nothing to write, but
 		// the row must still exist.
 		return statement{
-			key:        relKey + "|U0|" + whereMask,
-			sql:        fmt.Sprintf("SELECT 1 FROM %s WHERE %s", table, where),
+			key: relKey + "|U0|" + whereMask,
+			sql: func() string {
+				table := tableRef(qualifiedName(rel), partitioned)
+				return fmt.Sprintf("SELECT 1 FROM %s WHERE %s", table, whereIdentity(rel, table, whereMask, 0))
+			},
 			params:     params,
 			matchesRow: true,
 		}, nil
 	}
 	return statement{
-		key:        relKey + "|U|" + string(setMask) + "|" + whereMask,
-		sql:        fmt.Sprintf("UPDATE %s SET %s WHERE %s", table, strings.Join(sets, ", "), where),
+		key: relKey + "|U|" + string(setMask) + "|" + whereMask,
+		sql: func() string {
+			var set []string
+			for i, m := range setMask {
+				if m == 'v' {
+					set = append(set, fmt.Sprintf("%s = $%d", pgx.Identifier{rel.Columns[i].Name}.Sanitize(), len(set)+1))
+				}
+			}
+			table := tableRef(qualifiedName(rel), partitioned)
+			return fmt.Sprintf("UPDATE %s SET %s WHERE %s", table, strings.Join(set, ", "), whereIdentity(rel, table, whereMask, sets))
+		},
 		params:     params,
 		matchesRow: true,
 	}, nil
 }
 
-func deleteStatement(rel *havenpb.Relation, relKey, table string, old *havenpb.Row) (statement, error) {
-	where, params, mask, err := whereIdentity(rel, table, old, nil)
+func deleteStatement(rel *havenpb.Relation, relKey string, partitioned bool, old *havenpb.Row) (statement, error) {
+	params, mask, err := identityParams(rel, old, nil)
 	if err != nil {
 		return statement{}, err
 	}
 	return statement{
-		key:        relKey + "|D|" + mask,
-		sql:        fmt.Sprintf("DELETE FROM %s WHERE %s", table, where),
+		key: relKey + "|D|" + mask,
+		sql: func() string {
+			table := tableRef(qualifiedName(rel), partitioned)
+			return fmt.Sprintf("DELETE FROM %s WHERE %s", table, whereIdentity(rel, table, mask, 0))
+		},
 		params:     params,
 		matchesRow: true,
 	}, nil

@@ -54,7 +54,7 @@ var sqlTestPlaceholder = regexp.MustCompile(`\$([0-9]+)`)
 func sqlTestCheckPlaceholders(t *testing.T, st statement) {
 	t.Helper()
 	var seen []int
-	for _, m := range sqlTestPlaceholder.FindAllStringSubmatch(st.sql, -1) {
+	for _, m := range sqlTestPlaceholder.FindAllStringSubmatch(st.sql(), -1) {
 		n, err := strconv.Atoi(m[1])
 		if err != nil {
 			t.Fatal(err)
@@ -67,7 +67,7 @@ func sqlTestCheckPlaceholders(t *testing.T, st statement) {
 		want[i] = i + 1
 	}
 	if !slices.Equal(seen, want) {
-		t.Errorf("%q has placeholders %v for %d parameters", st.sql, seen, len(st.params))
+		t.Errorf("%q has placeholders %v for %d parameters", st.sql(), seen, len(st.params))
 	}
 }
 
@@ -224,8 +224,8 @@ func TestBuildStatement(t *testing.T) {
 			if err != nil {
 				t.Fatalf("buildStatement: %v", err)
 			}
-			if st.sql != tt.sql {
-				t.Errorf("sql\n got %s\nwant %s", st.sql, tt.sql)
+			if st.sql() != tt.sql {
+				t.Errorf("sql\n got %s\nwant %s", st.sql(), tt.sql)
 			}
 			if got := sqlTestParams(st.params); !slices.Equal(got, tt.params) {
 				t.Errorf("params = %v, want %v", got, tt.params)
@@ -278,7 +278,7 @@ func TestBuildStatementErrors(t *testing.T) {
 			tt.change.RelationId = tt.rel.Id
 			st, err := buildStatement(tt.rel, relationKey(tt.rel), false, tt.change)
 			if err == nil {
-				t.Fatalf("buildStatement = %q, want an error", st.sql)
+				t.Fatalf("buildStatement = %q, want an error", st.sql())
 			}
 			if !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("error %q does not mention %q", err, tt.want)
@@ -364,10 +364,10 @@ func TestStatementKeyDeterminesSQL(t *testing.T) {
 		}
 		built++
 		sqlTestCheckPlaceholders(t, st)
-		if prev, ok := sqlByKey[st.key]; ok && prev != st.sql {
-			t.Fatalf("key %q names two statements:\n%s\n%s", st.key, prev, st.sql)
+		if prev, ok := sqlByKey[st.key]; ok && prev != st.sql() {
+			t.Fatalf("key %q names two statements:\n%s\n%s", st.key, prev, st.sql())
 		}
-		sqlByKey[st.key] = st.sql
+		sqlByKey[st.key] = st.sql()
 	}
 	if built < 1000 || len(sqlByKey) < 20 {
 		t.Fatalf("only %d statements of %d shapes built", built, len(sqlByKey))
@@ -439,8 +439,8 @@ func TestRelationKeyIsInjective(t *testing.T) {
 				}
 				return st
 			}
-			if sa, sb := ch(tt.a), ch(tt.b); sa.key == sb.key && sa.sql != sb.sql {
-				t.Errorf("statement key %q names both\n%s\n%s", sa.key, sa.sql, sb.sql)
+			if sa, sb := ch(tt.a), ch(tt.b); sa.key == sb.key && sa.sql() != sb.sql() {
+				t.Errorf("statement key %q names both\n%s\n%s", sa.key, sa.sql(), sb.sql())
 			}
 		})
 	}
@@ -605,8 +605,8 @@ func TestPartitionedTablesAreNamedWithoutOnly(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := `DELETE FROM "public"."events" WHERE "id" = $1`; st.sql != want {
-		t.Errorf("got %s, want %s (ONLY on a partitioned table reaches no row)", st.sql, want)
+	if want := `DELETE FROM "public"."events" WHERE "id" = $1`; st.sql() != want {
+		t.Errorf("got %s, want %s (ONLY on a partitioned table reaches no row)", st.sql(), want)
 	}
 	if got, want := truncateSQL([]*havenpb.Relation{rel, rel}, []bool{true, false}, &havenpb.Change{}), `TRUNCATE "public"."events", ONLY "public"."events"`; got != want {
 		t.Errorf("got %s, want %s", got, want)
