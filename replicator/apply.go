@@ -90,6 +90,7 @@ type applier struct {
 	open         bool
 	batch        *pgconn.Batch
 	entries      []batchEntry
+	inflight     *sentBatch // sent, its results not read yet
 	groupTxns    int
 	groupChanges int
 	groupStarted time.Time
@@ -292,6 +293,9 @@ func (a *applier) advanceSequences(ctx context.Context, seqs []*havenpb.Sequence
 		name := pgx.Identifier{v.Schema, v.Name}.Sanitize()
 		exists, known := a.sequences[name]
 		if !known {
+			if err := a.settle(); err != nil {
+				return err
+			}
 			var oid *uint32
 			if err := a.conn.QueryRow(ctx, `SELECT to_regclass($1)::oid`, name).Scan(&oid); err != nil {
 				return fmt.Errorf("look up sequence %s on DR: %w", name, err)
@@ -385,7 +389,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 		}
 		a.groupChanges++
 		if len(a.entries) >= a.cfg.PipelineStatements {
-			if err := a.flush(ctx, seq); err != nil {
+			if err := a.send(ctx, seq); err != nil {
 				return err
 			}
 		}
@@ -398,6 +402,9 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Relation, key string) error {
 	if a.checked[key] {
 		return nil
+	}
+	if err := a.settle(); err != nil {
+		return err
 	}
 	target, err := readTarget(ctx, a.conn, rel.Schema, rel.Name)
 	if err != nil {
@@ -439,6 +446,9 @@ func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
 	if name, ok := a.statements[st.key]; ok {
 		return name, nil
 	}
+	if err := a.settle(); err != nil {
+		return "", err
+	}
 	name := "haven_" + strconv.Itoa(len(a.statements))
 	sql := st.sql()
 	if _, err := a.pg.Prepare(ctx, name, sql, nil); err != nil {
@@ -454,29 +464,60 @@ func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
 	return name, nil
 }
 
+// sentBatch is a batch the DR server executes while the next one is built.
+type sentBatch struct {
+	results  *pgconn.MultiResultReader
+	entries  []batchEntry
+	seq      uint64 // the message being applied when it was sent
+	firstSeq uint64 // … and the first message of its transaction
+}
+
 // flush sends the pipelined statements and judges their results.
 func (a *applier) flush(ctx context.Context, seq uint64) error {
+	if err := a.send(ctx, seq); err != nil {
+		return err
+	}
+	return a.settle()
+}
+
+// send sends the pipelined statements, after judging those sent before:
+// the DR server executes them while the caller goes on. Whatever uses the
+// connection next must settle them first (flush does).
+func (a *applier) send(ctx context.Context, seq uint64) error {
+	if err := a.settle(); err != nil {
+		return err
+	}
 	if len(a.entries) == 0 {
 		return nil
 	}
-	results, err := a.pg.ExecBatch(ctx, a.batch).ReadAll()
-	entries := a.entries
+	a.inflight = &sentBatch{results: a.pg.ExecBatch(ctx, a.batch), entries: a.entries, seq: seq, firstSeq: a.txnFirstSeq}
 	a.batch = &pgconn.Batch{}
-	a.entries = a.entries[:0]
+	a.entries = make([]batchEntry, 0, cap(a.entries))
+	return nil
+}
+
+// settle reads and judges the results of the batch in flight, if any.
+func (a *applier) settle() error {
+	b := a.inflight
+	if b == nil {
+		return nil
+	}
+	a.inflight = nil
+	results, err := b.results.ReadAll()
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && !connectionLost(pgErr) {
 			// Name the first message of the transaction being applied: with
 			// one transaction per target transaction (as after such a stop,
 			// see isolateThrough) that is the message to inspect or skip.
-			return blocked(a.txnFirstSeq, "apply failed", "%w", err)
+			return blocked(b.firstSeq, "apply failed", "%w", err)
 		}
 		return fmt.Errorf("apply batch: %w", err)
 	}
 	for i, r := range results {
-		if i < len(entries) && entries[i].matchesRow && !entries[i].tolerateMissing && r.CommandTag.RowsAffected() == 0 {
-			a.metrics.conflicts.WithLabelValues(entries[i].table).Inc()
-			a.log.Error().Str("table", entries[i].table).Str("key", identityText(entries[i].rel, entries[i].change)).Uint64("seq", seq).
+		if e := b.entries; i < len(e) && e[i].matchesRow && !e[i].tolerateMissing && r.CommandTag.RowsAffected() == 0 {
+			a.metrics.conflicts.WithLabelValues(e[i].table).Inc()
+			a.log.Error().Str("table", e[i].table).Str("key", identityText(e[i].rel, e[i].change)).Uint64("seq", b.seq).
 				Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
 		}
 	}
@@ -596,6 +637,7 @@ func (l *lagClock) seconds() float64 {
 // rollback abandons the open target transaction; apply restarts from the
 // committed position.
 func (a *applier) rollback(ctx context.Context) {
+	_ = a.settle() // what it says is moot: everything is undone
 	a.batch = nil
 	a.entries = a.entries[:0]
 	a.open = false
