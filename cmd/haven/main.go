@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"strings"
 	"syscall"
 	"time"
@@ -17,9 +18,24 @@ import (
 )
 
 func main() {
+	tuneGC()
 	if err := newRoot().Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "haven:", err)
 		os.Exit(1)
+	}
+}
+
+// tuneGC trades memory for CPU: capture and apply allocate for every
+// message, and with Go's default (GOGC=100) the collector took about a
+// sixth of the standby's CPU while it caught up. A heap target four times
+// the live heap, under a soft limit of 192 MiB, keeps both processes well
+// within 256 MiB. GOGC and GOMEMLIMIT in the environment win.
+func tuneGC() {
+	if os.Getenv("GOGC") == "" {
+		debug.SetGCPercent(400)
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(192 << 20)
 	}
 }
 
