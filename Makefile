@@ -40,12 +40,13 @@ demo: deps
 	$(GO) run ./demo
 
 # Microbenchmarks of the hot paths (encoding, decoding, SQL generation), then
-# failover RTO and switchover pause on real clusters (bench/failover, results
-# in bench/results/). The throughput benchmark against native logical
-# replication is still to come.
+# failover RTO and switchover pause on real clusters (bench/failover), then
+# haven against native logical replication with the CRM workload
+# (bench/replication); results in bench/results/.
 bench: deps
 	$(GO) test -run='^$$' -bench=. -benchmem ./proto/wire/ ./replicator/
 	$(GO) run ./bench/failover -runs 3
+	$(GO) run ./bench/replication -runs 3
 
 generate:
 	$(GO) generate ./proto/...

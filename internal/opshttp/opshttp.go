@@ -1,6 +1,7 @@
 // Package opshttp serves what every haven process exposes to operators and
 // their tooling: /healthz (200 while the process does its job, 503 with the
-// reason otherwise) and Prometheus /metrics.
+// reason otherwise), Prometheus /metrics, and Go's profiles under
+// /debug/pprof/ (CPU, heap, goroutines) for a performance question.
 package opshttp
 
 import (
@@ -9,6 +10,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"sync/atomic"
 	"time"
 
@@ -22,6 +24,10 @@ import (
 func Serve(ctx context.Context, addr string, gatherer prometheus.Gatherer, healthy func() error) (string, <-chan error, error) {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(gatherer, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
 		if err := healthy(); err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
