@@ -330,6 +330,15 @@ func (s *Standby) protectDR(ctx context.Context, conn *pgx.Conn) {
 // a newer initial snapshot (the agent was re-seeded), just before that
 // snapshot, which replaces the DR copy; else apply is blocked.
 func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, stream jetstream.Stream, info *jetstream.StreamInfo, created time.Time, pos position, found bool) (uint64, error) {
+	if found && s.control.reseed.Load() && created.Equal(pos.streamCreated) {
+		// A deposed primary rejoining: the latest snapshot replaces what
+		// its database holds, so what the stream has before that snapshot
+		// (its own old term, an older snapshot) need not be applied first.
+		if latest := s.latestSnapshot(ctx, js, info, created); latest != nil && latest.BeginSeq > pos.streamSeq+1 {
+			s.log.Info().Uint64("seq", latest.BeginSeq).Uint64("stored_seq", pos.streamSeq).Msg("rejoining: starting at the group's latest initial snapshot")
+			return latest.BeginSeq - 1, nil
+		}
+	}
 	var problem string
 	switch {
 	case found && !created.Equal(pos.streamCreated):
