@@ -190,9 +190,10 @@ watch:
 			return ctx.Err()
 		case <-ticker.C:
 			// DR first: the primary, read after it, is never behind it.
-			d, _ := countActivities(ctx, drConn)
-			p, _ := countActivities(ctx, primaryConn)
-			fmt.Printf("    %7.0fs  %14d  %14d  %9.3fs\n", time.Since(started).Seconds(), p, d, gauge(reg, "haven_standby_lag_seconds"))
+			d, dAt, _ := countActivities(ctx, drConn)
+			p, pAt, _ := countActivities(ctx, primaryConn)
+			// How far DR's newest activity is behind the primary's.
+			fmt.Printf("    %7.0fs  %14d  %14d  %9.3fs\n", time.Since(started).Seconds(), p, d, max(pAt.Sub(dAt), 0).Seconds())
 		}
 	}
 
@@ -254,10 +255,13 @@ func psql(ctx context.Context, binDir, url, file string) error {
 	return nil
 }
 
-func countActivities(ctx context.Context, conn *pgx.Conn) (int64, error) {
+// countActivities counts the rows the workload adds, and says when the
+// newest activity was written.
+func countActivities(ctx context.Context, conn *pgx.Conn) (int64, time.Time, error) {
 	var n int64
-	err := conn.QueryRow(ctx, `SELECT (SELECT count(*) FROM activities) + (SELECT count(*) FROM contacts)`).Scan(&n)
-	return n, err
+	var newest time.Time
+	err := conn.QueryRow(ctx, `SELECT (SELECT count(*) FROM activities) + (SELECT count(*) FROM contacts), (SELECT max(at) FROM activities)`).Scan(&n, &newest)
+	return n, newest, err
 }
 
 func digest(ctx context.Context, conn *pgx.Conn, table string) (string, error) {
