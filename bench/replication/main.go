@@ -24,6 +24,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -178,7 +179,7 @@ func run(ctx context.Context, o options) (err error) {
 // report prints the table and writes the JSON.
 func (b *bench) report() error {
 	host, _ := os.Hostname()
-	cpus := strconv.Itoa(numCPU())
+	cpus := strconv.Itoa(runtime.NumCPU())
 	fmt.Printf("\nhaven against native logical replication, PostgreSQL %s, %s CPUs, %d runs each (median [min..max])\n",
 		pgVersion(b.pgbin), cpus, b.o.runs)
 	fmt.Printf("%-44s %-28s %-28s %-8s %s\n", "figure", "haven", "native", "ratio", "target")
@@ -222,15 +223,6 @@ func num(v float64) string {
 	default:
 		return strconv.FormatFloat(v, 'f', 3, 64)
 	}
-}
-
-func numCPU() int {
-	out, err := exec.Command("nproc").Output()
-	if err != nil {
-		return 0
-	}
-	n, _ := strconv.Atoi(strings.TrimSpace(string(out)))
-	return n
 }
 
 func pgVersion(bin string) string {
@@ -491,8 +483,8 @@ func (b *bench) pgbench(ctx context.Context, c *pgtest.Cluster, extra ...string)
 	return string(out), nil
 }
 
-// changeCount is the row changes the workload made between two counts of
-// activities: five per transaction plus the deletes.
+// counts are the rows of the two tables the workload inserts into; the
+// change between two counts gives the row changes it made.
 type counts struct{ activities, contacts int64 }
 
 func (p *pair) counts(ctx context.Context) (counts, error) {
