@@ -155,11 +155,6 @@ func (a *Agent) runSession(ctx context.Context) error {
 		return err
 	}
 	s.log = s.log.With().Uint64("system_id", s.info.systemID).Logger()
-	if a.cfg.Synchronous {
-		if err := s.ensureSynchronous(ctx); err != nil {
-			return err
-		}
-	}
 
 	nc, err := nats.Connect(a.cfg.NATSURL, nats.Name("haven-agent-"+a.cfg.Group), nats.MaxReconnects(-1),
 		nats.ErrorHandler(func(_ *nats.Conn, sub *nats.Subscription, err error) {
@@ -248,6 +243,13 @@ func (a *Agent) runSession(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if a.cfg.Synchronous {
+		// Only once the slot exists: creating it waits for every running
+		// transaction, and in synchronous mode those would wait for it.
+		if err := s.ensureSynchronous(ctx); err != nil {
+			return err
+		}
+	}
 	defer s.repl.Close(context.Background())
 
 	hbCtx, stopHeartbeats := context.WithCancel(ctx)
@@ -286,7 +288,10 @@ func (a *Agent) runSession(ctx context.Context) error {
 func (s *session) ensureSynchronous(ctx context.Context) error {
 	name := SlotName(s.cfg.Group)
 	var names, commit string
-	if err := s.ctrl.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names'), current_setting('synchronous_commit')`).Scan(&names, &commit); err != nil {
+	// synchronous_commit as other sessions get it (this one runs with local).
+	if err := s.ctrl.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names'),
+		coalesce((SELECT f.setting FROM pg_file_settings f WHERE f.name = 'synchronous_commit' AND f.applied ORDER BY f.seqno DESC LIMIT 1),
+		         (SELECT boot_val FROM pg_settings WHERE name = 'synchronous_commit'))`).Scan(&names, &commit); err != nil {
 		return fmt.Errorf("read synchronous_standby_names: %w", err)
 	}
 	switch {

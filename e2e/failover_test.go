@@ -473,20 +473,20 @@ func TestRejoinAfterFailover(t *testing.T) {
 
 // twoSites starts a group whose sites a and b each run an agent and a
 // standby, site a primary, DR caught up.
-func twoSites(t *testing.T, reports string) (*site, *quorum, *pgx.Conn, *pgx.Conn, *proc) {
+func twoSites(t *testing.T, reports string, agentExtra ...string) (*site, *quorum, *pgx.Conn, *pgx.Conn, *proc) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
 	seedCRM(t, primary, 30)
 	mustExec(t, primary, `CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())`)
 	q := startQuorum(t, 3)
 	controllers := strings.Join(q.apis, ",")
-	agentA := startHaven(t, "agent-a", s.agentArgs("--controllers", controllers, "--site", "a", "--report-dir", reports)...)
+	agentA := startHaven(t, "agent-a", s.agentArgs(append([]string{"--controllers", controllers, "--site", "a", "--report-dir", reports}, agentExtra...)...)...)
 	startHaven(t, "standby-b", s.standbyArgs("--controllers", controllers, "--site", "b")...)
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
 	// Each site also runs the other role, idle until the roles swap.
-	startHaven(t, "agent-b", "agent", "--source-url", s.drURL(), "--nats-url", s.nats.URL(), "--group", s.group,
-		"--heartbeat-interval", "500ms", "--controllers", controllers, "--site", "b", "--report-dir", reports)
+	startHaven(t, "agent-b", append([]string{"agent", "--source-url", s.drURL(), "--nats-url", s.nats.URL(), "--group", s.group,
+		"--heartbeat-interval", "500ms", "--controllers", controllers, "--site", "b", "--report-dir", reports}, agentExtra...)...)
 	startHaven(t, "standby-a", "standby", "--target-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group,
 		"--blocked-retry", "1s", "--controllers", controllers, "--site", "a")
 	return s, q, primary, dr, agentA
@@ -496,8 +496,14 @@ func twoSites(t *testing.T, reports string) (*site, *quorum, *pgx.Conn, *pgx.Con
 // multi-host connection string, the primary role goes from site a to b
 // and back. Every write a client saw committed is on the final primary
 // exactly once, the sites end equal, and the write pause is measured.
-func TestSwitchoverThereAndBack(t *testing.T) {
-	s, q, _, _, _ := twoSites(t, t.TempDir())
+func TestSwitchoverThereAndBack(t *testing.T) { switchoverThereAndBack(t) }
+
+// TestSynchronousSwitchoverThereAndBack: the same with both agents in
+// synchronous mode, where each site's commits wait for its agent.
+func TestSynchronousSwitchoverThereAndBack(t *testing.T) { switchoverThereAndBack(t, "--synchronous") }
+
+func switchoverThereAndBack(t *testing.T, agentArgs ...string) {
+	s, q, _, _, _ := twoSites(t, t.TempDir(), agentArgs...)
 	multiHost := fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/%s?target_session_attrs=read-write&connect_timeout=1",
 		s.primary.Port(), s.dr.Port(), s.db)
 	var acked ackedWrites

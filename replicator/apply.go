@@ -821,6 +821,7 @@ func (a *applier) createSchema(ctx context.Context, seq uint64, script string) e
 		return fmt.Errorf("parse --target-url: %w", err)
 	}
 	config.RuntimeParams["default_transaction_read_only"] = "off"
+	config.RuntimeParams["synchronous_commit"] = "local"
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return fmt.Errorf("connect to create the DR schema: %w", err)

@@ -174,6 +174,7 @@ func Skip(ctx context.Context, req SkipRequest) error {
 		return fmt.Errorf("parse --target-url: %w", err)
 	}
 	config.RuntimeParams["default_transaction_read_only"] = "off"
+	config.RuntimeParams["synchronous_commit"] = "local"
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return fmt.Errorf("connect to DR database: %w", err)

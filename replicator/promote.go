@@ -162,6 +162,22 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 	if err := a.conn.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
 		return fmt.Errorf("read the database name: %w", err)
 	}
+	// A former primary in synchronous mode named its agent in
+	// synchronous_standby_names: until that agent streams again, every
+	// commit here would wait (and the agent's new slot would wait for those
+	// commits). The agent names itself again once its slot exists.
+	var names string
+	if err := a.conn.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names')`).Scan(&names); err != nil {
+		return fmt.Errorf("read synchronous_standby_names: %w", err)
+	}
+	if names == `"haven_`+s.cfg.Group+`"` { // the agent's replication connection (agent.SlotName)
+		if _, err := a.conn.Exec(ctx, `ALTER SYSTEM RESET synchronous_standby_names`); err != nil {
+			return fmt.Errorf("clear synchronous_standby_names: %w", err)
+		}
+		if _, err := a.conn.Exec(ctx, `SELECT pg_reload_conf()`); err != nil {
+			return fmt.Errorf("reload the configuration: %w", err)
+		}
+	}
 	stepsJSON, _ := json.Marshal(steps)
 	err := pgx.BeginFunc(ctx, a.conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{db}.Sanitize()+" RESET default_transaction_read_only"); err != nil {

@@ -130,6 +130,9 @@ func (s *Standby) runSession(ctx context.Context) error {
 	maps.Copy(connConfig.RuntimeParams, wire.TextFormatSettings)
 	// The DR database is read-only for every session but haven's own.
 	connConfig.RuntimeParams["default_transaction_read_only"] = "off"
+	// A DR database that was a primary in synchronous mode keeps its
+	// synchronous_standby_names: apply must not wait for a standby of its own.
+	connConfig.RuntimeParams["synchronous_commit"] = "local"
 	if _, ok := connConfig.RuntimeParams["application_name"]; !ok {
 		connConfig.RuntimeParams["application_name"] = "haven_standby_" + s.cfg.Group
 	}
