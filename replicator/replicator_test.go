@@ -519,3 +519,54 @@ func TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied(t *testing.T) {
 		t.Errorf("health %v does not say the stream changed under the position", err)
 	}
 }
+
+// TestAFailureInAPipelinedBatchIsNamedExactly: transactions large enough
+// that their statements go out in batches the DR server executes while the
+// next is built; a failure inside such a batch still stops apply at exactly
+// the failing transaction, with every transaction before it applied and
+// nothing of it or after it.
+func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "pipelined"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	rows := func(from, n int, duplicate bool) []*havenpb.Change {
+		var changes []*havenpb.Change
+		for i := range n {
+			id := strconv.Itoa(from + i)
+			if duplicate && i == n-100 {
+				id = "1" // a key DR already has, late in a batch sent ahead
+			}
+			changes = append(changes, insert(id, "row"))
+		}
+		return changes
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	f.publish(f.txn(0x3000, rows(1000, 700, false)...))
+	bad := f.publish(f.txn(0x4000, rows(2000, 700, true)...))
+	f.publish(f.txn(0x5000, rows(3000, 10, false)...))
+
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	name := "message " + strconv.FormatUint(bad, 10)
+	waitFor(t, 60*time.Second, "apply to stop at exactly the failing transaction", func() bool {
+		err := s.Healthy()
+		return metric(reg, "haven_standby_blocked") == 1 && err != nil && strings.Contains(err.Error(), name)
+	})
+	if got := len(notes(t, pg.URL(group))); got != 2+700 {
+		t.Errorf("DR holds %d rows, want the 702 of the transactions before the failing one", got)
+	}
+	req := SkipRequest{TargetURL: pg.URL(group), NATSURL: ns.URL(), Group: group, Seq: bad, Reason: "duplicate key", Operator: "bob"}
+	waitFor(t, 30*time.Second, "the skip", func() bool {
+		err := Skip(t.Context(), req)
+		if err != nil && !strings.Contains(err.Error(), "holds the apply lock") {
+			t.Fatal(err)
+		}
+		return err == nil
+	})
+	waitFor(t, 30*time.Second, "apply to resume past the skipped transaction", func() bool {
+		return len(notes(t, pg.URL(group))) == 2+700+10
+	})
+}
