@@ -52,9 +52,9 @@ type batchEntry struct {
 	// on DR yet.
 	tolerateMissing bool
 	table           string
-	// rel and change describe the row, rendered only if it is missing.
-	rel    *havenpb.Relation
-	change *havenpb.Change
+	// rel and changes describe the rows, rendered only if one is missing.
+	rel     *havenpb.Relation
+	changes []*havenpb.Change
 }
 
 // applier applies messages to the DR database over one connection. It is
@@ -90,6 +90,9 @@ type applier struct {
 	open         bool
 	batch        *pgconn.Batch
 	entries      []batchEntry
+	batchRows    int                   // row changes in batch
+	runs         map[string]*tableRuns // changes waiting to be batched, by relation key
+	unique       map[uint32]map[string]bool
 	inflight     *sentBatch // sent, its results not read yet
 	groupTxns    int
 	groupChanges int
@@ -107,7 +110,7 @@ type applier struct {
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
 		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
-		targetOID: map[string]uint32{}, backfilling: map[uint32]bool{}}
+		targetOID: map[string]uint32{}, backfilling: map[uint32]bool{}, runs: map[string]*tableRuns{}, unique: map[uint32]map[string]bool{}}
 }
 
 // handle applies one stream message (or skips a duplicate).
@@ -331,6 +334,7 @@ func (a *applier) begin(ctx context.Context) error {
 	a.batch = &pgconn.Batch{}
 	a.batch.ExecParams("BEGIN", nil, nil, nil, nil)
 	a.entries = append(a.entries[:0], batchEntry{})
+	a.batchRows = 0
 	a.open = true
 	a.groupTxns, a.groupChanges = 0, 0
 	a.groupStarted = time.Now()
@@ -352,6 +356,9 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 			continue
 		}
 		if ch.Op == havenpb.Op_OP_TRUNCATE {
+			if err := a.sendAllRuns(ctx); err != nil {
+				return err
+			}
 			targets := make([]*havenpb.Relation, len(ch.TruncateRelationIds))
 			partitioned := make([]bool, len(targets))
 			for i, id := range ch.TruncateRelationIds {
@@ -379,16 +386,23 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 			if err != nil {
 				return blocked(seq, "unappliable", "%w", err)
 			}
-			name, err := a.prepare(ctx, st)
+			waiting, err := a.wait(ctx, rel, keys[ch.RelationId], ch, st)
 			if err != nil {
 				return err
 			}
-			a.batch.ExecPrepared(name, st.params, nil, nil)
-			a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[keys[ch.RelationId]]],
-				table: rel.Schema + "." + rel.Name, rel: rel, change: ch})
+			if !waiting {
+				name, err := a.prepare(ctx, st.key, st.sql)
+				if err != nil {
+					return err
+				}
+				a.batch.ExecPrepared(name, st.params, nil, nil)
+				a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[keys[ch.RelationId]]],
+					table: rel.Schema + "." + rel.Name, rel: rel, changes: []*havenpb.Change{ch}})
+				a.batchRows++
+			}
 		}
 		a.groupChanges++
-		if len(a.entries) >= a.cfg.PipelineStatements {
+		if a.batchRows >= a.cfg.PipelineStatements {
 			if err := a.send(ctx, seq); err != nil {
 				return err
 			}
@@ -441,16 +455,17 @@ func (a *applier) warnFiringTriggers(ctx context.Context, rel *havenpb.Relation)
 			"ALTER TABLE … ENABLE TRIGGER … on DR to keep them to local writes")
 }
 
-// prepare returns the name of the prepared statement for st's shape.
-func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
-	if name, ok := a.statements[st.key]; ok {
+// prepare returns the name of the prepared statement for a shape (key),
+// preparing its SQL the first time.
+func (a *applier) prepare(ctx context.Context, key string, text func() string) (string, error) {
+	if name, ok := a.statements[key]; ok {
 		return name, nil
 	}
 	if err := a.settle(); err != nil {
 		return "", err
 	}
 	name := "haven_" + strconv.Itoa(len(a.statements))
-	sql := st.sql()
+	sql := text()
 	if _, err := a.pg.Prepare(ctx, name, sql, nil); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
@@ -460,7 +475,7 @@ func (a *applier) prepare(ctx context.Context, st statement) (string, error) {
 		}
 		return "", fmt.Errorf("prepare %q: %w", sql, err)
 	}
-	a.statements[st.key] = name
+	a.statements[key] = name
 	return name, nil
 }
 
@@ -472,8 +487,12 @@ type sentBatch struct {
 	firstSeq uint64 // … and the first message of its transaction
 }
 
-// flush sends the pipelined statements and judges their results.
+// flush sends every waiting change and the pipelined statements, and
+// judges their results.
 func (a *applier) flush(ctx context.Context, seq uint64) error {
+	if err := a.sendAllRuns(ctx); err != nil {
+		return err
+	}
 	if err := a.send(ctx, seq); err != nil {
 		return err
 	}
@@ -493,6 +512,7 @@ func (a *applier) send(ctx context.Context, seq uint64) error {
 	a.inflight = &sentBatch{results: a.pg.ExecBatch(ctx, a.batch), entries: a.entries, seq: seq, firstSeq: a.txnFirstSeq}
 	a.batch = &pgconn.Batch{}
 	a.entries = make([]batchEntry, 0, cap(a.entries))
+	a.batchRows = 0
 	return nil
 }
 
@@ -515,10 +535,23 @@ func (a *applier) settle() error {
 		return fmt.Errorf("apply batch: %w", err)
 	}
 	for i, r := range results {
-		if e := b.entries; i < len(e) && e[i].matchesRow && !e[i].tolerateMissing && r.CommandTag.RowsAffected() == 0 {
-			a.metrics.conflicts.WithLabelValues(e[i].table).Inc()
-			a.log.Error().Str("table", e[i].table).Str("key", identityText(e[i].rel, e[i].change)).Uint64("seq", b.seq).
-				Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
+		if i >= len(b.entries) {
+			break
+		}
+		e := b.entries[i]
+		if !e.matchesRow || e.tolerateMissing || r.CommandTag.RowsAffected() == int64(len(e.changes)) {
+			continue
+		}
+		found := make(map[string]bool, len(r.Rows))
+		for _, row := range r.Rows {
+			found[string(row[0])] = true
+		}
+		for n, ch := range e.changes {
+			if len(e.changes) == 1 || !found[strconv.Itoa(n+1)] {
+				a.metrics.conflicts.WithLabelValues(e.table).Inc()
+				a.log.Error().Str("table", e.table).Str("key", identityText(e.rel, ch)).Uint64("seq", b.seq).
+					Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
+			}
 		}
 	}
 	return nil
@@ -563,6 +596,10 @@ func connectionLost(err *pgconn.PgError) bool {
 func (a *applier) commit(ctx context.Context) error {
 	if !a.open {
 		return nil
+	}
+	if err := a.sendAllRuns(ctx); err != nil {
+		a.rollback(ctx)
+		return err
 	}
 	a.batch.ExecParams(savePositionSQL, a.next.params(a.cfg.Group), nil, nil, nil)
 	a.batch.ExecParams("COMMIT", nil, nil, nil, nil)
@@ -640,6 +677,8 @@ func (a *applier) rollback(ctx context.Context) {
 	_ = a.settle() // what it says is moot: everything is undone
 	a.batch = nil
 	a.entries = a.entries[:0]
+	a.batchRows = 0
+	clear(a.runs)
 	a.open = false
 	a.replayedDDL = false
 	a.partial = nil

@@ -294,6 +294,7 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 	if err := a.flush(ctx, seq); err != nil {
 		return err
 	}
+	clear(a.unique) // the DDL may add or drop unique indexes
 	statements := replayableStatements(text)
 	if tags == "TRUNCATE" {
 		// Sent by the source's trigger for a partition published via its

@@ -34,6 +34,12 @@ type statement struct {
 	// matchesRow is set for UPDATE and DELETE: affecting no row means the DR
 	// copy has drifted from the primary.
 	matchesRow bool
+	// rows renders the statement for n rows of this shape at once (see
+	// runs.go); nil where the shape has no multi-row form. Its UPDATE and
+	// DELETE return the ordinal (from 1) of each row they found.
+	rows func(n int) string
+	// setColumns are the columns an UPDATE writes.
+	setColumns []string
 }
 
 // relationKey identifies a relation's shape: a changed table gets new
@@ -121,6 +127,32 @@ func insertStatement(rel *havenpb.Relation, relKey string, row *havenpb.Row) sta
 			return fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", qualifiedName(rel), strings.Join(cols, ", "), strings.Join(places, ", "))
 		},
 		params: params,
+		rows: func(n int) string {
+			var cols []string
+			for i, m := range mask {
+				if m == 'v' {
+					cols = append(cols, pgx.Identifier{rel.Columns[i].Name}.Sanitize())
+				}
+			}
+			var b strings.Builder
+			fmt.Fprintf(&b, "INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES ", qualifiedName(rel), strings.Join(cols, ", "))
+			p := 0
+			for r := range n {
+				if r > 0 {
+					b.WriteString(", ")
+				}
+				b.WriteByte('(')
+				for c := range cols {
+					if c > 0 {
+						b.WriteString(", ")
+					}
+					p++
+					fmt.Fprintf(&b, "$%d", p)
+				}
+				b.WriteByte(')')
+			}
+			return b.String()
+		},
 	}
 }
 
@@ -237,7 +269,13 @@ func updateStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch 
 			matchesRow: true,
 		}, nil
 	}
-	return statement{
+	var setColumns []*havenpb.Column
+	for i, m := range setMask {
+		if m == 'v' {
+			setColumns = append(setColumns, rel.Columns[i])
+		}
+	}
+	st := statement{
 		key: relKey + "|U|" + string(setMask) + "|" + whereMask,
 		sql: func() string {
 			var set []string
@@ -251,7 +289,75 @@ func updateStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch 
 		},
 		params:     params,
 		matchesRow: true,
-	}, nil
+	}
+	for _, c := range setColumns {
+		st.setColumns = append(st.setColumns, c.Name)
+	}
+	if ch.Old == nil && keyedIdentity(rel) {
+		st.rows = func(n int) string {
+			set := make([]string, len(setColumns))
+			for i, c := range setColumns {
+				set[i] = fmt.Sprintf("%s = haven_v.p%d", pgx.Identifier{c.Name}.Sanitize(), i+1)
+			}
+			return fmt.Sprintf("UPDATE %s AS haven_t SET %s FROM %s RETURNING haven_v.n",
+				tableRef(qualifiedName(rel), partitioned), strings.Join(set, ", "), joinRows(rel, setColumns, n))
+		}
+	}
+	return st, nil
+}
+
+// keyedIdentity: rows are found by a key (primary key or unique index),
+// not by their whole image.
+func keyedIdentity(rel *havenpb.Relation) bool {
+	return rel.ReplicaIdentity == "d" || rel.ReplicaIdentity == "i"
+}
+
+// joinRows renders a VALUES list of n rows, each the values of cols then
+// the key columns then the row's ordinal, as haven_v(p1, …, n), joined to
+// the target table haven_t by key. The first key column is also matched
+// with = ANY of the listed keys, so that the planner finds the rows through
+// the key's index rather than scanning the table to hash-join it.
+func joinRows(rel *havenpb.Relation, cols []*havenpb.Column, n int) string {
+	var keys []*havenpb.Column
+	for _, c := range rel.Columns {
+		if c.Key {
+			keys = append(keys, c)
+		}
+	}
+	all := append(append([]*havenpb.Column{}, cols...), keys...)
+	var b strings.Builder
+	b.WriteString("(VALUES ")
+	p := 0
+	firstKey := make([]string, n)
+	for r := range n {
+		if r > 0 {
+			b.WriteString(", ")
+		}
+		b.WriteByte('(')
+		for i, c := range all {
+			p++
+			// The type is as the source's format_type() printed it, schema
+			// qualified (wire.TypeNameSearchPath).
+			fmt.Fprintf(&b, "$%d::%s, ", p, c.Type)
+			if i == len(cols) {
+				firstKey[r] = fmt.Sprintf("$%d", p)
+			}
+		}
+		fmt.Fprintf(&b, "%d)", r+1)
+	}
+	b.WriteString(") AS haven_v(")
+	for i := range all {
+		fmt.Fprintf(&b, "p%d, ", i+1)
+	}
+	b.WriteString("n) WHERE ")
+	for i, c := range keys {
+		if i > 0 {
+			b.WriteString(" AND ")
+		}
+		fmt.Fprintf(&b, "haven_t.%s = haven_v.p%d", pgx.Identifier{c.Name}.Sanitize(), len(cols)+i+1)
+	}
+	fmt.Fprintf(&b, " AND haven_t.%s = ANY (ARRAY[%s])", pgx.Identifier{keys[0].Name}.Sanitize(), strings.Join(firstKey, ", "))
+	return b.String()
 }
 
 func deleteStatement(rel *havenpb.Relation, relKey string, partitioned bool, old *havenpb.Row) (statement, error) {
@@ -259,7 +365,7 @@ func deleteStatement(rel *havenpb.Relation, relKey string, partitioned bool, old
 	if err != nil {
 		return statement{}, err
 	}
-	return statement{
+	st := statement{
 		key: relKey + "|D|" + mask,
 		sql: func() string {
 			table := tableRef(qualifiedName(rel), partitioned)
@@ -267,7 +373,13 @@ func deleteStatement(rel *havenpb.Relation, relKey string, partitioned bool, old
 		},
 		params:     params,
 		matchesRow: true,
-	}, nil
+	}
+	if keyedIdentity(rel) {
+		st.rows = func(n int) string {
+			return fmt.Sprintf("DELETE FROM %s AS haven_t USING %s RETURNING haven_v.n", tableRef(qualifiedName(rel), partitioned), joinRows(rel, nil, n))
+		}
+	}
+	return st, nil
 }
 
 // truncateSQL renders one TRUNCATE of every relation the source truncated

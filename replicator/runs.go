@@ -1,0 +1,276 @@
+package replicator
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// Runs: row changes of one table that commute with each other wait
+// together and go to DR as one multi-row statement (an INSERT of many
+// VALUES, an UPDATE or DELETE joined to a VALUES list), which costs the DR
+// server a fraction of one statement per row.
+//
+// Changes of a table commute when they touch different rows, so a change
+// whose row a waiting change also touches sends the table's runs first;
+// so does every change that cannot wait (a key update, an upsert, a table
+// without a key). Waiting changes of different tables commute too: DR
+// apply runs with session_replication_role = replica, so foreign keys are
+// not checked. Within a table, runs go out as deletes, then updates, then
+// inserts: a row deleted on the source may have made room for a row with
+// the same unique values inserted after. Updates wait only when they
+// change no column of a DR unique or exclusion index other than the key:
+// one multi-row UPDATE that swaps two rows' unique values fails on row
+// order, which a source that ran them one by one did not see.
+
+// maxRunRows bounds the rows of one multi-row statement (PostgreSQL takes
+// at most 65535 parameters).
+const maxRunRows = 128
+
+// run is the waiting changes of one table and one statement shape.
+type run struct {
+	st      statement // the first change's, for its shape and SQL
+	perRow  int       // parameters per row
+	params  [][]byte
+	changes []*havenpb.Change
+	// tolerateMissing: the table is being backfilled.
+	tolerateMissing bool
+}
+
+func (r *run) rows() int { return len(r.changes) }
+
+// tableRuns is what waits for one table (one relation shape).
+type tableRuns struct {
+	rel  *havenpb.Relation
+	keys map[string]struct{} // rows touched by waiting changes
+	runs []*run
+}
+
+// rowKey is the text of a row's identity columns, or false when the table
+// has no key or the row lacks a value for one.
+func rowKey(rel *havenpb.Relation, row *havenpb.Row) (string, bool) {
+	if row == nil || (rel.ReplicaIdentity != "d" && rel.ReplicaIdentity != "i") {
+		return "", false
+	}
+	var b strings.Builder
+	n := 0
+	for i, c := range rel.Columns {
+		if !c.Key {
+			continue
+		}
+		if i >= len(row.Values) || row.Values[i].Kind != havenpb.DatumKind_DATUM_TEXT {
+			return "", false
+		}
+		if n > 0 {
+			b.WriteByte(0) // text values never hold NUL
+		}
+		b.Write(row.Values[i].Text)
+		n++
+	}
+	return b.String(), n > 0
+}
+
+// waitable says whether a change may wait in a run, and the identity of
+// its row ("" for an insert into a table without a key, whose runs every
+// other change of the table sends first).
+func (a *applier) waitable(ctx context.Context, rel *havenpb.Relation, relKey string, ch *havenpb.Change, st statement) (key string, ok bool, err error) {
+	if st.rows == nil || len(st.params) == 0 {
+		return "", false, nil
+	}
+	switch ch.Op {
+	case havenpb.Op_OP_INSERT:
+		key, _ = rowKey(rel, ch.New)
+		return key, true, nil
+	case havenpb.Op_OP_DELETE:
+		key, ok = rowKey(rel, ch.Old)
+		return key, ok, nil
+	case havenpb.Op_OP_UPDATE:
+		if ch.Old != nil || a.partitioned[relKey] {
+			return "", false, nil
+		}
+		if key, ok = rowKey(rel, ch.New); !ok {
+			return "", false, nil
+		}
+		unique, err := a.uniqueColumns(ctx, rel, a.targetOID[relKey])
+		if err != nil {
+			return "", false, err
+		}
+		for _, c := range st.setColumns {
+			if unique[c] || unique["*"] {
+				return "", false, nil
+			}
+		}
+		return key, true, nil
+	}
+	return "", false, nil
+}
+
+// wait queues a change in its table's runs; false when it cannot wait (the
+// table's runs were sent first, and it is to be sent on its own).
+func (a *applier) wait(ctx context.Context, rel *havenpb.Relation, relKey string, ch *havenpb.Change, st statement) (bool, error) {
+	key, ok, err := a.waitable(ctx, rel, relKey, ch, st)
+	if err != nil {
+		return false, err
+	}
+	if !ok {
+		return false, a.sendRuns(ctx, relKey)
+	}
+	if t := a.runs[relKey]; t != nil && key != "" {
+		if _, touched := t.keys[key]; touched {
+			if err := a.sendRuns(ctx, relKey); err != nil {
+				return false, err
+			}
+		}
+	}
+	t := a.runs[relKey]
+	if t == nil {
+		t = &tableRuns{rel: rel, keys: map[string]struct{}{}}
+		a.runs[relKey] = t
+	}
+	if key != "" {
+		t.keys[key] = struct{}{}
+	}
+	var r *run
+	for _, candidate := range t.runs {
+		if candidate.st.key == st.key {
+			r = candidate
+			break
+		}
+	}
+	if r == nil {
+		r = &run{st: st, perRow: len(st.params), tolerateMissing: a.backfilling[a.targetOID[relKey]]}
+		t.runs = append(t.runs, r)
+	}
+	r.params = append(r.params, st.params...)
+	r.changes = append(r.changes, ch)
+	if r.rows() >= min(maxRunRows, 65535/r.perRow) {
+		return true, a.sendRuns(ctx, relKey)
+	}
+	return true, nil
+}
+
+// sendRuns queues the runs of one table in the batch: deletes, updates,
+// then inserts.
+func (a *applier) sendRuns(ctx context.Context, relKey string) error {
+	t := a.runs[relKey]
+	if t == nil {
+		return nil
+	}
+	delete(a.runs, relKey)
+	for _, op := range []havenpb.Op{havenpb.Op_OP_DELETE, havenpb.Op_OP_UPDATE, havenpb.Op_OP_INSERT} {
+		for _, r := range t.runs {
+			if r.changes[0].Op != op {
+				continue
+			}
+			if err := a.queueRun(ctx, t.rel, r); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// sendAllRuns queues every waiting change in the batch.
+func (a *applier) sendAllRuns(ctx context.Context) error {
+	for relKey := range a.runs {
+		if err := a.sendRuns(ctx, relKey); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// queueRun queues one run as statements of power-of-two sizes, so that a
+// shape needs few prepared statements.
+func (a *applier) queueRun(ctx context.Context, rel *havenpb.Relation, r *run) error {
+	most := min(maxRunRows, 65535/r.perRow)
+	for done := 0; done < r.rows(); {
+		size := 1
+		for size*2 <= min(r.rows()-done, most) {
+			size *= 2
+		}
+		key, sql := r.st.key, r.st.sql
+		if size > 1 {
+			key = r.st.key + "#" + strconv.Itoa(size)
+			sql = func() string { return r.st.rows(size) }
+		}
+		name, err := a.prepare(ctx, key, sql)
+		if err != nil {
+			return err
+		}
+		a.batch.ExecPrepared(name, r.params[done*r.perRow:(done+size)*r.perRow], nil, nil)
+		a.entries = append(a.entries, batchEntry{matchesRow: r.st.matchesRow, tolerateMissing: r.tolerateMissing,
+			table: rel.Schema + "." + rel.Name, rel: rel, changes: r.changes[done : done+size]})
+		a.batchRows += size
+		done += size
+	}
+	return nil
+}
+
+// uniqueColumns names the columns of a DR table whose update could clash
+// with another row's: those of its unique and exclusion indexes other than
+// the key's ("*" for all of them when an index has expressions or a
+// predicate). Cached per table until DDL is replayed.
+func (a *applier) uniqueColumns(ctx context.Context, rel *havenpb.Relation, oid uint32) (map[string]bool, error) {
+	if cols, ok := a.unique[oid]; ok {
+		return cols, nil
+	}
+	if err := a.settle(); err != nil {
+		return nil, err
+	}
+	rows, err := a.conn.Query(ctx, `SELECT i.indexprs IS NOT NULL OR i.indpred IS NOT NULL,
+		ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = ANY(i.indkey) AND attnum > 0 ORDER BY attname)
+		FROM pg_index i WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion)`, oid)
+	if err != nil {
+		return nil, fmt.Errorf("read the unique indexes of %s.%s on DR: %w", rel.Schema, rel.Name, err)
+	}
+	defer rows.Close()
+	var key []string
+	for _, c := range rel.Columns {
+		if c.Key {
+			key = append(key, c.Name)
+		}
+	}
+	cols := map[string]bool{}
+	for rows.Next() {
+		var partial bool
+		var names []string
+		if err := rows.Scan(&partial, &names); err != nil {
+			return nil, fmt.Errorf("read the unique indexes of %s.%s on DR: %w", rel.Schema, rel.Name, err)
+		}
+		if partial {
+			cols["*"] = true
+			continue
+		}
+		if sameSet(names, key) {
+			continue
+		}
+		for _, n := range names {
+			cols[n] = true
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("read the unique indexes of %s.%s on DR: %w", rel.Schema, rel.Name, err)
+	}
+	a.unique[oid] = cols
+	return cols, nil
+}
+
+func sameSet(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	in := make(map[string]bool, len(a))
+	for _, s := range a {
+		in[s] = true
+	}
+	for _, s := range b {
+		if !in[s] {
+			return false
+		}
+	}
+	return true
+}
