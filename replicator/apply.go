@@ -75,11 +75,12 @@ type applier struct {
 	lastSeq     uint64 // last stream sequence handled in this session
 	lastPending uint64 // messages the stream still held for us after it
 	statements  map[string]string
-	checked     map[string]bool   // relation keys whose DR table was checked
-	partitioned map[string]bool   // relation keys whose DR table is partitioned
-	targetOID   map[string]uint32 // relation keys' DR tables
-	backfilling map[uint32]bool   // DR tables being backfilled
-	lag         *lagClock         // where the lag is reported to the controllers (nil: nowhere)
+	relations   map[uint32]knownRelation // by source relation id
+	checked     map[string]bool          // relation keys whose DR table was checked
+	partitioned map[string]bool          // relation keys whose DR table is partitioned
+	targetOID   map[string]uint32        // relation keys' DR tables
+	backfilling map[uint32]bool          // DR tables being backfilled
+	lag         *lagClock                // where the lag is reported to the controllers (nil: nowhere)
 	// replace lets a snapshot empty DR tables that hold rows although
 	// haven never applied to them (a deposed primary rejoining), and
 	// snapshotLoaded is told when it is loaded.
@@ -109,17 +110,40 @@ type applier struct {
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
-		lastSeq: pos.streamSeq, statements: map[string]string{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
+		lastSeq: pos.streamSeq, statements: map[string]string{}, relations: map[uint32]knownRelation{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
 		targetOID: map[string]uint32{}, backfilling: map[uint32]bool{}, runs: map[string]*tableRuns{}, unique: map[uint32]map[string]bool{}}
 }
 
-// handle applies one stream message (or skips a duplicate).
-func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
+// inbound is a stream message, decoded ahead of apply (see readAhead).
+type inbound struct {
+	msg   jetstream.Msg
+	meta  *jetstream.MsgMetadata
+	chunk *havenpb.Chunk
+	err   error // why it could not be decoded
+	fail  error // why reading the stream failed (the last value)
+}
+
+// decode reads a message's metadata and, if now, decodes its chunk (else
+// handle does).
+func decode(msg jetstream.Msg, now bool) (inbound, error) {
 	meta, err := msg.Metadata()
 	if err != nil {
-		return fmt.Errorf("message metadata: %w", err)
+		return inbound{}, fmt.Errorf("message metadata: %w", err)
 	}
-	seq := meta.Sequence.Stream
+	in := inbound{msg: msg, meta: meta}
+	if now {
+		in.decodeChunk()
+	}
+	return in, nil
+}
+
+func (in *inbound) decodeChunk() {
+	in.chunk, in.err = wire.Decode(in.msg.Headers().Get(wire.HeaderEncoding), in.msg.Headers().Get(wire.HeaderFormat), in.msg.Data())
+}
+
+// handle applies one stream message (or skips a duplicate).
+func (a *applier) handle(ctx context.Context, in inbound) error {
+	seq := in.meta.Sequence.Stream
 	if seq <= a.lastSeq {
 		// A redelivery of something already handled in this session.
 		return nil
@@ -127,9 +151,12 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 	if seq != a.lastSeq+1 {
 		return a.stop(ctx, a.gap(ctx, seq))
 	}
-	chunk, err := wire.Decode(msg.Headers().Get(wire.HeaderEncoding), msg.Headers().Get(wire.HeaderFormat), msg.Data())
-	if err != nil {
-		return a.stop(ctx, blocked(seq, "undecodable", "%w", err))
+	if in.chunk == nil && in.err == nil {
+		in.decodeChunk()
+	}
+	msg, meta, chunk := in.msg, in.meta, in.chunk
+	if in.err != nil {
+		return a.stop(ctx, blocked(seq, "undecodable", "%w", in.err))
 	}
 	if chunk.Group != a.cfg.Group {
 		return a.stop(ctx, blocked(seq, "foreign", "message of group %q on group %q's stream", chunk.Group, a.cfg.Group))
@@ -143,6 +170,7 @@ func (a *applier) handle(ctx context.Context, msg jetstream.Msg) error {
 			chunk.Epoch, a.next.epoch))
 	}
 	a.metrics.pending.Set(float64(meta.NumPending))
+	var err error
 	switch chunk.Kind {
 	case havenpb.Kind_KIND_TRANSACTION:
 		err = a.transaction(ctx, seq, msg, chunk)
@@ -277,8 +305,11 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 	// A transaction that changed the schema ends its group: what follows may
 	// rely on it being committed (a new enum value cannot be used in the
 	// transaction that added it).
-	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay || a.replayedDDL || seq <= a.isolateThrough {
+	if a.replayedDDL || seq <= a.isolateThrough {
 		return a.commit(ctx)
+	}
+	if a.groupChanges >= a.cfg.GroupChanges || time.Since(a.groupStarted) >= a.cfg.GroupDelay {
+		return a.commitAhead(ctx)
 	}
 	return nil
 }
@@ -341,13 +372,24 @@ func (a *applier) begin(ctx context.Context) error {
 	return nil
 }
 
-func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*havenpb.Relation, changes []*havenpb.Change) error {
-	rels := make(map[uint32]*havenpb.Relation, len(relations))
-	keys := make(map[uint32]string, len(relations))
+// relation finds a chunk's relation by id, with its key (wire.Decode
+// checked that the chunk describes every relation its changes name).
+func (a *applier) relation(relations []*havenpb.Relation, id uint32) (*havenpb.Relation, string) {
 	for _, r := range relations {
-		rels[r.Id] = r
-		keys[r.Id] = relationKey(r)
+		if r.Id != id {
+			continue
+		}
+		if known, ok := a.relations[id]; ok && sameShape(known.rel, r) {
+			return r, known.key
+		}
+		key := relationKey(r)
+		a.relations[id] = knownRelation{rel: r, key: key}
+		return r, key
 	}
+	return nil, ""
+}
+
+func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*havenpb.Relation, changes []*havenpb.Change) error {
 	for i, ch := range changes {
 		if ch.Op == havenpb.Op_OP_BACKFILL {
 			if err := a.backfill(ctx, seq, ch.Backfill, i == 0 && a.partial != nil && a.partial.next == 0); err != nil {
@@ -362,19 +404,20 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 			targets := make([]*havenpb.Relation, len(ch.TruncateRelationIds))
 			partitioned := make([]bool, len(targets))
 			for i, id := range ch.TruncateRelationIds {
-				targets[i] = rels[id]
-				if err := a.checkRelation(ctx, seq, targets[i], keys[id]); err != nil {
+				rel, key := a.relation(relations, id)
+				targets[i] = rel
+				if err := a.checkRelation(ctx, seq, rel, key); err != nil {
 					return err
 				}
-				partitioned[i] = a.partitioned[keys[id]]
+				partitioned[i] = a.partitioned[key]
 			}
 			a.batch.ExecParams(truncateSQL(targets, partitioned, ch), nil, nil, nil, nil)
 			a.entries = append(a.entries, batchEntry{})
 		} else {
-			rel := rels[ch.RelationId]
+			rel, relKey := a.relation(relations, ch.RelationId)
 			// Checked at first use, not per chunk: a DDL replayed earlier in
 			// the chunk may just have created or changed the table.
-			if err := a.checkRelation(ctx, seq, rel, keys[ch.RelationId]); err != nil {
+			if err := a.checkRelation(ctx, seq, rel, relKey); err != nil {
 				return err
 			}
 			if ch.Op == havenpb.Op_OP_INSERT && rel.Schema == "haven" && rel.Name == "ddl_log" {
@@ -382,11 +425,11 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 					return err
 				}
 			}
-			st, err := buildStatement(rel, keys[ch.RelationId], a.partitioned[keys[ch.RelationId]], ch)
+			st, err := buildStatement(rel, relKey, a.partitioned[relKey], ch)
 			if err != nil {
 				return blocked(seq, "unappliable", "%w", err)
 			}
-			waiting, err := a.wait(ctx, rel, keys[ch.RelationId], ch, st)
+			waiting, err := a.wait(ctx, rel, relKey, ch, st)
 			if err != nil {
 				return err
 			}
@@ -396,7 +439,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 					return err
 				}
 				a.batch.ExecPrepared(name, st.params, nil, nil)
-				a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[keys[ch.RelationId]]],
+				a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[relKey]],
 					table: rel.Schema + "." + rel.Name, rel: rel, changes: []*havenpb.Change{ch}})
 				a.batchRows++
 			}
@@ -485,6 +528,8 @@ type sentBatch struct {
 	entries  []batchEntry
 	seq      uint64 // the message being applied when it was sent
 	firstSeq uint64 // … and the first message of its transaction
+	// committed: the batch ends a target transaction.
+	committed *committedGroup
 }
 
 // flush sends every waiting change and the pipelined statements, and
@@ -554,6 +599,9 @@ func (a *applier) settle() error {
 			}
 		}
 	}
+	if b.committed != nil {
+		a.confirm(b.committed)
+	}
 	return nil
 }
 
@@ -592,8 +640,30 @@ func connectionLost(err *pgconn.PgError) bool {
 }
 
 // commit ends the open target transaction with the position of its last
-// complete source transaction, then acknowledges its messages.
+// complete source transaction and waits until DR has committed it.
 func (a *applier) commit(ctx context.Context) error {
+	if err := a.commitAhead(ctx); err != nil {
+		return err
+	}
+	if err := a.settle(); err != nil {
+		a.rollback(ctx)
+		return err
+	}
+	return nil
+}
+
+// committedGroup is a target transaction whose COMMIT is sent: once DR
+// confirms it, its position holds and its messages are acknowledged.
+type committedGroup struct {
+	pos           position
+	txns, changes int
+	toAck         jetstream.Msg
+}
+
+// commitAhead sends the end of the open target transaction, with the
+// position of its last complete source transaction, without waiting: DR
+// commits while the next group is built, and the next settle confirms it.
+func (a *applier) commitAhead(ctx context.Context) error {
 	if !a.open {
 		return nil
 	}
@@ -604,16 +674,24 @@ func (a *applier) commit(ctx context.Context) error {
 	a.batch.ExecParams(savePositionSQL, a.next.params(a.cfg.Group), nil, nil, nil)
 	a.batch.ExecParams("COMMIT", nil, nil, nil, nil)
 	a.entries = append(a.entries, batchEntry{}, batchEntry{})
-	if err := a.flush(ctx, a.next.streamSeq); err != nil {
+	group := &committedGroup{pos: a.next, txns: a.groupTxns, changes: a.groupChanges, toAck: a.toAck}
+	if err := a.send(ctx, a.next.streamSeq); err != nil {
 		a.rollback(ctx)
 		return err
 	}
+	a.inflight.committed = group
 	a.open = false
 	a.replayedDDL = false
+	a.toAck = nil
+	return nil
+}
+
+// confirm records a target transaction DR committed.
+func (a *applier) confirm(g *committedGroup) {
 	a.found = true
-	a.pos = a.next
-	a.metrics.transactions.Add(float64(a.groupTxns))
-	a.metrics.changes.Add(float64(a.groupChanges))
+	a.pos = g.pos
+	a.metrics.transactions.Add(float64(g.txns))
+	a.metrics.changes.Add(float64(g.changes))
 	a.metrics.groups.Inc()
 	a.metrics.appliedLSN.Set(float64(a.pos.commitLSN))
 	if !a.pos.commitTime.IsZero() {
@@ -622,13 +700,11 @@ func (a *applier) commit(ctx context.Context) error {
 			a.lag.applied(a.pos.commitTime)
 		}
 	}
-	if a.toAck != nil {
-		if err := a.toAck.Ack(); err != nil {
+	if g.toAck != nil {
+		if err := g.toAck.Ack(); err != nil {
 			a.log.Debug().Err(err).Msg("ack failed; the messages will be redelivered and skipped")
 		}
-		a.toAck = nil
 	}
-	return nil
 }
 
 // lagClock is how far DR is behind, as the controllers are told: the age
@@ -704,6 +780,10 @@ func (a *applier) idle(ctx context.Context) error {
 		if err := a.commit(ctx); err != nil {
 			return err
 		}
+	}
+	if err := a.settle(); err != nil { // a commit sent ahead
+		a.rollback(ctx)
+		return err
 	}
 	if !a.open && a.lastPending == 0 {
 		// Nothing buffered, nothing left in the stream: DR is current.

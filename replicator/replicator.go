@@ -226,6 +226,15 @@ func (s *Standby) runSession(ctx context.Context) error {
 		return fmt.Errorf("pull from %s: %w", streamName, err)
 	}
 	defer iter.Stop()
+	aheadCtx, stopReading := context.WithCancel(ctx)
+	ahead := startReadAhead(aheadCtx, iter)
+	defer func() {
+		stopReading()
+		for range ahead.messages { // until the reader is gone
+		}
+	}()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
 	a.lag = &s.control.lag
@@ -248,8 +257,9 @@ func (s *Standby) runSession(ctx context.Context) error {
 	s.log.Info().Uint64("stream_seq", pos.streamSeq).Stringer("commit_lsn", pos.commitLSN).Bool("snapshot_done", pos.snapshotDone).
 		Msg("applying from the stored position")
 	defer func() {
-		// On the way out, keep complete transactions already applied.
-		if a.open && a.partial == nil {
+		// On the way out, keep complete transactions already applied, and
+		// acknowledge those committed.
+		if (a.open && a.partial == nil) || (!a.open && a.inflight != nil) {
 			stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			_ = a.commit(stopCtx)
@@ -272,26 +282,111 @@ func (s *Standby) runSession(ctx context.Context) error {
 			// An order to promote is looked at between messages.
 			wait = 100 * time.Millisecond
 		}
-		if a.open && a.partial == nil {
+		if (a.open && a.partial == nil) || a.inflight != nil {
+			// A group to commit, or a commit to confirm, when nothing comes.
 			wait = time.Millisecond
 		}
-		msg, err := iter.Next(jetstream.NextMaxWait(wait))
-		if ctx.Err() != nil {
-			return nil
-		}
-		if errors.Is(err, nats.ErrTimeout) {
+		in, open, got := ahead.next(timer, wait)
+		if !got {
 			if err := a.idle(ctx); err != nil {
 				return err
 			}
 			continue
 		}
-		if err != nil {
-			return fmt.Errorf("next message from %s: %w", streamName, err)
+		switch {
+		case ctx.Err() != nil:
+			return nil
+		case !open:
+			return fmt.Errorf("reading %s stopped", streamName)
+		case in.fail != nil:
+			return fmt.Errorf("next message from %s: %w", streamName, in.fail)
 		}
-		if err := a.handle(ctx, msg); err != nil {
+		if err := a.handle(ctx, in); err != nil {
 			return err
 		}
 	}
+}
+
+// readAhead reads and decodes the stream's messages in a goroutine of its
+// own, so that decoding runs beside apply and messages are at hand while
+// apply waits for DR. What waits decoded is bounded in bytes (aheadBytes);
+// larger messages (snapshot rows) are decoded when applied. A failure to
+// read ends the reader: its last value carries it.
+type readAhead struct {
+	messages chan inbound
+	// credit holds a token per aheadUnit bytes of the messages waiting.
+	credit chan struct{}
+}
+
+const (
+	aheadUnit        = 1 << 10
+	aheadBytes       = 8 << 20
+	decodeAheadBytes = 64 << 10
+)
+
+func startReadAhead(ctx context.Context, iter jetstream.MessagesContext) *readAhead {
+	r := &readAhead{messages: make(chan inbound, aheadBytes/aheadUnit), credit: make(chan struct{}, aheadBytes/aheadUnit)}
+	go func() {
+		defer close(r.messages)
+		for ctx.Err() == nil {
+			msg, err := iter.Next(jetstream.NextContext(ctx))
+			if ctx.Err() != nil {
+				return
+			}
+			var in inbound
+			if err == nil {
+				in, err = decode(msg, len(msg.Data()) <= decodeAheadBytes)
+			}
+			if err != nil {
+				in = inbound{fail: err}
+			}
+			for range in.units() {
+				select {
+				case r.credit <- struct{}{}:
+				case <-ctx.Done():
+					return
+				}
+			}
+			select {
+			case r.messages <- in:
+			case <-ctx.Done():
+				return
+			}
+			if err != nil {
+				return
+			}
+		}
+	}()
+	return r
+}
+
+// units is what a message takes of the read-ahead budget.
+func (in inbound) units() int {
+	if in.msg == nil {
+		return 1
+	}
+	return min(1+len(in.msg.Data())/aheadUnit, aheadBytes/aheadUnit)
+}
+
+// next returns the next message, waiting at most wait; false when none
+// came. open is false once the reader is gone.
+func (r *readAhead) next(timer *time.Timer, wait time.Duration) (in inbound, open, got bool) {
+	select {
+	case in, open = <-r.messages:
+	default:
+		timer.Reset(wait)
+		select {
+		case in, open = <-r.messages:
+		case <-timer.C:
+			return in, true, false
+		}
+	}
+	if open {
+		for range in.units() {
+			<-r.credit
+		}
+	}
+	return in, open, true
 }
 
 // refuseSource stops a standby whose target is the group's source database

@@ -216,6 +216,11 @@ func TestStopsAtMessagesItCannotApply(t *testing.T) {
 			c.FirstChange = 1
 			return f.publish(c)
 		}, "without its beginning"},
+		{"change of an undescribed relation", func(f *feed) uint64 {
+			c := f.txn(0x3000, insert("3", "x"))
+			c.Relations = nil
+			return f.publish(c)
+		}, "undescribed relation"},
 		{"gap in the stream", func(f *feed) uint64 {
 			seq := f.publish(f.txn(0x3000, insert("3", "removed before it was applied")))
 			st, err := f.js.Stream(f.t.Context(), wire.StreamName(f.group))

@@ -62,6 +62,27 @@ func relationKey(rel *havenpb.Relation) string {
 	return b.String()
 }
 
+// knownRelation is a relation seen before, with its key.
+type knownRelation struct {
+	rel *havenpb.Relation
+	key string
+}
+
+// sameShape reports whether two descriptions give the same relationKey,
+// without building it.
+func sameShape(a, b *havenpb.Relation) bool {
+	if a.Schema != b.Schema || a.Name != b.Name || a.ReplicaIdentity != b.ReplicaIdentity || len(a.Columns) != len(b.Columns) {
+		return false
+	}
+	for i, c := range a.Columns {
+		d := b.Columns[i]
+		if c.Name != d.Name || c.Type != d.Type || c.Key != d.Key {
+			return false
+		}
+	}
+	return true
+}
+
 // searchPathDependent are the reg* types, whose text form depends on the
 // session's search_path (the agent prints them schema-qualified): they are
 // matched by value (an OID comparison) instead.
