@@ -60,6 +60,9 @@ type Config struct {
 	DuplicateWindow time.Duration
 	// ChunkBytes bounds the encoded size of one chunk.
 	ChunkBytes int
+	// SnapshotChunkBytes is the size of the initial snapshot's chunks (at
+	// most the NATS server's max_payload, less room for the envelope).
+	SnapshotChunkBytes int
 	// Compress compresses chunks with zstd.
 	Compress bool
 	// SnapshotWorkers copy tables in parallel during the initial snapshot.
@@ -95,6 +98,7 @@ func DefaultConfig() Config {
 		StreamReplicas:     1,
 		DuplicateWindow:    2 * time.Minute,
 		ChunkBytes:         256 << 10,
+		SnapshotChunkBytes: 1 << 20,
 		SnapshotWorkers:    4,
 		HeartbeatInterval:  5 * time.Second,
 		StatusInterval:     time.Second,
@@ -117,8 +121,8 @@ func (c Config) Validate() error {
 		return errors.New("no group: set --group (or HAVEN_GROUP)")
 	case c.StreamReplicas != 1 && c.StreamReplicas != 3 && c.StreamReplicas != 5:
 		return fmt.Errorf("stream replicas %d: use 1, 3 or 5", c.StreamReplicas)
-	case c.ChunkBytes < 4<<10:
-		return fmt.Errorf("chunk size %d bytes: use at least 4096", c.ChunkBytes)
+	case c.ChunkBytes < 4<<10 || c.SnapshotChunkBytes < 4<<10:
+		return fmt.Errorf("chunk size %d bytes, snapshot chunk size %d bytes: use at least 4096", c.ChunkBytes, c.SnapshotChunkBytes)
 	case c.SnapshotWorkers < 1:
 		return fmt.Errorf("snapshot workers %d: use at least 1", c.SnapshotWorkers)
 	case c.HeartbeatInterval <= 0 || c.StatusInterval <= 0 || c.PublishTimeout <= 0:

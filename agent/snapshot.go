@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"strings"
@@ -39,7 +40,11 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	}
 	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
 	begin.Relations = rels
-	begin.SchemaSql = s.schemaScript(ctx, "--snapshot="+snapshotName)
+	begin.SchemaPreSql = s.schemaScript(ctx, "--snapshot="+snapshotName, "--section=pre-data")
+	if begin.SchemaPreSql != "" {
+		begin.SchemaPostSql = s.schemaScript(ctx, "--snapshot="+snapshotName, "--section=post-data")
+		begin.SchemaSql = begin.SchemaPreSql + "\n" + begin.SchemaPostSql
+	}
 	beginSeq, err := s.publishMarker(ctx, begin, "begin")
 	if err != nil {
 		return err
@@ -141,8 +146,10 @@ func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker st
 	}
 }
 
-// copyTable streams one table through COPY into snapshot chunks; the workers
-// share MaxInFlight unacknowledged chunks between them, which bounds memory.
+// copyTable streams one table through COPY into snapshot chunks of its
+// rows as COPY printed them, which the standby hands to COPY FROM as they
+// are; the workers share MaxInFlight unacknowledged chunks between them,
+// which bounds memory.
 func (s *session) copyTable(ctx context.Context, snapshotName string, consistent pglogrepl.LSN, rel *havenpb.Relation) error {
 	conn, err := s.connectSource(ctx)
 	if err != nil {
@@ -161,31 +168,34 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 			SnapshotLsn: uint64(consistent), ChunkIndex: index}
 	}
 	var inflight []jetstream.PubAckFuture
-	builder := newChunkBuilder(s.cfg.ChunkBytes, header(0))
+	var index uint32
 	rows := 0
-	flush := func(last bool) error {
-		c := builder.chunk
-		c.LastChunk = last
+	limit := min(s.cfg.SnapshotChunkBytes, int(s.publisher.maxPayload)-64<<10)
+	if s.cfg.StreamMaxBytes > 0 {
+		limit = max(4<<10, min(limit, int(s.cfg.StreamMaxBytes/16))) // a bounded stream holds many
+	}
+	// Unacknowledged chunks per worker: a share of MaxInFlight, and at most
+	// snapshotInFlightBytes of them.
+	window := max(1, min(s.cfg.MaxInFlight/s.cfg.SnapshotWorkers, snapshotInFlightBytes/limit))
+	chunker := &copyChunker{limit: limit, flush: func(text []byte, n int) error {
+		c := header(index)
+		c.Kind = havenpb.Kind_KIND_SNAPSHOT_COPY
+		c.Relations = []*havenpb.Relation{rel}
+		c.CopyText, c.CopyRows = text, uint64(n)
+		c.LastChunk = text == nil
 		future, _, err := s.publisher.publish(ctx, wire.SnapshotSubject(s.cfg.Group),
 			wire.SnapshotMsgID(c.SystemId, c.Slot, c.SnapshotLsn, rel.Id, c.ChunkIndex), "", c)
 		if err != nil {
 			return err
 		}
+		index++
+		rows += n
 		inflight = append(inflight, future)
-		for len(inflight) >= max(1, s.cfg.MaxInFlight/s.cfg.SnapshotWorkers) {
+		for len(inflight) >= window {
 			if err := waitAck(ctx, inflight[0]); err != nil {
 				return err
 			}
 			inflight = inflight[1:]
-		}
-		builder.reset(header(c.ChunkIndex + 1))
-		return nil
-	}
-	parser := &copyRowParser{columns: len(rel.Columns), onRow: func(values []*havenpb.Datum) error {
-		builder.add(rel, &havenpb.Change{Op: havenpb.Op_OP_INSERT, RelationId: rel.Id, New: &havenpb.Row{Values: values}})
-		rows++
-		if builder.full() {
-			return flush(false)
 		}
 		return nil
 	}}
@@ -200,13 +210,10 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 		from = pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
 	}
 	query := fmt.Sprintf("COPY (SELECT %s FROM %s) TO STDOUT", strings.Join(columns, ", "), from)
-	if _, err := tx.Conn().PgConn().CopyTo(ctx, parser, query); err != nil {
+	if _, err := tx.Conn().PgConn().CopyTo(ctx, chunker, query); err != nil {
 		return fmt.Errorf("COPY: %w", err)
 	}
-	if err := parser.finish(); err != nil {
-		return err
-	}
-	if err := flush(true); err != nil {
+	if err := chunker.finish(); err != nil {
 		return err
 	}
 	for _, f := range inflight {
@@ -217,4 +224,46 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 	s.metrics.snapshotRows.Add(float64(rows))
 	s.log.Info().Str("table", rel.Schema+"."+rel.Name).Int("rows", rows).Msg("table copied")
 	return nil
+}
+
+// snapshotInFlightBytes bounds what one snapshot worker has published and
+// not yet seen acknowledged.
+const snapshotInFlightBytes = 16 << 20
+
+// copyChunker cuts COPY TO's text output into chunks of whole rows (a row
+// ends with a newline; newlines within values are escaped) of about limit
+// bytes, then a last, empty chunk that marks the table's end.
+type copyChunker struct {
+	limit int
+	buf   []byte
+	flush func(text []byte, rows int) error
+}
+
+func (w *copyChunker) Write(p []byte) (int, error) {
+	w.buf = append(w.buf, p...)
+	if len(w.buf) < w.limit {
+		return len(p), nil
+	}
+	cut := bytes.LastIndexByte(w.buf, '\n') + 1
+	if cut == 0 {
+		return len(p), nil // one row longer than limit: wait for its end
+	}
+	if err := w.flush(w.buf[:cut], bytes.Count(w.buf[:cut], []byte{'\n'})); err != nil {
+		return 0, err
+	}
+	w.buf = append(w.buf[:0], w.buf[cut:]...)
+	return len(p), nil
+}
+
+// finish sends what is left, and the end.
+func (w *copyChunker) finish() error {
+	if len(w.buf) > 0 {
+		if w.buf[len(w.buf)-1] != '\n' {
+			return fmt.Errorf("COPY output ends inside a row")
+		}
+		if err := w.flush(w.buf, bytes.Count(w.buf, []byte{'\n'})); err != nil {
+			return err
+		}
+	}
+	return w.flush(nil, 0)
 }

@@ -119,7 +119,7 @@ func TestATableAddedToTablesIsBackfilled(t *testing.T) {
 	primary := connect(t, s.primaryURL())
 	seedCRM(t, primary, 200)
 	agent := startHaven(t, "agent", s.agentArgs("--tables", "accounts,marker")...)
-	startHaven(t, "standby", s.standbyArgs()...)
+	standby := startHaven(t, "standby", s.standbyArgs()...)
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
 	mustExec(t, primary, `CREATE TABLE leads (id serial PRIMARY KEY, account_id bigint REFERENCES accounts (id), grp int DEFAULT 0, note text DEFAULT 'new')`)
@@ -130,10 +130,12 @@ func TestATableAddedToTablesIsBackfilled(t *testing.T) {
 	startHaven(t, "agent", s.agentArgs("--tables", "accounts,marker,contacts,leads", "--backfill-chunk-rows", "150")...)
 	w := startWorkload(t, s.primaryURL(), 2, 200)
 	lc := startChurn(t, s.primaryURL(), "leads", 1, 3000)
+	// Both backfills ended on DR (haven.backfills is also empty before
+	// they begin).
 	waitFor(t, 60*time.Second, "the backfills to finish", func() (bool, error) {
 		var done bool
-		err := dr.QueryRow(t.Context(), `SELECT to_regclass('leads') IS NOT NULL AND NOT EXISTS (SELECT 1 FROM haven.backfills)`).Scan(&done)
-		return done && w.commits.Load() > 200, err
+		err := dr.QueryRow(t.Context(), `SELECT NOT EXISTS (SELECT 1 FROM haven.backfills)`).Scan(&done)
+		return done && strings.Count(standby.output(), "backfill complete: the DR table holds every row") == 2 && w.commits.Load() > 200, err
 	})
 	w.finish(t)
 	lc.finish(t)

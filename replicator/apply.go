@@ -97,6 +97,7 @@ type applier struct {
 	inflight     *sentBatch // sent, its results not read yet
 	groupTxns    int
 	groupChanges int
+	groupBytes   int // snapshot rows loaded by COPY
 	groupStarted time.Time
 	toAck        jetstream.Msg
 	partial      *partialTxn
@@ -367,7 +368,7 @@ func (a *applier) begin(ctx context.Context) error {
 	a.entries = append(a.entries[:0], batchEntry{})
 	a.batchRows = 0
 	a.open = true
-	a.groupTxns, a.groupChanges = 0, 0
+	a.groupTxns, a.groupChanges, a.groupBytes = 0, 0, 0
 	a.groupStarted = time.Now()
 	return nil
 }
@@ -796,6 +797,9 @@ func (a *applier) idle(ctx context.Context) error {
 }
 
 func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
+	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY && !a.next.snapshotDone && uint64(a.next.snapshotLSN) == c.SnapshotLsn && a.next.systemID == c.SystemId {
+		return a.copyChunk(ctx, seq, msg, c)
+	}
 	if a.open {
 		if a.partial != nil {
 			return blocked(seq, "out of order", "snapshot message while transaction at %s is incomplete", pglogrepl.LSN(a.partial.commitLSN))
@@ -816,7 +820,12 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_BEGIN && c.SchemaSql != "" {
 		// Before the transaction that prepares the tables, so that it sees
 		// what the script created.
-		if err := a.createMissingSchema(ctx, seq, c.Relations, c.SchemaSql); err != nil {
+		if err := a.createMissingSchema(ctx, seq, c); err != nil {
+			return err
+		}
+	}
+	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_END {
+		if err := a.runPostData(ctx, seq); err != nil {
 			return err
 		}
 	}
@@ -865,9 +874,12 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 }
 
 // createMissingSchema runs the source's schema script (the snapshot's
-// pg_dump) when the DR database has none of the group's tables.
-func (a *applier) createMissingSchema(ctx context.Context, seq uint64, rels []*havenpb.Relation, schemaSQL string) error {
-	for _, rel := range rels {
+// pg_dump) when the DR database has none of the group's tables. Split in
+// two, its second part (indexes, constraints, triggers) waits in
+// haven.post_data until the rows are loaded, as with pg_dump | psql:
+// building an index once costs less than updating it row by row.
+func (a *applier) createMissingSchema(ctx context.Context, seq uint64, c *havenpb.Chunk) error {
+	for _, rel := range c.Relations {
 		if rel.Schema == "haven" { // haven's own tables are made by the standby
 			continue
 		}
@@ -879,8 +891,39 @@ func (a *applier) createMissingSchema(ctx context.Context, seq uint64, rels []*h
 			return nil
 		}
 	}
-	return a.createSchema(ctx, seq, schemaSQL)
+	if c.SchemaPreSql == "" || c.SchemaPostSql == "" {
+		return a.createSchema(ctx, seq, c.SchemaSql, "")
+	}
+	// In the script's transaction: a crash after it leaves the tables made
+	// and the rest of the schema recorded, or neither.
+	record := fmt.Sprintf("\nINSERT INTO haven.post_data (group_name, script) VALUES (%s, %s)\n\tON CONFLICT (group_name) DO UPDATE SET script = excluded.script;\n",
+		quoteLiteral(a.cfg.Group), quoteLiteral(c.SchemaPostSql))
+	return a.createSchema(ctx, seq, c.SchemaPreSql, record)
 }
+
+// runPostData runs the second part of a schema createMissingSchema made,
+// once the snapshot's rows are loaded; with it, in one transaction, its
+// record goes, so that it runs once.
+func (a *applier) runPostData(ctx context.Context, seq uint64) error {
+	var script string
+	err := a.conn.QueryRow(ctx, `SELECT script FROM haven.post_data WHERE group_name = $1`, a.cfg.Group).Scan(&script)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read haven.post_data: %w", err)
+	}
+	started := time.Now()
+	if err := a.createSchema(ctx, seq, script, fmt.Sprintf("\nDELETE FROM haven.post_data WHERE group_name = %s;\n", quoteLiteral(a.cfg.Group))); err != nil {
+		return err
+	}
+	a.log.Info().Dur("took", time.Since(started)).Msg("built the DR schema's indexes, constraints and triggers after loading the snapshot")
+	return nil
+}
+
+// quoteLiteral quotes s as an SQL string literal (standard_conforming_strings
+// is on in pg_dump's scripts).
+func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
 
 // prepareTables creates or checks every DR table of a snapshot and empties
 // them; tables still missing after createMissingSchema are created bare. A
@@ -933,8 +976,8 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 }
 
 // createSchema runs the source's schema script on a connection of its own
-// (the script changes session settings), in one transaction.
-func (a *applier) createSchema(ctx context.Context, seq uint64, script string) error {
+// (the script changes session settings), in one transaction with then.
+func (a *applier) createSchema(ctx context.Context, seq uint64, script, then string) error {
 	config, err := pgx.ParseConfig(a.cfg.TargetURL)
 	if err != nil {
 		return fmt.Errorf("parse --target-url: %w", err)
@@ -947,7 +990,7 @@ func (a *applier) createSchema(ctx context.Context, seq uint64, script string) e
 	}
 	defer conn.Close(context.Background())
 	// The simple protocol runs a multi-statement script as one transaction.
-	if err := conn.PgConn().Exec(ctx, script).Close(); err != nil {
+	if err := conn.PgConn().Exec(ctx, script+then).Close(); err != nil {
 		return blocked(seq, "create schema", "create the primary's schema on DR: %w; create what is missing on DR "+
 			"(an extension that is not installed there?), or restore the schema yourself with pg_dump --schema-only", err)
 	}
@@ -970,18 +1013,55 @@ func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenp
 		}
 		rows[i] = ch.New
 	}
+	if err := a.copyIn(ctx, tx.Conn().PgConn(), seq, rel, copyText(nil, rows)); err != nil {
+		return err
+	}
+	a.metrics.snapshotRows.Add(float64(len(rows)))
+	return nil
+}
+
+// copyGroupBytes is how much of a snapshot one target transaction loads:
+// commits are few, and a restart loads little again.
+const copyGroupBytes = 32 << 20
+
+// copyChunk loads a chunk of a table's rows as the source's COPY printed
+// them, in the open target transaction (with the chunks before it, up to
+// copyGroupBytes).
+func (a *applier) copyChunk(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
+	if err := a.begin(ctx); err != nil {
+		return err
+	}
+	if err := a.flush(ctx, seq); err != nil { // BEGIN, before COPY
+		return err
+	}
+	if len(c.CopyText) > 0 {
+		if err := a.copyIn(ctx, a.pg, seq, c.Relations[0], c.CopyText); err != nil {
+			return err
+		}
+		a.metrics.snapshotRows.Add(float64(c.CopyRows))
+	}
+	a.next.streamSeq = seq
+	a.toAck = msg
+	a.groupBytes += len(c.CopyText)
+	if a.groupBytes >= copyGroupBytes {
+		return a.commit(ctx)
+	}
+	return nil
+}
+
+// copyIn loads rows in COPY's text format into a DR table.
+func (a *applier) copyIn(ctx context.Context, conn *pgconn.PgConn, seq uint64, rel *havenpb.Relation, text []byte) error {
 	cols := make([]string, len(rel.Columns))
 	for i, col := range rel.Columns {
 		cols[i] = pgx.Identifier{col.Name}.Sanitize()
 	}
 	sql := fmt.Sprintf("COPY %s (%s) FROM STDIN", pgx.Identifier{rel.Schema, rel.Name}.Sanitize(), strings.Join(cols, ", "))
-	if _, err := tx.Conn().PgConn().CopyFrom(ctx, bytes.NewReader(copyText(nil, rows)), sql); err != nil {
+	if _, err := conn.CopyFrom(ctx, bytes.NewReader(text), sql); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			return blocked(seq, "apply failed", "load snapshot rows into %s.%s: %w (an ENABLE ALWAYS or REPLICA trigger on DR writing elsewhere?)", rel.Schema, rel.Name, err)
 		}
 		return fmt.Errorf("load snapshot rows into %s.%s: %w", rel.Schema, rel.Name, err)
 	}
-	a.metrics.snapshotRows.Add(float64(len(rows)))
 	return nil
 }

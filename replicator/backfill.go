@@ -73,7 +73,7 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 				return err
 			}
 		}
-		if err := a.createSchema(ctx, seq, b.SchemaSql); err != nil {
+		if err := a.createSchema(ctx, seq, b.SchemaSql, ""); err != nil {
 			return err
 		}
 		if first {

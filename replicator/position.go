@@ -57,6 +57,12 @@ CREATE TABLE IF NOT EXISTS haven.ddl_log (
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL DEFAULT 0;
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFAULT '{}';
 COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on the primary and replayed here, in stream order';
+-- The second part of a schema the standby created for a snapshot
+-- (indexes, constraints, triggers), run once its rows are loaded.
+CREATE TABLE IF NOT EXISTS haven.post_data (
+  group_name text PRIMARY KEY,
+  script     text NOT NULL
+);
 CREATE TABLE IF NOT EXISTS haven.backfills (
 	group_name  text NOT NULL,
 	relid       oid NOT NULL,

@@ -851,6 +851,9 @@ func (b *bench) snapshot(ctx context.Context) error {
 		if err := dst.CreateDatabase(ctx, target); err != nil {
 			return err
 		}
+		if err := settle(ctx, dst); err != nil {
+			return err
+		}
 		started := time.Now()
 		dump := fmt.Sprintf("%s -h 127.0.0.1 -p %d -U postgres %s | %s -q -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p %d -U postgres %s",
 			filepath.Join(b.pgbin, "pg_dump"), src.Port(), database, filepath.Join(b.pgbin, "psql"), dst.Port(), target)
@@ -866,6 +869,9 @@ func (b *bench) snapshot(ctx context.Context) error {
 		}
 		port, err := freePort()
 		if err != nil {
+			return err
+		}
+		if err := settle(ctx, dst); err != nil {
 			return err
 		}
 		started = time.Now()
@@ -904,6 +910,17 @@ func (b *bench) snapshot(ctx context.Context) error {
 		f.Haven = append(f.Haven, h)
 		f.Native = append(f.Native, native)
 	}
+	return nil
+}
+
+// settle starts a copy with no dirty buffers or pages left by what ran
+// before (building the source, the other setup's copy), which it would
+// otherwise have to write out, or be throttled by the kernel for.
+func settle(ctx context.Context, dst *pgtest.Cluster) error {
+	if err := sql(ctx, dst.URL("postgres"), `CHECKPOINT`); err != nil {
+		return err
+	}
+	syscall.Sync()
 	return nil
 }
 

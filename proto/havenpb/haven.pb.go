@@ -50,6 +50,10 @@ const (
 	// Closes the snapshot: every table was copied in full; streamed
 	// transactions with commit_lsn > snapshot_lsn follow.
 	Kind_KIND_SNAPSHOT_END Kind = 4
+	// Rows of one table copied under the snapshot, as the source's COPY TO
+	// printed them (copy_text): relations holds that one table, whose
+	// columns are COPY's column list.
+	Kind_KIND_SNAPSHOT_COPY Kind = 5
 )
 
 // Enum value maps for Kind.
@@ -60,6 +64,7 @@ var (
 		2: "KIND_SNAPSHOT_BEGIN",
 		3: "KIND_SNAPSHOT_ROWS",
 		4: "KIND_SNAPSHOT_END",
+		5: "KIND_SNAPSHOT_COPY",
 	}
 	Kind_value = map[string]int32{
 		"KIND_UNSPECIFIED":    0,
@@ -67,6 +72,7 @@ var (
 		"KIND_SNAPSHOT_BEGIN": 2,
 		"KIND_SNAPSHOT_ROWS":  3,
 		"KIND_SNAPSHOT_END":   4,
+		"KIND_SNAPSHOT_COPY":  5,
 	}
 )
 
@@ -309,7 +315,18 @@ type Chunk struct {
 	FirstChange uint32 `protobuf:"varint,17,opt,name=first_change,json=firstChange,proto3" json:"first_change,omitempty"`
 	// KIND_TRANSACTION, last chunk: LSN just past the commit record (what the
 	// agent confirms to PostgreSQL).
-	EndLsn        uint64 `protobuf:"varint,18,opt,name=end_lsn,json=endLsn,proto3" json:"end_lsn,omitempty"`
+	EndLsn uint64 `protobuf:"varint,18,opt,name=end_lsn,json=endLsn,proto3" json:"end_lsn,omitempty"`
+	// KIND_SNAPSHOT_COPY: whole rows in COPY's text format, each ended by a
+	// newline, and how many.
+	CopyText []byte `protobuf:"bytes,19,opt,name=copy_text,json=copyText,proto3" json:"copy_text,omitempty"`
+	CopyRows uint64 `protobuf:"varint,20,opt,name=copy_rows,json=copyRows,proto3" json:"copy_rows,omitempty"`
+	// KIND_SNAPSHOT_BEGIN: schema_sql in two parts, as pg_dump's sections: the
+	// tables and types (pre-data), and the indexes, constraints and triggers
+	// (post-data). A reader that creates the schema may load the rows between
+	// them, as pg_dump | psql does; schema_sql is both, for readers that do
+	// not. Empty when schema_sql is.
+	SchemaPreSql  string `protobuf:"bytes,21,opt,name=schema_pre_sql,json=schemaPreSql,proto3" json:"schema_pre_sql,omitempty"`
+	SchemaPostSql string `protobuf:"bytes,22,opt,name=schema_post_sql,json=schemaPostSql,proto3" json:"schema_post_sql,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -468,6 +485,34 @@ func (x *Chunk) GetEndLsn() uint64 {
 		return x.EndLsn
 	}
 	return 0
+}
+
+func (x *Chunk) GetCopyText() []byte {
+	if x != nil {
+		return x.CopyText
+	}
+	return nil
+}
+
+func (x *Chunk) GetCopyRows() uint64 {
+	if x != nil {
+		return x.CopyRows
+	}
+	return 0
+}
+
+func (x *Chunk) GetSchemaPreSql() string {
+	if x != nil {
+		return x.SchemaPreSql
+	}
+	return ""
+}
+
+func (x *Chunk) GetSchemaPostSql() string {
+	if x != nil {
+		return x.SchemaPostSql
+	}
+	return ""
 }
 
 // Relation describes a table as the changes that use it see it.
@@ -1053,7 +1098,7 @@ var File_haven_proto protoreflect.FileDescriptor
 
 const file_haven_proto_rawDesc = "" +
 	"\n" +
-	"\vhaven.proto\x12\bhaven.v1\"\xd5\x04\n" +
+	"\vhaven.proto\x12\bhaven.v1\"\xdd\x05\n" +
 	"\x05Chunk\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\"\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x0e.haven.v1.KindR\x04kind\x12\x1b\n" +
@@ -1077,7 +1122,11 @@ const file_haven_proto_rawDesc = "" +
 	"\n" +
 	"schema_sql\x18\x10 \x01(\tR\tschemaSql\x12!\n" +
 	"\ffirst_change\x18\x11 \x01(\rR\vfirstChange\x12\x17\n" +
-	"\aend_lsn\x18\x12 \x01(\x04R\x06endLsn\"\x9d\x01\n" +
+	"\aend_lsn\x18\x12 \x01(\x04R\x06endLsn\x12\x1b\n" +
+	"\tcopy_text\x18\x13 \x01(\fR\bcopyText\x12\x1b\n" +
+	"\tcopy_rows\x18\x14 \x01(\x04R\bcopyRows\x12$\n" +
+	"\x0eschema_pre_sql\x18\x15 \x01(\tR\fschemaPreSql\x12&\n" +
+	"\x0fschema_post_sql\x18\x16 \x01(\tR\rschemaPostSql\"\x9d\x01\n" +
 	"\bRelation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x16\n" +
 	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +
@@ -1126,13 +1175,14 @@ const file_haven_proto_rawDesc = "" +
 	"\x06schema\x18\x01 \x01(\tR\x06schema\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
-	"last_value\x18\x03 \x01(\x03R\tlastValue*z\n" +
+	"last_value\x18\x03 \x01(\x03R\tlastValue*\x92\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KIND_TRANSACTION\x10\x01\x12\x17\n" +
 	"\x13KIND_SNAPSHOT_BEGIN\x10\x02\x12\x16\n" +
 	"\x12KIND_SNAPSHOT_ROWS\x10\x03\x12\x15\n" +
-	"\x11KIND_SNAPSHOT_END\x10\x04*v\n" +
+	"\x11KIND_SNAPSHOT_END\x10\x04\x12\x16\n" +
+	"\x12KIND_SNAPSHOT_COPY\x10\x05*v\n" +
 	"\x02Op\x12\x12\n" +
 	"\x0eOP_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tOP_INSERT\x10\x01\x12\r\n" +

@@ -6,6 +6,7 @@
 package wire
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"sync"
@@ -125,6 +126,16 @@ func Validate(c *havenpb.Chunk) error {
 	}
 	switch c.GetKind() {
 	case havenpb.Kind_KIND_TRANSACTION, havenpb.Kind_KIND_SNAPSHOT_BEGIN, havenpb.Kind_KIND_SNAPSHOT_ROWS, havenpb.Kind_KIND_SNAPSHOT_END:
+	case havenpb.Kind_KIND_SNAPSHOT_COPY:
+		text := c.GetCopyText()
+		switch {
+		case len(c.GetRelations()) != 1 || len(c.GetChanges()) != 0:
+			return fmt.Errorf("%w: COPY chunk with %d relations and %d changes, expected one relation and no changes", ErrCorrupt, len(c.GetRelations()), len(c.GetChanges()))
+		case len(text) > 0 && text[len(text)-1] != '\n':
+			return fmt.Errorf("%w: COPY chunk does not end with a whole row", ErrCorrupt)
+		case uint64(bytes.Count(text, []byte{'\n'})) != c.GetCopyRows():
+			return fmt.Errorf("%w: COPY chunk holds %d rows, says %d", ErrCorrupt, bytes.Count(text, []byte{'\n'}), c.GetCopyRows())
+		}
 	default:
 		return fmt.Errorf("%w: chunk kind %d: a newer agent may have written it; upgrade haven on this side", ErrUnsupported, c.GetKind())
 	}

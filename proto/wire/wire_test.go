@@ -210,6 +210,18 @@ func TestDecodeRejects(t *testing.T) {
 			payload: mutated(func(c *havenpb.Chunk) { c.FormatVersion = 2 }), want: ErrUnsupported, hint: "upgrade haven"},
 		{name: "format version 0 in payload", encoding: EncodingProto, format: "",
 			payload: mutated(func(c *havenpb.Chunk) { c.FormatVersion = 0 })},
+		{name: "COPY chunk with changes", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "one relation and no changes",
+			payload: mutated(func(c *havenpb.Chunk) {
+				c.Kind, c.Relations, c.CopyText, c.CopyRows = havenpb.Kind_KIND_SNAPSHOT_COPY, c.Relations[:1], []byte("1\tx\n"), 1
+			})},
+		{name: "COPY chunk cut inside a row", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "whole row",
+			payload: mutated(func(c *havenpb.Chunk) {
+				c.Kind, c.Relations, c.Changes, c.CopyText, c.CopyRows = havenpb.Kind_KIND_SNAPSHOT_COPY, c.Relations[:1], nil, []byte("1\tx\n2\t"), 1
+			})},
+		{name: "COPY chunk with another row count", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "holds 2 rows, says 3",
+			payload: mutated(func(c *havenpb.Chunk) {
+				c.Kind, c.Relations, c.Changes, c.CopyText, c.CopyRows = havenpb.Kind_KIND_SNAPSHOT_COPY, c.Relations[:1], nil, []byte("1\tx\n2\ty\n"), 3
+			})},
 		{name: "unknown kind", encoding: EncodingProto, format: "1",
 			payload: mutated(func(c *havenpb.Chunk) { c.Kind = 99 }), want: ErrUnsupported},
 		{name: "unspecified kind", encoding: EncodingProto, format: "1",
