@@ -40,10 +40,19 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	}
 	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
 	begin.Relations = rels
-	begin.SchemaPreSql = s.schemaScript(ctx, "--snapshot="+snapshotName, "--section=pre-data")
-	if begin.SchemaPreSql != "" {
-		begin.SchemaPostSql = s.schemaScript(ctx, "--snapshot="+snapshotName, "--section=post-data")
-		begin.SchemaSql = begin.SchemaPreSql + "\n" + begin.SchemaPostSql
+	// pg_dump's two sections, dumped side by side: a new primary's agent
+	// does this while a switchover waits for it.
+	var post string
+	dumped := make(chan struct{})
+	go func() {
+		defer close(dumped)
+		post = s.schemaScript(ctx, "--snapshot="+snapshotName, "--section=post-data")
+	}()
+	pre := s.schemaScript(ctx, "--snapshot="+snapshotName, "--section=pre-data")
+	<-dumped
+	if pre != "" && post != "" {
+		begin.SchemaPreSql, begin.SchemaPostSql = pre, post
+		begin.SchemaSql = pre + "\n" + post
 	}
 	beginSeq, err := s.publishMarker(ctx, begin, "begin")
 	if err != nil {
