@@ -91,10 +91,10 @@ type applier struct {
 	open         bool
 	batch        *pgconn.Batch
 	entries      []batchEntry
-	batchRows    int                   // row changes in batch
-	runs         map[string]*tableRuns // changes waiting to be batched, by relation key
-	unique       map[uint32]map[string]bool
-	inflight     *sentBatch // sent, its results not read yet
+	batchRows    int                        // row changes in batch
+	runs         map[string]*tableRuns      // changes waiting to be batched, by relation key
+	unique       map[uint32]map[string]bool // by DR table: columns whose updates are not batched (uniqueColumns)
+	inflight     *sentBatch                 // sent, its results not read yet
 	groupTxns    int
 	groupChanges int
 	groupBytes   int // snapshot rows loaded by COPY
