@@ -405,10 +405,16 @@ func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.L
 		}
 		acks := w.since(started.Add(-time.Second))
 		var longest time.Duration
+		var from time.Time // where the longest gap began
 		for j := 1; j < len(acks); j++ {
-			longest = max(longest, acks[j].at.Sub(acks[j-1].at))
+			if gap := acks[j].at.Sub(acks[j-1].at); gap > longest {
+				longest, from = gap, acks[j-1].at
+			}
 		}
-		fmt.Printf("switchover %d to site %s: write pause %s\n", i+1, to, longest.Round(time.Millisecond))
+		// When the pause began, from the request: a late one is not the
+		// hand-over itself but what follows it (the old primary's rejoin).
+		fmt.Printf("switchover %d to site %s: write pause %s, from %s after the request (settled after %s)\n", i+1, to,
+			longest.Round(time.Millisecond), from.Sub(started).Round(time.Millisecond), time.Since(started).Round(time.Millisecond))
 		pauses = append(pauses, longest)
 		to = map[string]string{"a": "b", "b": "a"}[to]
 	}
