@@ -82,7 +82,6 @@ type streamer struct {
 	backfilling map[uint32]backfillKey
 	touched     []*touched
 	moved       map[uint32][]string // keys rows moved to, not yet saved
-	awaiting    int                 // callbacks waiting in inflight
 }
 
 type typeKey struct {
@@ -175,8 +174,12 @@ func (st *streamer) loop(ctx context.Context) error {
 				return err
 			}
 		}
+		// Acknowledgements are collected between messages from the
+		// walsender: while some are due, look again soon, so that the
+		// confirmed position follows them. Synchronous commits wait for it,
+		// and so does a switchover's drain, when no more WAL comes.
 		deadline := st.nextStatus
-		if soon := time.Now().Add(2 * time.Millisecond); (st.cfg.Synchronous && len(st.inflight) > 0 || st.awaited()) && soon.Before(deadline) {
+		if soon := time.Now().Add(2 * time.Millisecond); len(st.inflight) > 0 && soon.Before(deadline) {
 			deadline = soon
 		}
 		recvCtx, cancel := context.WithDeadline(ctx, deadline)
@@ -208,8 +211,6 @@ func (st *streamer) loop(ctx context.Context) error {
 // awaited reports whether someone waits for an in-flight transaction's
 // acknowledgement (a backfill chunk): it is then collected at once rather
 // than at the next message or status update.
-func (st *streamer) awaited() bool { return st.awaiting > 0 }
-
 // shutdown confirms what is acknowledged before the session ends, so a
 // graceful stop does not make the next start re-read more than needed.
 func (st *streamer) shutdown() {
@@ -522,7 +523,6 @@ func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	if t.stored || (t.changes == 0 && t.heartbeat == nil) {
 		st.txn = nil
 		st.inflight = append(st.inflight, pending{endLSN: endLSN, commitTime: t.commitTime, onAck: t.onPublished})
-		st.awaiting += len(t.onPublished)
 		return nil
 	}
 	if t.builder.empty() {
@@ -536,7 +536,6 @@ func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	}
 	st.inflight[len(st.inflight)-1].endLSN = endLSN
 	st.inflight[len(st.inflight)-1].onAck = t.onPublished
-	st.awaiting += len(t.onPublished)
 	return nil
 }
 
@@ -614,7 +613,6 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 		}
 		st.inflight = st.inflight[1:]
 		st.metrics.changes.Add(float64(head.changes))
-		st.awaiting -= len(head.onAck)
 		for _, f := range head.onAck {
 			f()
 		}
