@@ -233,3 +233,42 @@ func TestDriftInARunNamesTheMissingRow(t *testing.T) {
 		t.Errorf("want one drift report naming id=33, logs:\n%s", logs.String())
 	}
 }
+
+// TestACommitThatFailsIsNamedExactly: a group's COMMIT is sent without
+// waiting for it; when DR refuses it (a deferred constraint trigger that
+// fires during apply), nothing of the group stays, apply stops at exactly
+// the transaction that broke it, and what came before is applied.
+func TestACommitThatFailsIsNamedExactly(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "deferred"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	// (Deferred unique constraints would not do: their check is a trigger,
+	// and apply runs with session_replication_role = replica.)
+	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
+		CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN IF NEW.note = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF; RETURN NULL; END $$;
+		CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();
+		ALTER TABLE items ENABLE ALWAYS TRIGGER refuse`); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	f.publish(f.txn(0x3000, insert("10", "a")))
+	f.publish(f.txn(0x4000, insert("11", "b")))
+	bad := f.publish(f.txn(0x5000, insert("12", "refused"))) // DR refuses it only at COMMIT
+	f.publish(f.txn(0x6000, insert("13", "c")))
+
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	name := "message " + strconv.FormatUint(bad, 10)
+	waitFor(t, 60*time.Second, "apply to stop at exactly the transaction DR refused", func() bool {
+		err := s.Healthy()
+		return metric(reg, "haven_standby_blocked") == 1 && err != nil && strings.Contains(err.Error(), name)
+	})
+	got := notes(t, pg.URL(group))
+	if want := []string{"1:from the snapshot", "2:first transaction", "10:a", "11:b"}; !slices.Equal(got, want) {
+		t.Errorf("DR holds %v, want %v: the transactions before the refused one, and nothing after", got, want)
+	}
+}
