@@ -368,13 +368,7 @@ func TestOperatorInspectsAndSkips(t *testing.T) {
 		t.Errorf("skipping without a reason: %v", err)
 	}
 	req.Reason = "garbage published by a test tool, nothing of the CRM's"
-	waitFor(t, 30*time.Second, "the skip to get the apply lock between the standby's retries", func() bool {
-		err := Skip(t.Context(), req)
-		if err != nil && !strings.Contains(err.Error(), "holds the apply lock") {
-			t.Fatal(err)
-		}
-		return err == nil
-	})
+	skipOnceUnlocked(t, req)
 	waitFor(t, 30*time.Second, "apply to resume after the skipped message", func() bool {
 		return strings.Join(notes(t, pg.URL(group)), ",") == "1:from the snapshot,2:first transaction,9:after the bad message"
 	})
@@ -387,6 +381,29 @@ func TestOperatorInspectsAndSkips(t *testing.T) {
 	if err != nil || who != "alice" || why != req.Reason || decodeErr == "" {
 		t.Errorf("recorded skip: operator %q, reason %q, decode error %q (%v)", who, why, decodeErr, err)
 	}
+}
+
+// waitBlockedAt waits until apply stops, blocked, at exactly stream
+// message seq.
+func waitBlockedAt(t *testing.T, s *Standby, reg *prometheus.Registry, seq uint64) {
+	t.Helper()
+	name := "message " + strconv.FormatUint(seq, 10)
+	waitFor(t, 60*time.Second, "apply to stop at exactly "+name, func() bool {
+		err := s.Healthy()
+		return metric(reg, "haven_standby_blocked") == 1 && err != nil && strings.Contains(err.Error(), name)
+	})
+}
+
+// skipOnceUnlocked runs req as soon as apply, blocked, lets go of its lock.
+func skipOnceUnlocked(t *testing.T, req SkipRequest) {
+	t.Helper()
+	waitFor(t, 30*time.Second, "the skip", func() bool {
+		err := Skip(t.Context(), req)
+		if err != nil && !strings.Contains(err.Error(), "holds the apply lock") {
+			t.Fatal(err)
+		}
+		return err == nil
+	})
 }
 
 func hexOf(s string) string { return fmt.Sprintf("%x", s) }
@@ -467,22 +484,12 @@ func TestAFailingTransactionInAGroupIsNamedExactly(t *testing.T) {
 	f.publish(f.txn(0x5000, insert("5", "after the bad one")))
 
 	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
-	name := "message " + strconv.FormatUint(bad, 10)
-	waitFor(t, 30*time.Second, "apply to stop at exactly the failing transaction", func() bool {
-		err := s.Healthy()
-		return metric(reg, "haven_standby_blocked") == 1 && err != nil && strings.Contains(err.Error(), name)
-	})
+	waitBlockedAt(t, s, reg, bad)
 	if got := strings.Join(notes(t, pg.URL(group)), ","); got != "1:from the snapshot,2:first transaction,3:fine" {
 		t.Errorf("DR rows %q: the transactions before the failing one must be applied", got)
 	}
 	req := SkipRequest{TargetURL: pg.URL(group), NATSURL: ns.URL(), Group: group, Seq: bad, Reason: "duplicate key", Operator: "bob"}
-	waitFor(t, 30*time.Second, "the skip", func() bool {
-		err := Skip(t.Context(), req)
-		if err != nil && !strings.Contains(err.Error(), "holds the apply lock") {
-			t.Fatal(err)
-		}
-		return err == nil
-	})
+	skipOnceUnlocked(t, req)
 	waitFor(t, 30*time.Second, "apply to resume", func() bool {
 		return strings.Join(notes(t, pg.URL(group)), ",") == "1:from the snapshot,2:first transaction,3:fine,5:after the bad one"
 	})
@@ -555,22 +562,12 @@ func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
 	f.publish(f.txn(0x5000, rows(3000, 10, false)...))
 
 	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
-	name := "message " + strconv.FormatUint(bad, 10)
-	waitFor(t, 60*time.Second, "apply to stop at exactly the failing transaction", func() bool {
-		err := s.Healthy()
-		return metric(reg, "haven_standby_blocked") == 1 && err != nil && strings.Contains(err.Error(), name)
-	})
+	waitBlockedAt(t, s, reg, bad)
 	if got := len(notes(t, pg.URL(group))); got != 2+700 {
 		t.Errorf("DR holds %d rows, want the 702 of the transactions before the failing one", got)
 	}
 	req := SkipRequest{TargetURL: pg.URL(group), NATSURL: ns.URL(), Group: group, Seq: bad, Reason: "duplicate key", Operator: "bob"}
-	waitFor(t, 30*time.Second, "the skip", func() bool {
-		err := Skip(t.Context(), req)
-		if err != nil && !strings.Contains(err.Error(), "holds the apply lock") {
-			t.Fatal(err)
-		}
-		return err == nil
-	})
+	skipOnceUnlocked(t, req)
 	waitFor(t, 30*time.Second, "apply to resume past the skipped transaction", func() bool {
 		return len(notes(t, pg.URL(group))) == 2+700+10
 	})

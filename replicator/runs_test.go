@@ -262,11 +262,7 @@ func TestACommitThatFailsIsNamedExactly(t *testing.T) {
 	f.publish(f.txn(0x6000, insert("13", "c")))
 
 	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
-	name := "message " + strconv.FormatUint(bad, 10)
-	waitFor(t, 60*time.Second, "apply to stop at exactly the transaction DR refused", func() bool {
-		err := s.Healthy()
-		return metric(reg, "haven_standby_blocked") == 1 && err != nil && strings.Contains(err.Error(), name)
-	})
+	waitBlockedAt(t, s, reg, bad)
 	got := notes(t, pg.URL(group))
 	if want := []string{"1:from the snapshot", "2:first transaction", "10:a", "11:b"}; !slices.Equal(got, want) {
 		t.Errorf("DR holds %v, want %v: the transactions before the refused one, and nothing after", got, want)
