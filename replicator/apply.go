@@ -384,7 +384,7 @@ func (a *applier) relation(relations []*havenpb.Relation, id uint32) (*havenpb.R
 			return r, known.key
 		}
 		key := relationKey(r)
-		a.relations[id] = knownRelation{rel: r, key: key}
+		a.relations[id] = knownRelation{rel: shapeOf(r), key: key}
 		return r, key
 	}
 	return nil, ""

@@ -318,9 +318,12 @@ type readAhead struct {
 	credit chan struct{}
 }
 
+// aheadBytes counts encoded bytes; decoded, a change takes several times
+// its size, and all of it is for the garbage collector to scan: 2 MiB
+// (about 8,000 changes) keeps apply fed at a small live heap.
 const (
 	aheadUnit        = 1 << 10
-	aheadBytes       = 8 << 20
+	aheadBytes       = 2 << 20
 	decodeAheadBytes = 64 << 10
 )
 

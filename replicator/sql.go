@@ -68,6 +68,17 @@ type knownRelation struct {
 	key string
 }
 
+// shapeOf copies what sameShape compares, so that a cached relation does
+// not keep the message it was decoded from in memory (see wire.Decode).
+func shapeOf(r *havenpb.Relation) *havenpb.Relation {
+	c := &havenpb.Relation{Schema: strings.Clone(r.Schema), Name: strings.Clone(r.Name), ReplicaIdentity: strings.Clone(r.ReplicaIdentity),
+		Columns: make([]*havenpb.Column, len(r.Columns))}
+	for i, col := range r.Columns {
+		c.Columns[i] = &havenpb.Column{Name: strings.Clone(col.Name), Type: strings.Clone(col.Type), Key: col.Key}
+	}
+	return c
+}
+
 // sameShape reports whether two descriptions give the same relationKey,
 // without building it.
 func sameShape(a, b *havenpb.Relation) bool {

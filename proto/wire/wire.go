@@ -10,9 +10,9 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"unicode/utf8"
 
 	"github.com/klauspost/compress/zstd"
-	"google.golang.org/protobuf/proto"
 
 	"github.com/haven-dr/haven/proto/havenpb"
 )
@@ -68,7 +68,7 @@ var (
 // Encode marshals c, compressing it with zstd when compress is set. It
 // returns the payload and the value of HeaderEncoding.
 func Encode(c *havenpb.Chunk, compress bool) (payload []byte, encoding string, err error) {
-	raw, err := proto.Marshal(c)
+	raw, err := c.MarshalVT()
 	if err != nil {
 		return nil, "", fmt.Errorf("marshal chunk: %w", err)
 	}
@@ -80,6 +80,9 @@ func Encode(c *havenpb.Chunk, compress bool) (payload []byte, encoding string, e
 
 // Decode reverses Encode and validates the result (see Validate). format is
 // the HeaderFormat value; an empty one is checked from the payload alone.
+// The chunk's strings and bytes share an uncompressed payload's memory:
+// payload must not change while the chunk is in use, and what outlives the
+// message should be copied (strings.Clone) so as not to keep it alive.
 func Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
 	if format != "" && format != formatHeaderValue {
 		return nil, fmt.Errorf("%w: format version %q, this haven reads %d: upgrade haven on this side", ErrUnsupported, format, FormatVersion)
@@ -99,7 +102,7 @@ func Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
 		return nil, fmt.Errorf("%w: encoding %q (this haven knows %s and %s): a newer agent may have written it; upgrade haven on this side", ErrUnsupported, encoding, EncodingProto, EncodingProtoZstd)
 	}
 	var c havenpb.Chunk
-	if err := proto.Unmarshal(raw, &c); err != nil {
+	if err := c.UnmarshalVTUnsafe(raw); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
 	if err := Validate(&c); err != nil {
@@ -142,14 +145,23 @@ func Validate(c *havenpb.Chunk) error {
 	if c.GetGroup() == "" || c.GetSystemId() == 0 {
 		return fmt.Errorf("%w: chunk without group or system id", ErrCorrupt)
 	}
+	if !validUTF8(c.GetGroup(), c.GetSlot()) {
+		return fmt.Errorf("%w: group or slot name is not UTF-8", ErrCorrupt)
+	}
 	columns := make(map[uint32]int, len(c.GetRelations()))
 	for _, r := range c.GetRelations() {
 		if r.GetName() == "" || len(r.GetColumns()) == 0 {
 			return fmt.Errorf("%w: relation %d without name or columns", ErrCorrupt, r.GetId())
 		}
+		if !validUTF8(r.GetSchema(), r.GetName(), r.GetReplicaIdentity()) {
+			return fmt.Errorf("%w: relation %d has a name that is not UTF-8", ErrCorrupt, r.GetId())
+		}
 		for _, col := range r.GetColumns() {
 			if col.GetName() == "" || col.GetType() == "" {
 				return fmt.Errorf("%w: relation %s.%s has a column without name or type", ErrCorrupt, r.GetSchema(), r.GetName())
+			}
+			if !validUTF8(col.GetName(), col.GetType()) {
+				return fmt.Errorf("%w: relation %s.%s has a column name or type that is not UTF-8", ErrCorrupt, r.GetSchema(), r.GetName())
 			}
 		}
 		columns[r.GetId()] = len(r.GetColumns())
@@ -170,6 +182,9 @@ func validateChange(ch *havenpb.Change, columns map[uint32]int) error {
 		b := ch.GetBackfill()
 		if b.GetName() == "" || (b.GetPhase() != havenpb.Backfill_PHASE_BEGIN && b.GetPhase() != havenpb.Backfill_PHASE_END) {
 			return errors.New("backfill without table or phase")
+		}
+		if !validUTF8(b.GetSchema(), b.GetName()) {
+			return errors.New("backfill of a table whose name is not UTF-8")
 		}
 		return nil
 	}
@@ -225,6 +240,17 @@ func validateChange(ch *havenpb.Change, columns map[uint32]int) error {
 		}
 	}
 	return nil
+}
+
+// validUTF8 checks names the fast decoder does not (proto3 strings must be
+// UTF-8): a reader quotes them into SQL and logs.
+func validUTF8(names ...string) bool {
+	for _, s := range names {
+		if !utf8.ValidString(s) {
+			return false
+		}
+	}
+	return true
 }
 
 func rowName(old bool) string {
