@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -63,8 +64,9 @@ type applier struct {
 	cfg     Config
 	log     zerolog.Logger
 	metrics *metrics
-	conn    *pgx.Conn      // applies, in the database's own search_path
-	pg      *pgconn.PgConn // conn's lower layer, for pipelining
+	conn    *pgx.Conn        // applies, in the database's own search_path
+	pg      *pgconn.PgConn   // conn's lower layer, for pipelining
+	pipe    *pgconn.Pipeline // open while batches are in flight (see send)
 
 	stream        jetstream.Stream
 	found         bool      // the DR database has a position for the group
@@ -89,12 +91,12 @@ type applier struct {
 	sequences      map[string]bool // qualified sequence name: exists on DR
 
 	open         bool
-	batch        *pgconn.Batch
-	entries      []batchEntry
-	batchRows    int                        // row changes in batch
+	queued       []queuedStatement          // waiting to be sent
+	entries      []batchEntry               // one per queued statement
+	batchRows    int                        // row changes queued
 	runs         map[string]*tableRuns      // changes waiting to be batched, by relation key
 	unique       map[uint32]map[string]bool // by DR table: columns whose updates are not batched (uniqueColumns)
-	inflight     *sentBatch                 // sent, its results not read yet
+	sent         []*sentBatch               // sent, their results not read yet (oldest first)
 	groupTxns    int
 	groupChanges int
 	groupBytes   int // snapshot rows loaded by COPY
@@ -342,8 +344,7 @@ func (a *applier) advanceSequences(ctx context.Context, seqs []*havenpb.Sequence
 			}
 		}
 		if exists {
-			a.batch.ExecParams(advanceSeqSQL, [][]byte{[]byte(v.Schema), []byte(v.Name), []byte(strconv.FormatInt(v.LastValue, 10))}, nil, nil, nil)
-			a.entries = append(a.entries, batchEntry{})
+			a.queue("", advanceSeqSQL, [][]byte{[]byte(v.Schema), []byte(v.Name), []byte(strconv.FormatInt(v.LastValue, 10))}, batchEntry{})
 		}
 	}
 	return nil
@@ -363,10 +364,8 @@ func (a *applier) begin(ctx context.Context) error {
 	if a.open {
 		return nil
 	}
-	a.batch = &pgconn.Batch{}
-	a.batch.ExecParams("BEGIN", nil, nil, nil, nil)
-	a.entries = append(a.entries[:0], batchEntry{})
-	a.batchRows = 0
+	a.clearQueue()
+	a.queue("", "BEGIN", nil, batchEntry{})
 	a.open = true
 	a.groupTxns, a.groupChanges, a.groupBytes = 0, 0, 0
 	a.groupStarted = time.Now()
@@ -412,8 +411,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				}
 				partitioned[i] = a.partitioned[key]
 			}
-			a.batch.ExecParams(truncateSQL(targets, partitioned, ch), nil, nil, nil, nil)
-			a.entries = append(a.entries, batchEntry{})
+			a.queue("", truncateSQL(targets, partitioned, ch), nil, batchEntry{})
 		} else {
 			rel, relKey := a.relation(relations, ch.RelationId)
 			// Checked at first use, not per chunk: a DDL replayed earlier in
@@ -439,8 +437,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				if err != nil {
 					return err
 				}
-				a.batch.ExecPrepared(name, st.params, nil, nil)
-				a.entries = append(a.entries, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[relKey]],
+				a.queue(name, "", st.params, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[relKey]],
 					table: rel.Schema + "." + rel.Name, rel: rel, changes: []*havenpb.Change{ch}})
 				a.batchRows++
 			}
@@ -523,15 +520,39 @@ func (a *applier) prepare(ctx context.Context, key string, text func() string) (
 	return name, nil
 }
 
-// sentBatch is a batch the DR server executes while the next one is built.
+// queuedStatement is a statement waiting to be sent: a prepared one by
+// name, or SQL.
+type queuedStatement struct {
+	name, sql string
+	params    [][]byte
+}
+
+// queue adds a statement to those to send, with what judges its result.
+func (a *applier) queue(name, sql string, params [][]byte, e batchEntry) {
+	a.queued = append(a.queued, queuedStatement{name: name, sql: sql, params: params})
+	a.entries = append(a.entries, e)
+}
+
+func (a *applier) clearQueue() {
+	clear(a.queued)
+	a.queued = a.queued[:0]
+	a.entries = a.entries[:0]
+	a.batchRows = 0
+}
+
+// sentBatch is a batch of statements, ending in a sync point, that the DR
+// server executes while the next ones are built and sent.
 type sentBatch struct {
-	results  *pgconn.MultiResultReader
 	entries  []batchEntry
 	seq      uint64 // the message being applied when it was sent
 	firstSeq uint64 // … and the first message of its transaction
 	// committed: the batch ends a target transaction.
 	committed *committedGroup
 }
+
+// sendDepth is how many batches may be in flight: one executing on DR and
+// one waiting behind it, so that DR never waits for the next.
+const sendDepth = 2
 
 // flush sends every waiting change and the pipelined statements, and
 // judges their results.
@@ -545,65 +566,132 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 	return a.settle()
 }
 
-// send sends the pipelined statements, after judging those sent before:
-// the DR server executes them while the caller goes on. Whatever uses the
-// connection next must settle them first (flush does).
+// send sends the queued statements in pipeline mode, as one batch: the DR
+// server executes them while the caller goes on. Batches sent before are
+// judged first while too many are in flight, and always after a COMMIT: a
+// failed COMMIT ends the transaction block, so statements sent behind it
+// would run on their own. Whatever uses the connection next must settle
+// first (flush does).
 func (a *applier) send(ctx context.Context, seq uint64) error {
-	if err := a.settle(); err != nil {
-		return err
-	}
-	if len(a.entries) == 0 {
+	if len(a.queued) == 0 {
 		return nil
 	}
-	a.inflight = &sentBatch{results: a.pg.ExecBatch(ctx, a.batch), entries: a.entries, seq: seq, firstSeq: a.txnFirstSeq}
-	a.batch = &pgconn.Batch{}
-	a.entries = make([]batchEntry, 0, cap(a.entries))
-	a.batchRows = 0
+	for n := len(a.sent); n > 0 && (n >= sendDepth || a.sent[n-1].committed != nil); n = len(a.sent) {
+		if err := a.settleOldest(); err != nil {
+			return err
+		}
+	}
+	if a.pipe == nil {
+		a.pipe = a.pg.StartPipeline(ctx)
+	}
+	for _, q := range a.queued {
+		if q.name != "" {
+			a.pipe.SendQueryPrepared(q.name, q.params, nil, nil)
+		} else {
+			a.pipe.SendQueryParams(q.sql, q.params, nil, nil, nil)
+		}
+	}
+	if err := a.pipe.Sync(); err != nil {
+		a.pipe, a.sent = nil, nil // the connection is closed
+		return fmt.Errorf("send to DR: %w", err)
+	}
+	a.sent = append(a.sent, &sentBatch{entries: a.entries, seq: seq, firstSeq: a.txnFirstSeq})
+	a.entries = make([]batchEntry, 0, cap(a.entries)) // the batch keeps its own
+	a.clearQueue()
 	return nil
 }
 
-// settle reads and judges the results of the batch in flight, if any.
+// settle reads and judges the results of the batches in flight, if any,
+// and leaves pipeline mode.
 func (a *applier) settle() error {
-	b := a.inflight
-	if b == nil {
+	for len(a.sent) > 0 {
+		if err := a.settleOldest(); err != nil {
+			return err
+		}
+	}
+	if a.pipe == nil {
 		return nil
 	}
-	a.inflight = nil
-	results, err := b.results.ReadAll()
+	err := a.pipe.Close()
+	a.pipe = nil
 	if err != nil {
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && !connectionLost(pgErr) {
-			// Name the first message of the transaction being applied: with
-			// one transaction per target transaction (as after such a stop,
-			// see isolateThrough) that is the message to inspect or skip.
-			return blocked(b.firstSeq, "apply failed", "%w", err)
-		}
-		return fmt.Errorf("apply batch: %w", err)
-	}
-	for i, r := range results {
-		if i >= len(b.entries) {
-			break
-		}
-		e := b.entries[i]
-		if !e.matchesRow || e.tolerateMissing || r.CommandTag.RowsAffected() == int64(len(e.changes)) {
-			continue
-		}
-		found := make(map[string]bool, len(r.Rows))
-		for _, row := range r.Rows {
-			found[string(row[0])] = true
-		}
-		for n, ch := range e.changes {
-			if len(e.changes) == 1 || !found[strconv.Itoa(n+1)] {
-				a.metrics.conflicts.WithLabelValues(e.table).Inc()
-				a.log.Error().Str("table", e.table).Str("key", identityText(e.rel, ch)).Uint64("seq", b.seq).
-					Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
-			}
-		}
-	}
-	if b.committed != nil {
-		a.confirm(b.committed)
+		return fmt.Errorf("leave pipeline mode: %w", err)
 	}
 	return nil
+}
+
+// settleOldest reads and judges the results of the oldest batch in flight.
+// When it failed, the batches behind it failed too (the transaction is
+// aborted): pipeline mode is left, and the first error returned.
+func (a *applier) settleOldest() error {
+	b := a.sent[0]
+	a.sent = a.sent[1:]
+	err := a.judge(b)
+	if err == nil {
+		if b.committed != nil {
+			a.confirm(b.committed)
+		}
+		return nil
+	}
+	_ = a.pipe.Close() // reads what is left; the errors behind the first say nothing new
+	a.pipe, a.sent = nil, nil
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && !connectionLost(pgErr) {
+		// Name the first message of the transaction being applied: with
+		// one transaction per target transaction (as after such a stop,
+		// see isolateThrough) that is the message to inspect or skip.
+		return blocked(b.firstSeq, "apply failed", "%w", err)
+	}
+	return fmt.Errorf("apply batch: %w", err)
+}
+
+// judge reads a batch's results up to its sync point: it returns the first
+// error, and reports rows an update or delete did not find.
+func (a *applier) judge(b *sentBatch) error {
+	var failed error
+	for i := 0; ; i++ {
+		res, err := a.pipe.GetResults()
+		var pgErr *pgconn.PgError
+		switch {
+		case errors.As(err, &pgErr):
+			// The server skips the rest of the batch; its sync comes next.
+			failed = cmp.Or(failed, err)
+			continue
+		case err != nil:
+			return err
+		}
+		switch r := res.(type) {
+		case *pgconn.PipelineSync:
+			return failed
+		case *pgconn.ResultReader:
+			result := r.Read()
+			if result.Err != nil {
+				failed = cmp.Or(failed, result.Err)
+			} else if failed == nil && i < len(b.entries) {
+				a.reportMissing(b, b.entries[i], result)
+			}
+		default:
+			return fmt.Errorf("pipeline: result %T where the results of a batch were due", res)
+		}
+	}
+}
+
+// reportMissing reports the rows an update or delete did not find on DR.
+func (a *applier) reportMissing(b *sentBatch, e batchEntry, r *pgconn.Result) {
+	if !e.matchesRow || e.tolerateMissing || r.CommandTag.RowsAffected() == int64(len(e.changes)) {
+		return
+	}
+	found := make(map[string]bool, len(r.Rows))
+	for _, row := range r.Rows {
+		found[string(row[0])] = true
+	}
+	for n, ch := range e.changes {
+		if len(e.changes) == 1 || !found[strconv.Itoa(n+1)] {
+			a.metrics.conflicts.WithLabelValues(e.table).Inc()
+			a.log.Error().Str("table", e.table).Str("key", identityText(e.rel, ch)).Uint64("seq", b.seq).
+				Msg("an update or delete from the primary found no row on DR: the DR copy had drifted (was it written to directly?); run a consistency audit")
+		}
+	}
 }
 
 // identityText renders the identity of the row a change looks for, for a
@@ -672,15 +760,14 @@ func (a *applier) commitAhead(ctx context.Context) error {
 		a.rollback(ctx)
 		return err
 	}
-	a.batch.ExecParams(savePositionSQL, a.next.params(a.cfg.Group), nil, nil, nil)
-	a.batch.ExecParams("COMMIT", nil, nil, nil, nil)
-	a.entries = append(a.entries, batchEntry{}, batchEntry{})
+	a.queue("", savePositionSQL, a.next.params(a.cfg.Group), batchEntry{})
+	a.queue("", "COMMIT", nil, batchEntry{})
 	group := &committedGroup{pos: a.next, txns: a.groupTxns, changes: a.groupChanges, toAck: a.toAck}
 	if err := a.send(ctx, a.next.streamSeq); err != nil {
 		a.rollback(ctx)
 		return err
 	}
-	a.inflight.committed = group
+	a.sent[len(a.sent)-1].committed = group
 	a.open = false
 	a.replayedDDL = false
 	a.toAck = nil
@@ -752,9 +839,7 @@ func (l *lagClock) seconds() float64 {
 // committed position.
 func (a *applier) rollback(ctx context.Context) {
 	_ = a.settle() // what it says is moot: everything is undone
-	a.batch = nil
-	a.entries = a.entries[:0]
-	a.batchRows = 0
+	a.clearQueue()
 	clear(a.runs)
 	a.open = false
 	a.replayedDDL = false

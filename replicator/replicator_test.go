@@ -103,11 +103,16 @@ func (f *feed) txn(lsn uint64, changes ...*havenpb.Change) *havenpb.Chunk {
 	return c
 }
 
-func startStandby(t *testing.T, targetURL, natsURL, group string) (*Standby, *testlog.Buffer, *prometheus.Registry) {
+// startStandby runs a standby for the test; tune, if given, changes its
+// configuration first.
+func startStandby(t *testing.T, targetURL, natsURL, group string, tune ...func(*Config)) (*Standby, *testlog.Buffer, *prometheus.Registry) {
 	t.Helper()
 	cfg := DefaultConfig()
 	cfg.TargetURL, cfg.NATSURL, cfg.Group = targetURL, natsURL, group
 	cfg.BlockedRetry = 200 * time.Millisecond
+	for _, f := range tune {
+		f(&cfg)
+	}
 	logs := testlog.New(t)
 	reg := prometheus.NewRegistry()
 	s, err := New(cfg, zerolog.New(logs), reg)
@@ -534,9 +539,10 @@ func TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied(t *testing.T) {
 
 // TestAFailureInAPipelinedBatchIsNamedExactly: transactions large enough
 // that their statements go out in batches the DR server executes while the
-// next is built; a failure inside such a batch still stops apply at exactly
-// the failing transaction, with every transaction before it applied and
-// nothing of it or after it.
+// next is built and sent; a failure inside such a batch, early (with a batch
+// already sent behind it) or late, still stops apply at exactly the failing
+// transaction, with every transaction before it applied and nothing of it
+// or after it.
 func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
@@ -544,12 +550,12 @@ func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
 	if err := pg.CreateDatabase(t.Context(), group); err != nil {
 		t.Fatal(err)
 	}
-	rows := func(from, n int, duplicate bool) []*havenpb.Change {
+	rows := func(from, n, duplicateAt int) []*havenpb.Change {
 		var changes []*havenpb.Change
 		for i := range n {
 			id := strconv.Itoa(from + i)
-			if duplicate && i == n-100 {
-				id = "1" // a key DR already has, late in a batch sent ahead
+			if i == duplicateAt {
+				id = "1" // a key DR already has
 			}
 			changes = append(changes, insert(id, "row"))
 		}
@@ -557,18 +563,24 @@ func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
 	}
 	f := newFeed(t, ns, group)
 	f.snapshotAndTxn()
-	f.publish(f.txn(0x3000, rows(1000, 700, false)...))
-	bad := f.publish(f.txn(0x4000, rows(2000, 700, true)...))
-	f.publish(f.txn(0x5000, rows(3000, 10, false)...))
+	f.publish(f.txn(0x3000, rows(1000, 700, -1)...))
+	early := f.publish(f.txn(0x4000, rows(2000, 1500, 10)...))
+	late := f.publish(f.txn(0x4800, rows(4000, 700, 600)...))
+	f.publish(f.txn(0x5000, rows(5000, 10, -1)...))
 
 	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
-	waitBlockedAt(t, s, reg, bad)
-	if got := len(notes(t, pg.URL(group))); got != 2+700 {
-		t.Errorf("DR holds %d rows, want the 702 of the transactions before the failing one", got)
+	for _, bad := range []uint64{early, late} {
+		// The first stop may come before the retry one transaction at a
+		// time has committed those before the failing one.
+		waitBlockedAt(t, s, reg, bad)
+		waitFor(t, 30*time.Second, "the 702 rows of the transactions before the failing one", func() bool {
+			return len(notes(t, pg.URL(group))) == 2+700
+		})
+		waitBlockedAt(t, s, reg, bad)
+		req := SkipRequest{TargetURL: pg.URL(group), NATSURL: ns.URL(), Group: group, Seq: bad, Reason: "duplicate key", Operator: "bob"}
+		skipOnceUnlocked(t, req)
 	}
-	req := SkipRequest{TargetURL: pg.URL(group), NATSURL: ns.URL(), Group: group, Seq: bad, Reason: "duplicate key", Operator: "bob"}
-	skipOnceUnlocked(t, req)
-	waitFor(t, 30*time.Second, "apply to resume past the skipped transaction", func() bool {
+	waitFor(t, 30*time.Second, "apply to resume past the skipped transactions", func() bool {
 		return len(notes(t, pg.URL(group))) == 2+700+10
 	})
 }

@@ -237,34 +237,40 @@ func TestDriftInARunNamesTheMissingRow(t *testing.T) {
 // TestACommitThatFailsIsNamedExactly: a group's COMMIT is sent without
 // waiting for it; when DR refuses it (a deferred constraint trigger that
 // fires during apply), nothing of the group stays, apply stops at exactly
-// the transaction that broke it, and what came before is applied.
+// the transaction that broke it, and what came before is applied. With one
+// transaction per group, the groups behind the refused one are ready to go
+// at once: none may commit before the refusal is seen.
 func TestACommitThatFailsIsNamedExactly(t *testing.T) {
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
-	const group = "deferred"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
-	// (Deferred unique constraints would not do: their check is a trigger,
-	// and apply runs with session_replication_role = replica.)
-	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
-		CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN IF NEW.note = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF; RETURN NULL; END $$;
-		CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();
-		ALTER TABLE items ENABLE ALWAYS TRIGGER refuse`); err != nil {
-		t.Fatal(err)
-	}
-	f := newFeed(t, ns, group)
-	f.snapshotAndTxn()
-	f.publish(f.txn(0x3000, insert("10", "a")))
-	f.publish(f.txn(0x4000, insert("11", "b")))
-	bad := f.publish(f.txn(0x5000, insert("12", "refused"))) // DR refuses it only at COMMIT
-	f.publish(f.txn(0x6000, insert("13", "c")))
+	for _, perGroup := range []int{DefaultConfig().GroupChanges, 1} {
+		group := "deferred" + strconv.Itoa(perGroup)
+		if err := pg.CreateDatabase(t.Context(), group); err != nil {
+			t.Fatal(err)
+		}
+		// (Deferred unique constraints would not do: their check is a trigger,
+		// and apply runs with session_replication_role = replica.)
+		if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
+			CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+			BEGIN IF NEW.note = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF; RETURN NULL; END $$;
+			CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();
+			ALTER TABLE items ENABLE ALWAYS TRIGGER refuse`); err != nil {
+			t.Fatal(err)
+		}
+		f := newFeed(t, ns, group)
+		f.snapshotAndTxn()
+		f.publish(f.txn(0x3000, insert("10", "a")))
+		f.publish(f.txn(0x4000, insert("11", "b")))
+		bad := f.publish(f.txn(0x5000, insert("12", "refused"))) // DR refuses it only at COMMIT
+		for i := range 20 {
+			f.publish(f.txn(0x6000+uint64(i), insert(strconv.Itoa(13+i), "after")))
+		}
 
-	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
-	waitBlockedAt(t, s, reg, bad)
-	got := notes(t, pg.URL(group))
-	if want := []string{"1:from the snapshot", "2:first transaction", "10:a", "11:b"}; !slices.Equal(got, want) {
-		t.Errorf("DR holds %v, want %v: the transactions before the refused one, and nothing after", got, want)
+		s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupChanges = perGroup })
+		waitBlockedAt(t, s, reg, bad)
+		got := notes(t, pg.URL(group))
+		if want := []string{"1:from the snapshot", "2:first transaction", "10:a", "11:b"}; !slices.Equal(got, want) {
+			t.Errorf("%d changes per group: DR holds %v, want %v: the transactions before the refused one, and nothing after", perGroup, got, want)
+		}
 	}
 }
