@@ -554,6 +554,7 @@ func (b *bench) eachSetup(ctx context.Context, measure func(ctx context.Context,
 // has it all.
 func (b *bench) catchUp(ctx context.Context) error {
 	f := b.add("DR catch-up", "changes/s", ">= 1.5x native", true)
+	cost := b.add("DR catch-up: CPU of the whole machine", "ms per 1k changes", "(lower is lighter)", false)
 	return b.eachSetup(ctx, func(ctx context.Context, p *pair) (float64, error) {
 		if err := p.pauseDR(ctx); err != nil {
 			return 0, err
@@ -572,6 +573,10 @@ func (b *bench) catchUp(ctx context.Context) error {
 				return 0, err
 			}
 		}
+		busy, err := machineCPU()
+		if err != nil {
+			return 0, err
+		}
 		started := time.Now()
 		if err := p.resumeDR(ctx); err != nil {
 			return 0, err
@@ -583,8 +588,44 @@ func (b *bench) catchUp(ctx context.Context) error {
 		if err != nil {
 			return 0, err
 		}
+		after, err := machineCPU()
+		if err != nil {
+			return 0, err
+		}
+		// With -profile, the profile's own cost is in it.
+		ms := (after - busy).Seconds() * 1000 / float64(n) * 1000
+		if p.setup == "haven" {
+			cost.Haven = append(cost.Haven, ms)
+		} else {
+			cost.Native = append(cost.Native, ms)
+		}
 		return float64(n) / seen.Sub(started).Seconds(), nil
 	}, f)
+}
+
+// machineCPU is the CPU time all processes have used since boot: the
+// first line of /proc/stat without idle and iowait.
+func machineCPU() (time.Duration, error) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, fmt.Errorf("read CPU time: %w", err)
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	fields := strings.Fields(line)
+	if len(fields) < 8 || fields[0] != "cpu" {
+		return 0, fmt.Errorf("read CPU time: unexpected /proc/stat line %q", line)
+	}
+	var ticks int64
+	for i, f := range fields[1:8] {
+		v, err := strconv.ParseInt(f, 10, 64)
+		if err != nil {
+			return 0, fmt.Errorf("read CPU time: %q: %w", line, err)
+		}
+		if i != 3 && i != 4 { // idle, iowait
+			ticks += v
+		}
+	}
+	return time.Duration(ticks) * time.Second / 100, nil // USER_HZ
 }
 
 // waitCaptured waits until the agent confirmed lsn (everything before it
