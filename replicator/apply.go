@@ -97,9 +97,9 @@ type applier struct {
 	runs         map[string]*tableRuns      // changes waiting to be batched, by relation key
 	unique       map[uint32]map[string]bool // by DR table: columns whose updates are not batched (uniqueColumns)
 	sent         []*sentBatch               // sent, their results not read yet (oldest first)
+	load         *parallelLoad              // a snapshot loading in lanes (see load.go)
 	groupTxns    int
 	groupChanges int
-	groupBytes   int // snapshot rows loaded by COPY
 	groupStarted time.Time
 	toAck        jetstream.Msg
 	partial      *partialTxn
@@ -176,7 +176,9 @@ func (a *applier) handle(ctx context.Context, in inbound) error {
 	var err error
 	switch chunk.Kind {
 	case havenpb.Kind_KIND_TRANSACTION:
-		err = a.transaction(ctx, seq, msg, chunk)
+		if err = a.finishLoad(ctx); err == nil {
+			err = a.transaction(ctx, seq, msg, chunk)
+		}
 	default:
 		err = a.snapshot(ctx, seq, msg, chunk)
 	}
@@ -224,6 +226,9 @@ func (a *applier) gap(ctx context.Context, got uint64) error {
 // complete source transactions in it are committed, a partial one is
 // rolled back.
 func (a *applier) stop(ctx context.Context, err error) error {
+	if lerr := a.finishLoad(ctx); lerr != nil {
+		return errors.Join(err, lerr)
+	}
 	if a.open {
 		if a.partial == nil {
 			if cerr := a.commit(ctx); cerr != nil {
@@ -367,7 +372,7 @@ func (a *applier) begin(ctx context.Context) error {
 	a.clearQueue()
 	a.queue("", "BEGIN", nil, batchEntry{})
 	a.open = true
-	a.groupTxns, a.groupChanges, a.groupBytes = 0, 0, 0
+	a.groupTxns, a.groupChanges = 0, 0
 	a.groupStarted = time.Now()
 	return nil
 }
@@ -862,6 +867,14 @@ func (a *applier) rollback(ctx context.Context) {
 // idle is called when no message arrived for a moment: a group of complete
 // source transactions is committed rather than kept waiting.
 func (a *applier) idle(ctx context.Context) error {
+	if p := a.load; p != nil {
+		if p.group != nil && time.Since(p.groupStarted) >= a.cfg.GroupDelay {
+			if err := a.endLoadGroup(ctx); err != nil {
+				return err
+			}
+		}
+		return a.confirmLoaded(false)
+	}
 	if a.open && a.partial == nil {
 		if err := a.commit(ctx); err != nil {
 			return err
@@ -883,7 +896,10 @@ func (a *applier) idle(ctx context.Context) error {
 
 func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
 	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY && !a.next.snapshotDone && uint64(a.next.snapshotLSN) == c.SnapshotLsn && a.next.systemID == c.SystemId {
-		return a.copyChunk(ctx, seq, msg, c)
+		return a.loadChunk(ctx, seq, msg, c)
+	}
+	if err := a.finishLoad(ctx); err != nil {
+		return err
 	}
 	if a.open {
 		if a.partial != nil {
@@ -1102,35 +1118,6 @@ func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenp
 		return err
 	}
 	a.metrics.snapshotRows.Add(float64(len(rows)))
-	return nil
-}
-
-// copyGroupBytes is how much of a snapshot one target transaction loads:
-// commits are few, and a restart loads little again.
-const copyGroupBytes = 32 << 20
-
-// copyChunk loads a chunk of a table's rows as the source's COPY printed
-// them, in the open target transaction (with the chunks before it, up to
-// copyGroupBytes).
-func (a *applier) copyChunk(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
-	if err := a.begin(ctx); err != nil {
-		return err
-	}
-	if err := a.flush(ctx, seq); err != nil { // BEGIN, before COPY
-		return err
-	}
-	if len(c.CopyText) > 0 {
-		if err := a.copyIn(ctx, a.pg, seq, c.Relations[0], c.CopyText); err != nil {
-			return err
-		}
-		a.metrics.snapshotRows.Add(float64(c.CopyRows))
-	}
-	a.next.streamSeq = seq
-	a.toAck = msg
-	a.groupBytes += len(c.CopyText)
-	if a.groupBytes >= copyGroupBytes {
-		return a.commit(ctx)
-	}
 	return nil
 }
 

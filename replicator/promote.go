@@ -148,6 +148,9 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 		a.rollback(ctx)
 	}
 	t := time.Now()
+	if err := a.finishLoad(ctx); err != nil {
+		return err
+	}
 	if err := a.commit(ctx); err != nil {
 		return err
 	}

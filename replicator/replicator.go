@@ -259,6 +259,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	defer func() {
 		// On the way out, keep complete transactions already applied, and
 		// acknowledge those committed.
+		a.abandonLoad() // its lanes stop with ctx; a restart loads it again
 		if (a.open && a.partial == nil) || (!a.open && len(a.sent) > 0) {
 			stopCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
@@ -282,7 +283,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 			// An order to promote is looked at between messages.
 			wait = 100 * time.Millisecond
 		}
-		if (a.open && a.partial == nil) || len(a.sent) > 0 {
+		if (a.open && a.partial == nil) || len(a.sent) > 0 || a.load != nil {
 			// A group to commit, or a commit to confirm, when nothing comes.
 			wait = time.Millisecond
 		}

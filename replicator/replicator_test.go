@@ -83,10 +83,15 @@ func insert(id, note string) *havenpb.Change {
 
 // snapshotAndTxn publishes a one-row snapshot of items and a transaction
 // inserting row 2 at LSN 0x2000.
-func (f *feed) snapshotAndTxn() {
+// beginSnapshot publishes the start of a snapshot of items.
+func (f *feed) beginSnapshot() {
 	begin := chunk(f.group, havenpb.Kind_KIND_SNAPSHOT_BEGIN, 0x1000)
 	begin.Relations = []*havenpb.Relation{itemsRelation}
 	f.publish(begin)
+}
+
+func (f *feed) snapshotAndTxn() {
+	f.beginSnapshot()
 	rows := chunk(f.group, havenpb.Kind_KIND_SNAPSHOT_ROWS, 0x1000)
 	rows.Relations = []*havenpb.Relation{itemsRelation}
 	rows.Changes = []*havenpb.Change{insert("1", "from the snapshot")}
@@ -436,9 +441,7 @@ func TestAssemblesTransactionsAsTheAgentRepublishesThem(t *testing.T) {
 		t.Fatal(err)
 	}
 	f := newFeed(t, ns, group)
-	begin := chunk(group, havenpb.Kind_KIND_SNAPSHOT_BEGIN, 0x1000)
-	begin.Relations = []*havenpb.Relation{itemsRelation}
-	f.publish(begin)
+	f.beginSnapshot()
 	f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
 	// Commit record at the consistent point itself: not in the snapshot.
 	f.publish(f.txn(0x1000, insert("1", "at the consistent point")))

@@ -1,0 +1,297 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// Parallel snapshot load: a snapshot's COPY chunks load on two DR
+// connections (lanes) at once. Each lane loads whole groups of chunks in a
+// target transaction of its own; groups alternate between the lanes and
+// commit strictly in stream order (a lane commits a group only after the
+// group before it, on the other lane, committed), each with the position
+// of its last chunk. What is committed is therefore always a prefix of the
+// stream, and a restart loads exactly what was not.
+
+// loadGroupBytes ends a group: commits are few, and a restart loads little
+// again. (A variable for tests.)
+var loadGroupBytes = 16 << 20
+
+const (
+	// laneQueue is how many chunks wait for a lane: about half a group of
+	// 1 MiB chunks, so that one lane still has work while the other's
+	// group is handed out.
+	laneQueue = 8
+)
+
+// loadGroup is chunks loaded in one target transaction.
+type loadGroup struct {
+	pos   position      // after its last chunk
+	toAck jetstream.Msg // its last chunk
+	done  chan struct{} // closed once err is final
+	err   error
+}
+
+func (g *loadGroup) finish(err error) {
+	g.err = err
+	close(g.done)
+}
+
+// loadStep is a chunk for a lane to load, or the end of its group.
+type loadStep struct {
+	group *loadGroup
+	seq   uint64
+	rel   *havenpb.Relation
+	text  []byte
+	rows  uint64
+	// end: commit the group, after prev (the group ended before it).
+	end  bool
+	prev *loadGroup
+}
+
+type lane struct {
+	conn   *pgx.Conn
+	steps  chan loadStep
+	quit   <-chan struct{} // closed when what is left is to be dropped
+	exited chan struct{}
+}
+
+// parallelLoad is the state of a snapshot load in lanes.
+type parallelLoad struct {
+	lanes        [2]*lane
+	quit         chan struct{}
+	current      int        // lane of the open group
+	group        *loadGroup // open group (nil: none)
+	groupBytes   int
+	groupStarted time.Time
+	last         *loadGroup   // the group ended last: the next commits after it
+	pending      []*loadGroup // ended, not yet confirmed (oldest first)
+}
+
+// errBehindFailed: a group not committed because one before it failed.
+var errBehindFailed = errors.New("a group before it failed")
+
+// loadChunk hands a COPY chunk to the lane of the open group.
+func (a *applier) loadChunk(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
+	if err := a.confirmLoaded(false); err != nil {
+		return err
+	}
+	if a.load == nil {
+		if err := a.startLoad(ctx); err != nil {
+			return err
+		}
+	}
+	p := a.load
+	if p.group == nil {
+		p.group, p.groupStarted = &loadGroup{done: make(chan struct{})}, time.Now()
+	}
+	select {
+	case p.lanes[p.current].steps <- loadStep{group: p.group, seq: seq, rel: c.Relations[0], text: c.CopyText, rows: c.CopyRows}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	a.next.streamSeq = seq
+	p.group.toAck = msg
+	p.groupBytes += len(c.CopyText)
+	if p.groupBytes >= loadGroupBytes {
+		return a.endLoadGroup(ctx)
+	}
+	return nil
+}
+
+// startLoad opens the lanes' connections, as the applier's own is set up.
+func (a *applier) startLoad(ctx context.Context) error {
+	p := &parallelLoad{quit: make(chan struct{})}
+	for i := range p.lanes {
+		conn, err := pgx.ConnectConfig(ctx, a.conn.Config())
+		if err == nil {
+			// A group's commit need not wait for its WAL to reach disk:
+			// lost in a crash, it goes with the position it wrote, and
+			// the restart loads it again from the stream.
+			_, err = conn.Exec(ctx, "SET session_replication_role = replica; SET synchronous_commit = off")
+		}
+		if err != nil {
+			if conn != nil {
+				_ = conn.Close(context.Background())
+			}
+			a.stopLanes(p)
+			return fmt.Errorf("connect a snapshot load lane to the DR database: %w", err)
+		}
+		l := &lane{conn: conn, steps: make(chan loadStep, laneQueue), quit: p.quit, exited: make(chan struct{})}
+		p.lanes[i] = l
+		go a.runLane(ctx, l)
+	}
+	a.load = p
+	return nil
+}
+
+// endLoadGroup sends the open group's end to its lane; the next group goes
+// to the other lane.
+func (a *applier) endLoadGroup(ctx context.Context) error {
+	p := a.load
+	g := p.group
+	if g == nil {
+		return nil
+	}
+	g.pos = a.next
+	select {
+	case p.lanes[p.current].steps <- loadStep{group: g, end: true, prev: p.last}:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	p.last = g
+	p.pending = append(p.pending, g)
+	p.group, p.groupBytes = nil, 0
+	p.current ^= 1
+	return nil
+}
+
+// confirmLoaded records the groups committed so far, in order, and
+// acknowledges their messages; with wait, it waits for every ended group.
+// It returns the first failure.
+func (a *applier) confirmLoaded(wait bool) error {
+	p := a.load
+	for p != nil && len(p.pending) > 0 {
+		g := p.pending[0]
+		if !wait {
+			select {
+			case <-g.done:
+			default:
+				return nil
+			}
+		}
+		<-g.done
+		p.pending = p.pending[1:]
+		if g.err != nil {
+			a.stopLanes(p)
+			a.load = nil
+			return g.err
+		}
+		a.pos, a.found = g.pos, true
+		a.metrics.groups.Inc()
+		if err := g.toAck.Ack(); err != nil {
+			a.log.Debug().Err(err).Msg("ack failed; the messages will be redelivered and skipped")
+		}
+	}
+	return nil
+}
+
+// finishLoad commits what the lanes hold and closes them: before any
+// message that is not a COPY chunk, which the applier's own connection
+// handles.
+func (a *applier) finishLoad(ctx context.Context) error {
+	if a.load == nil {
+		return nil
+	}
+	if err := a.endLoadGroup(ctx); err != nil {
+		a.abandonLoad()
+		return err
+	}
+	if err := a.confirmLoaded(true); err != nil {
+		return err
+	}
+	a.stopLanes(a.load)
+	a.load = nil
+	return nil
+}
+
+// abandonLoad rolls back what the lanes hold and closes them; a restart
+// loads it again.
+func (a *applier) abandonLoad() {
+	if a.load != nil {
+		a.stopLanes(a.load)
+		a.load = nil
+	}
+}
+
+// stopLanes closes the lanes: each drops what waits for it and rolls back
+// what it has not committed.
+func (a *applier) stopLanes(p *parallelLoad) {
+	close(p.quit)
+	for _, l := range p.lanes {
+		if l == nil {
+			continue
+		}
+		close(l.steps)
+		<-l.exited
+		_ = l.conn.Close(context.Background())
+	}
+}
+
+// runLane loads the steps handed to a lane, until they are closed.
+func (a *applier) runLane(ctx context.Context, l *lane) {
+	defer close(l.exited)
+	conn := l.conn.PgConn()
+	open := false
+	var failed *loadGroup // its steps are skipped
+	abort := func(g *loadGroup, err error) {
+		if open {
+			_ = conn.Exec(context.Background(), "ROLLBACK").Close()
+			open = false
+		}
+		failed = g
+		g.finish(err)
+	}
+	for st := range l.steps {
+		g := st.group
+		if g == failed {
+			continue
+		}
+		select {
+		case <-l.quit:
+			abort(g, errBehindFailed)
+			continue
+		default:
+		}
+		if !open {
+			if err := conn.Exec(ctx, "BEGIN").Close(); err != nil {
+				abort(g, fmt.Errorf("begin a snapshot load transaction: %w", err))
+				continue
+			}
+			open = true
+		}
+		if !st.end {
+			if len(st.text) == 0 {
+				continue
+			}
+			if err := a.copyIn(ctx, conn, st.seq, st.rel, st.text); err != nil {
+				abort(g, err)
+				continue
+			}
+			a.metrics.snapshotRows.Add(float64(st.rows))
+			continue
+		}
+		if st.prev != nil {
+			select {
+			case <-st.prev.done:
+			case <-ctx.Done():
+				abort(g, ctx.Err())
+				continue
+			}
+			if st.prev.err != nil {
+				abort(g, errBehindFailed)
+				continue
+			}
+		}
+		if _, err := conn.ExecParams(ctx, savePositionSQL, g.pos.params(a.cfg.Group), nil, nil, nil).Close(); err != nil {
+			abort(g, fmt.Errorf("save position: %w", err))
+			continue
+		}
+		err := conn.Exec(ctx, "COMMIT").Close()
+		open = false
+		if err != nil {
+			err = fmt.Errorf("commit snapshot rows: %w", err)
+		}
+		g.finish(err)
+	}
+	if open {
+		_ = conn.Exec(context.Background(), "ROLLBACK").Close()
+	}
+}

@@ -1,0 +1,80 @@
+package replicator
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/haven-dr/haven/internal/natstest"
+	"github.com/haven-dr/haven/internal/pgtest"
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// TestASnapshotLoadsInLanesInStreamOrder: a snapshot of several groups
+// loads on two connections at once. Every row arrives once and the stream
+// goes on after it; a chunk DR refuses stops apply at exactly that chunk,
+// with the groups before it committed, the position at their end, and
+// nothing of the groups after it (loaded on the other lane) committed.
+func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
+	defer func(n int) { loadGroupBytes = n }(loadGroupBytes)
+	const chunks, rowsPerChunk, chunksPerGroup = 12, 50, 3
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	for _, bad := range []int{-1, 7} { // the chunk DR refuses (-1: none)
+		group := "lanes" + strconv.Itoa(bad+1)
+		if err := pg.CreateDatabase(t.Context(), group); err != nil {
+			t.Fatal(err)
+		}
+		f := newFeed(t, ns, group)
+		f.beginSnapshot()
+		var seqs []uint64
+		var size int
+		for i := range chunks {
+			var text strings.Builder
+			if i == bad {
+				text.WriteString("not a number\trefused\n")
+			}
+			for r := range rowsPerChunk {
+				fmt.Fprintf(&text, "%d\tsnapshot row\n", i*rowsPerChunk+r+1)
+			}
+			c := chunk(group, havenpb.Kind_KIND_SNAPSHOT_COPY, 0x1000)
+			c.Relations = []*havenpb.Relation{itemsRelation}
+			c.CopyText = []byte(text.String())
+			c.CopyRows = uint64(strings.Count(text.String(), "\n"))
+			size = max(size, text.Len())
+			seqs = append(seqs, f.publish(c))
+		}
+		loadGroupBytes = chunksPerGroup*size - size/2 // a group ends at its third chunk
+		f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
+		f.publish(f.txn(0x2000, insert("100000", "after the snapshot")))
+
+		// Groups end by size alone here, never by age.
+		s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay = time.Hour })
+		if bad < 0 {
+			waitFor(t, 30*time.Second, "the snapshot and the transaction after it", func() bool {
+				return len(notes(t, pg.URL(group))) == chunks*rowsPerChunk+1
+			})
+			got := notes(t, pg.URL(group))
+			for i, note := range got[:chunks*rowsPerChunk] {
+				if want := strconv.Itoa(i+1) + ":snapshot row"; note != want {
+					t.Fatalf("row %d is %q, want %q", i, note, want)
+				}
+			}
+			continue
+		}
+		waitBlockedAt(t, s, reg, seqs[bad])
+		committed := bad / chunksPerGroup * chunksPerGroup // chunks of the groups before the refused one
+		if got := len(notes(t, pg.URL(group))); got != committed*rowsPerChunk {
+			t.Errorf("DR holds %d rows, want the %d of the %d chunks before the refused one's group", got, committed*rowsPerChunk, committed)
+		}
+		var at uint64
+		if err := pgxQueryRow(t, pg.URL(group), `SELECT stream_seq FROM haven.apply_position WHERE group_name = $1`, group).Scan(&at); err != nil {
+			t.Fatal(err)
+		}
+		if want := seqs[committed-1]; at != want {
+			t.Errorf("position at stream message %d, want %d: the last chunk committed", at, want)
+		}
+	}
+}
