@@ -29,15 +29,43 @@ type quorum struct {
 	metrics []string // each node's /metrics URL
 }
 
+// freePort returns a loopback port free now for a process to bind, taken
+// from just below the kernel's ephemeral range: a port the kernel hands
+// out meanwhile (to a listener on port 0, such as a cut proxy, or to an
+// outgoing connection) cannot be it. No port is handed out twice.
 func freePort(t *testing.T) int {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	low := 32768 // Linux's default first ephemeral port
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			fmt.Sscan(f[0], &low)
+		}
 	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
+	from := max(1024, low-12000)
+	if low < from+1000 { // an ephemeral range from (almost) the start: no room below it
+		from, low = 1024, 65535
+	}
+	for range 1000 {
+		port := from + rand.IntN(low-from)
+		if portsGiven[port] {
+			continue
+		}
+		if ln, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port)); err == nil {
+			ln.Close()
+			portsGiven[port] = true
+			return port
+		}
+	}
+	t.Fatalf("no free loopback port between %d and %d", from, low)
+	return 0
 }
+
+var (
+	portsMu    sync.Mutex
+	portsGiven = map[int]bool{}
+)
 
 func startQuorum(t *testing.T, n int, extra ...string) *quorum {
 	t.Helper()
