@@ -58,8 +58,8 @@ type batchEntry struct {
 	changes []*havenpb.Change
 }
 
-// applier applies messages to the DR database over one connection. It is
-// used by one goroutine.
+// applier applies messages to the DR database over one connection, from
+// one goroutine (a snapshot also loads in lanes of their own, load.go).
 type applier struct {
 	cfg     Config
 	log     zerolog.Logger
@@ -109,6 +109,11 @@ type applier struct {
 	// gets a target transaction of its own, so that a failure names exactly
 	// the transaction that failed (set after apply failed inside a group).
 	isolateThrough uint64
+	// broken is set once DR failed a batch: what the open target
+	// transaction and any commit sent ahead held is lost, and nothing more
+	// is written in this session (it ends; the next one restarts from the
+	// committed position).
+	broken error
 }
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
@@ -235,7 +240,7 @@ func (a *applier) stop(ctx context.Context, err error) error {
 				return errors.Join(err, cerr)
 			}
 		} else {
-			a.rollback(ctx)
+			_ = a.rollback(ctx) // the session ends with err
 		}
 	}
 	return err
@@ -262,7 +267,9 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 		// target transaction) and begin again.
 		a.log.Warn().Stringer("commit_lsn", pglogrepl.LSN(c.CommitLsn)).Uint32("xid", c.Xid).
 			Msg("transaction republished from its first change; applying it again from there")
-		a.rollback(ctx)
+		if err := a.rollback(ctx); err != nil {
+			return err // a group committed ahead failed: nothing may follow it
+		}
 		a.partial = &partialTxn{commitLSN: c.CommitLsn, xid: c.Xid}
 		a.txnFirstSeq = seq
 	case a.partial != nil && c.FirstChange > a.partial.next:
@@ -578,6 +585,9 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 // would run on their own. Whatever uses the connection next must settle
 // first (flush does).
 func (a *applier) send(ctx context.Context, seq uint64) error {
+	if a.broken != nil {
+		return a.broken
+	}
 	if len(a.queued) == 0 {
 		return nil
 	}
@@ -609,6 +619,9 @@ func (a *applier) send(ctx context.Context, seq uint64) error {
 // settle reads and judges the results of the batches in flight, if any,
 // and leaves pipeline mode.
 func (a *applier) settle() error {
+	if a.broken != nil {
+		return a.broken
+	}
 	for len(a.sent) > 0 {
 		if err := a.settleOldest(); err != nil {
 			return err
@@ -627,7 +640,8 @@ func (a *applier) settle() error {
 
 // settleOldest reads and judges the results of the oldest batch in flight.
 // When it failed, the batches behind it failed too (the transaction is
-// aborted): pipeline mode is left, and the first error returned.
+// aborted): pipeline mode is left, what was not committed is forgotten,
+// and the first error returned, now and from then on (broken).
 func (a *applier) settleOldest() error {
 	b := a.sent[0]
 	a.sent = a.sent[1:]
@@ -640,14 +654,17 @@ func (a *applier) settleOldest() error {
 	}
 	_ = a.pipe.Close() // reads what is left; the errors behind the first say nothing new
 	a.pipe, a.sent = nil, nil
+	a.forget()
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && !connectionLost(pgErr) {
 		// Name the first message of the transaction being applied: with
 		// one transaction per target transaction (as after such a stop,
 		// see isolateThrough) that is the message to inspect or skip.
-		return blocked(b.firstSeq, "apply failed", "%w", err)
+		a.broken = blocked(b.firstSeq, "apply failed", "%w", err)
+	} else {
+		a.broken = fmt.Errorf("apply batch: %w", err)
 	}
-	return fmt.Errorf("apply batch: %w", err)
+	return a.broken
 }
 
 // judge reads a batch's results up to its sync point: it returns the first
@@ -840,10 +857,29 @@ func (l *lagClock) seconds() float64 {
 	return max(0, time.Since(time.UnixMicro(l.commitUs.Load())).Seconds())
 }
 
-// rollback abandons the open target transaction; apply restarts from the
-// committed position.
-func (a *applier) rollback(ctx context.Context) {
-	_ = a.settle() // what it says is moot: everything is undone
+// rollback abandons the open target transaction; apply goes on from the
+// committed position. It returns an error when a commit sent ahead failed
+// meanwhile: apply must then not go on in this session, or it would
+// commit what follows the failed group without it.
+func (a *applier) rollback(ctx context.Context) error {
+	err := a.settle()
+	a.forget()
+	if a.pg.TxStatus() != 'I' {
+		if err := a.pg.Exec(ctx, "ROLLBACK").Close(); err != nil {
+			a.log.Warn().Err(err).Msg("rollback failed")
+		}
+	}
+	if a.pg.IsClosed() {
+		return err // the session ends; the next one reads them
+	}
+	if err := a.loadBackfills(ctx); err != nil {
+		a.log.Warn().Err(err).Msg("re-read the tables being backfilled after a rollback")
+	}
+	return err
+}
+
+// forget drops what the open target transaction holds.
+func (a *applier) forget() {
 	a.clearQueue()
 	clear(a.runs)
 	a.open = false
@@ -851,17 +887,6 @@ func (a *applier) rollback(ctx context.Context) {
 	a.partial = nil
 	a.next = a.pos
 	a.toAck = nil
-	if a.pg.TxStatus() != 'I' {
-		if err := a.pg.Exec(ctx, "ROLLBACK").Close(); err != nil {
-			a.log.Warn().Err(err).Msg("rollback failed")
-		}
-	}
-	if a.pg.IsClosed() {
-		return // the session ends; the next one reads them
-	}
-	if err := a.loadBackfills(ctx); err != nil {
-		a.log.Warn().Err(err).Msg("re-read the tables being backfilled after a rollback")
-	}
 }
 
 // idle is called when no message arrived for a moment: a group of complete
@@ -929,6 +954,9 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		if err := a.runPostData(ctx, seq); err != nil {
 			return err
 		}
+	}
+	if err := a.settle(); err != nil { // a commit sent ahead
+		return err
 	}
 	tx, err := a.conn.Begin(ctx)
 	if err != nil {

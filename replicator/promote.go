@@ -145,7 +145,9 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 		// transaction: it committed there but never fully reached DR.
 		a.log.Error().Uint32("xid", a.partial.xid).Stringer("commit_lsn", pglogrepl.LSN(a.partial.commitLSN)).
 			Msg("the stream ends inside a transaction: it committed on the old primary but is not applied here; it is in the old primary's slot (see the lost-transaction report after rejoin)")
-		a.rollback(ctx)
+		if err := a.rollback(ctx); err != nil {
+			return err
+		}
 	}
 	t := time.Now()
 	if err := a.finishLoad(ctx); err != nil {

@@ -239,38 +239,66 @@ func TestDriftInARunNamesTheMissingRow(t *testing.T) {
 // fires during apply), nothing of the group stays, apply stops at exactly
 // the transaction that broke it, and what came before is applied. With one
 // transaction per group, the groups behind the refused one are ready to go
-// at once: none may commit before the refusal is seen.
+// at once: none may commit, whatever learns of the refusal first (the next
+// batch; a catalog read for a heartbeat's new sequence; a transaction the
+// agent publishes again from its start).
 func TestACommitThatFailsIsNamedExactly(t *testing.T) {
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
+	after := map[string]func(f *feed){
+		"transactions": func(f *feed) {
+			for i := range 20 {
+				f.publish(f.txn(0x6000+uint64(i), insert(strconv.Itoa(13+i), "after")))
+			}
+		},
+		"a heartbeat with a new sequence": func(f *feed) {
+			c := f.txn(0x6000, insert("13", "after"))
+			c.Heartbeat = &havenpb.Heartbeat{EmittedAtUs: time.Now().UnixMicro(), WalLsn: 0x6000,
+				Sequences: []*havenpb.SequenceValue{{Schema: "public", Name: "s1", LastValue: 5}}}
+			f.publish(c)
+		},
+		"a transaction published again": func(f *feed) {
+			first := f.txn(0x6000, insert("13", "after"))
+			first.LastChunk = false
+			f.publish(first)
+			f.publish(f.txn(0x6000, insert("13", "after"), insert("14", "after")))
+		},
+	}
+	n := 0
 	for _, perGroup := range []int{DefaultConfig().GroupChanges, 1} {
-		group := "deferred" + strconv.Itoa(perGroup)
-		if err := pg.CreateDatabase(t.Context(), group); err != nil {
-			t.Fatal(err)
-		}
-		// (Deferred unique constraints would not do: their check is a trigger,
-		// and apply runs with session_replication_role = replica.)
-		if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
-			CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
-			BEGIN IF NEW.note = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF; RETURN NULL; END $$;
-			CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();
-			ALTER TABLE items ENABLE ALWAYS TRIGGER refuse`); err != nil {
-			t.Fatal(err)
-		}
-		f := newFeed(t, ns, group)
-		f.snapshotAndTxn()
-		f.publish(f.txn(0x3000, insert("10", "a")))
-		f.publish(f.txn(0x4000, insert("11", "b")))
-		bad := f.publish(f.txn(0x5000, insert("12", "refused"))) // DR refuses it only at COMMIT
-		for i := range 20 {
-			f.publish(f.txn(0x6000+uint64(i), insert(strconv.Itoa(13+i), "after")))
-		}
+		for what, publish := range after {
+			if perGroup != 1 && what != "transactions" {
+				continue
+			}
+			n++
+			group := "deferred" + strconv.Itoa(n)
+			if err := pg.CreateDatabase(t.Context(), group); err != nil {
+				t.Fatal(err)
+			}
+			// (Deferred unique constraints would not do: their check is a trigger,
+			// and apply runs with session_replication_role = replica.)
+			if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
+				CREATE SEQUENCE s1;
+				CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+				BEGIN IF NEW.note = 'refused' THEN RAISE EXCEPTION 'refused at commit'; END IF; RETURN NULL; END $$;
+				CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse();
+				ALTER TABLE items ENABLE ALWAYS TRIGGER refuse`); err != nil {
+				t.Fatal(err)
+			}
+			f := newFeed(t, ns, group)
+			f.snapshotAndTxn()
+			f.publish(f.txn(0x3000, insert("10", "a")))
+			f.publish(f.txn(0x4000, insert("11", "b")))
+			bad := f.publish(f.txn(0x5000, insert("12", "refused"))) // DR refuses it only at COMMIT
+			publish(f)
 
-		s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupChanges = perGroup })
-		waitBlockedAt(t, s, reg, bad)
-		got := notes(t, pg.URL(group))
-		if want := []string{"1:from the snapshot", "2:first transaction", "10:a", "11:b"}; !slices.Equal(got, want) {
-			t.Errorf("%d changes per group: DR holds %v, want %v: the transactions before the refused one, and nothing after", perGroup, got, want)
+			s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupChanges = perGroup })
+			waitBlockedAt(t, s, reg, bad)
+			got := notes(t, pg.URL(group))
+			if want := []string{"1:from the snapshot", "2:first transaction", "10:a", "11:b"}; !slices.Equal(got, want) {
+				t.Errorf("%d changes per group, then %s: DR holds %v, want %v: the transactions before the refused one, and nothing after",
+					perGroup, what, got, want)
+			}
 		}
 	}
 }
