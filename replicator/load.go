@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/haven-dr/haven/proto/havenpb"
@@ -21,7 +23,8 @@ import (
 // stream, and a restart loads exactly what was not.
 
 // loadGroupBytes ends a group: commits are few, and a restart loads little
-// again. (A variable for tests.)
+// again. A group also ends when no chunk came for a moment (GroupDelay).
+// (A variable for tests.)
 var loadGroupBytes = 16 << 20
 
 const (
@@ -33,6 +36,7 @@ const (
 
 // loadGroup is chunks loaded in one target transaction.
 type loadGroup struct {
+	lane  *lane
 	pos   position      // after its last chunk
 	toAck jetstream.Msg // its last chunk
 	done  chan struct{} // closed once err is final
@@ -58,6 +62,7 @@ type loadStep struct {
 
 type lane struct {
 	conn   *pgx.Conn
+	pid    uint32 // of its DR backend
 	steps  chan loadStep
 	quit   <-chan struct{} // closed when what is left is to be dropped
 	exited chan struct{}
@@ -90,7 +95,7 @@ func (a *applier) loadChunk(ctx context.Context, seq uint64, msg jetstream.Msg, 
 	}
 	p := a.load
 	if p.group == nil {
-		p.group, p.groupStarted = &loadGroup{done: make(chan struct{})}, time.Now()
+		p.group, p.groupStarted = &loadGroup{lane: p.lanes[p.current], done: make(chan struct{})}, time.Now()
 	}
 	select {
 	case p.lanes[p.current].steps <- loadStep{group: p.group, seq: seq, rel: c.Relations[0], text: c.CopyText, rows: c.CopyRows}:
@@ -124,7 +129,7 @@ func (a *applier) startLoad(ctx context.Context) error {
 			a.stopLanes(p)
 			return fmt.Errorf("connect a snapshot load lane to the DR database: %w", err)
 		}
-		l := &lane{conn: conn, steps: make(chan loadStep, laneQueue), quit: p.quit, exited: make(chan struct{})}
+		l := &lane{conn: conn, pid: conn.PgConn().PID(), steps: make(chan loadStep, laneQueue), quit: p.quit, exited: make(chan struct{})}
 		p.lanes[i] = l
 		go a.runLane(ctx, l)
 	}
@@ -225,6 +230,39 @@ func (a *applier) stopLanes(p *parallelLoad) {
 	}
 }
 
+// errLanesWait: the lanes wait on each other, which PostgreSQL cannot see.
+var errLanesWait = errors.New("the two snapshot load lanes wait on each other: a row of this group holds a DR unique index entry " +
+	"that the group before it also writes (a DR unique index the source lacks?); loading again from the last group committed")
+
+// waitForPrevious waits until the group before this lane's has committed.
+// That group's lane may itself wait on a row lock this lane's transaction
+// holds (rows that clash in a DR unique index): then this lane gives up
+// its group, and the load goes on from what committed.
+func waitForPrevious(ctx context.Context, conn *pgconn.PgConn, l *lane, prev *loadGroup) error {
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-prev.done:
+			if prev.err != nil {
+				return errBehindFailed
+			}
+			return nil
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+			res := conn.ExecParams(ctx, `SELECT $1::int = ANY (pg_blocking_pids($2::int))`,
+				[][]byte{[]byte(strconv.FormatUint(uint64(l.pid), 10)), []byte(strconv.FormatUint(uint64(prev.lane.pid), 10))}, nil, nil, nil).Read()
+			if res.Err != nil {
+				return fmt.Errorf("check the snapshot load lanes for a wait on each other: %w", res.Err)
+			}
+			if len(res.Rows) == 1 && string(res.Rows[0][0]) == "t" {
+				return errLanesWait
+			}
+		}
+	}
+}
+
 // runLane loads the steps handed to a lane, until they are closed.
 func (a *applier) runLane(ctx context.Context, l *lane) {
 	defer close(l.exited)
@@ -269,14 +307,8 @@ func (a *applier) runLane(ctx context.Context, l *lane) {
 			continue
 		}
 		if st.prev != nil {
-			select {
-			case <-st.prev.done:
-			case <-ctx.Done():
-				abort(g, ctx.Err())
-				continue
-			}
-			if st.prev.err != nil {
-				abort(g, errBehindFailed)
+			if err := waitForPrevious(ctx, conn, l, st.prev); err != nil {
+				abort(g, err)
 				continue
 			}
 		}

@@ -78,3 +78,49 @@ func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
 		}
 	}
 }
+
+// TestLanesThatWaitOnEachOtherGiveWay: rows that clash in a DR unique index
+// the source lacks, one late in a large group and one in the small group
+// after it, make the lanes wait on each other (the earlier group's COPY on
+// the later group's row lock, the later group's commit on the earlier
+// group), which PostgreSQL cannot see. The later group gives way; apply
+// stops at exactly the chunk that clashes, with the group before it
+// committed.
+func TestLanesThatWaitOnEachOtherGiveWay(t *testing.T) {
+	defer func(n int) { loadGroupBytes = n }(loadGroupBytes)
+	loadGroupBytes = 1 // a group per chunk
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "clash"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text); CREATE UNIQUE INDEX ON items (note)`); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.beginSnapshot()
+	copyChunk := func(text string) uint64 {
+		c := chunk(group, havenpb.Kind_KIND_SNAPSHOT_COPY, 0x1000)
+		c.Relations = []*havenpb.Relation{itemsRelation}
+		c.CopyText, c.CopyRows = []byte(text), uint64(strings.Count(text, "\n"))
+		return f.publish(c)
+	}
+	var large strings.Builder
+	for r := range 50000 {
+		fmt.Fprintf(&large, "%d\tnote %d\n", r+1, r+1)
+	}
+	large.WriteString("999999\tsame note\n")
+	copyChunk(large.String())
+	clash := copyChunk("1000000\tsame note\n")
+	f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
+
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay = time.Hour })
+	waitBlockedAt(t, s, reg, clash)
+	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), "duplicate key") {
+		t.Errorf("health %v does not name the duplicate key", err)
+	}
+	if got := len(notes(t, pg.URL(group))); got != 50001 {
+		t.Errorf("DR holds %d rows, want the 50001 of the group before the clashing chunk", got)
+	}
+}

@@ -283,9 +283,13 @@ func (s *Standby) runSession(ctx context.Context) error {
 			// An order to promote is looked at between messages.
 			wait = 100 * time.Millisecond
 		}
-		if (a.open && a.partial == nil) || len(a.sent) > 0 || a.load != nil {
+		switch {
+		case (a.open && a.partial == nil) || len(a.sent) > 0:
 			// A group to commit, or a commit to confirm, when nothing comes.
 			wait = time.Millisecond
+		case a.load != nil:
+			// Snapshot groups to end or to confirm (load.go).
+			wait = 10 * time.Millisecond
 		}
 		in, open, got := ahead.next(timer, wait)
 		if !got {
