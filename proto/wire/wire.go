@@ -166,6 +166,11 @@ func Validate(c *havenpb.Chunk) error {
 		}
 		columns[r.GetId()] = len(r.GetColumns())
 	}
+	for _, v := range c.GetHeartbeat().GetSequences() {
+		if !validUTF8(v.GetSchema(), v.GetName()) {
+			return fmt.Errorf("%w: heartbeat names a sequence that is not UTF-8", ErrCorrupt)
+		}
+	}
 	for i, ch := range c.GetChanges() {
 		if op := ch.GetOp(); op > havenpb.Op_OP_BACKFILL {
 			return fmt.Errorf("%w: change %d has op %d: a newer agent may have written it; upgrade haven on this side", ErrUnsupported, i, op)
