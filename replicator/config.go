@@ -23,7 +23,8 @@ type Config struct {
 	GroupChanges int
 	// GroupDelay ends a target transaction once it has been open this long.
 	GroupDelay time.Duration
-	// PipelineStatements bounds the row changes sent in one round trip.
+	// PipelineStatements bounds the row changes in one batch sent to DR
+	// (two are in flight at a time).
 	PipelineStatements int
 	// BlockedRetry is how often apply retries after it stopped at a message
 	// it cannot apply.
