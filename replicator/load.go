@@ -177,6 +177,7 @@ func (a *applier) confirmLoaded(wait bool) error {
 		if g.err != nil {
 			a.stopLanes(p)
 			a.load = nil
+			a.next = a.pos // what the lanes held is not committed
 			return g.err
 		}
 		a.pos, a.found = g.pos, true
