@@ -92,7 +92,6 @@ type applier struct {
 
 	open         bool
 	queued       []queuedStatement          // waiting to be sent
-	entries      []batchEntry               // one per queued statement
 	batchRows    int                        // row changes queued
 	runs         map[string]*tableRuns      // changes waiting to be batched, by relation key
 	unique       map[uint32]map[string]bool // by DR table: columns whose updates are not batched (uniqueColumns)
@@ -131,22 +130,16 @@ type inbound struct {
 	fail  error // why reading the stream failed (the last value)
 }
 
-// decode reads a message's metadata and, if now, decodes its chunk (else
-// handle does).
-func decode(msg jetstream.Msg, now bool) (inbound, error) {
+// decode reads a message's metadata and decodes its chunk (a decoding
+// failure is kept in err, for handle to report).
+func decode(msg jetstream.Msg) (inbound, error) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		return inbound{}, fmt.Errorf("message metadata: %w", err)
 	}
 	in := inbound{msg: msg, meta: meta}
-	if now {
-		in.decodeChunk()
-	}
+	in.chunk, in.err = wire.Decode(msg.Headers().Get(wire.HeaderEncoding), msg.Headers().Get(wire.HeaderFormat), msg.Data())
 	return in, nil
-}
-
-func (in *inbound) decodeChunk() {
-	in.chunk, in.err = wire.Decode(in.msg.Headers().Get(wire.HeaderEncoding), in.msg.Headers().Get(wire.HeaderFormat), in.msg.Data())
 }
 
 // handle applies one stream message (or skips a duplicate).
@@ -158,9 +151,6 @@ func (a *applier) handle(ctx context.Context, in inbound) error {
 	}
 	if seq != a.lastSeq+1 {
 		return a.stop(ctx, a.gap(ctx, seq))
-	}
-	if in.chunk == nil && in.err == nil {
-		in.decodeChunk()
 	}
 	msg, meta, chunk := in.msg, in.meta, in.chunk
 	if in.err != nil {
@@ -532,32 +522,31 @@ func (a *applier) prepare(ctx context.Context, key string, text func() string) (
 	return name, nil
 }
 
-// queuedStatement is a statement waiting to be sent: a prepared one by
-// name, or SQL.
+// queuedStatement is a statement to send, a prepared one by name or SQL,
+// with what judges its result.
 type queuedStatement struct {
 	name, sql string
 	params    [][]byte
+	entry     batchEntry
 }
 
-// queue adds a statement to those to send, with what judges its result.
+// queue adds a statement to those to send.
 func (a *applier) queue(name, sql string, params [][]byte, e batchEntry) {
-	a.queued = append(a.queued, queuedStatement{name: name, sql: sql, params: params})
-	a.entries = append(a.entries, e)
+	a.queued = append(a.queued, queuedStatement{name: name, sql: sql, params: params, entry: e})
 }
 
 func (a *applier) clearQueue() {
 	clear(a.queued)
 	a.queued = a.queued[:0]
-	a.entries = a.entries[:0]
 	a.batchRows = 0
 }
 
 // sentBatch is a batch of statements, ending in a sync point, that the DR
 // server executes while the next ones are built and sent.
 type sentBatch struct {
-	entries  []batchEntry
-	seq      uint64 // the message being applied when it was sent
-	firstSeq uint64 // … and the first message of its transaction
+	statements []queuedStatement
+	seq        uint64 // the message being applied when it was sent
+	firstSeq   uint64 // … and the first message of its transaction
 	// committed: the batch ends a target transaction.
 	committed *committedGroup
 }
@@ -606,13 +595,12 @@ func (a *applier) send(ctx context.Context, seq uint64) error {
 			a.pipe.SendQueryParams(q.sql, q.params, nil, nil, nil)
 		}
 	}
-	if err := a.pipe.Sync(); err != nil {
-		a.pipe, a.sent = nil, nil // the connection is closed
-		return fmt.Errorf("send to DR: %w", err)
+	if err := a.pipe.Sync(); err != nil { // the connection is closed
+		return a.fail(fmt.Errorf("send to DR: %w", err))
 	}
-	a.sent = append(a.sent, &sentBatch{entries: a.entries, seq: seq, firstSeq: a.txnFirstSeq})
-	a.entries = make([]batchEntry, 0, cap(a.entries)) // the batch keeps its own
-	a.clearQueue()
+	a.sent = append(a.sent, &sentBatch{statements: a.queued, seq: seq, firstSeq: a.txnFirstSeq})
+	a.queued = make([]queuedStatement, 0, cap(a.queued)) // the batch keeps its own
+	a.batchRows = 0
 	return nil
 }
 
@@ -644,6 +632,7 @@ func (a *applier) settle() error {
 // and the first error returned, now and from then on (broken).
 func (a *applier) settleOldest() error {
 	b := a.sent[0]
+	a.sent[0] = nil // judged, its rows need not stay in memory
 	a.sent = a.sent[1:]
 	err := a.judge(b)
 	if err == nil {
@@ -653,18 +642,23 @@ func (a *applier) settleOldest() error {
 		return nil
 	}
 	_ = a.pipe.Close() // reads what is left; the errors behind the first say nothing new
-	a.pipe, a.sent = nil, nil
-	a.forget()
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) && !connectionLost(pgErr) {
 		// Name the first message of the transaction being applied: with
 		// one transaction per target transaction (as after such a stop,
 		// see isolateThrough) that is the message to inspect or skip.
-		a.broken = blocked(b.firstSeq, "apply failed", "%w", err)
-	} else {
-		a.broken = fmt.Errorf("apply batch: %w", err)
+		return a.fail(blocked(b.firstSeq, "apply failed", "%w", err))
 	}
-	return a.broken
+	return a.fail(fmt.Errorf("apply batch: %w", err))
+}
+
+// fail ends pipeline mode after DR failed a batch or the connection broke:
+// what was not committed is forgotten, and err is returned from then on.
+func (a *applier) fail(err error) error {
+	a.pipe, a.sent = nil, nil
+	a.forget()
+	a.broken = err
+	return err
 }
 
 // judge reads a batch's results up to its sync point: it returns the first
@@ -689,8 +683,8 @@ func (a *applier) judge(b *sentBatch) error {
 			result := r.Read()
 			if result.Err != nil {
 				failed = cmp.Or(failed, result.Err)
-			} else if failed == nil && i < len(b.entries) {
-				a.reportMissing(b, b.entries[i], result)
+			} else if failed == nil && i < len(b.statements) {
+				a.reportMissing(b, b.statements[i].entry, result)
 			}
 		default:
 			return fmt.Errorf("pipeline: result %T where the results of a batch were due", res)

@@ -315,8 +315,9 @@ func (s *Standby) runSession(ctx context.Context) error {
 // readAhead reads and decodes the stream's messages in a goroutine of its
 // own, so that decoding runs beside apply and messages are at hand while
 // apply waits for DR. What waits decoded is bounded in bytes (aheadBytes);
-// larger messages (snapshot rows) are decoded when applied. A failure to
-// read ends the reader: its last value carries it.
+// a decoded chunk shares its message's bytes (wire.Decode), so a snapshot
+// chunk costs little more decoded. A failure to read ends the reader: its
+// last value carries it.
 type readAhead struct {
 	messages chan inbound
 	// credit holds a token per aheadUnit bytes of the messages waiting.
@@ -327,9 +328,8 @@ type readAhead struct {
 // its size, and all of it is for the garbage collector to scan: 2 MiB
 // (about 8,000 changes) keeps apply fed at a small live heap.
 const (
-	aheadUnit        = 1 << 10
-	aheadBytes       = 2 << 20
-	decodeAheadBytes = 64 << 10
+	aheadUnit  = 1 << 10
+	aheadBytes = 2 << 20
 )
 
 func startReadAhead(ctx context.Context, iter jetstream.MessagesContext) *readAhead {
@@ -343,7 +343,7 @@ func startReadAhead(ctx context.Context, iter jetstream.MessagesContext) *readAh
 			}
 			var in inbound
 			if err == nil {
-				in, err = decode(msg, len(msg.Data()) <= decodeAheadBytes)
+				in, err = decode(msg)
 			}
 			if err != nil {
 				in = inbound{fail: err}
