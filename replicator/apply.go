@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -74,9 +75,10 @@ type applier struct {
 	pos           position  // committed on DR
 	next          position  // pos plus what the open target transaction holds
 
-	lastSeq     uint64 // last stream sequence handled in this session
-	lastPending uint64 // messages the stream still held for us after it
-	statements  map[string]string
+	lastSeq     uint64            // last stream sequence handled in this session
+	lastPending uint64            // messages the stream still held for us after it
+	statements  map[string]string // prepared statement names, by shape key
+	build       *builder
 	relations   map[uint32]knownRelation // by source relation id
 	checked     map[string]bool          // relation keys whose DR table was checked
 	partitioned map[string]bool          // relation keys whose DR table is partitioned
@@ -117,7 +119,7 @@ type applier struct {
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
-		lastSeq: pos.streamSeq, statements: map[string]string{}, relations: map[uint32]knownRelation{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
+		lastSeq: pos.streamSeq, statements: map[string]string{}, build: newBuilder(), relations: map[uint32]knownRelation{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
 		targetOID: map[string]uint32{}, backfilling: map[uint32]bool{}, runs: map[string]*tableRuns{}, unique: map[uint32]map[string]bool{}}
 }
 
@@ -426,7 +428,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 					return err
 				}
 			}
-			st, err := buildStatement(rel, relKey, a.partitioned[relKey], ch)
+			st, err := a.build.build(rel, relKey, a.partitioned[relKey], ch)
 			if err != nil {
 				return blocked(seq, "unappliable", "%w", err)
 			}
@@ -439,7 +441,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				if err != nil {
 					return err
 				}
-				a.queue(name, "", st.params, batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[relKey]],
+				a.queue(name, "", slices.Clone(st.params), batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[relKey]],
 					table: rel.Schema + "." + rel.Name, rel: rel, changes: []*havenpb.Change{ch}})
 				a.batchRows++
 			}

@@ -114,13 +114,11 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 	return nil
 }
 
-// upsertStatement inserts a backfilled row, or overwrites the DR row with
-// its key.
-func upsertStatement(rel *havenpb.Relation, relKey string, row *havenpb.Row) statement {
-	st := insertStatement(rel, relKey, row)
-	st.key = strings.Replace(st.key, "|I|", "|U|", 1)
-	insert := st.sql
-	st.sql = func() string {
+// upsertShape inserts a backfilled row, or overwrites the DR row with its
+// key.
+func upsertShape(rel *havenpb.Relation, mask string) *shape {
+	insert := insertShape(rel, mask).sql
+	return &shape{sql: func() string {
 		var keys, sets []string
 		for _, c := range rel.Columns {
 			ident := pgx.Identifier{c.Name}.Sanitize()
@@ -134,6 +132,5 @@ func upsertStatement(rel *havenpb.Relation, relKey string, row *havenpb.Row) sta
 			return insert() + fmt.Sprintf(" ON CONFLICT (%s) DO NOTHING", strings.Join(keys, ", "))
 		}
 		return insert() + fmt.Sprintf(" ON CONFLICT (%s) DO UPDATE SET %s", strings.Join(keys, ", "), strings.Join(sets, ", "))
-	}
-	return st
+	}}
 }

@@ -15,9 +15,10 @@ func BenchmarkBuildStatement(b *testing.B) {
 	update := &havenpb.Change{Op: havenpb.Op_OP_UPDATE, RelationId: 1, New: &havenpb.Row{Values: []*havenpb.Datum{
 		text("42"), text("+1-555-0000042"), {Kind: havenpb.DatumKind_DATUM_UNCHANGED_TOAST}, text("2026-11-29 12:00:00+00")}}}
 	key := relationKey(rel)
+	build := newBuilder()
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := buildStatement(rel, key, false, update); err != nil {
+		if _, err := build.build(rel, key, false, update); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -32,8 +32,8 @@ const maxRunRows = 128
 
 // run is the waiting changes of one table and one statement shape.
 type run struct {
-	st      statement // the first change's, for its shape and SQL
-	perRow  int       // parameters per row
+	shape   *shape
+	perRow  int // parameters per row
 	params  [][]byte
 	changes []*havenpb.Change
 	// tolerateMissing: the table is being backfilled.
@@ -135,13 +135,15 @@ func (a *applier) wait(ctx context.Context, rel *havenpb.Relation, relKey string
 	}
 	var r *run
 	for _, candidate := range t.runs {
-		if candidate.st.key == st.key {
+		if candidate.shape == st.shape {
 			r = candidate
 			break
 		}
 	}
 	if r == nil {
-		r = &run{st: st, perRow: len(st.params), tolerateMissing: a.backfilling[a.targetOID[relKey]]}
+		// Room for a few rows up front: runs often grow to many.
+		r = &run{shape: st.shape, perRow: len(st.params), tolerateMissing: a.backfilling[a.targetOID[relKey]],
+			params: make([][]byte, 0, 16*len(st.params)), changes: make([]*havenpb.Change, 0, 16)}
 		t.runs = append(t.runs, r)
 	}
 	r.params = append(r.params, st.params...)
@@ -192,16 +194,16 @@ func (a *applier) queueRun(ctx context.Context, rel *havenpb.Relation, r *run) e
 		for size*2 <= min(r.rows()-done, most) {
 			size *= 2
 		}
-		key, sql := r.st.key, r.st.sql
+		key, sql := r.shape.key, r.shape.sql
 		if size > 1 {
-			key = r.st.key + "#" + strconv.Itoa(size)
-			sql = func() string { return r.st.rows(size) }
+			key = r.shape.key + "#" + strconv.Itoa(size)
+			sql = func() string { return r.shape.rows(size) }
 		}
 		name, err := a.prepare(ctx, key, sql)
 		if err != nil {
 			return err
 		}
-		a.queue(name, "", r.params[done*r.perRow:(done+size)*r.perRow], batchEntry{matchesRow: r.st.matchesRow, tolerateMissing: r.tolerateMissing,
+		a.queue(name, "", r.params[done*r.perRow:(done+size)*r.perRow], batchEntry{matchesRow: r.shape.matchesRow, tolerateMissing: r.tolerateMissing,
 			table: rel.Schema + "." + rel.Name, rel: rel, changes: r.changes[done : done+size]})
 		a.batchRows += size
 		done += size

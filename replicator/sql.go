@@ -22,15 +22,12 @@ func tableRef(qualified string, partitioned bool) string {
 	return "ONLY " + qualified
 }
 
-// statement is one parameterised SQL text for a shape of change: the same
-// table, operation, set of sent columns and (for REPLICA IDENTITY FULL)
-// pattern of NULLs in the old row share it, and so share a prepared
-// statement. Its key and parameters are computed for every change; its
-// text only for a shape not prepared yet.
-type statement struct {
-	key    string
-	sql    func() string
-	params [][]byte
+// shape is what the changes of one table, operation and pattern of sent
+// columns (and, for REPLICA IDENTITY FULL, of NULLs in the old row) share:
+// one parameterised SQL text, and so one prepared statement.
+type shape struct {
+	key string
+	sql func() string
 	// matchesRow is set for UPDATE and DELETE: affecting no row means the DR
 	// copy has drifted from the primary.
 	matchesRow bool
@@ -40,6 +37,37 @@ type statement struct {
 	rows func(n int) string
 	// setColumns are the columns an UPDATE writes.
 	setColumns []string
+}
+
+// statement is one change's shape and parameters.
+type statement struct {
+	*shape
+	params [][]byte
+}
+
+// builder renders the statements of row changes. A shape is built once
+// per session; for every change, only its shape key and parameters are
+// computed, into buffers that the next change reuses: a statement's params
+// are valid until the next build.
+type builder struct {
+	shapes map[string]*shape
+	key    []byte
+	params [][]byte
+}
+
+func newBuilder() *builder { return &builder{shapes: map[string]*shape{}} }
+
+// lookup finds the shape of the key built in b.key.
+func (b *builder) lookup() (*shape, bool) {
+	s, ok := b.shapes[string(b.key)]
+	return s, ok
+}
+
+// keep stores a new shape under the key built in b.key.
+func (b *builder) keep(s *shape) *shape {
+	s.key = string(b.key)
+	b.shapes[s.key] = s
+	return s
 }
 
 // relationKey identifies a relation's shape: a changed table gets new
@@ -68,13 +96,14 @@ type knownRelation struct {
 	key string
 }
 
-// shapeOf copies what sameShape compares, so that a cached relation does
-// not keep the message it was decoded from in memory (see wire.Decode).
+// shapeOf copies what sameShape compares and statements use, so that a
+// cached relation or shape does not keep the message it was decoded from
+// in memory (see wire.Decode).
 func shapeOf(r *havenpb.Relation) *havenpb.Relation {
 	c := &havenpb.Relation{Schema: strings.Clone(r.Schema), Name: strings.Clone(r.Name), ReplicaIdentity: strings.Clone(r.ReplicaIdentity),
 		Columns: make([]*havenpb.Column, len(r.Columns))}
 	for i, col := range r.Columns {
-		c.Columns[i] = &havenpb.Column{Name: strings.Clone(col.Name), Type: strings.Clone(col.Type), Key: col.Key}
+		c.Columns[i] = &havenpb.Column{Name: strings.Clone(col.Name), Type: strings.Clone(col.Type), TypeOid: col.TypeOid, Key: col.Key}
 	}
 	return c
 }
@@ -112,18 +141,20 @@ func value(d *havenpb.Datum) []byte {
 	return d.Text
 }
 
-// buildStatement renders the parameters of one row change, and the SQL of
-// its shape.
-func buildStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch *havenpb.Change) (statement, error) {
+// build renders the parameters of one row change, and finds or builds
+// the SQL of its shape.
+func (b *builder) build(rel *havenpb.Relation, relKey string, partitioned bool, ch *havenpb.Change) (statement, error) {
+	b.key = append(b.key[:0], relKey...)
+	b.params = b.params[:0]
 	switch ch.Op {
 	case havenpb.Op_OP_INSERT:
-		return insertStatement(rel, relKey, ch.New), nil
+		return b.insert(rel, ch.New, "|I|", insertShape), nil
 	case havenpb.Op_OP_UPSERT:
-		return upsertStatement(rel, relKey, ch.New), nil
+		return b.insert(rel, ch.New, "|B|", upsertShape), nil
 	case havenpb.Op_OP_UPDATE:
-		return updateStatement(rel, relKey, partitioned, ch)
+		return b.update(rel, partitioned, ch)
 	case havenpb.Op_OP_DELETE:
-		return deleteStatement(rel, relKey, partitioned, ch.Old)
+		return b.delete(rel, partitioned, ch.Old)
 	default:
 		return statement{}, fmt.Errorf("no row statement for op %s", ch.Op)
 	}
@@ -133,48 +164,61 @@ func qualifiedName(rel *havenpb.Relation) string {
 	return pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
 }
 
-func insertStatement(rel *havenpb.Relation, relKey string, row *havenpb.Row) statement {
-	params := make([][]byte, 0, len(row.Values))
-	mask := make([]byte, len(row.Values))
-	for i, d := range row.Values {
+// insert renders an insert (or a backfill's upsert) of the sent columns:
+// an unchanged TOAST value (of a backfilled row) is left to DR.
+func (b *builder) insert(rel *havenpb.Relation, row *havenpb.Row, op string, build func(rel *havenpb.Relation, mask string) *shape) statement {
+	b.key = append(b.key, op...)
+	at := len(b.key)
+	for _, d := range row.Values {
 		if d.Kind == havenpb.DatumKind_DATUM_UNCHANGED_TOAST {
-			mask[i] = 'u'
+			b.key = append(b.key, 'u')
 			continue
 		}
-		mask[i] = 'v'
-		params = append(params, value(d))
+		b.key = append(b.key, 'v')
+		b.params = append(b.params, value(d))
 	}
-	return statement{
-		key: relKey + "|I|" + string(mask),
+	s, ok := b.lookup()
+	if !ok {
+		s = b.keep(build(shapeOf(rel), string(b.key[at:])))
+	}
+	return statement{shape: s, params: b.params}
+}
+
+// sentColumns names the columns a mask of 'v' (sent) and others marks as
+// sent.
+func sentColumns(rel *havenpb.Relation, mask string) []string {
+	var cols []string
+	for i, m := range []byte(mask) {
+		if m == 'v' {
+			cols = append(cols, pgx.Identifier{rel.Columns[i].Name}.Sanitize())
+		}
+	}
+	return cols
+}
+
+func insertShape(rel *havenpb.Relation, mask string) *shape {
+	cols := strings.Join(sentColumns(rel, mask), ", ")
+	n := strings.Count(mask, "v")
+	return &shape{
 		sql: func() string {
-			var cols, places []string
-			for i, m := range mask {
-				if m == 'v' {
-					cols = append(cols, pgx.Identifier{rel.Columns[i].Name}.Sanitize())
-					places = append(places, fmt.Sprintf("$%d", len(places)+1))
-				}
+			places := make([]string, n)
+			for i := range places {
+				places[i] = fmt.Sprintf("$%d", i+1)
 			}
 			// The source's value of a GENERATED ALWAYS identity column is
 			// the value: DR must not draw its own.
-			return fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", qualifiedName(rel), strings.Join(cols, ", "), strings.Join(places, ", "))
+			return fmt.Sprintf("INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES (%s)", qualifiedName(rel), cols, strings.Join(places, ", "))
 		},
-		params: params,
-		rows: func(n int) string {
-			var cols []string
-			for i, m := range mask {
-				if m == 'v' {
-					cols = append(cols, pgx.Identifier{rel.Columns[i].Name}.Sanitize())
-				}
-			}
+		rows: func(rows int) string {
 			var b strings.Builder
-			fmt.Fprintf(&b, "INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES ", qualifiedName(rel), strings.Join(cols, ", "))
+			fmt.Fprintf(&b, "INSERT INTO %s (%s) OVERRIDING SYSTEM VALUE VALUES ", qualifiedName(rel), cols)
 			p := 0
-			for r := range n {
+			for r := range rows {
 				if r > 0 {
 					b.WriteString(", ")
 				}
 				b.WriteByte('(')
-				for c := range cols {
+				for c := range n {
 					if c > 0 {
 						b.WriteString(", ")
 					}
@@ -188,11 +232,11 @@ func insertStatement(rel *havenpb.Relation, relKey string, row *havenpb.Row) sta
 	}
 }
 
-// identityParams appends the parameters that find the row a change refers
-// to (its identity columns; for REPLICA IDENTITY FULL, every column) and
-// returns them with the pattern of NULLs among them.
-func identityParams(rel *havenpb.Relation, identity *havenpb.Row, params [][]byte) ([][]byte, string, error) {
-	mask := make([]byte, 0, len(rel.Columns))
+// identity appends the parameters that find the row a change refers to
+// (its identity columns; for REPLICA IDENTITY FULL, every column), and the
+// pattern of NULLs among them to the shape key.
+func (b *builder) identity(rel *havenpb.Relation, identity *havenpb.Row) error {
+	at := len(b.key)
 	for i, c := range rel.Columns {
 		if !c.Key {
 			continue
@@ -200,23 +244,23 @@ func identityParams(rel *havenpb.Relation, identity *havenpb.Row, params [][]byt
 		switch d := identity.Values[i]; d.Kind {
 		case havenpb.DatumKind_DATUM_NULL:
 			if rel.ReplicaIdentity != "f" {
-				return nil, "", fmt.Errorf("key column %q of %s is NULL in a change", c.Name, qualifiedName(rel))
+				return fmt.Errorf("key column %q of %s is NULL in a change", c.Name, qualifiedName(rel))
 			}
-			mask = append(mask, 'n')
+			b.key = append(b.key, 'n')
 		case havenpb.DatumKind_DATUM_TEXT:
-			params = append(params, value(d))
-			mask = append(mask, 'v')
+			b.params = append(b.params, value(d))
+			b.key = append(b.key, 'v')
 		default:
-			return nil, "", fmt.Errorf("key column %q of %s has no value in a change", c.Name, qualifiedName(rel))
+			return fmt.Errorf("key column %q of %s has no value in a change", c.Name, qualifiedName(rel))
 		}
 	}
-	if len(mask) == 0 {
-		return nil, "", fmt.Errorf("%s has no identity columns: updates and deletes cannot find their row", qualifiedName(rel))
+	if len(b.key) == at {
+		return fmt.Errorf("%s has no identity columns: updates and deletes cannot find their row", qualifiedName(rel))
 	}
-	return params, string(mask), nil
+	return nil
 }
 
-// whereIdentity matches the row of identityParams' mask, its parameters
+// whereIdentity matches the row of identity's mask, its parameters
 // numbered from after the first n: by the identity columns, or, for
 // REPLICA IDENTITY FULL, by every column and exactly one row even where
 // the table holds duplicates.
@@ -261,81 +305,94 @@ func whereIdentity(rel *havenpb.Relation, table, mask string, n int) string {
 	return where
 }
 
-func updateStatement(rel *havenpb.Relation, relKey string, partitioned bool, ch *havenpb.Change) (statement, error) {
-	params := make([][]byte, 0, len(rel.Columns)+2)
-	setMask := make([]byte, len(rel.Columns))
+// tableKey appends an operation and whether the DR table is partitioned
+// (which its SQL names differently) to the shape key.
+func (b *builder) tableKey(op string, partitioned bool) {
+	b.key = append(b.key, op...)
+	if partitioned {
+		b.key = append(b.key, 'p')
+	}
+	b.key = append(b.key, '|')
+}
+
+func (b *builder) update(rel *havenpb.Relation, partitioned bool, ch *havenpb.Change) (statement, error) {
+	b.tableKey("|U", partitioned)
+	at := len(b.key)
 	for i, d := range ch.New.Values {
 		switch {
 		case d.Kind == havenpb.DatumKind_DATUM_UNCHANGED_TOAST:
 			// Not sent: DR keeps what it has.
-			setMask[i] = 'u'
+			b.key = append(b.key, 'u')
 		case ch.Old == nil && rel.Columns[i].Key:
 			// The key did not change (no old key was sent): leave it alone,
 			// which also keeps GENERATED ALWAYS identity keys updatable.
-			setMask[i] = 'k'
+			b.key = append(b.key, 'k')
 		default:
-			setMask[i] = 'v'
-			params = append(params, value(d))
+			b.key = append(b.key, 'v')
+			b.params = append(b.params, value(d))
 		}
 	}
-	sets := len(params)
+	sets := len(b.params)
+	b.key = append(b.key, '|')
 	identity := ch.Old
 	if identity == nil {
 		// The key did not change: the new row carries it.
 		identity = ch.New
 	}
-	params, whereMask, err := identityParams(rel, identity, params)
-	if err != nil {
+	if err := b.identity(rel, identity); err != nil {
 		return statement{}, err
 	}
+	s, ok := b.lookup()
+	if !ok {
+		setMask, whereMask, _ := strings.Cut(string(b.key[at:]), "|")
+		s = b.keep(updateShape(shapeOf(rel), partitioned, setMask, whereMask, sets, ch.Old == nil))
+	}
+	return statement{shape: s, params: b.params}, nil
+}
+
+// updateShape: sets of the setMask's columns, then the row found by the
+// whereMask's identity; keyUnchanged when the source sent no old key.
+func updateShape(rel *havenpb.Relation, partitioned bool, setMask, whereMask string, sets int, keyUnchanged bool) *shape {
+	table := tableRef(qualifiedName(rel), partitioned)
 	if sets == 0 {
 		// Nothing but unchanged TOAST values: there is nothing to write, but
 		// the row must still exist.
-		return statement{
-			key: relKey + "|U0|" + whereMask,
+		return &shape{
 			sql: func() string {
-				table := tableRef(qualifiedName(rel), partitioned)
 				return fmt.Sprintf("SELECT 1 FROM %s WHERE %s", table, whereIdentity(rel, table, whereMask, 0))
 			},
-			params:     params,
 			matchesRow: true,
-		}, nil
+		}
 	}
 	var setColumns []*havenpb.Column
-	for i, m := range setMask {
+	for i, m := range []byte(setMask) {
 		if m == 'v' {
 			setColumns = append(setColumns, rel.Columns[i])
 		}
 	}
-	st := statement{
-		key: relKey + "|U|" + string(setMask) + "|" + whereMask,
+	s := &shape{
 		sql: func() string {
-			var set []string
-			for i, m := range setMask {
-				if m == 'v' {
-					set = append(set, fmt.Sprintf("%s = $%d", pgx.Identifier{rel.Columns[i].Name}.Sanitize(), len(set)+1))
-				}
+			set := make([]string, len(setColumns))
+			for i, c := range setColumns {
+				set[i] = fmt.Sprintf("%s = $%d", pgx.Identifier{c.Name}.Sanitize(), i+1)
 			}
-			table := tableRef(qualifiedName(rel), partitioned)
 			return fmt.Sprintf("UPDATE %s SET %s WHERE %s", table, strings.Join(set, ", "), whereIdentity(rel, table, whereMask, sets))
 		},
-		params:     params,
 		matchesRow: true,
 	}
 	for _, c := range setColumns {
-		st.setColumns = append(st.setColumns, c.Name)
+		s.setColumns = append(s.setColumns, c.Name)
 	}
-	if ch.Old == nil && keyedIdentity(rel) {
-		st.rows = func(n int) string {
+	if keyUnchanged && keyedIdentity(rel) {
+		s.rows = func(n int) string {
 			set := make([]string, len(setColumns))
 			for i, c := range setColumns {
 				set[i] = fmt.Sprintf("%s = haven_v.p%d", pgx.Identifier{c.Name}.Sanitize(), i+1)
 			}
-			return fmt.Sprintf("UPDATE %s AS haven_t SET %s FROM %s RETURNING haven_v.n",
-				tableRef(qualifiedName(rel), partitioned), strings.Join(set, ", "), joinRows(rel, setColumns, n))
+			return fmt.Sprintf("UPDATE %s AS haven_t SET %s FROM %s RETURNING haven_v.n", table, strings.Join(set, ", "), joinRows(rel, setColumns, n))
 		}
 	}
-	return st, nil
+	return s
 }
 
 // keyedIdentity: rows are found by a key (primary key or unique index),
@@ -392,26 +449,33 @@ func joinRows(rel *havenpb.Relation, cols []*havenpb.Column, n int) string {
 	return b.String()
 }
 
-func deleteStatement(rel *havenpb.Relation, relKey string, partitioned bool, old *havenpb.Row) (statement, error) {
-	params, mask, err := identityParams(rel, old, nil)
-	if err != nil {
+func (b *builder) delete(rel *havenpb.Relation, partitioned bool, old *havenpb.Row) (statement, error) {
+	b.tableKey("|D", partitioned)
+	at := len(b.key)
+	if err := b.identity(rel, old); err != nil {
 		return statement{}, err
 	}
-	st := statement{
-		key: relKey + "|D|" + mask,
+	s, ok := b.lookup()
+	if !ok {
+		s = b.keep(deleteShape(shapeOf(rel), partitioned, string(b.key[at:])))
+	}
+	return statement{shape: s, params: b.params}, nil
+}
+
+func deleteShape(rel *havenpb.Relation, partitioned bool, mask string) *shape {
+	table := tableRef(qualifiedName(rel), partitioned)
+	s := &shape{
 		sql: func() string {
-			table := tableRef(qualifiedName(rel), partitioned)
 			return fmt.Sprintf("DELETE FROM %s WHERE %s", table, whereIdentity(rel, table, mask, 0))
 		},
-		params:     params,
 		matchesRow: true,
 	}
 	if keyedIdentity(rel) {
-		st.rows = func(n int) string {
-			return fmt.Sprintf("DELETE FROM %s AS haven_t USING %s RETURNING haven_v.n", tableRef(qualifiedName(rel), partitioned), joinRows(rel, nil, n))
+		s.rows = func(n int) string {
+			return fmt.Sprintf("DELETE FROM %s AS haven_t USING %s RETURNING haven_v.n", table, joinRows(rel, nil, n))
 		}
 	}
-	return st, nil
+	return s
 }
 
 // truncateSQL renders one TRUNCATE of every relation the source truncated

@@ -220,7 +220,7 @@ func TestBuildStatement(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.change.RelationId = tt.rel.Id
-			st, err := buildStatement(tt.rel, relationKey(tt.rel), false, tt.change)
+			st, err := newBuilder().build(tt.rel, relationKey(tt.rel), false, tt.change)
 			if err != nil {
 				t.Fatalf("buildStatement: %v", err)
 			}
@@ -276,7 +276,7 @@ func TestBuildStatementErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			tt.change.RelationId = tt.rel.Id
-			st, err := buildStatement(tt.rel, relationKey(tt.rel), false, tt.change)
+			st, err := newBuilder().build(tt.rel, relationKey(tt.rel), false, tt.change)
 			if err == nil {
 				t.Fatalf("buildStatement = %q, want an error", st.sql())
 			}
@@ -298,7 +298,7 @@ func TestStatementKeys(t *testing.T) {
 	build := func(ch *havenpb.Change) statement {
 		t.Helper()
 		ch.RelationId = orders.Id
-		st, err := buildStatement(orders, key, false, ch)
+		st, err := newBuilder().build(orders, key, false, ch)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -358,7 +358,7 @@ func TestStatementKeyDeterminesSQL(t *testing.T) {
 		default:
 			ch.Op, ch.Old = havenpb.Op_OP_DELETE, row(false)
 		}
-		st, err := buildStatement(rel, relationKey(rel), false, ch)
+		st, err := newBuilder().build(rel, relationKey(rel), false, ch)
 		if err != nil {
 			continue // NULL or TOAST keys: covered by TestBuildStatementErrors
 		}
@@ -433,7 +433,7 @@ func TestRelationKeyIsInjective(t *testing.T) {
 				for i := range values {
 					values[i] = sqlTestText("1")
 				}
-				st, err := buildStatement(rel, relationKey(rel), false, &havenpb.Change{Op: havenpb.Op_OP_INSERT, New: sqlTestRow(values...)})
+				st, err := newBuilder().build(rel, relationKey(rel), false, &havenpb.Change{Op: havenpb.Op_OP_INSERT, New: sqlTestRow(values...)})
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -600,7 +600,7 @@ func TestCopyTextRoundTrip(t *testing.T) {
 func TestPartitionedTablesAreNamedWithoutOnly(t *testing.T) {
 	rel := &havenpb.Relation{Id: 1, Schema: "public", Name: "events", ReplicaIdentity: "d", Columns: []*havenpb.Column{
 		{Name: "id", Type: "bigint", Key: true}, {Name: "body", Type: "text"}}}
-	st, err := buildStatement(rel, relationKey(rel), true, &havenpb.Change{Op: havenpb.Op_OP_DELETE, RelationId: 1,
+	st, err := newBuilder().build(rel, relationKey(rel), true, &havenpb.Change{Op: havenpb.Op_OP_DELETE, RelationId: 1,
 		Old: sqlTestRow(sqlTestText("1"), sqlTestNull())})
 	if err != nil {
 		t.Fatal(err)
