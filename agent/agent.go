@@ -193,7 +193,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 		s.cfg.ChunkBytes = int(nc.MaxPayload() * 3 / 4)
 	}
 
-	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull, a.cfg.PublishViaRoot, PublicationName(a.cfg.Group)); err != nil {
+	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull, a.cfg.PublishViaRoot, wire.PublicationName(a.cfg.Group)); err != nil {
 		return err
 	}
 	capturing, err := s.installDDLCapture(ctx)
@@ -207,13 +207,13 @@ func (a *Agent) runSession(ctx context.Context) error {
 		}
 		s.tables = append(s.tables, t)
 	}
-	missing, err := ensurePublication(ctx, ctrl, PublicationName(a.cfg.Group), s.tables, a.cfg.PublishViaRoot)
+	missing, err := ensurePublication(ctx, ctrl, wire.PublicationName(a.cfg.Group), s.tables, a.cfg.PublishViaRoot)
 	if err != nil {
 		return err
 	}
 	if i := slices.Index(missing, "haven."+ddlLogTable); i >= 0 {
 		// DDL history needs no backfill: capture starts now.
-		if _, err := ctrl.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{PublicationName(a.cfg.Group)}.Sanitize()+" ADD TABLE haven."+ddlLogTable); err != nil {
+		if _, err := ctrl.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{wire.PublicationName(a.cfg.Group)}.Sanitize()+" ADD TABLE haven."+ddlLogTable); err != nil {
 			return fmt.Errorf("add haven.ddl_log to the publication: %w", err)
 		}
 		missing = slices.Delete(missing, i, i+1)
@@ -221,7 +221,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 	if missing, err = s.backfillMissing(ctx, s.tables, missing); err != nil {
 		return err
 	}
-	if s.tables, err = publishedTables(ctx, ctrl, PublicationName(a.cfg.Group)); err != nil {
+	if s.tables, err = publishedTables(ctx, ctrl, wire.PublicationName(a.cfg.Group)); err != nil {
 		return err
 	}
 	s.published = map[uint32]bool{}

@@ -16,6 +16,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // A backfill copies the rows of a table that joined a running group while
@@ -912,7 +913,7 @@ func (s *session) backfillMissing(ctx context.Context, selected []table, missing
 			return nil, err
 		}
 		err = pgx.BeginFunc(ctx, s.ctrl, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{PublicationName(s.cfg.Group)}.Sanitize()+" ADD TABLE "+t.qualified()); err != nil {
+			if _, err := tx.Exec(ctx, "ALTER PUBLICATION "+pgx.Identifier{wire.PublicationName(s.cfg.Group)}.Sanitize()+" ADD TABLE "+t.qualified()); err != nil {
 				return err
 			}
 			_, err := tx.Exec(ctx, `SELECT pg_logical_emit_message(true, $1, $2::text)`, backfillPrefix(s.cfg.Group), string(content))

@@ -144,6 +144,3 @@ func (c Config) Validate() error {
 
 // SlotName is the logical replication slot of a group.
 func SlotName(group string) string { return "haven_" + group }
-
-// PublicationName is the publication of a group.
-func PublicationName(group string) string { return "haven_" + group }

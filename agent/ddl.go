@@ -5,6 +5,8 @@ import (
 	"fmt"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // ddlLogTable is the replicated table DDL is recorded in; the standby
@@ -341,7 +343,7 @@ func (s *session) installDDLCapture(ctx context.Context) (bool, error) {
 	if _, err := s.ctrl.Exec(ctx, `INSERT INTO haven.groups (name, publication, all_tables, via_root, write_guard) VALUES ($1, $2, $3, $4, $5)
 		ON CONFLICT (name) DO UPDATE SET publication = excluded.publication, all_tables = excluded.all_tables, via_root = excluded.via_root,
 			write_guard = excluded.write_guard`,
-		s.cfg.Group, PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0, s.cfg.PublishViaRoot, guarded); err != nil {
+		s.cfg.Group, wire.PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0, s.cfg.PublishViaRoot, guarded); err != nil {
 		return false, fmt.Errorf("record group %q: %w", s.cfg.Group, err)
 	}
 	if err := s.installWriteGuard(ctx); err != nil {
@@ -417,7 +419,7 @@ func (s *session) capturePartitionTruncates(ctx context.Context) error {
 		JOIN pg_namespace n ON n.nspname = p.schemaname
 		JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = p.tablename AND c.relkind = 'p',
 		LATERAL pg_partition_tree(c.oid) t
-		WHERE p.pubname = $1 AND t.isleaf AND t.level > 0`, PublicationName(s.cfg.Group))
+		WHERE p.pubname = $1 AND t.isleaf AND t.level > 0`, wire.PublicationName(s.cfg.Group))
 	if err != nil {
 		return fmt.Errorf("capture TRUNCATE of single partitions: %w", err)
 	}

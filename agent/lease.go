@@ -16,6 +16,7 @@ import (
 	"github.com/haven-dr/haven/internal/controlclient"
 	"github.com/haven-dr/haven/internal/fence"
 	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // The agent of the primary site holds a lease from the controller quorum,
@@ -341,7 +342,7 @@ func (k *leaseKeeper) rejoin(ctx context.Context, promotedLSN pglogrepl.LSN) {
 		k.log.Error().Err(err).Msg("rejoin: could not drop the slot; retrying at the next check-in")
 		return
 	}
-	if _, err := conn.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgx.Identifier{PublicationName(k.cfg.Group)}.Sanitize()); err != nil {
+	if _, err := conn.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgx.Identifier{wire.PublicationName(k.cfg.Group)}.Sanitize()); err != nil {
 		k.log.Error().Err(err).Msg("rejoin: could not drop the publication; retrying at the next check-in")
 		return
 	}

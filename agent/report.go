@@ -16,6 +16,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // A deposed primary may have committed transactions that never reached the
@@ -82,7 +83,7 @@ func decodeLost(ctx context.Context, sess *session, ctrl *pgx.Conn, w *bufio.Wri
 	defer repl.Close(context.Background())
 	slot := SlotName(sess.cfg.Group)
 	if err := pglogrepl.StartReplication(ctx, repl, slot, 0, pglogrepl.StartReplicationOptions{Mode: pglogrepl.LogicalReplication,
-		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLiteral(PublicationName(sess.cfg.Group)), "messages 'false'"}}); err != nil {
+		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLiteral(wire.PublicationName(sess.cfg.Group)), "messages 'false'"}}); err != nil {
 		return 0, fmt.Errorf("decode slot %q: %w", slot, err)
 	}
 	st := &streamer{session: &session{cfg: sess.cfg, ctrl: ctrl}, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{}}

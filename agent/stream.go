@@ -95,7 +95,7 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 		Mode: pglogrepl.LogicalReplication,
 		PluginArgs: []string{
 			"proto_version '1'",
-			"publication_names " + quoteLiteral(PublicationName(s.cfg.Group)),
+			"publication_names " + quoteLiteral(wire.PublicationName(s.cfg.Group)),
 			"messages 'true'",
 		},
 	})

@@ -48,6 +48,10 @@ func (a *api) Status(ctx context.Context, _ *connect.Request[havenpb.StatusReque
 			gs.Rejoin = g.RejoinSite + ": " + g.RejoinPhase
 		}
 		gs.Switchover = g.Switchover
+		if d := g.Drill; d != nil {
+			gs.Drill = fmt.Sprintf("%s %s: %s", d.ID, d.Kind, d.Phase)
+		}
+		gs.RtoObjectiveSeconds, gs.RpoObjectiveSeconds, gs.DrillAlert = g.RTOObjective, g.RPOObjective, g.DrillAlert
 		nodes := make([]string, 0, len(g.Observations))
 		for n := range g.Observations {
 			nodes = append(nodes, n)
@@ -153,6 +157,10 @@ func (a *api) leader() (interface {
 	CheckIn(context.Context, *connect.Request[havenpb.CheckInRequest]) (*connect.Response[havenpb.CheckInResponse], error)
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
 	Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error)
+	ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error)
+	UnscheduleDrill(context.Context, *connect.Request[havenpb.UnscheduleDrillRequest]) (*connect.Response[havenpb.UnscheduleDrillResponse], error)
+	RunDrill(context.Context, *connect.Request[havenpb.RunDrillRequest]) (*connect.Response[havenpb.RunDrillResponse], error)
+	SetObjectives(context.Context, *connect.Request[havenpb.SetObjectivesRequest]) (*connect.Response[havenpb.SetObjectivesResponse], error)
 }, error) {
 	if a.c.isLeader() {
 		return nil, nil
@@ -177,10 +185,11 @@ func (a *api) pauseResume(ctx context.Context, kind, group, actor string) error 
 	return nil
 }
 
-// checkInMs asks sites to check in faster while a group changes hands.
+// checkInMs asks sites to check in faster while a group changes hands,
+// and while a drill holds DR apply.
 func (a *api) checkInMs(group string) int64 {
 	g := a.c.fsm.read().Groups[group]
-	if g != nil && (g.Switchover != "" || g.State == StatePromoting || g.AutoRejoin != "") {
+	if g != nil && (g.Switchover != "" || g.State == StatePromoting || g.AutoRejoin != "" || g.Drill != nil) {
 		return 100
 	}
 	return 0
@@ -281,7 +290,7 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	res, err := a.c.propose(command{Kind: cmdCheckIn, AtMs: time.Now().UnixMilli(), Group: r.Group, Site: r.Site, Agent: agent,
 		Epoch: r.Epoch, URL: r.DatabaseUrl, LagSeconds: r.LagSeconds, Promoted: r.PromotedEpoch, AppliedLSN: r.AppliedLsn,
 		Reported: r.Reported, Reseeded: r.Reseeded, Report: r.Report, StandbyDB: r.StandbyDatabase, DrainedLSN: r.DrainedLsn,
-		GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
+		Unapplied: r.UnappliedMessages, DrillID: r.DrillId, HeldLSN: r.DrillHeldLsn, AtCut: r.DrillAtCut, GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
 	if err != nil {
 		var ce *connect.Error
 		if errors.As(err, &ce) {
@@ -292,7 +301,8 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	out := res.(checkInResult)
 	return connect.NewResponse(&havenpb.CheckInResponse{Epoch: out.Epoch, PrimarySite: out.PrimarySite, LeaseGranted: out.Lease,
 		LeaseTtlMs: a.c.cfg.LeaseTTL.Milliseconds(), Fence: out.Fence, Promote: out.Promote, Apply: out.Apply, Reseed: out.Reseed,
-		Report: out.Report, PromotedLsn: out.PromotedLSN, SwitchoverFence: out.SwitchoverFence, CheckInMs: a.checkInMs(r.Group)}), nil
+		Report: out.Report, PromotedLsn: out.PromotedLSN, SwitchoverFence: out.SwitchoverFence, CheckInMs: a.checkInMs(r.Group),
+		DrillHold: out.DrillHold, DrillCutLsn: out.DrillCutLSN}), nil
 }
 
 func (a *api) observe(ctx context.Context, r *havenpb.ObserveRequest) (*havenpb.ObserveResponse, error) {

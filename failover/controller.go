@@ -17,6 +17,7 @@ import (
 	"github.com/hashicorp/raft"
 	raftboltdb "github.com/hashicorp/raft-boltdb/v2"
 	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
 	"github.com/rs/zerolog"
 
 	"github.com/haven-dr/haven/internal/fence"
@@ -48,6 +49,9 @@ type Config struct {
 	DBRoutes map[string]string
 	Policy   Policy
 	LeaseTTL time.Duration
+	// NATSURL is where drill reports are published (haven.drills.<group>);
+	// empty: they are kept in the state only.
+	NATSURL string
 }
 
 // DefaultConfig returns the defaults the command line starts from.
@@ -93,6 +97,10 @@ type Controller struct {
 	mu      sync.Mutex
 	clients map[string]havenpbconnect.ControlClient // by API URL
 	probes  map[string]Observation                  // by group: this node's own view
+	// Drills this node runs, by id, and how many it is starting.
+	drills        map[string]context.CancelFunc
+	drillStarting int
+	nc            *nats.Conn // for drill reports, once one is published
 }
 
 // Start opens the node's Raft state and joins the quorum. Run serves it.
@@ -107,7 +115,8 @@ func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create --data-dir: %w", err)
 	}
-	c := &Controller{cfg: cfg, log: log, fsm: newFSM(), clients: map[string]havenpbconnect.ControlClient{}, probes: map[string]Observation{}}
+	c := &Controller{cfg: cfg, log: log, fsm: newFSM(), clients: map[string]havenpbconnect.ControlClient{}, probes: map[string]Observation{},
+		drills: map[string]context.CancelFunc{}}
 	rc := raft.DefaultConfig()
 	rc.LocalID = raft.ServerID(cfg.ID)
 	// Elections in about a second: detection takes FailoverAfter anyway.
@@ -214,9 +223,10 @@ func (c *Controller) Run(ctx context.Context) error {
 		_ = srv.Shutdown(shutdownCtx)
 	}()
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() { defer wg.Done(); c.probeLoop(ctx) }()
 	go func() { defer wg.Done(); c.leaderLoop(ctx) }()
+	go func() { defer wg.Done(); c.drillLoop(ctx) }()
 	c.log.Info().Str("api", c.cfg.APIURL).Str("raft", c.cfg.RaftAddr).Msg("controller node running")
 	err = srv.Serve(ln)
 	wg.Wait()
@@ -227,6 +237,14 @@ func (c *Controller) Run(ctx context.Context) error {
 }
 
 func (c *Controller) shutdown() {
+	c.mu.Lock()
+	for _, cancel := range c.drills {
+		cancel()
+	}
+	if c.nc != nil {
+		c.nc.Close()
+	}
+	c.mu.Unlock()
 	if err := c.raft.Shutdown().Error(); err != nil {
 		c.log.Warn().Err(err).Msg("Raft shutdown")
 	}

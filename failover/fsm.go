@@ -59,6 +59,18 @@ type Group struct {
 	// Observations of the primary by controller node.
 	Observations map[string]Observation `json:"observations,omitempty"`
 	Alert        string                 `json:"alert,omitempty"`
+	// What the DR standby last reported: its last applied source commit,
+	// and the stream messages it has not applied.
+	AppliedLSN        uint64 `json:"applied_lsn,omitempty"`
+	UnappliedMessages uint64 `json:"unapplied_messages,omitempty"`
+	// Drills (drill.go): the one under way, the objectives they are judged
+	// against (seconds, 0: none), when each kind last passed, and why
+	// drills alert.
+	Drill         *ActiveDrill     `json:"drill,omitempty"`
+	RTOObjective  float64          `json:"rto_objective,omitempty"`
+	RPOObjective  float64          `json:"rpo_objective,omitempty"`
+	DrillPassedMs map[string]int64 `json:"drill_passed_ms,omitempty"`
+	DrillAlert    string           `json:"drill_alert,omitempty"`
 }
 
 // Observation is one controller node's view of a group's primary.
@@ -98,10 +110,15 @@ type State struct {
 	Groups map[string]*Group   `json:"groups"`
 	Nodes  map[string]NodeInfo `json:"nodes"`
 	Audit  []AuditEntry        `json:"audit"`
+	// Drill schedules by id, and reports, oldest first; NextID numbers
+	// both.
+	Schedules map[string]*Schedule `json:"schedules,omitempty"`
+	Reports   []*Report            `json:"reports,omitempty"`
+	NextID    uint64               `json:"next_id,omitempty"`
 }
 
 func newState() *State {
-	return &State{Groups: map[string]*Group{}, Nodes: map[string]NodeInfo{}}
+	return &State{Groups: map[string]*Group{}, Nodes: map[string]NodeInfo{}, Schedules: map[string]*Schedule{}}
 }
 
 // clone copies the state deeply enough for readers to keep.
@@ -109,13 +126,22 @@ func (s *State) clone() *State {
 	// Readers see the recent audit only: the whole trail (up to maxAudit
 	// entries) goes into snapshots, not into every read.
 	c := &State{Groups: make(map[string]*Group, len(s.Groups)), Nodes: maps.Clone(s.Nodes),
-		Audit: slices.Clone(s.Audit[max(0, len(s.Audit)-recentAudit):])}
+		Audit: slices.Clone(s.Audit[max(0, len(s.Audit)-recentAudit):]), Schedules: make(map[string]*Schedule, len(s.Schedules)),
+		// A stored report is replaced, never changed: they are shared.
+		Reports: slices.Clone(s.Reports), NextID: s.NextID}
+	for id, sc := range s.Schedules {
+		c.Schedules[id] = new(*sc)
+	}
 	for name, g := range s.Groups {
 		cg := *g
 		cg.AgentURLs = maps.Clone(g.AgentURLs)
 		cg.StandbyURLs = maps.Clone(g.StandbyURLs)
 		cg.Observations = maps.Clone(g.Observations)
 		cg.Deposed = maps.Clone(g.Deposed)
+		cg.DrillPassedMs = maps.Clone(g.DrillPassedMs)
+		if g.Drill != nil {
+			cg.Drill = new(*g.Drill)
+		}
 		c.Groups[name] = &cg
 	}
 	return c
@@ -181,6 +207,12 @@ type command struct {
 	Reseeded   bool    `json:"reseeded,omitempty"`
 	StandbyDB  bool    `json:"standby_db,omitempty"`
 	DrainedLSN uint64  `json:"drained_lsn,omitempty"`
+	Unapplied  uint64  `json:"unapplied,omitempty"`
+	DrillID    string  `json:"drill_id,omitempty"`
+	HeldLSN    uint64  `json:"held_lsn,omitempty"`
+	AtCut      bool    `json:"at_cut,omitempty"`
+
+	Drill *drillCommand `json:"drill,omitempty"`
 
 	Observation *Observation `json:"observation,omitempty"`
 	Node        string       `json:"node,omitempty"`
@@ -197,6 +229,8 @@ func (s *State) apply(c command) any {
 		return nil
 	case cmdCheckIn:
 		return s.checkIn(c)
+	case cmdSchedule, cmdUnschedule, cmdObjectives, cmdDrillStart, cmdDrillPhase, cmdDrillFinish, cmdDrillAlert:
+		return s.applyDrill(c, g)
 	case cmdObserve:
 		if g == nil {
 			return nil
@@ -253,6 +287,7 @@ func (s *State) apply(c command) any {
 			s.audit(c.AtMs, c.Actor, "failover", c.Group, "refused: DR site deposed, not rejoined")
 			return fmt.Errorf("group %q cannot fail over to site %s: it is a deposed primary that has not rejoined, so its data is stale", c.Group, g.DRSite)
 		}
+		s.interruptDrill(c.AtMs, g, "a failover began")
 		g.promote()
 		s.audit(c.AtMs, c.Actor, "failover", c.Group, fmt.Sprintf("site %s promoted to primary at epoch %d: %s", g.PrimarySite, g.Epoch, c.Reason))
 		return nil
@@ -264,6 +299,9 @@ func (s *State) apply(c command) any {
 			s.audit(c.AtMs, c.Actor, "switchover", c.Group, "refused")
 			return fmt.Errorf("group %q cannot switch over now: state %s, DR site %q (deposed: %v), switchover %q; it needs a DR site that follows the primary",
 				c.Group, g.State, g.DRSite, deposed, g.Switchover)
+		}
+		if g.Drill != nil && g.Drill.Kind != DrillSwitchover {
+			s.interruptDrill(c.AtMs, g, "a switchover began")
 		}
 		g.Switchover, g.SwitchoverStarted = phaseCatchUp, c.AtMs
 		outcome := "waiting for DR to catch up before fencing the primary"
@@ -296,6 +334,8 @@ type checkInResult struct {
 	Report          bool
 	PromotedLSN     uint64
 	SwitchoverFence bool
+	DrillHold       string
+	DrillCutLSN     uint64
 }
 
 func (s *State) checkIn(c command) any {
@@ -385,6 +425,21 @@ func (s *State) checkIn(c command) any {
 		// A deposed site's standby applies nothing: its lag means nothing.
 		g.StandbySeenMs = c.AtMs
 		g.LagSeconds = c.LagSeconds
+		g.AppliedLSN, g.UnappliedMessages = c.AppliedLSN, c.Unapplied
+		if d := g.Drill; d != nil {
+			if c.DrillID == d.ID {
+				if d.HeldMs == 0 {
+					d.HeldMs = c.AtMs
+				}
+				d.HeldLSN, d.AtCut = c.HeldLSN, c.AtCut && d.CutLSN != 0
+			}
+			if d.Phase == drillHold || d.Phase == drillCut {
+				r.DrillHold = d.ID
+				if d.Phase == drillCut {
+					r.DrillCutLSN = d.CutLSN
+				}
+			}
+		}
 		if g.Switchover == phaseCatchUp && g.current(c.AtMs) {
 			// Writes stop only now: the pause is the drain of what is in
 			// flight, not of a backlog.

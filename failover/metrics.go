@@ -19,10 +19,17 @@ var (
 	lagDesc     = prometheus.NewDesc("haven_controller_group_dr_lag_seconds", "DR lag as the group's standby last reported it.", []string{"group"}, nil)
 	leaseDesc   = prometheus.NewDesc("haven_controller_group_lease_seconds", "Time left on the primary agent's lease (negative: expired).", []string{"group"}, nil)
 	deposedDesc = prometheus.NewDesc("haven_controller_group_deposed_sites", "Former primaries of a group that have not rejoined (the group runs without DR).", []string{"group"}, nil)
+
+	drillAlertDesc   = prometheus.NewDesc("haven_drill_alert", "1 while a group's drills alert: the last one failed or was skipped, or none passed within its schedule's window (haven ctl status says which).", []string{"group"}, nil)
+	drillSuccessDesc = prometheus.NewDesc("haven_drill_last_success_timestamp_seconds", "When a kind of drill last passed on a group.", []string{"group", "kind"}, nil)
+	drillResultDesc  = prometheus.NewDesc("haven_drill_last_result", "Outcome of a group's last drill of a kind: 1 passed, 0 anything else.", []string{"group", "kind"}, nil)
+	drillRTODesc     = prometheus.NewDesc("haven_drill_last_rto_seconds", "RTO measured or predicted by a group's last drill of a kind that has one.", []string{"group", "kind"}, nil)
+	drillRPODesc     = prometheus.NewDesc("haven_drill_last_rpo_seconds", "How far DR was behind when a group's last drill of a kind started.", []string{"group", "kind"}, nil)
 )
 
 func (c *Controller) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{leaderDesc, epochDesc, primaryDesc, alertDesc, stateDesc, lagDesc, leaseDesc, deposedDesc} {
+	for _, d := range []*prometheus.Desc{leaderDesc, epochDesc, primaryDesc, alertDesc, stateDesc, lagDesc, leaseDesc, deposedDesc,
+		drillAlertDesc, drillSuccessDesc, drillResultDesc, drillRTODesc, drillRPODesc} {
 		ch <- d
 	}
 }
@@ -39,7 +46,26 @@ func (c *Controller) Collect(ch chan<- prometheus.Metric) {
 	}
 	gauge(leaderDesc, flag(c.isLeader()))
 	now := time.Now()
-	for name, g := range c.fsm.read().Groups {
+	st := c.fsm.read()
+	type groupKind struct{ group, kind string }
+	last := map[groupKind]*Report{}
+	for _, r := range st.Reports {
+		if r.Outcome != OutcomeRunning {
+			last[groupKind{r.Group, r.Kind}] = r // reports are oldest first
+		}
+	}
+	for k, r := range last {
+		gauge(drillResultDesc, flag(r.Outcome == OutcomePassed), k.group, k.kind)
+		gauge(drillRPODesc, r.RPO.SecondsBehind, k.group, k.kind)
+		if r.RTOSeconds > 0 {
+			gauge(drillRTODesc, r.RTOSeconds, k.group, k.kind)
+		}
+	}
+	for name, g := range st.Groups {
+		gauge(drillAlertDesc, flag(g.DrillAlert != ""), name)
+		for kind, ms := range g.DrillPassedMs {
+			gauge(drillSuccessDesc, float64(ms)/1000, name, kind)
+		}
 		gauge(epochDesc, float64(g.Epoch), name)
 		gauge(primaryDesc, 1, name, g.PrimarySite)
 		gauge(alertDesc, flag(g.Alert != ""), name)

@@ -85,6 +85,7 @@ type applier struct {
 	targetOID   map[string]uint32        // relation keys' DR tables
 	backfilling map[uint32]bool          // DR tables being backfilled
 	lag         *lagClock                // where the lag is reported to the controllers (nil: nowhere)
+	control     *controlState            // where the applied position is reported to them (nil: nowhere)
 	// replace lets a snapshot empty DR tables that hold rows although
 	// haven never applied to them (a deposed primary rejoining), and
 	// snapshotLoaded is told when it is loaded.
@@ -193,6 +194,9 @@ func (a *applier) handle(ctx context.Context, in inbound) error {
 	}
 	a.lastSeq = seq
 	a.lastPending = meta.NumPending
+	if a.control != nil {
+		a.control.unapplied.Store(meta.NumPending)
+	}
 	return nil
 }
 
@@ -800,6 +804,9 @@ func (a *applier) confirm(g *committedGroup) {
 	a.metrics.changes.Add(float64(g.changes))
 	a.metrics.groups.Inc()
 	a.metrics.appliedLSN.Set(float64(a.pos.commitLSN))
+	if a.control != nil {
+		a.control.appliedLSN.Store(uint64(a.pos.commitLSN))
+	}
 	if !a.pos.commitTime.IsZero() {
 		a.metrics.lagSeconds.Set(time.Since(a.pos.commitTime).Seconds())
 		if a.lag != nil {

@@ -47,12 +47,18 @@ var errPromoted = errors.New("promoted")
 type controlState struct {
 	promoteTo  atomic.Uint64 // epoch the quorum ordered a promotion to
 	promoted   atomic.Uint64 // epoch this database was promoted to
-	appliedLSN atomic.Uint64 // last source commit applied when promoted
+	appliedLSN atomic.Uint64 // last source commit applied
+	unapplied  atomic.Uint64 // stream messages not applied yet
 	lag        lagClock
 	answered   atomic.Bool // the quorum answered a check-in
 	apply      atomic.Bool // the quorum lets this site apply
 	reseed     atomic.Bool // … replacing what the database holds
 	reseeded   atomic.Bool // the replacement snapshot is loaded
+	// A drill's hold (drill.go): as ordered, as apply holds it, and the
+	// drill whose hold ran out.
+	drill   atomic.Pointer[drillOrder]
+	held    atomic.Pointer[drillHeld]
+	expired atomic.Pointer[string]
 }
 
 // checkIns reports to the controllers until ctx ends.
@@ -62,7 +68,11 @@ func (s *Standby) checkIns(ctx context.Context) {
 	for {
 		req := &havenpb.CheckInRequest{Group: s.cfg.Group, Site: s.cfg.Site, Component: havenpb.Component_COMPONENT_STANDBY,
 			DatabaseUrl: s.cfg.TargetURL, LagSeconds: s.control.lag.seconds(), PromotedEpoch: s.control.promoted.Load(),
-			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: s.control.reseed.Load() && s.control.reseeded.Load()}
+			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: s.control.reseed.Load() && s.control.reseeded.Load(),
+			UnappliedMessages: s.control.unapplied.Load()}
+		if h := s.control.held.Load(); h != nil {
+			req.DrillId, req.DrillHeldLsn, req.DrillAtCut = h.id, uint64(h.lsn), h.atCut
+		}
 		resp, err := clients.CheckIn(ctx, req, time.Second)
 		switch {
 		case ctx.Err() != nil:
@@ -79,6 +89,11 @@ func (s *Standby) checkIns(ctx context.Context) {
 			}
 			s.control.reseed.Store(resp.Reseed)
 			s.control.answered.Store(true)
+			if resp.DrillHold == "" {
+				s.control.drill.Store(nil)
+			} else {
+				s.control.drill.Store(&drillOrder{id: resp.DrillHold, cut: pglogrepl.LSN(resp.DrillCutLsn)})
+			}
 			if resp.Promote && s.control.promoted.Load() < resp.Epoch && s.control.promoteTo.Swap(resp.Epoch) != resp.Epoch {
 				s.log.Warn().Uint64("epoch", resp.Epoch).Msg("the controllers ordered this site's promotion: draining the stream, then promoting")
 			}

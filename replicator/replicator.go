@@ -235,9 +235,12 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	// A message read while a drill holds apply, handled once it lets go.
+	var kept *inbound
 
 	a := newApplier(s.cfg, s.log, s.metrics, conn, stream, pos, found)
 	a.lag = &s.control.lag
+	a.control = &s.control
 	a.lag.start(pos)
 	if s.control.reseed.Load() {
 		// A deposed primary rejoining: what it holds is replaced.
@@ -291,20 +294,43 @@ func (s *Standby) runSession(ctx context.Context) error {
 			// Snapshot groups to end or to confirm (load.go).
 			wait = 10 * time.Millisecond
 		}
-		in, open, got := ahead.next(timer, wait)
-		if !got {
-			if err := a.idle(ctx); err != nil {
-				return err
+		var in inbound
+		if kept != nil {
+			in, kept = *kept, nil
+		} else {
+			var open, got bool
+			in, open, got = ahead.next(timer, wait)
+			if !got {
+				held, err := s.holdForDrill(ctx, a, nil)
+				if err == nil && !held {
+					err = a.idle(ctx)
+				}
+				if err != nil {
+					return err
+				}
+				continue
+			}
+			switch {
+			case ctx.Err() != nil:
+				return nil
+			case !open:
+				return fmt.Errorf("reading %s stopped", streamName)
+			case in.fail != nil:
+				return fmt.Errorf("next message from %s: %w", streamName, in.fail)
+			}
+		}
+		held, err := s.holdForDrill(ctx, a, &in)
+		if err != nil {
+			return err
+		}
+		if held {
+			kept = &in
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(10 * time.Millisecond):
 			}
 			continue
-		}
-		switch {
-		case ctx.Err() != nil:
-			return nil
-		case !open:
-			return fmt.Errorf("reading %s stopped", streamName)
-		case in.fail != nil:
-			return fmt.Errorf("next message from %s: %w", streamName, in.fail)
 		}
 		if err := a.handle(ctx, in); err != nil {
 			return err

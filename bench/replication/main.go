@@ -813,7 +813,7 @@ func (b *bench) capture(ctx context.Context) error {
 		}
 		started := time.Now()
 		cmd := exec.CommandContext(ctx, filepath.Join(b.pgbin, "pg_recvlogical"), "-d", p.primary.URL(database), "--slot", slot, "--start",
-			"-o", "proto_version=1", "-o", "publication_names="+agent.PublicationName(group), "-E", lsn, "-f", "/dev/null")
+			"-o", "proto_version=1", "-o", "publication_names="+wire.PublicationName(group), "-E", lsn, "-f", "/dev/null")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			return fmt.Errorf("pg_recvlogical: %v: %s", err, out)
 		}

@@ -70,6 +70,7 @@ node to a running one with --join.`,
 	f.DurationVar(&cfg.Policy.MaxRPO, "max-rpo", cfg.Policy.MaxRPO, "most DR may lag for an automatic failover; beyond it, alert and wait for failover --force")
 	f.DurationVar(&cfg.Policy.ProbeInterval, "probe-interval", cfg.Policy.ProbeInterval, "how often each node probes each primary")
 	f.DurationVar(&cfg.LeaseTTL, "lease-ttl", cfg.LeaseTTL, "the primary agent's lease; shorter than --failover-after")
+	f.StringVar(&cfg.NATSURL, "nats-url", "", "NATS server to publish drill reports on (haven.drills.<group>); empty: reports stay in the controllers' state")
 	f.StringSliceVar(&dbRoutes, "db-route", nil, "host:port=host:port: where this node reaches a database the agents registered (to probe or fence it), when not at its own address")
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz (200 while the node has a leader) and /metrics, e.g. :9189 (empty: off)")
 	return cmd

@@ -69,7 +69,7 @@ func newCtlCmd() *cobra.Command {
 	c := &ctl{actor: os.Getenv("USER")}
 	cmd := &cobra.Command{
 		Use:   "ctl",
-		Short: "Operate the controller quorum: status, failover, switchover, rejoin, pause, resume",
+		Short: "Operate the controller quorum: status, failover, switchover, rejoin, pause, resume, drills",
 	}
 	pf := cmd.PersistentFlags()
 	pf.StringSliceVar(&c.apis, "api", nil, "control API URL(s) of controller nodes, comma-separated; each is tried in turn")
@@ -131,7 +131,7 @@ func newCtlCmd() *cobra.Command {
 		sub.Flags().String("group", "", "the group")
 		_ = sub.MarkFlagRequired("group")
 	}
-	cmd.AddCommand(status, failoverCmd, switchover, pause, resume, rejoin)
+	cmd.AddCommand(status, failoverCmd, switchover, pause, resume, rejoin, newDrillCmd(c))
 	return cmd
 }
 
@@ -196,6 +196,15 @@ func printStatus(w io.Writer, s *havenpb.StatusResponse) {
 		}
 		if g.Alert != "" {
 			fmt.Fprintf(w, "  ALERT: %s\n", g.Alert)
+		}
+		if g.RtoObjectiveSeconds > 0 || g.RpoObjectiveSeconds > 0 {
+			fmt.Fprintf(w, "  objectives: RTO %gs, RPO %gs\n", g.RtoObjectiveSeconds, g.RpoObjectiveSeconds)
+		}
+		if g.Drill != "" {
+			fmt.Fprintf(w, "  drill under way: %s\n", g.Drill)
+		}
+		if g.DrillAlert != "" {
+			fmt.Fprintf(w, "  DRILL ALERT: %s\n", g.DrillAlert)
 		}
 	}
 	if len(s.Audit) > 0 {

@@ -282,9 +282,15 @@ type GroupStatus struct {
 	DeposedSites []string `protobuf:"bytes,15,rep,name=deposed_sites,json=deposedSites,proto3" json:"deposed_sites,omitempty"`
 	Rejoin       string   `protobuf:"bytes,16,opt,name=rejoin,proto3" json:"rejoin,omitempty"`
 	// A switchover under way: its phase.
-	Switchover    string `protobuf:"bytes,17,opt,name=switchover,proto3" json:"switchover,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Switchover string `protobuf:"bytes,17,opt,name=switchover,proto3" json:"switchover,omitempty"`
+	// A drill under way ("id kind: phase"), the objectives, and why drills
+	// alert (a failed drill, or none passed within its schedule's window).
+	Drill               string  `protobuf:"bytes,18,opt,name=drill,proto3" json:"drill,omitempty"`
+	RtoObjectiveSeconds float64 `protobuf:"fixed64,19,opt,name=rto_objective_seconds,json=rtoObjectiveSeconds,proto3" json:"rto_objective_seconds,omitempty"`
+	RpoObjectiveSeconds float64 `protobuf:"fixed64,20,opt,name=rpo_objective_seconds,json=rpoObjectiveSeconds,proto3" json:"rpo_objective_seconds,omitempty"`
+	DrillAlert          string  `protobuf:"bytes,21,opt,name=drill_alert,json=drillAlert,proto3" json:"drill_alert,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
 }
 
 func (x *GroupStatus) Reset() {
@@ -432,6 +438,34 @@ func (x *GroupStatus) GetRejoin() string {
 func (x *GroupStatus) GetSwitchover() string {
 	if x != nil {
 		return x.Switchover
+	}
+	return ""
+}
+
+func (x *GroupStatus) GetDrill() string {
+	if x != nil {
+		return x.Drill
+	}
+	return ""
+}
+
+func (x *GroupStatus) GetRtoObjectiveSeconds() float64 {
+	if x != nil {
+		return x.RtoObjectiveSeconds
+	}
+	return 0
+}
+
+func (x *GroupStatus) GetRpoObjectiveSeconds() float64 {
+	if x != nil {
+		return x.RpoObjectiveSeconds
+	}
+	return 0
+}
+
+func (x *GroupStatus) GetDrillAlert() string {
+	if x != nil {
+		return x.DrillAlert
 	}
 	return ""
 }
@@ -1121,7 +1155,16 @@ type CheckInRequest struct {
 	StandbyDatabase bool `protobuf:"varint,12,opt,name=standby_database,json=standbyDatabase,proto3" json:"standby_database,omitempty"`
 	// Agent of a primary fenced for a switchover: every change committed
 	// before the fence is in the stream, up to this LSN.
-	DrainedLsn    uint64 `protobuf:"varint,13,opt,name=drained_lsn,json=drainedLsn,proto3" json:"drained_lsn,omitempty"`
+	DrainedLsn uint64 `protobuf:"varint,13,opt,name=drained_lsn,json=drainedLsn,proto3" json:"drained_lsn,omitempty"`
+	// Standby: stream messages not applied yet (one per transaction, more
+	// for a large one).
+	UnappliedMessages uint64 `protobuf:"varint,14,opt,name=unapplied_messages,json=unappliedMessages,proto3" json:"unapplied_messages,omitempty"`
+	// Standby: the drill it holds apply for; where apply stopped; and
+	// whether it stopped at the drill's cut (every transaction that committed
+	// before drill_cut_lsn applied, none after).
+	DrillId       string `protobuf:"bytes,15,opt,name=drill_id,json=drillId,proto3" json:"drill_id,omitempty"`
+	DrillHeldLsn  uint64 `protobuf:"varint,16,opt,name=drill_held_lsn,json=drillHeldLsn,proto3" json:"drill_held_lsn,omitempty"`
+	DrillAtCut    bool   `protobuf:"varint,17,opt,name=drill_at_cut,json=drillAtCut,proto3" json:"drill_at_cut,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1247,6 +1290,34 @@ func (x *CheckInRequest) GetDrainedLsn() uint64 {
 	return 0
 }
 
+func (x *CheckInRequest) GetUnappliedMessages() uint64 {
+	if x != nil {
+		return x.UnappliedMessages
+	}
+	return 0
+}
+
+func (x *CheckInRequest) GetDrillId() string {
+	if x != nil {
+		return x.DrillId
+	}
+	return ""
+}
+
+func (x *CheckInRequest) GetDrillHeldLsn() uint64 {
+	if x != nil {
+		return x.DrillHeldLsn
+	}
+	return 0
+}
+
+func (x *CheckInRequest) GetDrillAtCut() bool {
+	if x != nil {
+		return x.DrillAtCut
+	}
+	return false
+}
+
 type CheckInResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Epoch       uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
@@ -1274,7 +1345,12 @@ type CheckInResponse struct {
 	// but keep capturing, and report when the stream holds everything.
 	SwitchoverFence bool `protobuf:"varint,11,opt,name=switchover_fence,json=switchoverFence,proto3" json:"switchover_fence,omitempty"`
 	// When to check in next (a switchover or promotion goes faster).
-	CheckInMs     int64 `protobuf:"varint,12,opt,name=check_in_ms,json=checkInMs,proto3" json:"check_in_ms,omitempty"`
+	CheckInMs int64 `protobuf:"varint,12,opt,name=check_in_ms,json=checkInMs,proto3" json:"check_in_ms,omitempty"`
+	// Standby: hold apply for this drill at the next transaction boundary;
+	// with drill_cut_lsn, apply every transaction that committed before it
+	// first, then hold. No drill_hold: apply.
+	DrillHold     string `protobuf:"bytes,13,opt,name=drill_hold,json=drillHold,proto3" json:"drill_hold,omitempty"`
+	DrillCutLsn   uint64 `protobuf:"varint,14,opt,name=drill_cut_lsn,json=drillCutLsn,proto3" json:"drill_cut_lsn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1389,6 +1465,20 @@ func (x *CheckInResponse) GetSwitchoverFence() bool {
 func (x *CheckInResponse) GetCheckInMs() int64 {
 	if x != nil {
 		return x.CheckInMs
+	}
+	return 0
+}
+
+func (x *CheckInResponse) GetDrillHold() string {
+	if x != nil {
+		return x.DrillHold
+	}
+	return ""
+}
+
+func (x *CheckInResponse) GetDrillCutLsn() uint64 {
+	if x != nil {
+		return x.DrillCutLsn
 	}
 	return 0
 }
@@ -1601,6 +1691,1142 @@ func (*JoinResponse) Descriptor() ([]byte, []int) {
 	return file_control_proto_rawDescGZIP(), []int{21}
 }
 
+type ScheduleDrillRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Group string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	// verify, promote or switchover.
+	Kind string `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// robfig/cron syntax, five fields or six (with seconds first), or a
+	// descriptor such as @daily; times are UTC.
+	Cron string `protobuf:"bytes,3,opt,name=cron,proto3" json:"cron,omitempty"`
+	// A switchover drill writes to production: only in a schedule marked as
+	// a maintenance window.
+	MaintenanceWindow bool   `protobuf:"varint,4,opt,name=maintenance_window,json=maintenanceWindow,proto3" json:"maintenance_window,omitempty"`
+	Actor             string `protobuf:"bytes,5,opt,name=actor,proto3" json:"actor,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *ScheduleDrillRequest) Reset() {
+	*x = ScheduleDrillRequest{}
+	mi := &file_control_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleDrillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleDrillRequest) ProtoMessage() {}
+
+func (x *ScheduleDrillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleDrillRequest.ProtoReflect.Descriptor instead.
+func (*ScheduleDrillRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *ScheduleDrillRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *ScheduleDrillRequest) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *ScheduleDrillRequest) GetCron() string {
+	if x != nil {
+		return x.Cron
+	}
+	return ""
+}
+
+func (x *ScheduleDrillRequest) GetMaintenanceWindow() bool {
+	if x != nil {
+		return x.MaintenanceWindow
+	}
+	return false
+}
+
+func (x *ScheduleDrillRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+type ScheduleDrillResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Schedule      *DrillSchedule         `protobuf:"bytes,1,opt,name=schedule,proto3" json:"schedule,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ScheduleDrillResponse) Reset() {
+	*x = ScheduleDrillResponse{}
+	mi := &file_control_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ScheduleDrillResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ScheduleDrillResponse) ProtoMessage() {}
+
+func (x *ScheduleDrillResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ScheduleDrillResponse.ProtoReflect.Descriptor instead.
+func (*ScheduleDrillResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *ScheduleDrillResponse) GetSchedule() *DrillSchedule {
+	if x != nil {
+		return x.Schedule
+	}
+	return nil
+}
+
+type UnscheduleDrillRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Actor         string                 `protobuf:"bytes,2,opt,name=actor,proto3" json:"actor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnscheduleDrillRequest) Reset() {
+	*x = UnscheduleDrillRequest{}
+	mi := &file_control_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnscheduleDrillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnscheduleDrillRequest) ProtoMessage() {}
+
+func (x *UnscheduleDrillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnscheduleDrillRequest.ProtoReflect.Descriptor instead.
+func (*UnscheduleDrillRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *UnscheduleDrillRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *UnscheduleDrillRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+type UnscheduleDrillResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnscheduleDrillResponse) Reset() {
+	*x = UnscheduleDrillResponse{}
+	mi := &file_control_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnscheduleDrillResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnscheduleDrillResponse) ProtoMessage() {}
+
+func (x *UnscheduleDrillResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnscheduleDrillResponse.ProtoReflect.Descriptor instead.
+func (*UnscheduleDrillResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{25}
+}
+
+type RunDrillRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Group string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	Kind  string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// Needed for a switchover drill.
+	Disruptive    bool   `protobuf:"varint,3,opt,name=disruptive,proto3" json:"disruptive,omitempty"`
+	Actor         string `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunDrillRequest) Reset() {
+	*x = RunDrillRequest{}
+	mi := &file_control_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunDrillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunDrillRequest) ProtoMessage() {}
+
+func (x *RunDrillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunDrillRequest.ProtoReflect.Descriptor instead.
+func (*RunDrillRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{26}
+}
+
+func (x *RunDrillRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *RunDrillRequest) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *RunDrillRequest) GetDisruptive() bool {
+	if x != nil {
+		return x.Disruptive
+	}
+	return false
+}
+
+func (x *RunDrillRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+type RunDrillResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RunDrillResponse) Reset() {
+	*x = RunDrillResponse{}
+	mi := &file_control_proto_msgTypes[27]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RunDrillResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RunDrillResponse) ProtoMessage() {}
+
+func (x *RunDrillResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[27]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RunDrillResponse.ProtoReflect.Descriptor instead.
+func (*RunDrillResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{27}
+}
+
+func (x *RunDrillResponse) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type ListDrillsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Empty: every group.
+	Group         string `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDrillsRequest) Reset() {
+	*x = ListDrillsRequest{}
+	mi := &file_control_proto_msgTypes[28]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDrillsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDrillsRequest) ProtoMessage() {}
+
+func (x *ListDrillsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[28]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDrillsRequest.ProtoReflect.Descriptor instead.
+func (*ListDrillsRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{28}
+}
+
+func (x *ListDrillsRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+type ListDrillsResponse struct {
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	Schedules []*DrillSchedule       `protobuf:"bytes,1,rep,name=schedules,proto3" json:"schedules,omitempty"`
+	// Newest first.
+	Reports       []*DrillReport `protobuf:"bytes,2,rep,name=reports,proto3" json:"reports,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListDrillsResponse) Reset() {
+	*x = ListDrillsResponse{}
+	mi := &file_control_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListDrillsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListDrillsResponse) ProtoMessage() {}
+
+func (x *ListDrillsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListDrillsResponse.ProtoReflect.Descriptor instead.
+func (*ListDrillsResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *ListDrillsResponse) GetSchedules() []*DrillSchedule {
+	if x != nil {
+		return x.Schedules
+	}
+	return nil
+}
+
+func (x *ListDrillsResponse) GetReports() []*DrillReport {
+	if x != nil {
+		return x.Reports
+	}
+	return nil
+}
+
+type ShowDrillRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShowDrillRequest) Reset() {
+	*x = ShowDrillRequest{}
+	mi := &file_control_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShowDrillRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShowDrillRequest) ProtoMessage() {}
+
+func (x *ShowDrillRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShowDrillRequest.ProtoReflect.Descriptor instead.
+func (*ShowDrillRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ShowDrillRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+type ShowDrillResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Report        *DrillReport           `protobuf:"bytes,1,opt,name=report,proto3" json:"report,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ShowDrillResponse) Reset() {
+	*x = ShowDrillResponse{}
+	mi := &file_control_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ShowDrillResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ShowDrillResponse) ProtoMessage() {}
+
+func (x *ShowDrillResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ShowDrillResponse.ProtoReflect.Descriptor instead.
+func (*ShowDrillResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *ShowDrillResponse) GetReport() *DrillReport {
+	if x != nil {
+		return x.Report
+	}
+	return nil
+}
+
+type SetObjectivesRequest struct {
+	state               protoimpl.MessageState `protogen:"open.v1"`
+	Group               string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
+	RtoObjectiveSeconds float64                `protobuf:"fixed64,2,opt,name=rto_objective_seconds,json=rtoObjectiveSeconds,proto3" json:"rto_objective_seconds,omitempty"`
+	RpoObjectiveSeconds float64                `protobuf:"fixed64,3,opt,name=rpo_objective_seconds,json=rpoObjectiveSeconds,proto3" json:"rpo_objective_seconds,omitempty"`
+	Actor               string                 `protobuf:"bytes,4,opt,name=actor,proto3" json:"actor,omitempty"`
+	unknownFields       protoimpl.UnknownFields
+	sizeCache           protoimpl.SizeCache
+}
+
+func (x *SetObjectivesRequest) Reset() {
+	*x = SetObjectivesRequest{}
+	mi := &file_control_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetObjectivesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetObjectivesRequest) ProtoMessage() {}
+
+func (x *SetObjectivesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetObjectivesRequest.ProtoReflect.Descriptor instead.
+func (*SetObjectivesRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *SetObjectivesRequest) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *SetObjectivesRequest) GetRtoObjectiveSeconds() float64 {
+	if x != nil {
+		return x.RtoObjectiveSeconds
+	}
+	return 0
+}
+
+func (x *SetObjectivesRequest) GetRpoObjectiveSeconds() float64 {
+	if x != nil {
+		return x.RpoObjectiveSeconds
+	}
+	return 0
+}
+
+func (x *SetObjectivesRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+type SetObjectivesResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetObjectivesResponse) Reset() {
+	*x = SetObjectivesResponse{}
+	mi := &file_control_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetObjectivesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetObjectivesResponse) ProtoMessage() {}
+
+func (x *SetObjectivesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetObjectivesResponse.ProtoReflect.Descriptor instead.
+func (*SetObjectivesResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{33}
+}
+
+type DrillSchedule struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Id                string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Group             string                 `protobuf:"bytes,2,opt,name=group,proto3" json:"group,omitempty"`
+	Kind              string                 `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	Cron              string                 `protobuf:"bytes,4,opt,name=cron,proto3" json:"cron,omitempty"`
+	MaintenanceWindow bool                   `protobuf:"varint,5,opt,name=maintenance_window,json=maintenanceWindow,proto3" json:"maintenance_window,omitempty"`
+	CreatedUnixMs     int64                  `protobuf:"varint,6,opt,name=created_unix_ms,json=createdUnixMs,proto3" json:"created_unix_ms,omitempty"`
+	// The last slot fired (run or skipped), and the next one.
+	LastSlotUnixMs int64 `protobuf:"varint,7,opt,name=last_slot_unix_ms,json=lastSlotUnixMs,proto3" json:"last_slot_unix_ms,omitempty"`
+	NextSlotUnixMs int64 `protobuf:"varint,8,opt,name=next_slot_unix_ms,json=nextSlotUnixMs,proto3" json:"next_slot_unix_ms,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DrillSchedule) Reset() {
+	*x = DrillSchedule{}
+	mi := &file_control_proto_msgTypes[34]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrillSchedule) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrillSchedule) ProtoMessage() {}
+
+func (x *DrillSchedule) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[34]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrillSchedule.ProtoReflect.Descriptor instead.
+func (*DrillSchedule) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{34}
+}
+
+func (x *DrillSchedule) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DrillSchedule) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *DrillSchedule) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *DrillSchedule) GetCron() string {
+	if x != nil {
+		return x.Cron
+	}
+	return ""
+}
+
+func (x *DrillSchedule) GetMaintenanceWindow() bool {
+	if x != nil {
+		return x.MaintenanceWindow
+	}
+	return false
+}
+
+func (x *DrillSchedule) GetCreatedUnixMs() int64 {
+	if x != nil {
+		return x.CreatedUnixMs
+	}
+	return 0
+}
+
+func (x *DrillSchedule) GetLastSlotUnixMs() int64 {
+	if x != nil {
+		return x.LastSlotUnixMs
+	}
+	return 0
+}
+
+func (x *DrillSchedule) GetNextSlotUnixMs() int64 {
+	if x != nil {
+		return x.NextSlotUnixMs
+	}
+	return 0
+}
+
+// DrillReport is the evidence a drill leaves.
+type DrillReport struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Id    string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Group string                 `protobuf:"bytes,2,opt,name=group,proto3" json:"group,omitempty"`
+	Kind  string                 `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
+	// "schedule <id> (<cron>), slot <time>" or "run by <actor>".
+	Trigger       string `protobuf:"bytes,4,opt,name=trigger,proto3" json:"trigger,omitempty"`
+	StartedUnixMs int64  `protobuf:"varint,5,opt,name=started_unix_ms,json=startedUnixMs,proto3" json:"started_unix_ms,omitempty"`
+	EndedUnixMs   int64  `protobuf:"varint,6,opt,name=ended_unix_ms,json=endedUnixMs,proto3" json:"ended_unix_ms,omitempty"`
+	// running, passed, failed, skipped or interrupted.
+	Outcome string `protobuf:"bytes,7,opt,name=outcome,proto3" json:"outcome,omitempty"`
+	Reason  string `protobuf:"bytes,8,opt,name=reason,proto3" json:"reason,omitempty"`
+	// How far DR was behind when the drill started.
+	Rpo *DrillRPO `protobuf:"bytes,9,opt,name=rpo,proto3" json:"rpo,omitempty"`
+	// Measured (switchover) or predicted (promote) time to recover.
+	RtoSeconds   float64      `protobuf:"fixed64,10,opt,name=rto_seconds,json=rtoSeconds,proto3" json:"rto_seconds,omitempty"`
+	RtoPredicted bool         `protobuf:"varint,11,opt,name=rto_predicted,json=rtoPredicted,proto3" json:"rto_predicted,omitempty"`
+	Steps        []*DrillStep `protobuf:"bytes,12,rep,name=steps,proto3" json:"steps,omitempty"`
+	// How long DR apply was held, at most (from the order to hold to the
+	// order to apply again).
+	ApplyHeldSeconds float64 `protobuf:"fixed64,13,opt,name=apply_held_seconds,json=applyHeldSeconds,proto3" json:"apply_held_seconds,omitempty"`
+	// verify: the LSN both sides were compared at.
+	Lsn                 string        `protobuf:"bytes,14,opt,name=lsn,proto3" json:"lsn,omitempty"`
+	Tables              []*TableCheck `protobuf:"bytes,15,rep,name=tables,proto3" json:"tables,omitempty"`
+	RtoObjectiveSeconds float64       `protobuf:"fixed64,16,opt,name=rto_objective_seconds,json=rtoObjectiveSeconds,proto3" json:"rto_objective_seconds,omitempty"`
+	RpoObjectiveSeconds float64       `protobuf:"fixed64,17,opt,name=rpo_objective_seconds,json=rpoObjectiveSeconds,proto3" json:"rpo_objective_seconds,omitempty"`
+	// Every objective set was met (true when none is set).
+	ObjectivesMet bool `protobuf:"varint,18,opt,name=objectives_met,json=objectivesMet,proto3" json:"objectives_met,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrillReport) Reset() {
+	*x = DrillReport{}
+	mi := &file_control_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrillReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrillReport) ProtoMessage() {}
+
+func (x *DrillReport) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrillReport.ProtoReflect.Descriptor instead.
+func (*DrillReport) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *DrillReport) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *DrillReport) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *DrillReport) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *DrillReport) GetTrigger() string {
+	if x != nil {
+		return x.Trigger
+	}
+	return ""
+}
+
+func (x *DrillReport) GetStartedUnixMs() int64 {
+	if x != nil {
+		return x.StartedUnixMs
+	}
+	return 0
+}
+
+func (x *DrillReport) GetEndedUnixMs() int64 {
+	if x != nil {
+		return x.EndedUnixMs
+	}
+	return 0
+}
+
+func (x *DrillReport) GetOutcome() string {
+	if x != nil {
+		return x.Outcome
+	}
+	return ""
+}
+
+func (x *DrillReport) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *DrillReport) GetRpo() *DrillRPO {
+	if x != nil {
+		return x.Rpo
+	}
+	return nil
+}
+
+func (x *DrillReport) GetRtoSeconds() float64 {
+	if x != nil {
+		return x.RtoSeconds
+	}
+	return 0
+}
+
+func (x *DrillReport) GetRtoPredicted() bool {
+	if x != nil {
+		return x.RtoPredicted
+	}
+	return false
+}
+
+func (x *DrillReport) GetSteps() []*DrillStep {
+	if x != nil {
+		return x.Steps
+	}
+	return nil
+}
+
+func (x *DrillReport) GetApplyHeldSeconds() float64 {
+	if x != nil {
+		return x.ApplyHeldSeconds
+	}
+	return 0
+}
+
+func (x *DrillReport) GetLsn() string {
+	if x != nil {
+		return x.Lsn
+	}
+	return ""
+}
+
+func (x *DrillReport) GetTables() []*TableCheck {
+	if x != nil {
+		return x.Tables
+	}
+	return nil
+}
+
+func (x *DrillReport) GetRtoObjectiveSeconds() float64 {
+	if x != nil {
+		return x.RtoObjectiveSeconds
+	}
+	return 0
+}
+
+func (x *DrillReport) GetRpoObjectiveSeconds() float64 {
+	if x != nil {
+		return x.RpoObjectiveSeconds
+	}
+	return 0
+}
+
+func (x *DrillReport) GetObjectivesMet() bool {
+	if x != nil {
+		return x.ObjectivesMet
+	}
+	return false
+}
+
+type DrillRPO struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	UnappliedMessages uint64                 `protobuf:"varint,1,opt,name=unapplied_messages,json=unappliedMessages,proto3" json:"unapplied_messages,omitempty"`
+	BytesBehind       uint64                 `protobuf:"varint,2,opt,name=bytes_behind,json=bytesBehind,proto3" json:"bytes_behind,omitempty"`
+	SecondsBehind     float64                `protobuf:"fixed64,3,opt,name=seconds_behind,json=secondsBehind,proto3" json:"seconds_behind,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *DrillRPO) Reset() {
+	*x = DrillRPO{}
+	mi := &file_control_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrillRPO) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrillRPO) ProtoMessage() {}
+
+func (x *DrillRPO) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrillRPO.ProtoReflect.Descriptor instead.
+func (*DrillRPO) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *DrillRPO) GetUnappliedMessages() uint64 {
+	if x != nil {
+		return x.UnappliedMessages
+	}
+	return 0
+}
+
+func (x *DrillRPO) GetBytesBehind() uint64 {
+	if x != nil {
+		return x.BytesBehind
+	}
+	return 0
+}
+
+func (x *DrillRPO) GetSecondsBehind() float64 {
+	if x != nil {
+		return x.SecondsBehind
+	}
+	return 0
+}
+
+type DrillStep struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Seconds       float64                `protobuf:"fixed64,2,opt,name=seconds,proto3" json:"seconds,omitempty"`
+	Detail        string                 `protobuf:"bytes,3,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrillStep) Reset() {
+	*x = DrillStep{}
+	mi := &file_control_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrillStep) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrillStep) ProtoMessage() {}
+
+func (x *DrillStep) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrillStep.ProtoReflect.Descriptor instead.
+func (*DrillStep) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *DrillStep) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *DrillStep) GetSeconds() float64 {
+	if x != nil {
+		return x.Seconds
+	}
+	return 0
+}
+
+func (x *DrillStep) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
+// TableCheck compares one table on both sides; the keys name rows (at most
+// a few per table, keys_truncated when there are more).
+type TableCheck struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Table         string                 `protobuf:"bytes,1,opt,name=table,proto3" json:"table,omitempty"`
+	Match         bool                   `protobuf:"varint,2,opt,name=match,proto3" json:"match,omitempty"`
+	PrimaryRows   int64                  `protobuf:"varint,3,opt,name=primary_rows,json=primaryRows,proto3" json:"primary_rows,omitempty"`
+	DrRows        int64                  `protobuf:"varint,4,opt,name=dr_rows,json=drRows,proto3" json:"dr_rows,omitempty"`
+	MissingOnDr   []string               `protobuf:"bytes,5,rep,name=missing_on_dr,json=missingOnDr,proto3" json:"missing_on_dr,omitempty"`
+	ExtraOnDr     []string               `protobuf:"bytes,6,rep,name=extra_on_dr,json=extraOnDr,proto3" json:"extra_on_dr,omitempty"`
+	Differing     []string               `protobuf:"bytes,7,rep,name=differing,proto3" json:"differing,omitempty"`
+	KeysTruncated bool                   `protobuf:"varint,8,opt,name=keys_truncated,json=keysTruncated,proto3" json:"keys_truncated,omitempty"`
+	Detail        string                 `protobuf:"bytes,9,opt,name=detail,proto3" json:"detail,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TableCheck) Reset() {
+	*x = TableCheck{}
+	mi := &file_control_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TableCheck) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TableCheck) ProtoMessage() {}
+
+func (x *TableCheck) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TableCheck.ProtoReflect.Descriptor instead.
+func (*TableCheck) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *TableCheck) GetTable() string {
+	if x != nil {
+		return x.Table
+	}
+	return ""
+}
+
+func (x *TableCheck) GetMatch() bool {
+	if x != nil {
+		return x.Match
+	}
+	return false
+}
+
+func (x *TableCheck) GetPrimaryRows() int64 {
+	if x != nil {
+		return x.PrimaryRows
+	}
+	return 0
+}
+
+func (x *TableCheck) GetDrRows() int64 {
+	if x != nil {
+		return x.DrRows
+	}
+	return 0
+}
+
+func (x *TableCheck) GetMissingOnDr() []string {
+	if x != nil {
+		return x.MissingOnDr
+	}
+	return nil
+}
+
+func (x *TableCheck) GetExtraOnDr() []string {
+	if x != nil {
+		return x.ExtraOnDr
+	}
+	return nil
+}
+
+func (x *TableCheck) GetDiffering() []string {
+	if x != nil {
+		return x.Differing
+	}
+	return nil
+}
+
+func (x *TableCheck) GetKeysTruncated() bool {
+	if x != nil {
+		return x.KeysTruncated
+	}
+	return false
+}
+
+func (x *TableCheck) GetDetail() string {
+	if x != nil {
+		return x.Detail
+	}
+	return ""
+}
+
 var File_control_proto protoreflect.FileDescriptor
 
 const file_control_proto_rawDesc = "" +
@@ -1617,7 +2843,7 @@ const file_control_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
 	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\x12\x14\n" +
-	"\x05voter\x18\x04 \x01(\bR\x05voter\"\xd5\x04\n" +
+	"\x05voter\x18\x04 \x01(\bR\x05voter\"\xf4\x05\n" +
 	"\vGroupStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12\x17\n" +
@@ -1639,7 +2865,12 @@ const file_control_proto_rawDesc = "" +
 	"\x06rejoin\x18\x10 \x01(\tR\x06rejoin\x12\x1e\n" +
 	"\n" +
 	"switchover\x18\x11 \x01(\tR\n" +
-	"switchover\"\x8e\x01\n" +
+	"switchover\x12\x14\n" +
+	"\x05drill\x18\x12 \x01(\tR\x05drill\x122\n" +
+	"\x15rto_objective_seconds\x18\x13 \x01(\x01R\x13rtoObjectiveSeconds\x122\n" +
+	"\x15rpo_objective_seconds\x18\x14 \x01(\x01R\x13rpoObjectiveSeconds\x12\x1f\n" +
+	"\vdrill_alert\x18\x15 \x01(\tR\n" +
+	"drillAlert\"\x8e\x01\n" +
 	"\vObservation\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x0e\n" +
 	"\x02up\x18\x02 \x01(\bR\x02up\x12\"\n" +
@@ -1682,7 +2913,7 @@ const file_control_proto_rawDesc = "" +
 	"\rResumeRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
 	"\x05actor\x18\x02 \x01(\tR\x05actor\"\x10\n" +
-	"\x0eResumeResponse\"\xab\x03\n" +
+	"\x0eResumeResponse\"\xbd\x04\n" +
 	"\x0eCheckInRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x121\n" +
@@ -1700,7 +2931,12 @@ const file_control_proto_rawDesc = "" +
 	"\x06report\x18\v \x01(\tR\x06report\x12)\n" +
 	"\x10standby_database\x18\f \x01(\bR\x0fstandbyDatabase\x12\x1f\n" +
 	"\vdrained_lsn\x18\r \x01(\x04R\n" +
-	"drainedLsn\"\xf5\x02\n" +
+	"drainedLsn\x12-\n" +
+	"\x12unapplied_messages\x18\x0e \x01(\x04R\x11unappliedMessages\x12\x19\n" +
+	"\bdrill_id\x18\x0f \x01(\tR\adrillId\x12$\n" +
+	"\x0edrill_held_lsn\x18\x10 \x01(\x04R\fdrillHeldLsn\x12 \n" +
+	"\fdrill_at_cut\x18\x11 \x01(\bR\n" +
+	"drillAtCut\"\xb8\x03\n" +
 	"\x0fCheckInResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12#\n" +
@@ -1715,7 +2951,10 @@ const file_control_proto_rawDesc = "" +
 	"\fpromoted_lsn\x18\n" +
 	" \x01(\x04R\vpromotedLsn\x12)\n" +
 	"\x10switchover_fence\x18\v \x01(\bR\x0fswitchoverFence\x12\x1e\n" +
-	"\vcheck_in_ms\x18\f \x01(\x03R\tcheckInMs\"\x83\x01\n" +
+	"\vcheck_in_ms\x18\f \x01(\x03R\tcheckInMs\x12\x1d\n" +
+	"\n" +
+	"drill_hold\x18\r \x01(\tR\tdrillHold\x12\"\n" +
+	"\rdrill_cut_lsn\x18\x0e \x01(\x04R\vdrillCutLsn\"\x83\x01\n" +
 	"\x0eObserveRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05group\x18\x02 \x01(\tR\x05group\x12\x0e\n" +
@@ -1728,11 +2967,96 @@ const file_control_proto_rawDesc = "" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12!\n" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
 	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\"\x0e\n" +
-	"\fJoinResponse*R\n" +
+	"\fJoinResponse\"\x99\x01\n" +
+	"\x14ScheduleDrillRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x12\n" +
+	"\x04cron\x18\x03 \x01(\tR\x04cron\x12-\n" +
+	"\x12maintenance_window\x18\x04 \x01(\bR\x11maintenanceWindow\x12\x14\n" +
+	"\x05actor\x18\x05 \x01(\tR\x05actor\"L\n" +
+	"\x15ScheduleDrillResponse\x123\n" +
+	"\bschedule\x18\x01 \x01(\v2\x17.haven.v1.DrillScheduleR\bschedule\">\n" +
+	"\x16UnscheduleDrillRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05actor\x18\x02 \x01(\tR\x05actor\"\x19\n" +
+	"\x17UnscheduleDrillResponse\"q\n" +
+	"\x0fRunDrillRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x1e\n" +
+	"\n" +
+	"disruptive\x18\x03 \x01(\bR\n" +
+	"disruptive\x12\x14\n" +
+	"\x05actor\x18\x04 \x01(\tR\x05actor\"\"\n" +
+	"\x10RunDrillResponse\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\")\n" +
+	"\x11ListDrillsRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\"|\n" +
+	"\x12ListDrillsResponse\x125\n" +
+	"\tschedules\x18\x01 \x03(\v2\x17.haven.v1.DrillScheduleR\tschedules\x12/\n" +
+	"\areports\x18\x02 \x03(\v2\x15.haven.v1.DrillReportR\areports\"\"\n" +
+	"\x10ShowDrillRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"B\n" +
+	"\x11ShowDrillResponse\x12-\n" +
+	"\x06report\x18\x01 \x01(\v2\x15.haven.v1.DrillReportR\x06report\"\xaa\x01\n" +
+	"\x14SetObjectivesRequest\x12\x14\n" +
+	"\x05group\x18\x01 \x01(\tR\x05group\x122\n" +
+	"\x15rto_objective_seconds\x18\x02 \x01(\x01R\x13rtoObjectiveSeconds\x122\n" +
+	"\x15rpo_objective_seconds\x18\x03 \x01(\x01R\x13rpoObjectiveSeconds\x12\x14\n" +
+	"\x05actor\x18\x04 \x01(\tR\x05actor\"\x17\n" +
+	"\x15SetObjectivesResponse\"\x8a\x02\n" +
+	"\rDrillSchedule\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05group\x18\x02 \x01(\tR\x05group\x12\x12\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x12\n" +
+	"\x04cron\x18\x04 \x01(\tR\x04cron\x12-\n" +
+	"\x12maintenance_window\x18\x05 \x01(\bR\x11maintenanceWindow\x12&\n" +
+	"\x0fcreated_unix_ms\x18\x06 \x01(\x03R\rcreatedUnixMs\x12)\n" +
+	"\x11last_slot_unix_ms\x18\a \x01(\x03R\x0elastSlotUnixMs\x12)\n" +
+	"\x11next_slot_unix_ms\x18\b \x01(\x03R\x0enextSlotUnixMs\"\xf3\x04\n" +
+	"\vDrillReport\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x14\n" +
+	"\x05group\x18\x02 \x01(\tR\x05group\x12\x12\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\x12\x18\n" +
+	"\atrigger\x18\x04 \x01(\tR\atrigger\x12&\n" +
+	"\x0fstarted_unix_ms\x18\x05 \x01(\x03R\rstartedUnixMs\x12\"\n" +
+	"\rended_unix_ms\x18\x06 \x01(\x03R\vendedUnixMs\x12\x18\n" +
+	"\aoutcome\x18\a \x01(\tR\aoutcome\x12\x16\n" +
+	"\x06reason\x18\b \x01(\tR\x06reason\x12$\n" +
+	"\x03rpo\x18\t \x01(\v2\x12.haven.v1.DrillRPOR\x03rpo\x12\x1f\n" +
+	"\vrto_seconds\x18\n" +
+	" \x01(\x01R\n" +
+	"rtoSeconds\x12#\n" +
+	"\rrto_predicted\x18\v \x01(\bR\frtoPredicted\x12)\n" +
+	"\x05steps\x18\f \x03(\v2\x13.haven.v1.DrillStepR\x05steps\x12,\n" +
+	"\x12apply_held_seconds\x18\r \x01(\x01R\x10applyHeldSeconds\x12\x10\n" +
+	"\x03lsn\x18\x0e \x01(\tR\x03lsn\x12,\n" +
+	"\x06tables\x18\x0f \x03(\v2\x14.haven.v1.TableCheckR\x06tables\x122\n" +
+	"\x15rto_objective_seconds\x18\x10 \x01(\x01R\x13rtoObjectiveSeconds\x122\n" +
+	"\x15rpo_objective_seconds\x18\x11 \x01(\x01R\x13rpoObjectiveSeconds\x12%\n" +
+	"\x0eobjectives_met\x18\x12 \x01(\bR\robjectivesMet\"\x83\x01\n" +
+	"\bDrillRPO\x12-\n" +
+	"\x12unapplied_messages\x18\x01 \x01(\x04R\x11unappliedMessages\x12!\n" +
+	"\fbytes_behind\x18\x02 \x01(\x04R\vbytesBehind\x12%\n" +
+	"\x0eseconds_behind\x18\x03 \x01(\x01R\rsecondsBehind\"Q\n" +
+	"\tDrillStep\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
+	"\aseconds\x18\x02 \x01(\x01R\aseconds\x12\x16\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\x95\x02\n" +
+	"\n" +
+	"TableCheck\x12\x14\n" +
+	"\x05table\x18\x01 \x01(\tR\x05table\x12\x14\n" +
+	"\x05match\x18\x02 \x01(\bR\x05match\x12!\n" +
+	"\fprimary_rows\x18\x03 \x01(\x03R\vprimaryRows\x12\x17\n" +
+	"\adr_rows\x18\x04 \x01(\x03R\x06drRows\x12\"\n" +
+	"\rmissing_on_dr\x18\x05 \x03(\tR\vmissingOnDr\x12\x1e\n" +
+	"\vextra_on_dr\x18\x06 \x03(\tR\textraOnDr\x12\x1c\n" +
+	"\tdiffering\x18\a \x03(\tR\tdiffering\x12%\n" +
+	"\x0ekeys_truncated\x18\b \x01(\bR\rkeysTruncated\x12\x16\n" +
+	"\x06detail\x18\t \x01(\tR\x06detail*R\n" +
 	"\tComponent\x12\x19\n" +
 	"\x15COMPONENT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCOMPONENT_AGENT\x10\x01\x12\x15\n" +
-	"\x11COMPONENT_STANDBY\x10\x022\xbd\x04\n" +
+	"\x11COMPONENT_STANDBY\x10\x022\x8b\b\n" +
 	"\aControl\x12;\n" +
 	"\x06Status\x12\x17.haven.v1.StatusRequest\x1a\x18.haven.v1.StatusResponse\x12A\n" +
 	"\bFailover\x12\x19.haven.v1.FailoverRequest\x1a\x1a.haven.v1.FailoverResponse\x12G\n" +
@@ -1743,7 +3067,14 @@ const file_control_proto_rawDesc = "" +
 	"\x06Resume\x12\x17.haven.v1.ResumeRequest\x1a\x18.haven.v1.ResumeResponse\x12>\n" +
 	"\aCheckIn\x12\x18.haven.v1.CheckInRequest\x1a\x19.haven.v1.CheckInResponse\x12>\n" +
 	"\aObserve\x12\x18.haven.v1.ObserveRequest\x1a\x19.haven.v1.ObserveResponse\x125\n" +
-	"\x04Join\x12\x15.haven.v1.JoinRequest\x1a\x16.haven.v1.JoinResponseB)Z'github.com/haven-dr/haven/proto/havenpbb\x06proto3"
+	"\x04Join\x12\x15.haven.v1.JoinRequest\x1a\x16.haven.v1.JoinResponse\x12P\n" +
+	"\rScheduleDrill\x12\x1e.haven.v1.ScheduleDrillRequest\x1a\x1f.haven.v1.ScheduleDrillResponse\x12V\n" +
+	"\x0fUnscheduleDrill\x12 .haven.v1.UnscheduleDrillRequest\x1a!.haven.v1.UnscheduleDrillResponse\x12A\n" +
+	"\bRunDrill\x12\x19.haven.v1.RunDrillRequest\x1a\x1a.haven.v1.RunDrillResponse\x12G\n" +
+	"\n" +
+	"ListDrills\x12\x1b.haven.v1.ListDrillsRequest\x1a\x1c.haven.v1.ListDrillsResponse\x12D\n" +
+	"\tShowDrill\x12\x1a.haven.v1.ShowDrillRequest\x1a\x1b.haven.v1.ShowDrillResponse\x12P\n" +
+	"\rSetObjectives\x12\x1e.haven.v1.SetObjectivesRequest\x1a\x1f.haven.v1.SetObjectivesResponseB)Z'github.com/haven-dr/haven/proto/havenpbb\x06proto3"
 
 var (
 	file_control_proto_rawDescOnce sync.Once
@@ -1758,31 +3089,48 @@ func file_control_proto_rawDescGZIP() []byte {
 }
 
 var file_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_control_proto_goTypes = []any{
-	(Component)(0),             // 0: haven.v1.Component
-	(*StatusRequest)(nil),      // 1: haven.v1.StatusRequest
-	(*StatusResponse)(nil),     // 2: haven.v1.StatusResponse
-	(*Node)(nil),               // 3: haven.v1.Node
-	(*GroupStatus)(nil),        // 4: haven.v1.GroupStatus
-	(*Observation)(nil),        // 5: haven.v1.Observation
-	(*AuditEntry)(nil),         // 6: haven.v1.AuditEntry
-	(*FailoverRequest)(nil),    // 7: haven.v1.FailoverRequest
-	(*FailoverResponse)(nil),   // 8: haven.v1.FailoverResponse
-	(*SwitchoverRequest)(nil),  // 9: haven.v1.SwitchoverRequest
-	(*SwitchoverResponse)(nil), // 10: haven.v1.SwitchoverResponse
-	(*RejoinRequest)(nil),      // 11: haven.v1.RejoinRequest
-	(*RejoinResponse)(nil),     // 12: haven.v1.RejoinResponse
-	(*PauseRequest)(nil),       // 13: haven.v1.PauseRequest
-	(*PauseResponse)(nil),      // 14: haven.v1.PauseResponse
-	(*ResumeRequest)(nil),      // 15: haven.v1.ResumeRequest
-	(*ResumeResponse)(nil),     // 16: haven.v1.ResumeResponse
-	(*CheckInRequest)(nil),     // 17: haven.v1.CheckInRequest
-	(*CheckInResponse)(nil),    // 18: haven.v1.CheckInResponse
-	(*ObserveRequest)(nil),     // 19: haven.v1.ObserveRequest
-	(*ObserveResponse)(nil),    // 20: haven.v1.ObserveResponse
-	(*JoinRequest)(nil),        // 21: haven.v1.JoinRequest
-	(*JoinResponse)(nil),       // 22: haven.v1.JoinResponse
+	(Component)(0),                  // 0: haven.v1.Component
+	(*StatusRequest)(nil),           // 1: haven.v1.StatusRequest
+	(*StatusResponse)(nil),          // 2: haven.v1.StatusResponse
+	(*Node)(nil),                    // 3: haven.v1.Node
+	(*GroupStatus)(nil),             // 4: haven.v1.GroupStatus
+	(*Observation)(nil),             // 5: haven.v1.Observation
+	(*AuditEntry)(nil),              // 6: haven.v1.AuditEntry
+	(*FailoverRequest)(nil),         // 7: haven.v1.FailoverRequest
+	(*FailoverResponse)(nil),        // 8: haven.v1.FailoverResponse
+	(*SwitchoverRequest)(nil),       // 9: haven.v1.SwitchoverRequest
+	(*SwitchoverResponse)(nil),      // 10: haven.v1.SwitchoverResponse
+	(*RejoinRequest)(nil),           // 11: haven.v1.RejoinRequest
+	(*RejoinResponse)(nil),          // 12: haven.v1.RejoinResponse
+	(*PauseRequest)(nil),            // 13: haven.v1.PauseRequest
+	(*PauseResponse)(nil),           // 14: haven.v1.PauseResponse
+	(*ResumeRequest)(nil),           // 15: haven.v1.ResumeRequest
+	(*ResumeResponse)(nil),          // 16: haven.v1.ResumeResponse
+	(*CheckInRequest)(nil),          // 17: haven.v1.CheckInRequest
+	(*CheckInResponse)(nil),         // 18: haven.v1.CheckInResponse
+	(*ObserveRequest)(nil),          // 19: haven.v1.ObserveRequest
+	(*ObserveResponse)(nil),         // 20: haven.v1.ObserveResponse
+	(*JoinRequest)(nil),             // 21: haven.v1.JoinRequest
+	(*JoinResponse)(nil),            // 22: haven.v1.JoinResponse
+	(*ScheduleDrillRequest)(nil),    // 23: haven.v1.ScheduleDrillRequest
+	(*ScheduleDrillResponse)(nil),   // 24: haven.v1.ScheduleDrillResponse
+	(*UnscheduleDrillRequest)(nil),  // 25: haven.v1.UnscheduleDrillRequest
+	(*UnscheduleDrillResponse)(nil), // 26: haven.v1.UnscheduleDrillResponse
+	(*RunDrillRequest)(nil),         // 27: haven.v1.RunDrillRequest
+	(*RunDrillResponse)(nil),        // 28: haven.v1.RunDrillResponse
+	(*ListDrillsRequest)(nil),       // 29: haven.v1.ListDrillsRequest
+	(*ListDrillsResponse)(nil),      // 30: haven.v1.ListDrillsResponse
+	(*ShowDrillRequest)(nil),        // 31: haven.v1.ShowDrillRequest
+	(*ShowDrillResponse)(nil),       // 32: haven.v1.ShowDrillResponse
+	(*SetObjectivesRequest)(nil),    // 33: haven.v1.SetObjectivesRequest
+	(*SetObjectivesResponse)(nil),   // 34: haven.v1.SetObjectivesResponse
+	(*DrillSchedule)(nil),           // 35: haven.v1.DrillSchedule
+	(*DrillReport)(nil),             // 36: haven.v1.DrillReport
+	(*DrillRPO)(nil),                // 37: haven.v1.DrillRPO
+	(*DrillStep)(nil),               // 38: haven.v1.DrillStep
+	(*TableCheck)(nil),              // 39: haven.v1.TableCheck
 }
 var file_control_proto_depIdxs = []int32{
 	3,  // 0: haven.v1.StatusResponse.nodes:type_name -> haven.v1.Node
@@ -1790,29 +3138,48 @@ var file_control_proto_depIdxs = []int32{
 	6,  // 2: haven.v1.StatusResponse.audit:type_name -> haven.v1.AuditEntry
 	5,  // 3: haven.v1.GroupStatus.observations:type_name -> haven.v1.Observation
 	0,  // 4: haven.v1.CheckInRequest.component:type_name -> haven.v1.Component
-	1,  // 5: haven.v1.Control.Status:input_type -> haven.v1.StatusRequest
-	7,  // 6: haven.v1.Control.Failover:input_type -> haven.v1.FailoverRequest
-	9,  // 7: haven.v1.Control.Switchover:input_type -> haven.v1.SwitchoverRequest
-	11, // 8: haven.v1.Control.Rejoin:input_type -> haven.v1.RejoinRequest
-	13, // 9: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
-	15, // 10: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
-	17, // 11: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
-	19, // 12: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
-	21, // 13: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
-	2,  // 14: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
-	8,  // 15: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
-	10, // 16: haven.v1.Control.Switchover:output_type -> haven.v1.SwitchoverResponse
-	12, // 17: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
-	14, // 18: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
-	16, // 19: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
-	18, // 20: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
-	20, // 21: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
-	22, // 22: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
-	14, // [14:23] is the sub-list for method output_type
-	5,  // [5:14] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	35, // 5: haven.v1.ScheduleDrillResponse.schedule:type_name -> haven.v1.DrillSchedule
+	35, // 6: haven.v1.ListDrillsResponse.schedules:type_name -> haven.v1.DrillSchedule
+	36, // 7: haven.v1.ListDrillsResponse.reports:type_name -> haven.v1.DrillReport
+	36, // 8: haven.v1.ShowDrillResponse.report:type_name -> haven.v1.DrillReport
+	37, // 9: haven.v1.DrillReport.rpo:type_name -> haven.v1.DrillRPO
+	38, // 10: haven.v1.DrillReport.steps:type_name -> haven.v1.DrillStep
+	39, // 11: haven.v1.DrillReport.tables:type_name -> haven.v1.TableCheck
+	1,  // 12: haven.v1.Control.Status:input_type -> haven.v1.StatusRequest
+	7,  // 13: haven.v1.Control.Failover:input_type -> haven.v1.FailoverRequest
+	9,  // 14: haven.v1.Control.Switchover:input_type -> haven.v1.SwitchoverRequest
+	11, // 15: haven.v1.Control.Rejoin:input_type -> haven.v1.RejoinRequest
+	13, // 16: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
+	15, // 17: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
+	17, // 18: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
+	19, // 19: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
+	21, // 20: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
+	23, // 21: haven.v1.Control.ScheduleDrill:input_type -> haven.v1.ScheduleDrillRequest
+	25, // 22: haven.v1.Control.UnscheduleDrill:input_type -> haven.v1.UnscheduleDrillRequest
+	27, // 23: haven.v1.Control.RunDrill:input_type -> haven.v1.RunDrillRequest
+	29, // 24: haven.v1.Control.ListDrills:input_type -> haven.v1.ListDrillsRequest
+	31, // 25: haven.v1.Control.ShowDrill:input_type -> haven.v1.ShowDrillRequest
+	33, // 26: haven.v1.Control.SetObjectives:input_type -> haven.v1.SetObjectivesRequest
+	2,  // 27: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
+	8,  // 28: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
+	10, // 29: haven.v1.Control.Switchover:output_type -> haven.v1.SwitchoverResponse
+	12, // 30: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
+	14, // 31: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
+	16, // 32: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
+	18, // 33: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
+	20, // 34: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
+	22, // 35: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
+	24, // 36: haven.v1.Control.ScheduleDrill:output_type -> haven.v1.ScheduleDrillResponse
+	26, // 37: haven.v1.Control.UnscheduleDrill:output_type -> haven.v1.UnscheduleDrillResponse
+	28, // 38: haven.v1.Control.RunDrill:output_type -> haven.v1.RunDrillResponse
+	30, // 39: haven.v1.Control.ListDrills:output_type -> haven.v1.ListDrillsResponse
+	32, // 40: haven.v1.Control.ShowDrill:output_type -> haven.v1.ShowDrillResponse
+	34, // 41: haven.v1.Control.SetObjectives:output_type -> haven.v1.SetObjectivesResponse
+	27, // [27:42] is the sub-list for method output_type
+	12, // [12:27] is the sub-list for method input_type
+	12, // [12:12] is the sub-list for extension type_name
+	12, // [12:12] is the sub-list for extension extendee
+	0,  // [0:12] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }
@@ -1826,7 +3193,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   22,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

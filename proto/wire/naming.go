@@ -59,6 +59,12 @@ func SnapshotMarkerMsgID(systemID uint64, slot string, snapshotLSN uint64, marke
 	return fmt.Sprintf("%d/%s/snapshot/%X/%s", systemID, slot, snapshotLSN, marker)
 }
 
+// DrillSubject is where the controllers publish a group's drill reports.
+func DrillSubject(group string) string { return "haven.drills." + group }
+
+// PublicationName is the publication of a group on its primary.
+func PublicationName(group string) string { return "haven_" + group }
+
 // TextFormatSettings are the session settings under which both sides
 // produce and parse values' text forms: the agent's connections and the
 // standby's apply connection run with them, so that a value means the same

@@ -58,6 +58,18 @@ const (
 	ControlObserveProcedure = "/haven.v1.Control/Observe"
 	// ControlJoinProcedure is the fully-qualified name of the Control's Join RPC.
 	ControlJoinProcedure = "/haven.v1.Control/Join"
+	// ControlScheduleDrillProcedure is the fully-qualified name of the Control's ScheduleDrill RPC.
+	ControlScheduleDrillProcedure = "/haven.v1.Control/ScheduleDrill"
+	// ControlUnscheduleDrillProcedure is the fully-qualified name of the Control's UnscheduleDrill RPC.
+	ControlUnscheduleDrillProcedure = "/haven.v1.Control/UnscheduleDrill"
+	// ControlRunDrillProcedure is the fully-qualified name of the Control's RunDrill RPC.
+	ControlRunDrillProcedure = "/haven.v1.Control/RunDrill"
+	// ControlListDrillsProcedure is the fully-qualified name of the Control's ListDrills RPC.
+	ControlListDrillsProcedure = "/haven.v1.Control/ListDrills"
+	// ControlShowDrillProcedure is the fully-qualified name of the Control's ShowDrill RPC.
+	ControlShowDrillProcedure = "/haven.v1.Control/ShowDrill"
+	// ControlSetObjectivesProcedure is the fully-qualified name of the Control's SetObjectives RPC.
+	ControlSetObjectivesProcedure = "/haven.v1.Control/SetObjectives"
 )
 
 // ControlClient is a client for the haven.v1.Control service.
@@ -92,6 +104,17 @@ type ControlClient interface {
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
 	// Join adds a controller node to the quorum, or records its API address.
 	Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error)
+	// Drills: rehearsals of DR, run by the leader on a schedule or on demand,
+	// each leaving a report (failover/drill.go).
+	ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error)
+	UnscheduleDrill(context.Context, *connect.Request[havenpb.UnscheduleDrillRequest]) (*connect.Response[havenpb.UnscheduleDrillResponse], error)
+	// RunDrill starts a drill now and returns its id; ShowDrill follows it.
+	RunDrill(context.Context, *connect.Request[havenpb.RunDrillRequest]) (*connect.Response[havenpb.RunDrillResponse], error)
+	ListDrills(context.Context, *connect.Request[havenpb.ListDrillsRequest]) (*connect.Response[havenpb.ListDrillsResponse], error)
+	ShowDrill(context.Context, *connect.Request[havenpb.ShowDrillRequest]) (*connect.Response[havenpb.ShowDrillResponse], error)
+	// SetObjectives sets a group's RTO and RPO objectives, which drills are
+	// judged against (0: none).
+	SetObjectives(context.Context, *connect.Request[havenpb.SetObjectivesRequest]) (*connect.Response[havenpb.SetObjectivesResponse], error)
 }
 
 // NewControlClient constructs a client for the haven.v1.Control service. By default, it uses the
@@ -159,20 +182,62 @@ func NewControlClient(httpClient connect.HTTPClient, baseURL string, opts ...con
 			connect.WithSchema(controlMethods.ByName("Join")),
 			connect.WithClientOptions(opts...),
 		),
+		scheduleDrill: connect.NewClient[havenpb.ScheduleDrillRequest, havenpb.ScheduleDrillResponse](
+			httpClient,
+			baseURL+ControlScheduleDrillProcedure,
+			connect.WithSchema(controlMethods.ByName("ScheduleDrill")),
+			connect.WithClientOptions(opts...),
+		),
+		unscheduleDrill: connect.NewClient[havenpb.UnscheduleDrillRequest, havenpb.UnscheduleDrillResponse](
+			httpClient,
+			baseURL+ControlUnscheduleDrillProcedure,
+			connect.WithSchema(controlMethods.ByName("UnscheduleDrill")),
+			connect.WithClientOptions(opts...),
+		),
+		runDrill: connect.NewClient[havenpb.RunDrillRequest, havenpb.RunDrillResponse](
+			httpClient,
+			baseURL+ControlRunDrillProcedure,
+			connect.WithSchema(controlMethods.ByName("RunDrill")),
+			connect.WithClientOptions(opts...),
+		),
+		listDrills: connect.NewClient[havenpb.ListDrillsRequest, havenpb.ListDrillsResponse](
+			httpClient,
+			baseURL+ControlListDrillsProcedure,
+			connect.WithSchema(controlMethods.ByName("ListDrills")),
+			connect.WithClientOptions(opts...),
+		),
+		showDrill: connect.NewClient[havenpb.ShowDrillRequest, havenpb.ShowDrillResponse](
+			httpClient,
+			baseURL+ControlShowDrillProcedure,
+			connect.WithSchema(controlMethods.ByName("ShowDrill")),
+			connect.WithClientOptions(opts...),
+		),
+		setObjectives: connect.NewClient[havenpb.SetObjectivesRequest, havenpb.SetObjectivesResponse](
+			httpClient,
+			baseURL+ControlSetObjectivesProcedure,
+			connect.WithSchema(controlMethods.ByName("SetObjectives")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // controlClient implements ControlClient.
 type controlClient struct {
-	status     *connect.Client[havenpb.StatusRequest, havenpb.StatusResponse]
-	failover   *connect.Client[havenpb.FailoverRequest, havenpb.FailoverResponse]
-	switchover *connect.Client[havenpb.SwitchoverRequest, havenpb.SwitchoverResponse]
-	rejoin     *connect.Client[havenpb.RejoinRequest, havenpb.RejoinResponse]
-	pause      *connect.Client[havenpb.PauseRequest, havenpb.PauseResponse]
-	resume     *connect.Client[havenpb.ResumeRequest, havenpb.ResumeResponse]
-	checkIn    *connect.Client[havenpb.CheckInRequest, havenpb.CheckInResponse]
-	observe    *connect.Client[havenpb.ObserveRequest, havenpb.ObserveResponse]
-	join       *connect.Client[havenpb.JoinRequest, havenpb.JoinResponse]
+	status          *connect.Client[havenpb.StatusRequest, havenpb.StatusResponse]
+	failover        *connect.Client[havenpb.FailoverRequest, havenpb.FailoverResponse]
+	switchover      *connect.Client[havenpb.SwitchoverRequest, havenpb.SwitchoverResponse]
+	rejoin          *connect.Client[havenpb.RejoinRequest, havenpb.RejoinResponse]
+	pause           *connect.Client[havenpb.PauseRequest, havenpb.PauseResponse]
+	resume          *connect.Client[havenpb.ResumeRequest, havenpb.ResumeResponse]
+	checkIn         *connect.Client[havenpb.CheckInRequest, havenpb.CheckInResponse]
+	observe         *connect.Client[havenpb.ObserveRequest, havenpb.ObserveResponse]
+	join            *connect.Client[havenpb.JoinRequest, havenpb.JoinResponse]
+	scheduleDrill   *connect.Client[havenpb.ScheduleDrillRequest, havenpb.ScheduleDrillResponse]
+	unscheduleDrill *connect.Client[havenpb.UnscheduleDrillRequest, havenpb.UnscheduleDrillResponse]
+	runDrill        *connect.Client[havenpb.RunDrillRequest, havenpb.RunDrillResponse]
+	listDrills      *connect.Client[havenpb.ListDrillsRequest, havenpb.ListDrillsResponse]
+	showDrill       *connect.Client[havenpb.ShowDrillRequest, havenpb.ShowDrillResponse]
+	setObjectives   *connect.Client[havenpb.SetObjectivesRequest, havenpb.SetObjectivesResponse]
 }
 
 // Status calls haven.v1.Control.Status.
@@ -220,6 +285,36 @@ func (c *controlClient) Join(ctx context.Context, req *connect.Request[havenpb.J
 	return c.join.CallUnary(ctx, req)
 }
 
+// ScheduleDrill calls haven.v1.Control.ScheduleDrill.
+func (c *controlClient) ScheduleDrill(ctx context.Context, req *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error) {
+	return c.scheduleDrill.CallUnary(ctx, req)
+}
+
+// UnscheduleDrill calls haven.v1.Control.UnscheduleDrill.
+func (c *controlClient) UnscheduleDrill(ctx context.Context, req *connect.Request[havenpb.UnscheduleDrillRequest]) (*connect.Response[havenpb.UnscheduleDrillResponse], error) {
+	return c.unscheduleDrill.CallUnary(ctx, req)
+}
+
+// RunDrill calls haven.v1.Control.RunDrill.
+func (c *controlClient) RunDrill(ctx context.Context, req *connect.Request[havenpb.RunDrillRequest]) (*connect.Response[havenpb.RunDrillResponse], error) {
+	return c.runDrill.CallUnary(ctx, req)
+}
+
+// ListDrills calls haven.v1.Control.ListDrills.
+func (c *controlClient) ListDrills(ctx context.Context, req *connect.Request[havenpb.ListDrillsRequest]) (*connect.Response[havenpb.ListDrillsResponse], error) {
+	return c.listDrills.CallUnary(ctx, req)
+}
+
+// ShowDrill calls haven.v1.Control.ShowDrill.
+func (c *controlClient) ShowDrill(ctx context.Context, req *connect.Request[havenpb.ShowDrillRequest]) (*connect.Response[havenpb.ShowDrillResponse], error) {
+	return c.showDrill.CallUnary(ctx, req)
+}
+
+// SetObjectives calls haven.v1.Control.SetObjectives.
+func (c *controlClient) SetObjectives(ctx context.Context, req *connect.Request[havenpb.SetObjectivesRequest]) (*connect.Response[havenpb.SetObjectivesResponse], error) {
+	return c.setObjectives.CallUnary(ctx, req)
+}
+
 // ControlHandler is an implementation of the haven.v1.Control service.
 type ControlHandler interface {
 	// Status is the quorum's view: groups, primary site, epoch, lag, leader,
@@ -252,6 +347,17 @@ type ControlHandler interface {
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
 	// Join adds a controller node to the quorum, or records its API address.
 	Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error)
+	// Drills: rehearsals of DR, run by the leader on a schedule or on demand,
+	// each leaving a report (failover/drill.go).
+	ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error)
+	UnscheduleDrill(context.Context, *connect.Request[havenpb.UnscheduleDrillRequest]) (*connect.Response[havenpb.UnscheduleDrillResponse], error)
+	// RunDrill starts a drill now and returns its id; ShowDrill follows it.
+	RunDrill(context.Context, *connect.Request[havenpb.RunDrillRequest]) (*connect.Response[havenpb.RunDrillResponse], error)
+	ListDrills(context.Context, *connect.Request[havenpb.ListDrillsRequest]) (*connect.Response[havenpb.ListDrillsResponse], error)
+	ShowDrill(context.Context, *connect.Request[havenpb.ShowDrillRequest]) (*connect.Response[havenpb.ShowDrillResponse], error)
+	// SetObjectives sets a group's RTO and RPO objectives, which drills are
+	// judged against (0: none).
+	SetObjectives(context.Context, *connect.Request[havenpb.SetObjectivesRequest]) (*connect.Response[havenpb.SetObjectivesResponse], error)
 }
 
 // NewControlHandler builds an HTTP handler from the service implementation. It returns the path on
@@ -315,6 +421,42 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 		connect.WithSchema(controlMethods.ByName("Join")),
 		connect.WithHandlerOptions(opts...),
 	)
+	controlScheduleDrillHandler := connect.NewUnaryHandler(
+		ControlScheduleDrillProcedure,
+		svc.ScheduleDrill,
+		connect.WithSchema(controlMethods.ByName("ScheduleDrill")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlUnscheduleDrillHandler := connect.NewUnaryHandler(
+		ControlUnscheduleDrillProcedure,
+		svc.UnscheduleDrill,
+		connect.WithSchema(controlMethods.ByName("UnscheduleDrill")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlRunDrillHandler := connect.NewUnaryHandler(
+		ControlRunDrillProcedure,
+		svc.RunDrill,
+		connect.WithSchema(controlMethods.ByName("RunDrill")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlListDrillsHandler := connect.NewUnaryHandler(
+		ControlListDrillsProcedure,
+		svc.ListDrills,
+		connect.WithSchema(controlMethods.ByName("ListDrills")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlShowDrillHandler := connect.NewUnaryHandler(
+		ControlShowDrillProcedure,
+		svc.ShowDrill,
+		connect.WithSchema(controlMethods.ByName("ShowDrill")),
+		connect.WithHandlerOptions(opts...),
+	)
+	controlSetObjectivesHandler := connect.NewUnaryHandler(
+		ControlSetObjectivesProcedure,
+		svc.SetObjectives,
+		connect.WithSchema(controlMethods.ByName("SetObjectives")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/haven.v1.Control/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case ControlStatusProcedure:
@@ -335,6 +477,18 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 			controlObserveHandler.ServeHTTP(w, r)
 		case ControlJoinProcedure:
 			controlJoinHandler.ServeHTTP(w, r)
+		case ControlScheduleDrillProcedure:
+			controlScheduleDrillHandler.ServeHTTP(w, r)
+		case ControlUnscheduleDrillProcedure:
+			controlUnscheduleDrillHandler.ServeHTTP(w, r)
+		case ControlRunDrillProcedure:
+			controlRunDrillHandler.ServeHTTP(w, r)
+		case ControlListDrillsProcedure:
+			controlListDrillsHandler.ServeHTTP(w, r)
+		case ControlShowDrillProcedure:
+			controlShowDrillHandler.ServeHTTP(w, r)
+		case ControlSetObjectivesProcedure:
+			controlSetObjectivesHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -378,4 +532,28 @@ func (UnimplementedControlHandler) Observe(context.Context, *connect.Request[hav
 
 func (UnimplementedControlHandler) Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.Join is not implemented"))
+}
+
+func (UnimplementedControlHandler) ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.ScheduleDrill is not implemented"))
+}
+
+func (UnimplementedControlHandler) UnscheduleDrill(context.Context, *connect.Request[havenpb.UnscheduleDrillRequest]) (*connect.Response[havenpb.UnscheduleDrillResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.UnscheduleDrill is not implemented"))
+}
+
+func (UnimplementedControlHandler) RunDrill(context.Context, *connect.Request[havenpb.RunDrillRequest]) (*connect.Response[havenpb.RunDrillResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.RunDrill is not implemented"))
+}
+
+func (UnimplementedControlHandler) ListDrills(context.Context, *connect.Request[havenpb.ListDrillsRequest]) (*connect.Response[havenpb.ListDrillsResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.ListDrills is not implemented"))
+}
+
+func (UnimplementedControlHandler) ShowDrill(context.Context, *connect.Request[havenpb.ShowDrillRequest]) (*connect.Response[havenpb.ShowDrillResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.ShowDrill is not implemented"))
+}
+
+func (UnimplementedControlHandler) SetObjectives(context.Context, *connect.Request[havenpb.SetObjectivesRequest]) (*connect.Response[havenpb.SetObjectivesResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.SetObjectives is not implemented"))
 }

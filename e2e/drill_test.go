@@ -1,0 +1,245 @@
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/nats-io/nats.go"
+)
+
+// drillSite is a group with three controllers (publishing drill reports on
+// NATS), the agent at site a and the standby at site b, caught up. The
+// primary also has a ledger table the CRM workload never touches, for rows
+// to change behind haven's back.
+func drillSite(t *testing.T) (*site, *quorum, *pgx.Conn) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	seedCRM(t, primary, 30)
+	mustExec(t, primary, `CREATE TABLE ledger (id int PRIMARY KEY, note text, amount numeric(12,2), at timestamptz);
+		INSERT INTO ledger SELECT g, 'entry ' || g, g * 1.5, '2026-01-01'::timestamptz + g * interval '1 hour' FROM generate_series(1, 2000) g`)
+	q := startQuorum(t, 3, "--nats-url", s.nats.URL())
+	controllers := strings.Join(q.apis, ",")
+	startHaven(t, "agent", s.agentArgs("--controllers", controllers, "--site", "a")...)
+	startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b")...)
+	waitCaughtUp(t, primary, connect(t, s.drURL()), 1, 60*time.Second)
+	waitFor(t, 30*time.Second, "the quorum to know both sites", func() (bool, error) {
+		st, err := q.status(t)
+		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b", nil
+	})
+	return s, q, primary
+}
+
+// drillReport is what haven ctl drill … --json prints of a report.
+type drillReport struct {
+	ID          string  `json:"id"`
+	Kind        string  `json:"kind"`
+	Trigger     string  `json:"trigger"`
+	Outcome     string  `json:"outcome"`
+	Reason      string  `json:"reason"`
+	LSN         string  `json:"lsn"`
+	HeldSeconds float64 `json:"applyHeldSeconds"`
+	Steps       []struct {
+		Name    string  `json:"name"`
+		Seconds float64 `json:"seconds"`
+	} `json:"steps"`
+	RPO struct {
+		SecondsBehind float64 `json:"secondsBehind"`
+	} `json:"rpo"`
+	ObjectivesMet bool `json:"objectivesMet"`
+	Tables        []struct {
+		Table       string   `json:"table"`
+		Match       bool     `json:"match"`
+		PrimaryRows string   `json:"primaryRows"`
+		DRRows      string   `json:"drRows"`
+		MissingOnDR []string `json:"missingOnDr"`
+		ExtraOnDR   []string `json:"extraOnDr"`
+		Differing   []string `json:"differing"`
+	} `json:"tables"`
+}
+
+// runDrill runs haven ctl drill run --json and returns the report it
+// printed (and the command's error: a drill that did not pass fails it).
+func runDrill(t *testing.T, q *quorum, args ...string) (drillReport, error) {
+	t.Helper()
+	cmd := exec.Command(havenBin, append([]string{"ctl", "--api", strings.Join(q.apis, ","), "drill", "run", "--json"}, args...)...)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var r drillReport
+	if jerr := json.Unmarshal(out, &r); jerr != nil {
+		t.Fatalf("haven ctl drill run %v: %v (%v): %s %s", args, err, jerr, out, stderr.String())
+	}
+	return r, err
+}
+
+// TestVerifyDrill: under a concurrent CRM workload, a verify drill finds
+// the sites equal at one LSN, holds DR apply briefly, and publishes its
+// report on NATS. Then rows changed on DR behind haven's back (one
+// updated, one deleted, one added) make the next drill fail and name
+// exactly those keys, and only in that table.
+func TestVerifyDrill(t *testing.T) {
+	s, q, _ := drillSite(t)
+	nc, err := nats.Connect(s.nats.URL())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	published, err := nc.SubscribeSync("haven.drills.crm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := q.ctl(t, "drill", "objectives", "--group", "crm", "--rpo", "30s", "--rto", "60s"); err != nil {
+		t.Fatalf("drill objectives: %v: %s", err, out)
+	}
+	load := startWorkload(t, s.primaryURL(), 2, 30)
+	defer load.finish(t)
+	waitFor(t, 30*time.Second, "the workload to write", func() (bool, error) { return load.commits.Load() > 100, nil })
+
+	r, err := runDrill(t, q, "--group", "crm")
+	if err != nil || r.Outcome != "passed" {
+		t.Fatalf("verify drill on equal sites: %v: %+v", err, r)
+	}
+	if len(r.Tables) < 5 || r.LSN == "" || len(r.Steps) != 5 || !r.ObjectivesMet {
+		t.Errorf("report lacks evidence: %+v", r)
+	}
+	for _, tc := range r.Tables {
+		if !tc.Match || tc.PrimaryRows != tc.DRRows {
+			t.Errorf("table %s: %+v", tc.Table, tc)
+		}
+	}
+	if r.HeldSeconds <= 0 || r.HeldSeconds > 10 {
+		t.Errorf("DR apply held %.3fs; want a short, reported hold", r.HeldSeconds)
+	}
+	t.Logf("verify drill %s passed at %s under load: DR apply held %.3fs, %d tables, steps %+v", r.ID, r.LSN, r.HeldSeconds, len(r.Tables), r.Steps)
+	msg, err := published.NextMsg(10 * time.Second)
+	if err != nil {
+		t.Fatalf("no report on haven.drills.crm: %v", err)
+	}
+	var onNATS struct {
+		ID      string `json:"id"`
+		Outcome string `json:"outcome"`
+	}
+	if err := json.Unmarshal(msg.Data, &onNATS); err != nil || onNATS.ID != r.ID || onNATS.Outcome != "passed" {
+		t.Errorf("report on NATS: %v %s", err, msg.Data)
+	}
+
+	drw := connect(t, s.drWriteURL())
+	mustExec(t, drw, `UPDATE ledger SET amount = amount + 0.01 WHERE id = 417`)
+	mustExec(t, drw, `DELETE FROM ledger WHERE id = 23`)
+	mustExec(t, drw, `INSERT INTO ledger VALUES (5000, 'not on the primary', 1, now())`)
+	r, err = runDrill(t, q, "--group", "crm")
+	if err == nil || r.Outcome != "failed" {
+		t.Fatalf("verify drill after DR was changed: %v: %+v", err, r)
+	}
+	for _, tc := range r.Tables {
+		if tc.Table != "public.ledger" {
+			if !tc.Match {
+				t.Errorf("table %s reported different: %+v", tc.Table, tc)
+			}
+			continue
+		}
+		if tc.Match || !slices.Equal(tc.Differing, []string{"id=417"}) || !slices.Equal(tc.MissingOnDR, []string{"id=23"}) || !slices.Equal(tc.ExtraOnDR, []string{"id=5000"}) {
+			t.Errorf("ledger: %+v; want id=417 different, id=23 missing on DR, id=5000 only on DR", tc)
+		}
+	}
+	out, err := q.ctl(t, "drill", "show", r.ID)
+	if err != nil || !strings.Contains(out, "different: id=417") {
+		t.Errorf("haven ctl drill show %s: %v: %s", r.ID, err, out)
+	}
+	t.Logf("%s", out)
+	waitFor(t, 10*time.Second, "drill metrics", func() (bool, error) {
+		resp, err := http.Get(q.metrics[0])
+		if err != nil {
+			return false, err
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		for _, want := range []string{`haven_drill_last_result{group="crm",kind="verify"} 0`, `haven_drill_alert{group="crm"} 1`,
+			`haven_drill_last_success_timestamp_seconds{group="crm",kind="verify"}`} {
+			if !strings.Contains(string(body), want) {
+				return false, err
+			}
+		}
+		return true, err
+	})
+	st, err := q.ctl(t, "status")
+	if err != nil || !strings.Contains(st, "DRILL ALERT: drill "+r.ID) {
+		t.Errorf("haven ctl status does not alert on the failed drill: %v: %s", err, st)
+	}
+}
+
+// TestScheduledDrillFiresOncePerSlot: a verify drill scheduled every five
+// seconds fires at each slot exactly once, also across a leader change:
+// the leader is killed, and the next leader goes on from the last slot
+// the state records.
+func TestScheduledDrillFiresOncePerSlot(t *testing.T) {
+	_, q, _ := drillSite(t)
+	out, err := q.ctl(t, "drill", "schedule", "--group", "crm", "--kind", "verify", "--cron", "*/5 * * * * *")
+	if err != nil {
+		t.Fatalf("drill schedule: %v: %s", err, out)
+	}
+	waitFor(t, 30*time.Second, "two scheduled drills", func() (bool, error) { return len(slotsOf(t, q)) >= 2, nil })
+	st, err := q.status(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leader := -1
+	for i := range q.procs {
+		if fmt.Sprintf("c%d", i+1) == st.LeaderID {
+			leader = i
+		}
+	}
+	if leader < 0 {
+		t.Fatalf("no leader in %+v", st)
+	}
+	killedAt := time.Now()
+	q.procs[leader].kill()
+	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), leader, leader+1)}
+	waitFor(t, 60*time.Second, "scheduled drills after the leader change", func() (bool, error) {
+		s := slotsOf(t, rest)
+		return len(s) > 0 && s[len(s)-1].After(killedAt.Add(10*time.Second)), nil
+	})
+	got := slotsOf(t, rest)
+	for i := 1; i < len(got); i++ {
+		if d := got[i].Sub(got[i-1]); d != 5*time.Second {
+			t.Errorf("slots %s and %s follow each other: a slot fired twice or was missed (%v)", got[i-1], got[i], got)
+		}
+	}
+	t.Logf("%d slots fired once each across the leader change: %v", len(got), got)
+}
+
+// slotsOf lists the slots the quorum's drill reports were fired for.
+func slotsOf(t *testing.T, q *quorum) []time.Time {
+	out, err := q.ctl(t, "drill", "list", "--json")
+	if err != nil {
+		return nil
+	}
+	var l struct {
+		Reports []drillReport `json:"reports"`
+	}
+	if json.Unmarshal([]byte(out), &l) != nil {
+		return nil
+	}
+	var at []time.Time
+	for _, r := range l.Reports {
+		_, slot, ok := strings.Cut(r.Trigger, "slot ")
+		if !ok {
+			continue
+		}
+		ts, err := time.Parse(time.RFC3339, slot)
+		if err != nil {
+			t.Fatalf("trigger %q: %v", r.Trigger, err)
+		}
+		at = append(at, ts)
+	}
+	slices.SortFunc(at, func(a, b time.Time) int { return a.Compare(b) })
+	return at
+}

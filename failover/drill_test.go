@@ -1,0 +1,119 @@
+package failover
+
+import (
+	"errors"
+	"strings"
+	"testing"
+	"time"
+)
+
+// drillGroup is a state with group crm: primary a, DR b.
+func drillGroup(t *testing.T) *fsm {
+	t.Helper()
+	f := newFSM()
+	apply(t, f, 1, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000})
+	apply(t, f, 2, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "b", AppliedLSN: 100})
+	return f
+}
+
+// TestFSMDrillOrdersTheStandby: a verify drill orders the DR standby to
+// hold, then to stop at the cut, records where it holds, and lets it go
+// once the drill compares; its report replaces the running one.
+func TestFSMDrillOrdersTheStandby(t *testing.T) {
+	f := drillGroup(t)
+	r := apply(t, f, 3, command{Kind: cmdDrillStart, AtMs: 2000, Group: "crm", Node: "c1", Drill: &drillCommand{Kind: DrillVerify, Trigger: "test"}}).(Report)
+	if r.Outcome != OutcomeRunning {
+		t.Fatalf("start: %+v", r)
+	}
+	ci := func(at int64, c command) checkInResult {
+		c.Kind, c.AtMs, c.Group, c.Site = cmdCheckIn, at, "crm", "b"
+		return apply(t, f, 4, c).(checkInResult)
+	}
+	if got := ci(2100, command{}); got.DrillHold != r.ID || got.DrillCutLSN != 0 || !got.Apply {
+		t.Fatalf("standby during hold: %+v", got)
+	}
+	ci(2200, command{DrillID: r.ID, HeldLSN: 90})
+	if d := f.read().Groups["crm"].Drill; d.HeldMs != 2200 || d.HeldLSN != 90 || d.AtCut {
+		t.Fatalf("drill after the standby held: %+v", d)
+	}
+	// Where the standby says it stopped at a cut it was not given, it is not.
+	ci(2250, command{DrillID: r.ID, HeldLSN: 90, AtCut: true})
+	if f.read().Groups["crm"].Drill.AtCut {
+		t.Fatal("at the cut before there was one")
+	}
+	apply(t, f, 5, command{Kind: cmdDrillPhase, AtMs: 2300, Group: "crm", Drill: &drillCommand{ID: r.ID, Phase: drillCut, CutLSN: 120}})
+	if got := ci(2400, command{DrillID: r.ID, HeldLSN: 90}); got.DrillHold != r.ID || got.DrillCutLSN != 120 {
+		t.Fatalf("standby during the cut: %+v", got)
+	}
+	ci(2500, command{DrillID: r.ID, HeldLSN: 119, AtCut: true})
+	if d := f.read().Groups["crm"].Drill; !d.AtCut || d.HeldMs != 2200 {
+		t.Fatalf("drill at the cut: %+v", d)
+	}
+	apply(t, f, 6, command{Kind: cmdDrillPhase, AtMs: 2600, Group: "crm", Drill: &drillCommand{ID: r.ID, Phase: drillCompare}})
+	if got := ci(2700, command{}); got.DrillHold != "" {
+		t.Fatalf("standby while the drill compares: %+v, want no hold", got)
+	}
+	final := r
+	final.Outcome, final.EndedMs = OutcomePassed, 3000
+	apply(t, f, 7, command{Kind: cmdDrillFinish, AtMs: 3000, Group: "crm", Drill: &drillCommand{Report: &final}})
+	st := f.read()
+	if st.Groups["crm"].Drill != nil || st.report(r.ID).Outcome != OutcomePassed || st.Groups["crm"].DrillPassedMs[DrillVerify] != 3000 {
+		t.Fatalf("after the drill: %+v %+v", st.Groups["crm"], st.report(r.ID))
+	}
+}
+
+// TestFSMDrillBusyAndInterrupted: a drill does not start while another
+// runs (a scheduled one is recorded as skipped, with an alert), and a
+// failover ends the drill under way as interrupted.
+func TestFSMDrillBusyAndInterrupted(t *testing.T) {
+	f := drillGroup(t)
+	first := apply(t, f, 3, command{Kind: cmdDrillStart, AtMs: 2000, Group: "crm", Node: "c1", Drill: &drillCommand{Kind: DrillVerify}}).(Report)
+	second := apply(t, f, 4, command{Kind: cmdDrillStart, AtMs: 2100, Group: "crm", Node: "c1", Drill: &drillCommand{Kind: DrillVerify}}).(Report)
+	if second.Outcome != OutcomeSkipped || !strings.Contains(second.Reason, first.ID) {
+		t.Fatalf("second drill: %+v", second)
+	}
+	if a := f.read().Groups["crm"].DrillAlert; !strings.Contains(a, "skipped") {
+		t.Fatalf("alert %q", a)
+	}
+	apply(t, f, 5, command{Kind: cmdFailover, AtMs: 2200, Group: "crm", Epoch: 1, Actor: "op"})
+	st := f.read()
+	if st.Groups["crm"].Drill != nil || st.report(first.ID).Outcome != OutcomeInterrupted {
+		t.Fatalf("after a failover: %+v %+v", st.Groups["crm"].Drill, st.report(first.ID))
+	}
+	// A late report of the interrupted drill does not overwrite it.
+	late := first
+	late.Outcome = OutcomePassed
+	apply(t, f, 6, command{Kind: cmdDrillFinish, AtMs: 2300, Group: "crm", Drill: &drillCommand{Report: &late}})
+	if got := f.read().report(first.ID).Outcome; got != OutcomeInterrupted {
+		t.Fatalf("late report recorded: %s", got)
+	}
+}
+
+// TestFSMScheduleFiresEachSlotOnce: a slot fires once, whoever proposes it
+// again (a new leader that did not see the first), and a leaderless stretch
+// runs its latest slot, counting those missed.
+func TestFSMScheduleFiresEachSlotOnce(t *testing.T) {
+	f := drillGroup(t)
+	created := time.Date(2026, 11, 30, 2, 59, 30, 0, time.UTC)
+	sc := apply(t, f, 3, command{Kind: cmdSchedule, AtMs: created.UnixMilli(), Group: "crm", Drill: &drillCommand{Schedule: &Schedule{Kind: DrillVerify, Cron: "0 3 * * *"}}}).(Schedule)
+	s := f.read().Schedules[sc.ID]
+	if _, _, ok := s.dueSlot(created.Add(20 * time.Second)); ok {
+		t.Fatal("a slot is due before the first one")
+	}
+	slot, missed, ok := s.dueSlot(created.Add(time.Minute))
+	if !ok || missed != 0 || !slot.Equal(time.Date(2026, 11, 30, 3, 0, 0, 0, time.UTC)) {
+		t.Fatalf("due: %s %d %v", slot, missed, ok)
+	}
+	start := command{Kind: cmdDrillStart, AtMs: slot.UnixMilli(), Group: "crm", Node: "c1", Drill: &drillCommand{Kind: DrillVerify, Schedule: &Schedule{ID: sc.ID}, SlotMs: slot.UnixMilli()}}
+	if r, ok := apply(t, f, 4, start).(Report); !ok || r.Outcome != OutcomeRunning {
+		t.Fatalf("first firing: %+v", r)
+	}
+	if err, _ := apply(t, f, 5, start).(error); !errors.Is(err, errSlotFired) {
+		t.Fatalf("second firing of the same slot: %v", err)
+	}
+	s = f.read().Schedules[sc.ID]
+	slot, missed, ok = s.dueSlot(time.Date(2026, 12, 3, 4, 0, 0, 0, time.UTC))
+	if !ok || missed != 2 || !slot.Equal(time.Date(2026, 12, 3, 3, 0, 0, 0, time.UTC)) {
+		t.Fatalf("after three days without a leader: %s %d %v", slot, missed, ok)
+	}
+}
