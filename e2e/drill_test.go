@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -19,7 +21,7 @@ import (
 // NATS), the agent at site a and the standby at site b, caught up. The
 // primary also has a ledger table the CRM workload never touches, for rows
 // to change behind haven's back.
-func drillSite(t *testing.T) (*site, *quorum, *pgx.Conn) {
+func drillSite(t *testing.T, standbyArgs ...string) (*site, *quorum, *pgx.Conn, *proc) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
 	seedCRM(t, primary, 30)
@@ -28,13 +30,13 @@ func drillSite(t *testing.T) (*site, *quorum, *pgx.Conn) {
 	q := startQuorum(t, 3, "--nats-url", s.nats.URL())
 	controllers := strings.Join(q.apis, ",")
 	startHaven(t, "agent", s.agentArgs("--controllers", controllers, "--site", "a")...)
-	startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b")...)
+	standby := startHaven(t, "standby", s.standbyArgs(append([]string{"--controllers", controllers, "--site", "b"}, standbyArgs...)...)...)
 	waitCaughtUp(t, primary, connect(t, s.drURL()), 1, 60*time.Second)
 	waitFor(t, 30*time.Second, "the quorum to know both sites", func() (bool, error) {
 		st, err := q.status(t)
 		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b", nil
 	})
-	return s, q, primary
+	return s, q, primary, standby
 }
 
 // drillReport is what haven ctl drill … --json prints of a report.
@@ -53,7 +55,9 @@ type drillReport struct {
 	RPO struct {
 		SecondsBehind float64 `json:"secondsBehind"`
 	} `json:"rpo"`
-	ObjectivesMet bool `json:"objectivesMet"`
+	ObjectivesMet bool    `json:"objectivesMet"`
+	RTOSeconds    float64 `json:"rtoSeconds"`
+	RTOPredicted  bool    `json:"rtoPredicted"`
 	Tables        []struct {
 		Table       string   `json:"table"`
 		Match       bool     `json:"match"`
@@ -86,7 +90,7 @@ func runDrill(t *testing.T, q *quorum, args ...string) (drillReport, error) {
 // updated, one deleted, one added) make the next drill fail and name
 // exactly those keys, and only in that table.
 func TestVerifyDrill(t *testing.T) {
-	s, q, _ := drillSite(t)
+	s, q, primary, standby := drillSite(t)
 	nc, err := nats.Connect(s.nats.URL())
 	if err != nil {
 		t.Fatal(err)
@@ -107,7 +111,7 @@ func TestVerifyDrill(t *testing.T) {
 	if err != nil || r.Outcome != "passed" {
 		t.Fatalf("verify drill on equal sites: %v: %+v", err, r)
 	}
-	if len(r.Tables) < 5 || r.LSN == "" || len(r.Steps) != 5 || !r.ObjectivesMet {
+	if len(r.Tables) < 5 || r.LSN == "" || len(r.Steps) != 6 || !r.ObjectivesMet {
 		t.Errorf("report lacks evidence: %+v", r)
 	}
 	for _, tc := range r.Tables {
@@ -174,6 +178,25 @@ func TestVerifyDrill(t *testing.T) {
 	if err != nil || !strings.Contains(st, "DRILL ALERT: drill "+r.ID) {
 		t.Errorf("haven ctl status does not alert on the failed drill: %v: %s", err, st)
 	}
+
+	// A transaction writing on the primary for long would make the
+	// snapshot wait, and DR with it: the drill does not hold DR, and says
+	// which transaction.
+	long := connect(t, s.primaryURL())
+	mustExec(t, long, `BEGIN; INSERT INTO ledger VALUES (6000, 'long', 0, now())`)
+	waitFor(t, 30*time.Second, "the transaction to be old", func() (bool, error) {
+		var old bool
+		err := primary.QueryRow(t.Context(), `SELECT bool_or(xact_start < now() - interval '6 s') FROM pg_stat_activity WHERE backend_xid IS NOT NULL`).Scan(&old)
+		return old, err
+	})
+	r, err = runDrill(t, q, "--group", "crm")
+	if err == nil || r.Outcome != "failed" || !strings.Contains(r.Reason, "transactions have been writing on the primary") {
+		t.Errorf("verify drill beside a long transaction: %v: %+v", err, r)
+	}
+	if strings.Contains(standby.output(), `"drill":"`+r.ID+`"`) {
+		t.Errorf("the standby held apply for drill %s", r.ID)
+	}
+	mustExec(t, long, `ROLLBACK`)
 }
 
 // TestScheduledDrillFiresOncePerSlot: a verify drill scheduled every five
@@ -181,7 +204,7 @@ func TestVerifyDrill(t *testing.T) {
 // the leader is killed, and the next leader goes on from the last slot
 // the state records.
 func TestScheduledDrillFiresOncePerSlot(t *testing.T) {
-	_, q, _ := drillSite(t)
+	_, q, _, _ := drillSite(t)
 	out, err := q.ctl(t, "drill", "schedule", "--group", "crm", "--kind", "verify", "--cron", "*/5 * * * * *")
 	if err != nil {
 		t.Fatalf("drill schedule: %v: %s", err, out)
@@ -242,4 +265,128 @@ func slotsOf(t *testing.T, q *quorum) []time.Time {
 	}
 	slices.SortFunc(at, func(a, b time.Time) int { return a.Compare(b) })
 	return at
+}
+
+// TestPromoteDrill: a promote drill clones the DR cluster, runs the
+// promotion's steps on the clone, times them, predicts the RTO and leaves
+// no clone behind; also when the leader is killed while the clone runs
+// (the next leader ends the drill, the standby drops the clone), and when
+// the standby is (it drops the leftover clone when it starts again, and
+// finishes the drill). DR keeps applying throughout.
+func TestPromoteDrill(t *testing.T) {
+	clone, err := os.MkdirTemp("", "hvd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(clone) })
+	s, q, primary, standby := drillSite(t, "--drill-dir", clone)
+	dr := connect(t, s.drURL())
+
+	r, err := runDrill(t, q, "--group", "crm", "--kind", "promote")
+	if err != nil || r.Outcome != "passed" {
+		t.Fatalf("promote drill: %v: %+v", err, r)
+	}
+	var names []string
+	for _, st := range r.Steps {
+		names = append(names, st.Name)
+	}
+	for _, want := range []string{"clone the DR cluster", "start the clone", "promotion: sequences", "promotion: writable",
+		"promotion: a write to every table, rolled back", "predicted: detection"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("no step %q in %v", want, names)
+		}
+	}
+	if r.RTOSeconds < 3 || !r.RTOPredicted {
+		t.Errorf("predicted RTO %.2fs (predicted %v): it includes at least the 3s detection", r.RTOSeconds, r.RTOPredicted)
+	}
+	assertNoClone(t, clone)
+	t.Logf("promote drill %s: predicted RTO %.2fs, steps %+v", r.ID, r.RTOSeconds, r.Steps)
+
+	// A standby whose clone takes long (a capped rate) runs the drill now.
+	controllers := strings.Join(q.apis, ",")
+	slow := s.standbyArgs("--controllers", controllers, "--site", "b", "--drill-dir", clone, "--drill-clone-rate", "1M")
+	standby.stop()
+	standby = startHaven(t, "standby-slow-clone", slow...)
+
+	// The leader dies while the clone is made.
+	id := startDrillNoWait(t, q, "promote")
+	waitFor(t, 60*time.Second, "the clone to begin", func() (bool, error) { return exists(filepath.Join(clone, "data")), nil })
+	leader := leaderIndex(t, q)
+	q.procs[leader].kill()
+	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), leader, leader+1)}
+	waitFor(t, 60*time.Second, "the drill to end as interrupted", func() (bool, error) { return outcome(t, rest, id) == "interrupted", nil })
+	waitFor(t, 30*time.Second, "the clone to be dropped", func() (bool, error) { return !exists(clone), nil })
+
+	// The standby dies while the clone is made, and starts again (at full
+	// speed): it drops what was left, and the drill passes.
+	id = startDrillNoWait(t, rest, "promote")
+	waitFor(t, 60*time.Second, "the clone to begin", func() (bool, error) { return exists(filepath.Join(clone, "data")), nil })
+	standby.kill()
+	standby = startHaven(t, "standby-again", s.standbyArgs("--controllers", controllers, "--site", "b", "--drill-dir", clone)...)
+	waitFor(t, 120*time.Second, "the drill to pass after the standby's restart", func() (bool, error) { return outcome(t, rest, id) == "passed", nil })
+	if !strings.Contains(standby.output(), "dropped what a promote drill left in --drill-dir") {
+		t.Error("the restarted standby did not say it dropped what the drill left")
+	}
+	assertNoClone(t, clone)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+}
+
+func startDrillNoWait(t *testing.T, q *quorum, kind string) string {
+	t.Helper()
+	out, err := q.ctl(t, "drill", "run", "--group", "crm", "--kind", kind, "--no-wait", "--json")
+	if err != nil {
+		t.Fatalf("drill run --no-wait: %v: %s", err, out)
+	}
+	var started struct {
+		ID string `json:"id"`
+	}
+	if err := json.Unmarshal([]byte(out), &started); err != nil || started.ID == "" {
+		t.Fatalf("drill run --no-wait --json: %v: %s", err, out)
+	}
+	return started.ID
+}
+
+// outcome is a drill's outcome as haven ctl drill show --json prints it.
+func outcome(t *testing.T, q *quorum, id string) string {
+	out, err := q.ctl(t, "drill", "show", id, "--json")
+	if err != nil {
+		return ""
+	}
+	var r drillReport
+	if err := json.Unmarshal([]byte(out), &r); err != nil {
+		t.Fatalf("drill show --json: %v: %s", err, out)
+	}
+	return r.Outcome
+}
+
+func leaderIndex(t *testing.T, q *quorum) int {
+	t.Helper()
+	st, err := q.status(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range q.procs {
+		if fmt.Sprintf("c%d", i+1) == st.LeaderID {
+			return i
+		}
+	}
+	t.Fatalf("no leader in %+v", st)
+	return -1
+}
+
+func assertNoClone(t *testing.T, dir string) {
+	t.Helper()
+	if exists(dir) {
+		entries, _ := os.ReadDir(dir)
+		t.Errorf("the drill left %s behind: %v", dir, entries)
+	}
+	out, _ := exec.Command("pgrep", "-f", "postgres -D "+filepath.Join(dir, "data")).Output()
+	if len(strings.TrimSpace(string(out))) > 0 {
+		t.Errorf("a clone server still runs: pids %s", out)
+	}
+}
+
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
 }

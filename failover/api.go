@@ -290,7 +290,8 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	res, err := a.c.propose(command{Kind: cmdCheckIn, AtMs: time.Now().UnixMilli(), Group: r.Group, Site: r.Site, Agent: agent,
 		Epoch: r.Epoch, URL: r.DatabaseUrl, LagSeconds: r.LagSeconds, Promoted: r.PromotedEpoch, AppliedLSN: r.AppliedLsn,
 		Reported: r.Reported, Reseeded: r.Reseeded, Report: r.Report, StandbyDB: r.StandbyDatabase, DrainedLSN: r.DrainedLsn,
-		Unapplied: r.UnappliedMessages, DrillID: r.DrillId, HeldLSN: r.DrillHeldLsn, AtCut: r.DrillAtCut, GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
+		Unapplied: r.UnappliedMessages, DrillID: r.DrillId, HeldLSN: r.DrillHeldLsn, AtCut: r.DrillAtCut, DrillSteps: stepsOf(r.DrillSteps),
+		DrillDone: r.DrillDone, DrillError: r.DrillError, GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
 	if err != nil {
 		var ce *connect.Error
 		if errors.As(err, &ce) {
@@ -302,7 +303,7 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	return connect.NewResponse(&havenpb.CheckInResponse{Epoch: out.Epoch, PrimarySite: out.PrimarySite, LeaseGranted: out.Lease,
 		LeaseTtlMs: a.c.cfg.LeaseTTL.Milliseconds(), Fence: out.Fence, Promote: out.Promote, Apply: out.Apply, Reseed: out.Reseed,
 		Report: out.Report, PromotedLsn: out.PromotedLSN, SwitchoverFence: out.SwitchoverFence, CheckInMs: a.checkInMs(r.Group),
-		DrillHold: out.DrillHold, DrillCutLsn: out.DrillCutLSN}), nil
+		DrillHold: out.DrillHold, DrillCutLsn: out.DrillCutLSN, DrillRehearse: out.DrillRehearse}), nil
 }
 
 func (a *api) observe(ctx context.Context, r *havenpb.ObserveRequest) (*havenpb.ObserveResponse, error) {

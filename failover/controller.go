@@ -100,6 +100,7 @@ type Controller struct {
 	// Drills this node runs, by id, and how many it is starting.
 	drills        map[string]context.CancelFunc
 	drillStarting int
+	natsMu        sync.Mutex
 	nc            *nats.Conn // for drill reports, once one is published
 }
 
@@ -237,14 +238,12 @@ func (c *Controller) Run(ctx context.Context) error {
 }
 
 func (c *Controller) shutdown() {
-	c.mu.Lock()
-	for _, cancel := range c.drills {
-		cancel()
-	}
+	c.stopDrills()
+	c.natsMu.Lock()
 	if c.nc != nil {
 		c.nc.Close()
 	}
-	c.mu.Unlock()
+	c.natsMu.Unlock()
 	if err := c.raft.Shutdown().Error(); err != nil {
 		c.log.Warn().Err(err).Msg("Raft shutdown")
 	}

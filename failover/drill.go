@@ -3,6 +3,7 @@ package failover
 import (
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/robfig/cron/v3"
@@ -32,9 +33,13 @@ const (
 
 // Phases of a verify drill, as the standby sees them.
 const (
+	drillPrepare = "prepare" // nothing asked of the standby yet
 	drillHold    = "hold"    // the standby stops at the next transaction boundary
 	drillCut     = "cut"     // … applies up to the cut LSN, and stops there
 	drillCompare = "compare" // both sides are read under their snapshots; apply goes on
+	// A promote drill has one: the standby rehearses the promotion on a
+	// clone, reporting its steps until it is done.
+	drillRehearse = "rehearse"
 )
 
 // maxReports is how many drill reports the state keeps (newest), and
@@ -114,6 +119,10 @@ type ActiveDrill struct {
 	// at the cut.
 	HeldMs int64 `json:"held_ms,omitempty"`
 	AtCut  bool  `json:"at_cut,omitempty"`
+	// A promote drill's rehearsal, as the standby reports it.
+	Steps []Step `json:"steps,omitempty"`
+	Done  bool   `json:"done,omitempty"`
+	Error string `json:"error,omitempty"`
 }
 
 // Report is the evidence a drill leaves (havenpb.DrillReport).
@@ -162,13 +171,27 @@ type TableCheck struct {
 	ExtraOnDR     []string `json:"extra_on_dr,omitempty"`
 	Differing     []string `json:"differing,omitempty"`
 	KeysTruncated bool     `json:"keys_truncated,omitempty"`
-	Detail        string   `json:"detail,omitempty"`
+	// NotCompared: the table could not be compared (Detail says why); it
+	// neither passes nor fails the drill.
+	NotCompared bool   `json:"not_compared,omitempty"`
+	Detail      string `json:"detail,omitempty"`
 }
 
-// judge sets whether r met the objectives it was given.
+// judge sets whether r met the objectives it was given; a drill that
+// passed otherwise fails when it did not.
 func (r *Report) judge() {
-	r.ObjectivesOK = (r.RPOObjective == 0 || r.RPO.SecondsBehind <= r.RPOObjective) &&
-		(r.RTOObjective == 0 || r.RTOSeconds == 0 || r.RTOSeconds <= r.RTOObjective)
+	var missed []string
+	if r.RPOObjective > 0 && r.RPO.SecondsBehind > r.RPOObjective {
+		missed = append(missed, fmt.Sprintf("DR was %.1fs behind at the start, over the RPO objective of %gs", r.RPO.SecondsBehind, r.RPOObjective))
+	}
+	if r.RTOObjective > 0 && r.RTOSeconds > r.RTOObjective {
+		missed = append(missed, fmt.Sprintf("RTO %.1fs is over the objective of %gs", r.RTOSeconds, r.RTOObjective))
+	}
+	r.ObjectivesOK = len(missed) == 0
+	if !r.ObjectivesOK && r.Outcome == OutcomePassed {
+		r.Outcome = OutcomeFailed
+		r.Reason = joinReason("objectives missed: "+strings.Join(missed, "; "), r.Reason)
+	}
 }
 
 // busy says why a group cannot start a drill now ("" when it can).
@@ -310,7 +333,11 @@ func (s *State) startDrill(c command, g *Group) any {
 		s.audit(c.AtMs, c.Actor, "drill "+d.Kind, c.Group, r.ID+" skipped: "+why)
 		return *r
 	}
-	g.Drill = &ActiveDrill{ID: r.ID, Kind: d.Kind, Phase: drillHold, Node: c.Node}
+	phase := drillPrepare
+	if d.Kind == DrillPromote {
+		phase = drillRehearse
+	}
+	g.Drill = &ActiveDrill{ID: r.ID, Kind: d.Kind, Phase: phase, Node: c.Node}
 	s.audit(c.AtMs, c.Actor, "drill "+d.Kind, c.Group, r.ID+" started: "+d.Trigger)
 	return *r
 }

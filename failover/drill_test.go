@@ -29,6 +29,10 @@ func TestFSMDrillOrdersTheStandby(t *testing.T) {
 		c.Kind, c.AtMs, c.Group, c.Site = cmdCheckIn, at, "crm", "b"
 		return apply(t, f, 4, c).(checkInResult)
 	}
+	if got := ci(2050, command{}); got.DrillHold != "" {
+		t.Fatalf("standby before the drill asks it to hold: %+v", got)
+	}
+	apply(t, f, 4, command{Kind: cmdDrillPhase, AtMs: 2080, Group: "crm", Drill: &drillCommand{ID: r.ID, Phase: drillHold}})
 	if got := ci(2100, command{}); got.DrillHold != r.ID || got.DrillCutLSN != 0 || !got.Apply {
 		t.Fatalf("standby during hold: %+v", got)
 	}

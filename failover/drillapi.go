@@ -19,12 +19,12 @@ func checkDrillKind(kind string, disruptiveOK bool) error {
 	case DrillVerify:
 		return nil
 	case DrillPromote:
-		return errors.New("promote drills are not available yet; verify drills are")
+		return nil
 	case DrillSwitchover:
 		if !disruptiveOK {
 			return errors.New("a switchover drill stops writes on the primary for a moment: run it with --disruptive, or schedule it with --maintenance-window")
 		}
-		return errors.New("switchover drills are not available yet; verify drills are")
+		return errors.New("switchover drills are not available yet; verify and promote drills are")
 	}
 	return fmt.Errorf("no drill kind %q: verify, promote or switchover", kind)
 }
@@ -156,6 +156,14 @@ func (a *api) ShowDrill(_ context.Context, req *connect.Request[havenpb.ShowDril
 	return connect.NewResponse(&havenpb.ShowDrillResponse{Report: reportProto(r)}), nil
 }
 
+func stepsOf(steps []*havenpb.DrillStep) []Step {
+	var out []Step
+	for _, s := range steps {
+		out = append(out, Step{Name: s.Name, Seconds: s.Seconds, Detail: s.Detail})
+	}
+	return out
+}
+
 func scheduleProto(sc *Schedule, now time.Time) *havenpb.DrillSchedule {
 	p := &havenpb.DrillSchedule{Id: sc.ID, Group: sc.Group, Kind: sc.Kind, Cron: sc.Cron, MaintenanceWindow: sc.MaintenanceWindow,
 		CreatedUnixMs: sc.CreatedMs, LastSlotUnixMs: sc.LastSlotMs}
@@ -175,7 +183,8 @@ func reportProto(r *Report) *havenpb.DrillReport {
 	}
 	for _, t := range r.Tables {
 		p.Tables = append(p.Tables, &havenpb.TableCheck{Table: t.Table, Match: t.Match, PrimaryRows: t.PrimaryRows, DrRows: t.DRRows,
-			MissingOnDr: t.MissingOnDR, ExtraOnDr: t.ExtraOnDR, Differing: t.Differing, KeysTruncated: t.KeysTruncated, Detail: t.Detail})
+			MissingOnDr: t.MissingOnDR, ExtraOnDr: t.ExtraOnDR, Differing: t.Differing, KeysTruncated: t.KeysTruncated, Detail: t.Detail,
+			NotCompared: t.NotCompared})
 	}
 	return p
 }

@@ -141,6 +141,7 @@ func (s *State) clone() *State {
 		cg.DrillPassedMs = maps.Clone(g.DrillPassedMs)
 		if g.Drill != nil {
 			cg.Drill = new(*g.Drill)
+			cg.Drill.Steps = slices.Clone(g.Drill.Steps)
 		}
 		c.Groups[name] = &cg
 	}
@@ -211,6 +212,9 @@ type command struct {
 	DrillID    string  `json:"drill_id,omitempty"`
 	HeldLSN    uint64  `json:"held_lsn,omitempty"`
 	AtCut      bool    `json:"at_cut,omitempty"`
+	DrillSteps []Step  `json:"drill_steps,omitempty"`
+	DrillDone  bool    `json:"drill_done,omitempty"`
+	DrillError string  `json:"drill_error,omitempty"`
 
 	Drill *drillCommand `json:"drill,omitempty"`
 
@@ -336,6 +340,7 @@ type checkInResult struct {
 	SwitchoverFence bool
 	DrillHold       string
 	DrillCutLSN     uint64
+	DrillRehearse   string
 }
 
 func (s *State) checkIn(c command) any {
@@ -427,17 +432,23 @@ func (s *State) checkIn(c command) any {
 		g.LagSeconds = c.LagSeconds
 		g.AppliedLSN, g.UnappliedMessages = c.AppliedLSN, c.Unapplied
 		if d := g.Drill; d != nil {
-			if c.DrillID == d.ID {
+			switch {
+			case c.DrillID != d.ID:
+			case d.Kind == DrillPromote:
+				d.Steps, d.Done, d.Error = c.DrillSteps, c.DrillDone, c.DrillError
+			default:
 				if d.HeldMs == 0 {
 					d.HeldMs = c.AtMs
 				}
 				d.HeldLSN, d.AtCut = c.HeldLSN, c.AtCut && d.CutLSN != 0
 			}
-			if d.Phase == drillHold || d.Phase == drillCut {
+			switch d.Phase {
+			case drillHold:
 				r.DrillHold = d.ID
-				if d.Phase == drillCut {
-					r.DrillCutLSN = d.CutLSN
-				}
+			case drillCut:
+				r.DrillHold, r.DrillCutLSN = d.ID, d.CutLSN
+			case drillRehearse:
+				r.DrillRehearse = d.ID
 			}
 		}
 		if g.Switchover == phaseCatchUp && g.current(c.AtMs) {

@@ -38,7 +38,7 @@ type checkedTable struct {
 	schema, name string
 	cols         []string // compared columns, in the primary's order
 	keys         []string // its replica identity's columns (none: the whole row is the key)
-	partitioned  bool
+	filtered     bool     // the publication filters its rows
 }
 
 func (t checkedTable) String() string { return t.schema + "." + t.name }
@@ -47,7 +47,7 @@ func (t checkedTable) String() string { return t.schema + "." + t.name }
 // haven's own), their columns (the publication's column list where it has
 // one), and their key: the replica identity's index, or the primary key.
 const verifyTablesQuery = `
-SELECT n.nspname, c.relname, c.relkind = 'p',
+SELECT n.nspname, c.relname, %s,
 	ARRAY(SELECT a.attname::text FROM pg_attribute a
 		WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
 		AND (%s) ORDER BY a.attnum),
@@ -64,21 +64,21 @@ ORDER BY 1, 2`
 
 func verifyTables(ctx context.Context, tx pgx.Tx, group string) ([]checkedTable, error) {
 	// PostgreSQL 15 publications may publish some columns only.
-	cols := "true"
+	cols, filtered := "true", "false"
 	var version int
 	if err := tx.QueryRow(ctx, `SELECT current_setting('server_version_num')::int`).Scan(&version); err != nil {
 		return nil, fmt.Errorf("read the primary's version: %w", err)
 	}
 	if version >= 150000 {
-		cols = "p.attnames IS NULL OR a.attname = ANY (p.attnames)"
+		cols, filtered = "p.attnames IS NULL OR a.attname = ANY (p.attnames)", "p.rowfilter IS NOT NULL"
 	}
-	rows, err := tx.Query(ctx, fmt.Sprintf(verifyTablesQuery, cols), wire.PublicationName(group))
+	rows, err := tx.Query(ctx, fmt.Sprintf(verifyTablesQuery, filtered, cols), wire.PublicationName(group))
 	if err != nil {
 		return nil, fmt.Errorf("list the replicated tables on the primary: %w", err)
 	}
 	tables, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (checkedTable, error) {
 		var t checkedTable
-		err := row.Scan(&t.schema, &t.name, &t.partitioned, &t.cols, &t.keys)
+		err := row.Scan(&t.schema, &t.name, &t.filtered, &t.cols, &t.keys)
 		return t, err
 	})
 	if err != nil {
@@ -95,13 +95,10 @@ func identList(names []string) string {
 	return strings.Join(q, ", ")
 }
 
-// rowsSQL selects each row's hash (h), its key's hash (k), its bucket (b)
-// and its key as text (key: "id=42", or the row for a table without one).
-func (t checkedTable) rowsSQL() string {
-	from := pgx.Identifier{t.schema, t.name}.Sanitize()
-	if !t.partitioned {
-		from = "ONLY " + from
-	}
+// rowsSQL selects each row's hash (h), its key's hash (k), its bucket (b),
+// its sub-bucket (sb, from other bits of the key's hash) and its key as
+// text (key: "id=42", or the row for a table without a key), from from.
+func (t checkedTable) rowsSQL(from string) string {
 	row := fmt.Sprintf("md5(ROW(%s)::text)", identList(t.cols))
 	key, shown := row, fmt.Sprintf("left(ROW(%s)::text, 200)", identList(t.cols))
 	if len(t.keys) > 0 {
@@ -112,11 +109,85 @@ func (t checkedTable) rowsSQL() string {
 		}
 		shown = "concat_ws(', ', " + strings.Join(parts, ", ") + ")"
 	}
-	return fmt.Sprintf(`SELECT h, k, ('x' || substr(k, 1, 8))::bit(32)::bigint %% %d AS b, key FROM (SELECT %s AS h, %s AS k, %s AS key FROM %s) r`,
-		verifyBuckets, row, key, shown, from)
+	return fmt.Sprintf(`SELECT h, k, ('x' || substr(k, 1, 8))::bit(32)::bigint %% %d AS b, ('x' || substr(k, 9, 8))::bit(32)::bigint %% %d AS sb, key
+		FROM (SELECT %s AS h, %s AS k, %s AS key FROM %s) r`, verifyBuckets, verifyBuckets, row, key, shown, from)
 }
 
 func quoteLiteral(s string) string { return "'" + strings.ReplaceAll(s, "'", "''") + "'" }
+
+// side is one site's database read under one snapshot: holder keeps the
+// snapshot alive (the primary's replication connection that exported it
+// with its slot, or DR's transaction that exported it), and reader imports
+// it into a transaction per read, so that a table is locked (against a
+// TRUNCATE or ALTER there) only while it is read.
+type side struct {
+	name     string
+	holder   *pgx.Conn
+	reader   *pgx.Conn
+	snapshot string
+}
+
+func (s *side) close() {
+	for _, c := range []*pgx.Conn{s.reader, s.holder} {
+		if c != nil {
+			c.Close(context.Background())
+		}
+	}
+}
+
+// errRewritten: the table was emptied or rewritten (TRUNCATE, ALTER TABLE,
+// VACUUM FULL) after the snapshot, which such commands do not respect.
+var errRewritten = errors.New("rewritten after the snapshot (TRUNCATE, ALTER TABLE, VACUUM FULL, CLUSTER): its rows under the snapshot cannot be read")
+
+// inSnapshot runs f in a transaction of its own under the side's snapshot.
+func (s *side) inSnapshot(ctx context.Context, f func(tx pgx.Tx) error) error {
+	tx, err := s.reader.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead, AccessMode: pgx.ReadOnly})
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(context.Background())
+	if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+quoteLiteral(s.snapshot)); err != nil {
+		return fmt.Errorf("import the snapshot: %w", err)
+	}
+	if err := f(tx); err != nil {
+		return err
+	}
+	return tx.Commit(ctx)
+}
+
+// read runs f on the rows of t (rows: their SQL, rowsSQL) under the side's
+// snapshot.
+func (s *side) read(ctx context.Context, t checkedTable, f func(tx pgx.Tx, rows string) error) error {
+	return s.inSnapshot(ctx, func(tx pgx.Tx) error {
+		name := pgx.Identifier{t.schema, t.name}.Sanitize()
+		var kind string
+		var snapNode uint32
+		err := tx.QueryRow(ctx, `SELECT relkind::text, relfilenode::int8 FROM pg_class WHERE oid = to_regclass($1)`, name).Scan(&kind, &snapNode)
+		if errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("no table %s on %s", name, s.name)
+		}
+		if err != nil {
+			return err
+		}
+		from := "ONLY " + name
+		if kind == "p" {
+			from = name
+		}
+		if err := f(tx, t.rowsSQL(from)); err != nil {
+			return err
+		}
+		// pg_class read under the snapshot against the relation as it is
+		// now (and stays, while this transaction holds its lock).
+		var nowNode uint32
+		if err := tx.QueryRow(ctx, `SELECT coalesce(pg_relation_filenode(to_regclass($1)), 0)::int8`, name).Scan(&nowNode); err != nil {
+			return err
+		}
+		if snapNode != 0 && nowNode != snapNode {
+			return errRewritten
+		}
+		return nil
+	})
+}
 
 // bucket sums the rows of one bucket.
 type bucket struct {
@@ -124,48 +195,66 @@ type bucket struct {
 	h1, h2 string // sums of the two halves of the rows' hashes (numeric)
 }
 
-// sums reads a table's buckets. A failure is reported, and the transaction
-// kept usable, through a savepoint.
-func sums(ctx context.Context, tx pgx.Tx, t checkedTable) (map[int64]bucket, error) {
-	out := map[int64]bucket{}
-	err := savepoint(ctx, tx, func() error {
-		rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT b, count(*), sum(('x' || substr(h, 1, 16))::bit(64)::bigint::numeric)::text,
-			sum(('x' || substr(h, 17, 16))::bit(64)::bigint::numeric)::text FROM (%s) s GROUP BY b`, t.rowsSQL()))
+// sumsSQL sums rows by bucket (by bucket and sub-bucket with sub).
+func sumsSQL(rows string, sub bool) string {
+	group, where := "b, 0", ""
+	if sub {
+		group, where = "b, sb", " WHERE b = ANY ($1)"
+	}
+	return fmt.Sprintf(`SELECT %s, count(*), sum(('x' || substr(h, 1, 16))::bit(64)::bigint::numeric)::text,
+		sum(('x' || substr(h, 17, 16))::bit(64)::bigint::numeric)::text FROM (%s) s%s GROUP BY 1, 2`, group, rows, where)
+}
+
+// sums reads a table's sums, by bucket, or by sub-bucket of the buckets
+// given.
+func (s *side) sums(ctx context.Context, t checkedTable, buckets []int64) (map[[2]int64]bucket, error) {
+	out := map[[2]int64]bucket{}
+	err := s.read(ctx, t, func(tx pgx.Tx, rows string) error {
+		var args []any
+		if buckets != nil {
+			args = append(args, buckets)
+		}
+		res, err := tx.Query(ctx, sumsSQL(rows, buckets != nil), args...)
 		if err != nil {
 			return err
 		}
-		for rows.Next() {
-			var b int64
-			var s bucket
-			if err := rows.Scan(&b, &s.rows, &s.h1, &s.h2); err != nil {
-				rows.Close()
+		for res.Next() {
+			var k [2]int64
+			var b bucket
+			if err := res.Scan(&k[0], &k[1], &b.rows, &b.h1, &b.h2); err != nil {
+				res.Close()
 				return err
 			}
-			out[b] = s
+			out[k] = b
 		}
-		return rows.Err()
+		return res.Err()
 	})
 	return out, err
 }
 
-// listed is a row of a listed bucket: its hash and its key as text.
+// listed is a row of a listed sub-bucket: its hash and its key as text.
 type listed struct{ h, key string }
 
-func listRows(ctx context.Context, tx pgx.Tx, t checkedTable, buckets []int64) (map[string]listed, error) {
+// list reads the rows of some sub-buckets (bucket, sub-bucket pairs).
+func (s *side) list(ctx context.Context, t checkedTable, pairs [][2]int64) (map[string]listed, error) {
 	out := map[string]listed{}
-	err := savepoint(ctx, tx, func() error {
-		rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT k, h, key FROM (%s) s WHERE b = ANY ($1)`, t.rowsSQL()), buckets)
+	var bs, sbs []int64
+	for _, p := range pairs {
+		bs, sbs = append(bs, p[0]), append(sbs, p[1])
+	}
+	err := s.read(ctx, t, func(tx pgx.Tx, rows string) error {
+		res, err := tx.Query(ctx, fmt.Sprintf(`SELECT k, h, key FROM (%s) s WHERE (b, sb) IN (SELECT * FROM unnest($1::int8[], $2::int8[]))`, rows), bs, sbs)
 		if err != nil {
 			return err
 		}
-		for rows.Next() {
+		for res.Next() {
 			var k string
 			var l listed
-			if err := rows.Scan(&k, &l.h, &l.key); err != nil {
-				rows.Close()
+			if err := res.Scan(&k, &l.h, &l.key); err != nil {
+				res.Close()
 				return err
 			}
-			if t.keys == nil {
+			if len(t.keys) == 0 {
 				// Identical rows of a table without a key share a hash: one
 				// more or fewer of them is a difference too.
 				for n := 1; ; n++ {
@@ -177,66 +266,101 @@ func listRows(ctx context.Context, tx pgx.Tx, t checkedTable, buckets []int64) (
 			}
 			out[k] = l
 		}
-		return rows.Err()
+		return res.Err()
 	})
 	return out, err
 }
 
-func savepoint(ctx context.Context, tx pgx.Tx, f func() error) error {
-	if _, err := tx.Exec(ctx, "SAVEPOINT haven_verify"); err != nil {
-		return err
-	}
-	if err := f(); err != nil {
-		_, rerr := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT haven_verify")
-		return errors.Join(err, rerr)
-	}
-	_, err := tx.Exec(ctx, "RELEASE SAVEPOINT haven_verify")
-	return err
+// both runs f on the primary and on DR at once.
+func both[T any](p, d *side, f func(s *side) (T, error)) (T, T, error, error) {
+	var pv T
+	var perr error
+	done := make(chan struct{})
+	go func() { defer close(done); pv, perr = f(p) }()
+	dv, derr := f(d)
+	<-done
+	return pv, dv, perr, derr
 }
 
-// compareTable checks one table on both sides.
-func compareTable(ctx context.Context, primary, dr pgx.Tx, t checkedTable) TableCheck {
+// differing returns the keys whose sums differ, at most limit of them, and
+// whether there were more.
+func differing(p, d map[[2]int64]bucket, limit int) ([][2]int64, bool) {
+	keys := map[[2]int64]bool{}
+	for k := range p {
+		keys[k] = true
+	}
+	for k := range d {
+		keys[k] = true
+	}
+	var out [][2]int64
+	for _, k := range slices.SortedFunc(maps.Keys(keys), func(a, b [2]int64) int {
+		if a[0] != b[0] {
+			return int(a[0] - b[0])
+		}
+		return int(a[1] - b[1])
+	}) {
+		if p[k] != d[k] {
+			out = append(out, k)
+		}
+	}
+	if len(out) > limit {
+		return out[:limit], true
+	}
+	return out, false
+}
+
+// compareTable checks one table on both sides: sums by bucket; for the
+// buckets that differ, sums by sub-bucket; for the sub-buckets that
+// differ, the rows, by key. A side reads at most a few 65536ths of a large
+// table into memory.
+func compareTable(ctx context.Context, p, d *side, t checkedTable) TableCheck {
 	check := TableCheck{Table: t.String()}
-	var ps, ds map[int64]bucket
-	var perr, derr error
-	done := make(chan struct{})
-	go func() { defer close(done); ps, perr = sums(ctx, primary, t) }()
-	ds, derr = sums(ctx, dr, t)
-	<-done
-	if perr != nil {
-		check.Detail = "reading it on the primary failed: " + pgMessage(perr)
+	failed := func(perr, derr error) bool {
+		switch {
+		case errors.Is(perr, errRewritten) || errors.Is(derr, errRewritten):
+			check.NotCompared = true
+			where := "on the primary"
+			if errors.Is(derr, errRewritten) {
+				where = "on DR"
+			}
+			check.Detail = "not compared: " + where + ", " + errRewritten.Error()
+		case perr != nil:
+			check.Detail = "reading it on the primary failed: " + pgMessage(perr)
+		case derr != nil:
+			check.Detail = "reading it on DR failed (does it exist there with these columns?): " + pgMessage(derr)
+		default:
+			return false
+		}
+		return true
+	}
+	ps, ds, perr, derr := both(p, d, func(s *side) (map[[2]int64]bucket, error) { return s.sums(ctx, t, nil) })
+	if failed(perr, derr) {
 		return check
 	}
 	for _, b := range ps {
 		check.PrimaryRows += b.rows
 	}
-	if derr != nil {
-		check.Detail = "reading it on DR failed (does it exist there with these columns?): " + pgMessage(derr)
-		return check
-	}
 	for _, b := range ds {
 		check.DRRows += b.rows
 	}
-	var differ []int64
-	for b := range int64(verifyBuckets) {
-		if ps[b] != ds[b] {
-			differ = append(differ, b)
-		}
-	}
-	if len(differ) == 0 {
+	buckets, more := differing(ps, ds, maxListedBuckets)
+	if len(buckets) == 0 {
 		check.Match = true
 		return check
 	}
-	if len(differ) > maxListedBuckets {
-		differ, check.KeysTruncated = differ[:maxListedBuckets], true
+	check.KeysTruncated = more
+	var ids []int64
+	for _, b := range buckets {
+		ids = append(ids, b[0])
 	}
-	var pl, dl map[string]listed
-	listed := make(chan struct{})
-	go func() { defer close(listed); pl, perr = listRows(ctx, primary, t, differ) }()
-	dl, derr = listRows(ctx, dr, t, differ)
-	<-listed
-	if err := errors.Join(perr, derr); err != nil {
-		check.Detail = "the table differs; listing the differing rows failed: " + pgMessage(err)
+	ps, ds, perr, derr = both(p, d, func(s *side) (map[[2]int64]bucket, error) { return s.sums(ctx, t, ids) })
+	if failed(perr, derr) {
+		return check
+	}
+	subs, more := differing(ps, ds, maxListedBuckets)
+	check.KeysTruncated = check.KeysTruncated || more
+	pl, dl, perr, derr := both(p, d, func(s *side) (map[string]listed, error) { return s.list(ctx, t, subs) })
+	if failed(perr, derr) {
 		return check
 	}
 	add := func(list *[]string, key string) {
@@ -247,13 +371,13 @@ func compareTable(ctx context.Context, primary, dr pgx.Tx, t checkedTable) Table
 		}
 	}
 	for _, k := range slices.Sorted(maps.Keys(pl)) {
-		p := pl[k]
-		d, ok := dl[k]
+		pr := pl[k]
+		dr, ok := dl[k]
 		switch {
 		case !ok:
-			add(&check.MissingOnDR, p.key)
-		case d.h != p.h:
-			add(&check.Differing, p.key)
+			add(&check.MissingOnDR, pr.key)
+		case dr.h != pr.h:
+			add(&check.Differing, pr.key)
 		}
 	}
 	for _, k := range slices.Sorted(maps.Keys(dl)) {
@@ -261,7 +385,7 @@ func compareTable(ctx context.Context, primary, dr pgx.Tx, t checkedTable) Table
 			add(&check.ExtraOnDR, dl[k].key)
 		}
 	}
-	check.Detail = fmt.Sprintf("%d of %d key buckets differ", len(differ), verifyBuckets)
+	check.Detail = fmt.Sprintf("%d of %d key buckets differ", len(buckets), verifyBuckets)
 	return check
 }
 

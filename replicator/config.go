@@ -3,6 +3,8 @@ package replicator
 import (
 	"errors"
 	"fmt"
+	"path/filepath"
+	"regexp"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -40,7 +42,16 @@ type Config struct {
 	// SequenceGap is how many increments past the primary's last known
 	// value a promotion moves every sequence.
 	SequenceGap int64
+	// DrillDir is where a promote drill clones the DR cluster (rehearse.go);
+	// what is in it is the drill's to delete. Default: haven-drill-<group>
+	// in the temporary directory.
+	DrillDir string
+	// DrillCloneRate caps how fast a promote drill reads the DR cluster
+	// (pg_basebackup --max-rate: 32k to 1024M); empty: no cap.
+	DrillCloneRate string
 }
+
+var cloneRate = regexp.MustCompile(`^[0-9]+[kM]?$`)
 
 // DefaultConfig returns the defaults the command line starts from.
 func DefaultConfig() Config {
@@ -70,6 +81,10 @@ func (c Config) Validate() error {
 		return errors.New("--controllers needs --site: the name of the DR site (e.g. the data centre)")
 	case c.SequenceGap < 0:
 		return errors.New("--promote-sequence-gap must not be negative")
+	case c.DrillDir != "" && !filepath.IsAbs(c.DrillDir):
+		return fmt.Errorf("--drill-dir %q must be an absolute path", c.DrillDir)
+	case c.DrillCloneRate != "" && !cloneRate.MatchString(c.DrillCloneRate):
+		return fmt.Errorf("--drill-clone-rate %q: a rate in kB/s, with k or M, e.g. 64M", c.DrillCloneRate)
 	}
 	if _, err := pgconn.ParseConfig(c.TargetURL); err != nil {
 		return fmt.Errorf("--target-url: %w", err)

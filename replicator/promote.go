@@ -73,6 +73,11 @@ func (s *Standby) checkIns(ctx context.Context) {
 		if h := s.control.held.Load(); h != nil {
 			req.DrillId, req.DrillHeldLsn, req.DrillAtCut = h.id, uint64(h.lsn), h.atCut
 		}
+		s.rehearsalMu.Lock()
+		if r := s.rehearsal; r != nil {
+			r.report(req)
+		}
+		s.rehearsalMu.Unlock()
 		resp, err := clients.CheckIn(ctx, req, time.Second)
 		switch {
 		case ctx.Err() != nil:
@@ -83,17 +88,20 @@ func (s *Standby) checkIns(ctx context.Context) {
 				s.log.Warn().Err(err).Msg("no controller answered the standby's check-in: the quorum cannot see DR's lag, so it will not fail over by itself")
 			}
 		default:
+			// A drill's hold first: apply must know it before it may go on.
+			if resp.DrillHold == "" {
+				s.control.drill.Store(nil)
+			} else {
+				s.control.drill.Store(&drillOrder{id: resp.DrillHold, cut: pglogrepl.LSN(resp.DrillCutLsn)})
+			}
+			s.rehearse(ctx, resp.DrillRehearse)
 			if s.control.apply.Swap(resp.Apply) != resp.Apply {
 				s.log.Info().Bool("apply", resp.Apply).Bool("reseed", resp.Reseed).Str("primary_site", resp.PrimarySite).Uint64("epoch", resp.Epoch).
 					Msg("the controllers changed this site's orders")
 			}
 			s.control.reseed.Store(resp.Reseed)
 			s.control.answered.Store(true)
-			if resp.DrillHold == "" {
-				s.control.drill.Store(nil)
-			} else {
-				s.control.drill.Store(&drillOrder{id: resp.DrillHold, cut: pglogrepl.LSN(resp.DrillCutLsn)})
-			}
+
 			if resp.Promote && s.control.promoted.Load() < resp.Epoch && s.control.promoteTo.Swap(resp.Epoch) != resp.Epoch {
 				s.log.Warn().Uint64("epoch", resp.Epoch).Msg("the controllers ordered this site's promotion: draining the stream, then promoting")
 			}
@@ -172,14 +180,38 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 		return err
 	}
 	step("drain", t)
-	t = time.Now()
-	if err := advanceAllSequences(ctx, a.conn, s.cfg.SequenceGap); err != nil {
+	if err := makePrimary(ctx, a.conn, s.cfg, epoch, a.pos.commitLSN, steps); err != nil {
+		return err
+	}
+	s.control.appliedLSN.Store(uint64(a.pos.commitLSN))
+	s.control.promoted.Store(epoch)
+	topology, _ := json.Marshal(map[string]any{"group": s.cfg.Group, "primary_site": s.cfg.Site, "epoch": epoch, "at": time.Now().UTC()})
+	if err := nc.Publish(wire.TopologySubject(s.cfg.Group), topology); err != nil {
+		s.log.Warn().Err(err).Msg("could not announce the new topology on NATS")
+	}
+	s.log.Warn().Uint64("epoch", epoch).Stringer("applied_through", a.pos.commitLSN).Interface("steps_seconds", steps).
+		Float64("took_seconds", time.Since(started).Seconds()).Msg("PROMOTED: the DR database is the group's primary and accepts writes; apply has stopped")
+	if s.cfg.PromoteHook != "" {
+		runHook(ctx, s.log, s.cfg.PromoteHook, s.cfg.Group, s.cfg.Site, epoch)
+	}
+	return errPromoted
+}
+
+// makePrimary runs the promotion's steps on a DR database (the DR copy, or
+// a promote drill's clone of it): sequences moved past what the primary can
+// have handed out, synchronous commit released, the database made writable
+// and the promotion recorded, with steps (seconds by step), to which it
+// adds its own.
+func makePrimary(ctx context.Context, conn *pgx.Conn, cfg Config, epoch uint64, applied pglogrepl.LSN, steps map[string]float64) error {
+	step := func(name string, since time.Time) { steps[name] = time.Since(since).Seconds() }
+	t := time.Now()
+	if err := advanceAllSequences(ctx, conn, cfg.SequenceGap); err != nil {
 		return err
 	}
 	step("sequences", t)
 	t = time.Now()
 	var db string
-	if err := a.conn.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
+	if err := conn.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
 		return fmt.Errorf("read the database name: %w", err)
 	}
 	// A former primary in synchronous mode named its agent in
@@ -187,19 +219,19 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 	// commit here would wait (and the agent's new slot would wait for those
 	// commits). The agent names itself again once its slot exists.
 	var names string
-	if err := a.conn.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names')`).Scan(&names); err != nil {
+	if err := conn.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names')`).Scan(&names); err != nil {
 		return fmt.Errorf("read synchronous_standby_names: %w", err)
 	}
-	if names == `"haven_`+s.cfg.Group+`"` { // the agent's replication connection (agent.SlotName)
-		if _, err := a.conn.Exec(ctx, `ALTER SYSTEM RESET synchronous_standby_names`); err != nil {
+	if names == `"haven_`+cfg.Group+`"` { // the agent's replication connection (agent.SlotName)
+		if _, err := conn.Exec(ctx, `ALTER SYSTEM RESET synchronous_standby_names`); err != nil {
 			return fmt.Errorf("clear synchronous_standby_names: %w", err)
 		}
-		if _, err := a.conn.Exec(ctx, `SELECT pg_reload_conf()`); err != nil {
+		if _, err := conn.Exec(ctx, `SELECT pg_reload_conf()`); err != nil {
 			return fmt.Errorf("reload the configuration: %w", err)
 		}
 	}
 	stepsJSON, _ := json.Marshal(steps)
-	err := pgx.BeginFunc(ctx, a.conn, func(tx pgx.Tx) error {
+	err := pgx.BeginFunc(ctx, conn, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{db}.Sanitize()+" RESET default_transaction_read_only"); err != nil {
 			return fmt.Errorf("make the DR database writable: %w", err)
 		}
@@ -213,25 +245,14 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 		}
 		_, err := tx.Exec(ctx, `INSERT INTO haven.promotions (group_name, epoch, commit_lsn, steps) VALUES ($1, $2, $3::pg_lsn, $4)
 			ON CONFLICT (group_name) DO UPDATE SET epoch = excluded.epoch, promoted_at = now(), commit_lsn = excluded.commit_lsn, steps = excluded.steps`,
-			s.cfg.Group, epoch, a.pos.commitLSN.String(), string(stepsJSON))
+			cfg.Group, epoch, applied.String(), string(stepsJSON))
 		return err
 	})
 	if err != nil {
 		return fmt.Errorf("promote: %w", err)
 	}
 	step("writable", t)
-	s.control.appliedLSN.Store(uint64(a.pos.commitLSN))
-	s.control.promoted.Store(epoch)
-	topology, _ := json.Marshal(map[string]any{"group": s.cfg.Group, "primary_site": s.cfg.Site, "epoch": epoch, "at": time.Now().UTC()})
-	if err := nc.Publish(wire.TopologySubject(s.cfg.Group), topology); err != nil {
-		s.log.Warn().Err(err).Msg("could not announce the new topology on NATS")
-	}
-	s.log.Warn().Uint64("epoch", epoch).Stringer("applied_through", a.pos.commitLSN).Interface("steps_seconds", steps).
-		Float64("took_seconds", time.Since(started).Seconds()).Msg("PROMOTED: the DR database is the group's primary and accepts writes; apply has stopped")
-	if s.cfg.PromoteHook != "" {
-		runHook(ctx, s.log, s.cfg.PromoteHook, s.cfg.Group, s.cfg.Site, epoch)
-	}
-	return errPromoted
+	return nil
 }
 
 // advanceAllSequences moves every sequence past the values the primary can

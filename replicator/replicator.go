@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -33,6 +36,10 @@ type Standby struct {
 	// only).
 	isolateThrough uint64
 	control        controlState
+	// A promote drill's rehearsal under way (rehearse.go).
+	rehearsalMu sync.Mutex
+	rehearsal   *rehearsal
+	cloneMu     sync.Mutex
 }
 
 // New checks cfg and registers the standby's metrics on reg.
@@ -41,6 +48,9 @@ func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Standby, e
 		return nil, err
 	}
 	log = log.With().Str("component", "standby").Str("group", cfg.Group).Logger()
+	if cfg.DrillDir == "" {
+		cfg.DrillDir = filepath.Join(os.TempDir(), "haven-drill-"+cfg.Group)
+	}
 	s := &Standby{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
 	s.health.Set("starting")
 	s.control.lag.start(position{}) // behind since now, until shown otherwise
@@ -62,6 +72,7 @@ func (e *operatorError) Unwrap() error { return e.err }
 // an operator can fix ends Run with an error.
 func (s *Standby) Run(ctx context.Context) error {
 	if len(s.cfg.Controllers) > 0 {
+		s.dropLeftoverClone()
 		go s.checkIns(ctx)
 	}
 	wait := time.Duration(0)

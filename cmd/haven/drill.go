@@ -237,7 +237,10 @@ func printReport(w io.Writer, d *havenpb.DrillReport) {
 	}
 	for _, t := range d.Tables {
 		state := "equal"
-		if !t.Match {
+		switch {
+		case t.NotCompared:
+			state = "skipped"
+		case !t.Match:
 			state = "DIFFERS"
 		}
 		fmt.Fprintf(w, "  table %-30s %-8s primary %d rows, DR %d rows", t.Table, state, t.PrimaryRows, t.DrRows)

@@ -1162,9 +1162,14 @@ type CheckInRequest struct {
 	// Standby: the drill it holds apply for; where apply stopped; and
 	// whether it stopped at the drill's cut (every transaction that committed
 	// before drill_cut_lsn applied, none after).
-	DrillId       string `protobuf:"bytes,15,opt,name=drill_id,json=drillId,proto3" json:"drill_id,omitempty"`
-	DrillHeldLsn  uint64 `protobuf:"varint,16,opt,name=drill_held_lsn,json=drillHeldLsn,proto3" json:"drill_held_lsn,omitempty"`
-	DrillAtCut    bool   `protobuf:"varint,17,opt,name=drill_at_cut,json=drillAtCut,proto3" json:"drill_at_cut,omitempty"`
+	DrillId      string `protobuf:"bytes,15,opt,name=drill_id,json=drillId,proto3" json:"drill_id,omitempty"`
+	DrillHeldLsn uint64 `protobuf:"varint,16,opt,name=drill_held_lsn,json=drillHeldLsn,proto3" json:"drill_held_lsn,omitempty"`
+	DrillAtCut   bool   `protobuf:"varint,17,opt,name=drill_at_cut,json=drillAtCut,proto3" json:"drill_at_cut,omitempty"`
+	// Standby: the promotion rehearsal of drill_id, its steps so far, and
+	// whether it ended (with drill_error when it failed).
+	DrillSteps    []*DrillStep `protobuf:"bytes,18,rep,name=drill_steps,json=drillSteps,proto3" json:"drill_steps,omitempty"`
+	DrillDone     bool         `protobuf:"varint,19,opt,name=drill_done,json=drillDone,proto3" json:"drill_done,omitempty"`
+	DrillError    string       `protobuf:"bytes,20,opt,name=drill_error,json=drillError,proto3" json:"drill_error,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1318,6 +1323,27 @@ func (x *CheckInRequest) GetDrillAtCut() bool {
 	return false
 }
 
+func (x *CheckInRequest) GetDrillSteps() []*DrillStep {
+	if x != nil {
+		return x.DrillSteps
+	}
+	return nil
+}
+
+func (x *CheckInRequest) GetDrillDone() bool {
+	if x != nil {
+		return x.DrillDone
+	}
+	return false
+}
+
+func (x *CheckInRequest) GetDrillError() string {
+	if x != nil {
+		return x.DrillError
+	}
+	return ""
+}
+
 type CheckInResponse struct {
 	state       protoimpl.MessageState `protogen:"open.v1"`
 	Epoch       uint64                 `protobuf:"varint,1,opt,name=epoch,proto3" json:"epoch,omitempty"`
@@ -1349,8 +1375,12 @@ type CheckInResponse struct {
 	// Standby: hold apply for this drill at the next transaction boundary;
 	// with drill_cut_lsn, apply every transaction that committed before it
 	// first, then hold. No drill_hold: apply.
-	DrillHold     string `protobuf:"bytes,13,opt,name=drill_hold,json=drillHold,proto3" json:"drill_hold,omitempty"`
-	DrillCutLsn   uint64 `protobuf:"varint,14,opt,name=drill_cut_lsn,json=drillCutLsn,proto3" json:"drill_cut_lsn,omitempty"`
+	DrillHold   string `protobuf:"bytes,13,opt,name=drill_hold,json=drillHold,proto3" json:"drill_hold,omitempty"`
+	DrillCutLsn uint64 `protobuf:"varint,14,opt,name=drill_cut_lsn,json=drillCutLsn,proto3" json:"drill_cut_lsn,omitempty"`
+	// Standby: rehearse the promotion for this drill on a clone of the DR
+	// cluster (apply goes on). No drill_rehearse: stop one under way and
+	// drop its clone.
+	DrillRehearse string `protobuf:"bytes,15,opt,name=drill_rehearse,json=drillRehearse,proto3" json:"drill_rehearse,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1481,6 +1511,13 @@ func (x *CheckInResponse) GetDrillCutLsn() uint64 {
 		return x.DrillCutLsn
 	}
 	return 0
+}
+
+func (x *CheckInResponse) GetDrillRehearse() string {
+	if x != nil {
+		return x.DrillRehearse
+	}
+	return ""
 }
 
 type ObserveRequest struct {
@@ -2730,6 +2767,9 @@ type TableCheck struct {
 	Differing     []string               `protobuf:"bytes,7,rep,name=differing,proto3" json:"differing,omitempty"`
 	KeysTruncated bool                   `protobuf:"varint,8,opt,name=keys_truncated,json=keysTruncated,proto3" json:"keys_truncated,omitempty"`
 	Detail        string                 `protobuf:"bytes,9,opt,name=detail,proto3" json:"detail,omitempty"`
+	// The table could not be compared (detail says why: a TRUNCATE during
+	// the drill, a publication row filter); it neither passes nor fails it.
+	NotCompared   bool `protobuf:"varint,10,opt,name=not_compared,json=notCompared,proto3" json:"not_compared,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2827,6 +2867,13 @@ func (x *TableCheck) GetDetail() string {
 	return ""
 }
 
+func (x *TableCheck) GetNotCompared() bool {
+	if x != nil {
+		return x.NotCompared
+	}
+	return false
+}
+
 var File_control_proto protoreflect.FileDescriptor
 
 const file_control_proto_rawDesc = "" +
@@ -2913,7 +2960,7 @@ const file_control_proto_rawDesc = "" +
 	"\rResumeRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
 	"\x05actor\x18\x02 \x01(\tR\x05actor\"\x10\n" +
-	"\x0eResumeResponse\"\xbd\x04\n" +
+	"\x0eResumeResponse\"\xb3\x05\n" +
 	"\x0eCheckInRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x121\n" +
@@ -2936,7 +2983,13 @@ const file_control_proto_rawDesc = "" +
 	"\bdrill_id\x18\x0f \x01(\tR\adrillId\x12$\n" +
 	"\x0edrill_held_lsn\x18\x10 \x01(\x04R\fdrillHeldLsn\x12 \n" +
 	"\fdrill_at_cut\x18\x11 \x01(\bR\n" +
-	"drillAtCut\"\xb8\x03\n" +
+	"drillAtCut\x124\n" +
+	"\vdrill_steps\x18\x12 \x03(\v2\x13.haven.v1.DrillStepR\n" +
+	"drillSteps\x12\x1d\n" +
+	"\n" +
+	"drill_done\x18\x13 \x01(\bR\tdrillDone\x12\x1f\n" +
+	"\vdrill_error\x18\x14 \x01(\tR\n" +
+	"drillError\"\xdf\x03\n" +
 	"\x0fCheckInResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12#\n" +
@@ -2954,7 +3007,8 @@ const file_control_proto_rawDesc = "" +
 	"\vcheck_in_ms\x18\f \x01(\x03R\tcheckInMs\x12\x1d\n" +
 	"\n" +
 	"drill_hold\x18\r \x01(\tR\tdrillHold\x12\"\n" +
-	"\rdrill_cut_lsn\x18\x0e \x01(\x04R\vdrillCutLsn\"\x83\x01\n" +
+	"\rdrill_cut_lsn\x18\x0e \x01(\x04R\vdrillCutLsn\x12%\n" +
+	"\x0edrill_rehearse\x18\x0f \x01(\tR\rdrillRehearse\"\x83\x01\n" +
 	"\x0eObserveRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
 	"\x05group\x18\x02 \x01(\tR\x05group\x12\x0e\n" +
@@ -3041,7 +3095,7 @@ const file_control_proto_rawDesc = "" +
 	"\tDrillStep\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aseconds\x18\x02 \x01(\x01R\aseconds\x12\x16\n" +
-	"\x06detail\x18\x03 \x01(\tR\x06detail\"\x95\x02\n" +
+	"\x06detail\x18\x03 \x01(\tR\x06detail\"\xb8\x02\n" +
 	"\n" +
 	"TableCheck\x12\x14\n" +
 	"\x05table\x18\x01 \x01(\tR\x05table\x12\x14\n" +
@@ -3052,7 +3106,9 @@ const file_control_proto_rawDesc = "" +
 	"\vextra_on_dr\x18\x06 \x03(\tR\textraOnDr\x12\x1c\n" +
 	"\tdiffering\x18\a \x03(\tR\tdiffering\x12%\n" +
 	"\x0ekeys_truncated\x18\b \x01(\bR\rkeysTruncated\x12\x16\n" +
-	"\x06detail\x18\t \x01(\tR\x06detail*R\n" +
+	"\x06detail\x18\t \x01(\tR\x06detail\x12!\n" +
+	"\fnot_compared\x18\n" +
+	" \x01(\bR\vnotCompared*R\n" +
 	"\tComponent\x12\x19\n" +
 	"\x15COMPONENT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCOMPONENT_AGENT\x10\x01\x12\x15\n" +
@@ -3138,48 +3194,49 @@ var file_control_proto_depIdxs = []int32{
 	6,  // 2: haven.v1.StatusResponse.audit:type_name -> haven.v1.AuditEntry
 	5,  // 3: haven.v1.GroupStatus.observations:type_name -> haven.v1.Observation
 	0,  // 4: haven.v1.CheckInRequest.component:type_name -> haven.v1.Component
-	35, // 5: haven.v1.ScheduleDrillResponse.schedule:type_name -> haven.v1.DrillSchedule
-	35, // 6: haven.v1.ListDrillsResponse.schedules:type_name -> haven.v1.DrillSchedule
-	36, // 7: haven.v1.ListDrillsResponse.reports:type_name -> haven.v1.DrillReport
-	36, // 8: haven.v1.ShowDrillResponse.report:type_name -> haven.v1.DrillReport
-	37, // 9: haven.v1.DrillReport.rpo:type_name -> haven.v1.DrillRPO
-	38, // 10: haven.v1.DrillReport.steps:type_name -> haven.v1.DrillStep
-	39, // 11: haven.v1.DrillReport.tables:type_name -> haven.v1.TableCheck
-	1,  // 12: haven.v1.Control.Status:input_type -> haven.v1.StatusRequest
-	7,  // 13: haven.v1.Control.Failover:input_type -> haven.v1.FailoverRequest
-	9,  // 14: haven.v1.Control.Switchover:input_type -> haven.v1.SwitchoverRequest
-	11, // 15: haven.v1.Control.Rejoin:input_type -> haven.v1.RejoinRequest
-	13, // 16: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
-	15, // 17: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
-	17, // 18: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
-	19, // 19: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
-	21, // 20: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
-	23, // 21: haven.v1.Control.ScheduleDrill:input_type -> haven.v1.ScheduleDrillRequest
-	25, // 22: haven.v1.Control.UnscheduleDrill:input_type -> haven.v1.UnscheduleDrillRequest
-	27, // 23: haven.v1.Control.RunDrill:input_type -> haven.v1.RunDrillRequest
-	29, // 24: haven.v1.Control.ListDrills:input_type -> haven.v1.ListDrillsRequest
-	31, // 25: haven.v1.Control.ShowDrill:input_type -> haven.v1.ShowDrillRequest
-	33, // 26: haven.v1.Control.SetObjectives:input_type -> haven.v1.SetObjectivesRequest
-	2,  // 27: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
-	8,  // 28: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
-	10, // 29: haven.v1.Control.Switchover:output_type -> haven.v1.SwitchoverResponse
-	12, // 30: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
-	14, // 31: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
-	16, // 32: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
-	18, // 33: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
-	20, // 34: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
-	22, // 35: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
-	24, // 36: haven.v1.Control.ScheduleDrill:output_type -> haven.v1.ScheduleDrillResponse
-	26, // 37: haven.v1.Control.UnscheduleDrill:output_type -> haven.v1.UnscheduleDrillResponse
-	28, // 38: haven.v1.Control.RunDrill:output_type -> haven.v1.RunDrillResponse
-	30, // 39: haven.v1.Control.ListDrills:output_type -> haven.v1.ListDrillsResponse
-	32, // 40: haven.v1.Control.ShowDrill:output_type -> haven.v1.ShowDrillResponse
-	34, // 41: haven.v1.Control.SetObjectives:output_type -> haven.v1.SetObjectivesResponse
-	27, // [27:42] is the sub-list for method output_type
-	12, // [12:27] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	38, // 5: haven.v1.CheckInRequest.drill_steps:type_name -> haven.v1.DrillStep
+	35, // 6: haven.v1.ScheduleDrillResponse.schedule:type_name -> haven.v1.DrillSchedule
+	35, // 7: haven.v1.ListDrillsResponse.schedules:type_name -> haven.v1.DrillSchedule
+	36, // 8: haven.v1.ListDrillsResponse.reports:type_name -> haven.v1.DrillReport
+	36, // 9: haven.v1.ShowDrillResponse.report:type_name -> haven.v1.DrillReport
+	37, // 10: haven.v1.DrillReport.rpo:type_name -> haven.v1.DrillRPO
+	38, // 11: haven.v1.DrillReport.steps:type_name -> haven.v1.DrillStep
+	39, // 12: haven.v1.DrillReport.tables:type_name -> haven.v1.TableCheck
+	1,  // 13: haven.v1.Control.Status:input_type -> haven.v1.StatusRequest
+	7,  // 14: haven.v1.Control.Failover:input_type -> haven.v1.FailoverRequest
+	9,  // 15: haven.v1.Control.Switchover:input_type -> haven.v1.SwitchoverRequest
+	11, // 16: haven.v1.Control.Rejoin:input_type -> haven.v1.RejoinRequest
+	13, // 17: haven.v1.Control.Pause:input_type -> haven.v1.PauseRequest
+	15, // 18: haven.v1.Control.Resume:input_type -> haven.v1.ResumeRequest
+	17, // 19: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
+	19, // 20: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
+	21, // 21: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
+	23, // 22: haven.v1.Control.ScheduleDrill:input_type -> haven.v1.ScheduleDrillRequest
+	25, // 23: haven.v1.Control.UnscheduleDrill:input_type -> haven.v1.UnscheduleDrillRequest
+	27, // 24: haven.v1.Control.RunDrill:input_type -> haven.v1.RunDrillRequest
+	29, // 25: haven.v1.Control.ListDrills:input_type -> haven.v1.ListDrillsRequest
+	31, // 26: haven.v1.Control.ShowDrill:input_type -> haven.v1.ShowDrillRequest
+	33, // 27: haven.v1.Control.SetObjectives:input_type -> haven.v1.SetObjectivesRequest
+	2,  // 28: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
+	8,  // 29: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
+	10, // 30: haven.v1.Control.Switchover:output_type -> haven.v1.SwitchoverResponse
+	12, // 31: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
+	14, // 32: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
+	16, // 33: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
+	18, // 34: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
+	20, // 35: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
+	22, // 36: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
+	24, // 37: haven.v1.Control.ScheduleDrill:output_type -> haven.v1.ScheduleDrillResponse
+	26, // 38: haven.v1.Control.UnscheduleDrill:output_type -> haven.v1.UnscheduleDrillResponse
+	28, // 39: haven.v1.Control.RunDrill:output_type -> haven.v1.RunDrillResponse
+	30, // 40: haven.v1.Control.ListDrills:output_type -> haven.v1.ListDrillsResponse
+	32, // 41: haven.v1.Control.ShowDrill:output_type -> haven.v1.ShowDrillResponse
+	34, // 42: haven.v1.Control.SetObjectives:output_type -> haven.v1.SetObjectivesResponse
+	28, // [28:43] is the sub-list for method output_type
+	13, // [13:28] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_control_proto_init() }

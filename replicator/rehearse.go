@@ -1,0 +1,403 @@
+package replicator
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/user"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+)
+
+// A promote drill rehearses the promotion on a copy of the DR cluster: the
+// standby clones it with pg_basebackup into a scratch directory
+// (--drill-dir), starts the clone on a Unix socket there (no TCP port, so
+// no client can reach it by mistake), runs the promotion's real steps on
+// it (makePrimary), writes to every table there in a transaction it rolls
+// back, and drops the clone. Each step is timed.
+//
+// Why pg_basebackup rather than CREATE DATABASE … TEMPLATE: a template copy
+// needs every other session off the DR database for the whole copy, the
+// applier's and the readers' included; pg_basebackup copies the running
+// cluster over a replication connection, consistent through the WAL it
+// streams with it, while apply and readers go on. Apply is not even held.
+// The cost: a copy of the whole DR cluster on the DR host's disk for the
+// drill's length (checked before it starts), and a replication connection
+// the DR server must allow.
+//
+// Not rehearsed, on purpose: the promotion hook and the announcement on
+// NATS (both act on production), and draining the stream (the controllers
+// predict it from DR's lag).
+
+// rehearsal is a promote drill's progress on this standby, as its
+// check-ins report it.
+type rehearsal struct {
+	id     string
+	cancel context.CancelFunc
+	mu     sync.Mutex
+	steps  []*havenpb.DrillStep
+	done   bool
+	err    string
+}
+
+func (r *rehearsal) report(req *havenpb.CheckInRequest) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	req.DrillId, req.DrillDone, req.DrillError = r.id, r.done, r.err
+	req.DrillSteps = slices.Clone(r.steps)
+}
+
+// step runs and times one step.
+func (r *rehearsal) step(name string, f func() (string, error)) error {
+	started := time.Now()
+	detail, err := f()
+	r.mu.Lock()
+	r.steps = append(r.steps, &havenpb.DrillStep{Name: name, Seconds: time.Since(started).Seconds(), Detail: detail})
+	r.mu.Unlock()
+	return err
+}
+
+// rehearse starts or stops the rehearsal the controllers ask for (id; ""
+// for none).
+func (s *Standby) rehearse(ctx context.Context, id string) {
+	s.rehearsalMu.Lock()
+	defer s.rehearsalMu.Unlock()
+	cur := s.rehearsal
+	if cur != nil && cur.id == id {
+		return
+	}
+	if cur != nil {
+		cur.cancel() // the drill ended: the clone is dropped
+		s.rehearsal = nil
+	}
+	if id == "" {
+		return
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	r := &rehearsal{id: id, cancel: cancel}
+	s.rehearsal = r
+	go func() {
+		err := s.rehearsePromotion(rctx, r)
+		r.mu.Lock()
+		r.done = true
+		if err != nil {
+			r.err = err.Error()
+		}
+		r.mu.Unlock()
+		ev := s.log.Info()
+		if err != nil {
+			ev = s.log.Error().Err(err)
+		}
+		ev.Str("drill", id).Msg("promote drill: rehearsal ended, clone dropped")
+	}()
+}
+
+// rehearsePromotion runs a promote drill's steps on a clone of the DR
+// cluster, and drops the clone whatever happens.
+func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
+	// One clone at a time: a cancelled rehearsal drops its clone before
+	// the next one makes its own.
+	s.cloneMu.Lock()
+	defer s.cloneMu.Unlock()
+	conn, err := pgx.Connect(ctx, s.cfg.TargetURL)
+	if err != nil {
+		return fmt.Errorf("connect to the DR database: %w", err)
+	}
+	var version int
+	var db, clusterBytes string
+	var tablespaces int
+	err = conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, current_database(),
+		(SELECT sum(pg_database_size(oid))::text FROM pg_database),
+		(SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global'))`).Scan(&version, &db, &clusterBytes, &tablespaces)
+	conn.Close(context.Background())
+	if err != nil {
+		return fmt.Errorf("read the DR cluster's version and size: %w", err)
+	}
+	if tablespaces > 0 {
+		return errors.New("the DR cluster has tablespaces of its own: a promote drill cannot clone it into one directory")
+	}
+	bin, err := serverBinaries(version)
+	if err != nil {
+		return err
+	}
+	runAs, err := postgresUser()
+	if err != nil {
+		return err
+	}
+	dir := s.cfg.DrillDir
+	if err := dropClone(bin, dir, runAs); err != nil {
+		return err
+	}
+	defer func() {
+		if err := dropClone(bin, dir, runAs); err != nil {
+			s.log.Error().Err(err).Str("dir", dir).Msg("promote drill: could not drop the clone; remove it by hand (pg_ctl stop -m immediate -D dir, then rm -r dir)")
+		}
+	}()
+	need, _ := strconv.ParseInt(clusterBytes, 10, 64)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create --drill-dir %s: %w", dir, err)
+	}
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(dir, &fs); err == nil && int64(fs.Bavail)*fs.Bsize < need+need/5 {
+		return fmt.Errorf("--drill-dir %s has %d MB free, and a clone of the DR cluster needs about %d MB", dir, int64(fs.Bavail)*fs.Bsize>>20, (need+need/5)>>20)
+	}
+	if runAs != nil {
+		if err := os.Chown(dir, int(runAs.Uid), int(runAs.Gid)); err != nil {
+			return fmt.Errorf("give --drill-dir to the postgres user: %w", err)
+		}
+	}
+	data := filepath.Join(dir, "data")
+	err = r.step("clone the DR cluster", func() (string, error) {
+		args := []string{"-D", data, "-X", "stream", "-c", "fast", "--no-sync", "-d", s.cfg.TargetURL}
+		if s.cfg.DrillCloneRate != "" {
+			args = append(args, "--max-rate", s.cfg.DrillCloneRate)
+		}
+		out, err := command(ctx, runAs, filepath.Join(bin, "pg_basebackup"), args...).CombinedOutput()
+		if err != nil {
+			return "", fmt.Errorf("pg_basebackup: %v: %s (the DR server must accept a replication connection from this host with --target-url's role)", err, strings.TrimSpace(string(out)))
+		}
+		return fmt.Sprintf("%d MB", need>>20), nil
+	})
+	if err != nil {
+		return err
+	}
+	err = r.step("start the clone", func() (string, error) {
+		// A Unix socket in the scratch directory only (mode 0700), let in
+		// without a password; no archiving, no replication, little memory,
+		// and no synchronous standby to wait for: nothing of the clone
+		// reaches out. The configuration may live outside the data
+		// directory (Debian's /etc/postgresql): the clone gets its own.
+		conf := filepath.Join(data, "postgresql.conf")
+		hba := filepath.Join(data, "haven_drill_hba.conf")
+		ident := filepath.Join(data, "haven_drill_ident.conf")
+		for name, content := range map[string]string{hba: "local all all trust\n", ident: ""} {
+			if err := writeOwned(name, content, runAs); err != nil {
+				return "", err
+			}
+		}
+		if _, err := os.Stat(conf); err != nil {
+			if err := writeOwned(conf, "", runAs); err != nil {
+				return "", err
+			}
+		}
+		opts := fmt.Sprintf("-c config_file='%s' -c hba_file='%s' -c ident_file='%s' -c listen_addresses='' -c unix_socket_directories='%s' -c port=5432 "+
+			"-c archive_mode=off -c max_wal_senders=0 -c wal_level=minimal -c shared_buffers=128MB -c max_connections=20 "+
+			"-c synchronous_standby_names='' -c hot_standby=off", conf, hba, ident, dir)
+		out, err := command(ctx, runAs, filepath.Join(bin, "pg_ctl"), "-D", data, "-w", "-t", "300", "-l", filepath.Join(dir, "clone.log"), "-o", opts, "start").CombinedOutput()
+		if err != nil {
+			log, _ := os.ReadFile(filepath.Join(dir, "clone.log"))
+			return "", fmt.Errorf("start the clone: %v: %s %s", err, strings.TrimSpace(string(out)), tail(string(log), 5))
+		}
+		return "", nil
+	})
+	if err != nil {
+		return err
+	}
+	cfg, err := pgx.ParseConfig(s.cfg.TargetURL)
+	if err != nil {
+		return err
+	}
+	cfg.Host, cfg.Port, cfg.TLSConfig, cfg.Fallbacks = dir, 5432, nil, nil
+	// As the applier: the DR database is read-only for everyone else.
+	cfg.RuntimeParams["default_transaction_read_only"] = "off"
+	clone, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("connect to the clone: %w", err)
+	}
+	defer clone.Close(context.Background())
+	steps := map[string]float64{}
+	if err := makePrimary(ctx, clone, s.cfg, 0, 0, steps); err != nil {
+		return err
+	}
+	for _, name := range []string{"sequences", "writable"} {
+		r.mu.Lock()
+		r.steps = append(r.steps, &havenpb.DrillStep{Name: "promotion: " + name, Seconds: steps[name]})
+		r.mu.Unlock()
+	}
+	return r.step("promotion: a write to every table, rolled back", func() (string, error) {
+		// A new session, as a client's: the database's read-only default
+		// is gone now.
+		delete(cfg.RuntimeParams, "default_transaction_read_only")
+		w, err := pgx.ConnectConfig(ctx, cfg)
+		if err != nil {
+			return "", fmt.Errorf("connect to the promoted clone: %w", err)
+		}
+		defer w.Close(context.Background())
+		return writeEveryTable(ctx, w)
+	})
+}
+
+// writeEveryTable rewrites one row of every user table to itself, in a
+// transaction it rolls back: the promoted database takes writes
+// everywhere (no read-only default, guard, lock or trigger in the way).
+func writeEveryTable(ctx context.Context, conn *pgx.Conn) (string, error) {
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return "", err
+	}
+	defer tx.Rollback(context.Background())
+	rows, err := tx.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname), c.relkind = 'p',
+		(SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum LIMIT 1)
+		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haven')
+		AND n.nspname NOT LIKE 'pg\_%' ORDER BY 1`)
+	if err != nil {
+		return "", fmt.Errorf("list the tables: %w", err)
+	}
+	type table struct {
+		name        string
+		partitioned bool
+		col         *string
+	}
+	tables, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (table, error) {
+		var t table
+		err := row.Scan(&t.name, &t.partitioned, &t.col)
+		return t, err
+	})
+	if err != nil {
+		return "", fmt.Errorf("list the tables: %w", err)
+	}
+	written, empty := 0, 0
+	for _, t := range tables {
+		if t.col == nil {
+			continue
+		}
+		only := "ONLY "
+		if t.partitioned {
+			only = ""
+		}
+		tag, err := tx.Exec(ctx, fmt.Sprintf(`UPDATE %s%s SET %s = %s WHERE ctid = (SELECT ctid FROM %s%s LIMIT 1)`, only, t.name, *t.col, *t.col, only, t.name))
+		if err != nil {
+			return "", fmt.Errorf("write to %s: %w", t.name, err)
+		}
+		if tag.RowsAffected() == 0 {
+			empty++
+		} else {
+			written++
+		}
+	}
+	return fmt.Sprintf("%d tables written, %d empty", written, empty), nil
+}
+
+// serverBinaries finds the bin directory of the DR server's major version:
+// pg_basebackup, and pg_ctl and postgres to run its clone.
+func serverBinaries(serverVersion int) (string, error) {
+	major := serverVersion / 10000
+	var dirs []string
+	if out, err := exec.Command("pg_config", "--bindir").Output(); err == nil {
+		dirs = append(dirs, strings.TrimSpace(string(out)))
+	}
+	dirs = append(dirs, fmt.Sprintf("/usr/lib/postgresql/%d/bin", major))
+	for _, d := range dirs {
+		out, err := exec.Command(filepath.Join(d, "postgres"), "--version").Output()
+		if err != nil {
+			continue
+		}
+		fields := strings.Fields(string(out))
+		if len(fields) > 0 && strings.HasPrefix(fields[len(fields)-1], strconv.Itoa(major)+".") {
+			if _, err := os.Stat(filepath.Join(d, "pg_basebackup")); err == nil {
+				return d, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("a promote drill needs PostgreSQL %d's server binaries (pg_basebackup, pg_ctl, postgres) on the DR host: install them (apt-get install postgresql-%d), looked in %v", major, major, dirs)
+}
+
+// postgresUser is who runs the clone: this process's user, or, as root
+// (which PostgreSQL refuses), the postgres OS user.
+func postgresUser() (*syscall.Credential, error) {
+	if os.Geteuid() != 0 {
+		return nil, nil
+	}
+	u, err := user.Lookup("postgres")
+	if err != nil {
+		return nil, fmt.Errorf("running as root, a promote drill runs its clone as the postgres OS user, and there is none: %w", err)
+	}
+	uid, _ := strconv.Atoi(u.Uid)
+	gid, _ := strconv.Atoi(u.Gid)
+	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
+}
+
+func command(ctx context.Context, runAs *syscall.Credential, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, name, args...)
+	// pg_basebackup dies with the standby, not to write into a directory
+	// the next standby clears; stopped, it goes with its own children (the
+	// WAL streamer it forks), which would keep its output open.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Credential: runAs, Pdeathsig: syscall.SIGKILL, Setpgid: true}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	cmd.WaitDelay = 5 * time.Second
+	cmd.Env = append(os.Environ(), "PGAPPNAME=haven_drill")
+	return cmd
+}
+
+// dropClone stops a clone left in dir (by this drill, or by a standby that
+// died in one) and removes it.
+func dropClone(bin, dir string, runAs *syscall.Credential) error {
+	data := filepath.Join(dir, "data")
+	if _, err := os.Stat(filepath.Join(data, "postmaster.pid")); err == nil {
+		out, err := command(context.Background(), runAs, filepath.Join(bin, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop").CombinedOutput()
+		if err != nil && !strings.Contains(string(out), "No such process") && !strings.Contains(string(out), "is not running") {
+			return fmt.Errorf("stop the clone in %s: %v: %s", data, err, out)
+		}
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove the clone in %s: %w", dir, err)
+	}
+	return nil
+}
+
+func writeOwned(name, content string, runAs *syscall.Credential) error {
+	if err := os.WriteFile(name, []byte(content), 0o600); err != nil {
+		return fmt.Errorf("write the clone's %s: %w", filepath.Base(name), err)
+	}
+	if runAs != nil {
+		return os.Chown(name, int(runAs.Uid), int(runAs.Gid))
+	}
+	return nil
+}
+
+// dropLeftoverClone drops a clone a standby that died mid-drill left in
+// --drill-dir.
+func (s *Standby) dropLeftoverClone() {
+	dir := s.cfg.DrillDir
+	version, err := os.ReadFile(filepath.Join(dir, "data", "PG_VERSION"))
+	if errors.Is(err, os.ErrNotExist) {
+		if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
+			if err := os.RemoveAll(dir); err != nil {
+				s.log.Error().Err(err).Str("dir", dir).Msg("could not remove what a promote drill left in --drill-dir; remove it by hand")
+				return
+			}
+			s.log.Warn().Str("dir", dir).Msg("dropped what a promote drill left in --drill-dir (the standby stopped during the drill)")
+		}
+		return
+	}
+	major, _ := strconv.Atoi(strings.TrimSpace(string(version)))
+	bin, err := serverBinaries(major * 10000)
+	if err == nil {
+		var runAs *syscall.Credential
+		if runAs, err = postgresUser(); err == nil {
+			err = dropClone(bin, dir, runAs)
+		}
+	}
+	if err != nil {
+		s.log.Error().Err(err).Str("dir", dir).Msg("a promote drill's clone is left in --drill-dir and could not be dropped: stop it (pg_ctl stop -m immediate -D dir/data) and remove it by hand")
+		return
+	}
+	s.log.Warn().Str("dir", dir).Msg("dropped what a promote drill left in --drill-dir (the standby stopped during the drill)")
+}
+
+func tail(s string, lines int) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(l[max(0, len(l)-lines):], "\n")
+}
