@@ -2,7 +2,9 @@
 // NATS server, two throwaway PostgreSQL clusters (primary and DR), the agent
 // and the standby, three controller nodes, and the reference CRM workload
 // (pgbench); it shows the DR copy following live, checks that both sides are
-// equal, then kills the primary and measures the failover.
+// equal, kills the primary and measures the failover, brings the old primary
+// back as the new standby, and ends with a verify drill that compares both
+// sites at one LSN.
 //
 // Run it with `make demo`.
 package main
@@ -15,6 +17,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"sync"
 	"syscall"
 	"time"
 
@@ -103,7 +106,7 @@ func run(ctx context.Context) (err error) {
 		}
 	}
 
-	step("starting three controller nodes (Raft quorum), the agent (capture, site a) and the standby (apply, site b); logs go to %s", logPath)
+	step("starting three controller nodes (Raft quorum), the agent (capture, site a) and the standby (apply, site b),\n    and each site's other role, idle until the roles swap; logs go to %s", logPath)
 	controllers, stopQuorum, err := failover.StartLocal(ctx, 3, workDir, log)
 	if err != nil {
 		return err
@@ -112,7 +115,7 @@ func run(ctx context.Context) (err error) {
 	agentCfg := agent.DefaultConfig()
 	agentCfg.SourceURL, agentCfg.NATSURL, agentCfg.Group = primary.URL(database), nats.URL(), group
 	agentCfg.HeartbeatInterval = time.Second
-	agentCfg.Controllers, agentCfg.Site = controllers, "a"
+	agentCfg.Controllers, agentCfg.Site, agentCfg.ReportDir = controllers, "a", workDir
 	standbyCfg := replicator.DefaultConfig()
 	standbyCfg.TargetURL, standbyCfg.NATSURL, standbyCfg.Group = dr.URL(database), nats.URL(), group
 	standbyCfg.Controllers, standbyCfg.Site = controllers, "b"
@@ -125,14 +128,30 @@ func run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	// Site b's agent captures once b is primary; site a's standby applies
+	// once a rejoins as the standby.
+	agentB, standbyA := agentCfg, standbyCfg
+	agentB.SourceURL, agentB.Site = dr.URL(database), "b"
+	standbyA.TargetURL, standbyA.Site = primary.URL(database), "a"
+	captureB, err := agent.New(agentB, log, prometheus.NewRegistry())
+	if err != nil {
+		return err
+	}
+	applyA, err := replicator.New(standbyA, log, prometheus.NewRegistry())
+	if err != nil {
+		return err
+	}
 	runCtx, stopHaven := context.WithCancel(ctx)
-	done := make(chan error, 2)
-	go func() { done <- capture.Run(runCtx) }()
-	go func() { done <- apply.Run(runCtx) }()
+	done := make(chan error, 4)
+	var running sync.WaitGroup
+	start := func(p interface{ Run(context.Context) error }) {
+		running.Go(func() { done <- p.Run(runCtx) })
+	}
+	start(capture)
+	start(apply)
 	defer func() {
 		stopHaven()
-		<-done
-		<-done
+		running.Wait()
 	}()
 
 	primaryConn, err := pgx.Connect(ctx, primary.URL(database))
@@ -146,7 +165,7 @@ func run(ctx context.Context) (err error) {
 	}
 	defer drConn.Close(context.Background())
 
-	start := time.Now()
+	began := time.Now()
 	if err := waitUntil(ctx, 5*time.Minute, done, func() bool {
 		var loaded bool
 		_ = drConn.QueryRow(ctx, `SELECT snapshot_done FROM haven.apply_position WHERE group_name = $1`, group).Scan(&loaded)
@@ -154,7 +173,11 @@ func run(ctx context.Context) (err error) {
 	}); err != nil {
 		return fmt.Errorf("initial snapshot: %w", err)
 	}
-	step("initial snapshot copied to DR in %s", time.Since(start).Round(time.Millisecond))
+	step("initial snapshot copied to DR in %s", time.Since(began).Round(time.Millisecond))
+	// The other roles start once DR holds the tables (an agent refuses a
+	// database without any).
+	start(captureB)
+	start(applyA)
 
 	const seconds = 20
 	step("running the CRM workload on the primary for %d s (pgbench, 4 clients); the DR copy follows:", seconds)
@@ -234,7 +257,10 @@ watch:
 	}
 	fmt.Printf("    the DR copy equals the primary: %.0f transactions and %.0f row changes applied, exactly once, in commit order\n",
 		gauge(reg, "haven_standby_applied_transactions_total"), gauge(reg, "haven_standby_applied_changes_total"))
-	return demoFailover(ctx, primary, dr, primaryConn, drConn, done)
+	if err := demoFailover(ctx, primary, dr, primaryConn, drConn, done); err != nil {
+		return err
+	}
+	return demoRejoinAndVerify(ctx, controllers, primary, done)
 }
 
 // workloadDir finds the project's copy of the reference workload.

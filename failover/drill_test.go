@@ -121,3 +121,25 @@ func TestFSMScheduleFiresEachSlotOnce(t *testing.T) {
 		t.Fatalf("after three days without a leader: %s %d %v", slot, missed, ok)
 	}
 }
+
+// TestFSMPromoteDrillRehearses: a promote drill orders the DR standby to
+// rehearse (not to hold), and records the steps it reports until done.
+func TestFSMPromoteDrillRehearses(t *testing.T) {
+	f := drillGroup(t)
+	r := apply(t, f, 3, command{Kind: cmdDrillStart, AtMs: 2000, Group: "crm", Node: "c1", Drill: &drillCommand{Kind: DrillPromote}}).(Report)
+	ci := func(c command) checkInResult {
+		c.Kind, c.AtMs, c.Group, c.Site = cmdCheckIn, 2100, "crm", "b"
+		return apply(t, f, 4, c).(checkInResult)
+	}
+	if got := ci(command{}); got.DrillRehearse != r.ID || got.DrillHold != "" || !got.Apply {
+		t.Fatalf("standby during a promote drill: %+v", got)
+	}
+	ci(command{DrillID: r.ID, DrillSteps: []Step{{Name: "clone the DR cluster", Seconds: 1.5}}})
+	if d := f.read().Groups["crm"].Drill; len(d.Steps) != 1 || d.Done || d.HeldMs != 0 {
+		t.Fatalf("drill while the standby rehearses: %+v", d)
+	}
+	ci(command{DrillID: r.ID, DrillSteps: []Step{{Name: "clone the DR cluster", Seconds: 1.5}, {Name: "start the clone", Seconds: 0.1}}, DrillDone: true})
+	if d := f.read().Groups["crm"].Drill; len(d.Steps) != 2 || !d.Done || d.Error != "" {
+		t.Fatalf("drill once rehearsed: %+v", d)
+	}
+}

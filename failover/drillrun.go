@@ -278,6 +278,8 @@ func (c *Controller) runDrill(ctx context.Context, r Report) *Report {
 		err = c.verify(ctx, &r)
 	case DrillPromote:
 		err = c.promoteDrill(ctx, &r)
+	case DrillSwitchover:
+		err = c.switchoverDrill(ctx, &r)
 	default:
 		err = fmt.Errorf("%s drills are not available yet", r.Kind)
 	}

@@ -1,0 +1,293 @@
+package failover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// A switchover drill switches the group over to its DR site and back,
+// under a probe that writes to haven_drill.probe on the primary through a
+// connection string naming both sites (target_session_attrs=read-write,
+// as clients should connect): the longest pause between two acknowledged
+// writes is the measured RTO, and every acknowledged write must be on the
+// final primary and its standby. It writes to production (the probe table,
+// created on the primary and replicated like any table; its rows are
+// deleted after the drill, the table stays for the next) and pauses writes
+// twice: it runs only with --disruptive or in a maintenance window.
+
+// switchoverDrillTimeout bounds each switchover of a drill, the old
+// primary's rejoin (a reload from the new primary) included.
+const switchoverDrillTimeout = 10 * time.Minute
+
+// probe writes numbered rows through a multi-host connection string and
+// records which were acknowledged, and the longest pause between two.
+type probe struct {
+	url, drill string
+	next       atomic.Int64
+	mu         sync.Mutex
+	acked      []int64
+	last       time.Time
+	pause      time.Duration
+}
+
+func (p *probe) run(ctx context.Context) {
+	var conn *pgx.Conn
+	defer func() {
+		if conn != nil {
+			conn.Close(context.Background())
+		}
+	}()
+	for ctx.Err() == nil {
+		if conn == nil {
+			c, err := pgx.Connect(ctx, p.url)
+			if err != nil {
+				time.Sleep(20 * time.Millisecond) // the sites are switching: try again soon
+				continue
+			}
+			conn = c
+		}
+		id := p.next.Add(1)
+		if _, err := conn.Exec(ctx, `INSERT INTO haven_drill.probe (id, drill) VALUES ($1, $2)`, id, p.drill); err != nil {
+			// Fenced, read-only or gone: find the primary again.
+			conn.Close(context.Background())
+			conn = nil
+			continue
+		}
+		p.mu.Lock()
+		now := time.Now()
+		if !p.last.IsZero() && now.Sub(p.last) > p.pause {
+			p.pause = now.Sub(p.last)
+		}
+		p.last = now
+		p.acked = append(p.acked, id)
+		p.mu.Unlock()
+	}
+}
+
+// takePause returns the longest pause since the last call, and starts
+// measuring again.
+func (p *probe) takePause() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	d := p.pause
+	p.pause = 0
+	return d
+}
+
+// multiHost is a connection string to whichever of two databases takes
+// writes, with the first one's role, password and database.
+func multiHost(first, second string) (string, error) {
+	a, err := url.Parse(first)
+	if err != nil || a.Host == "" {
+		return "", fmt.Errorf("the primary's URL is not a postgres:// URL: a switchover drill needs one to reach both sites")
+	}
+	b, err := url.Parse(second)
+	if err != nil || b.Host == "" {
+		return "", fmt.Errorf("the DR database's URL is not a postgres:// URL: a switchover drill needs one to reach both sites")
+	}
+	a.Host += "," + b.Host
+	q := a.Query()
+	q.Set("target_session_attrs", "read-write")
+	q.Set("connect_timeout", "2")
+	q.Set("application_name", "haven_drill_probe")
+	a.RawQuery = q.Encode()
+	return a.String(), nil
+}
+
+func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
+	g := c.fsm.read().Groups[r.Group]
+	from, to := g.PrimarySite, g.DRSite
+	primaryURL, drURL := c.route(g.PrimaryURL()), c.route(g.StandbyURLs[to])
+	both, err := multiHost(primaryURL, drURL)
+	if err != nil {
+		return err
+	}
+	primary, err := pgx.Connect(ctx, primaryURL)
+	if err != nil {
+		return fmt.Errorf("connect to the primary: %w", err)
+	}
+	defer primary.Close(context.Background())
+	err = step(r, "create the probe table and see it on DR", func() (string, error) {
+		if _, err := primary.Exec(ctx, `CREATE SCHEMA IF NOT EXISTS haven_drill;
+			CREATE TABLE IF NOT EXISTS haven_drill.probe (id bigint, drill text, at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (drill, id));
+			COMMENT ON TABLE haven_drill.probe IS 'haven: written by switchover drills, dropped after them'`); err != nil {
+			return "", fmt.Errorf("create haven_drill.probe on the primary: %w", err)
+		}
+		if _, err := primary.Exec(ctx, `INSERT INTO haven_drill.probe (id, drill) VALUES (0, $1)`, r.ID); err != nil {
+			return "", err
+		}
+		return "", c.seenOn(ctx, drURL, r.ID, 0, time.Minute, "the probe table did not reach DR within a minute: a group of some tables (--tables) must list haven_drill.probe")
+	})
+	if err != nil {
+		return err
+	}
+	pr := &probe{url: both, drill: r.ID}
+	pctx, stop := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Add(1)
+		go func() { defer wg.Done(); pr.run(pctx) }()
+	}
+	stopped := false
+	stopProbe := func() {
+		if !stopped {
+			stop()
+			wg.Wait()
+			stopped = true
+		}
+	}
+	defer stopProbe()
+	var worst time.Duration
+	for i, site := range []string{to, from} {
+		name := fmt.Sprintf("switchover to site %s", site)
+		if i == 1 {
+			name = fmt.Sprintf("switchover back to site %s", site)
+		}
+		err = step(r, name, func() (string, error) {
+			if err := waitAcked(ctx, pr, int64(200*(i+1))); err != nil {
+				return "", err
+			}
+			pr.takePause()
+			if _, err := c.propose(command{Kind: cmdSwitchover, AtMs: time.Now().UnixMilli(), Group: r.Group, Actor: "drill " + r.ID}); err != nil {
+				return "", err
+			}
+			if err := c.waitSwitched(ctx, r, site); err != nil {
+				return "", err
+			}
+			if err := waitAcked(ctx, pr, pr.next.Load()+50); err != nil {
+				return "", err
+			}
+			pause := pr.takePause()
+			worst = max(worst, pause)
+			return fmt.Sprintf("longest pause between two acknowledged writes %.3fs", pause.Seconds()), nil
+		})
+		if err != nil {
+			return err
+		}
+	}
+	stopProbe()
+	r.RTOSeconds = worst.Seconds()
+	return step(r, "check the probe's writes on both sites", func() (string, error) {
+		g := c.fsm.read().Groups[r.Group]
+		final, err := pgx.Connect(ctx, c.route(g.PrimaryURL()))
+		if err != nil {
+			return "", fmt.Errorf("connect to the primary: %w", err)
+		}
+		defer final.Close(context.Background())
+		last := pr.next.Add(1)
+		if _, err := final.Exec(ctx, `INSERT INTO haven_drill.probe (id, drill) VALUES ($1, $2)`, last, r.ID); err != nil {
+			return "", err
+		}
+		if err := c.seenOn(ctx, c.route(g.StandbyURLs[g.DRSite]), r.ID, last, time.Minute, "the standby did not apply the probe's last write within a minute"); err != nil {
+			return "", err
+		}
+		var missing []int64
+		for _, u := range []string{c.route(g.PrimaryURL()), c.route(g.StandbyURLs[g.DRSite])} {
+			conn, err := pgx.Connect(ctx, u)
+			if err != nil {
+				return "", err
+			}
+			err = conn.QueryRow(ctx, `SELECT coalesce(array_agg(a), '{}') FROM unnest($1::int8[]) a
+				WHERE NOT EXISTS (SELECT 1 FROM haven_drill.probe p WHERE p.drill = $2 AND p.id = a)`, pr.acked, r.ID).Scan(&missing)
+			conn.Close(context.Background())
+			if err != nil {
+				return "", fmt.Errorf("look for the probe's writes: %w", err)
+			}
+			if len(missing) > 0 {
+				return "", fmt.Errorf("%d acknowledged writes are missing on %s, e.g. %v: WRITES WERE LOST", len(missing), u, missing[:min(len(missing), 10)])
+			}
+		}
+		// The probe's rows go; the table stays for the next drill (dropping
+		// it would be DDL on production at every drill).
+		if _, err := final.Exec(ctx, `DELETE FROM haven_drill.probe WHERE drill = $1`, r.ID); err != nil {
+			return "", err
+		}
+		r.Outcome = OutcomePassed
+		r.Reason = joinReason(fmt.Sprintf("switched over to site %s and back: all %d acknowledged writes on both sites, the longest write pause %.3fs",
+			to, len(pr.acked), worst.Seconds()), r.Reason)
+		return fmt.Sprintf("%d acknowledged writes", len(pr.acked)), nil
+	})
+}
+
+// waitAcked waits until the probe has n acknowledged writes.
+func waitAcked(ctx context.Context, pr *probe, n int64) error {
+	deadline := time.Now().Add(switchoverDrillTimeout)
+	for {
+		pr.mu.Lock()
+		got := int64(len(pr.acked))
+		pr.mu.Unlock()
+		if got >= n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the probe could write only %d rows within %s: the primary takes no writes", got, switchoverDrillTimeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// waitSwitched waits until site is the group's primary and the other site
+// follows it again.
+func (c *Controller) waitSwitched(ctx context.Context, r *Report, site string) error {
+	deadline := time.Now().Add(switchoverDrillTimeout)
+	for {
+		g := c.fsm.read().Groups[r.Group]
+		if g == nil || g.Drill == nil || g.Drill.ID != r.ID {
+			return errDrillGone
+		}
+		if g.PrimarySite == site && g.State == StateActive && g.Switchover == "" && g.RejoinSite == "" && g.AutoRejoin == "" && len(g.Deposed) == 0 {
+			return nil
+		}
+		if g.PrimarySite != site && g.Switchover == "" && g.State == StateActive {
+			return errors.New("the switchover was aborted (haven ctl status shows why in the audit); the primary stayed where it was")
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("site %s did not become primary with the other site following within %s", site, switchoverDrillTimeout)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// seenOn waits until the probe's row id of a drill is on a database.
+func (c *Controller) seenOn(ctx context.Context, dbURL, drill string, id int64, timeout time.Duration, why string) error {
+	conn, err := pgx.Connect(ctx, dbURL)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	deadline := time.Now().Add(timeout)
+	for {
+		var seen bool
+		err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM haven_drill.probe WHERE drill = $1 AND id = $2)`, drill, id).Scan(&seen)
+		if err == nil && seen {
+			return nil
+		}
+		if err != nil && !strings.Contains(err.Error(), "does not exist") {
+			return err
+		}
+		if time.Now().After(deadline) {
+			return errors.New(why)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
