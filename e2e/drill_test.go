@@ -276,12 +276,16 @@ func slotsOf(t *testing.T, q *quorum) []time.Time {
 // the standby is (it drops the leftover clone when it starts again, and
 // finishes the drill). DR keeps applying throughout.
 func TestPromoteDrill(t *testing.T) {
-	clone, err := os.MkdirTemp("", "hvd")
+	drillDir, err := os.MkdirTemp("", "hvd")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = os.RemoveAll(clone) })
-	s, q, primary, standby := drillSite(t, "--drill-dir", clone)
+	t.Cleanup(func() { _ = os.RemoveAll(drillDir) })
+	if err := os.Chmod(drillDir, 0o711); err != nil { // the clone runs as postgres when the test runs as root
+		t.Fatal(err)
+	}
+	clone := filepath.Join(drillDir, "haven-clone-crm")
+	s, q, primary, standby := drillSite(t, "--drill-dir", drillDir)
 	dr := connect(t, s.drURL())
 
 	r, err := runDrill(t, q, "--group", "crm", "--kind", "promote")
@@ -306,7 +310,7 @@ func TestPromoteDrill(t *testing.T) {
 
 	// A standby whose clone takes long (a capped rate) runs the drill now.
 	controllers := strings.Join(q.apis, ",")
-	slow := s.standbyArgs("--controllers", controllers, "--site", "b", "--drill-dir", clone, "--drill-clone-rate", "1M")
+	slow := s.standbyArgs("--controllers", controllers, "--site", "b", "--drill-dir", drillDir, "--drill-clone-rate", "1M")
 	standby.stop()
 	standby = startHaven(t, "standby-slow-clone", slow...)
 
@@ -324,7 +328,7 @@ func TestPromoteDrill(t *testing.T) {
 	id = startDrillNoWait(t, rest, "promote")
 	waitFor(t, 60*time.Second, "the clone to begin", func() (bool, error) { return exists(filepath.Join(clone, "data")), nil })
 	standby.kill()
-	standby = startHaven(t, "standby-again", s.standbyArgs("--controllers", controllers, "--site", "b", "--drill-dir", clone)...)
+	standby = startHaven(t, "standby-again", s.standbyArgs("--controllers", controllers, "--site", "b", "--drill-dir", drillDir)...)
 	waitFor(t, 120*time.Second, "the drill to pass after the standby's restart", func() (bool, error) { return outcome(t, rest, id) == "passed", nil })
 	if !strings.Contains(standby.output(), "dropped what a promote drill left in --drill-dir") {
 		t.Error("the restarted standby did not say it dropped what the drill left")

@@ -220,6 +220,7 @@ type drillCommand struct {
 	Trigger  string    `json:"trigger,omitempty"`
 	SlotMs   int64     `json:"slot_ms,omitempty"`
 	Missed   int       `json:"missed,omitempty"`
+	Skip     string    `json:"skip,omitempty"` // why the slot is recorded, not run
 	Phase    string    `json:"phase,omitempty"`
 	CutLSN   uint64    `json:"cut_lsn,omitempty"`
 	RPO      *RPO      `json:"rpo,omitempty"`
@@ -326,7 +327,11 @@ func (s *State) startDrill(c command, g *Group) any {
 	if len(s.Reports) > maxReports {
 		s.Reports = slices.Delete(s.Reports, 0, len(s.Reports)-maxReports)
 	}
-	if why := g.busy(); why != "" {
+	why := d.Skip
+	if why == "" {
+		why = g.busy()
+	}
+	if why != "" {
 		r.Outcome, r.EndedMs = OutcomeSkipped, c.AtMs
 		r.Reason = joinReason("not started: "+why, r.Reason)
 		g.DrillAlert = fmt.Sprintf("drill %s (%s) was skipped: %s", r.ID, r.Kind, why)

@@ -98,7 +98,7 @@ func (a *api) RunDrill(ctx context.Context, req *connect.Request[havenpb.RunDril
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("group %q cannot start a drill now: %s", g.Name, why))
 	}
 	actor := actorOr(r.Actor)
-	rep, err := a.c.startDrill(ctx, r.Group, r.Kind, "run by "+actor, actor, nil, 0, 0)
+	rep, err := a.c.startDrill(ctx, r.Group, r.Kind, "run by "+actor, actor, nil, 0, 0, "")
 	if err != nil {
 		return nil, connect.NewError(connect.CodeAborted, err)
 	}

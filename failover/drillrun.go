@@ -54,7 +54,12 @@ func (c *Controller) drillLoop(ctx context.Context) {
 				continue
 			}
 			trigger := fmt.Sprintf("schedule %s (%q), slot %s", sc.ID, sc.Cron, slot.UTC().Format(time.RFC3339))
-			if _, err := c.startDrill(ctx, sc.Group, sc.Kind, trigger, "controller@"+c.cfg.ID, &Schedule{ID: sc.ID}, slot.UnixMilli(), missed); err != nil && !errors.Is(err, errSlotFired) {
+			skip := ""
+			if sc.Kind == DrillSwitchover && now.Sub(slot) > time.Minute {
+				// A disruptive drill runs in its window or not at all.
+				skip = fmt.Sprintf("the slot's maintenance window began %s ago, with no controller leading", now.Sub(slot).Round(time.Second))
+			}
+			if _, err := c.startDrill(ctx, sc.Group, sc.Kind, trigger, "controller@"+c.cfg.ID, &Schedule{ID: sc.ID}, slot.UnixMilli(), missed, skip); err != nil && !errors.Is(err, errSlotFired) {
 				c.log.Error().Err(err).Str("schedule", sc.ID).Msg("could not start a scheduled drill")
 			}
 		}
@@ -160,7 +165,7 @@ func (c *Controller) overdueDrills(st *State, now time.Time) {
 
 // startDrill starts a drill on the leader and runs it in the background;
 // it returns the report as started (or skipped).
-func (c *Controller) startDrill(ctx context.Context, group, kind, trigger, actor string, sc *Schedule, slotMs int64, missed int) (*Report, error) {
+func (c *Controller) startDrill(ctx context.Context, group, kind, trigger, actor string, sc *Schedule, slotMs int64, missed int, skip string) (*Report, error) {
 	st := c.fsm.read()
 	g := st.Groups[group]
 	if g == nil {
@@ -176,7 +181,7 @@ func (c *Controller) startDrill(ctx context.Context, group, kind, trigger, actor
 	}()
 	rpo := c.measureRPO(ctx, g)
 	res, err := c.propose(command{Kind: cmdDrillStart, AtMs: time.Now().UnixMilli(), Group: group, Actor: actor, Node: c.cfg.ID,
-		Drill: &drillCommand{Kind: kind, Trigger: trigger, Schedule: sc, SlotMs: slotMs, Missed: missed, RPO: &rpo}})
+		Drill: &drillCommand{Kind: kind, Trigger: trigger, Schedule: sc, SlotMs: slotMs, Missed: missed, RPO: &rpo, Skip: skip}})
 	if err != nil {
 		return nil, err
 	}
@@ -333,12 +338,19 @@ func connectDrill(ctx context.Context, url string, replication bool) (*pgx.Conn,
 	}
 	maps.Copy(cfg.RuntimeParams, wire.TextFormatSettings)
 	cfg.RuntimeParams["application_name"] = "haven_drill"
-	// Literals in the drill's SQL are quoted for it.
+	// Literals in the drill's SQL are quoted for it; a drill reads whole
+	// tables, and holds its snapshots idle meanwhile.
 	cfg.RuntimeParams["standard_conforming_strings"] = "on"
+	cfg.RuntimeParams["statement_timeout"] = "0"
+	cfg.RuntimeParams["idle_in_transaction_session_timeout"] = "0"
 	if replication {
 		cfg.RuntimeParams["replication"] = "database"
 	}
-	return pgx.ConnectConfig(ctx, cfg)
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err == nil && !replication {
+		_, _ = conn.Exec(ctx, "SET idle_session_timeout = 0") // PostgreSQL 14 and later
+	}
+	return conn, err
 }
 
 // verify runs a verify drill: check that a snapshot of the primary can
@@ -420,6 +432,9 @@ func (c *Controller) verify(ctx context.Context, r *Report) error {
 		}
 		var differ, skipped []string
 		for _, t := range tables {
+			if g := c.fsm.read().Groups[r.Group]; g == nil || g.Drill == nil || g.Drill.ID != r.ID {
+				return "", errDrillGone // a failover: let go of DR at once
+			}
 			check := TableCheck{Table: t.String(), NotCompared: true, Detail: "not compared: its publication filters its rows (WHERE)"}
 			if !t.filtered {
 				check = compareTable(ctx, p, d, t)

@@ -69,8 +69,17 @@ func (p *probe) run(ctx context.Context) {
 		p.last = now
 		p.acked = append(p.acked, id)
 		p.mu.Unlock()
+		// Paced: the pause is measured to within this, and the probe
+		// stays a small load on production.
+		select {
+		case <-ctx.Done():
+		case <-time.After(probeEvery):
+		}
 	}
 }
+
+// probeEvery paces each of the probe's two writers.
+const probeEvery = 5 * time.Millisecond
 
 // takePause returns the longest pause since the last call, and starts
 // measuring again.
@@ -87,11 +96,11 @@ func (p *probe) takePause() time.Duration {
 func multiHost(first, second string) (string, error) {
 	a, err := url.Parse(first)
 	if err != nil || a.Host == "" {
-		return "", fmt.Errorf("the primary's URL is not a postgres:// URL: a switchover drill needs one to reach both sites")
+		return "", fmt.Errorf("a switchover drill needs postgres://host:port/… URLs for both sites' databases (the agents' --source-url, the standbys' --target-url); the primary's is not one")
 	}
 	b, err := url.Parse(second)
 	if err != nil || b.Host == "" {
-		return "", fmt.Errorf("the DR database's URL is not a postgres:// URL: a switchover drill needs one to reach both sites")
+		return "", fmt.Errorf("a switchover drill needs postgres://host:port/… URLs for both sites' databases (the agents' --source-url, the standbys' --target-url); DR's is not one")
 	}
 	a.Host += "," + b.Host
 	q := a.Query()
@@ -105,6 +114,11 @@ func multiHost(first, second string) (string, error) {
 func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 	g := c.fsm.read().Groups[r.Group]
 	from, to := g.PrimarySite, g.DRSite
+	// The way back needs each site's other role: an agent at DR, a
+	// standby at the primary's site.
+	if g.AgentURLs[to] == "" || g.StandbyURLs[from] == "" {
+		return fmt.Errorf("not started: the switchover back needs an agent at site %s and a standby at site %s (--controllers, --site), and one has never checked in", to, from)
+	}
 	primaryURL, drURL := c.route(g.PrimaryURL()), c.route(g.StandbyURLs[to])
 	both, err := multiHost(primaryURL, drURL)
 	if err != nil {
@@ -155,6 +169,11 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 			if err := waitAcked(ctx, pr, int64(200*(i+1))); err != nil {
 				return "", err
 			}
+			// A site that was just reloaded by its rejoin catches up first,
+			// with writes going on.
+			if err := c.waitCurrent(ctx, r); err != nil {
+				return "", err
+			}
 			pr.takePause()
 			if _, err := c.propose(command{Kind: cmdSwitchover, AtMs: time.Now().UnixMilli(), Group: r.Group, Actor: "drill " + r.ID}); err != nil {
 				return "", err
@@ -170,7 +189,9 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 			return fmt.Sprintf("longest pause between two acknowledged writes %.3fs", pause.Seconds()), nil
 		})
 		if err != nil {
-			return err
+			stopProbe()
+			g := c.fsm.read().Groups[r.Group]
+			return fmt.Errorf("%w; site %s is the primary now (epoch %d)%s", err, g.PrimarySite, g.Epoch, c.probeWritesLost(ctx, r.Group, pr))
 		}
 	}
 	stopProbe()
@@ -215,6 +236,50 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 			to, len(pr.acked), worst.Seconds()), r.Reason)
 		return fmt.Sprintf("%d acknowledged writes", len(pr.acked)), nil
 	})
+}
+
+// probeWritesLost checks, after a drill that did not finish, that the
+// probe's acknowledged writes are on the primary, and deletes them there.
+func (c *Controller) probeWritesLost(ctx context.Context, group string, pr *probe) string {
+	g := c.fsm.read().Groups[group]
+	conn, err := pgx.Connect(ctx, c.route(g.PrimaryURL()))
+	if err != nil {
+		return "; the probe's writes could not be checked (the primary does not answer)"
+	}
+	defer conn.Close(context.Background())
+	var missing int
+	if err := conn.QueryRow(ctx, `SELECT count(*) FROM unnest($1::int8[]) a WHERE NOT EXISTS (SELECT 1 FROM haven_drill.probe p WHERE p.drill = $2 AND p.id = a)`,
+		pr.acked, pr.drill).Scan(&missing); err != nil {
+		return "; the probe's writes could not be checked: " + err.Error()
+	}
+	_, _ = conn.Exec(ctx, `DELETE FROM haven_drill.probe WHERE drill = $1`, pr.drill)
+	if missing > 0 {
+		return fmt.Sprintf("; %d of the probe's %d acknowledged writes are NOT on the primary", missing, len(pr.acked))
+	}
+	return fmt.Sprintf("; all %d of the probe's acknowledged writes are on the primary", len(pr.acked))
+}
+
+// waitCurrent waits until DR reports a lag small enough for a switchover
+// to stop writes only briefly.
+func (c *Controller) waitCurrent(ctx context.Context, r *Report) error {
+	deadline := time.Now().Add(switchoverDrillTimeout)
+	for {
+		g := c.fsm.read().Groups[r.Group]
+		if g == nil || g.Drill == nil || g.Drill.ID != r.ID {
+			return errDrillGone
+		}
+		if g.current(time.Now().UnixMilli()) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("DR did not catch up to within %s of the primary in %s (it lags %.1fs)", switchoverMaxLag, switchoverDrillTimeout, g.LagSeconds)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // waitAcked waits until the probe has n acknowledged writes.

@@ -161,8 +161,7 @@ func (s *side) read(ctx context.Context, t checkedTable, f func(tx pgx.Tx, rows 
 	return s.inSnapshot(ctx, func(tx pgx.Tx) error {
 		name := pgx.Identifier{t.schema, t.name}.Sanitize()
 		var kind string
-		var snapNode uint32
-		err := tx.QueryRow(ctx, `SELECT relkind::text, relfilenode::int8 FROM pg_class WHERE oid = to_regclass($1)`, name).Scan(&kind, &snapNode)
+		err := tx.QueryRow(ctx, `SELECT relkind::text FROM pg_class WHERE oid = to_regclass($1)`, name).Scan(&kind)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return fmt.Errorf("no table %s on %s", name, s.name)
 		}
@@ -176,13 +175,16 @@ func (s *side) read(ctx context.Context, t checkedTable, f func(tx pgx.Tx, rows 
 		if err := f(tx, t.rowsSQL(from)); err != nil {
 			return err
 		}
-		// pg_class read under the snapshot against the relation as it is
-		// now (and stays, while this transaction holds its lock).
-		var nowNode uint32
-		if err := tx.QueryRow(ctx, `SELECT coalesce(pg_relation_filenode(to_regclass($1)), 0)::int8`, name).Scan(&nowNode); err != nil {
+		// pg_class read under the snapshot against each relation read as
+		// it is now (and stays, while this transaction holds its locks):
+		// a table, or a partitioned table's partitions.
+		var rewritten bool
+		err = tx.QueryRow(ctx, `SELECT coalesce(bool_or(c.relfilenode <> 0 AND c.relfilenode <> coalesce(pg_relation_filenode(c.oid), 0)), false)
+			FROM pg_class c WHERE c.oid = to_regclass($1) OR c.oid IN (SELECT relid FROM pg_partition_tree(to_regclass($1)) WHERE isleaf)`, name).Scan(&rewritten)
+		if err != nil {
 			return err
 		}
-		if snapNode != 0 && nowNode != snapNode {
+		if rewritten {
 			return errRewritten
 		}
 		return nil
@@ -238,6 +240,7 @@ type listed struct{ h, key string }
 // list reads the rows of some sub-buckets (bucket, sub-bucket pairs).
 func (s *side) list(ctx context.Context, t checkedTable, pairs [][2]int64) (map[string]listed, error) {
 	out := map[string]listed{}
+	seen := map[string]int{} // rows of a table without a key, by hash
 	var bs, sbs []int64
 	for _, p := range pairs {
 		bs, sbs = append(bs, p[0]), append(sbs, p[1])
@@ -257,11 +260,9 @@ func (s *side) list(ctx context.Context, t checkedTable, pairs [][2]int64) (map[
 			if len(t.keys) == 0 {
 				// Identical rows of a table without a key share a hash: one
 				// more or fewer of them is a difference too.
-				for n := 1; ; n++ {
-					if _, dup := out[k]; !dup {
-						break
-					}
-					k = fmt.Sprintf("%s#%d", strings.Split(k, "#")[0], n)
+				seen[k]++
+				if n := seen[k]; n > 1 {
+					k = fmt.Sprintf("%s#%d", k, n)
 				}
 			}
 			out[k] = l

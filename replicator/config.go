@@ -42,9 +42,8 @@ type Config struct {
 	// SequenceGap is how many increments past the primary's last known
 	// value a promotion moves every sequence.
 	SequenceGap int64
-	// DrillDir is where a promote drill clones the DR cluster (rehearse.go);
-	// what is in it is the drill's to delete. Default: haven-drill-<group>
-	// in the temporary directory.
+	// DrillDir is where a promote drill clones the DR cluster, in a
+	// directory of its own (rehearse.go); empty: no promote drills.
 	DrillDir string
 	// DrillCloneRate caps how fast a promote drill reads the DR cluster
 	// (pg_basebackup --max-rate: 32k to 1024M); empty: no cap.
@@ -81,8 +80,8 @@ func (c Config) Validate() error {
 		return errors.New("--controllers needs --site: the name of the DR site (e.g. the data centre)")
 	case c.SequenceGap < 0:
 		return errors.New("--promote-sequence-gap must not be negative")
-	case c.DrillDir != "" && !filepath.IsAbs(c.DrillDir):
-		return fmt.Errorf("--drill-dir %q must be an absolute path", c.DrillDir)
+	case c.DrillDir != "" && (!filepath.IsAbs(c.DrillDir) || filepath.Clean(c.DrillDir) == "/"):
+		return fmt.Errorf("--drill-dir %q must be an absolute path, not /", c.DrillDir)
 	case c.DrillCloneRate != "" && !cloneRate.MatchString(c.DrillCloneRate):
 		return fmt.Errorf("--drill-clone-rate %q: a rate in kB/s, with k or M, e.g. 64M", c.DrillCloneRate)
 	}

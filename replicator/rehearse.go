@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/user"
@@ -21,11 +22,17 @@ import (
 )
 
 // A promote drill rehearses the promotion on a copy of the DR cluster: the
-// standby clones it with pg_basebackup into a scratch directory
-// (--drill-dir), starts the clone on a Unix socket there (no TCP port, so
-// no client can reach it by mistake), runs the promotion's real steps on
-// it (makePrimary), writes to every table there in a transaction it rolls
-// back, and drops the clone. Each step is timed.
+// standby clones it with pg_basebackup into haven-clone-<group> under
+// --drill-dir, starts the clone on a Unix socket there (no TCP port, so no
+// client can reach it by mistake; no subscription, archiving, replication
+// or preloaded library of the DR cluster runs in it), runs the promotion's
+// real steps on it (makePrimary), writes to every table there in a
+// transaction it rolls back, and drops the clone. Each step is timed.
+//
+// What it deletes is only ever that directory, and only when haven made it
+// (a marker file in it), under a lock (two standbys sharing --drill-dir
+// never delete each other's clone); a server is stopped there only when
+// its pid file names that directory as its socket's.
 //
 // Why pg_basebackup rather than CREATE DATABASE … TEMPLATE: a template copy
 // needs every other session off the DR database for the whole copy, the
@@ -45,6 +52,7 @@ import (
 type rehearsal struct {
 	id     string
 	cancel context.CancelFunc
+	ended  chan struct{} // closed once it ended and dropped its clone
 	mu     sync.Mutex
 	steps  []*havenpb.DrillStep
 	done   bool
@@ -85,9 +93,13 @@ func (s *Standby) rehearse(ctx context.Context, id string) {
 		return
 	}
 	rctx, cancel := context.WithCancel(ctx)
-	r := &rehearsal{id: id, cancel: cancel}
+	r := &rehearsal{id: id, cancel: cancel, ended: make(chan struct{})}
 	s.rehearsal = r
-	go func() {
+	s.rehearsals.Go(func() {
+		defer close(r.ended)
+		if cur != nil {
+			<-cur.ended // one clone at a time
+		}
 		err := s.rehearsePromotion(rctx, r)
 		r.mu.Lock()
 		r.done = true
@@ -100,26 +112,53 @@ func (s *Standby) rehearse(ctx context.Context, id string) {
 			ev = s.log.Error().Err(err)
 		}
 		ev.Str("drill", id).Msg("promote drill: rehearsal ended, clone dropped")
-	}()
+	})
+}
+
+// cloneMarker is the file that says a directory is a promote drill's.
+const cloneMarker = "HAVEN_DRILL_CLONE"
+
+// cloneDir is where this standby makes its clones.
+func (s *Standby) cloneDir() string {
+	return filepath.Join(s.cfg.DrillDir, "haven-clone-"+s.cfg.Group)
+}
+
+// lockClones takes the lock on this group's clone directory; release
+// unlocks it.
+func (s *Standby) lockClones() (release func(), err error) {
+	f, err := os.OpenFile(s.cloneDir()+".lock", os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("open the clone lock in --drill-dir: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("another standby of group %s uses --drill-dir %s for a promote drill now", s.cfg.Group, s.cfg.DrillDir)
+	}
+	return func() { f.Close() }, nil
 }
 
 // rehearsePromotion runs a promote drill's steps on a clone of the DR
 // cluster, and drops the clone whatever happens.
 func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
-	// One clone at a time: a cancelled rehearsal drops its clone before
-	// the next one makes its own.
-	s.cloneMu.Lock()
-	defer s.cloneMu.Unlock()
+	if s.cfg.DrillDir == "" {
+		return errors.New("the DR site's standby has no --drill-dir: give it a directory on a disk with room for a copy of the DR cluster (not tmpfs)")
+	}
+	release, err := s.lockClones()
+	if err != nil {
+		return err
+	}
+	defer release()
 	conn, err := pgx.Connect(ctx, s.cfg.TargetURL)
 	if err != nil {
 		return fmt.Errorf("connect to the DR database: %w", err)
 	}
 	var version int
-	var db, clusterBytes string
+	var db, clusterBytes, dataDir string
 	var tablespaces int
 	err = conn.QueryRow(ctx, `SELECT current_setting('server_version_num')::int, current_database(),
 		(SELECT sum(pg_database_size(oid))::text FROM pg_database),
-		(SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global'))`).Scan(&version, &db, &clusterBytes, &tablespaces)
+		(SELECT count(*) FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global')),
+		coalesce((SELECT setting FROM pg_settings WHERE name = 'data_directory'), '')`).Scan(&version, &db, &clusterBytes, &tablespaces, &dataDir)
 	conn.Close(context.Background())
 	if err != nil {
 		return fmt.Errorf("read the DR cluster's version and size: %w", err)
@@ -135,37 +174,52 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 	if err != nil {
 		return err
 	}
-	dir := s.cfg.DrillDir
-	if err := dropClone(bin, dir, runAs); err != nil {
+	need, _ := strconv.ParseInt(clusterBytes, 10, 64)
+	if err := checkDrillDir(s.cfg.DrillDir, dataDir, need, runAs); err != nil {
+		return err
+	}
+	dir := s.cloneDir()
+	if err := removeClone(bin, dir, runAs); err != nil {
 		return err
 	}
 	defer func() {
-		if err := dropClone(bin, dir, runAs); err != nil {
-			s.log.Error().Err(err).Str("dir", dir).Msg("promote drill: could not drop the clone; remove it by hand (pg_ctl stop -m immediate -D dir, then rm -r dir)")
+		if err := removeClone(bin, dir, runAs); err != nil {
+			s.log.Error().Err(err).Str("dir", dir).Msg("promote drill: could not drop the clone; stop it (pg_ctl stop -m immediate -D dir/data) and remove the directory by hand")
 		}
 	}()
-	need, _ := strconv.ParseInt(clusterBytes, 10, 64)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create --drill-dir %s: %w", dir, err)
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return fmt.Errorf("create the clone's directory: %w", err)
 	}
-	var fs syscall.Statfs_t
-	if err := syscall.Statfs(dir, &fs); err == nil && int64(fs.Bavail)*fs.Bsize < need+need/5 {
-		return fmt.Errorf("--drill-dir %s has %d MB free, and a clone of the DR cluster needs about %d MB", dir, int64(fs.Bavail)*fs.Bsize>>20, (need+need/5)>>20)
+	if err := writeOwned(filepath.Join(dir, cloneMarker), "a promote drill's clone of the DR cluster; haven deletes this directory\n", nil); err != nil {
+		return err
 	}
 	if runAs != nil {
 		if err := os.Chown(dir, int(runAs.Uid), int(runAs.Gid)); err != nil {
-			return fmt.Errorf("give --drill-dir to the postgres user: %w", err)
+			return fmt.Errorf("give the clone's directory to the postgres user: %w", err)
 		}
 	}
 	data := filepath.Join(dir, "data")
 	err = r.step("clone the DR cluster", func() (string, error) {
-		args := []string{"-D", data, "-X", "stream", "-c", "fast", "--no-sync", "-d", s.cfg.TargetURL}
+		conninfo, password, err := libpqURL(s.cfg.TargetURL)
+		if err != nil {
+			return "", err
+		}
+		args := []string{"-D", data, "-X", "stream", "-c", "fast", "--no-sync", "-d", conninfo}
 		if s.cfg.DrillCloneRate != "" {
 			args = append(args, "--max-rate", s.cfg.DrillCloneRate)
 		}
-		out, err := command(ctx, runAs, filepath.Join(bin, "pg_basebackup"), args...).CombinedOutput()
+		cmd := command(ctx, runAs, filepath.Join(bin, "pg_basebackup"), args...)
+		if password != "" {
+			// Not in the arguments, which every local user can read.
+			cmd.Env = append(cmd.Env, "PGPASSWORD="+password)
+		}
+		out, err := cmd.CombinedOutput()
 		if err != nil {
-			return "", fmt.Errorf("pg_basebackup: %v: %s (the DR server must accept a replication connection from this host with --target-url's role)", err, strings.TrimSpace(string(out)))
+			msg := strings.TrimSpace(string(out))
+			if strings.Contains(msg, "pg_hba") || strings.Contains(msg, "replication") || strings.Contains(msg, "authentication") {
+				msg += " (the DR server must accept a replication connection from this host with --target-url's role: pg_hba.conf, REPLICATION)"
+			}
+			return "", fmt.Errorf("pg_basebackup: %v: %s", err, msg)
 		}
 		return fmt.Sprintf("%d MB", need>>20), nil
 	})
@@ -191,9 +245,15 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 				return "", err
 			}
 		}
+		// What ALTER SYSTEM set on DR (a replication source, a preloaded
+		// scheduler) stays there.
+		if err := writeOwned(filepath.Join(data, "postgresql.auto.conf"), "", runAs); err != nil {
+			return "", err
+		}
 		opts := fmt.Sprintf("-c config_file='%s' -c hba_file='%s' -c ident_file='%s' -c listen_addresses='' -c unix_socket_directories='%s' -c port=5432 "+
 			"-c archive_mode=off -c max_wal_senders=0 -c wal_level=minimal -c shared_buffers=128MB -c max_connections=20 "+
-			"-c synchronous_standby_names='' -c hot_standby=off", conf, hba, ident, dir)
+			"-c synchronous_standby_names='' -c hot_standby=off -c max_logical_replication_workers=0 -c shared_preload_libraries='' "+
+			"-c external_pid_file='' -c logging_collector=off", conf, hba, ident, dir)
 		out, err := command(ctx, runAs, filepath.Join(bin, "pg_ctl"), "-D", data, "-w", "-t", "300", "-l", filepath.Join(dir, "clone.log"), "-o", opts, "start").CombinedOutput()
 		if err != nil {
 			log, _ := os.ReadFile(filepath.Join(dir, "clone.log"))
@@ -248,7 +308,8 @@ func writeEveryTable(ctx context.Context, conn *pgx.Conn) (string, error) {
 	}
 	defer tx.Rollback(context.Background())
 	rows, err := tx.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname), c.relkind = 'p',
-		(SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum LIMIT 1)
+		(SELECT quote_ident(attname) FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 AND NOT attisdropped AND attgenerated = ''
+			AND attidentity <> 'a' ORDER BY attnum LIMIT 1)
 		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 		WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'haven')
 		AND n.nspname NOT LIKE 'pg\_%' ORDER BY 1`)
@@ -341,11 +402,23 @@ func command(ctx context.Context, runAs *syscall.Credential, name string, args .
 	return cmd
 }
 
-// dropClone stops a clone left in dir (by this drill, or by a standby that
-// died in one) and removes it.
-func dropClone(bin, dir string, runAs *syscall.Credential) error {
+// removeClone stops the clone in dir, if one runs there, and removes dir:
+// only a directory with haven's marker, and only a server whose pid file
+// names dir as its socket directory.
+func removeClone(bin, dir string, runAs *syscall.Credential) error {
+	if _, err := os.Stat(dir); errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(dir, cloneMarker)); err != nil {
+		return fmt.Errorf("%s is not a promote drill's clone (no %s file in it): haven leaves it alone; move it out of --drill-dir", dir, cloneMarker)
+	}
 	data := filepath.Join(dir, "data")
-	if _, err := os.Stat(filepath.Join(data, "postmaster.pid")); err == nil {
+	if pid, err := os.ReadFile(filepath.Join(data, "postmaster.pid")); err == nil {
+		// Line 5 of a pid file is the socket directory.
+		lines := strings.Split(string(pid), "\n")
+		if len(lines) < 5 || lines[4] != dir {
+			return fmt.Errorf("%s/postmaster.pid is not the clone's (socket directory %q): haven does not stop that server", data, lines[min(4, len(lines)-1)])
+		}
 		out, err := command(context.Background(), runAs, filepath.Join(bin, "pg_ctl"), "-D", data, "-m", "immediate", "-w", "stop").CombinedOutput()
 		if err != nil && !strings.Contains(string(out), "No such process") && !strings.Contains(string(out), "is not running") {
 			return fmt.Errorf("stop the clone in %s: %v: %s", data, err, out)
@@ -357,6 +430,119 @@ func dropClone(bin, dir string, runAs *syscall.Credential) error {
 	return nil
 }
 
+// checkDrillDir refuses a --drill-dir that is missing, closed to the user
+// the clone runs as, in memory (tmpfs),
+// inside the DR data directory or holding it, or without room for a copy
+// of the DR cluster (need bytes) and the WAL written meanwhile; on the DR
+// data directory's own filesystem, with half as much again to spare.
+func checkDrillDir(drillDir, dataDir string, need int64, runAs *syscall.Credential) error {
+	fi, err := os.Stat(drillDir)
+	if err != nil || !fi.IsDir() {
+		return fmt.Errorf("--drill-dir %s is not a directory: create it on a disk with room for a copy of the DR cluster", drillDir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && runAs != nil {
+		mode := fi.Mode().Perm()
+		if !(st.Uid == runAs.Uid && mode&0o100 != 0) && !(st.Gid == runAs.Gid && mode&0o010 != 0) && mode&0o001 == 0 {
+			return fmt.Errorf("--drill-dir %s is closed to the postgres OS user, who runs the clone: chown it to postgres, or chmod o+x it", drillDir)
+		}
+	}
+	if dataDir != "" && (within(drillDir, dataDir) || within(dataDir, drillDir)) {
+		return fmt.Errorf("--drill-dir %s and the DR data directory %s hold one another: use a directory of its own", drillDir, dataDir)
+	}
+	var fs syscall.Statfs_t
+	if err := syscall.Statfs(drillDir, &fs); err != nil {
+		return fmt.Errorf("read the free space of --drill-dir %s: %w", drillDir, err)
+	}
+	const tmpfsMagic = 0x01021994
+	if fs.Type == tmpfsMagic {
+		return fmt.Errorf("--drill-dir %s is in memory (tmpfs): a copy of the DR cluster would take RAM from the DR server; use a directory on disk", drillDir)
+	}
+	want := need + need/5 + 256<<20
+	if dataDir != "" {
+		if d, err := os.Stat(dataDir); err == nil && sameDevice(fi, d) {
+			want = need + need/2 + 1<<30
+		}
+	}
+	if free := int64(fs.Bavail) * fs.Bsize; free < want {
+		return fmt.Errorf("--drill-dir %s has %d MB free; a copy of the DR cluster needs about %d MB there", drillDir, free>>20, want>>20)
+	}
+	return nil
+}
+
+// within reports whether path is dir or inside it.
+func within(path, dir string) bool {
+	rel, err := filepath.Rel(filepath.Clean(dir), filepath.Clean(path))
+	return err == nil && rel != ".." && !strings.HasPrefix(rel, "../")
+}
+
+func sameDevice(a, b os.FileInfo) bool {
+	sa, ok1 := a.Sys().(*syscall.Stat_t)
+	sb, ok2 := b.Sys().(*syscall.Stat_t)
+	return ok1 && ok2 && sa.Dev == sb.Dev
+}
+
+// libpqURL is --target-url as pg_basebackup takes it: without the password
+// (returned apart) and without the run-time settings pgx passes on but
+// libpq refuses.
+func libpqURL(target string) (string, string, error) {
+	u, err := url.Parse(target)
+	if err != nil || (u.Scheme != "postgres" && u.Scheme != "postgresql") {
+		return "", "", errors.New("a promote drill needs --target-url as a postgres:// URL")
+	}
+	password, _ := u.User.Password()
+	if u.User != nil {
+		u.User = url.User(u.User.Username())
+	}
+	q := u.Query()
+	for k := range q {
+		if !libpqParams[k] {
+			q.Del(k)
+		}
+	}
+	u.RawQuery = q.Encode()
+	return u.String(), password, nil
+}
+
+var libpqParams = map[string]bool{"host": true, "hostaddr": true, "port": true, "user": true, "sslmode": true, "sslrootcert": true,
+	"sslcert": true, "sslkey": true, "sslcrl": true, "sslpassword": true, "connect_timeout": true, "keepalives": true,
+	"keepalives_idle": true, "gssencmode": true, "krbsrvname": true, "channel_binding": true, "service": true, "passfile": true}
+
+// dropLeftoverClone drops a clone a standby that died mid-drill left in
+// --drill-dir.
+func (s *Standby) dropLeftoverClone() {
+	dir := s.cloneDir()
+	if s.cfg.DrillDir == "" {
+		return
+	}
+	if _, err := os.Stat(dir); err != nil {
+		return
+	}
+	release, err := s.lockClones()
+	if err != nil {
+		return // a drill of another standby of the group is under way
+	}
+	defer release()
+	major := 0
+	if version, err := os.ReadFile(filepath.Join(dir, "data", "PG_VERSION")); err == nil {
+		major, _ = strconv.Atoi(strings.TrimSpace(string(version)))
+	}
+	bin, err := "", error(nil)
+	if major > 0 {
+		bin, err = serverBinaries(major * 10000)
+	}
+	var runAs *syscall.Credential
+	if err == nil {
+		if runAs, err = postgresUser(); err == nil {
+			err = removeClone(bin, dir, runAs)
+		}
+	}
+	if err != nil {
+		s.log.Error().Err(err).Str("dir", dir).Msg("a promote drill's clone is left in --drill-dir and could not be dropped: stop it (pg_ctl stop -m immediate -D dir/data) and remove it by hand")
+		return
+	}
+	s.log.Warn().Str("dir", dir).Msg("dropped what a promote drill left in --drill-dir (the standby stopped during the drill)")
+}
+
 func writeOwned(name, content string, runAs *syscall.Credential) error {
 	if err := os.WriteFile(name, []byte(content), 0o600); err != nil {
 		return fmt.Errorf("write the clone's %s: %w", filepath.Base(name), err)
@@ -365,36 +551,6 @@ func writeOwned(name, content string, runAs *syscall.Credential) error {
 		return os.Chown(name, int(runAs.Uid), int(runAs.Gid))
 	}
 	return nil
-}
-
-// dropLeftoverClone drops a clone a standby that died mid-drill left in
-// --drill-dir.
-func (s *Standby) dropLeftoverClone() {
-	dir := s.cfg.DrillDir
-	version, err := os.ReadFile(filepath.Join(dir, "data", "PG_VERSION"))
-	if errors.Is(err, os.ErrNotExist) {
-		if entries, err := os.ReadDir(dir); err == nil && len(entries) > 0 {
-			if err := os.RemoveAll(dir); err != nil {
-				s.log.Error().Err(err).Str("dir", dir).Msg("could not remove what a promote drill left in --drill-dir; remove it by hand")
-				return
-			}
-			s.log.Warn().Str("dir", dir).Msg("dropped what a promote drill left in --drill-dir (the standby stopped during the drill)")
-		}
-		return
-	}
-	major, _ := strconv.Atoi(strings.TrimSpace(string(version)))
-	bin, err := serverBinaries(major * 10000)
-	if err == nil {
-		var runAs *syscall.Credential
-		if runAs, err = postgresUser(); err == nil {
-			err = dropClone(bin, dir, runAs)
-		}
-	}
-	if err != nil {
-		s.log.Error().Err(err).Str("dir", dir).Msg("a promote drill's clone is left in --drill-dir and could not be dropped: stop it (pg_ctl stop -m immediate -D dir/data) and remove it by hand")
-		return
-	}
-	s.log.Warn().Str("dir", dir).Msg("dropped what a promote drill left in --drill-dir (the standby stopped during the drill)")
 }
 
 func tail(s string, lines int) string {

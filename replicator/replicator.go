@@ -6,8 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"os"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -39,7 +37,7 @@ type Standby struct {
 	// A promote drill's rehearsal under way (rehearse.go).
 	rehearsalMu sync.Mutex
 	rehearsal   *rehearsal
-	cloneMu     sync.Mutex
+	rehearsals  sync.WaitGroup
 }
 
 // New checks cfg and registers the standby's metrics on reg.
@@ -48,9 +46,6 @@ func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Standby, e
 		return nil, err
 	}
 	log = log.With().Str("component", "standby").Str("group", cfg.Group).Logger()
-	if cfg.DrillDir == "" {
-		cfg.DrillDir = filepath.Join(os.TempDir(), "haven-drill-"+cfg.Group)
-	}
 	s := &Standby{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
 	s.health.Set("starting")
 	s.control.lag.start(position{}) // behind since now, until shown otherwise
@@ -74,6 +69,8 @@ func (s *Standby) Run(ctx context.Context) error {
 	if len(s.cfg.Controllers) > 0 {
 		s.dropLeftoverClone()
 		go s.checkIns(ctx)
+		// A rehearsal stops with ctx, and drops its clone on the way.
+		defer s.rehearsals.Wait()
 	}
 	wait := time.Duration(0)
 	for {
@@ -114,6 +111,12 @@ func (s *Standby) Run(ctx context.Context) error {
 			s.log.Error().Err(err).Uint64("seq", be.seq).Str("reason", be.reason).Dur("retry_in", s.cfg.BlockedRetry).
 				Msg("apply is blocked: nothing after this message is applied and it is not acknowledged; fix the cause (see the error), apply resumes by itself")
 			wait = s.cfg.BlockedRetry
+		case errors.Is(err, errNoNewSnapshot):
+			s.health.Set(err.Error())
+			if wait == 0 {
+				s.log.Info().Msg(err.Error())
+			}
+			wait = 500 * time.Millisecond
 		case errors.Is(err, errNotDelivered):
 			// Nothing is wrong but a message the client lost: no backoff.
 			s.log.Warn().Err(err).Msg("apply session ended; reading the stream again")
@@ -217,7 +220,13 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 	// PostgreSQL keeps microseconds.
 	created := info.Created.Truncate(time.Microsecond)
-	from, err := s.startAfter(ctx, js, stream, info, created, pos, found)
+	var own uint64
+	if s.control.reseed.Load() {
+		if err := conn.QueryRow(ctx, `SELECT system_identifier FROM pg_control_system()`).Scan(&own); err != nil {
+			return fmt.Errorf("read the DR cluster's system identifier: %w", err)
+		}
+	}
+	from, err := s.startAfter(ctx, js, stream, info, created, pos, found, own)
 	if err != nil {
 		return err
 	}
@@ -468,19 +477,27 @@ func (s *Standby) protectDR(ctx context.Context, conn *pgx.Conn) {
 	}
 }
 
+// errNoNewSnapshot: a rejoining site waits for the new primary's agent to
+// put its initial snapshot in the stream.
+var errNoNewSnapshot = errors.New("rejoining: waiting for the new primary's initial snapshot to be complete in the stream")
+
 // startAfter decides after which stream sequence apply starts: after the
 // stored position when the stream continues it; else, when the stream holds
 // a newer initial snapshot (the agent was re-seeded), just before that
 // snapshot, which replaces the DR copy; else apply is blocked.
-func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, stream jetstream.Stream, info *jetstream.StreamInfo, created time.Time, pos position, found bool) (uint64, error) {
-	if found && s.control.reseed.Load() && created.Equal(pos.streamCreated) {
-		// A deposed primary rejoining: the latest snapshot replaces what
-		// its database holds, so what the stream has before that snapshot
-		// (its own old term, an older snapshot) need not be applied first.
-		if latest := s.latestSnapshot(ctx, js, info, created); latest != nil && latest.BeginSeq > pos.streamSeq+1 {
-			s.log.Info().Uint64("seq", latest.BeginSeq).Uint64("stored_seq", pos.streamSeq).Msg("rejoining: starting at the group's latest initial snapshot")
-			return latest.BeginSeq - 1, nil
+func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, stream jetstream.Stream, info *jetstream.StreamInfo, created time.Time, pos position, found bool, own uint64) (uint64, error) {
+	if s.control.reseed.Load() {
+		// A deposed primary rejoining: the new primary's snapshot replaces
+		// what its database holds. Not an older one (its own, from before it
+		// was deposed): its database has every table and row it wrote since,
+		// which what the stream holds after that snapshot would be applied
+		// on top of (a table created later exists already, with its rows).
+		latest := s.latestSnapshot(ctx, js, info, created)
+		if latest == nil || latest.SystemID == own {
+			return 0, errNoNewSnapshot
 		}
+		s.log.Info().Uint64("seq", latest.BeginSeq).Uint64("system_id", latest.SystemID).Msg("rejoining: loading the new primary's initial snapshot")
+		return latest.BeginSeq - 1, nil
 	}
 	var problem string
 	switch {

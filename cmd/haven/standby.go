@@ -52,7 +52,7 @@ position in haven.apply_position in the same transaction as the changes.`,
 	f.StringVar(&cfg.Site, "site", "", "name of the DR site (with --controllers)")
 	f.StringVar(&cfg.PromoteHook, "promote-hook", "", "shell command run after a promotion (HAVEN_GROUP, HAVEN_SITE, HAVEN_EPOCH in its environment)")
 	f.Int64Var(&cfg.SequenceGap, "promote-sequence-gap", cfg.SequenceGap, "increments a promotion moves every sequence past the primary's last known value")
-	f.StringVar(&cfg.DrillDir, "drill-dir", "", "scratch directory, on a disk with room for a copy of the DR cluster, where promote drills clone it (default: <tmp>/haven-drill-<group>); the drill deletes what is in it")
+	f.StringVar(&cfg.DrillDir, "drill-dir", "", "directory on a disk with room for a copy of the DR cluster (not tmpfs) where promote drills clone it, in haven-clone-<group> (empty: no promote drills)")
 	f.StringVar(&cfg.DrillCloneRate, "drill-clone-rate", "", "cap on how fast a promote drill reads the DR cluster (pg_basebackup --max-rate, e.g. 64M); empty: none")
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz and /metrics, e.g. :9188 (empty: off)")
 	return cmd
