@@ -143,3 +143,30 @@ func TestFSMPromoteDrillRehearses(t *testing.T) {
 		t.Fatalf("drill once rehearsed: %+v", d)
 	}
 }
+
+// TestOverdueDrillsAlert: a scheduled kind of drill that has not passed
+// within two intervals alerts, counted from the last pass or from the
+// schedule's creation; a pass in time, a drill under way, or an alert
+// already raised keep it quiet.
+func TestOverdueDrillsAlert(t *testing.T) {
+	created := time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC)
+	sc := &Schedule{ID: "s1", Group: "crm", Kind: DrillVerify, Cron: "0 3 * * *", CreatedMs: created.UnixMilli()}
+	g := &Group{Name: "crm"}
+	if why := overdue(sc, g, created.Add(47*time.Hour)); why != "" {
+		t.Errorf("within two days of the schedule: %q", why)
+	}
+	if why := overdue(sc, g, created.Add(50*time.Hour)); !strings.Contains(why, "no verify drill of group crm has passed since 2026-11-01T00:00:00Z") {
+		t.Errorf("no pass in 50 h: %q", why)
+	}
+	g.DrillPassedMs = map[string]int64{DrillVerify: created.Add(40 * time.Hour).UnixMilli()}
+	if why := overdue(sc, g, created.Add(50*time.Hour)); why != "" {
+		t.Errorf("passed 10 h before: %q", why)
+	}
+	if why := overdue(sc, g, created.Add(100*time.Hour)); why == "" {
+		t.Error("passed 60 h before: no alert")
+	}
+	g.Drill = &ActiveDrill{ID: "d9"}
+	if why := overdue(sc, g, created.Add(100*time.Hour)); why != "" {
+		t.Errorf("a drill under way: %q", why)
+	}
+}

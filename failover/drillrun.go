@@ -147,20 +147,27 @@ func (c *Controller) dropDrillSlots(ctx context.Context, g *Group) string {
 // within two of its intervals.
 func (c *Controller) overdueDrills(st *State, now time.Time) {
 	for _, sc := range st.Schedules {
-		g := st.Groups[sc.Group]
-		if g == nil || g.DrillAlert != "" || g.Drill != nil {
-			continue
+		if why := overdue(sc, st.Groups[sc.Group], now); why != "" {
+			c.log.Error().Str("group", sc.Group).Msg(why)
+			_, _ = c.propose(command{Kind: cmdDrillAlert, AtMs: now.UnixMilli(), Group: sc.Group, Reason: why, Drill: &drillCommand{}})
 		}
-		since := max(g.DrillPassedMs[sc.Kind], sc.CreatedMs)
-		window := 2*sc.interval(time.UnixMilli(since)) + time.Minute
-		if now.Sub(time.UnixMilli(since)) <= window {
-			continue
-		}
-		why := fmt.Sprintf("no %s drill of group %s has passed since %s; schedule %s (%q) expects one within %s",
-			sc.Kind, sc.Group, time.UnixMilli(since).UTC().Format(time.RFC3339), sc.ID, sc.Cron, window)
-		c.log.Error().Str("group", sc.Group).Msg(why)
-		_, _ = c.propose(command{Kind: cmdDrillAlert, AtMs: now.UnixMilli(), Group: sc.Group, Reason: why, Drill: &drillCommand{}})
 	}
+}
+
+// overdue says why a schedule's kind of drill is overdue on its group: none
+// passed within two intervals (and a minute) since the last that did, or
+// since the schedule began. "" when it is not, or the group alerts already.
+func overdue(sc *Schedule, g *Group, now time.Time) string {
+	if g == nil || g.DrillAlert != "" || g.Drill != nil {
+		return ""
+	}
+	since := time.UnixMilli(max(g.DrillPassedMs[sc.Kind], sc.CreatedMs))
+	window := 2*sc.interval(since) + time.Minute
+	if now.Sub(since) <= window {
+		return ""
+	}
+	return fmt.Sprintf("no %s drill of group %s has passed since %s; schedule %s (%q) expects one within %s",
+		sc.Kind, sc.Group, since.UTC().Format(time.RFC3339), sc.ID, sc.Cron, window)
 }
 
 // startDrill starts a drill on the leader and runs it in the background;
