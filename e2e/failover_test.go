@@ -161,6 +161,20 @@ type ackedWrites struct {
 	ids  []int64
 }
 
+// onceEach checks that every acknowledged write is in acked on conn, once.
+func (a *ackedWrites) onceEach(t *testing.T, conn *pgx.Conn) {
+	t.Helper()
+	var present, distinct int
+	if err := conn.QueryRow(t.Context(), `SELECT count(*), count(DISTINCT id) FROM acked WHERE id = ANY($1)`, a.ids).Scan(&present, &distinct); err != nil {
+		t.Fatal(err)
+	}
+	if present != len(a.ids) || distinct != present {
+		t.Errorf("%d acknowledged writes, %d on the final primary (%d distinct): lost or duplicated", len(a.ids), present, distinct)
+	} else {
+		t.Logf("all %d acknowledged writes are on the final primary, once each", present)
+	}
+}
+
 func startFailoverSite(t *testing.T, agentArgs ...string) *failoverSite {
 	f := &failoverSite{site: newSite(t), acked: &ackedWrites{}}
 	s := f.site
@@ -594,15 +608,7 @@ func switchoverThereAndBack(t *testing.T, agentArgs ...string) {
 	final := connect(t, s.primaryURL())
 	standby := connect(t, s.drURL())
 	waitCaughtUp(t, final, standby, 2, 60*time.Second)
-	var present, distinct int
-	if err := final.QueryRow(t.Context(), `SELECT count(*), count(DISTINCT id) FROM acked WHERE id = ANY($1)`, acked.ids).Scan(&present, &distinct); err != nil {
-		t.Fatal(err)
-	}
-	if present != len(acked.ids) || distinct != present {
-		t.Errorf("%d acknowledged writes, %d on the final primary (%d distinct): lost or duplicated", len(acked.ids), present, distinct)
-	} else {
-		t.Logf("all %d acknowledged writes are on the final primary, once each", present)
-	}
+	acked.onceEach(t, final)
 	assertEqual(t, final, standby, map[string]string{"acked": "id", "contacts": "id", "accounts": "id", "deals": "id", "activities": "id"})
 }
 

@@ -314,16 +314,18 @@ func step(r *Report, name string, f func() (string, error)) error {
 	return err
 }
 
-// waitDrill polls the state until cond holds for the group's drill.
-func (c *Controller) waitDrill(ctx context.Context, r *Report, timeout time.Duration, cond func(*ActiveDrill) bool) error {
+// waitDrill polls the state, and cond, until cond holds for the group of
+// the drill under way (or fails); context.DeadlineExceeded after timeout,
+// errDrillGone once the drill has ended under its runner.
+func (c *Controller) waitDrill(ctx context.Context, r *Report, timeout time.Duration, cond func(g *Group) (bool, error)) error {
 	deadline := time.Now().Add(timeout)
 	for {
 		g := c.fsm.read().Groups[r.Group]
 		if g == nil || g.Drill == nil || g.Drill.ID != r.ID {
 			return errDrillGone
 		}
-		if cond(g.Drill) {
-			return nil
+		if ok, err := cond(g); ok || err != nil {
+			return err
 		}
 		if time.Now().After(deadline) {
 			return context.DeadlineExceeded
@@ -379,7 +381,7 @@ func (c *Controller) verify(ctx context.Context, r *Report) error {
 		return err
 	}
 	err = step(r, "hold DR apply", func() (string, error) {
-		err := c.waitDrill(ctx, r, drillHoldTimeout, func(d *ActiveDrill) bool { return d.HeldMs > 0 })
+		err := c.waitDrill(ctx, r, drillHoldTimeout, func(g *Group) (bool, error) { return g.Drill.HeldMs > 0, nil })
 		if errors.Is(err, context.DeadlineExceeded) {
 			return "", fmt.Errorf("the standby of site %s did not hold apply within %s: is it running and checking in with the controllers?", g.DRSite, drillHoldTimeout)
 		}
@@ -403,7 +405,7 @@ func (c *Controller) verify(ctx context.Context, r *Report) error {
 	}
 	var held uint64
 	err = step(r, "apply DR up to the snapshot's LSN", func() (string, error) {
-		err := c.waitDrill(ctx, r, drillCutTimeout, func(d *ActiveDrill) bool { held = d.HeldLSN; return d.AtCut })
+		err := c.waitDrill(ctx, r, drillCutTimeout, func(g *Group) (bool, error) { held = g.Drill.HeldLSN; return g.Drill.AtCut, nil })
 		if errors.Is(err, context.DeadlineExceeded) {
 			return "", fmt.Errorf("DR did not reach %s within %s: it stops there when a transaction or heartbeat committed after it arrives (the agent's --heartbeat-interval); is the agent running?", cut, drillCutTimeout)
 		}
@@ -577,7 +579,7 @@ func exportDR(ctx context.Context, d *side, url, group string, held, cut pglogre
 // DR's lag, and the promotion's steps as timed on the clone.
 func (c *Controller) promoteDrill(ctx context.Context, r *Report) error {
 	var d ActiveDrill
-	err := c.waitDrill(ctx, r, drillTimeout, func(a *ActiveDrill) bool { d = *a; return a.Done })
+	err := c.waitDrill(ctx, r, drillTimeout, func(g *Group) (bool, error) { d = *g.Drill; return d.Done, nil })
 	r.Steps = append(r.Steps, d.Steps...)
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("the standby did not finish the rehearsal within %s", drillTimeout)

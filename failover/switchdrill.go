@@ -138,7 +138,7 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 		if _, err := primary.Exec(ctx, `INSERT INTO haven_drill.probe (id, drill) VALUES (0, $1)`, r.ID); err != nil {
 			return "", err
 		}
-		return "", c.seenOn(ctx, drURL, r.ID, 0, time.Minute, "the probe table did not reach DR within a minute: a group of some tables (--tables) must list haven_drill.probe")
+		return "", c.seenOn(ctx, r, drURL, 0, time.Minute, "the probe table did not reach DR within a minute: a group of some tables (--tables) must list haven_drill.probe")
 	})
 	if err != nil {
 		return err
@@ -166,7 +166,7 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 			name = fmt.Sprintf("switchover back to site %s", site)
 		}
 		err = step(r, name, func() (string, error) {
-			if err := waitAcked(ctx, pr, int64(200*(i+1))); err != nil {
+			if err := c.waitAcked(ctx, r, pr, int64(200*(i+1))); err != nil {
 				return "", err
 			}
 			// A site that was just reloaded by its rejoin catches up first,
@@ -181,7 +181,7 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 			if err := c.waitSwitched(ctx, r, site); err != nil {
 				return "", err
 			}
-			if err := waitAcked(ctx, pr, pr.next.Load()+50); err != nil {
+			if err := c.waitAcked(ctx, r, pr, pr.next.Load()+50); err != nil {
 				return "", err
 			}
 			pause := pr.takePause()
@@ -207,7 +207,7 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 		if _, err := final.Exec(ctx, `INSERT INTO haven_drill.probe (id, drill) VALUES ($1, $2)`, last, r.ID); err != nil {
 			return "", err
 		}
-		if err := c.seenOn(ctx, c.route(g.StandbyURLs[g.DRSite]), r.ID, last, time.Minute, "the standby did not apply the probe's last write within a minute"); err != nil {
+		if err := c.seenOn(ctx, r, c.route(g.StandbyURLs[g.DRSite]), last, time.Minute, "the standby did not apply the probe's last write within a minute"); err != nil {
 			return "", err
 		}
 		var missing []int64
@@ -262,97 +262,67 @@ func (c *Controller) probeWritesLost(ctx context.Context, group string, pr *prob
 // waitCurrent waits until DR reports a lag small enough for a switchover
 // to stop writes only briefly.
 func (c *Controller) waitCurrent(ctx context.Context, r *Report) error {
-	deadline := time.Now().Add(switchoverDrillTimeout)
-	for {
-		g := c.fsm.read().Groups[r.Group]
-		if g == nil || g.Drill == nil || g.Drill.ID != r.ID {
-			return errDrillGone
-		}
-		if g.current(time.Now().UnixMilli()) {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("DR did not catch up to within %s of the primary in %s (it lags %.1fs)", switchoverMaxLag, switchoverDrillTimeout, g.LagSeconds)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
+	var lag float64
+	err := c.waitDrill(ctx, r, switchoverDrillTimeout, func(g *Group) (bool, error) {
+		lag = g.LagSeconds
+		return g.current(time.Now().UnixMilli()), nil
+	})
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("DR did not catch up to within %s of the primary in %s (it lags %.1fs)", switchoverMaxLag, switchoverDrillTimeout, lag)
 	}
+	return err
 }
 
 // waitAcked waits until the probe has n acknowledged writes.
-func waitAcked(ctx context.Context, pr *probe, n int64) error {
-	deadline := time.Now().Add(switchoverDrillTimeout)
-	for {
+func (c *Controller) waitAcked(ctx context.Context, r *Report, pr *probe, n int64) error {
+	var got int64
+	err := c.waitDrill(ctx, r, switchoverDrillTimeout, func(*Group) (bool, error) {
 		pr.mu.Lock()
-		got := int64(len(pr.acked))
-		pr.mu.Unlock()
-		if got >= n {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("the probe could write only %d rows within %s: the primary takes no writes", got, switchoverDrillTimeout)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(20 * time.Millisecond):
-		}
+		defer pr.mu.Unlock()
+		got = int64(len(pr.acked))
+		return got >= n, nil
+	})
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("the probe could write only %d rows within %s: the primary takes no writes", got, switchoverDrillTimeout)
 	}
+	return err
 }
 
 // waitSwitched waits until site is the group's primary and the other site
 // follows it again.
 func (c *Controller) waitSwitched(ctx context.Context, r *Report, site string) error {
-	deadline := time.Now().Add(switchoverDrillTimeout)
-	for {
-		g := c.fsm.read().Groups[r.Group]
-		if g == nil || g.Drill == nil || g.Drill.ID != r.ID {
-			return errDrillGone
-		}
+	err := c.waitDrill(ctx, r, switchoverDrillTimeout, func(g *Group) (bool, error) {
 		if g.PrimarySite == site && g.State == StateActive && g.Switchover == "" && g.RejoinSite == "" && g.AutoRejoin == "" && len(g.Deposed) == 0 {
-			return nil
+			return true, nil
 		}
 		if g.PrimarySite != site && g.Switchover == "" && g.State == StateActive {
-			return errors.New("the switchover was aborted (haven ctl status shows why in the audit); the primary stayed where it was")
+			return false, errors.New("the switchover was aborted (haven ctl status shows why in the audit); the primary stayed where it was")
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("site %s did not become primary with the other site following within %s", site, switchoverDrillTimeout)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
+		return false, nil
+	})
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("site %s did not become primary with the other site following within %s", site, switchoverDrillTimeout)
 	}
+	return err
 }
 
 // seenOn waits until the probe's row id of a drill is on a database.
-func (c *Controller) seenOn(ctx context.Context, dbURL, drill string, id int64, timeout time.Duration, why string) error {
+func (c *Controller) seenOn(ctx context.Context, r *Report, dbURL string, id int64, timeout time.Duration, why string) error {
 	conn, err := pgx.Connect(ctx, dbURL)
 	if err != nil {
 		return err
 	}
 	defer conn.Close(context.Background())
-	deadline := time.Now().Add(timeout)
-	for {
+	err = c.waitDrill(ctx, r, timeout, func(*Group) (bool, error) {
 		var seen bool
-		err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM haven_drill.probe WHERE drill = $1 AND id = $2)`, drill, id).Scan(&seen)
-		if err == nil && seen {
-			return nil
+		err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM haven_drill.probe WHERE drill = $1 AND id = $2)`, r.ID, id).Scan(&seen)
+		if err != nil && strings.Contains(err.Error(), "does not exist") {
+			return false, nil // the table is not there yet
 		}
-		if err != nil && !strings.Contains(err.Error(), "does not exist") {
-			return err
-		}
-		if time.Now().After(deadline) {
-			return errors.New(why)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
-		}
+		return seen, err
+	})
+	if errors.Is(err, context.DeadlineExceeded) {
+		return errors.New(why)
 	}
+	return err
 }
