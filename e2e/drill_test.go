@@ -322,6 +322,16 @@ func TestPromoteDrill(t *testing.T) {
 	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), leader, leader+1)}
 	waitFor(t, 60*time.Second, "the drill to end as interrupted", func() (bool, error) { return outcome(t, rest, id) == "interrupted", nil })
 	waitFor(t, 30*time.Second, "the clone to be dropped", func() (bool, error) { return !exists(clone), nil })
+	// The killed controller comes back: it follows, and runs nothing of
+	// the drill it had started.
+	q.restart(t, leader)
+	restarted := &quorum{apis: []string{q.apis[leader]}}
+	waitFor(t, 30*time.Second, "the restarted controller to know the drill ended", func() (bool, error) {
+		return outcome(t, restarted, id) == "interrupted", nil
+	})
+	if exists(clone) {
+		t.Fatal("a clone is there again after the controller's restart")
+	}
 
 	// The standby dies while the clone is made, and starts again (at full
 	// speed): it drops what was left, and the drill passes.

@@ -26,7 +26,14 @@ import (
 type quorum struct {
 	apis    []string
 	procs   []*proc
-	metrics []string // each node's /metrics URL
+	args    [][]string // each node's command line, to restart it
+	metrics []string   // each node's /metrics URL
+}
+
+// restart starts node i again, with its state, after it was killed.
+func (q *quorum) restart(t *testing.T, i int) {
+	t.Helper()
+	q.procs[i] = startHaven(t, fmt.Sprintf("controller-c%d-again", i+1), q.args[i]...)
 }
 
 // freePort returns a loopback port free now for a process to bind, taken
@@ -88,6 +95,7 @@ func startQuorumWith(t *testing.T, n int, extra func(i int) []string) *quorum {
 		args := append([]string{"controller", "--id", fmt.Sprintf("c%d", i+1), "--raft-addr", raftAddrs[i], "--api-addr", apiAddrs[i],
 			"--data-dir", t.TempDir(), "--peers", strings.Join(peers, ","), "--http-addr", httpAddr}, extra(i)...)
 		q.procs = append(q.procs, startHaven(t, fmt.Sprintf("controller-c%d", i+1), args...))
+		q.args = append(q.args, args)
 		q.apis = append(q.apis, "http://"+apiAddrs[i])
 	}
 	return q
