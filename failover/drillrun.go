@@ -102,9 +102,15 @@ func (c *Controller) endOrphanDrills(ctx context.Context) {
 			r = &Report{ID: d.ID, Group: g.Name, Kind: d.Kind}
 		}
 		final := *r
-		final.Outcome, final.EndedMs, final.Reason = OutcomeInterrupted, time.Now().UnixMilli(),
-			"the controller running it stopped or lost the lead; DR apply resumed"
-		final.Reason += c.dropDrillSlots(ctx, g)
+		final.Outcome, final.EndedMs = OutcomeInterrupted, time.Now().UnixMilli()
+		switch d.Kind {
+		case DrillVerify:
+			final.Reason = "the controller running it stopped or lost the lead; DR apply resumed" + c.dropDrillSlots(ctx, g)
+		case DrillPromote:
+			final.Reason = "the controller running it stopped or lost the lead; the standby drops its clone"
+		default:
+			final.Reason = fmt.Sprintf("the controller running it stopped or lost the lead; site %s is the primary (haven ctl status)", g.PrimarySite)
+		}
 		c.finish(ctx, &final)
 	}
 }
@@ -126,7 +132,7 @@ func (c *Controller) dropDrillSlots(ctx context.Context, g *Group) string {
 	defer conn.Close(context.Background())
 	var dropped []string
 	rows, err := conn.Query(cctx, `SELECT slot_name, pg_drop_replication_slot(slot_name) IS NULL FROM pg_replication_slots
-		WHERE slot_name LIKE $1 AND NOT active`, drillSlotPrefix+"%")
+		WHERE starts_with(slot_name, $1) AND NOT active`, drillSlotPrefix)
 	if err == nil {
 		for rows.Next() {
 			var name string
@@ -206,7 +212,8 @@ func (c *Controller) startDrill(ctx context.Context, group, kind, trigger, actor
 	go func() {
 		defer cancel()
 		final := c.runDrill(dctx, r)
-		c.finish(dctx, final)
+		// Recorded even when the drill ran out of time.
+		c.finish(context.WithoutCancel(dctx), final)
 		c.mu.Lock()
 		delete(c.drills, r.ID)
 		c.mu.Unlock()

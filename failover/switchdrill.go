@@ -81,6 +81,13 @@ func (p *probe) run(ctx context.Context) {
 // probeEvery paces each of the probe's two writers.
 const probeEvery = 5 * time.Millisecond
 
+// count is how many writes were acknowledged.
+func (p *probe) count() int64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return int64(len(p.acked))
+}
+
 // takePause returns the longest pause since the last call, and starts
 // measuring again.
 func (p *probe) takePause() time.Duration {
@@ -132,7 +139,7 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 	err = step(r, "create the probe table and see it on DR", func() (string, error) {
 		if _, err := primary.Exec(ctx, `CREATE SCHEMA IF NOT EXISTS haven_drill;
 			CREATE TABLE IF NOT EXISTS haven_drill.probe (id bigint, drill text, at timestamptz NOT NULL DEFAULT clock_timestamp(), PRIMARY KEY (drill, id));
-			COMMENT ON TABLE haven_drill.probe IS 'haven: written by switchover drills, dropped after them'`); err != nil {
+			COMMENT ON TABLE haven_drill.probe IS 'haven: written by switchover drills, which delete their rows after them'`); err != nil {
 			return "", fmt.Errorf("create haven_drill.probe on the primary: %w", err)
 		}
 		if _, err := primary.Exec(ctx, `INSERT INTO haven_drill.probe (id, drill) VALUES (0, $1)`, r.ID); err != nil {
@@ -181,7 +188,8 @@ func (c *Controller) switchoverDrill(ctx context.Context, r *Report) error {
 			if err := c.waitSwitched(ctx, r, site); err != nil {
 				return "", err
 			}
-			if err := c.waitAcked(ctx, r, pr, pr.next.Load()+50); err != nil {
+			// Writes go on after it: the pause is over.
+			if err := c.waitAcked(ctx, r, pr, pr.count()+50); err != nil {
 				return "", err
 			}
 			pause := pr.takePause()
@@ -277,9 +285,7 @@ func (c *Controller) waitCurrent(ctx context.Context, r *Report) error {
 func (c *Controller) waitAcked(ctx context.Context, r *Report, pr *probe, n int64) error {
 	var got int64
 	err := c.waitDrill(ctx, r, switchoverDrillTimeout, func(*Group) (bool, error) {
-		pr.mu.Lock()
-		defer pr.mu.Unlock()
-		got = int64(len(pr.acked))
+		got = pr.count()
 		return got >= n, nil
 	})
 	if errors.Is(err, context.DeadlineExceeded) {

@@ -23,11 +23,13 @@ import (
 // that a timestamp or a float prints the same) is summed into one of 256
 // buckets chosen by the md5 of its key. Buckets depend on the keys only, not
 // on row order or collation, so one differing row disturbs one bucket. The
-// rows of the buckets that differ are then listed on both sides, by key and
-// hash, which names the keys that differ.
+// buckets that differ are summed again by sub-bucket (other bits of the
+// key's md5), and the rows of the sub-buckets that differ are listed on
+// both sides, by key and hash, which names the keys that differ.
 
-// verifyBuckets is how many buckets a table's rows are summed into, and
-// maxListedBuckets how many differing buckets have their rows listed.
+// verifyBuckets is how many buckets (and sub-buckets in a bucket) a table's
+// rows are summed into, and maxListedBuckets how many differing ones are
+// looked into at the next level.
 const (
 	verifyBuckets    = 256
 	maxListedBuckets = 16
