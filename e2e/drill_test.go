@@ -212,22 +212,10 @@ func TestScheduledDrillFiresOncePerSlot(t *testing.T) {
 		t.Fatalf("drill schedule: %v: %s", err, out)
 	}
 	waitFor(t, 30*time.Second, "two scheduled drills", func() (bool, error) { return len(slotsOf(t, q)) >= 2, nil })
-	st, err := q.status(t)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leader := -1
-	for i := range q.procs {
-		if fmt.Sprintf("c%d", i+1) == st.LeaderID {
-			leader = i
-		}
-	}
-	if leader < 0 {
-		t.Fatalf("no leader in %+v", st)
-	}
+	leader := leaderIndex(t, q)
 	killedAt := time.Now()
 	q.procs[leader].kill()
-	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), leader, leader+1)}
+	rest := q.without(leader)
 	waitFor(t, 60*time.Second, "scheduled drills after the leader change", func() (bool, error) {
 		s := slotsOf(t, rest)
 		return len(s) > 0 && s[len(s)-1].After(killedAt.Add(10*time.Second)), nil
@@ -319,7 +307,7 @@ func TestPromoteDrill(t *testing.T) {
 	waitFor(t, 60*time.Second, "the clone to begin", func() (bool, error) { return exists(filepath.Join(clone, "data")), nil })
 	leader := leaderIndex(t, q)
 	q.procs[leader].kill()
-	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), leader, leader+1)}
+	rest := q.without(leader)
 	waitFor(t, 60*time.Second, "the drill to end as interrupted", func() (bool, error) { return outcome(t, rest, id) == "interrupted", nil })
 	waitFor(t, 30*time.Second, "the clone to be dropped", func() (bool, error) { return !exists(clone), nil })
 	// The killed controller comes back: it follows, and runs nothing of
@@ -373,21 +361,6 @@ func outcome(t *testing.T, q *quorum, id string) string {
 		t.Fatalf("drill show --json: %v: %s", err, out)
 	}
 	return r.Outcome
-}
-
-func leaderIndex(t *testing.T, q *quorum) int {
-	t.Helper()
-	st, err := q.status(t)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := range q.procs {
-		if fmt.Sprintf("c%d", i+1) == st.LeaderID {
-			return i
-		}
-	}
-	t.Fatalf("no leader in %+v", st)
-	return -1
 }
 
 func assertNoClone(t *testing.T, dir string) {

@@ -30,6 +30,26 @@ type quorum struct {
 	metrics []string   // each node's /metrics URL
 }
 
+// without is the quorum's other nodes, to ask while node i is down.
+func (q *quorum) without(i int) *quorum {
+	return &quorum{apis: slices.Delete(slices.Clone(q.apis), i, i+1)}
+}
+
+func leaderIndex(t *testing.T, q *quorum) int {
+	t.Helper()
+	st, err := q.status(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range q.procs {
+		if fmt.Sprintf("c%d", i+1) == st.LeaderID {
+			return i
+		}
+	}
+	t.Fatalf("no leader in %+v", st)
+	return -1
+}
+
 // restart starts node i again, with its state, after it was killed.
 func (q *quorum) restart(t *testing.T, i int) {
 	t.Helper()
@@ -627,21 +647,12 @@ func switchoverThereAndBack(t *testing.T, agentArgs ...string) {
 func TestControllerLeaderCutOff(t *testing.T) {
 	f := startFailoverSite(t)
 	q := f.q
-	st, err := q.status(t)
-	if err != nil {
-		t.Fatal(err)
-	}
-	old := st.LeaderID
-	i := 0
-	for j := range q.procs {
-		if fmt.Sprintf("c%d", j+1) == old {
-			i = j
-		}
-	}
+	i := leaderIndex(t, q)
+	old := fmt.Sprintf("c%d", i+1)
 	if err := q.procs[i].cmd.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
-	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), i, i+1)}
+	rest := q.without(i)
 	waitFor(t, 30*time.Second, "a new leader among the other two", func() (bool, error) {
 		st, err := rest.status(t)
 		return err == nil && st.LeaderID != "" && st.LeaderID != old, nil
@@ -770,7 +781,7 @@ func TestControllerLeaderPartitioned(t *testing.T) {
 			links[[2]int{j, l}].setCut(true)
 		}
 	}
-	rest := &quorum{apis: slices.Delete(slices.Clone(q.apis), l, l+1)}
+	rest := q.without(l)
 	waitFor(t, 30*time.Second, "a new leader among the other two", func() (bool, error) {
 		st, err := rest.status(t)
 		return err == nil && st.LeaderID != "" && st.LeaderID != old, nil

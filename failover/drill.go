@@ -1,6 +1,7 @@
 package failover
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -241,7 +242,7 @@ const (
 )
 
 // errSlotFired: a schedule's slot fired already (under another leader).
-var errSlotFired = fmt.Errorf("this slot has fired already")
+var errSlotFired = errors.New("this slot has fired already")
 
 func (s *State) applyDrill(c command, g *Group) any {
 	d := c.Drill
