@@ -222,7 +222,7 @@ func TestChunkBuilderEstimateIsUpperBound(t *testing.T) {
 			}
 			minSlack = min(minSlack, b.size-encoded)
 			if b.full() {
-				payload, _, err := wire.Encode(b.chunk, false)
+				payload, _, err := wire.Encode(b.chunk, wire.Plain)
 				if err != nil {
 					t.Fatal(err)
 				}

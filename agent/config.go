@@ -63,7 +63,8 @@ type Config struct {
 	// SnapshotChunkBytes is the size of the initial snapshot's chunks (at
 	// most the NATS server's max_payload, less room for the envelope).
 	SnapshotChunkBytes int
-	// Compress compresses chunks with zstd.
+	// Compress compresses every chunk with zstd; without it, only snapshot
+	// rows are compressed, with s2.
 	Compress bool
 	// SnapshotWorkers copy tables in parallel during the initial snapshot.
 	SnapshotWorkers int

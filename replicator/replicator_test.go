@@ -56,7 +56,7 @@ func (f *feed) publishRaw(headers map[string]string, payload []byte) uint64 {
 
 func (f *feed) publish(c *havenpb.Chunk) uint64 {
 	f.t.Helper()
-	payload, encoding, err := wire.Encode(c, false)
+	payload, encoding, err := wire.Encode(c, wire.Plain)
 	if err != nil {
 		f.t.Fatal(err)
 	}
@@ -185,7 +185,7 @@ func TestStopsAtMessagesItCannotApply(t *testing.T) {
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
 	encode := func(c *havenpb.Chunk) []byte {
-		payload, _, err := wire.Encode(c, false)
+		payload, _, err := wire.Encode(c, wire.Plain)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -847,6 +847,7 @@ func (b *bench) capture(ctx context.Context) error {
 // new group and stream) and by pg_dump | psql, into an empty database.
 func (b *bench) snapshot(ctx context.Context) error {
 	f := b.add(fmt.Sprintf("snapshot of a %d MB database", b.o.snapshotMB), "MB/s", ">= pg_dump | psql", true)
+	stored := b.add("snapshot: stream size over database size", "ratio", "(rows compress with s2)", false)
 	logf := func(format string, args ...any) { fmt.Fprintf(b.log, format+"\n", args...) }
 	src, err := pgtest.Start(ctx, pgtest.Options{Name: "bench-src", Settings: settings(true), Logf: logf})
 	if err != nil {
@@ -942,10 +943,15 @@ func (b *bench) snapshot(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		streamBytes, err := b.streamBytes(ctx, wire.StreamName(grp))
+		if err != nil {
+			return err
+		}
 		if err := errors.Join(sql(ctx, src.URL(database), fmt.Sprintf(`SELECT pg_drop_replication_slot('%s')`, agent.SlotName(grp))),
 			b.deleteStream(ctx, wire.StreamName(grp))); err != nil {
 			return err
 		}
+		stored.Haven = append(stored.Haven, float64(streamBytes)/float64(size))
 		h := mb / took.Seconds()
 		fmt.Printf("  run %d: haven %.1f MB/s, pg_dump | psql %.1f MB/s\n", i+1, h, native)
 		f.Haven = append(f.Haven, h)
@@ -1037,6 +1043,22 @@ func (b *bench) recordRSS(p *proc) {
 }
 
 func (b *bench) deleteStream(ctx context.Context, name string) error {
+	return b.jetStream(func(js jetstream.JetStream) error { return js.DeleteStream(ctx, name) })
+}
+
+// streamBytes is what a stream stores.
+func (b *bench) streamBytes(ctx context.Context, name string) (n uint64, err error) {
+	err = b.jetStream(func(js jetstream.JetStream) error {
+		s, err := js.Stream(ctx, name)
+		if err == nil {
+			n = s.CachedInfo().State.Bytes
+		}
+		return err
+	})
+	return n, err
+}
+
+func (b *bench) jetStream(do func(js jetstream.JetStream) error) error {
 	nc, err := nats.Connect(b.nats.URL())
 	if err != nil {
 		return err
@@ -1046,7 +1068,7 @@ func (b *bench) deleteStream(ctx context.Context, name string) error {
 	if err != nil {
 		return err
 	}
-	return js.DeleteStream(ctx, name)
+	return do(js)
 }
 
 func (b *bench) psql(ctx context.Context, url string, args ...string) error {

@@ -69,7 +69,7 @@ has acknowledged everything before it.`,
 	f.DurationVar(&cfg.DuplicateWindow, "duplicate-window", cfg.DuplicateWindow, "JetStream dedupe window of a stream the agent creates")
 	f.IntVar(&cfg.ChunkBytes, "chunk-bytes", cfg.ChunkBytes, "upper bound of one message's size")
 	f.IntVar(&cfg.SnapshotChunkBytes, "snapshot-chunk-bytes", cfg.SnapshotChunkBytes, "size of one message of the initial snapshot's rows (at most the NATS server's max_payload less 64 KiB)")
-	f.BoolVar(&cfg.Compress, "compress", cfg.Compress, "compress messages with zstd")
+	f.BoolVar(&cfg.Compress, "compress", cfg.Compress, "compress every message with zstd (without it, only snapshot rows are compressed, with the faster s2)")
 	f.IntVar(&cfg.BackfillChunkRows, "backfill-chunk-rows", cfg.BackfillChunkRows, "rows per chunk when backfilling a table that joined the group with rows (each chunk is one short read, held in memory until JetStream has it)")
 	f.IntVar(&cfg.SnapshotWorkers, "snapshot-workers", cfg.SnapshotWorkers, "tables copied in parallel by the initial snapshot")
 	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "interval of heartbeats through the slot")

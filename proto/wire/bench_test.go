@@ -26,13 +26,12 @@ func benchChunk() *havenpb.Chunk {
 }
 
 func BenchmarkEncode(b *testing.B) {
-	for _, compress := range []bool{false, true} {
-		name := map[bool]string{false: "plain", true: "zstd"}[compress]
+	for codec, name := range codecs {
 		b.Run(name, func(b *testing.B) {
 			c := benchChunk()
 			b.ReportAllocs()
 			for b.Loop() {
-				if _, _, err := Encode(c, compress); err != nil {
+				if _, _, err := Encode(c, codec); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -42,11 +41,10 @@ func BenchmarkEncode(b *testing.B) {
 }
 
 func BenchmarkDecode(b *testing.B) {
-	for _, compress := range []bool{false, true} {
-		name := map[bool]string{false: "plain", true: "zstd"}[compress]
+	for codec, name := range codecs {
 		b.Run(name, func(b *testing.B) {
 			c := benchChunk()
-			payload, encoding, err := Encode(c, compress)
+			payload, encoding, err := Encode(c, codec)
 			if err != nil {
 				b.Fatal(err)
 			}

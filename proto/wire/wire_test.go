@@ -2,6 +2,7 @@ package wire
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"strings"
 	"testing"
@@ -96,19 +97,11 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 			SystemId: 1, Group: "crm", SnapshotLsn: 42, CommitLsn: 42}},
 	}
 	for _, tt := range tests {
-		for _, compress := range []bool{false, true} {
-			name := tt.name + "/plain"
-			if compress {
-				name = tt.name + "/zstd"
-			}
-			t.Run(name, func(t *testing.T) {
-				payload, encoding, err := Encode(tt.chunk, compress)
+		for codec, want := range codecs {
+			t.Run(tt.name+"/"+want, func(t *testing.T) {
+				payload, encoding, err := Encode(tt.chunk, codec)
 				if err != nil {
 					t.Fatalf("Encode: %v", err)
-				}
-				want := EncodingProto
-				if compress {
-					want = EncodingProtoZstd
 				}
 				if encoding != want {
 					t.Fatalf("encoding = %q, want %q", encoding, want)
@@ -130,8 +123,8 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 // proto.Equal does not tell an empty text from a missing one; the apply side
 // must, so check the datum kinds survive explicitly.
 func TestDecodeKeepsValueKinds(t *testing.T) {
-	for _, compress := range []bool{false, true} {
-		payload, encoding, err := Encode(sampleChunk(), compress)
+	for codec := range codecs {
+		payload, encoding, err := Encode(sampleChunk(), codec)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -158,6 +151,9 @@ func TestDecodeKeepsValueKinds(t *testing.T) {
 	}
 }
 
+// codecs and the encodings they name.
+var codecs = map[Codec]string{Plain: EncodingProto, Zstd: EncodingProtoZstd, S2: EncodingProtoS2}
+
 func TestHeaders(t *testing.T) {
 	if FormatHeader() != "1" {
 		t.Errorf("FormatHeader() = %q, want %q", FormatHeader(), "1")
@@ -178,7 +174,11 @@ func marshalChunk(t *testing.T, c *havenpb.Chunk) []byte {
 
 func TestDecodeRejects(t *testing.T) {
 	valid := marshalChunk(t, sampleChunk())
-	compressed, _, err := Encode(sampleChunk(), true)
+	compressed, _, err := Encode(sampleChunk(), Zstd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fast, _, err := Encode(sampleChunk(), S2)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -190,6 +190,10 @@ func TestDecodeRejects(t *testing.T) {
 	flipped := bytes.Clone(compressed)
 	for i := len(flipped) / 3; i < len(flipped)*2/3; i++ {
 		flipped[i] ^= 0x5a
+	}
+	fastFlipped := bytes.Clone(fast)
+	for i := len(fastFlipped) / 3; i < len(fastFlipped)*2/3; i++ {
+		fastFlipped[i] ^= 0x5a
 	}
 
 	tests := []struct {
@@ -277,6 +281,10 @@ func TestDecodeRejects(t *testing.T) {
 		{name: "truncated zstd", encoding: EncodingProtoZstd, format: "1", payload: compressed[:len(compressed)-5], want: ErrCorrupt, hint: "zstd"},
 		{name: "plain proto as zstd", encoding: EncodingProtoZstd, format: "1", payload: valid, want: ErrCorrupt, hint: "zstd"},
 		{name: "zstd as plain proto", encoding: EncodingProto, format: "1", payload: compressed, want: ErrCorrupt},
+		{name: "corrupt s2", encoding: EncodingProtoS2, format: "1", payload: fastFlipped, want: ErrCorrupt, hint: "s2"},
+		{name: "truncated s2", encoding: EncodingProtoS2, format: "1", payload: fast[:len(fast)-5], want: ErrCorrupt, hint: "s2"},
+		{name: "zstd as s2", encoding: EncodingProtoS2, format: "1", payload: compressed, want: ErrCorrupt, hint: "s2"},
+		{name: "s2 over the size bound", encoding: EncodingProtoS2, format: "1", payload: binary.AppendUvarint(nil, maxDecodedSize+1), want: ErrCorrupt, hint: "more than"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
