@@ -66,6 +66,9 @@ type Config struct {
 	// Compress compresses every chunk with zstd; without it, only snapshot
 	// rows are compressed, with s2.
 	Compress bool
+	// SnapshotBinary copies tables whose columns are all of built-in types
+	// in COPY's binary format (see copyFormat); the others go as text.
+	SnapshotBinary bool
 	// SnapshotWorkers copy tables in parallel during the initial snapshot.
 	SnapshotWorkers int
 	// HeartbeatInterval is how often a heartbeat goes through the slot.
@@ -101,6 +104,7 @@ func DefaultConfig() Config {
 		ChunkBytes:         256 << 10,
 		SnapshotChunkBytes: 1 << 20,
 		SnapshotWorkers:    4,
+		SnapshotBinary:     true,
 		HeartbeatInterval:  5 * time.Second,
 		StatusInterval:     time.Second,
 		MaxInFlight:        256,

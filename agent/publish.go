@@ -88,7 +88,7 @@ func (p *publisher) publish(ctx context.Context, subject, msgID, expectLast stri
 	switch {
 	case p.compress:
 		codec = wire.Zstd
-	case c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY:
+	case c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY || c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY:
 		// Snapshot rows: s2 costs the agent less than the broker saves
 		// by writing and sending fewer bytes (see wire.S2).
 		codec = wire.S2

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -81,9 +82,22 @@ CREATE TYPE mood AS ENUM ('sad', 'happy', 'it''s complicated');
 CREATE DOMAIN posint AS integer CHECK (VALUE > 0);
 CREATE TYPE address AS (street text, zip int, tags text[]);`
 
-func typeTableSQL(name, identity string) string {
-	cols := make([]string, len(typeMatrix))
-	for i, c := range typeMatrix {
+// builtinMatrix is typeMatrix without the types made after initdb and the
+// reg* types: a table of only these travels in COPY's binary format.
+var builtinMatrix = func() (m []typeCase) {
+	for _, c := range typeMatrix {
+		switch c.typ {
+		case "mood", "mood[]", "posint", "address", "citext", "hstore", "regtype":
+		default:
+			m = append(m, c)
+		}
+	}
+	return m
+}()
+
+func typeTableSQL(name, identity string, matrix []typeCase) string {
+	cols := make([]string, len(matrix))
+	for i, c := range matrix {
 		cols[i] = c.column + " " + c.typ
 	}
 	key := "id int PRIMARY KEY, "
@@ -99,11 +113,11 @@ func typeTableSQL(name, identity string) string {
 
 // typeRowsSQL inserts rows first..last; row i takes value (i+shift) of every
 // column's list, and every seventh row is all NULL.
-func typeRowsSQL(table string, first, last, shift int) string {
+func typeRowsSQL(table string, first, last, shift int, matrix []typeCase) string {
 	var rows []string
 	for i := first; i <= last; i++ {
 		vals := []string{fmt.Sprint(i)}
-		for _, c := range typeMatrix {
+		for _, c := range matrix {
 			if i%7 == 0 {
 				vals = append(vals, "NULL")
 			} else {
@@ -119,30 +133,49 @@ func typeRowsSQL(table string, first, last, shift int) string {
 // (and enums, domains, composites, citext, hstore), edge values included,
 // through the snapshot and through the stream, in a table keyed by a primary
 // key and in one with REPLICA IDENTITY FULL (which also holds duplicate
-// rows), and compares both sides row by row.
+// rows), and compares both sides row by row. The snapshot copies a table of
+// only built-in types in COPY's binary format, and the others, and a table
+// of regclass values (an OID in binary, another object's on DR), as text.
 func TestEveryTypeRoundTrips(t *testing.T) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
 	mustExec(t, primary, typeSetup)
-	mustExec(t, primary, typeTableSQL("types_pk", "pk"))
-	mustExec(t, primary, typeTableSQL("types_full", "full"))
+	mustExec(t, primary, typeTableSQL("types_pk", "pk", typeMatrix))
+	mustExec(t, primary, typeTableSQL("types_full", "full", typeMatrix))
+	mustExec(t, primary, typeTableSQL("types_builtin", "pk", builtinMatrix))
 	mustExec(t, primary, `CREATE TABLE marker (id bigint PRIMARY KEY)`)
-	mustExec(t, primary, typeRowsSQL("types_pk", 1, 20, 0))
-	mustExec(t, primary, typeRowsSQL("types_full", 1, 20, 0))
-	mustExec(t, primary, typeRowsSQL("types_full", 1, 3, 0)) // duplicates of rows 1-3
+	mustExec(t, primary, `CREATE TABLE regs (id int PRIMARY KEY, c regclass)`)
+	mustExec(t, primary, typeRowsSQL("types_pk", 1, 20, 0, typeMatrix))
+	mustExec(t, primary, typeRowsSQL("types_full", 1, 20, 0, typeMatrix))
+	mustExec(t, primary, typeRowsSQL("types_full", 1, 3, 0, typeMatrix)) // duplicates of rows 1-3
+	mustExec(t, primary, typeRowsSQL("types_builtin", 1, 20, 0, builtinMatrix))
+	mustExec(t, primary, `INSERT INTO regs VALUES (1, 'regs'), (2, 'marker'), (3, 'pg_class')`)
 
-	startHaven(t, "agent", s.agentArgs()...)
+	agent := startHaven(t, "agent", s.agentArgs()...)
 	startHaven(t, "standby", s.standbyArgs()...)
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
-	tables := map[string]string{"types_pk": "t::text", "types_full": "t::text", "marker": "id"}
+	tables := map[string]string{"types_pk": "t::text", "types_full": "t::text", "types_builtin": "t::text", "marker": "id", "regs": "t::text"}
 	assertEqual(t, primary, dr, tables)
+	var sourceOID, drOID uint32
+	if err := errors.Join(primary.QueryRow(t.Context(), `SELECT 'regs'::regclass::oid`).Scan(&sourceOID),
+		dr.QueryRow(t.Context(), `SELECT 'regs'::regclass::oid`).Scan(&drOID)); err != nil {
+		t.Fatal(err)
+	}
+	if sourceOID == drOID {
+		t.Errorf("table regs has OID %d on both sides: the regclass values cannot tell a binary copy from a text one", drOID)
+	}
+	for table, format := range map[string]string{"types_builtin": "binary", "types_pk": "text", "types_full": "text", "regs": "text"} {
+		if !copiedAs(agent.output(), "public."+table, format) {
+			t.Errorf("the snapshot did not copy %s in COPY's %s format:\n%s", table, format, tail(agent.output(), 20))
+		}
+	}
 
 	// Through the stream: new rows, then every column of every row rewritten
 	// with another row's values, then some rows deleted (one copy of a
 	// duplicate only).
-	mustExec(t, primary, typeRowsSQL("types_pk", 21, 40, 1))
-	mustExec(t, primary, typeRowsSQL("types_full", 21, 40, 1))
+	mustExec(t, primary, typeRowsSQL("types_pk", 21, 40, 1, typeMatrix))
+	mustExec(t, primary, typeRowsSQL("types_full", 21, 40, 1, typeMatrix))
 	sets := make([]string, len(typeMatrix))
 	for i, c := range typeMatrix {
 		sets[i] = fmt.Sprintf("%[1]s = o.%[1]s", c.column)
@@ -155,4 +188,14 @@ func TestEveryTypeRoundTrips(t *testing.T) {
 	mustExec(t, primary, `UPDATE types_full SET c_text = 'changed one copy' WHERE ctid = (SELECT min(ctid) FROM types_full WHERE id = 1)`)
 	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
 	assertEqual(t, primary, dr, tables)
+}
+
+// copiedAs says whether an agent's log has table copied in format.
+func copiedAs(log, table, format string) bool {
+	for line := range strings.SplitSeq(log, "\n") {
+		if strings.Contains(line, `"table copied"`) && strings.Contains(line, `"table":"`+table+`"`) && strings.Contains(line, `"format":"`+format+`"`) {
+			return true
+		}
+	}
+	return false
 }

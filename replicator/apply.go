@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"slices"
 	"strconv"
 	"strings"
@@ -923,7 +924,8 @@ func (a *applier) idle(ctx context.Context) error {
 }
 
 func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c *havenpb.Chunk) error {
-	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY && !a.next.snapshotDone && uint64(a.next.snapshotLSN) == c.SnapshotLsn && a.next.systemID == c.SystemId {
+	copied := c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY || c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY
+	if copied && !a.next.snapshotDone && uint64(a.next.snapshotLSN) == c.SnapshotLsn && a.next.systemID == c.SystemId {
 		return a.loadChunk(ctx, seq, msg, c)
 	}
 	if err := a.finishLoad(ctx); err != nil {
@@ -1145,21 +1147,29 @@ func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenp
 		}
 		rows[i] = ch.New
 	}
-	if err := a.copyIn(ctx, tx.Conn().PgConn(), seq, rel, copyText(nil, rows)); err != nil {
+	if err := a.copyIn(ctx, tx.Conn().PgConn(), seq, rel, copyText(nil, rows), false); err != nil {
 		return err
 	}
 	a.metrics.snapshotRows.Add(float64(len(rows)))
 	return nil
 }
 
-// copyIn loads rows in COPY's text format into a DR table.
-func (a *applier) copyIn(ctx context.Context, conn *pgconn.PgConn, seq uint64, rel *havenpb.Relation, text []byte) error {
+// copyIn loads rows in COPY's text format, or its binary format without
+// header and trailer, into a DR table. Binary rows are only of built-in
+// types (wire.Validate checks), and the DR table's columns have the
+// source's types (checkTarget), so they read back as the source wrote them.
+func (a *applier) copyIn(ctx context.Context, conn *pgconn.PgConn, seq uint64, rel *havenpb.Relation, data []byte, binary bool) error {
 	cols := make([]string, len(rel.Columns))
 	for i, col := range rel.Columns {
 		cols[i] = pgx.Identifier{col.Name}.Sanitize()
 	}
 	sql := fmt.Sprintf("COPY %s (%s) FROM STDIN", pgx.Identifier{rel.Schema, rel.Name}.Sanitize(), strings.Join(cols, ", "))
-	if _, err := conn.CopyFrom(ctx, bytes.NewReader(text), sql); err != nil {
+	var rows io.Reader = bytes.NewReader(data)
+	if binary {
+		sql += " (FORMAT binary)"
+		rows = io.MultiReader(bytes.NewReader(wire.CopyBinaryHeader), rows, bytes.NewReader(wire.CopyBinaryTrailer))
+	}
+	if _, err := conn.CopyFrom(ctx, rows, sql); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			return blocked(seq, "apply failed", "load snapshot rows into %s.%s: %w (an ENABLE ALWAYS or REPLICA trigger on DR writing elsewhere?)", rel.Schema, rel.Name, err)

@@ -50,11 +50,12 @@ func (g *loadGroup) finish(err error) {
 
 // loadStep is a chunk for a lane to load, or the end of its group.
 type loadStep struct {
-	group *loadGroup
-	seq   uint64
-	rel   *havenpb.Relation
-	text  []byte
-	rows  uint64
+	group  *loadGroup
+	seq    uint64
+	rel    *havenpb.Relation
+	data   []byte // COPY rows, in text or binary format
+	binary bool
+	rows   uint64
 	// end: commit the group, after prev (the group ended before it).
 	end  bool
 	prev *loadGroup
@@ -94,17 +95,21 @@ func (a *applier) loadChunk(ctx context.Context, seq uint64, msg jetstream.Msg, 
 		}
 	}
 	p := a.load
+	data, binary := c.CopyText, c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY
+	if binary {
+		data = c.CopyBinary
+	}
 	if p.group == nil {
 		p.group, p.groupStarted = &loadGroup{lane: p.lanes[p.current], done: make(chan struct{})}, time.Now()
 	}
 	select {
-	case p.lanes[p.current].steps <- loadStep{group: p.group, seq: seq, rel: c.Relations[0], text: c.CopyText, rows: c.CopyRows}:
+	case p.lanes[p.current].steps <- loadStep{group: p.group, seq: seq, rel: c.Relations[0], data: data, binary: binary, rows: c.CopyRows}:
 	case <-ctx.Done():
 		return ctx.Err()
 	}
 	a.next.streamSeq = seq
 	p.group.toAck = msg
-	p.groupBytes += len(c.CopyText)
+	p.groupBytes += len(data)
 	if p.groupBytes >= loadGroupBytes {
 		return a.endLoadGroup(ctx)
 	}
@@ -297,10 +302,10 @@ func (a *applier) runLane(ctx context.Context, l *lane) {
 			open = true
 		}
 		if !st.end {
-			if len(st.text) == 0 {
+			if len(st.data) == 0 {
 				continue
 			}
-			if err := a.copyIn(ctx, conn, st.seq, st.rel, st.text); err != nil {
+			if err := a.copyIn(ctx, conn, st.seq, st.rel, st.data, st.binary); err != nil {
 				abort(g, err)
 				continue
 			}

@@ -72,6 +72,7 @@ has acknowledged everything before it.`,
 	f.BoolVar(&cfg.Compress, "compress", cfg.Compress, "compress every message with zstd (without it, only snapshot rows are compressed, with the faster s2)")
 	f.IntVar(&cfg.BackfillChunkRows, "backfill-chunk-rows", cfg.BackfillChunkRows, "rows per chunk when backfilling a table that joined the group with rows (each chunk is one short read, held in memory until JetStream has it)")
 	f.IntVar(&cfg.SnapshotWorkers, "snapshot-workers", cfg.SnapshotWorkers, "tables copied in parallel by the initial snapshot")
+	f.BoolVar(&cfg.SnapshotBinary, "snapshot-binary", cfg.SnapshotBinary, "copy tables whose columns are all of built-in types in COPY's binary format (cheaper for both servers); false: text for every table")
 	f.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", cfg.HeartbeatInterval, "interval of heartbeats through the slot")
 	f.DurationVar(&cfg.StatusInterval, "status-interval", cfg.StatusInterval, "interval of status updates to the walsender (keep under wal_sender_timeout)")
 	f.IntVar(&cfg.MaxInFlight, "max-in-flight", cfg.MaxInFlight, "messages published but not yet acknowledged")

@@ -54,6 +54,11 @@ const (
 	// printed them (copy_text): relations holds that one table, whose
 	// columns are COPY's column list.
 	Kind_KIND_SNAPSHOT_COPY Kind = 5
+	// Rows of one table copied under the snapshot in COPY's binary format
+	// (copy_binary): relations holds that one table, whose columns are COPY's
+	// column list, each of a built-in type with binary input and output
+	// (built-in types have the same OIDs, and binary forms, on every server).
+	Kind_KIND_SNAPSHOT_COPY_BINARY Kind = 6
 )
 
 // Enum value maps for Kind.
@@ -65,14 +70,16 @@ var (
 		3: "KIND_SNAPSHOT_ROWS",
 		4: "KIND_SNAPSHOT_END",
 		5: "KIND_SNAPSHOT_COPY",
+		6: "KIND_SNAPSHOT_COPY_BINARY",
 	}
 	Kind_value = map[string]int32{
-		"KIND_UNSPECIFIED":    0,
-		"KIND_TRANSACTION":    1,
-		"KIND_SNAPSHOT_BEGIN": 2,
-		"KIND_SNAPSHOT_ROWS":  3,
-		"KIND_SNAPSHOT_END":   4,
-		"KIND_SNAPSHOT_COPY":  5,
+		"KIND_UNSPECIFIED":          0,
+		"KIND_TRANSACTION":          1,
+		"KIND_SNAPSHOT_BEGIN":       2,
+		"KIND_SNAPSHOT_ROWS":        3,
+		"KIND_SNAPSHOT_END":         4,
+		"KIND_SNAPSHOT_COPY":        5,
+		"KIND_SNAPSHOT_COPY_BINARY": 6,
 	}
 )
 
@@ -327,6 +334,11 @@ type Chunk struct {
 	// not. Empty when schema_sql is.
 	SchemaPreSql  string `protobuf:"bytes,21,opt,name=schema_pre_sql,json=schemaPreSql,proto3" json:"schema_pre_sql,omitempty"`
 	SchemaPostSql string `protobuf:"bytes,22,opt,name=schema_post_sql,json=schemaPostSql,proto3" json:"schema_post_sql,omitempty"`
+	// KIND_SNAPSHOT_COPY_BINARY: whole rows in COPY's binary format, without
+	// the format's header and trailer (a row: its number of fields in 16 bits,
+	// then for each field its length in 32 bits, -1 for NULL, and its bytes);
+	// copy_rows says how many.
+	CopyBinary    []byte `protobuf:"bytes,23,opt,name=copy_binary,json=copyBinary,proto3" json:"copy_binary,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -513,6 +525,13 @@ func (x *Chunk) GetSchemaPostSql() string {
 		return x.SchemaPostSql
 	}
 	return ""
+}
+
+func (x *Chunk) GetCopyBinary() []byte {
+	if x != nil {
+		return x.CopyBinary
+	}
+	return nil
 }
 
 // Relation describes a table as the changes that use it see it.
@@ -1098,7 +1117,7 @@ var File_haven_proto protoreflect.FileDescriptor
 
 const file_haven_proto_rawDesc = "" +
 	"\n" +
-	"\vhaven.proto\x12\bhaven.v1\"\xdd\x05\n" +
+	"\vhaven.proto\x12\bhaven.v1\"\xfe\x05\n" +
 	"\x05Chunk\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\"\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x0e.haven.v1.KindR\x04kind\x12\x1b\n" +
@@ -1126,7 +1145,9 @@ const file_haven_proto_rawDesc = "" +
 	"\tcopy_text\x18\x13 \x01(\fR\bcopyText\x12\x1b\n" +
 	"\tcopy_rows\x18\x14 \x01(\x04R\bcopyRows\x12$\n" +
 	"\x0eschema_pre_sql\x18\x15 \x01(\tR\fschemaPreSql\x12&\n" +
-	"\x0fschema_post_sql\x18\x16 \x01(\tR\rschemaPostSql\"\x9d\x01\n" +
+	"\x0fschema_post_sql\x18\x16 \x01(\tR\rschemaPostSql\x12\x1f\n" +
+	"\vcopy_binary\x18\x17 \x01(\fR\n" +
+	"copyBinary\"\x9d\x01\n" +
 	"\bRelation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x16\n" +
 	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +
@@ -1175,14 +1196,15 @@ const file_haven_proto_rawDesc = "" +
 	"\x06schema\x18\x01 \x01(\tR\x06schema\x12\x12\n" +
 	"\x04name\x18\x02 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
-	"last_value\x18\x03 \x01(\x03R\tlastValue*\x92\x01\n" +
+	"last_value\x18\x03 \x01(\x03R\tlastValue*\xb1\x01\n" +
 	"\x04Kind\x12\x14\n" +
 	"\x10KIND_UNSPECIFIED\x10\x00\x12\x14\n" +
 	"\x10KIND_TRANSACTION\x10\x01\x12\x17\n" +
 	"\x13KIND_SNAPSHOT_BEGIN\x10\x02\x12\x16\n" +
 	"\x12KIND_SNAPSHOT_ROWS\x10\x03\x12\x15\n" +
 	"\x11KIND_SNAPSHOT_END\x10\x04\x12\x16\n" +
-	"\x12KIND_SNAPSHOT_COPY\x10\x05*v\n" +
+	"\x12KIND_SNAPSHOT_COPY\x10\x05\x12\x1d\n" +
+	"\x19KIND_SNAPSHOT_COPY_BINARY\x10\x06*v\n" +
 	"\x02Op\x12\x12\n" +
 	"\x0eOP_UNSPECIFIED\x10\x00\x12\r\n" +
 	"\tOP_INSERT\x10\x01\x12\r\n" +

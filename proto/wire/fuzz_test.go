@@ -19,7 +19,8 @@ func FuzzDecode(f *testing.F) {
 			{Op: havenpb.Op_OP_INSERT, RelationId: 1, New: row(textDatum("a\tb\\c"))},
 			{Op: havenpb.Op_OP_INSERT, RelationId: 1, New: row(nullDatum())},
 		}}
-	for _, c := range []*havenpb.Chunk{sampleChunk(), minimal, rows} {
+	copied := binaryCopyChunk(2, binaryRow(nil, []byte("x"), nil, []byte{1}), binaryRow([]byte{0}, nil, []byte{}, nil))
+	for _, c := range []*havenpb.Chunk{sampleChunk(), minimal, rows, copied} {
 		for codec := range codecs {
 			payload, _, err := Encode(c, codec)
 			if err != nil {

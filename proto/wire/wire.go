@@ -194,15 +194,9 @@ func Validate(c *havenpb.Chunk) error {
 	}
 	switch c.GetKind() {
 	case havenpb.Kind_KIND_TRANSACTION, havenpb.Kind_KIND_SNAPSHOT_BEGIN, havenpb.Kind_KIND_SNAPSHOT_ROWS, havenpb.Kind_KIND_SNAPSHOT_END:
-	case havenpb.Kind_KIND_SNAPSHOT_COPY:
-		text := c.GetCopyText()
-		switch {
-		case len(c.GetRelations()) != 1 || len(c.GetChanges()) != 0:
-			return fmt.Errorf("%w: COPY chunk with %d relations and %d changes, expected one relation and no changes", ErrCorrupt, len(c.GetRelations()), len(c.GetChanges()))
-		case len(text) > 0 && text[len(text)-1] != '\n':
-			return fmt.Errorf("%w: COPY chunk does not end with a whole row", ErrCorrupt)
-		case uint64(bytes.Count(text, []byte{'\n'})) != c.GetCopyRows():
-			return fmt.Errorf("%w: COPY chunk holds %d rows, says %d", ErrCorrupt, bytes.Count(text, []byte{'\n'}), c.GetCopyRows())
+	case havenpb.Kind_KIND_SNAPSHOT_COPY, havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY:
+		if err := validateCopy(c); err != nil {
+			return fmt.Errorf("%w: %v", ErrCorrupt, err)
 		}
 	default:
 		return fmt.Errorf("%w: chunk kind %d: a newer agent may have written it; upgrade haven on this side", ErrUnsupported, c.GetKind())
@@ -243,6 +237,42 @@ func Validate(c *havenpb.Chunk) error {
 		if err := validateChange(ch, columns); err != nil {
 			return fmt.Errorf("%w: change %d: %v", ErrCorrupt, i, err)
 		}
+	}
+	return nil
+}
+
+// validateCopy checks a COPY chunk: one relation, and whole rows, as many
+// as it says.
+func validateCopy(c *havenpb.Chunk) error {
+	if len(c.GetRelations()) != 1 || len(c.GetChanges()) != 0 {
+		return fmt.Errorf("COPY chunk with %d relations and %d changes, expected one relation and no changes", len(c.GetRelations()), len(c.GetChanges()))
+	}
+	var rows int
+	if c.GetKind() == havenpb.Kind_KIND_SNAPSHOT_COPY {
+		text := c.GetCopyText()
+		if len(text) > 0 && text[len(text)-1] != '\n' {
+			return errors.New("COPY chunk does not end with a whole row")
+		}
+		rows = bytes.Count(text, []byte{'\n'})
+	} else {
+		rel := c.GetRelations()[0]
+		for _, col := range rel.GetColumns() {
+			if col.GetTypeOid() == 0 || col.GetTypeOid() >= FirstNormalObjectID {
+				return fmt.Errorf("binary COPY chunk of %s.%s: column %q is of type %q (OID %d), which is not built in", rel.GetSchema(), rel.GetName(), col.GetName(), col.GetType(), col.GetTypeOid())
+			}
+		}
+		data := c.GetCopyBinary()
+		n, count, ended, err := ScanCopyBinary(data, len(rel.GetColumns()))
+		switch {
+		case err != nil:
+			return err
+		case ended || n != len(data):
+			return errors.New("binary COPY chunk does not end with a whole row")
+		}
+		rows = count
+	}
+	if uint64(rows) != c.GetCopyRows() {
+		return fmt.Errorf("COPY chunk holds %d rows, says %d", rows, c.GetCopyRows())
 	}
 	return nil
 }

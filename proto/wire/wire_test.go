@@ -93,6 +93,8 @@ func TestEncodeDecodeRoundTrip(t *testing.T) {
 		{"large transaction", big},
 		{"snapshot begin", &havenpb.Chunk{FormatVersion: FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_BEGIN,
 			SystemId: 1, Group: "crm", SnapshotLsn: 42, CommitLsn: 42, Relations: sampleChunk().Relations}},
+		{"binary COPY rows", binaryCopyChunk(2, binaryRow([]byte{0, 0, 0, 0, 0, 0, 0, 1}, []byte("a"), nil, []byte{0, 0, 0, 0, 0, 0, 0, 0}),
+			binaryRow([]byte{0, 0, 0, 0, 0, 0, 0, 2}, []byte{}, []byte("\x00\xff"), []byte{0, 0, 0, 0, 0, 0, 0, 0}))},
 		{"snapshot end without changes", &havenpb.Chunk{FormatVersion: FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_END,
 			SystemId: 1, Group: "crm", SnapshotLsn: 42, CommitLsn: 42}},
 	}
@@ -151,6 +153,51 @@ func TestDecodeKeepsValueKinds(t *testing.T) {
 	}
 }
 
+// binaryRow is a row in COPY's binary format; a nil field is NULL.
+func binaryRow(fields ...[]byte) []byte {
+	row := binary.BigEndian.AppendUint16(nil, uint16(len(fields)))
+	for _, f := range fields {
+		if f == nil {
+			row = binary.BigEndian.AppendUint32(row, 0xffffffff)
+			continue
+		}
+		row = binary.BigEndian.AppendUint32(row, uint32(len(f)))
+		row = append(row, f...)
+	}
+	return row
+}
+
+// binaryCopyChunk is a binary COPY chunk of sampleChunk's first relation
+// that says it holds rows rows.
+func binaryCopyChunk(rows uint64, data ...[]byte) *havenpb.Chunk {
+	return &havenpb.Chunk{FormatVersion: FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY, SystemId: 1, Group: "crm",
+		SnapshotLsn: 42, CommitLsn: 42, Relations: sampleChunk().Relations[:1], CopyBinary: bytes.Join(data, nil), CopyRows: rows}
+}
+
+// ScanCopyBinary is fed a stream in pieces by the agent: whatever the cut,
+// it reports the whole rows before it, and the trailer once it has it.
+func TestScanCopyBinaryStopsAtPartialRows(t *testing.T) {
+	rows := [][]byte{binaryRow([]byte("12345678"), nil, []byte("longer text"), []byte{}), binaryRow(nil, nil, nil, nil), binaryRow([]byte("1"), []byte("2"), []byte("3"), []byte("4"))}
+	stream := append(bytes.Join(rows, nil), CopyBinaryTrailer...)
+	for cut := range len(stream) + 1 {
+		n, count, ended, err := ScanCopyBinary(stream[:cut], 4)
+		if err != nil {
+			t.Fatalf("cut at %d: %v", cut, err)
+		}
+		wantN, wantRows := 0, 0
+		for _, r := range rows {
+			if wantN+len(r) > cut {
+				break
+			}
+			wantN += len(r)
+			wantRows++
+		}
+		if n != wantN || count != wantRows || ended != (cut == len(stream)) {
+			t.Errorf("cut at %d: %d bytes, %d rows, ended %v; want %d, %d, %v", cut, n, count, ended, wantN, wantRows, cut == len(stream))
+		}
+	}
+}
+
 // codecs and the encodings they name.
 var codecs = map[Codec]string{Plain: EncodingProto, Zstd: EncodingProtoZstd, S2: EncodingProtoS2}
 
@@ -187,6 +234,7 @@ func TestDecodeRejects(t *testing.T) {
 		mutate(c)
 		return marshalChunk(t, c)
 	}
+	oneRow := binaryRow(nil, []byte("x"), nil, nil)
 	flipped := bytes.Clone(compressed)
 	for i := len(flipped) / 3; i < len(flipped)*2/3; i++ {
 		flipped[i] ^= 0x5a
@@ -226,6 +274,22 @@ func TestDecodeRejects(t *testing.T) {
 			payload: mutated(func(c *havenpb.Chunk) {
 				c.Kind, c.Relations, c.Changes, c.CopyText, c.CopyRows = havenpb.Kind_KIND_SNAPSHOT_COPY, c.Relations[:1], nil, []byte("1\tx\n2\ty\n"), 3
 			})},
+		{name: "binary COPY row with another field count", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "3 fields, the table has 4",
+			payload: marshalChunk(t, binaryCopyChunk(2, oneRow, binaryRow(nil, nil, nil)))},
+		{name: "binary COPY chunk cut inside a row", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "whole row",
+			payload: marshalChunk(t, binaryCopyChunk(2, oneRow, oneRow[:len(oneRow)-1]))},
+		{name: "binary COPY chunk with the trailer", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "whole row",
+			payload: marshalChunk(t, binaryCopyChunk(1, oneRow, CopyBinaryTrailer))},
+		{name: "binary COPY field of negative length", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "field length -2",
+			payload: marshalChunk(t, binaryCopyChunk(1, append(bytes.Clone(oneRow[:2]), 0xff, 0xff, 0xff, 0xfe)))},
+		{name: "binary COPY chunk with another row count", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "holds 2 rows, says 3",
+			payload: marshalChunk(t, binaryCopyChunk(3, oneRow, oneRow))},
+		{name: "binary COPY of a type not built in", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "not built in",
+			payload: marshalChunk(t, func() *havenpb.Chunk {
+				c := binaryCopyChunk(1, oneRow)
+				c.Relations[0].Columns[1].Type, c.Relations[0].Columns[1].TypeOid = "mood", FirstNormalObjectID
+				return c
+			}())},
 		{name: "unknown kind", encoding: EncodingProto, format: "1",
 			payload: mutated(func(c *havenpb.Chunk) { c.Kind = 99 }), want: ErrUnsupported},
 		{name: "unspecified kind", encoding: EncodingProto, format: "1",
