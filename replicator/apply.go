@@ -136,13 +136,13 @@ type inbound struct {
 
 // decode reads a message's metadata and decodes its chunk (a decoding
 // failure is kept in err, for handle to report).
-func decode(msg jetstream.Msg) (inbound, error) {
+func decode(msg jetstream.Msg, d *wire.Decoder) (inbound, error) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		return inbound{}, fmt.Errorf("message metadata: %w", err)
 	}
 	in := inbound{msg: msg, meta: meta}
-	in.chunk, in.err = wire.Decode(msg.Headers().Get(wire.HeaderEncoding), msg.Headers().Get(wire.HeaderFormat), msg.Data())
+	in.chunk, in.err = d.Decode(msg.Headers().Get(wire.HeaderEncoding), msg.Headers().Get(wire.HeaderFormat), msg.Data())
 	return in, nil
 }
 
@@ -388,11 +388,15 @@ func (a *applier) relation(relations []*havenpb.Relation, id uint32) (*havenpb.R
 		if r.Id != id {
 			continue
 		}
-		if known, ok := a.relations[id]; ok && sameShape(known.rel, r) {
+		if known, ok := a.relations[id]; ok && (known.last == r || sameShape(known.rel, r)) {
+			if known.last != r {
+				known.last = r
+				a.relations[id] = known
+			}
 			return r, known.key
 		}
 		key := relationKey(r)
-		a.relations[id] = knownRelation{rel: shapeOf(r), key: key}
+		a.relations[id] = knownRelation{rel: shapeOf(r), key: key, last: r}
 		return r, key
 	}
 	return nil, ""

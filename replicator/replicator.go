@@ -382,6 +382,7 @@ func startReadAhead(ctx context.Context, iter jetstream.MessagesContext) *readAh
 	r := &readAhead{messages: make(chan inbound, aheadBytes/aheadUnit), credit: make(chan struct{}, aheadBytes/aheadUnit)}
 	go func() {
 		defer close(r.messages)
+		var d wire.Decoder
 		for ctx.Err() == nil {
 			msg, err := iter.Next(jetstream.NextContext(ctx))
 			if ctx.Err() != nil {
@@ -389,7 +390,7 @@ func startReadAhead(ctx context.Context, iter jetstream.MessagesContext) *readAh
 			}
 			var in inbound
 			if err == nil {
-				in, err = decode(msg)
+				in, err = decode(msg, &d)
 			}
 			if err != nil {
 				in = inbound{fail: err}

@@ -94,6 +94,9 @@ func relationKey(rel *havenpb.Relation) string {
 type knownRelation struct {
 	rel *havenpb.Relation
 	key string
+	// last is the description it was last found in: chunks of one
+	// wire.Decoder share descriptions, and that one needs no comparing.
+	last *havenpb.Relation
 }
 
 // shapeOf copies what sameShape compares and statements use, so that a

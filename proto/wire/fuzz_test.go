@@ -35,10 +35,30 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte{0x28, 0xb5, 0x2f, 0xfd})       // zstd magic, nothing else
 	f.Add([]byte("not a haven message"))
 
+	// A Decoder that has seen every seed's descriptions.
+	var warm Decoder
+	for _, c := range []*havenpb.Chunk{sampleChunk(), copied} {
+		payload, encoding, err := Encode(c, Plain)
+		if err == nil {
+			_, err = warm.Decode(encoding, FormatHeader(), payload)
+		}
+		if err != nil {
+			f.Fatal(err)
+		}
+	}
+
 	f.Fuzz(func(t *testing.T, payload []byte) {
 		for _, encoding := range codecs {
 			for _, format := range []string{"", FormatHeader()} {
 				c, err := Decode(encoding, format, payload)
+				// A Decoder, new or warm, decodes the same.
+				var fresh Decoder
+				for _, d := range []*Decoder{&fresh, &warm} {
+					dc, derr := d.Decode(encoding, format, payload)
+					if (err == nil) != (derr == nil) || (err == nil && !proto.Equal(dc, c)) {
+						t.Fatalf("Decoder.Decode(%q) = %v, %v; Decode = %v, %v", encoding, dc, derr, c, err)
+					}
+				}
 				if err != nil {
 					if c != nil {
 						t.Fatalf("Decode(%q) returned a chunk with error %v", encoding, err)

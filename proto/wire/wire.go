@@ -14,6 +14,7 @@ import (
 
 	"github.com/klauspost/compress/s2"
 	"github.com/klauspost/compress/zstd"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/haven-dr/haven/proto/havenpb"
 )
@@ -137,6 +138,76 @@ const maxPooledBuffer = 8 << 20
 // payload must not change while the chunk is in use, and what outlives the
 // message should be copied (strings.Clone) so as not to keep it alive.
 func Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
+	return decode(encoding, format, payload, nil)
+}
+
+// Decoder decodes as Decode does, and keeps the table descriptions it
+// decoded: every chunk of a transaction describes the tables it touches,
+// mostly the same few, byte for byte, and decoding them again cost a
+// standby as much as the rows. The chunks it returns share those
+// descriptions, which must not be changed. A Decoder is for one goroutine.
+type Decoder struct {
+	relations map[string]*havenpb.Relation // by their encoding
+}
+
+// Decode is Decode with d's descriptions.
+func (d *Decoder) Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
+	return decode(encoding, format, payload, d)
+}
+
+// maxDecoderRelations bounds the descriptions a Decoder keeps.
+const maxDecoderRelations = 4096
+
+// relationsField is Chunk.relations' field number.
+const relationsField = 13
+
+// unmarshal decodes raw into c, taking its relation descriptions from d.
+// The other fields are decoded in place, a run of them at a time: decoding
+// a message's fields in parts is decoding the whole of it.
+func (d *Decoder) unmarshal(c *havenpb.Chunk, raw []byte) error {
+	var relations []*havenpb.Relation
+	run := 0 // where the fields not yet decoded begin
+	for i := 0; i < len(raw); {
+		num, typ, n := protowire.ConsumeTag(raw[i:])
+		if n < 0 {
+			return protowire.ParseError(n)
+		}
+		m := protowire.ConsumeFieldValue(num, typ, raw[i+n:])
+		if m < 0 {
+			return protowire.ParseError(m)
+		}
+		if num != relationsField || typ != protowire.BytesType {
+			i += n + m
+			continue
+		}
+		if err := c.UnmarshalVTUnsafe(raw[run:i]); err != nil {
+			return err
+		}
+		value, _ := protowire.ConsumeBytes(raw[i+n:])
+		r, ok := d.relations[string(value)]
+		if !ok {
+			r = &havenpb.Relation{}
+			// Copied, not sharing the payload: it outlives the message.
+			if err := r.UnmarshalVT(value); err != nil {
+				return err
+			}
+			if d.relations == nil || len(d.relations) >= maxDecoderRelations {
+				d.relations = map[string]*havenpb.Relation{}
+			}
+			d.relations[string(value)] = r
+		}
+		relations = append(relations, r)
+		i += n + m
+		run = i
+	}
+	if err := c.UnmarshalVTUnsafe(raw[run:]); err != nil {
+		return err
+	}
+	c.Relations = append(c.Relations, relations...)
+	return nil
+}
+
+func decode(encoding, format string, payload []byte, d *Decoder) (*havenpb.Chunk, error) {
 	if format != "" && format != formatHeaderValue {
 		return nil, fmt.Errorf("%w: format version %q, this haven reads %d: upgrade haven on this side", ErrUnsupported, format, FormatVersion)
 	}
@@ -167,7 +238,11 @@ func Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
 			ErrUnsupported, encoding, EncodingProto, EncodingProtoZstd, EncodingProtoS2)
 	}
 	var c havenpb.Chunk
-	if err := c.UnmarshalVTUnsafe(raw); err != nil {
+	unmarshal := c.UnmarshalVTUnsafe
+	if d != nil {
+		unmarshal = func(raw []byte) error { return d.unmarshal(&c, raw) }
+	}
+	if err := unmarshal(raw); err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrCorrupt, err)
 	}
 	if err := Validate(&c); err != nil {

@@ -198,6 +198,45 @@ func TestScanCopyBinaryStopsAtPartialRows(t *testing.T) {
 	}
 }
 
+// A Decoder decodes as Decode does, and hands out the same description of
+// a table again; descriptions do not share the payload's memory.
+func TestDecoderSharesDescriptions(t *testing.T) {
+	var d Decoder
+	var first *havenpb.Chunk
+	for i := range 3 {
+		c := sampleChunk()
+		c.Xid += uint32(i)
+		payload, encoding, err := Encode(c, Plain)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := d.Decode(encoding, FormatHeader(), payload)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := Decode(encoding, FormatHeader(), bytes.Clone(payload))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !proto.Equal(got, want) {
+			t.Fatalf("Decoder.Decode = %v, want %v", got, want)
+		}
+		clear(payload)
+		if got.Relations[1].Name != "Event Log" || got.Xid != c.Xid {
+			t.Fatalf("decoded chunk changed with its payload: relation %q, xid %d", got.Relations[1].Name, got.Xid)
+		}
+		if first == nil {
+			first = got
+			continue
+		}
+		for j, r := range got.Relations {
+			if r != first.Relations[j] {
+				t.Errorf("chunk %d: description of %s decoded again", i, r.Name)
+			}
+		}
+	}
+}
+
 // codecs and the encodings they name.
 var codecs = map[Codec]string{Plain: EncodingProto, Zstd: EncodingProtoZstd, S2: EncodingProtoS2}
 
