@@ -29,6 +29,8 @@ type ctl struct {
 
 // call runs fn against each controller API in turn until one answers (a
 // node that is down or has no route to the leader gives way to the next).
+// While a node says the quorum has no leader (an election, after a
+// failover or a node's restart), it asks again until --timeout.
 func call[T any](ctx context.Context, c *ctl, fn func(context.Context, havenpbconnect.ControlClient) (*T, error)) (*T, error) {
 	if len(c.apis) == 0 {
 		return nil, errors.New("no controller: set --api URL (or HAVEN_API), e.g. http://ctl1:7400")
@@ -36,18 +38,36 @@ func call[T any](ctx context.Context, c *ctl, fn func(context.Context, havenpbco
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	var errs []string
-	for _, url := range c.apis {
-		cl := havenpbconnect.NewControlClient(http.DefaultClient, strings.TrimRight(url, "/"))
-		resp, err := fn(ctx, cl)
-		if err == nil {
-			return resp, nil
+	for round := 0; ; round++ {
+		errs = errs[:0]
+		electing := false
+		for _, url := range c.apis {
+			cl := havenpbconnect.NewControlClient(http.DefaultClient, strings.TrimRight(url, "/"))
+			resp, err := fn(ctx, cl)
+			if err == nil {
+				return resp, nil
+			}
+			code := connect.CodeOf(err)
+			if code != connect.CodeUnavailable && code != connect.CodeUnknown && code != connect.CodeDeadlineExceeded {
+				// The quorum answered: another node would say the same.
+				return nil, errors.New(connect.CodeOf(err).String() + ": " + strings.TrimPrefix(err.Error(), code.String()+": "))
+			}
+			electing = electing || (code == connect.CodeUnavailable && strings.Contains(err.Error(), "no leader"))
+			errs = append(errs, fmt.Sprintf("%s: %v", url, err))
 		}
-		code := connect.CodeOf(err)
-		if code != connect.CodeUnavailable && code != connect.CodeUnknown && code != connect.CodeDeadlineExceeded {
-			// The quorum answered: another node would say the same.
-			return nil, errors.New(connect.CodeOf(err).String() + ": " + strings.TrimPrefix(err.Error(), code.String()+": "))
+		if !electing {
+			break
 		}
-		errs = append(errs, fmt.Sprintf("%s: %v", url, err))
+		if round == 0 {
+			fmt.Fprintln(os.Stderr, "the quorum has no leader yet; asking again until --timeout")
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(250 * time.Millisecond):
+		}
+		if ctx.Err() != nil {
+			break
+		}
 	}
 	return nil, fmt.Errorf("no controller answered:\n  %s", strings.Join(errs, "\n  "))
 }
