@@ -108,7 +108,7 @@ func TestCopyBinaryChunkerCutsWholeRows(t *testing.T) {
 	var counted, ends int
 	w := &copyBinaryChunker{limit: 4096, columns: 2, flush: func(data []byte, n int) error {
 		c := &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY, SystemId: 1, Group: "g",
-			Relations: []*havenpb.Relation{rel}, CopyBinary: data, CopyRows: uint64(n)}
+			Relations: []*havenpb.Relation{rel}, CopyBinary: data, CopyRows: uint64(n), SourceVersion: 150018}
 		if err := wire.Validate(c); err != nil {
 			t.Errorf("chunk of %d bytes: %v", len(data), err)
 		}
@@ -138,7 +138,13 @@ func TestCopyBinaryChunkerCutsWholeRows(t *testing.T) {
 	}
 
 	flags := bytes.Clone(input)
-	flags[13] = 1 // bit 16: rows carry OIDs
+	flags[12] = 1 // bit 16: rows carry OIDs
+	ignored := bytes.Clone(input)
+	ignored[14] = 1 // bit 0: may be ignored
+	w = &copyBinaryChunker{limit: 4096, columns: 2, flush: func([]byte, int) error { return nil }}
+	if _, err := w.Write(ignored); err != nil {
+		t.Errorf("flag bit 0 was not ignored: %v", err)
+	}
 	for name, tc := range map[string]struct {
 		input []byte
 		want  string

@@ -94,6 +94,9 @@ func (p *publisher) publish(ctx context.Context, subject, msgID, expectLast stri
 		codec = wire.S2
 	}
 	payload, encoding, err := wire.Encode(c, codec)
+	if errors.Is(err, wire.ErrTooLarge) {
+		return nil, 0, needsOperator("chunk %s: %v: a single row is larger than haven carries; keep rows under 64 MiB", msgID, err)
+	}
 	if err != nil {
 		return nil, 0, err
 	}

@@ -199,7 +199,7 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 		c.Kind = havenpb.Kind_KIND_SNAPSHOT_COPY
 		c.CopyText = data
 		if format == "binary" {
-			c.Kind, c.CopyText, c.CopyBinary = havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY, nil, data
+			c.Kind, c.CopyText, c.CopyBinary, c.SourceVersion = havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY, nil, data, uint32(s.info.version)
 		}
 		c.Relations = []*havenpb.Relation{rel}
 		c.CopyRows = uint64(n)
@@ -235,11 +235,15 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 		from = pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
 	}
 	query := fmt.Sprintf("COPY (SELECT %s FROM %s) TO STDOUT (FORMAT %s)", strings.Join(columns, ", "), from, format)
-	if _, err := tx.Conn().PgConn().CopyTo(ctx, chunker, query); err != nil {
+	tag, err := tx.Conn().PgConn().CopyTo(ctx, chunker, query)
+	if err != nil {
 		return fmt.Errorf("COPY: %w", err)
 	}
 	if err := chunker.finish(); err != nil {
 		return err
+	}
+	if tag.RowsAffected() != int64(rows) {
+		return fmt.Errorf("COPY sent %d rows, the chunks hold %d", tag.RowsAffected(), rows)
 	}
 	for _, f := range inflight {
 		if err := waitAck(ctx, f); err != nil {
@@ -256,19 +260,25 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 // same binary form, on every server) with binary input and output, "text"
 // otherwise. Binary spares both servers printing and parsing values: COPY
 // TO costs the source about 45% less, COPY FROM costs DR about 25% less
-// (the CRM workload's activities, PostgreSQL 15). The reg* types stay text:
-// their binary form is an OID, which names another object on DR, or none.
+// (the CRM workload's activities, PostgreSQL 15). The reg* types stay text
+// (see wire.BinaryCopyable).
 func copyFormat(ctx context.Context, tx pgx.Tx, rel *havenpb.Relation) (string, error) {
 	oids := make([]uint32, len(rel.Columns))
 	for i, c := range rel.Columns {
+		if !wire.BinaryCopyable(c.TypeOid) {
+			return "text", nil
+		}
 		oids[i] = c.TypeOid
 	}
+	// Base, range and multirange types only (not composites, whose binary
+	// form holds their columns' type OIDs), element types alike.
 	var binary bool
 	err := tx.QueryRow(ctx, `SELECT coalesce(bool_and(coalesce(
-			t.oid < $2 AND t.typsend::oid <> 0 AND t.typreceive::oid <> 0 AND t.typname !~ '^_?reg'
-			AND (t.typelem = 0 OR (e.typsend::oid <> 0 AND e.typreceive::oid <> 0)), false)), false)
+			t.typtype IN ('b', 'r', 'm') AND t.typsend::oid <> 0 AND t.typreceive::oid <> 0
+			AND (t.typelem = 0 OR (e.oid < $2 AND e.typtype IN ('b', 'r', 'm')
+				AND e.typsend::oid <> 0 AND e.typreceive::oid <> 0)), false)), false)
 		FROM unnest($1::oid[]) AS c(oid) LEFT JOIN pg_type t ON t.oid = c.oid LEFT JOIN pg_type e ON e.oid = t.typelem`,
-		oids, wire.FirstNormalObjectID).Scan(&binary)
+		oids, wire.FirstGenbkiObjectID).Scan(&binary)
 	if err != nil {
 		return "", fmt.Errorf("choose the COPY format of %s.%s: %w", rel.Schema, rel.Name, err)
 	}
@@ -395,9 +405,9 @@ func copyBinaryHeader(buf []byte) (int, error) {
 	if !bytes.HasPrefix(buf, signature) {
 		return 0, fmt.Errorf("COPY binary output does not start with its signature")
 	}
-	// Bits 0 to 16 change the format (16: rows carry OIDs); the others
+	// Bits 16 to 31 change the format (16: rows carry OIDs); bits 0 to 15
 	// may be ignored.
-	if flags := binary.BigEndian.Uint32(buf[11:]); flags&0x1ffff != 0 {
+	if flags := binary.BigEndian.Uint32(buf[11:]); flags&0xffff0000 != 0 {
 		return 0, fmt.Errorf("COPY binary output with flags %#x: a format this haven does not read", flags)
 	}
 	n := fixed + int(binary.BigEndian.Uint32(buf[15:]))

@@ -1151,7 +1151,7 @@ func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenp
 		}
 		rows[i] = ch.New
 	}
-	if err := a.copyIn(ctx, tx.Conn().PgConn(), seq, rel, copyText(nil, rows), false); err != nil {
+	if err := a.copyIn(ctx, tx.Conn().PgConn(), seq, rel, copyText(nil, rows), false, uint64(len(rows))); err != nil {
 		return err
 	}
 	a.metrics.snapshotRows.Add(float64(len(rows)))
@@ -1162,18 +1162,22 @@ func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenp
 // header and trailer, into a DR table. Binary rows are only of built-in
 // types (wire.Validate checks), and the DR table's columns have the
 // source's types (checkTarget), so they read back as the source wrote them.
-func (a *applier) copyIn(ctx context.Context, conn *pgconn.PgConn, seq uint64, rel *havenpb.Relation, data []byte, binary bool) error {
+func (a *applier) copyIn(ctx context.Context, conn *pgconn.PgConn, seq uint64, rel *havenpb.Relation, data []byte, binary bool, rows uint64) error {
 	cols := make([]string, len(rel.Columns))
 	for i, col := range rel.Columns {
 		cols[i] = pgx.Identifier{col.Name}.Sanitize()
 	}
 	sql := fmt.Sprintf("COPY %s (%s) FROM STDIN", pgx.Identifier{rel.Schema, rel.Name}.Sanitize(), strings.Join(cols, ", "))
-	var rows io.Reader = bytes.NewReader(data)
+	var in io.Reader = bytes.NewReader(data)
 	if binary {
 		sql += " (FORMAT binary)"
-		rows = io.MultiReader(bytes.NewReader(wire.CopyBinaryHeader), rows, bytes.NewReader(wire.CopyBinaryTrailer))
+		in = io.MultiReader(bytes.NewReader(wire.CopyBinaryHeader), in, bytes.NewReader(wire.CopyBinaryTrailer))
 	}
-	if _, err := conn.CopyFrom(ctx, rows, sql); err != nil {
+	tag, err := conn.CopyFrom(ctx, in, sql)
+	if err == nil && tag.RowsAffected() != int64(rows) {
+		return blocked(seq, "apply failed", "DR loaded %d rows into %s.%s from a chunk of %d: a DR trigger or rule that drops rows?", tag.RowsAffected(), rel.Schema, rel.Name, rows)
+	}
+	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			return blocked(seq, "apply failed", "load snapshot rows into %s.%s: %w (an ENABLE ALWAYS or REPLICA trigger on DR writing elsewhere?)", rel.Schema, rel.Name, err)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -98,6 +99,9 @@ func (a *applier) loadChunk(ctx context.Context, seq uint64, msg jetstream.Msg, 
 	data, binary := c.CopyText, c.Kind == havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY
 	if binary {
 		data = c.CopyBinary
+		if err := olderThanSource(a.pg.ParameterStatus("server_version"), c.SourceVersion); err != nil {
+			return blocked(seq, "apply failed", "%w", err)
+		}
 	}
 	if p.group == nil {
 		p.group, p.groupStarted = &loadGroup{lane: p.lanes[p.current], done: make(chan struct{})}, time.Now()
@@ -305,7 +309,7 @@ func (a *applier) runLane(ctx context.Context, l *lane) {
 			if len(st.data) == 0 {
 				continue
 			}
-			if err := a.copyIn(ctx, conn, st.seq, st.rel, st.data, st.binary); err != nil {
+			if err := a.copyIn(ctx, conn, st.seq, st.rel, st.data, st.binary, st.rows); err != nil {
 				abort(g, err)
 				continue
 			}
@@ -332,4 +336,21 @@ func (a *applier) runLane(ctx context.Context, l *lane) {
 	if open {
 		_ = conn.Exec(context.Background(), "ROLLBACK").Close()
 	}
+}
+
+// olderThanSource refuses binary COPY rows from a source of a newer major
+// version than DR (server_version as DR reports it; the source's
+// server_version_num): its binary forms may read otherwise on DR, where
+// text input would have refused what DR cannot hold.
+func olderThanSource(drVersion string, source uint32) error {
+	digits := drVersion[:len(drVersion)-len(strings.TrimLeft(drVersion, "0123456789"))]
+	dr, err := strconv.Atoi(digits)
+	if err != nil {
+		return fmt.Errorf("binary COPY rows from PostgreSQL %d, and DR's version %q does not say its own: re-seed with the agent's --snapshot-binary=false", source/10000, drVersion)
+	}
+	if uint32(dr) < source/10000 {
+		return fmt.Errorf("binary COPY rows from PostgreSQL %d, and DR runs PostgreSQL %d, which may read them otherwise: "+
+			"upgrade DR to %d or later, or re-seed with the agent's --snapshot-binary=false", source/10000, dr, source/10000)
+	}
+	return nil
 }

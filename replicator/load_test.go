@@ -1,7 +1,10 @@
 package replicator
 
 import (
+	"bytes"
+	"encoding/binary"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -122,5 +125,89 @@ func TestLanesThatWaitOnEachOtherGiveWay(t *testing.T) {
 	}
 	if got := len(notes(t, pg.URL(group))); got != 50001 {
 		t.Errorf("DR holds %d rows, want the 50001 of the group before the clashing chunk", got)
+	}
+}
+
+// TestBinarySnapshotChunksLoad: rows in COPY's binary format load as they
+// were sent; a chunk from a source of a newer major version than DR, and
+// one of which a DR trigger drops rows, stop apply at exactly that chunk.
+func TestBinarySnapshotChunksLoad(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	row := func(id int64, note string) []byte {
+		b := binary.BigEndian.AppendUint16(nil, 2)
+		b = binary.BigEndian.AppendUint32(b, 8)
+		b = binary.BigEndian.AppendUint64(b, uint64(id))
+		b = binary.BigEndian.AppendUint32(b, uint32(len(note)))
+		return append(b, note...)
+	}
+	for _, tc := range []struct {
+		name    string
+		setup   string // on DR, before the standby starts
+		version uint32 // of the source, on the second chunk
+		want    string // in the stop's reason; "": all rows load
+	}{
+		{name: "loads", version: 150000},
+		{name: "newer", version: 990000, want: "upgrade DR to 99 or later"},
+		{name: "dropped", setup: `CREATE TABLE items (id bigint PRIMARY KEY, note text);
+			CREATE FUNCTION drop_odd() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.id % 2 = 1 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+			CREATE TRIGGER drop_odd BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION drop_odd();
+			ALTER TABLE items ENABLE ALWAYS TRIGGER drop_odd`, version: 150000, want: "DR loaded 1 rows into public.items from a chunk of 2"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			group := "binary_" + tc.name
+			if err := pg.CreateDatabase(t.Context(), group); err != nil {
+				t.Fatal(err)
+			}
+			if tc.setup != "" {
+				if err := pg.Exec(t.Context(), group, tc.setup); err != nil {
+					t.Fatal(err)
+				}
+			}
+			f := newFeed(t, ns, group)
+			f.beginSnapshot()
+			var seqs []uint64
+			for i, rows := range [][][]byte{{row(2, "two"), row(4, "")}, {row(5, "five\n\ttab \\ é"), row(6, "six")}} {
+				c := chunk(group, havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY, 0x1000)
+				c.Relations = []*havenpb.Relation{itemsRelation}
+				c.CopyBinary, c.CopyRows, c.SourceVersion = bytes.Join(rows, nil), uint64(len(rows)), 150000
+				if i == 1 {
+					c.SourceVersion = tc.version
+				}
+				seqs = append(seqs, f.publish(c))
+			}
+			f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
+			s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+			if tc.want == "" {
+				want := []string{"2:two", "4:", "5:five\n\ttab \\ é", "6:six"}
+				waitFor(t, 30*time.Second, "the binary rows", func() bool { return len(notes(t, pg.URL(group))) == len(want) })
+				if got := notes(t, pg.URL(group)); !slices.Equal(got, want) {
+					t.Errorf("DR holds %q, want %q", got, want)
+				}
+				return
+			}
+			waitBlockedAt(t, s, reg, seqs[1])
+			if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("health %v does not say %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestOlderThanSource(t *testing.T) {
+	for _, tc := range []struct {
+		dr     string
+		source uint32
+		ok     bool
+	}{
+		{"15.18 (Debian 15.18-0+deb12u1)", 150018, true},
+		{"16.4", 150018, true},
+		{"17beta1", 170000, true},
+		{"15.2", 160001, false},
+		{"", 150000, false},
+	} {
+		if err := olderThanSource(tc.dr, tc.source); (err == nil) != tc.ok {
+			t.Errorf("DR %q, source %d: %v", tc.dr, tc.source, err)
+		}
 	}
 }

@@ -360,10 +360,10 @@ func (s *Standby) runSession(ctx context.Context) error {
 
 // readAhead reads and decodes the stream's messages in a goroutine of its
 // own, so that decoding runs beside apply and messages are at hand while
-// apply waits for DR. What waits decoded is bounded in bytes (aheadBytes);
-// a decoded chunk shares its message's bytes (wire.Decode), so a snapshot
-// chunk costs little more decoded. A failure to read ends the reader: its
-// last value carries it.
+// apply waits for DR. What waits decoded is bounded in bytes (aheadBytes):
+// a chunk sent uncompressed shares its message's bytes (wire.Decode), and
+// a compressed one counts as its rows' size. A failure to read ends the
+// reader: its last value carries it.
 type readAhead struct {
 	messages chan inbound
 	// credit holds a token per aheadUnit bytes of the messages waiting.
@@ -420,7 +420,16 @@ func (in inbound) units() int {
 	if in.msg == nil {
 		return 1
 	}
-	return min(1+len(in.msg.Data())/aheadUnit, aheadBytes/aheadUnit)
+	size := len(in.msg.Data())
+	c := in.chunk
+	switch copied := len(c.GetCopyText()) + len(c.GetCopyBinary()); {
+	case c == nil || in.msg.Headers().Get(wire.HeaderEncoding) == wire.EncodingProto:
+	case copied > 0:
+		size = max(size, copied)
+	default:
+		size *= 4 // changes compress about this much
+	}
+	return min(1+size/aheadUnit, aheadBytes/aheadUnit)
 }
 
 // next returns the next message, waiting at most wait; false when none

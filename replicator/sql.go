@@ -96,6 +96,7 @@ type knownRelation struct {
 	key string
 	// last is the description it was last found in: chunks of one
 	// wire.Decoder share descriptions, and that one needs no comparing.
+	// (The Decoder's descriptions are copies: last keeps no payload.)
 	last *havenpb.Relation
 }
 

@@ -338,7 +338,11 @@ type Chunk struct {
 	// the format's header and trailer (a row: its number of fields in 16 bits,
 	// then for each field its length in 32 bits, -1 for NULL, and its bytes);
 	// copy_rows says how many.
-	CopyBinary    []byte `protobuf:"bytes,23,opt,name=copy_binary,json=copyBinary,proto3" json:"copy_binary,omitempty"`
+	CopyBinary []byte `protobuf:"bytes,23,opt,name=copy_binary,json=copyBinary,proto3" json:"copy_binary,omitempty"`
+	// KIND_SNAPSHOT_COPY_BINARY: the source server's server_version_num. A
+	// DR server of an older major version may read a newer one's binary
+	// forms otherwise than it wrote them (or not refuse what it cannot hold).
+	SourceVersion uint32 `protobuf:"varint,24,opt,name=source_version,json=sourceVersion,proto3" json:"source_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -532,6 +536,13 @@ func (x *Chunk) GetCopyBinary() []byte {
 		return x.CopyBinary
 	}
 	return nil
+}
+
+func (x *Chunk) GetSourceVersion() uint32 {
+	if x != nil {
+		return x.SourceVersion
+	}
+	return 0
 }
 
 // Relation describes a table as the changes that use it see it.
@@ -1117,7 +1128,7 @@ var File_haven_proto protoreflect.FileDescriptor
 
 const file_haven_proto_rawDesc = "" +
 	"\n" +
-	"\vhaven.proto\x12\bhaven.v1\"\xfe\x05\n" +
+	"\vhaven.proto\x12\bhaven.v1\"\xa5\x06\n" +
 	"\x05Chunk\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\"\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x0e.haven.v1.KindR\x04kind\x12\x1b\n" +
@@ -1147,7 +1158,8 @@ const file_haven_proto_rawDesc = "" +
 	"\x0eschema_pre_sql\x18\x15 \x01(\tR\fschemaPreSql\x12&\n" +
 	"\x0fschema_post_sql\x18\x16 \x01(\tR\rschemaPostSql\x12\x1f\n" +
 	"\vcopy_binary\x18\x17 \x01(\fR\n" +
-	"copyBinary\"\x9d\x01\n" +
+	"copyBinary\x12%\n" +
+	"\x0esource_version\x18\x18 \x01(\rR\rsourceVersion\"\x9d\x01\n" +
 	"\bRelation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x16\n" +
 	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +

@@ -49,6 +49,13 @@ func (m *Chunk) MarshalToSizedBufferVT(dAtA []byte) (int, error) {
 		i -= len(m.unknownFields)
 		copy(dAtA[i:], m.unknownFields)
 	}
+	if m.SourceVersion != 0 {
+		i = protohelpers.EncodeVarint(dAtA, i, uint64(m.SourceVersion))
+		i--
+		dAtA[i] = 0x1
+		i--
+		dAtA[i] = 0xc0
+	}
 	if len(m.CopyBinary) > 0 {
 		i -= len(m.CopyBinary)
 		copy(dAtA[i:], m.CopyBinary)
@@ -831,6 +838,9 @@ func (m *Chunk) SizeVT() (n int) {
 	l = len(m.CopyBinary)
 	if l > 0 {
 		n += 2 + l + protohelpers.SizeOfVarint(uint64(l))
+	}
+	if m.SourceVersion != 0 {
+		n += 2 + protohelpers.SizeOfVarint(uint64(m.SourceVersion))
 	}
 	n += len(m.unknownFields)
 	return n
@@ -1651,6 +1661,25 @@ func (m *Chunk) UnmarshalVT(dAtA []byte) error {
 				m.CopyBinary = []byte{}
 			}
 			iNdEx = postIndex
+		case 24:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field SourceVersion", wireType)
+			}
+			m.SourceVersion = 0
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				m.SourceVersion |= uint32(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])
@@ -3633,6 +3662,25 @@ func (m *Chunk) UnmarshalVTUnsafe(dAtA []byte) error {
 			}
 			m.CopyBinary = dAtA[iNdEx:postIndex]
 			iNdEx = postIndex
+		case 24:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field SourceVersion", wireType)
+			}
+			m.SourceVersion = 0
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				m.SourceVersion |= uint32(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
 		default:
 			iNdEx = preIndex
 			skippy, err := protohelpers.Skip(dAtA[iNdEx:])

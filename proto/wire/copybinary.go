@@ -10,9 +10,23 @@ import (
 // carry it: rows only, never the header or trailer, so that each chunk
 // loads on its own (CopyBinaryHeader, the rows, CopyBinaryTrailer).
 
-// FirstNormalObjectID is where the OIDs of objects made after initdb
-// begin: a type below it is built in, with the same OID everywhere.
-const FirstNormalObjectID = 16384
+// FirstGenbkiObjectID is where the OIDs that initdb assigns as it goes
+// begin (those of information_schema, for one, which differ between
+// versions): a type below it is built in, with the same OID everywhere.
+const FirstGenbkiObjectID = 10000
+
+// regTypes are the reg* types and their arrays: their binary form is an
+// OID, which names another object on another server, or none.
+var regTypes = map[uint32]bool{24: true, 1008: true, 2202: true, 2203: true, 2204: true, 2205: true, 2206: true, 2207: true,
+	2208: true, 2209: true, 2210: true, 2211: true, 3734: true, 3735: true, 3769: true, 3770: true, 4089: true, 4090: true,
+	4096: true, 4097: true, 4191: true, 4192: true}
+
+// BinaryCopyable says whether values of the type with this OID may travel
+// in COPY's binary format as far as the OID tells (the agent also asks the
+// source's catalog).
+func BinaryCopyable(oid uint32) bool {
+	return oid != 0 && oid < FirstGenbkiObjectID && !regTypes[oid]
+}
 
 // CopyBinaryHeader opens a COPY binary stream: the signature, no flags, no
 // header extension.

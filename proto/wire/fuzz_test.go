@@ -34,6 +34,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff, 0x0f}) // bad varint
 	f.Add([]byte{0x28, 0xb5, 0x2f, 0xfd})       // zstd magic, nothing else
 	f.Add([]byte("not a haven message"))
+	f.Add([]byte("\b\x01\x10\x03\x180\"\x010\xb5\xb5\xb5\xb5\xb500000")) // a field number protowire refuses
 
 	// A Decoder that has seen every seed's descriptions.
 	var warm Decoder

@@ -56,8 +56,12 @@ const (
 )
 
 // maxDecodedSize bounds a decompressed payload, so that a corrupt or hostile
-// message cannot make the reader allocate without limit.
+// message cannot make the reader allocate without limit; Encode refuses a
+// larger chunk.
 const maxDecodedSize = 64 << 20
+
+// ErrTooLarge marks a chunk larger than a reader decodes.
+var ErrTooLarge = fmt.Errorf("chunk larger than a reader decodes (%d MiB)", maxDecodedSize>>20)
 
 // ErrCorrupt marks a payload that is not a valid haven chunk.
 var ErrCorrupt = errors.New("corrupt haven message")
@@ -91,12 +95,18 @@ func Encode(c *havenpb.Chunk, codec Codec) (payload []byte, encoding string, err
 		if err != nil {
 			return nil, "", fmt.Errorf("marshal chunk: %w", err)
 		}
+		if len(raw) > maxDecodedSize {
+			return nil, "", fmt.Errorf("%w: %d bytes", ErrTooLarge, len(raw))
+		}
 		return raw, EncodingProto, nil
+	}
+	n := c.SizeVT()
+	if n > maxDecodedSize {
+		return nil, "", fmt.Errorf("%w: %d bytes", ErrTooLarge, n)
 	}
 	// What is compressed is marshalled into a buffer used again: a
 	// snapshot chunk would otherwise take a megabyte of new memory, whose
 	// pages the kernel clears first, each time.
-	n := c.SizeVT()
 	raw := pooledBuffer(n)
 	defer putBuffer(raw)
 	if _, err := c.MarshalToSizedBufferVT(*raw); err != nil {
@@ -169,12 +179,16 @@ func (d *Decoder) unmarshal(c *havenpb.Chunk, raw []byte) error {
 	run := 0 // where the fields not yet decoded begin
 	for i := 0; i < len(raw); {
 		num, typ, n := protowire.ConsumeTag(raw[i:])
-		if n < 0 {
-			return protowire.ParseError(n)
+		m := -1
+		if n > 0 {
+			m = protowire.ConsumeFieldValue(num, typ, raw[i+n:])
 		}
-		m := protowire.ConsumeFieldValue(num, typ, raw[i+n:])
 		if m < 0 {
-			return protowire.ParseError(m)
+			// What protowire refuses, the generated code may read
+			// otherwise (a field number out of range): decode it whole,
+			// as Decode does.
+			c.Reset()
+			return c.UnmarshalVTUnsafe(raw)
 		}
 		if num != relationsField || typ != protowire.BytesType {
 			i += n + m
@@ -331,9 +345,12 @@ func validateCopy(c *havenpb.Chunk) error {
 		rows = bytes.Count(text, []byte{'\n'})
 	} else {
 		rel := c.GetRelations()[0]
+		if c.GetSourceVersion() == 0 {
+			return errors.New("binary COPY chunk without the source's version")
+		}
 		for _, col := range rel.GetColumns() {
-			if col.GetTypeOid() == 0 || col.GetTypeOid() >= FirstNormalObjectID {
-				return fmt.Errorf("binary COPY chunk of %s.%s: column %q is of type %q (OID %d), which is not built in", rel.GetSchema(), rel.GetName(), col.GetName(), col.GetType(), col.GetTypeOid())
+			if !BinaryCopyable(col.GetTypeOid()) {
+				return fmt.Errorf("binary COPY chunk of %s.%s: column %q is of type %q (OID %d), which may not travel in binary", rel.GetSchema(), rel.GetName(), col.GetName(), col.GetType(), col.GetTypeOid())
 			}
 		}
 		data := c.GetCopyBinary()
@@ -341,7 +358,9 @@ func validateCopy(c *havenpb.Chunk) error {
 		switch {
 		case err != nil:
 			return err
-		case ended || n != len(data):
+		case ended:
+			return errors.New("binary COPY chunk holds the format's trailer")
+		case n != len(data):
 			return errors.New("binary COPY chunk does not end with a whole row")
 		}
 		rows = count

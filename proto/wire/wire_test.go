@@ -171,7 +171,7 @@ func binaryRow(fields ...[]byte) []byte {
 // that says it holds rows rows.
 func binaryCopyChunk(rows uint64, data ...[]byte) *havenpb.Chunk {
 	return &havenpb.Chunk{FormatVersion: FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_COPY_BINARY, SystemId: 1, Group: "crm",
-		SnapshotLsn: 42, CommitLsn: 42, Relations: sampleChunk().Relations[:1], CopyBinary: bytes.Join(data, nil), CopyRows: rows}
+		SnapshotLsn: 42, CommitLsn: 42, Relations: sampleChunk().Relations[:1], CopyBinary: bytes.Join(data, nil), CopyRows: rows, SourceVersion: 150018}
 }
 
 // ScanCopyBinary is fed a stream in pieces by the agent: whatever the cut,
@@ -233,6 +233,17 @@ func TestDecoderSharesDescriptions(t *testing.T) {
 			if r != first.Relations[j] {
 				t.Errorf("chunk %d: description of %s decoded again", i, r.Name)
 			}
+		}
+	}
+}
+
+// A chunk a reader would refuse to decode is refused when encoded, under
+// every codec: s2 would squeeze it under max_payload.
+func TestEncodeRefusesWhatNoReaderDecodes(t *testing.T) {
+	c := binaryCopyChunk(1, binaryRow(nil, make([]byte, maxDecodedSize), nil, nil))
+	for codec, name := range codecs {
+		if _, _, err := Encode(c, codec); !errors.Is(err, ErrTooLarge) {
+			t.Errorf("%s: Encode of a %d-byte chunk: %v, want %v", name, c.SizeVT(), err, ErrTooLarge)
 		}
 	}
 }
@@ -317,16 +328,34 @@ func TestDecodeRejects(t *testing.T) {
 			payload: marshalChunk(t, binaryCopyChunk(2, oneRow, binaryRow(nil, nil, nil)))},
 		{name: "binary COPY chunk cut inside a row", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "whole row",
 			payload: marshalChunk(t, binaryCopyChunk(2, oneRow, oneRow[:len(oneRow)-1]))},
-		{name: "binary COPY chunk with the trailer", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "whole row",
+		{name: "binary COPY chunk with the trailer", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "trailer",
 			payload: marshalChunk(t, binaryCopyChunk(1, oneRow, CopyBinaryTrailer))},
 		{name: "binary COPY field of negative length", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "field length -2",
 			payload: marshalChunk(t, binaryCopyChunk(1, append(bytes.Clone(oneRow[:2]), 0xff, 0xff, 0xff, 0xfe)))},
-		{name: "binary COPY chunk with another row count", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "holds 2 rows, says 3",
-			payload: marshalChunk(t, binaryCopyChunk(3, oneRow, oneRow))},
-		{name: "binary COPY of a type not built in", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "not built in",
+		{name: "binary COPY chunk without the source's version", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "version",
 			payload: marshalChunk(t, func() *havenpb.Chunk {
 				c := binaryCopyChunk(1, oneRow)
-				c.Relations[0].Columns[1].Type, c.Relations[0].Columns[1].TypeOid = "mood", FirstNormalObjectID
+				c.SourceVersion = 0
+				return c
+			}())},
+		{name: "binary COPY chunk with another row count", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "holds 2 rows, says 3",
+			payload: marshalChunk(t, binaryCopyChunk(3, oneRow, oneRow))},
+		{name: "binary COPY of a type not built in", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "may not travel in binary",
+			payload: marshalChunk(t, func() *havenpb.Chunk {
+				c := binaryCopyChunk(1, oneRow)
+				c.Relations[0].Columns[1].Type, c.Relations[0].Columns[1].TypeOid = "mood", 16384
+				return c
+			}())},
+		{name: "binary COPY of an information_schema type", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "may not travel in binary",
+			payload: marshalChunk(t, func() *havenpb.Chunk {
+				c := binaryCopyChunk(1, oneRow)
+				c.Relations[0].Columns[1].Type, c.Relations[0].Columns[1].TypeOid = "information_schema.sql_identifier", 13194
+				return c
+			}())},
+		{name: "binary COPY of regclass", encoding: EncodingProto, format: "1", want: ErrCorrupt, hint: "may not travel in binary",
+			payload: marshalChunk(t, func() *havenpb.Chunk {
+				c := binaryCopyChunk(1, oneRow)
+				c.Relations[0].Columns[1].Type, c.Relations[0].Columns[1].TypeOid = "regclass[]", 2210
 				return c
 			}())},
 		{name: "unknown kind", encoding: EncodingProto, format: "1",
