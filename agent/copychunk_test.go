@@ -52,16 +52,7 @@ func TestCopyChunkerCutsWholeRows(t *testing.T) {
 		counted += n
 		return nil
 	}}
-	for rest := input; len(rest) > 0; {
-		n := min(len(rest), 1+len(rest)%997)
-		if _, err := w.Write(rest[:n]); err != nil {
-			t.Fatal(err)
-		}
-		rest = rest[n:]
-	}
-	if err := w.finish(); err != nil {
-		t.Fatal(err)
-	}
+	writeInPieces(t, w, input)
 	if !bytes.Equal(got, input) || counted != len(rows) || ends != 1 {
 		t.Errorf("chunks hold %d bytes and %d rows with %d ends, want %d bytes, %d rows, 1 end", len(got), counted, ends, len(input), len(rows))
 	}
@@ -123,16 +114,7 @@ func TestCopyBinaryChunkerCutsWholeRows(t *testing.T) {
 		counted += n
 		return nil
 	}}
-	for rest := input; len(rest) > 0; {
-		n := min(len(rest), 1+len(rest)%997)
-		if _, err := w.Write(rest[:n]); err != nil {
-			t.Fatal(err)
-		}
-		rest = rest[n:]
-	}
-	if err := w.finish(); err != nil {
-		t.Fatal(err)
-	}
+	writeInPieces(t, w, input)
 	if !bytes.Equal(got, rows) || counted != 300 || ends != 1 {
 		t.Errorf("chunks hold %d bytes and %d rows with %d ends, want %d bytes, 300 rows, 1 end", len(got), counted, ends, len(rows))
 	}
@@ -170,5 +152,21 @@ func TestCopyBinaryChunkerCutsWholeRows(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: error %v, want one mentioning %q", name, err, tc.want)
 		}
+	}
+}
+
+// writeInPieces writes COPY output to w in pieces of up to 997 bytes that
+// end anywhere, then finishes it.
+func writeInPieces(t *testing.T, w copyWriter, input []byte) {
+	t.Helper()
+	for rest := input; len(rest) > 0; {
+		n := min(len(rest), 1+len(rest)%997)
+		if _, err := w.Write(rest[:n]); err != nil {
+			t.Fatal(err)
+		}
+		rest = rest[n:]
+	}
+	if err := w.finish(); err != nil {
+		t.Fatal(err)
 	}
 }
