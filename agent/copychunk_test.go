@@ -71,16 +71,8 @@ func TestCopyChunkerCutsWholeRows(t *testing.T) {
 // of whole rows near the limit, without header or trailer, then an empty
 // end chunk.
 func TestCopyBinaryChunkerCutsWholeRows(t *testing.T) {
-	field := func(b []byte) []byte {
-		if b == nil {
-			return binary.BigEndian.AppendUint32(nil, 0xffffffff)
-		}
-		return append(binary.BigEndian.AppendUint32(nil, uint32(len(b))), b...)
-	}
 	var rows []byte
 	for i := range 300 {
-		rows = binary.BigEndian.AppendUint16(rows, 2)
-		rows = append(rows, field(binary.BigEndian.AppendUint64(nil, uint64(i)))...)
 		value := []byte(strings.Repeat("é", i%40))
 		if i == 150 {
 			value = []byte(strings.Repeat("long", 2000))
@@ -88,7 +80,7 @@ func TestCopyBinaryChunkerCutsWholeRows(t *testing.T) {
 		if i%9 == 0 {
 			value = nil
 		}
-		rows = append(rows, field(value)...)
+		rows = wire.AppendCopyBinaryRow(rows, binary.BigEndian.AppendUint64(nil, uint64(i)), value)
 	}
 	// A header with an extension area, which is skipped.
 	header := append(bytes.Clone(wire.CopyBinaryHeader[:15]), 0, 0, 0, 3, 'e', 'x', 't')

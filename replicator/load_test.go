@@ -13,6 +13,7 @@ import (
 	"github.com/haven-dr/haven/internal/natstest"
 	"github.com/haven-dr/haven/internal/pgtest"
 	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // TestASnapshotLoadsInLanesInStreamOrder: a snapshot of several groups
@@ -135,11 +136,7 @@ func TestBinarySnapshotChunksLoad(t *testing.T) {
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
 	row := func(id int64, note string) []byte {
-		b := binary.BigEndian.AppendUint16(nil, 2)
-		b = binary.BigEndian.AppendUint32(b, 8)
-		b = binary.BigEndian.AppendUint64(b, uint64(id))
-		b = binary.BigEndian.AppendUint32(b, uint32(len(note)))
-		return append(b, note...)
+		return wire.AppendCopyBinaryRow(nil, binary.BigEndian.AppendUint64(nil, uint64(id)), []byte(note))
 	}
 	for _, tc := range []struct {
 		name    string

@@ -59,6 +59,21 @@ func ScanCopyBinary(data []byte, columns int) (n, rows int, ended bool, err erro
 	}
 }
 
+// AppendCopyBinaryRow appends a row in COPY's binary format, the one
+// ScanCopyBinary reads, to dst; a nil field is NULL.
+func AppendCopyBinaryRow(dst []byte, fields ...[]byte) []byte {
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(fields)))
+	for _, f := range fields {
+		if f == nil {
+			dst = binary.BigEndian.AppendUint32(dst, 0xffffffff)
+			continue
+		}
+		dst = binary.BigEndian.AppendUint32(dst, uint32(len(f)))
+		dst = append(dst, f...)
+	}
+	return dst
+}
+
 // copyBinaryRow returns the length of the row at the start of data, or 0
 // when data does not hold all of it.
 func copyBinaryRow(data []byte, columns int) (int, error) {

@@ -154,17 +154,13 @@ func TestDecodeKeepsValueKinds(t *testing.T) {
 }
 
 // binaryRow is a row in COPY's binary format; a nil field is NULL.
-func binaryRow(fields ...[]byte) []byte {
-	row := binary.BigEndian.AppendUint16(nil, uint16(len(fields)))
-	for _, f := range fields {
-		if f == nil {
-			row = binary.BigEndian.AppendUint32(row, 0xffffffff)
-			continue
-		}
-		row = binary.BigEndian.AppendUint32(row, uint32(len(f)))
-		row = append(row, f...)
+func binaryRow(fields ...[]byte) []byte { return AppendCopyBinaryRow(nil, fields...) }
+
+// Decoder finds relation descriptions by this field number.
+func TestRelationsFieldNumber(t *testing.T) {
+	if n := (&havenpb.Chunk{}).ProtoReflect().Descriptor().Fields().ByName("relations").Number(); n != relationsField {
+		t.Errorf("Chunk.relations is field %d, relationsField says %d", n, relationsField)
 	}
-	return row
 }
 
 // binaryCopyChunk is a binary COPY chunk of sampleChunk's first relation
