@@ -351,22 +351,20 @@ func (p *pair) stopHaven() {
 }
 
 func (p *pair) startAgent(ctx context.Context) error {
-	port, err := freePort()
-	if err != nil {
+	var err error
+	if p.agentHTTP, err = freeAddr(); err != nil {
 		return err
 	}
-	p.agentHTTP = fmt.Sprintf("127.0.0.1:%d", port)
 	p.agent, err = p.b.start(ctx, "agent", "agent", "--source-url", p.primary.URL(database), "--nats-url", p.b.nats.URL(), "--group", group,
 		"--http-addr", p.agentHTTP)
 	return err
 }
 
 func (p *pair) startStandby(ctx context.Context) error {
-	port, err := freePort()
-	if err != nil {
+	var err error
+	if p.standbyHTTP, err = freeAddr(); err != nil {
 		return err
 	}
-	p.standbyHTTP = fmt.Sprintf("127.0.0.1:%d", port)
 	p.standby, err = p.b.start(ctx, "standby", "standby", "--target-url", p.dr.URL(database), "--nats-url", p.b.nats.URL(), "--group", group,
 		"--http-addr", p.standbyHTTP)
 	return err
@@ -909,7 +907,11 @@ func (b *bench) snapshot(ctx context.Context) error {
 		if err := dst.CreateDatabase(ctx, target); err != nil {
 			return err
 		}
-		port, err := freePort()
+		agentHTTP, err := freeAddr()
+		if err != nil {
+			return err
+		}
+		standbyHTTP, err := freeAddr()
 		if err != nil {
 			return err
 		}
@@ -918,14 +920,19 @@ func (b *bench) snapshot(ctx context.Context) error {
 		}
 		started = time.Now()
 		capture, err := b.start(ctx, "agent", "agent", "--source-url", src.URL(database), "--nats-url", b.nats.URL(), "--group", grp,
-			"--http-addr", fmt.Sprintf("127.0.0.1:%d", port))
+			"--http-addr", agentHTTP)
 		if err != nil {
 			return err
 		}
-		standby, err := b.start(ctx, "standby", "standby", "--target-url", dst.URL(target), "--nats-url", b.nats.URL(), "--group", grp)
+		standby, err := b.start(ctx, "standby", "standby", "--target-url", dst.URL(target), "--nats-url", b.nats.URL(), "--group", grp,
+			"--http-addr", standbyHTTP)
 		if err != nil {
 			capture.stop()
 			return err
+		}
+		if i == 0 {
+			b.profileCPU(agentHTTP, "agent-snapshot.pprof", 4*time.Second)
+			b.profileCPU(standbyHTTP, "standby-snapshot.pprof", 6*time.Second)
 		}
 		err = poll(ctx, time.Hour, "the snapshot on DR", func() (bool, error) {
 			var done bool
@@ -1179,11 +1186,11 @@ func parseLSN(s string) (uint64, error) {
 	return h<<32 | l, nil
 }
 
-func freePort() (int, error) {
+func freeAddr() (string, error) {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
-		return 0, err
+		return "", err
 	}
 	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return l.Addr().String(), nil
 }
