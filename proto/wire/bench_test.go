@@ -58,3 +58,21 @@ func BenchmarkDecode(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkDecoder is the standby's decoding: a Decoder that knows the
+// chunk's table.
+func BenchmarkDecoder(b *testing.B) {
+	c := benchChunk()
+	payload, encoding, err := Encode(c, Plain)
+	if err != nil {
+		b.Fatal(err)
+	}
+	var d Decoder
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := d.Decode(encoding, FormatHeader(), payload); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.ReportMetric(float64(len(c.Changes)*b.N)/b.Elapsed().Seconds(), "changes/s")
+}

@@ -155,7 +155,9 @@ func Decode(encoding, format string, payload []byte) (*havenpb.Chunk, error) {
 // decoded: every chunk of a transaction describes the tables it touches,
 // mostly the same few, byte for byte, and decoding them again cost a
 // standby as much as the rows. The chunks it returns share those
-// descriptions, which must not be changed. A Decoder is for one goroutine.
+// descriptions, which must not be changed. It also decodes row changes
+// into a few arrays rather than one allocation per value (changes.go). A
+// Decoder is for one goroutine.
 type Decoder struct {
 	relations map[string]*havenpb.Relation // by their encoding
 }
@@ -171,11 +173,13 @@ const maxDecoderRelations = 4096
 // relationsField is Chunk.relations' field number.
 const relationsField = 13
 
-// unmarshal decodes raw into c, taking its relation descriptions from d.
-// The other fields are decoded in place, a run of them at a time: decoding
-// a message's fields in parts is decoding the whole of it.
+// unmarshal decodes raw into c, taking its relation descriptions from d,
+// and its changes from decodeChanges. The other fields are decoded in
+// place, a run of them at a time: decoding a message's fields in parts is
+// decoding the whole of it.
 func (d *Decoder) unmarshal(c *havenpb.Chunk, raw []byte) error {
 	var relations []*havenpb.Relation
+	var changes [][]byte
 	run := 0 // where the fields not yet decoded begin
 	for i := 0; i < len(raw); {
 		num, typ, n := protowire.ConsumeTag(raw[i:])
@@ -190,7 +194,7 @@ func (d *Decoder) unmarshal(c *havenpb.Chunk, raw []byte) error {
 			c.Reset()
 			return c.UnmarshalVTUnsafe(raw)
 		}
-		if num != relationsField || typ != protowire.BytesType {
+		if (num != relationsField && num != changesField) || typ != protowire.BytesType {
 			i += n + m
 			continue
 		}
@@ -198,6 +202,12 @@ func (d *Decoder) unmarshal(c *havenpb.Chunk, raw []byte) error {
 			return err
 		}
 		value, _ := protowire.ConsumeBytes(raw[i+n:])
+		i += n + m
+		run = i
+		if num == changesField {
+			changes = append(changes, value)
+			continue
+		}
 		r, ok := d.relations[string(value)]
 		if !ok {
 			r = &havenpb.Relation{}
@@ -211,13 +221,18 @@ func (d *Decoder) unmarshal(c *havenpb.Chunk, raw []byte) error {
 			d.relations[string(value)] = r
 		}
 		relations = append(relations, r)
-		i += n + m
-		run = i
 	}
 	if err := c.UnmarshalVTUnsafe(raw[run:]); err != nil {
 		return err
 	}
 	c.Relations = append(c.Relations, relations...)
+	if len(changes) > 0 {
+		decoded, err := decodeChanges(changes)
+		if err != nil {
+			return err
+		}
+		c.Changes = decoded
+	}
 	return nil
 }
 

@@ -4,11 +4,14 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
+	"google.golang.org/protobuf/encoding/protowire"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/haven-dr/haven/proto/havenpb"
 )
@@ -155,13 +158,6 @@ func TestDecodeKeepsValueKinds(t *testing.T) {
 
 // binaryRow is a row in COPY's binary format; a nil field is NULL.
 func binaryRow(fields ...[]byte) []byte { return AppendCopyBinaryRow(nil, fields...) }
-
-// Decoder finds relation descriptions by this field number.
-func TestRelationsFieldNumber(t *testing.T) {
-	if n := (&havenpb.Chunk{}).ProtoReflect().Descriptor().Fields().ByName("relations").Number(); n != relationsField {
-		t.Errorf("Chunk.relations is field %d, relationsField says %d", n, relationsField)
-	}
-}
 
 // binaryCopyChunk is a binary COPY chunk of sampleChunk's first relation
 // that says it holds rows rows.
@@ -612,5 +608,80 @@ func TestNamesAreDistinct(t *testing.T) {
 	}
 	if SnapshotMarkerMsgID(1, "haven_crm", 5, "begin") == SnapshotMarkerMsgID(1, "haven_crm", 5, "end") {
 		t.Error("begin and end markers share a message id")
+	}
+}
+
+// A Decoder decodes row changes of the plain shape itself; whatever else a
+// change holds, it decodes or refuses as the generated code does.
+func TestDecoderChangesAsGenerated(t *testing.T) {
+	plain, err := sampleChunk().MarshalVT()
+	if err != nil {
+		t.Fatal(err)
+	}
+	field := func(num protowire.Number, typ protowire.Type, v []byte) []byte {
+		return append(protowire.AppendTag(nil, num, typ), v...)
+	}
+	bytesField := func(num protowire.Number, v []byte) []byte {
+		return field(num, protowire.BytesType, protowire.AppendBytes(nil, v))
+	}
+	varint := func(num protowire.Number, v uint64) []byte {
+		return field(num, protowire.VarintType, protowire.AppendVarint(nil, v))
+	}
+	text := func(s string) []byte {
+		return bytesField(rowValuesField, slices.Concat(varint(datumKindField, 2), bytesField(datumTextField, []byte(s))))
+	}
+	change := func(fields ...[]byte) []byte { return bytesField(changesField, slices.Concat(fields...)) }
+	insert := change(varint(changeOpField, 1), varint(changeRelationField, 16390), bytesField(changeNewField, slices.Concat(text("3"), text("x"))))
+	cases := map[string][]byte{
+		"plain": plain,
+		"an old row twice, which merges": change(varint(changeOpField, 3), varint(changeRelationField, 16390),
+			bytesField(changeOldField, text("1")), bytesField(changeOldField, text("2"))),
+		"op and kind repeated, the last wins": change(varint(changeOpField, 9), varint(changeOpField, 2), varint(changeRelationField, 16390),
+			bytesField(changeNewField, slices.Concat(bytesField(rowValuesField, slices.Concat(varint(datumKindField, 1), varint(datumKindField, 2))), text("")))),
+		"a relation id over 32 bits":   change(varint(changeOpField, 1), varint(changeRelationField, 1<<40|16390)),
+		"an empty row and empty value": change(varint(changeOpField, 1), bytesField(changeNewField, nil), bytesField(changeOldField, bytesField(rowValuesField, nil))),
+		"a truncate":                   change(varint(changeOpField, 4), varint(5, 16390), varint(6, 1)),
+		"an unknown change field":      change(varint(changeOpField, 1), varint(99, 7)),
+		"an unknown value field":       change(varint(changeOpField, 1), bytesField(changeNewField, bytesField(rowValuesField, varint(3, 1)))),
+		"a two-byte tag": change(varint(changeOpField, 1),
+			bytesField(changeNewField, append([]byte{byte(rowValuesField<<3|2) | 0x80, 0x00}, protowire.AppendBytes(nil, varint(datumKindField, 1))...))),
+		"a wrong wire type":     change(bytesField(changeOpField, []byte{1})),
+		"a truncated value":     change(bytesField(changeNewField, []byte{byte(rowValuesField<<3 | 2), 9, 1})),
+		"a truncated varint":    change(varint(changeOpField, 1), []byte{byte(changeRelationField << 3), 0x80}),
+		"plain after irregular": slices.Concat(change(varint(changeOpField, 4), varint(5, 1)), insert, insert),
+	}
+	for name, raw := range cases {
+		t.Run(name, func(t *testing.T) {
+			if name != "plain" {
+				raw = slices.Concat(varint(1, FormatVersion), varint(2, uint64(havenpb.Kind_KIND_TRANSACTION)), raw)
+			}
+			var want havenpb.Chunk
+			wantErr := want.UnmarshalVTUnsafe(raw)
+			var got havenpb.Chunk
+			var d Decoder
+			err := d.unmarshal(&got, raw)
+			if (err == nil) != (wantErr == nil) || (err == nil && !proto.Equal(&got, &want)) {
+				t.Fatalf("Decoder: %v, %v; generated: %v, %v", &got, err, &want, wantErr)
+			}
+		})
+	}
+}
+
+// The Decoder's field numbers are the descriptor's.
+func TestDecoderFieldNumbers(t *testing.T) {
+	for _, f := range []struct {
+		m    proto.Message
+		name protoreflect.Name
+		num  protowire.Number
+	}{
+		{&havenpb.Chunk{}, "relations", relationsField}, {&havenpb.Chunk{}, "changes", changesField},
+		{&havenpb.Change{}, "op", changeOpField}, {&havenpb.Change{}, "relation_id", changeRelationField},
+		{&havenpb.Change{}, "old", changeOldField}, {&havenpb.Change{}, "new", changeNewField},
+		{&havenpb.Row{}, "values", rowValuesField},
+		{&havenpb.Datum{}, "kind", datumKindField}, {&havenpb.Datum{}, "text", datumTextField},
+	} {
+		if n := f.m.ProtoReflect().Descriptor().Fields().ByName(f.name).Number(); n != f.num {
+			t.Errorf("%s.%s is field %d, the Decoder says %d", f.m.ProtoReflect().Descriptor().Name(), f.name, n, f.num)
+		}
 	}
 }
