@@ -580,10 +580,15 @@ func (a *applier) flush(ctx context.Context, seq uint64) error {
 
 // send sends the queued statements in pipeline mode, as one batch: the DR
 // server executes them while the caller goes on. Batches sent before are
-// judged first while too many are in flight, and always after a COMMIT: a
-// failed COMMIT ends the transaction block, so statements sent behind it
-// would run on their own. Whatever uses the connection next must settle
-// first (flush does).
+// judged first while too many are in flight, and while a COMMIT is in
+// flight, unless the batch opens the next target transaction and does not
+// commit it. Behind a COMMIT that failed, statements outside a transaction
+// block would run on their own, and a second COMMIT would commit what
+// follows the failed group without it; a transaction opened behind it is
+// rolled back, never committed (the failure ends pipeline mode and the
+// session with it, see fail). So DR goes from one group to the next without
+// waiting for the standby to hear of the commit. Whatever uses the
+// connection next must settle first (flush does).
 func (a *applier) send(ctx context.Context, seq uint64) error {
 	if a.broken != nil {
 		return a.broken
@@ -591,7 +596,8 @@ func (a *applier) send(ctx context.Context, seq uint64) error {
 	if len(a.queued) == 0 {
 		return nil
 	}
-	for n := len(a.sent); n > 0 && (n >= sendDepth || a.sent[n-1].committed != nil); n = len(a.sent) {
+	opens := a.queued[0].sql == "BEGIN" && a.queued[len(a.queued)-1].sql != "COMMIT"
+	for n := len(a.sent); n > 0 && (n >= sendDepth || (!opens && a.committing())); n = len(a.sent) {
 		if err := a.settleOldest(); err != nil {
 			return err
 		}
@@ -613,6 +619,11 @@ func (a *applier) send(ctx context.Context, seq uint64) error {
 	a.queued = make([]queuedStatement, 0, cap(a.queued)) // the batch keeps its own
 	a.batchRows = 0
 	return nil
+}
+
+// committing: a batch in flight commits a target transaction.
+func (a *applier) committing() bool {
+	return slices.ContainsFunc(a.sent, func(b *sentBatch) bool { return b.committed != nil })
 }
 
 // settle reads and judges the results of the batches in flight, if any,

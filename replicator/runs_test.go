@@ -239,9 +239,10 @@ func TestDriftInARunNamesTheMissingRow(t *testing.T) {
 // fires during apply), nothing of the group stays, apply stops at exactly
 // the transaction that broke it, and what came before is applied. With one
 // transaction per group, the groups behind the refused one are ready to go
-// at once: none may commit, whatever learns of the refusal first (the next
-// batch; a catalog read for a heartbeat's new sequence; a transaction the
-// agent publishes again from its start).
+// at once, and the next one's statements go behind the COMMIT: none may
+// commit, whatever learns of the refusal first (the next batch; a catalog
+// read for a heartbeat's new sequence; a transaction the agent publishes
+// again from its start).
 func TestACommitThatFailsIsNamedExactly(t *testing.T) {
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
