@@ -563,8 +563,11 @@ type sentBatch struct {
 }
 
 // sendDepth is how many batches may be in flight: one executing on DR and
-// one waiting behind it, so that DR never waits for the next.
-const sendDepth = 2
+// two waiting behind it, so that DR does not wait for the next while the
+// standby is held up for a moment (the CPU it shares, a garbage
+// collection). With one waiting, DR's apply backend was idle in its
+// transaction in 11% of samples during catch-up.
+const sendDepth = 3
 
 // flush sends every waiting change and the pipelined statements, and
 // judges their results.
