@@ -264,10 +264,10 @@ func (b *bench) newPair(ctx context.Context, setup string) (*pair, error) {
 	p := &pair{b: b, setup: setup}
 	var err error
 	logf := func(format string, args ...any) { fmt.Fprintf(b.log, format+"\n", args...) }
-	if p.primary, err = pgtest.Start(ctx, pgtest.Options{Name: "bench-primary", Settings: settings(true), Logf: logf}); err != nil {
+	if p.primary, err = pgtest.Start(ctx, pgtest.Options{Name: "bench-" + setup + "-primary", Settings: settings(true), Logf: logf}); err != nil {
 		return nil, err
 	}
-	if p.dr, err = pgtest.Start(ctx, pgtest.Options{Name: "bench-dr", Settings: settings(false), Logf: logf}); err != nil {
+	if p.dr, err = pgtest.Start(ctx, pgtest.Options{Name: "bench-" + setup + "-dr", Settings: settings(false), Logf: logf}); err != nil {
 		p.close()
 		return nil, err
 	}
@@ -523,27 +523,36 @@ func (b *bench) add(name, unit, target string, higher bool) *figure {
 	return f
 }
 
-// eachSetup runs measure on a fresh pair of each setup, runs times.
+// eachSetup runs measure on a fresh pair of each setup, runs times, the
+// setups' runs taking turns: this machine's speed drifts by 10 to 20% over
+// minutes (other tenants), which would otherwise fall on one setup's runs.
 func (b *bench) eachSetup(ctx context.Context, measure func(ctx context.Context, p *pair) (float64, error), f *figure) error {
+	var pairs []*pair
+	defer func() {
+		for _, p := range pairs {
+			p.close()
+		}
+	}()
 	for _, setup := range b.o.setups {
 		p, err := b.newPair(ctx, setup)
 		if err != nil {
 			return err
 		}
-		for i := range b.o.runs {
+		pairs = append(pairs, p)
+	}
+	for i := range b.o.runs {
+		for _, p := range pairs {
 			v, err := measure(ctx, p)
 			if err != nil {
-				p.close()
-				return fmt.Errorf("%s run %d: %w", setup, i+1, err)
+				return fmt.Errorf("%s run %d: %w", p.setup, i+1, err)
 			}
-			fmt.Printf("  %-6s run %d: %s %s\n", setup, i+1, num(v), f.Unit)
-			if setup == "haven" {
+			fmt.Printf("  %-6s run %d: %s %s\n", p.setup, i+1, num(v), f.Unit)
+			if p.setup == "haven" {
 				f.Haven = append(f.Haven, v)
 			} else {
 				f.Native = append(f.Native, v)
 			}
 		}
-		p.close()
 	}
 	return nil
 }
@@ -934,15 +943,25 @@ func (b *bench) snapshot(ctx context.Context) error {
 			b.profileCPU(agentHTTP, "agent-snapshot.pprof", 4*time.Second)
 			b.profileCPU(standbyHTTP, "standby-snapshot.pprof", 6*time.Second)
 		}
+		// One connection polls: a new one every 20 ms would cost DR a
+		// backend's start each time, CPU that the copy measured needs.
+		watch, err := pgx.Connect(ctx, dst.URL(target))
+		if err != nil {
+			capture.stop()
+			standby.stop()
+			return err
+		}
 		err = poll(ctx, time.Hour, "the snapshot on DR", func() (bool, error) {
 			var done bool
-			_ = queryRow(ctx, dst.URL(target), `SELECT coalesce(bool_and(snapshot_done), false) FROM haven.apply_position`, &done)
+			// Fails until the standby has created haven.apply_position.
+			_ = watch.QueryRow(ctx, `SELECT coalesce(bool_and(snapshot_done), false) FROM haven.apply_position`).Scan(&done)
 			if standby.exited() || capture.exited() {
 				return false, fmt.Errorf("haven exited: %s %s", capture.tail(), standby.tail())
 			}
 			return done, nil
 		})
 		took := time.Since(started)
+		_ = watch.Close(context.Background())
 		b.recordRSS(capture)
 		b.recordRSS(standby)
 		capture.stop()
