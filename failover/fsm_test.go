@@ -173,13 +173,19 @@ func TestFSMSwitchoverWaitsForDR(t *testing.T) {
 	if r := apply(t, f, 6, agent).(checkInResult); !r.SwitchoverFence {
 		t.Fatalf("agent once DR is current: %+v, want the switchover fence", r)
 	}
-	// DR current when asked: the fence starts at once.
+	// DR current when asked: the fence starts at its next report, whose
+	// answer has it check in faster.
 	f = newFSM()
 	apply(t, f, 1, agent)
 	standby.AtMs = 1400
 	apply(t, f, 2, standby)
 	apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1500, Group: "crm", Actor: "op"})
-	if g := f.read().Groups["crm"]; g.Switchover != phaseFence {
-		t.Errorf("switchover with DR current: phase %q, want fence", g.Switchover)
+	if g := f.read().Groups["crm"]; g.Switchover != phaseCatchUp {
+		t.Errorf("switchover with DR current: phase %q, want %q until DR reports", g.Switchover, phaseCatchUp)
+	}
+	standby.AtMs = 1600
+	apply(t, f, 4, standby)
+	if g := f.read().Groups["crm"]; g.Switchover != phaseFence || g.SwitchoverStarted != 1600 {
+		t.Errorf("after DR's report: phase %q from %d, want fence from 1600", g.Switchover, g.SwitchoverStarted)
 	}
 }
