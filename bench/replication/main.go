@@ -109,8 +109,7 @@ type bench struct {
 	nats     *natstest.Server
 	peakRSS  map[string]float64 // MiB, by role
 	figures  []*figure
-	workload string  // bench/workload
-	live     []*pair // pairs started and not closed
+	workload string // bench/workload
 }
 
 func run(ctx context.Context, o options) (err error) {
@@ -263,7 +262,6 @@ func settings(primary bool) map[string]string {
 
 func (b *bench) newPair(ctx context.Context, setup string) (*pair, error) {
 	p := &pair{b: b, setup: setup}
-	b.live = append(b.live, p)
 	var err error
 	logf := func(format string, args ...any) { fmt.Fprintf(b.log, format+"\n", args...) }
 	if p.primary, err = pgtest.Start(ctx, pgtest.Options{Name: "bench-" + setup + "-primary", Settings: settings(true), Logf: logf}); err != nil {
@@ -334,7 +332,6 @@ func (b *bench) newPair(ctx context.Context, setup string) (*pair, error) {
 }
 
 func (p *pair) close() {
-	p.b.live = slices.DeleteFunc(p.b.live, func(q *pair) bool { return q == p })
 	p.stopHaven()
 	for _, c := range []*pgtest.Cluster{p.primary, p.dr} {
 		if c != nil {
@@ -545,9 +542,6 @@ func (b *bench) eachSetup(ctx context.Context, measure func(ctx context.Context,
 	}
 	for i := range b.o.runs {
 		for _, p := range pairs {
-			if err := b.quiesce(ctx); err != nil {
-				return err
-			}
 			v, err := measure(ctx, p)
 			if err != nil {
 				return fmt.Errorf("%s run %d: %w", p.setup, i+1, err)
@@ -557,32 +551,6 @@ func (b *bench) eachSetup(ctx context.Context, measure func(ctx context.Context,
 				f.Haven = append(f.Haven, v)
 			} else {
 				f.Native = append(f.Native, v)
-			}
-		}
-	}
-	return nil
-}
-
-// quiesce waits until no cluster of the live pairs runs autovacuum, then
-// checkpoints them all: what a run left behind (vacuuming the rows it
-// changed, writing out the pages it dirtied) would otherwise run during the
-// next one, of either setup, and count in its CPU.
-func (b *bench) quiesce(ctx context.Context) error {
-	for _, p := range b.live {
-		for _, c := range []*pgtest.Cluster{p.primary, p.dr} {
-			if c == nil {
-				continue
-			}
-			err := poll(ctx, 5*time.Minute, "autovacuum to finish on "+p.setup+"'s clusters", func() (bool, error) {
-				var n int
-				err := queryRow(ctx, c.URL("postgres"), `SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'`, &n)
-				return n == 0, err
-			})
-			if err != nil {
-				return err
-			}
-			if err := settle(ctx, c); err != nil {
-				return err
 			}
 		}
 	}
@@ -611,10 +579,6 @@ func (b *bench) catchUp(ctx context.Context) error {
 			if err := p.waitCaptured(ctx, lsn); err != nil {
 				return 0, err
 			}
-		}
-		// The primary's autovacuum after the backlog is not DR's work.
-		if err := b.quiesce(ctx); err != nil {
-			return 0, err
 		}
 		busy, err := machineCPU()
 		if err != nil {
