@@ -1173,30 +1173,38 @@ func (a *applier) copyRows(ctx context.Context, tx pgx.Tx, seq uint64, c *havenp
 }
 
 // copyIn loads rows in COPY's text format, or its binary format without
-// header and trailer, into a DR table. Binary rows are only of built-in
-// types (wire.Validate checks), and the DR table's columns have the
-// source's types (checkTarget), so they read back as the source wrote them.
+// header and trailer, into a DR table: those of one chunk (message seq).
+// Binary rows are only of built-in types (wire.Validate checks), and the
+// DR table's columns have the source's types (checkTarget), so they read
+// back as the source wrote them.
 func (a *applier) copyIn(ctx context.Context, conn *pgconn.PgConn, seq uint64, rel *havenpb.Relation, data []byte, binary bool, rows uint64) error {
+	return a.copyFrom(ctx, conn, seq, func() string { return fmt.Sprintf("message %d", seq) }, rel, bytes.NewReader(data), binary, func() uint64 { return rows })
+}
+
+// copyFrom loads the rows in reads, of one or more chunks, in one COPY
+// into a DR table, and checks that DR took as many as rows says once in is
+// read; seq is the message of the first chunk, chunks names the messages
+// read, for errors.
+func (a *applier) copyFrom(ctx context.Context, conn *pgconn.PgConn, seq uint64, chunks func() string, rel *havenpb.Relation, in io.Reader, binary bool, rows func() uint64) error {
 	cols := make([]string, len(rel.Columns))
 	for i, col := range rel.Columns {
 		cols[i] = pgx.Identifier{col.Name}.Sanitize()
 	}
 	sql := fmt.Sprintf("COPY %s (%s) FROM STDIN", pgx.Identifier{rel.Schema, rel.Name}.Sanitize(), strings.Join(cols, ", "))
-	var in io.Reader = bytes.NewReader(data)
 	if binary {
 		sql += " (FORMAT binary)"
 		in = io.MultiReader(bytes.NewReader(wire.CopyBinaryHeader), in, bytes.NewReader(wire.CopyBinaryTrailer))
 	}
 	tag, err := conn.CopyFrom(ctx, in, sql)
-	if err == nil && tag.RowsAffected() != int64(rows) {
-		return blocked(seq, "apply failed", "DR loaded %d rows into %s.%s from a chunk of %d: a DR trigger or rule that drops rows?", tag.RowsAffected(), rel.Schema, rel.Name, rows)
+	if err == nil && tag.RowsAffected() != int64(rows()) {
+		return blocked(seq, "apply failed", "DR loaded %d rows into %s.%s from %s, which hold %d: a DR trigger or rule that drops rows?", tag.RowsAffected(), rel.Schema, rel.Name, chunks(), rows())
 	}
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
-			return blocked(seq, "apply failed", "load snapshot rows into %s.%s: %w (an ENABLE ALWAYS or REPLICA trigger on DR writing elsewhere?)", rel.Schema, rel.Name, err)
+			return blocked(seq, "apply failed", "load snapshot rows of %s into %s.%s: %w (an ENABLE ALWAYS or REPLICA trigger on DR writing elsewhere?)", chunks(), rel.Schema, rel.Name, err)
 		}
-		return fmt.Errorf("load snapshot rows into %s.%s: %w", rel.Schema, rel.Name, err)
+		return fmt.Errorf("load snapshot rows of %s into %s.%s: %w", chunks(), rel.Schema, rel.Name, err)
 	}
 	return nil
 }

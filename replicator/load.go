@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strconv"
 	"strings"
 	"time"
@@ -277,7 +278,7 @@ func waitForPrevious(ctx context.Context, conn *pgconn.PgConn, l *lane, prev *lo
 func (a *applier) runLane(ctx context.Context, l *lane) {
 	defer close(l.exited)
 	conn := l.conn.PgConn()
-	open := false
+	open, ok := false, false
 	var failed *loadGroup // its steps are skipped
 	abort := func(g *loadGroup, err error) {
 		if open {
@@ -287,7 +288,14 @@ func (a *applier) runLane(ctx context.Context, l *lane) {
 		failed = g
 		g.finish(err)
 	}
-	for st := range l.steps {
+	var held *loadStep // read by the last COPY, not part of it: the next step
+	for {
+		var st loadStep
+		if held != nil {
+			st, held = *held, nil
+		} else if st, ok = <-l.steps; !ok {
+			break
+		}
 		g := st.group
 		if g == failed {
 			continue
@@ -309,11 +317,15 @@ func (a *applier) runLane(ctx context.Context, l *lane) {
 			if len(st.data) == 0 {
 				continue
 			}
-			if err := a.copyIn(ctx, conn, st.seq, st.rel, st.data, st.binary, st.rows); err != nil {
+			feed := &copyFeed{ctx: ctx, lane: l, first: st, data: st.data, key: relationKey(st.rel), rows: st.rows, last: st.seq,
+				isolateThrough: a.isolateThrough}
+			err := a.copyFrom(ctx, conn, st.seq, feed.chunks, st.rel, feed, st.binary, func() uint64 { return feed.rows })
+			held = feed.held
+			if err != nil {
 				abort(g, err)
 				continue
 			}
-			a.metrics.snapshotRows.Add(float64(st.rows))
+			a.metrics.snapshotRows.Add(float64(feed.rows))
 			continue
 		}
 		if st.prev != nil {
@@ -336,6 +348,62 @@ func (a *applier) runLane(ctx context.Context, l *lane) {
 	if open {
 		_ = conn.Exec(context.Background(), "ROLLBACK").Close()
 	}
+}
+
+// copyFeed reads the chunks a lane has in a row for one table of one
+// group, in one format, as one COPY: each COPY statement costs DR about
+// what loading a thousand rows does (a slot per buffered row, a fresh
+// bulk-write ring of shared buffers), and chunks hold a few thousand.
+// The first step of anything else is held for the lane. Chunks up to
+// isolateThrough load one COPY each, so that a failure names exactly the
+// chunk that failed (applier.isolateThrough).
+type copyFeed struct {
+	ctx            context.Context
+	lane           *lane
+	first          loadStep
+	key            string // relationKey of first.rel
+	isolateThrough uint64
+	data           []byte // of the chunk being read
+	rows           uint64 // of the chunks read
+	last           uint64 // the last chunk's message
+	held           *loadStep
+}
+
+func (f *copyFeed) Read(p []byte) (int, error) {
+	for len(f.data) == 0 {
+		if f.held != nil {
+			return 0, io.EOF
+		}
+		var st loadStep
+		var ok bool
+		select {
+		case st, ok = <-f.lane.steps:
+		case <-f.lane.quit:
+			return 0, errBehindFailed
+		case <-f.ctx.Done():
+			return 0, f.ctx.Err()
+		}
+		if !ok {
+			return 0, io.EOF
+		}
+		if st.end || st.group != f.first.group || st.binary != f.first.binary || relationKey(st.rel) != f.key ||
+			f.first.seq <= f.isolateThrough || st.seq <= f.isolateThrough {
+			f.held = &st
+			return 0, io.EOF
+		}
+		f.data, f.rows, f.last = st.data, f.rows+st.rows, st.seq
+	}
+	n := copy(p, f.data)
+	f.data = f.data[n:]
+	return n, nil
+}
+
+// chunks names the messages read.
+func (f *copyFeed) chunks() string {
+	if f.last == f.first.seq {
+		return fmt.Sprintf("message %d", f.first.seq)
+	}
+	return fmt.Sprintf("messages %d to %d", f.first.seq, f.last)
 }
 
 // olderThanSource refuses binary COPY rows from a source of a newer major

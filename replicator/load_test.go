@@ -149,7 +149,7 @@ func TestBinarySnapshotChunksLoad(t *testing.T) {
 		{name: "dropped", setup: `CREATE TABLE items (id bigint PRIMARY KEY, note text);
 			CREATE FUNCTION drop_odd() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.id % 2 = 1 THEN RETURN NULL; END IF; RETURN NEW; END $$;
 			CREATE TRIGGER drop_odd BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION drop_odd();
-			ALTER TABLE items ENABLE ALWAYS TRIGGER drop_odd`, version: 150000, want: "DR loaded 1 rows into public.items from a chunk of 2"},
+			ALTER TABLE items ENABLE ALWAYS TRIGGER drop_odd`, version: 150000, want: "DR loaded 1 rows into public.items from message 3, which hold 2"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			group := "binary_" + tc.name
