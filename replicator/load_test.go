@@ -143,13 +143,17 @@ func TestBinarySnapshotChunksLoad(t *testing.T) {
 		setup   string // on DR, before the standby starts
 		version uint32 // of the source, on the second chunk
 		want    string // in the stop's reason; "": all rows load
+		// first: in the first stop's reason, when the two chunks loaded in
+		// one COPY (%d: their messages)
+		first string
 	}{
 		{name: "loads", version: 150000},
 		{name: "newer", version: 990000, want: "upgrade DR to 99 or later"},
 		{name: "dropped", setup: `CREATE TABLE items (id bigint PRIMARY KEY, note text);
 			CREATE FUNCTION drop_odd() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.id % 2 = 1 THEN RETURN NULL; END IF; RETURN NEW; END $$;
 			CREATE TRIGGER drop_odd BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION drop_odd();
-			ALTER TABLE items ENABLE ALWAYS TRIGGER drop_odd`, version: 150000, want: "DR loaded 1 rows into public.items from message 3, which hold 2"},
+			ALTER TABLE items ENABLE ALWAYS TRIGGER drop_odd`, version: 150000, want: "DR loaded 1 rows into public.items from message 3, which hold 2",
+			first: "DR loaded 3 rows into public.items from messages %d to %d, which hold 4"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			group := "binary_" + tc.name
@@ -174,7 +178,7 @@ func TestBinarySnapshotChunksLoad(t *testing.T) {
 				seqs = append(seqs, f.publish(c))
 			}
 			f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
-			s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+			s, logs, reg := startStandby(t, pg.URL(group), ns.URL(), group)
 			if tc.want == "" {
 				want := []string{"2:two", "4:", "5:five\n\ttab \\ é", "6:six"}
 				waitFor(t, 30*time.Second, "the binary rows", func() bool { return len(notes(t, pg.URL(group))) == len(want) })
@@ -186,6 +190,9 @@ func TestBinarySnapshotChunksLoad(t *testing.T) {
 			waitBlockedAt(t, s, reg, seqs[1])
 			if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), tc.want) {
 				t.Errorf("health %v does not say %q", err, tc.want)
+			}
+			if first := fmt.Sprintf(tc.first, seqs[0], seqs[1]); tc.first != "" && logs.Count(first) == 0 {
+				t.Errorf("the log does not say %q: the two chunks did not load in one COPY first", first)
 			}
 		})
 	}
