@@ -44,6 +44,14 @@ import (
 // or before a restart) are all visible to every later snapshot once none of
 // them is still committing: the worker waits for that before its first chunk.
 //
+// Keys are taken by the key the streamer knows: read when BEGIN is decoded,
+// then the key of each chunk. The first may be wrong: BEGIN is decoded as
+// soon as its commit record is flushed, and the catalog read then may not
+// show that transaction yet (a synchronous standby keeps it invisible until
+// it answers), so the streamer may know no key at all. A row an unseen
+// transaction updated under another key than the chunk's may have moved
+// anywhere unrecorded: the copy starts again from the table's start.
+//
 // Progress lives in the HAVEN_STATE bucket, written only after JetStream
 // acknowledged the chunk: a restart goes on from the last chunk in the stream.
 
@@ -110,6 +118,7 @@ type backfillChunk struct {
 type backfillResult struct {
 	published int
 	dirty     []string // keys left out, to read again
+	restart   bool     // rows may have moved unrecorded: read from the start
 }
 
 // backfillHub is what the worker and the streamer share.
@@ -245,6 +254,8 @@ type touched struct {
 	keys  map[uint32]map[string]bool
 	whole map[uint32]bool   // truncated, or a key that did not come
 	def   map[uint32]string // the key definition the keys were taken by
+	// updated: an update, which may have moved a row to another key.
+	updated map[uint32]bool
 	// moved are keys rows took by an update of their key: a row moved to
 	// a key already copied is read again.
 	moved map[uint32][]string
@@ -282,6 +293,12 @@ func (st *streamer) noteTouched(rel *havenpb.Relation, ch *havenpb.Change) {
 		t.touched.def = map[uint32]string{}
 	}
 	t.touched.def[rel.Id] = key.Def
+	if ch.Op == havenpb.Op_OP_UPDATE {
+		if t.touched.updated == nil {
+			t.touched.updated = map[uint32]bool{}
+		}
+		t.touched.updated[rel.Id] = true
+	}
 	var oldKey, newKey string
 	var oldOK, newOK bool
 	if ch.Old != nil {
@@ -304,6 +321,23 @@ func (st *streamer) noteTouched(rel *havenpb.Relation, ch *havenpb.Change) {
 // table being backfilled; the worker adds them to the keys to read again.
 func movedKey(group string, oid uint32) string { return backfillStateKey(group, oid) + ".moved" }
 
+// movedKeys are keys rows moved to, by the key definition they were taken
+// by: the JSON value at movedKey. (Before definitions were recorded it was
+// a list, read as keys of the copy's definition, "".)
+type movedKeys map[string][]string
+
+func parseMoved(value []byte) (movedKeys, error) {
+	moved := movedKeys{}
+	if err := json.Unmarshal(value, &moved); err != nil {
+		var list []string
+		if json.Unmarshal(value, &list) != nil {
+			return nil, err
+		}
+		moved[""] = list
+	}
+	return moved, nil
+}
+
 // saveMoved records the keys updates moved rows to, before the
 // transactions that moved them can be confirmed: a row moved into the part
 // of the table already copied would otherwise never be read.
@@ -311,7 +345,7 @@ func (st *streamer) saveMoved(ctx context.Context) error {
 	for oid, keys := range st.moved {
 		name := movedKey(st.cfg.Group, oid)
 		for {
-			var list []string
+			moved := movedKeys{}
 			var rev uint64
 			entry, err := st.state.Get(ctx, name)
 			switch {
@@ -319,12 +353,15 @@ func (st *streamer) saveMoved(ctx context.Context) error {
 			case err != nil:
 				return fmt.Errorf("read %s: %w", name, err)
 			default:
-				if err := json.Unmarshal(entry.Value(), &list); err != nil {
+				if moved, err = parseMoved(entry.Value()); err != nil {
 					return fmt.Errorf("%s holds %q: %w", name, entry.Value(), err)
 				}
 				rev = entry.Revision()
 			}
-			value, err := json.Marshal(append(list, keys...))
+			for def, k := range keys {
+				moved[def] = append(moved[def], k...)
+			}
+			value, err := json.Marshal(moved)
 			if err != nil {
 				return err
 			}
@@ -416,6 +453,7 @@ func (st *streamer) backfillRows(ctx context.Context, id, snapshot string) error
 	st.backfilling[oid] = chunk.key
 	dirty := map[string]bool{}
 	whole := false
+	result := backfillResult{}
 	kept := st.touched[:0]
 	for _, t := range st.touched {
 		if snap.sees(t.xid) {
@@ -425,11 +463,13 @@ func (st *streamer) backfillRows(ctx context.Context, id, snapshot string) error
 		for k := range t.keys[oid] {
 			dirty[k] = true
 		}
-		// Keys taken by another key definition say nothing of these.
-		whole = whole || t.whole[oid] || (t.def[oid] != "" && t.def[oid] != chunk.key.Def)
+		// Keys taken by another key definition say nothing of these, nor
+		// of where its updates moved rows.
+		other := t.def[oid] != chunk.key.Def
+		whole = whole || t.whole[oid] || (t.def[oid] != "" && other)
+		result.restart = result.restart || (t.updated[oid] && other)
 	}
 	st.touched = kept
-	result := backfillResult{}
 	for _, row := range chunk.rows {
 		key, _ := keyText(chunk.rel, chunk.key.Columns, row)
 		if whole || dirty[key] {
@@ -457,7 +497,10 @@ func (st *streamer) backfillRows(ctx context.Context, id, snapshot string) error
 func (st *streamer) endBackfill(ctx context.Context, b *backfillTable) error {
 	// Rows an update moved, in a transaction before this one, to a key the
 	// worker has not read yet: not the end.
-	pending := len(st.moved[b.OID]) > 0
+	pending := false
+	for _, keys := range st.moved[b.OID] {
+		pending = pending || len(keys) > 0
+	}
 	if !pending {
 		entry, err := st.state.Get(ctx, movedKey(st.cfg.Group, b.OID))
 		switch {
@@ -465,7 +508,13 @@ func (st *streamer) endBackfill(ctx context.Context, b *backfillTable) error {
 		case err != nil:
 			return fmt.Errorf("read moved keys of %s.%s: %w", b.Schema, b.Name, err)
 		default:
-			pending = len(entry.Value()) > 2 // more than "[]"
+			moved, err := parseMoved(entry.Value())
+			if err != nil {
+				return fmt.Errorf("%s holds %q: %w", movedKey(st.cfg.Group, b.OID), entry.Value(), err)
+			}
+			for _, keys := range moved {
+				pending = pending || len(keys) > 0
+			}
 		}
 	}
 	if pending {
@@ -609,6 +658,9 @@ func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backf
 			return ctx.Err()
 		}
 		switch {
+		case result.restart:
+			log.Info().Str("key", chunk.key.Def).Msg("rows were updated under another key than the copy's while a chunk was read, so where they moved is unknown: reading the table again from its start")
+			state.After, state.Until, state.Exhausted, state.Retry = "", "", false, nil
 		case len(retry) > 0 && !chunk.restarted:
 			state.Retry = append(state.Retry[len(retry):], result.dirty...)
 		default:
@@ -629,8 +681,14 @@ func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backf
 }
 
 // takeMoved moves the keys the streamer recorded as moved into the keys
-// to read again, saving them there before forgetting them.
+// to read again, saving them there before forgetting them. Only keys taken
+// by the copy's key count: a row moved under another key is read by a copy
+// from the table's start that sees the move, or one restarted for it. And
+// until the first chunk, nothing is taken: that chunk reads from the start.
 func (s *session) takeMoved(ctx context.Context, state *backfillState) error {
+	if state.Key.Def == "" {
+		return nil
+	}
 	name := movedKey(s.cfg.Group, state.OID)
 	entry, err := s.state.Get(ctx, name)
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
@@ -639,11 +697,12 @@ func (s *session) takeMoved(ctx context.Context, state *backfillState) error {
 	if err != nil {
 		return fmt.Errorf("read %s: %w", name, err)
 	}
-	var moved []string
-	if err := json.Unmarshal(entry.Value(), &moved); err != nil {
+	moved, err := parseMoved(entry.Value())
+	if err != nil {
 		return fmt.Errorf("%s holds %q: %w", name, entry.Value(), err)
 	}
-	state.Retry = append(state.Retry, moved...)
+	state.Retry = append(state.Retry, moved[state.Key.Def]...)
+	state.Retry = append(state.Retry, moved[""]...)
 	if err := s.putBackfill(ctx, *state); err != nil {
 		return err
 	}

@@ -66,3 +66,18 @@ func TestChunkQueryUsesTheKey(t *testing.T) {
 		t.Error("keyText made a key without every key value")
 	}
 }
+
+func TestMovedKeysKeepTheirKeyDefinition(t *testing.T) {
+	moved, err := parseMoved([]byte(`{"id integer ":["7\u0000"],"code text ":["x\u0000"]}`))
+	if err != nil || len(moved) != 2 || moved["id integer "][0] != "7\x00" || moved["code text "][0] != "x\x00" {
+		t.Errorf("parseMoved: %v, %v", moved, err)
+	}
+	// Written before definitions were recorded: keys of the copy's own.
+	moved, err = parseMoved([]byte(`["1\u0000","2\u0000"]`))
+	if err != nil || len(moved[""]) != 2 {
+		t.Errorf("parseMoved of a list: %v, %v", moved, err)
+	}
+	if _, err := parseMoved([]byte(`"neither"`)); err == nil {
+		t.Error("parseMoved accepted a string")
+	}
+}

@@ -81,7 +81,7 @@ type streamer struct {
 	// a backfill snapshot has not yet been seen to include.
 	backfilling map[uint32]backfillKey
 	touched     []*touched
-	moved       map[uint32][]string // keys rows moved to, not yet saved
+	moved       map[uint32]movedKeys // keys rows moved to, not yet saved
 }
 
 type typeKey struct {
@@ -111,7 +111,7 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 		return err
 	}
 	st := &streamer{session: s, confirmed: s.confirmed, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
-		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]backfillKey{}, moved: map[uint32][]string{}}
+		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]backfillKey{}, moved: map[uint32]movedKeys{}}
 	for _, b := range backfills {
 		key := b.Key
 		if key.Def == "" {
@@ -512,7 +512,11 @@ func (st *streamer) finishTxn(ctx context.Context, endLSN pglogrepl.LSN) error {
 	if t.touched != nil {
 		st.touched = append(st.touched, t.touched)
 		for oid, keys := range t.touched.moved {
-			st.moved[oid] = append(st.moved[oid], keys...)
+			if st.moved[oid] == nil {
+				st.moved[oid] = movedKeys{}
+			}
+			def := t.touched.def[oid]
+			st.moved[oid][def] = append(st.moved[oid][def], keys...)
 		}
 	}
 	if !t.stored && t.storedThrough > t.changes {

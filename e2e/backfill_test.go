@@ -53,10 +53,11 @@ func backfillsOnDR(ctx context.Context, dr *pgx.Conn) (int, error) {
 }
 
 // TestTablesJoiningWithRowsAreBackfilled: a table made with CREATE TABLE
-// AS, given its primary key afterwards, joins the running group; its rows
-// are copied while the stream goes on, under concurrent updates (most
-// leaving a TOASTed column alone), deletes, inserts and key changes, and
-// with the agent SIGKILLed in the middle. DR ends equal to the primary.
+// AS, given its primary key afterwards (in a commit a synchronous standby
+// holds back), joins the running group; its rows are copied while the
+// stream goes on, under concurrent updates (most leaving a TOASTed column
+// alone), deletes, inserts and key changes, and with the agent SIGKILLed in
+// the middle. DR ends equal to the primary.
 func TestTablesJoiningWithRowsAreBackfilled(t *testing.T) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
@@ -75,7 +76,11 @@ func TestTablesJoiningWithRowsAreBackfilled(t *testing.T) {
 		FROM staging`)
 	mustExec(t, primary, `DROP TABLE staging`)
 	c := startChurn(t, s.primaryURL(), "big", 3, rows)
-	mustExec(t, primary, `ALTER TABLE big ADD PRIMARY KEY (id)`)
+	// The key comes in a commit a synchronous standby holds back: the
+	// agent decodes it while the new key is not yet visible to it.
+	heldBackCommit(t, s.primaryURL(), `ALTER TABLE big ADD PRIMARY KEY (id)`, func() bool {
+		return strings.Contains(agent.output(), "table joined the group with rows in it")
+	})
 
 	waitFor(t, 60*time.Second, "the backfill to start on DR", func() (bool, error) {
 		var n int

@@ -207,6 +207,54 @@ func waitFor(t *testing.T, timeout time.Duration, what string, cond func() (bool
 	}
 }
 
+// heldBackCommit runs sql, in one transaction, on a primary whose
+// synchronous standby answers late: the commit record is flushed, so the
+// agent decodes it, while the transaction is not yet visible to anyone (as
+// with a real synchronous standby, for the round trip's length). Other
+// sessions commit locally meanwhile. The standby answers once decoded
+// reports that the agent has the commit.
+func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
+	t.Helper()
+	admin := connect(t, url)
+	mustExec(t, admin, `ALTER SYSTEM SET synchronous_commit = local`)
+	var reloaded time.Time
+	if err := admin.QueryRow(t.Context(), `SELECT clock_timestamp() FROM pg_reload_conf()`).Scan(&reloaded); err != nil {
+		t.Fatal(err)
+	}
+	// A session takes the new default at its next statement: once none runs
+	// one begun before, no commit can wait for the standby but this one.
+	waitFor(t, 30*time.Second, "the sessions to take synchronous_commit = local", func() (bool, error) {
+		var before int
+		err := admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'
+			AND pid <> pg_backend_pid() AND state = 'active' AND query_start < $1`, reloaded).Scan(&before)
+		return before == 0, err
+	})
+	mustExec(t, admin, `ALTER SYSTEM SET synchronous_standby_names = 'late'`)
+	mustExec(t, admin, `SELECT pg_reload_conf()`)
+	conn := connect(t, url)
+	var pid int
+	if err := conn.QueryRow(t.Context(), `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := conn.Exec(t.Context(), "SET synchronous_commit = on; "+sql)
+		done <- err
+	}()
+	waitFor(t, 30*time.Second, "the commit to wait for the synchronous standby", func() (bool, error) {
+		var waiting bool
+		err := admin.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep')`, pid).Scan(&waiting)
+		return waiting, err
+	})
+	waitFor(t, 30*time.Second, "the agent to decode the held-back commit", func() (bool, error) { return decoded(), nil })
+	mustExec(t, admin, `ALTER SYSTEM RESET synchronous_standby_names`)
+	mustExec(t, admin, `ALTER SYSTEM RESET synchronous_commit`)
+	mustExec(t, admin, `SELECT pg_reload_conf()`)
+	if err := <-done; err != nil {
+		t.Fatalf("%s: %v", firstLine(sql), err)
+	}
+}
+
 func connect(t *testing.T, url string) *pgx.Conn {
 	t.Helper()
 	conn, err := pgx.Connect(t.Context(), url)
