@@ -69,6 +69,7 @@ type streamer struct {
 	*session
 	relations    map[uint32]*havenpb.Relation
 	typeNames    map[typeKey]string
+	types        map[uint32]*pglogrepl.TypeMessage // user types as pgoutput named them
 	txn          *txnState
 	inflight     []pending
 	receivedLSN  pglogrepl.LSN
@@ -110,7 +111,7 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 	if err != nil {
 		return err
 	}
-	st := &streamer{session: s, confirmed: s.confirmed, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{},
+	st := &streamer{session: s, confirmed: s.confirmed, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{}, types: map[uint32]*pglogrepl.TypeMessage{},
 		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]backfillKey{}, moved: map[uint32]movedKeys{}}
 	for _, b := range backfills {
 		key := b.Key
@@ -298,7 +299,10 @@ func (st *streamer) handleLogical(ctx context.Context, data []byte) error {
 		return st.onTruncate(ctx, m)
 	case *pglogrepl.LogicalDecodingMessage:
 		return st.onMessage(ctx, m)
-	case *pglogrepl.TypeMessage, *pglogrepl.OriginMessage:
+	case *pglogrepl.TypeMessage:
+		st.types[m.DataType] = m
+		return nil
+	case *pglogrepl.OriginMessage:
 		return nil
 	default:
 		return fmt.Errorf("unexpected pgoutput message %T", msg)
@@ -334,17 +338,57 @@ func (st *streamer) onRelation(ctx context.Context, m *pglogrepl.RelationMessage
 	return nil
 }
 
+// typeVisibleWait bounds the wait for a type the decoded transaction made.
+const typeVisibleWait = 5 * time.Second
+
 // typeName resolves a column type as format_type prints it, cached.
+//
+// A type the decoded transaction made may not be visible yet: a commit
+// record is decoded as soon as it is flushed, and a synchronous standby
+// keeps the transaction invisible until it answers. So a type not in the
+// catalog is waited for, a while. If the agent itself is that standby, it
+// never comes: the type is named from pgoutput's TYPE message instead, as
+// format_type would name it unless it is an array type.
 func (st *streamer) typeName(ctx context.Context, oid uint32, mod int32) (string, error) {
 	key := typeKey{oid, mod}
 	if name, ok := st.typeNames[key]; ok {
 		return name, nil
 	}
-	var name string
-	if err := st.ctrl.QueryRow(ctx, `SELECT format_type($1, $2)`, oid, mod).Scan(&name); err != nil {
-		return "", fmt.Errorf("resolve type %d: %w", oid, err)
+	deadline := time.Now().Add(typeVisibleWait)
+	for waited := false; ; waited = true {
+		var name string
+		var known bool
+		if err := st.ctrl.QueryRow(ctx, `SELECT format_type($1, $2), EXISTS (SELECT FROM pg_type WHERE oid = $1)`, oid, mod).Scan(&name, &known); err != nil {
+			return "", fmt.Errorf("resolve type %d: %w", oid, err)
+		}
+		if known {
+			st.typeNames[key] = name
+			return name, nil
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		if !waited {
+			st.log.Info().Uint32("type_oid", oid).
+				Msg("a type the decoded transaction made is not visible yet: waiting for its commit to finish (a synchronous standby's answer)")
+		}
+		select {
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(10 * time.Millisecond):
+		}
 	}
-	st.typeNames[key] = name
+	m, ok := st.types[oid]
+	if !ok {
+		return "", fmt.Errorf("type %d of a column is not in the catalog %s after its transaction was decoded, and pgoutput did not name it", oid, typeVisibleWait)
+	}
+	var name string
+	if err := st.ctrl.QueryRow(ctx, `SELECT quote_ident($1) || '.' || quote_ident($2)`, m.Namespace, m.Name).Scan(&name); err != nil {
+		return "", fmt.Errorf("name type %d: %w", oid, err)
+	}
+	st.log.Warn().Uint32("type_oid", oid).Str("type", name).Dur("waited", typeVisibleWait).
+		Msg("a type the decoded transaction made is still not visible (is the agent the synchronous standby that transaction waits for?): " +
+			"naming it from the stream; if it is an array type, DR reports a schema mismatch for its column")
 	return name, nil
 }
 

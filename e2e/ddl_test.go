@@ -131,6 +131,48 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 	assertEqual(t, primary, dr, map[string]string{"deals": "id", "notes": "id"})
 }
 
+// TestDDLDecodedBeforeItIsVisible: a migration that makes an enum, a
+// domain and a table of them (and of an array of the enum) and fills the
+// table, in one transaction a synchronous standby holds back: the agent
+// decodes it before its types are visible to anyone. Then the same with
+// the agent as that synchronous standby. DR gets it all.
+func TestDDLDecodedBeforeItIsVisible(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	seedCRM(t, primary, 5)
+	agent := startHaven(t, "agent", s.agentArgs()...)
+	startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	heldBackCommit(t, s.primaryURL(), `CREATE TYPE tier AS ENUM ('bronze', 'gold'); CREATE DOMAIN score AS numeric(5,2) CHECK (VALUE >= 0);
+		CREATE TABLE loyalty (id int PRIMARY KEY, tier tier, past tier[], points score);
+		INSERT INTO loyalty SELECT g, 'gold', ARRAY['bronze', 'gold']::tier[], g / 3.0 FROM generate_series(1, 50) g`, func() bool {
+		return strings.Contains(agent.output(), "not visible yet")
+	})
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+	assertSameSchema(t, primary, dr)
+	assertEqual(t, primary, dr, map[string]string{"loyalty": "id"})
+
+	// With the agent as the synchronous standby, the transaction waits for
+	// the agent, which cannot see its type before it ends: the agent names
+	// the type from the stream after a while.
+	agent.stop()
+	agent = startHaven(t, "agent", s.agentArgs("--synchronous")...)
+	waitFor(t, 30*time.Second, "the agent to be the synchronous standby", func() (bool, error) {
+		var sync bool
+		err := primary.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_replication WHERE sync_state = 'sync')`).Scan(&sync)
+		return sync, err
+	})
+	mustExec(t, primary, `CREATE TYPE stage AS ENUM ('lead', 'won'); CREATE TABLE pipeline (id int PRIMARY KEY, stage stage);
+		INSERT INTO pipeline SELECT g, 'won' FROM generate_series(1, 50) g`)
+	waitCaughtUp(t, primary, dr, 3, 60*time.Second)
+	assertSameSchema(t, primary, dr)
+	assertEqual(t, primary, dr, map[string]string{"loyalty": "id", "pipeline": "id"})
+	if !strings.Contains(agent.output(), "naming it from the stream") {
+		t.Error("the agent did not say it named a type it could not see from the stream")
+	}
+}
+
 // TestDDLCannotEscalate: a role that may only create tables tries to make
 // haven's DDL capture (which runs with a superuser's rights) or DDL replay
 // on DR (which runs on a superuser's connection) act for it; neither does.
