@@ -348,7 +348,8 @@ const typeVisibleWait = 5 * time.Second
 // keeps the transaction invisible until it answers. So a type not in the
 // catalog is waited for, a while. If the agent itself is that standby, it
 // never comes: the type is named from pgoutput's TYPE message instead, as
-// format_type would name it unless it is an array type.
+// format_type would name it (a name with a leading underscore taken for
+// an array type's, as PostgreSQL names them).
 func (st *streamer) typeName(ctx context.Context, oid uint32, mod int32) (string, error) {
 	key := typeKey{oid, mod}
 	if name, ok := st.typeNames[key]; ok {
@@ -382,13 +383,18 @@ func (st *streamer) typeName(ctx context.Context, oid uint32, mod int32) (string
 	if !ok {
 		return "", fmt.Errorf("type %d of a column is not in the catalog %s after its transaction was decoded, and pgoutput did not name it", oid, typeVisibleWait)
 	}
+	base, array := strings.CutPrefix(m.Name, "_")
+	if !array {
+		base = m.Name
+	}
 	var name string
-	if err := st.ctrl.QueryRow(ctx, `SELECT quote_ident($1) || '.' || quote_ident($2)`, m.Namespace, m.Name).Scan(&name); err != nil {
+	if err := st.ctrl.QueryRow(ctx, `SELECT quote_ident($1) || '.' || quote_ident($2) || CASE WHEN $3 THEN '[]' ELSE '' END`, m.Namespace, base, array).
+		Scan(&name); err != nil {
 		return "", fmt.Errorf("name type %d: %w", oid, err)
 	}
 	st.log.Warn().Uint32("type_oid", oid).Str("type", name).Dur("waited", typeVisibleWait).
 		Msg("a type the decoded transaction made is still not visible (is the agent the synchronous standby that transaction waits for?): " +
-			"naming it from the stream; if it is an array type, DR reports a schema mismatch for its column")
+			"named it from the stream; if DR reports a schema mismatch for its column, create such types in a transaction of their own")
 	return name, nil
 }
 

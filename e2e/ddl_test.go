@@ -163,12 +163,12 @@ func TestDDLDecodedBeforeItIsVisible(t *testing.T) {
 		err := primary.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_replication WHERE sync_state = 'sync')`).Scan(&sync)
 		return sync, err
 	})
-	mustExec(t, primary, `CREATE TYPE stage AS ENUM ('lead', 'won'); CREATE TABLE pipeline (id int PRIMARY KEY, stage stage);
-		INSERT INTO pipeline SELECT g, 'won' FROM generate_series(1, 50) g`)
+	mustExec(t, primary, `CREATE TYPE stage AS ENUM ('lead', 'won'); CREATE TABLE pipeline (id int PRIMARY KEY, stage stage, history stage[]);
+		INSERT INTO pipeline SELECT g, 'won', '{lead,won}' FROM generate_series(1, 50) g`)
 	waitCaughtUp(t, primary, dr, 3, 60*time.Second)
 	assertSameSchema(t, primary, dr)
 	assertEqual(t, primary, dr, map[string]string{"loyalty": "id", "pipeline": "id"})
-	if !strings.Contains(agent.output(), "naming it from the stream") {
+	if !strings.Contains(agent.output(), "named it from the stream") {
 		t.Error("the agent did not say it named a type it could not see from the stream")
 	}
 }
