@@ -384,16 +384,13 @@ func (st *streamer) typeName(ctx context.Context, oid uint32, mod int32) (string
 		return "", fmt.Errorf("type %d of a column is not in the catalog %s after its transaction was decoded, and pgoutput did not name it", oid, typeVisibleWait)
 	}
 	base, array := strings.CutPrefix(m.Name, "_")
-	if !array {
-		base = m.Name
-	}
 	var name string
 	if err := st.ctrl.QueryRow(ctx, `SELECT quote_ident($1) || '.' || quote_ident($2) || CASE WHEN $3 THEN '[]' ELSE '' END`, m.Namespace, base, array).
 		Scan(&name); err != nil {
 		return "", fmt.Errorf("name type %d: %w", oid, err)
 	}
 	st.log.Warn().Uint32("type_oid", oid).Str("type", name).Dur("waited", typeVisibleWait).
-		Msg("a type the decoded transaction made is still not visible (is the agent the synchronous standby that transaction waits for?): " +
+		Msg("a type of a decoded transaction is still not in the catalog (is the agent the synchronous standby that transaction waits for, or was the type dropped since?): " +
 			"named it from the stream; if DR reports a schema mismatch for its column, create such types in a transaction of their own")
 	return name, nil
 }
