@@ -385,7 +385,7 @@ func exists(path string) bool {
 // the group switches to site b and back, the drill's probe loses no write
 // and reports the write pause, and so does the client.
 func TestSwitchoverDrill(t *testing.T) {
-	s, q, _, _, _ := twoSites(t, t.TempDir())
+	s, q, _, _, _, _ := twoSites(t, t.TempDir())
 	if out, err := q.ctl(t, "drill", "run", "--group", "crm", "--kind", "switchover"); err == nil || !strings.Contains(out, "--disruptive") {
 		t.Fatalf("a switchover drill without --disruptive: %v: %s", err, out)
 	}

@@ -448,7 +448,7 @@ func TestPrimaryRestartKeepsItsRole(t *testing.T) {
 // replaces its database with the new primary's snapshot and follows it.
 func TestRejoinAfterFailover(t *testing.T) {
 	reports := t.TempDir()
-	s, q, primary, dr, agentA := twoSites(t, reports)
+	s, q, primary, dr, agentA, _ := twoSites(t, reports)
 	controllers := strings.Join(q.apis, ",")
 	agentArgs := s.agentArgs("--controllers", controllers, "--site", "a", "--report-dir", reports)
 	mustExec(t, primary, `INSERT INTO acked (id) SELECT g FROM generate_series(1, 100) g`)
@@ -548,7 +548,7 @@ func TestRejoinAfterFailover(t *testing.T) {
 
 // twoSites starts a group whose sites a and b each run an agent and a
 // standby, site a primary, DR caught up.
-func twoSites(t *testing.T, reports string, agentExtra ...string) (*site, *quorum, *pgx.Conn, *pgx.Conn, *proc) {
+func twoSites(t *testing.T, reports string, agentExtra ...string) (*site, *quorum, *pgx.Conn, *pgx.Conn, *proc, *proc) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
 	seedCRM(t, primary, 30)
@@ -556,7 +556,7 @@ func twoSites(t *testing.T, reports string, agentExtra ...string) (*site, *quoru
 	q := startQuorum(t, 3)
 	controllers := strings.Join(q.apis, ",")
 	agentA := startHaven(t, "agent-a", s.agentArgs(append([]string{"--controllers", controllers, "--site", "a", "--report-dir", reports}, agentExtra...)...)...)
-	startHaven(t, "standby-b", s.standbyArgs("--controllers", controllers, "--site", "b")...)
+	standbyB := startHaven(t, "standby-b", s.standbyArgs("--controllers", controllers, "--site", "b")...)
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
 	// Each site also runs the other role, idle until the roles swap.
@@ -564,7 +564,7 @@ func twoSites(t *testing.T, reports string, agentExtra ...string) (*site, *quoru
 		"--heartbeat-interval", "500ms", "--controllers", controllers, "--site", "b", "--report-dir", reports}, agentExtra...)...)
 	startHaven(t, "standby-a", "standby", "--target-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group,
 		"--blocked-retry", "1s", "--controllers", controllers, "--site", "a")
-	return s, q, primary, dr, agentA
+	return s, q, primary, dr, agentA, standbyB
 }
 
 // TestSwitchoverThereAndBack: under a workload writing through a
@@ -578,7 +578,7 @@ func TestSwitchoverThereAndBack(t *testing.T) { switchoverThereAndBack(t) }
 func TestSynchronousSwitchoverThereAndBack(t *testing.T) { switchoverThereAndBack(t, "--synchronous") }
 
 func switchoverThereAndBack(t *testing.T, agentArgs ...string) {
-	s, q, _, _, _ := twoSites(t, t.TempDir(), agentArgs...)
+	s, q, _, _, agentA, standbyB := twoSites(t, t.TempDir(), agentArgs...)
 	multiHost := fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/%s?target_session_attrs=read-write&connect_timeout=1",
 		s.primary.Port(), s.dr.Port(), s.db)
 	var acked ackedWrites
@@ -616,8 +616,24 @@ func switchoverThereAndBack(t *testing.T, agentArgs ...string) {
 		mu.Lock()
 		maxPause = 0
 		mu.Unlock()
+		if to == "a" {
+			// Back to a, whose agent is slow to put its snapshot in the
+			// stream: b's rejoining standby finds its own as the latest.
+			if err := agentA.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+				t.Fatal(err)
+			}
+		}
 		if out, err := q.ctl(t, "switchover", "--group", "crm"); err != nil {
 			t.Fatalf("haven ctl switchover to %s: %v: %s", to, err, out)
+		}
+		if to == "a" {
+			waitFor(t, 30*time.Second, "site b's standby to wait for site a's snapshot", func() (bool, error) {
+				return strings.Contains(standbyB.output(), "rejoining: waiting for the new primary's initial snapshot") ||
+					strings.Contains(standbyB.output(), "apply stopped"), nil
+			})
+			if err := agentA.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+				t.Fatal(err)
+			}
 		}
 		waitFor(t, 90*time.Second, "site "+to+" primary and the other rejoined", func() (bool, error) {
 			st, err := q.status(t)

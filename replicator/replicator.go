@@ -467,6 +467,11 @@ func (s *Standby) refuseSource(ctx context.Context, conn *pgx.Conn, js jetstream
 		return nil
 	}
 	if systemID == strconv.FormatUint(st.SystemID, 10) && database == st.Database {
+		if s.control.reseed.Load() {
+			// A deposed primary rejoining: the latest snapshot is its own
+			// until the new primary's agent has put one in the stream.
+			return errNoNewSnapshot
+		}
 		return &operatorError{fmt.Errorf("--target-url points at database %q of the source cluster (system %s), the very database group %q captures: "+
 			"point it at the DR database", database, systemID, s.cfg.Group)}
 	}
