@@ -231,21 +231,47 @@ func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
 	})
 	mustExec(t, admin, `ALTER SYSTEM SET synchronous_standby_names = 'late'`)
 	mustExec(t, admin, `SELECT pg_reload_conf()`)
-	conn := connect(t, url)
-	var pid int
-	if err := conn.QueryRow(t.Context(), `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
-		t.Fatal(err)
+	waitingForStandby := func(conn *pgx.Conn) func() (bool, error) {
+		var pid int
+		if err := conn.QueryRow(t.Context(), `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+			t.Fatal(err)
+		}
+		return func() (bool, error) {
+			var waiting bool
+			err := admin.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep')`, pid).Scan(&waiting)
+			return waiting, err
+		}
 	}
+	// Commits wait for the standby once the checkpointer has reloaded the
+	// setting: probe commits until one waits, then cancel its wait.
+	probe := connect(t, url)
+	probeWaiting := waitingForStandby(probe)
+	stop, probed := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(probed)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if _, err := probe.Exec(t.Context(), `SET synchronous_commit = on; SELECT txid_current()`); err != nil {
+				return
+			}
+		}
+	}()
+	waitFor(t, 30*time.Second, "a probe commit to wait for the synchronous standby", probeWaiting)
+	close(stop)
+	mustExec(t, admin, `SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'`)
+	<-probed
+	conn := connect(t, url)
+	waiting := waitingForStandby(conn)
 	done := make(chan error, 1)
 	go func() {
 		_, err := conn.Exec(t.Context(), "SET synchronous_commit = on; "+sql)
 		done <- err
 	}()
-	waitFor(t, 30*time.Second, "the commit to wait for the synchronous standby", func() (bool, error) {
-		var waiting bool
-		err := admin.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep')`, pid).Scan(&waiting)
-		return waiting, err
-	})
+	waitFor(t, 30*time.Second, "the commit to wait for the synchronous standby", waiting)
 	waitFor(t, 30*time.Second, "the agent to decode the held-back commit", func() (bool, error) { return decoded(), nil })
 	mustExec(t, admin, `ALTER SYSTEM RESET synchronous_standby_names`)
 	mustExec(t, admin, `ALTER SYSTEM RESET synchronous_commit`)
