@@ -231,21 +231,20 @@ func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
 	})
 	mustExec(t, admin, `ALTER SYSTEM SET synchronous_standby_names = 'late'`)
 	mustExec(t, admin, `SELECT pg_reload_conf()`)
-	waitingForStandby := func(conn *pgx.Conn) func() (bool, error) {
-		var pid int
+	waitingForStandby := func(conn *pgx.Conn) (pid int, waiting func() (bool, error)) {
 		if err := conn.QueryRow(t.Context(), `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
 			t.Fatal(err)
 		}
-		return func() (bool, error) {
-			var waiting bool
-			err := admin.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep')`, pid).Scan(&waiting)
-			return waiting, err
+		return pid, func() (bool, error) {
+			var yes bool
+			err := admin.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid = $1 AND wait_event = 'SyncRep')`, pid).Scan(&yes)
+			return yes, err
 		}
 	}
 	// Commits wait for the standby once the checkpointer has reloaded the
 	// setting: probe commits until one waits, then cancel its wait.
 	probe := connect(t, url)
-	probeWaiting := waitingForStandby(probe)
+	probePID, probeWaiting := waitingForStandby(probe)
 	stop, probed := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(probed)
@@ -262,10 +261,10 @@ func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
 	}()
 	waitFor(t, 30*time.Second, "a probe commit to wait for the synchronous standby", probeWaiting)
 	close(stop)
-	mustExec(t, admin, `SELECT pg_cancel_backend(pid) FROM pg_stat_activity WHERE wait_event = 'SyncRep'`)
+	mustExec(t, admin, `SELECT pg_cancel_backend($1)`, probePID)
 	<-probed
 	conn := connect(t, url)
-	waiting := waitingForStandby(conn)
+	_, waiting := waitingForStandby(conn)
 	done := make(chan error, 1)
 	go func() {
 		_, err := conn.Exec(t.Context(), "SET synchronous_commit = on; "+sql)
