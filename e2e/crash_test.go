@@ -162,3 +162,67 @@ func TestSurvivesSIGKILLMidStreamAndMidBatch(t *testing.T) {
 	assertAppliedOnce(t, primary, dr, "contacts")
 	assertAppliedOnce(t, primary, dr, "deals")
 }
+
+// TestSurvivesDRCrashWhileApplying crashes the DR server (SIGKILL of the
+// postmaster and its backends) twice while the standby catches up a
+// backlog with target transactions in flight: once with a commit sent
+// ahead, once inside a transaction. The standby reconnects by itself and
+// goes on from the position DR kept, applying each change exactly once.
+func TestSurvivesDRCrashWhileApplying(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	seedCRM(t, primary, 200)
+	startHaven(t, "agent", s.agentArgs()...)
+	// Small groups: many commits, so that the crash finds one in flight.
+	standbyArgs := s.standbyArgs("--group-changes", "100")
+	standby := startHaven(t, "standby", standbyArgs...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	drWriter := connect(t, s.drWriteURL())
+	countApplies(t, drWriter, "contacts")
+	countApplies(t, drWriter, "deals")
+	standby.stop()
+
+	// A backlog in the stream, the standby stopped.
+	w := startWorkload(t, s.primaryURL(), 3, 200)
+	waitFor(t, 60*time.Second, "a backlog", func() (bool, error) { return w.commits.Load() >= 3000, nil })
+	startHaven(t, "standby-restarted", standbyArgs...)
+
+	applied := func(conn *pgx.Conn) (seq int64, err error) {
+		err = conn.QueryRow(t.Context(), `SELECT stream_seq FROM haven.apply_position`).Scan(&seq)
+		return seq, err
+	}
+	from, err := applied(dr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, when := range []string{"with a commit in flight", "inside a target transaction"} {
+		waitFor(t, 60*time.Second, "the standby to apply part of the backlog, "+when, func() (bool, error) {
+			seq, err := applied(dr)
+			if err != nil || seq <= from {
+				return false, err
+			}
+			var n int
+			err = dr.QueryRow(t.Context(), `SELECT count(*) FROM pg_stat_activity
+				WHERE application_name = 'haven_standby_crm' AND CASE WHEN $1 THEN query = 'COMMIT' ELSE backend_xid IS NOT NULL END`, i == 0).Scan(&n)
+			return n > 0, err
+		})
+		if err := s.dr.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("DR server killed %s, the stream at %d", when, streamMessages(t, s.nats.JetStream(t), s.group))
+		if err := s.dr.Restart(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		dr = connect(t, s.drURL())
+		if from, err = applied(dr); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	w.finish(t)
+	waitCaughtUp(t, primary, dr, 2, 120*time.Second)
+	assertEqual(t, primary, dr, crmTables)
+	assertAppliedOnce(t, primary, dr, "contacts")
+	assertAppliedOnce(t, primary, dr, "deals")
+}
