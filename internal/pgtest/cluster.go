@@ -247,9 +247,25 @@ func (c *Cluster) Destroy() error {
 	ctx, cancel := context.WithTimeout(context.Background(), pgctlTimeout+10*time.Second)
 	defer cancel()
 	var errs []error
+	var procs []int
+	if pid, running := c.postmasterPID(); running {
+		procs = append([]int{pid}, childrenOf(pid)...)
+	}
 	if err := c.stop(ctx, "immediate"); err != nil {
 		c.logf("pgtest %s: %v; killing it", c.name, err)
 		if err := c.kill(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	// pg_ctl returns once the postmaster is gone; a backend may still be
+	// exiting. Destroy returns when every server process is.
+	if err := awaitExit(procs, 10*time.Second); err != nil {
+		for _, p := range procs {
+			if isPostgres(p) {
+				_ = syscall.Kill(p, syscall.SIGKILL)
+			}
+		}
+		if err := awaitExit(procs, 30*time.Second); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -503,14 +519,8 @@ func (c *Cluster) kill() error {
 	for _, p := range procs {
 		_ = syscall.Kill(p, syscall.SIGKILL)
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for _, p := range procs {
-		for processAlive(p) {
-			if time.Now().After(deadline) {
-				return fmt.Errorf("process %d survives SIGKILL", p)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+	if err := awaitExit(procs, 30*time.Second); err != nil {
+		return fmt.Errorf("after SIGKILL: %w", err)
 	}
 	// PostgreSQL discards lock files that name a dead process, but an
 	// unreaped zombie postmaster (under a container init that does not reap
@@ -524,6 +534,26 @@ func (c *Cluster) kill() error {
 	}
 	c.logf("pgtest %s: killed postmaster %d and %d children", c.name, pid, len(procs)-1)
 	return nil
+}
+
+// awaitExit waits until the server processes are gone, at most timeout
+// (a pid that now names another program is gone).
+func awaitExit(procs []int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for _, p := range procs {
+		for processAlive(p) && isPostgres(p) {
+			if time.Now().After(deadline) {
+				return fmt.Errorf("process %d still running after %s", p, timeout)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+func isPostgres(pid int) bool {
+	comm, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+	return err != nil || strings.TrimSpace(string(comm)) == "postgres" // no /proc: assume so
 }
 
 // postmasterPID reads the postmaster's pid from postmaster.pid and reports
