@@ -165,8 +165,8 @@ func TestSurvivesSIGKILLMidStreamAndMidBatch(t *testing.T) {
 
 // TestSurvivesDRCrashWhileApplying crashes the DR server (SIGKILL of the
 // postmaster and its backends) twice while the standby catches up a
-// backlog with target transactions in flight: once with a commit sent
-// ahead, once inside a transaction. The standby reconnects by itself and
+// backlog: once at a target transaction's COMMIT (the last statement DR
+// ran), once inside a target transaction. The standby reconnects by itself and
 // goes on from the position DR kept, applying each change exactly once.
 func TestSurvivesDRCrashWhileApplying(t *testing.T) {
 	s := newSite(t)
@@ -196,7 +196,7 @@ func TestSurvivesDRCrashWhileApplying(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, when := range []string{"with a commit in flight", "inside a target transaction"} {
+	for i, when := range []string{"at a COMMIT", "inside a target transaction"} {
 		waitFor(t, 60*time.Second, "the standby to apply part of the backlog, "+when, func() (bool, error) {
 			seq, err := applied(dr)
 			if err != nil || seq <= from {
