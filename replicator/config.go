@@ -26,7 +26,7 @@ type Config struct {
 	// GroupDelay ends a target transaction once it has been open this long.
 	GroupDelay time.Duration
 	// PipelineStatements bounds the row changes in one batch sent to DR
-	// (two are in flight at a time).
+	// (up to three are in flight at a time).
 	PipelineStatements int
 	// BlockedRetry is how often apply retries after it stopped at a message
 	// it cannot apply.
