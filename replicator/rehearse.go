@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/haven-dr/haven/proto/havenpb"
 )
@@ -271,7 +272,7 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 	cfg.Host, cfg.Port, cfg.TLSConfig, cfg.Fallbacks = dir, 5432, nil, nil
 	// As the applier: the DR database is read-only for everyone else.
 	cfg.RuntimeParams["default_transaction_read_only"] = "off"
-	clone, err := pgx.ConnectConfig(ctx, cfg)
+	clone, err := connectClone(ctx, cfg)
 	if err != nil {
 		return fmt.Errorf("connect to the clone: %w", err)
 	}
@@ -296,6 +297,26 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 		defer w.Close(context.Background())
 		return writeEveryTable(ctx, w)
 	})
+}
+
+// connectClone connects to the started clone. pg_ctl returns once the
+// clone's recovery is consistent, and with hot_standby off it refuses
+// connections (57P03) until it has replayed the rest of the WAL written
+// while it was copied: that is waited for, as long as pg_ctl would wait.
+func connectClone(ctx context.Context, cfg *pgx.ConnConfig) (*pgx.Conn, error) {
+	deadline := time.Now().Add(300 * time.Second)
+	for {
+		conn, err := pgx.ConnectConfig(ctx, cfg)
+		var pgErr *pgconn.PgError
+		if err == nil || !errors.As(err, &pgErr) || pgErr.Code != "57P03" || time.Now().After(deadline) {
+			return conn, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, err
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // writeEveryTable rewrites one row of every user table to itself, in a
