@@ -227,6 +227,14 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 	if err != nil {
 		return err
 	}
+	cfg, err := pgx.ParseConfig(s.cfg.TargetURL)
+	if err != nil {
+		return err
+	}
+	cfg.Host, cfg.Port, cfg.TLSConfig, cfg.Fallbacks = dir, 5432, nil, nil
+	// As the applier: the DR database is read-only for everyone else.
+	cfg.RuntimeParams["default_transaction_read_only"] = "off"
+	var clone *pgx.Conn
 	err = r.step("start the clone", func() (string, error) {
 		// A Unix socket in the scratch directory only (mode 0700), let in
 		// without a password; no archiving, no replication, little memory,
@@ -260,23 +268,19 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 			log, _ := os.ReadFile(filepath.Join(dir, "clone.log"))
 			return "", fmt.Errorf("start the clone: %v: %s %s", err, strings.TrimSpace(string(out)), tail(string(log), 5))
 		}
+		// Started includes the end of its recovery: until then it takes
+		// no connection.
+		if clone, err = connectClone(ctx, cfg); err != nil {
+			return "", fmt.Errorf("connect to the clone: %w", err)
+		}
 		return "", nil
 	})
+	if clone != nil {
+		defer clone.Close(context.Background())
+	}
 	if err != nil {
 		return err
 	}
-	cfg, err := pgx.ParseConfig(s.cfg.TargetURL)
-	if err != nil {
-		return err
-	}
-	cfg.Host, cfg.Port, cfg.TLSConfig, cfg.Fallbacks = dir, 5432, nil, nil
-	// As the applier: the DR database is read-only for everyone else.
-	cfg.RuntimeParams["default_transaction_read_only"] = "off"
-	clone, err := connectClone(ctx, cfg)
-	if err != nil {
-		return fmt.Errorf("connect to the clone: %w", err)
-	}
-	defer clone.Close(context.Background())
 	steps := map[string]float64{}
 	if err := makePrimary(ctx, clone, s.cfg, 0, 0, steps); err != nil {
 		return err
