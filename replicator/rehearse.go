@@ -263,7 +263,7 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 			"-c archive_mode=off -c max_wal_senders=0 -c wal_level=minimal -c shared_buffers=128MB -c max_connections=20 "+
 			"-c synchronous_standby_names='' -c hot_standby=off -c max_logical_replication_workers=0 -c shared_preload_libraries='' "+
 			"-c external_pid_file='' -c logging_collector=off", conf, hba, ident, dir)
-		out, err := command(ctx, runAs, filepath.Join(bin, "pg_ctl"), "-D", data, "-w", "-t", "300", "-l", filepath.Join(dir, "clone.log"), "-o", opts, "start").CombinedOutput()
+		out, err := command(ctx, runAs, filepath.Join(bin, "pg_ctl"), "-D", data, "-w", "-t", strconv.Itoa(int(cloneStart/time.Second)), "-l", filepath.Join(dir, "clone.log"), "-o", opts, "start").CombinedOutput()
 		if err != nil {
 			log, _ := os.ReadFile(filepath.Join(dir, "clone.log"))
 			return "", fmt.Errorf("start the clone: %v: %s %s", err, strings.TrimSpace(string(out)), tail(string(log), 5))
@@ -303,12 +303,16 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 	})
 }
 
+// cloneStart bounds how long the clone may take to start, and then to
+// finish its recovery.
+const cloneStart = 300 * time.Second
+
 // connectClone connects to the started clone. pg_ctl returns once the
 // clone's recovery is consistent, and with hot_standby off it refuses
 // connections (57P03) until it has replayed the rest of the WAL written
 // while it was copied: that is waited for, as long as pg_ctl would wait.
 func connectClone(ctx context.Context, cfg *pgx.ConnConfig) (*pgx.Conn, error) {
-	deadline := time.Now().Add(300 * time.Second)
+	deadline := time.Now().Add(cloneStart)
 	for {
 		conn, err := pgx.ConnectConfig(ctx, cfg)
 		var pgErr *pgconn.PgError
