@@ -307,6 +307,10 @@ func (s *Standby) runSession(ctx context.Context) error {
 			wait = 100 * time.Millisecond
 		}
 		switch {
+		case a.open && a.partial == nil && a.lastPending == 0:
+			// The stream held nothing more when the group's last message
+			// came: waiting for more would only keep it from DR.
+			wait = 0
 		case (a.open && a.partial == nil) || len(a.sent) > 0:
 			// A group to commit, or a commit to confirm, when nothing comes.
 			wait = time.Millisecond
@@ -438,6 +442,9 @@ func (r *readAhead) next(timer *time.Timer, wait time.Duration) (in inbound, ope
 	select {
 	case in, open = <-r.messages:
 	default:
+		if wait <= 0 {
+			return in, true, false
+		}
 		timer.Reset(wait)
 		select {
 		case in, open = <-r.messages:
