@@ -36,8 +36,37 @@ func (e *blockedError) Error() string {
 }
 func (e *blockedError) Unwrap() error { return e.err }
 
+// blocked returns the error that stops apply at message seq. A failure
+// that is DR's own and passes once DR is fixed or by itself (passingOnDR)
+// is returned as an ordinary error instead, which apply retries with
+// backoff as it does a lost connection: the message is not at fault, and
+// stopping at it would invite skipping it, which would lose it.
 func blocked(seq uint64, reason string, format string, args ...any) error {
-	return &blockedError{seq: seq, reason: reason, err: fmt.Errorf(format, args...)}
+	err := fmt.Errorf(format, args...)
+	if what := passingOnDR(err); what != "" {
+		return fmt.Errorf("%s; apply retries by itself and loses nothing (what DR has not committed stays in the stream): %w", what, err)
+	}
+	return &blockedError{seq: seq, reason: reason, err: err}
+}
+
+// passingOnDR says what err reports when it is a condition of the DR
+// server that does not depend on the change being applied, "" otherwise.
+func passingOnDR(err error) string {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return ""
+	}
+	switch pgErr.Code {
+	case "53100": // disk_full
+		return "DR's disk is full: free space where DR keeps its data and WAL"
+	case "40P01": // deadlock_detected
+		return "apply and another session on DR deadlocked"
+	case "40001": // serialization_failure
+		return "DR cancelled apply's transaction on a serialization failure"
+	case "55P03": // lock_not_available
+		return "a session on DR held a lock apply needs for longer than DR's lock_timeout: end that session, or lift lock_timeout for haven's role"
+	}
+	return ""
 }
 
 // partialTxn is a source transaction whose first chunks are applied in the

@@ -3,6 +3,7 @@ package replicator
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -426,6 +427,73 @@ func pgxQueryRow(t *testing.T, url, sql string, args ...any) pgx.Row {
 	}
 	t.Cleanup(func() { conn.Close(context.Background()) })
 	return conn.QueryRow(t.Context(), sql, args...)
+}
+
+// TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage: DR failing for a reason of
+// its own (here a full disk) does not stop apply at the message it was
+// applying, which an operator might then skip: apply retries, says why,
+// acknowledges nothing it has not applied, and once DR is fixed it applies
+// every change exactly once. (The full disk is injected by a DR trigger
+// raising disk_full, the error PostgreSQL reports when a file cannot grow.)
+func TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "diskfull"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the snapshot and the first transaction", func() bool { return len(notes(t, pg.URL(group))) == 2 })
+	if err := pg.Exec(t.Context(), group, `BEGIN READ WRITE;
+		CREATE TABLE disk_full (since timestamptz DEFAULT now());
+		INSERT INTO disk_full DEFAULT VALUES;
+		CREATE FUNCTION no_space() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF EXISTS (SELECT FROM public.disk_full) THEN
+				RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device' USING ERRCODE = 'disk_full';
+			END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER no_space BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION no_space();
+		ALTER TABLE items ENABLE ALWAYS TRIGGER no_space;
+		COMMIT`); err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for i := 3; i <= 5; i++ {
+		var changes []*havenpb.Change
+		for j := range 10 {
+			id := strconv.Itoa(i*100 + j)
+			changes = append(changes, insert(id, "row"))
+			want = append(want, id+":row")
+		}
+		f.publish(f.txn(uint64(i)<<12, changes...))
+	}
+
+	waitFor(t, 30*time.Second, "apply to retry the full disk twice (or stop)", func() bool {
+		return metric(reg, "haven_standby_errors_total") >= 2 || metric(reg, "haven_standby_blocked") == 1
+	})
+	err := s.Healthy()
+	if err == nil || !strings.Contains(err.Error(), "DR's disk is full") || !strings.Contains(err.Error(), "No space left on device") {
+		t.Errorf("health %v does not say that DR's disk is full", err)
+	}
+	if metric(reg, "haven_standby_blocked") != 0 {
+		t.Error("apply is reported blocked at a message: a full disk is not the message's fault")
+	}
+	if got := notes(t, pg.URL(group)); len(got) != 2 {
+		t.Errorf("DR rows %q while its disk is full", got)
+	}
+
+	if err := pg.Exec(t.Context(), group, `BEGIN READ WRITE; DELETE FROM disk_full; COMMIT`); err != nil {
+		t.Fatal(err)
+	}
+	want = append([]string{"1:from the snapshot", "2:first transaction"}, want...)
+	waitFor(t, 60*time.Second, "apply to resume once DR has space", func() bool {
+		return slices.Equal(notes(t, pg.URL(group)), want)
+	})
+	waitFor(t, 10*time.Second, "health to clear", func() bool { return s.Healthy() == nil })
 }
 
 // TestAssemblesTransactionsAsTheAgentRepublishesThem: the transaction whose
