@@ -309,6 +309,7 @@ func TestLeavesForeignTablesAlone(t *testing.T) {
 	}{
 		{"full", `CREATE TABLE items (id bigint PRIMARY KEY, note text); INSERT INTO items VALUES (42, 'precious')`, "already has rows"},
 		{"shape", `CREATE TABLE items (id bigint PRIMARY KEY, note varchar(10))`, `column "note" is character varying(10) on DR but text on the primary`},
+		{"required", `CREATE TABLE items (id bigint PRIMARY KEY, note text, region text NOT NULL)`, `DR-only column "region" is NOT NULL without a default`},
 	} {
 		t.Run(tc.group, func(t *testing.T) {
 			if err := pg.CreateDatabase(t.Context(), tc.group); err != nil {
@@ -330,6 +331,36 @@ func TestLeavesForeignTablesAlone(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestDROnlyColumnsThatFillThemselvesAreAllowed: a DR table may have
+// columns the primary's lacks, NOT NULL ones too, when DR fills them (a
+// default, an identity, a generated column).
+func TestDROnlyColumnsThatFillThemselvesAreAllowed(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "extra"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text,
+		copied_at timestamptz NOT NULL DEFAULT now(), n bigint NOT NULL GENERATED ALWAYS AS IDENTITY,
+		note_length int NOT NULL GENERATED ALWAYS AS (coalesce(length(note), 0)) STORED)`); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	_, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the snapshot and the first transaction", func() bool {
+		return len(notes(t, pg.URL(group))) == 2 || metric(reg, "haven_standby_blocked") == 1
+	})
+	var filled int
+	if err := pgxQueryRow(t, pg.URL(group), `SELECT count(*) FROM items WHERE copied_at IS NOT NULL AND n > 0 AND note_length = length(note)`).Scan(&filled); err != nil {
+		t.Fatal(err)
+	}
+	if filled != 2 {
+		t.Errorf("%d of 2 DR rows have their DR-only columns filled by DR (blocked: %v)", filled, metric(reg, "haven_standby_blocked"))
 	}
 }
 

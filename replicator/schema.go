@@ -15,7 +15,9 @@ import (
 // targetColumn is a column of a DR table as its catalog describes it.
 type targetColumn struct {
 	name, typeName string
-	notNull        bool
+	// needsValue: NOT NULL without a default, an identity or a generation
+	// expression, so an insert that leaves it out fails.
+	needsValue bool
 }
 
 // querier is what describing a table needs: a connection or a transaction.
@@ -57,14 +59,14 @@ func readTarget(ctx context.Context, tx querier, schema, name string) (t targetT
 	if oid == nil {
 		return t, nil
 	}
-	r, err := tx.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_attribute
-		WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, *oid)
+	r, err := tx.Query(ctx, `SELECT attname, format_type(atttypid, atttypmod), attnotnull AND NOT atthasdef AND attidentity = '' AND attgenerated = ''
+		FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped`, *oid)
 	if err != nil {
 		return t, fmt.Errorf("describe %s: %w", qualified, err)
 	}
 	list, err := pgx.CollectRows(r, func(row pgx.CollectableRow) (targetColumn, error) {
 		var c targetColumn
-		return c, row.Scan(&c.name, &c.typeName, &c.notNull)
+		return c, row.Scan(&c.name, &c.typeName, &c.needsValue)
 	})
 	if err != nil {
 		return t, fmt.Errorf("describe %s: %w", qualified, err)
@@ -81,7 +83,8 @@ func readTarget(ctx context.Context, tx querier, schema, name string) (t targetT
 }
 
 // checkTarget reports how an existing DR table differs from the source's
-// description; extra DR columns are allowed when they accept NULL.
+// description; extra DR columns are allowed when an insert may leave them
+// out (they accept NULL, or have a default).
 func checkTarget(rel *havenpb.Relation, cols map[string]targetColumn) error {
 	var problems []string
 	seen := make(map[string]bool, len(rel.Columns))
@@ -96,8 +99,8 @@ func checkTarget(rel *havenpb.Relation, cols map[string]targetColumn) error {
 		}
 	}
 	for name, t := range cols {
-		if !seen[name] && t.notNull {
-			problems = append(problems, fmt.Sprintf("DR-only column %q is NOT NULL, so rows from the primary cannot be inserted", name))
+		if !seen[name] && t.needsValue {
+			problems = append(problems, fmt.Sprintf("DR-only column %q is NOT NULL without a default, so rows from the primary cannot be inserted", name))
 		}
 	}
 	if len(problems) == 0 {
