@@ -155,6 +155,14 @@ func (s *Standby) runSession(ctx context.Context) error {
 		return fmt.Errorf("connect to DR database: %w", err)
 	}
 	defer conn.Close(context.Background())
+	var inRecovery bool
+	if err := conn.QueryRow(ctx, `SELECT pg_is_in_recovery()`).Scan(&inRecovery); err != nil {
+		return fmt.Errorf("ask the DR database whether it is in recovery: %w", err)
+	}
+	if inRecovery {
+		return errors.New("the DR database is in recovery (a physical standby, or a server restoring a backup), so it takes no writes: " +
+			"point --target-url at a PostgreSQL server that accepts writes (a cluster of its own for haven, or this one promoted); apply starts once it does")
+	}
 	if _, err := conn.Exec(ctx, "SET session_replication_role = replica"); err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "42501" {

@@ -3,6 +3,8 @@ package replicator
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -361,6 +363,35 @@ func TestDROnlyColumnsThatFillThemselvesAreAllowed(t *testing.T) {
 	}
 	if filled != 2 {
 		t.Errorf("%d of 2 DR rows have their DR-only columns filled by DR (blocked: %v)", filled, metric(reg, "haven_standby_blocked"))
+	}
+}
+
+// TestWaitsForATargetInRecovery: a DR database that takes no writes (here
+// a cluster started with standby.signal, as a physical standby is) is
+// named as such, not through the first write it refuses.
+func TestWaitsForATargetInRecovery(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "recovering"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	signal := filepath.Join(pg.Dir(), "standby.signal")
+	if err := os.WriteFile(signal, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := pg.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "health to say why apply waits", func() bool {
+		err := s.Healthy()
+		return err != nil && strings.Contains(err.Error(), "the DR database is in recovery")
+	})
+	if metric(reg, "haven_standby_blocked") != 0 {
+		t.Error("apply is reported blocked at a message; the target is at fault")
 	}
 }
 
