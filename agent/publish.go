@@ -16,7 +16,7 @@ import (
 // an existing one binds the group's subjects.
 func ensureStream(ctx context.Context, js jetstream.JetStream, cfg Config) (jetstream.Stream, error) {
 	name := wire.StreamName(cfg.Group)
-	stream, err := js.Stream(ctx, name)
+	stream, err := wire.LookupStream(ctx, js, cfg.Group)
 	if err == nil {
 		info := stream.CachedInfo()
 		want := wire.SubjectPrefix(cfg.Group) + ">"
@@ -28,7 +28,7 @@ func ensureStream(ctx context.Context, js jetstream.JetStream, cfg Config) (jets
 		return nil, needsOperator("stream %s exists but does not bind subject %s (it binds %v): delete it or give this group another name", name, want, info.Config.Subjects)
 	}
 	if !errors.Is(err, jetstream.ErrStreamNotFound) {
-		return nil, fmt.Errorf("look up stream %s: %w", name, err)
+		return nil, err
 	}
 	discard := jetstream.DiscardOld
 	if cfg.StreamMaxBytes > 0 {

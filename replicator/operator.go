@@ -282,10 +282,10 @@ func openStream(ctx context.Context, natsURL, group string) (jetstream.Stream, f
 		nc.Close()
 		return nil, nil, fmt.Errorf("JetStream context: %w", err)
 	}
-	stream, err := js.Stream(ctx, wire.StreamName(group))
+	stream, err := wire.LookupStream(ctx, js, group)
 	if err != nil {
 		nc.Close()
-		return nil, nil, fmt.Errorf("look up stream %s: %w", wire.StreamName(group), err)
+		return nil, nil, err
 	}
 	return stream, nc.Close, nil
 }

@@ -187,12 +187,12 @@ func (s *Standby) runSession(ctx context.Context) error {
 		return fmt.Errorf("JetStream context: %w", err)
 	}
 	streamName := wire.StreamName(s.cfg.Group)
-	stream, err := js.Stream(ctx, streamName)
+	stream, err := wire.LookupStream(ctx, js, s.cfg.Group)
 	if errors.Is(err, jetstream.ErrStreamNotFound) {
 		return fmt.Errorf("stream %s does not exist yet: start the agent of group %q (it creates the stream), or check --nats-url", streamName, s.cfg.Group)
 	}
 	if err != nil {
-		return fmt.Errorf("look up stream %s: %w", streamName, err)
+		return err
 	}
 	// Before anything is written to the target: it must not be the source.
 	if err := s.refuseSource(ctx, conn, js); err != nil {

@@ -1,10 +1,15 @@
 package wire
 
 import (
+	"context"
+	"errors"
 	"fmt"
 	"regexp"
 	"strings"
 	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
 )
 
 var groupPattern = regexp.MustCompile(`^[a-z][a-z0-9_]{0,39}$`)
@@ -117,4 +122,19 @@ type SnapshotState struct {
 // at created (compared at microseconds, as PostgreSQL stores it).
 func (st SnapshotState) SameStream(created time.Time) bool {
 	return st.StreamCreated.Truncate(time.Microsecond).Equal(created.Truncate(time.Microsecond))
+}
+
+// LookupStream finds a group's stream. When nothing answers, the error says
+// that the NATS server runs without JetStream, rather than only "no
+// responders".
+func LookupStream(ctx context.Context, js jetstream.JetStream, group string) (jetstream.Stream, error) {
+	stream, err := js.Stream(ctx, StreamName(group))
+	switch {
+	case errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount):
+		return nil, fmt.Errorf("look up stream %s: the NATS server does not answer for JetStream (%w): run nats-server with JetStream enabled "+
+			"(-js, or a jetstream {} block in its configuration) and, with accounts, give haven's account JetStream", StreamName(group), err)
+	case err != nil:
+		return nil, fmt.Errorf("look up stream %s: %w", StreamName(group), err)
+	}
+	return stream, nil
 }
