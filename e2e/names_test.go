@@ -7,7 +7,8 @@ import (
 
 // TestAwkwardNamesReplicate: schemas, tables, columns and types whose names
 // need quoting (spaces, upper case, quotes, reserved words, non-ASCII)
-// arrive through the snapshot and the stream, keys updated included.
+// arrive through the snapshot and the stream, keys updated included, and
+// schema changes under such names are replayed on DR.
 func TestAwkwardNamesReplicate(t *testing.T) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
@@ -35,6 +36,10 @@ DELETE FROM "Sales Team"."Deal ""Big"" Ones" WHERE "ID" % 7 = 0;
 UPDATE "Sales Team"."Regions" SET "Region" = 'X' || "Region" WHERE "Code" % 3 = 0;
 UPDATE "Sales Team"."Regions" SET "Name" = "Name" || ' (renamed)' WHERE "Code" % 3 = 1;
 DELETE FROM "Sales Team"."Regions" WHERE "Code" % 5 = 2;`)
+	// Schema changes under such names are replayed on DR.
+	mustExec(t, primary, `ALTER TABLE "Sales Team"."Deal ""Big"" Ones" ADD COLUMN "Closed ""At""" timestamptz`)
+	mustExec(t, primary, `ALTER TYPE "Sales Team"."Deal Stage" ADD VALUE 'on hold'`)
+	mustExec(t, primary, `UPDATE "Sales Team"."Deal ""Big"" Ones" SET "Closed ""At""" = '2026-11-30 12:00+00', "Stage" = 'on hold' WHERE "ID" < 20`)
 	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
 	assertEqual(t, primary, dr, map[string]string{
 		`"Sales Team"."Deal ""Big"" Ones"`: `"ID"`,
