@@ -357,8 +357,7 @@ func connectDrill(ctx context.Context, url string, replication bool) (*pgx.Conn,
 	// Literals in the drill's SQL are quoted for it; a drill reads whole
 	// tables, and holds its snapshots idle meanwhile.
 	cfg.RuntimeParams["standard_conforming_strings"] = "on"
-	cfg.RuntimeParams["statement_timeout"] = "0"
-	cfg.RuntimeParams["idle_in_transaction_session_timeout"] = "0"
+	maps.Copy(cfg.RuntimeParams, wire.NoTimeouts)
 	if replication {
 		cfg.RuntimeParams["replication"] = "database"
 	}

@@ -1159,12 +1159,10 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 // createSchema runs the source's schema script on a connection of its own
 // (the script changes session settings), in one transaction with then.
 func (a *applier) createSchema(ctx context.Context, seq uint64, script, then string) error {
-	config, err := pgx.ParseConfig(a.cfg.TargetURL)
+	config, err := writerConfig(a.cfg.TargetURL)
 	if err != nil {
-		return fmt.Errorf("parse --target-url: %w", err)
+		return err
 	}
-	config.RuntimeParams["default_transaction_read_only"] = "off"
-	config.RuntimeParams["synchronous_commit"] = "local"
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return fmt.Errorf("connect to create the DR schema: %w", err)

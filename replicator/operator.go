@@ -169,12 +169,10 @@ func Skip(ctx context.Context, req SkipRequest) error {
 	case req.Operator == "":
 		return errors.New("say who skips it (--operator)")
 	}
-	config, err := pgx.ParseConfig(req.TargetURL)
+	config, err := writerConfig(req.TargetURL)
 	if err != nil {
-		return fmt.Errorf("parse --target-url: %w", err)
+		return err
 	}
-	config.RuntimeParams["default_transaction_read_only"] = "off"
-	config.RuntimeParams["synchronous_commit"] = "local"
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return fmt.Errorf("connect to DR database: %w", err)

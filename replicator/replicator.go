@@ -135,18 +135,29 @@ func (s *Standby) Run(ctx context.Context) error {
 	}
 }
 
-func (s *Standby) runSession(ctx context.Context) error {
-	connConfig, err := pgx.ParseConfig(s.cfg.TargetURL)
+// writerConfig is the configuration of haven's sessions that write to the
+// DR database.
+func writerConfig(targetURL string) (*pgx.ConnConfig, error) {
+	config, err := pgx.ParseConfig(targetURL)
 	if err != nil {
-		return &operatorError{fmt.Errorf("parse --target-url: %w", err)}
+		return nil, fmt.Errorf("parse --target-url: %w", err)
+	}
+	// The DR database is read-only for every session but haven's own.
+	config.RuntimeParams["default_transaction_read_only"] = "off"
+	// A DR database that was a primary in synchronous mode keeps its
+	// synchronous_standby_names: apply must not wait for a standby of its own.
+	config.RuntimeParams["synchronous_commit"] = "local"
+	maps.Copy(config.RuntimeParams, wire.NoTimeouts)
+	return config, nil
+}
+
+func (s *Standby) runSession(ctx context.Context) error {
+	connConfig, err := writerConfig(s.cfg.TargetURL)
+	if err != nil {
+		return &operatorError{err}
 	}
 	// Parse values under the settings the agent produced them with.
 	maps.Copy(connConfig.RuntimeParams, wire.TextFormatSettings)
-	// The DR database is read-only for every session but haven's own.
-	connConfig.RuntimeParams["default_transaction_read_only"] = "off"
-	// A DR database that was a primary in synchronous mode keeps its
-	// synchronous_standby_names: apply must not wait for a standby of its own.
-	connConfig.RuntimeParams["synchronous_commit"] = "local"
 	if _, ok := connConfig.RuntimeParams["application_name"]; !ok {
 		connConfig.RuntimeParams["application_name"] = "haven_standby_" + s.cfg.Group
 	}

@@ -85,6 +85,16 @@ var TextFormatSettings = map[string]string{
 	"TimeZone":           "UTC",
 }
 
+// NoTimeouts are settings of haven's own sessions on both sides: a
+// snapshot's COPY, a target transaction waiting for its next chunk, a lock
+// apply waits for, run as long as they need, whatever timeouts the database
+// or the role set for everyone else (pg_dump's scripts set the same).
+var NoTimeouts = map[string]string{
+	"statement_timeout":                   "0",
+	"lock_timeout":                        "0",
+	"idle_in_transaction_session_timeout": "0",
+}
+
 // TypeNameSearchPath is the search_path under which both sides name column
 // types (format_type): with only pg_catalog on it, every other type prints
 // schema-qualified on both sides alike. The standby's apply connection keeps
