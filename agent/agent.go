@@ -336,7 +336,7 @@ func (s *session) connectSource(ctx context.Context) (*pgx.Conn, error) {
 		return nil, needsOperator("parse source URL: %v", err)
 	}
 	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
-	maps.Copy(config.RuntimeParams, wire.NoTimeouts)
+	maps.Copy(config.RuntimeParams, wire.SessionSettings)
 	config.RuntimeParams["search_path"] = wire.TypeNameSearchPath
 	// The agent's own commits never wait for a synchronous standby: in
 	// synchronous mode that standby is the agent itself.
@@ -364,7 +364,7 @@ func (s *session) replicationConn(ctx context.Context) (*pgconn.PgConn, error) {
 		return nil, needsOperator("parse source URL: %v", err)
 	}
 	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
-	maps.Copy(config.RuntimeParams, wire.NoTimeouts)
+	maps.Copy(config.RuntimeParams, wire.SessionSettings)
 	config.RuntimeParams["search_path"] = wire.TypeNameSearchPath
 	config.RuntimeParams["replication"] = "database"
 	config.RuntimeParams["application_name"] = SlotName(s.cfg.Group)

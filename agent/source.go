@@ -213,7 +213,36 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 	if len(picked) == 0 {
 		return nil, needsOperator("no tables to replicate: the source database has no ordinary tables outside the system schemas (or --tables is empty)")
 	}
+	if err := refuseRowSecurity(ctx, conn, picked); err != nil {
+		return nil, err
+	}
 	return picked, nil
+}
+
+// refuseRowSecurity stops an agent whose role row-level security policies
+// apply to on some of the tables: a snapshot or backfill would copy only
+// the rows they let it see. (Its sessions run with row_security off, so
+// such a read fails rather than filters; this says why before it starts.)
+func refuseRowSecurity(ctx context.Context, conn *pgx.Conn, tables []table) error {
+	oids := make([]uint32, len(tables))
+	for i, t := range tables {
+		oids[i] = t.oid
+	}
+	var role string
+	var hidden []string
+	err := conn.QueryRow(ctx, `SELECT current_user, coalesce(array_agg(c.oid::regclass::text ORDER BY c.oid::regclass::text) FILTER (WHERE c.oid IS NOT NULL), '{}')
+		FROM pg_roles r LEFT JOIN pg_class c ON c.oid = ANY($1::oid[]) AND c.relrowsecurity
+			AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+		WHERE r.rolname = current_user AND NOT (r.rolsuper OR r.rolbypassrls)
+		GROUP BY 1`, oids).Scan(&role, &hidden)
+	if errors.Is(err, pgx.ErrNoRows) || (err == nil && len(hidden) == 0) {
+		return nil // the role bypasses row-level security, or no policy applies to it
+	}
+	if err != nil {
+		return fmt.Errorf("check tables for row-level security: %w", err)
+	}
+	return needsOperator("row-level security applies to the agent's role %q on %s, so the agent would copy only the rows its policies let it see: "+
+		"give the role BYPASSRLS (as a superuser: ALTER ROLE %s BYPASSRLS), or run the agent as a superuser", role, strings.Join(hidden, ", "), pgx.Identifier{role}.Sanitize())
 }
 
 // ensurePublication creates the group's publication for tables, or checks

@@ -357,7 +357,7 @@ func connectDrill(ctx context.Context, url string, replication bool) (*pgx.Conn,
 	// Literals in the drill's SQL are quoted for it; a drill reads whole
 	// tables, and holds its snapshots idle meanwhile.
 	cfg.RuntimeParams["standard_conforming_strings"] = "on"
-	maps.Copy(cfg.RuntimeParams, wire.NoTimeouts)
+	maps.Copy(cfg.RuntimeParams, wire.SessionSettings)
 	if replication {
 		cfg.RuntimeParams["replication"] = "database"
 	}

@@ -147,7 +147,7 @@ func writerConfig(targetURL string) (*pgx.ConnConfig, error) {
 	// A DR database that was a primary in synchronous mode keeps its
 	// synchronous_standby_names: apply must not wait for a standby of its own.
 	config.RuntimeParams["synchronous_commit"] = "local"
-	maps.Copy(config.RuntimeParams, wire.NoTimeouts)
+	maps.Copy(config.RuntimeParams, wire.SessionSettings)
 	return config, nil
 }
 

@@ -85,14 +85,17 @@ var TextFormatSettings = map[string]string{
 	"TimeZone":           "UTC",
 }
 
-// NoTimeouts are settings of haven's own sessions on both sides: a
-// snapshot's COPY, a target transaction waiting for its next chunk, a lock
-// apply waits for, run as long as they need, whatever timeouts the database
-// or the role set for everyone else (pg_dump's scripts set the same).
-var NoTimeouts = map[string]string{
+// SessionSettings are settings of haven's own sessions on both sides,
+// whatever the database or the role sets for everyone else (pg_dump sets
+// the same). A snapshot's COPY, a target transaction waiting for its next
+// chunk, a lock apply waits for, run as long as they need. A row-level
+// security policy that would hide rows from a read, or keep a write from
+// rows, is an error rather than a silent filter.
+var SessionSettings = map[string]string{
 	"statement_timeout":                   "0",
 	"lock_timeout":                        "0",
 	"idle_in_transaction_session_timeout": "0",
+	"row_security":                        "off",
 }
 
 // TypeNameSearchPath is the search_path under which both sides name column
