@@ -510,7 +510,7 @@ func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Re
 	if !target.exists {
 		return blocked(seq, "missing table", "table %s.%s does not exist on DR; create it there (it was not part of the initial snapshot)", rel.Schema, rel.Name)
 	}
-	if err := checkTarget(rel, target.cols); err != nil {
+	if err := checkTarget(rel, target); err != nil {
 		return blocked(seq, "schema mismatch", "%w", err)
 	}
 	a.warnFiringTriggers(ctx, rel)
@@ -1130,7 +1130,7 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 			}
 			a.log.Warn().Str("table", rel.Schema+"."+rel.Name).Msg("created a bare DR table (columns, NOT NULL, key) from the snapshot's description; add its indexes, defaults and constraints")
 		} else {
-			if err := checkTarget(rel, t.cols); err != nil {
+			if err := checkTarget(rel, t); err != nil {
 				return blocked(seq, "schema mismatch", "%w", err)
 			}
 			if t.hasRows && !a.found && !a.replace {

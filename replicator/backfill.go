@@ -92,6 +92,9 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 		return blocked(seq, "missing table", "table %s joined the group on the primary but does not exist on DR; create it there "+
 			"(pg_dump --schema-only --table=%s on the primary), then apply resumes and backfills it", qualified, qualified)
 	}
+	if target.policed {
+		return blocked(seq, "row security", "%w", policedError(qualified))
+	}
 	if target.hasRows {
 		// What DR has is not the primary's: the rows come again. Under
 		// session_replication_role = replica no foreign key stops it.

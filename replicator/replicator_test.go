@@ -395,6 +395,40 @@ func TestWaitsForATargetInRecovery(t *testing.T) {
 	}
 }
 
+// TestADRRoleUnderRowSecurityIsStopped: a DR role that row-level security
+// policies apply to could not reach every row; apply stops and says how to
+// fix it, and resumes once the role bypasses them.
+func TestADRRoleUnderRowSecurityIsStopped(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "policed"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	if err := pg.Exec(t.Context(), group, `CREATE ROLE drapply LOGIN; ALTER DATABASE policed OWNER TO drapply;
+		GRANT CREATE ON SCHEMA public TO drapply; GRANT SET ON PARAMETER session_replication_role TO drapply;
+		SET ROLE drapply;
+		CREATE TABLE items (id bigint PRIMARY KEY, note text);
+		ALTER TABLE items ENABLE ROW LEVEL SECURITY; ALTER TABLE items FORCE ROW LEVEL SECURITY;
+		CREATE POLICY mine ON items USING (note LIKE 'mine%')`); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	url := strings.Replace(pg.URL(group), "postgres@", "drapply@", 1)
+	s, _, reg := startStandby(t, url, ns.URL(), group)
+	waitFor(t, 30*time.Second, "apply to stop", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
+	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), `row-level security applies to haven's DR role on "public"."items"`) {
+		t.Errorf("health %v does not name the table and row-level security", err)
+	}
+	if err := pg.Exec(t.Context(), group, `BEGIN READ WRITE; ALTER ROLE drapply BYPASSRLS; COMMIT`); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "apply to resume", func() bool {
+		return strings.Join(notes(t, pg.URL(group)), ",") == "1:from the snapshot,2:first transaction"
+	})
+}
+
 // TestOperatorInspectsAndSkips: an operator reads the message apply stopped
 // at, then deliberately skips it; the skip is recorded with the message, and
 // apply resumes after it. Any other message is refused.

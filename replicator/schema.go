@@ -34,6 +34,9 @@ type targetTable struct {
 	cols        map[string]targetColumn
 	hasRows     bool
 	partitioned bool // statements must not say ONLY: it would reach no row
+	// policed: row-level security policies apply to this session's role,
+	// which therefore cannot read or write every row (hasRows is unknown).
+	policed bool
 }
 
 // readTarget describes schema.name on DR. Type names are read under
@@ -75,17 +78,35 @@ func readTarget(ctx context.Context, tx querier, schema, name string) (t targetT
 	for _, c := range list {
 		t.cols[c.name] = c
 	}
-	if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+qualified+"), (SELECT relkind = 'p' FROM pg_class WHERE oid = $1)", *oid).
-		Scan(&t.hasRows, &t.partitioned); err != nil {
+	if err := tx.QueryRow(ctx, `SELECT c.relkind = 'p', c.relrowsecurity AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+			AND NOT EXISTS (SELECT FROM pg_roles WHERE rolname = current_user AND (rolsuper OR rolbypassrls))
+		FROM pg_class c WHERE c.oid = $1`, *oid).Scan(&t.partitioned, &t.policed); err != nil {
+		return t, fmt.Errorf("inspect %s: %w", qualified, err)
+	}
+	if t.policed {
+		return t, nil // with row_security off, reading it would fail
+	}
+	if err := tx.QueryRow(ctx, "SELECT EXISTS (SELECT 1 FROM "+qualified+")").Scan(&t.hasRows); err != nil {
 		return t, fmt.Errorf("inspect %s: %w", qualified, err)
 	}
 	return t, nil
 }
 
+// policedError says that row-level security keeps apply from some rows of
+// a DR table.
+func policedError(qualified string) error {
+	return fmt.Errorf("row-level security applies to haven's DR role on %s, so apply could not reach every row: "+
+		"give the role BYPASSRLS (as a superuser: ALTER ROLE … BYPASSRLS), or apply as a superuser", qualified)
+}
+
 // checkTarget reports how an existing DR table differs from the source's
 // description; extra DR columns are allowed when an insert may leave them
 // out (they accept NULL, or have a default).
-func checkTarget(rel *havenpb.Relation, cols map[string]targetColumn) error {
+func checkTarget(rel *havenpb.Relation, target targetTable) error {
+	cols := target.cols
+	if target.policed {
+		return policedError(pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
+	}
 	var problems []string
 	seen := make(map[string]bool, len(rel.Columns))
 	for _, c := range rel.Columns {
