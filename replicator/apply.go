@@ -79,7 +79,7 @@ type partialTxn struct {
 
 // batchEntry remembers what a pipelined statement was, to judge its result.
 type batchEntry struct {
-	matchesRow bool
+	matchesRow, insertsRows bool
 	// tolerateMissing: the table is being backfilled, its row may not be
 	// on DR yet.
 	tolerateMissing bool
@@ -479,7 +479,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				if err != nil {
 					return err
 				}
-				a.queue(name, "", slices.Clone(st.params), batchEntry{matchesRow: st.matchesRow, tolerateMissing: a.backfilling[a.targetOID[relKey]],
+				a.queue(name, "", slices.Clone(st.params), batchEntry{matchesRow: st.matchesRow, insertsRows: st.insertsRows, tolerateMissing: a.backfilling[a.targetOID[relKey]],
 					table: rel.Schema + "." + rel.Name, rel: rel, changes: []*havenpb.Change{ch}})
 				a.batchRows++
 			}
@@ -746,8 +746,15 @@ func (a *applier) judge(b *sentBatch) error {
 	}
 }
 
-// reportMissing reports the rows an update or delete did not find on DR.
+// reportMissing reports the rows an update or delete did not find on DR,
+// and rows of an insert that DR did not keep.
 func (a *applier) reportMissing(b *sentBatch, e batchEntry, r *pgconn.Result) {
+	if kept := r.CommandTag.RowsAffected(); e.insertsRows && kept < int64(len(e.changes)) {
+		a.metrics.conflicts.WithLabelValues(e.table).Add(float64(int64(len(e.changes)) - kept))
+		a.log.Error().Str("table", e.table).Int64("kept", kept).Int("inserted", len(e.changes)).Uint64("seq", b.seq).
+			Msg("DR kept fewer rows than an insert from the primary carried: a DR rule, or a DR trigger that fires during apply (ENABLE ALWAYS or REPLICA), dropped them; the DR copy has drifted, run a consistency audit")
+		return
+	}
 	if !e.matchesRow || e.tolerateMissing || r.CommandTag.RowsAffected() == int64(len(e.changes)) {
 		return
 	}

@@ -429,6 +429,33 @@ func TestADRRoleUnderRowSecurityIsStopped(t *testing.T) {
 	})
 }
 
+// TestRowsADRRuleDropsAreReported: inserted rows that a DR rule swallows
+// (one enabled ALWAYS, so that it fires during apply) are reported, like an
+// update that found no row: the DR copy has drifted.
+func TestRowsADRRuleDropsAreReported(t *testing.T) {
+	pg := pgtest.New(t)
+	ns := natstest.New(t)
+	const group = "swallowed"
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
+		CREATE RULE swallow AS ON INSERT TO items WHERE NEW.note = 'swallowed' DO INSTEAD NOTHING;
+		ALTER TABLE items ENABLE ALWAYS RULE swallow`); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	f.publish(f.txn(0x3000, insert("3", "kept"), insert("4", "swallowed"), insert("5", "swallowed"), insert("6", "kept")))
+	f.publish(f.txn(0x4000, insert("7", "swallowed")))
+	_, logs, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the transactions", func() bool { return len(notes(t, pg.URL(group))) == 4 })
+	waitFor(t, 10*time.Second, "three dropped rows reported", func() bool { return metric(reg, "haven_standby_missing_rows_total") == 3 })
+	if n := logs.Count("DR kept fewer rows than an insert from the primary carried"); n == 0 {
+		t.Error("no log line says that DR dropped inserted rows")
+	}
+}
+
 // TestOperatorInspectsAndSkips: an operator reads the message apply stopped
 // at, then deliberately skips it; the skip is recorded with the message, and
 // apply resumes after it. Any other message is refused.

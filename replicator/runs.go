@@ -203,7 +203,7 @@ func (a *applier) queueRun(ctx context.Context, rel *havenpb.Relation, r *run) e
 		if err != nil {
 			return err
 		}
-		a.queue(name, "", r.params[done*r.perRow:(done+size)*r.perRow], batchEntry{matchesRow: r.shape.matchesRow, tolerateMissing: r.tolerateMissing,
+		a.queue(name, "", r.params[done*r.perRow:(done+size)*r.perRow], batchEntry{matchesRow: r.shape.matchesRow, insertsRows: r.shape.insertsRows, tolerateMissing: r.tolerateMissing,
 			table: rel.Schema + "." + rel.Name, rel: rel, changes: r.changes[done : done+size]})
 		a.batchRows += size
 		done += size

@@ -31,6 +31,9 @@ type shape struct {
 	// matchesRow is set for UPDATE and DELETE: affecting no row means the DR
 	// copy has drifted from the primary.
 	matchesRow bool
+	// insertsRows is set for INSERT: affecting fewer rows than it carries
+	// means a DR trigger or rule dropped some.
+	insertsRows bool
 	// rows renders the statement for n rows of this shape at once (see
 	// runs.go); nil where the shape has no multi-row form. Its UPDATE and
 	// DELETE return the ordinal (from 1) of each row they found.
@@ -204,6 +207,7 @@ func insertShape(rel *havenpb.Relation, mask string) *shape {
 	cols := strings.Join(sentColumns(rel, mask), ", ")
 	n := strings.Count(mask, "v")
 	return &shape{
+		insertsRows: true,
 		sql: func() string {
 			places := make([]string, n)
 			for i := range places {
