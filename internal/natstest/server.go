@@ -196,7 +196,14 @@ func (l *logger) lastError() string {
 // test ends) and returns its JetStream context.
 func (s *Server) JetStream(t testing.TB) jetstream.JetStream {
 	t.Helper()
-	nc, err := nats.Connect(s.URL())
+	return JetStreamAt(t, s.URL())
+}
+
+// JetStreamAt is JetStream for any NATS server, one a test runs otherwise
+// (without JetStream, say).
+func JetStreamAt(t testing.TB, url string) jetstream.JetStream {
+	t.Helper()
+	nc, err := nats.Connect(url)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/nats-io/nats-server/v2/server"
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/haven-dr/haven/internal/natstest"
@@ -26,16 +25,7 @@ func TestLookupStreamSaysWhatIsMissing(t *testing.T) {
 	if !plain.ReadyForConnections(10 * time.Second) {
 		t.Fatal("NATS server without JetStream did not start")
 	}
-	nc, err := nats.Connect(plain.ClientURL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(nc.Close)
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, err = LookupStream(t.Context(), js, "crm")
+	_, err = LookupStream(t.Context(), natstest.JetStreamAt(t, plain.ClientURL()), "crm")
 	if err == nil || !strings.Contains(err.Error(), "run nats-server with JetStream enabled") {
 		t.Errorf("without JetStream: %v, want advice to enable it", err)
 	}
