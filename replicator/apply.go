@@ -64,7 +64,7 @@ func passingOnDR(err error) string {
 	case "40001": // serialization_failure
 		return "DR cancelled apply's transaction on a serialization failure"
 	case "55P03": // lock_not_available
-		return "a session on DR held a lock apply needs for longer than DR's lock_timeout: end that session, or lift lock_timeout for haven's role"
+		return "a lock apply needs on DR was not granted in time (a lock_timeout or NOWAIT in a replayed statement): a session on DR holds it"
 	}
 	return ""
 }

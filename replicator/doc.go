@@ -26,7 +26,7 @@
 // order, an older epoch) stops apply at that message: nothing after it is applied, it is not
 // acknowledged, and the log and the haven_standby_blocked metric say which
 // message and why. DR failing for a reason of its own (a full disk, a
-// deadlock, a lock timeout) is retried instead: the message is not at fault.
+// deadlock) is retried instead: the message is not at fault.
 //
 // The initial snapshot arrives between SNAPSHOT_BEGIN and SNAPSHOT_END: the
 // standby creates missing target tables from the snapshot's descriptors (or
