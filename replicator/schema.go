@@ -103,10 +103,10 @@ func policedError(qualified string) error {
 // description; extra DR columns are allowed when an insert may leave them
 // out (they accept NULL, or have a default).
 func checkTarget(rel *havenpb.Relation, target targetTable) error {
-	cols := target.cols
 	if target.policed {
 		return policedError(pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
 	}
+	cols := target.cols
 	var problems []string
 	seen := make(map[string]bool, len(rel.Columns))
 	for _, c := range rel.Columns {
