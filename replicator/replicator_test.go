@@ -554,9 +554,9 @@ func pgxQueryRow(t *testing.T, url, sql string, args ...any) pgx.Row {
 
 // TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage: DR failing for a reason of
 // its own (here a full disk) does not stop apply at the message it was
-// applying, which an operator might then skip: apply retries, says why,
-// acknowledges nothing it has not applied, and once DR is fixed it applies
-// every change exactly once. (The full disk is injected by a DR trigger
+// applying, which an operator might then skip: apply retries and says why,
+// applies nothing meanwhile, and once DR is fixed it applies every change
+// exactly once. (The full disk is injected by a DR trigger
 // raising disk_full, the error PostgreSQL reports when a file cannot grow.)
 func TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage(t *testing.T) {
 	pg := pgtest.New(t)
