@@ -520,11 +520,13 @@ func (a *applier) checkRelation(ctx context.Context, seq uint64, rel *havenpb.Re
 	return nil
 }
 
-// warnFiringTriggers says which DR triggers fire while haven applies (ENABLE
-// ALWAYS or REPLICA): one that also runs on the primary has its effects
-// arrive twice, once through the stream and once from itself.
+// warnFiringTriggers says which DR triggers and rules fire while haven
+// applies (ENABLE ALWAYS or REPLICA): one that also runs on the primary has
+// its effects arrive twice, once through the stream and once from itself,
+// and a rule or trigger that drops or diverts rows leaves DR without them.
 func (a *applier) warnFiringTriggers(ctx context.Context, rel *havenpb.Relation) {
-	rows, err := a.conn.Query(ctx, `SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND tgenabled IN ('A', 'R')`,
+	rows, err := a.conn.Query(ctx, `SELECT 'trigger ' || tgname FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND tgenabled IN ('A', 'R')
+		UNION ALL SELECT 'rule ' || rulename FROM pg_rewrite WHERE ev_class = to_regclass($1) AND rulename <> '_RETURN' AND ev_enabled IN ('A', 'R')`,
 		pgx.Identifier{rel.Schema, rel.Name}.Sanitize())
 	if err != nil {
 		return
@@ -534,8 +536,8 @@ func (a *applier) warnFiringTriggers(ctx context.Context, rel *havenpb.Relation)
 		return
 	}
 	a.log.Warn().Str("table", rel.Schema+"."+rel.Name).Strs("triggers", names).
-		Msg("these DR triggers fire while haven applies (ENABLE ALWAYS or REPLICA); if they also run on the primary, what they write arrives twice: " +
-			"ALTER TABLE … ENABLE TRIGGER … on DR to keep them to local writes")
+		Msg("these DR triggers and rules fire while haven applies (ENABLE ALWAYS or REPLICA); if they also run on the primary, what they write arrives twice, " +
+			"and one that drops or diverts rows leaves DR without them: ALTER TABLE … ENABLE TRIGGER … (or ENABLE RULE …) on DR to keep them to local writes")
 }
 
 // prepare returns the name of the prepared statement for a shape (key),

@@ -454,6 +454,9 @@ func TestRowsADRRuleDropsAreReported(t *testing.T) {
 	if n := logs.Count("DR kept fewer rows than an insert from the primary carried"); n == 0 {
 		t.Error("no log line says that DR dropped inserted rows")
 	}
+	if n := logs.Count("rule swallow"); n == 0 {
+		t.Error("no warning names the DR rule that fires during apply")
+	}
 }
 
 // TestOperatorInspectsAndSkips: an operator reads the message apply stopped
