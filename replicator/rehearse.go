@@ -227,13 +227,13 @@ func (s *Standby) rehearsePromotion(ctx context.Context, r *rehearsal) error {
 	if err != nil {
 		return err
 	}
-	cfg, err := pgx.ParseConfig(s.cfg.TargetURL)
+	// As the applier: the clone has the DR database's settings (read-only
+	// by default, any timeouts).
+	cfg, err := writerConfig(s.cfg.TargetURL)
 	if err != nil {
 		return err
 	}
 	cfg.Host, cfg.Port, cfg.TLSConfig, cfg.Fallbacks = dir, 5432, nil, nil
-	// As the applier: the DR database is read-only for everyone else.
-	cfg.RuntimeParams["default_transaction_read_only"] = "off"
 	var clone *pgx.Conn
 	err = r.step("start the clone", func() (string, error) {
 		// A Unix socket in the scratch directory only (mode 0700), let in
