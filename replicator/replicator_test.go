@@ -141,6 +141,17 @@ func startStandby(t *testing.T, targetURL, natsURL, group string, tune ...func(*
 	return s, logs, reg
 }
 
+// newGroup starts a DR server with an empty database named after the group,
+// and a NATS server.
+func newGroup(t *testing.T, group string) (*pgtest.Cluster, *natstest.Server) {
+	t.Helper()
+	pg := pgtest.New(t)
+	if err := pg.CreateDatabase(t.Context(), group); err != nil {
+		t.Fatal(err)
+	}
+	return pg, natstest.New(t)
+}
+
 func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
@@ -340,12 +351,8 @@ func TestLeavesForeignTablesAlone(t *testing.T) {
 // columns the primary's lacks, NOT NULL ones too, when DR fills them (a
 // default, an identity, a generated column).
 func TestDROnlyColumnsThatFillThemselvesAreAllowed(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "extra"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text,
 		copied_at timestamptz NOT NULL DEFAULT now(), n bigint NOT NULL GENERATED ALWAYS AS IDENTITY,
 		note_length int NOT NULL GENERATED ALWAYS AS (coalesce(length(note), 0)) STORED)`); err != nil {
@@ -370,12 +377,8 @@ func TestDROnlyColumnsThatFillThemselvesAreAllowed(t *testing.T) {
 // a cluster started with standby.signal, as a physical standby is) is
 // named as such, not through the first write it refuses.
 func TestWaitsForATargetInRecovery(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "recovering"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	signal := filepath.Join(pg.Dir(), "standby.signal")
 	if err := os.WriteFile(signal, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -399,12 +402,8 @@ func TestWaitsForATargetInRecovery(t *testing.T) {
 // policies apply to could not reach every row; apply stops and says how to
 // fix it, and resumes once the role bypasses them.
 func TestADRRoleUnderRowSecurityIsStopped(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "policed"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	if err := pg.Exec(t.Context(), group, `CREATE ROLE drapply LOGIN; ALTER DATABASE policed OWNER TO drapply;
 		GRANT CREATE ON SCHEMA public TO drapply; GRANT SET ON PARAMETER session_replication_role TO drapply;
 		SET ROLE drapply;
@@ -433,12 +432,8 @@ func TestADRRoleUnderRowSecurityIsStopped(t *testing.T) {
 // (one enabled ALWAYS, so that it fires during apply) are reported, like an
 // update that found no row: the DR copy has drifted.
 func TestRowsADRRuleDropsAreReported(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "swallowed"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
 		CREATE RULE swallow AS ON INSERT TO items WHERE NEW.note = 'swallowed' DO INSTEAD NOTHING;
 		ALTER TABLE items ENABLE ALWAYS RULE swallow`); err != nil {
@@ -463,12 +458,8 @@ func TestRowsADRRuleDropsAreReported(t *testing.T) {
 // at, then deliberately skips it; the skip is recorded with the message, and
 // apply resumes after it. Any other message is refused.
 func TestOperatorInspectsAndSkips(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "ops"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	f := newFeed(t, ns, group)
 	f.snapshotAndTxn()
 	bad := f.publishRaw(map[string]string{wire.HeaderEncoding: wire.EncodingProto}, []byte("garbage"))
@@ -562,12 +553,8 @@ func pgxQueryRow(t *testing.T, url, sql string, args ...any) pgx.Row {
 // exactly once. (The full disk is injected by a DR trigger
 // raising disk_full, the error PostgreSQL reports when a file cannot grow.)
 func TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "diskfull"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	f := newFeed(t, ns, group)
 	f.snapshotAndTxn()
 	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
@@ -628,12 +615,8 @@ func TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage(t *testing.T) {
 // different chunks, is applied once; a copy of an applied transaction
 // arriving in the middle of another is skipped.
 func TestAssemblesTransactionsAsTheAgentRepublishesThem(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "chunks"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	f := newFeed(t, ns, group)
 	f.beginSnapshot()
 	f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
@@ -673,12 +656,8 @@ func TestAssemblesTransactionsAsTheAgentRepublishesThem(t *testing.T) {
 // (a key DR already has). The retry applies them one by one, so apply
 // stops at exactly that transaction, which the operator can then skip.
 func TestAFailingTransactionInAGroupIsNamedExactly(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "grouped"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	f := newFeed(t, ns, group)
 	f.snapshotAndTxn() // row 1 from the snapshot, row 2 in a transaction
 	f.publish(f.txn(0x3000, insert("3", "fine")))
@@ -702,12 +681,8 @@ func TestAFailingTransactionInAGroupIsNamedExactly(t *testing.T) {
 // standby checks, when it starts, that the message at its stored position
 // is the one it applied there, and stops if not.
 func TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "rewritten"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	f := newFeed(t, ns, group)
 	f.snapshotAndTxn()
 	ctx, cancel := context.WithCancel(t.Context())
@@ -741,12 +716,8 @@ func TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied(t *testing.T) {
 // transaction, with every transaction before it applied and nothing of it
 // or after it.
 func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
-	pg := pgtest.New(t)
-	ns := natstest.New(t)
 	const group = "pipelined"
-	if err := pg.CreateDatabase(t.Context(), group); err != nil {
-		t.Fatal(err)
-	}
+	pg, ns := newGroup(t, group)
 	rows := func(from, n, duplicateAt int) []*havenpb.Change {
 		var changes []*havenpb.Change
 		for i := range n {
