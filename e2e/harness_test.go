@@ -151,12 +151,20 @@ func (p *proc) kill() {
 	<-p.done
 }
 
-// stop sends SIGTERM (a graceful shutdown) and waits.
-func (p *proc) stop() {
+// exited reports whether the process has ended.
+func (p *proc) exited() bool {
 	select {
 	case <-p.done:
-		return
+		return true
 	default:
+		return false
+	}
+}
+
+// stop sends SIGTERM (a graceful shutdown) and waits.
+func (p *proc) stop() {
+	if p.exited() {
+		return
 	}
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {

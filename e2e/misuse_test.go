@@ -18,14 +18,7 @@ func TestStandbyPointedAtThePrimaryRefuses(t *testing.T) {
 	waitCaughtUp(t, primary, connect(t, s.drURL()), 1, 60*time.Second)
 
 	wrong := startHaven(t, "standby-on-primary", "standby", "--target-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group)
-	waitFor(t, 30*time.Second, "the misdirected standby to stop", func() (bool, error) {
-		select {
-		case <-wrong.done:
-			return true, nil
-		default:
-			return false, nil
-		}
-	})
+	waitFor(t, 30*time.Second, "the misdirected standby to stop", func() (bool, error) { return wrong.exited(), nil })
 	if !strings.Contains(wrong.output(), "points at database") {
 		t.Errorf("the standby did not say its target is the source:\n%s", tail(wrong.output(), 5))
 	}

@@ -25,14 +25,7 @@ func TestRowLevelSecurityHidesNoRows(t *testing.T) {
 	args[2] = agentURL
 
 	refused := startHaven(t, "agent-under-policies", args...)
-	waitFor(t, 30*time.Second, "the agent to refuse", func() (bool, error) {
-		select {
-		case <-refused.done:
-			return true, nil
-		default:
-			return false, nil
-		}
-	})
+	waitFor(t, 30*time.Second, "the agent to refuse", func() (bool, error) { return refused.exited(), nil })
 	if out := refused.output(); !strings.Contains(out, "public.tenant_notes") || !strings.Contains(out, `ALTER ROLE "haven" BYPASSRLS`) {
 		t.Fatalf("the agent did not name the table and the fix:\n%s", tail(out, 5))
 	}
