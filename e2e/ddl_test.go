@@ -90,6 +90,11 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 		`SET search_path = sales; CREATE TABLE log2 (id int PRIMARY KEY); SET search_path = public; CREATE TABLE log2 (id int PRIMARY KEY); RESET search_path`,
 		// No key: never published; DR gets the table but says its rows will not follow.
 		`CREATE TABLE scratchpad (note text)`,
+		// CREATE TABLE … AS in a text of several statements, first and
+		// not: DR gets the table (its rows by backfill), and the rest.
+		`CREATE TABLE big_deals AS SELECT id, title FROM deals WHERE id % 2 = 0; ALTER TABLE big_deals ADD PRIMARY KEY (id)`,
+		`ALTER TABLE notes ADD COLUMN src text; CREATE TABLE odd_deals AS SELECT id, amount FROM deals WHERE id % 2 = 1 WITH DATA;
+		 ALTER TABLE odd_deals ADD PRIMARY KEY (id); UPDATE odd_deals SET amount = 0 WHERE id = 1`,
 	}
 	for _, st := range steps {
 		if err := primary.PgConn().Exec(t.Context(), st).Close(); err != nil {
@@ -98,7 +103,12 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 	}
 	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
 	assertSameSchema(t, primary, dr)
-	assertEqual(t, primary, dr, map[string]string{"contacts": "id", "deals": "id", "activities": "id", "notes": "id", "sales.leads": "id"})
+	waitFor(t, 60*time.Second, "the new tables' backfills to finish", func() (bool, error) {
+		n, err := backfillsOnDR(t.Context(), dr)
+		return n == 0, err
+	})
+	assertEqual(t, primary, dr, map[string]string{"contacts": "id", "deals": "id", "activities": "id", "notes": "id", "sales.leads": "id",
+		"big_deals": "id", "odd_deals": "id"})
 	if !strings.Contains(standby.output(), "table public.scratchpad has no primary key") {
 		t.Error("the standby did not report that the key-less table is not replicated")
 	}

@@ -5,8 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
+	"unicode"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -65,6 +67,65 @@ func replayableStatements(text string) []string {
 		out = append(out, concurrently.ReplaceAllString(stripLeadingComments(st), "$1"))
 	}
 	return out
+}
+
+// createTableAs matches the start of CREATE TABLE … AS up to the table's
+// name (submatch 1).
+var createTableAs = regexp.MustCompile(`(?is)^CREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?(?:(?:TEMP|TEMPORARY|UNLOGGED)\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?` +
+	`((?:"(?:[^"]|"")*"|[^\s("]+)(?:\s*\.\s*(?:"(?:[^"]|"")*"|[^\s(".]+))*)`)
+
+// tableFromQuery recognises CREATE TABLE … AS (a query, or EXECUTE): it
+// returns the table the statement names and the statement made to create
+// it without running the query (WITH NO DATA).
+//
+// The source records such a statement as the table's definition, not its
+// query (the query may read what DR lacks, and the rows come by backfill).
+// A text of several statements is recorded whole, at its first DDL: a
+// CREATE TABLE … AS in it comes once more as its own definition, before
+// the text when it was the text's first DDL, after it otherwise.
+func tableFromQuery(st string) (table, noData string, ok bool) {
+	st = stripLeadingComments(st)
+	m := createTableAs.FindStringSubmatchIndex(st)
+	if m == nil {
+		return "", "", false
+	}
+	// The words at the top level: quoted text, lists and comments stay
+	// whole, and are no keyword.
+	words := []string{st[m[1]:]}
+	for _, space := range []byte{' ', '\n', '\t', '\r'} {
+		var split []string
+		for _, w := range words {
+			split = append(split, splitTopLevel(w, space)...)
+		}
+		words = split
+	}
+	for i, w := range words {
+		if strings.ContainsAny(w, `"'$(`) || strings.Contains(w, "--") || strings.Contains(w, "/*") {
+			words[i] = ""
+		}
+	}
+	as := slices.IndexFunc(words, func(w string) bool { return strings.EqualFold(w, "AS") })
+	if as < 0 {
+		return "", "", false
+	}
+	// A trailing WITH [NO] DATA gives way to WITH NO DATA.
+	end := len(words)
+	if end-as > 2 && strings.EqualFold(words[end-1], "DATA") {
+		switch {
+		case strings.EqualFold(words[end-2], "WITH"):
+			end -= 2
+		case strings.EqualFold(words[end-2], "NO") && strings.EqualFold(words[end-3], "WITH"):
+			end -= 3
+		}
+	}
+	body := st
+	if end < len(words) {
+		body = strings.TrimRightFunc(st, unicode.IsSpace)
+		for range len(words) - end {
+			body = strings.TrimRightFunc(body[:strings.LastIndexFunc(body, unicode.IsSpace)+1], unicode.IsSpace)
+		}
+	}
+	return st[m[2]:m[3]], body + "\nWITH NO DATA", true
 }
 
 var (
@@ -325,6 +386,20 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 		return fmt.Errorf("set the DDL's search_path %q: %w", searchPath, err)
 	}
 	for _, st := range statements {
+		if table, noData, ok := tableFromQuery(st); ok && len(statements) > 1 {
+			// Its definition, recorded on its own, creates the table.
+			var exists bool
+			if err := a.conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, table).Scan(&exists); err != nil {
+				return fmt.Errorf("look up table %s of DDL %q: %w", table, st, err)
+			}
+			if exists {
+				a.log.Info().Uint64("seq", seq).Str("ddl", st).Msg("table already created from its definition; its query is not replayed")
+				continue
+			}
+			// The definition comes later: the statements after this one
+			// may need the table before then.
+			st = noData
+		}
 		if err := exec("SAVEPOINT haven_ddl"); err != nil {
 			return fmt.Errorf("savepoint before DDL: %w", err)
 		}

@@ -103,3 +103,26 @@ func TestSearchPathSwitchesAreReplayed(t *testing.T) {
 		t.Errorf("got %q\nwant %q", got, want)
 	}
 }
+
+func TestTableFromQuery(t *testing.T) {
+	for _, tc := range []struct {
+		name, st, table, noData string
+	}{
+		{"query", "CREATE TABLE deals AS SELECT g AS id FROM generate_series(1, 5) g", "deals",
+			"CREATE TABLE deals AS SELECT g AS id FROM generate_series(1, 5) g\nWITH NO DATA"},
+		{"qualified, columns, options", "create unlogged table if not exists \"My Sales\".\"Q 1\" (a, b) WITH (fillfactor = 70)\n\tas\nVALUES (1, 'AS')",
+			`"My Sales"."Q 1"`, "create unlogged table if not exists \"My Sales\".\"Q 1\" (a, b) WITH (fillfactor = 70)\n\tas\nVALUES (1, 'AS')\nWITH NO DATA"},
+		{"with data", "CREATE TEMP TABLE t AS TABLE src WITH DATA", "t", "CREATE TEMP TABLE t AS TABLE src\nWITH NO DATA"},
+		{"with no data", "CREATE TABLE s.t AS EXECUTE q (1)  WITH NO  DATA ", "s.t", "CREATE TABLE s.t AS EXECUTE q (1)\nWITH NO DATA"},
+		{"trailing comment", "CREATE TABLE t AS SELECT 1 -- one", "t", "CREATE TABLE t AS SELECT 1 -- one\nWITH NO DATA"},
+		{"plain table", "CREATE TABLE t (id int GENERATED ALWAYS AS IDENTITY, note text DEFAULT 'x AS y')", "", ""},
+		{"quoted AS", `CREATE TABLE "x AS y" (id int)`, "", ""},
+		{"partition", "CREATE TABLE p1 PARTITION OF p FOR VALUES IN (1)", "", ""},
+		{"not a table", "CREATE VIEW v AS SELECT 1", "", ""},
+	} {
+		table, noData, ok := tableFromQuery(tc.st)
+		if ok != (tc.table != "") || table != tc.table || noData != tc.noData {
+			t.Errorf("%s: tableFromQuery(%q) = %q, %q, %v; want %q, %q", tc.name, tc.st, table, noData, ok, tc.table, tc.noData)
+		}
+	}
+}
