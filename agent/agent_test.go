@@ -181,6 +181,41 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		}
 	})
 
+	t.Run("table the role may not read", func(t *testing.T) {
+		if err := pg.CreateDatabase(ctx, "noselect"); err != nil {
+			t.Fatal(err)
+		}
+		execSQL(t, pg.URL("noselect"), `CREATE ROLE reader LOGIN REPLICATION; GRANT CREATE ON DATABASE noselect TO reader; GRANT CREATE ON SCHEMA public TO reader`)
+		url := strings.Replace(pg.URL("noselect"), "postgres@", "reader@", 1)
+		execSQL(t, url, `CREATE TABLE readable (id int PRIMARY KEY); CREATE TABLE secret (id int PRIMARY KEY, pin text); REVOKE SELECT ON secret FROM reader`)
+		cfg := testConfig(url, nats.URL())
+		cfg.Group = "noselect"
+		assertContains(t, runToError(t, cfg), `role "reader" may not read every column of public.secret`, `GRANT SELECT ON public.secret TO "reader"`)
+	})
+
+	t.Run("DDL capture without the group", func(t *testing.T) {
+		if err := pg.CreateDatabase(ctx, "unrecorded"); err != nil {
+			t.Fatal(err)
+		}
+		execSQL(t, pg.URL("unrecorded"), ddlCaptureSQL)
+		execSQL(t, pg.URL("unrecorded"), `CREATE ROLE capturer LOGIN REPLICATION; GRANT CREATE ON DATABASE unrecorded TO capturer; GRANT CREATE ON SCHEMA public TO capturer`)
+		url := strings.Replace(pg.URL("unrecorded"), "postgres@", "capturer@", 1)
+		execSQL(t, url, `CREATE TABLE t (id int PRIMARY KEY)`)
+		cfg := testConfig(url, nats.URL())
+		cfg.Group = "unrecorded"
+		assertContains(t, runToError(t, cfg), `group "unrecorded" is not recorded in haven.groups`, "haven agent --print-ddl-capture")
+		script, err := DDLCaptureSQL(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		execSQL(t, pg.URL("unrecorded"), script)
+		r := startAgent(t, cfg)
+		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
+		if _, err := DDLCaptureSQL(Config{Group: "g"}); err == nil || !strings.Contains(err.Error(), "--source-url") {
+			t.Errorf("DDLCaptureSQL without a source URL: %v, want an error naming --source-url", err)
+		}
+	})
+
 	t.Run("unknown table", func(t *testing.T) {
 		cfg := testConfig(pg.URL("postgres"), nats.URL())
 		cfg.Tables = []string{"nope"}

@@ -574,7 +574,9 @@ func (s *session) backfills(ctx context.Context) ([]backfillState, error) {
 }
 
 // runBackfills copies the rows of every table in a backfill, one table at a
-// time, until ctx ends; a failure ends the session through fail.
+// time, until ctx ends; a failure ends the session through fail. A table
+// the agent may not read holds only its own backfill (heldBackfill), which
+// is tried again every heldRecheck.
 func (s *session) runBackfills(ctx context.Context, fail func(error)) {
 	var conn *pgx.Conn
 	defer func() {
@@ -582,18 +584,29 @@ func (s *session) runBackfills(ctx context.Context, fail func(error)) {
 			conn.Close(context.Background())
 		}
 	}()
+	said := map[uint32]string{} // why each held backfill waits, as logged
 	for {
 		states, err := s.backfills(ctx)
 		s.metrics.backfilling.Set(float64(len(states)))
 		if err == nil && len(states) > 0 && conn == nil {
 			conn, err = s.connectSource(ctx)
 		}
+		held := 0
 		for _, state := range states {
 			if err != nil {
 				break
 			}
 			err = s.backfillTable(ctx, conn, state)
+			var h *heldBackfill
+			if errors.As(err, &h) {
+				held, err = held+1, nil
+				if why := h.Error(); said[state.OID] != why {
+					said[state.OID] = why
+					s.log.Error().Str("table", state.Schema+"."+state.Name).Dur("recheck", heldRecheck).Msg(why)
+				}
+			}
 		}
+		s.metrics.backfillsHeld.Set(float64(held))
 		if ctx.Err() != nil {
 			return
 		}
@@ -601,20 +614,44 @@ func (s *session) runBackfills(ctx context.Context, fail func(error)) {
 			fail(fmt.Errorf("backfill: %w", err))
 			return
 		}
-		if len(states) > 0 {
+		if len(states) > held {
 			continue // one may have begun meanwhile
+		}
+		var recheck <-chan time.Time
+		if held > 0 {
+			recheck = time.After(heldRecheck)
 		}
 		select {
 		case <-ctx.Done():
 			return
 		case <-s.hub.wake:
+		case <-recheck:
 		}
 	}
+}
+
+// heldRecheck is how often a held backfill looks again whether the agent
+// may read its table.
+const heldRecheck = 5 * time.Second
+
+// heldBackfill: the agent's role may not read every row of the table, so
+// its backfill waits for a grant; the stream and other backfills go on.
+type heldBackfill struct{ why *unreadable }
+
+func (h *heldBackfill) Error() string {
+	return fmt.Sprintf("a table's backfill waits, while the stream goes on: %s", h.why)
 }
 
 // backfillTable copies one table's rows, from where its state says.
 func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backfillState) error {
 	log := s.log.With().Str("table", state.Schema+"."+state.Name).Logger()
+	u, err := unreadableTables(ctx, conn, []uint32{state.OID})
+	if err != nil {
+		return err
+	}
+	if u != nil {
+		return &heldBackfill{u}
+	}
 	if err := waitForCommitting(ctx, conn); err != nil {
 		return err
 	}
@@ -676,7 +713,7 @@ func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backf
 			return err
 		}
 	}
-	_, err := s.endBackfillIn(ctx, conn, state)
+	_, err = s.endBackfillIn(ctx, conn, state)
 	return err
 }
 

@@ -2,9 +2,12 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/haven-dr/haven/proto/wire"
 )
@@ -312,9 +315,48 @@ BEGIN
 END $$;
 SELECT pg_catalog.set_config('haven.internal', 'off', false);`
 
-// DDLCaptureSQL is the SQL that installs DDL capture, for an operator who
-// installs it as a superuser on the agent's behalf.
-func DDLCaptureSQL() string { return ddlCaptureSQL }
+// DDLCaptureSQL is the SQL a superuser runs on behalf of an agent that is
+// not one, given the agent's configuration: it installs DDL capture,
+// records the group (so that new tables join its publication, as a
+// superuser's agent records it at every start), lets the agent's role read
+// the DDL log, and makes the group's publication, with the log in it, the
+// role's own (adding a table to a publication takes owning both, and the
+// agent adds the other tables, which its role owns).
+func DDLCaptureSQL(cfg Config) (string, error) {
+	if cfg.Group == "" || cfg.SourceURL == "" {
+		return "", errors.New("--print-ddl-capture needs the agent's own flags: --group, and --source-url (its user is the role the agent runs as), " +
+			"and --tables and --publish-via-partition-root if the agent runs with them")
+	}
+	if len(cfg.Controllers) > 0 {
+		return "", errors.New("--print-ddl-capture is for an agent that is not a superuser, and with --controllers the agent must be one: it fences its database")
+	}
+	source, err := pgx.ParseConfig(cfg.SourceURL)
+	if err != nil {
+		return "", fmt.Errorf("parse source URL: %w", err)
+	}
+	role := pgx.Identifier{source.User}.Sanitize()
+	pub := wire.PublicationName(cfg.Group)
+	// What follows is haven's own too: not DDL for the DR site.
+	const internalOff = "SELECT pg_catalog.set_config('haven.internal', 'off', false);"
+	return strings.TrimSuffix(ddlCaptureSQL, internalOff) + fmt.Sprintf(`
+-- The group, as its agent (role %[1]s) runs.
+INSERT INTO haven.groups (name, publication, all_tables, via_root, write_guard) VALUES (%[2]s, %[3]s, %[4]t, %[5]t, false)
+	ON CONFLICT (name) DO UPDATE SET publication = excluded.publication, all_tables = excluded.all_tables, via_root = excluded.via_root,
+		write_guard = excluded.write_guard;
+GRANT USAGE ON SCHEMA haven TO %[1]s;
+GRANT SELECT ON haven.ddl_log, haven.groups TO %[1]s;
+DO $haven$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = %[3]s) THEN
+		CREATE PUBLICATION %[6]s FOR TABLE haven.ddl_log WITH (publish = 'insert, update, delete, truncate', publish_via_partition_root = %[5]t);
+	ELSIF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_publication_tables WHERE pubname = %[3]s AND schemaname = 'haven' AND tablename = 'ddl_log') THEN
+		ALTER PUBLICATION %[6]s ADD TABLE haven.ddl_log;
+	END IF;
+END $haven$;
+ALTER PUBLICATION %[6]s OWNER TO %[1]s;
+`+internalOff,
+		role, quoteLiteral(cfg.Group), quoteLiteral(pub), len(cfg.Tables) == 0, cfg.PublishViaRoot, pgx.Identifier{pub}.Sanitize()), nil
+}
 
 // installDDLCapture sets up DDL capture and records the group (whether it
 // takes every new table); event triggers need a superuser. It reports
@@ -330,9 +372,23 @@ func (s *session) installDDLCapture(ctx context.Context) (bool, error) {
 			return false, fmt.Errorf("look up DDL capture: %w", err)
 		}
 		if !installed {
-			s.log.Warn().Msg("DDL is NOT captured: event triggers need a superuser. Run the agent once as a superuser, " +
-				"or install the capture yourself (haven agent --print-ddl-capture prints the SQL); until then, schema changes on the primary must be made on DR by hand, first")
+			s.log.Warn().Msg("DDL is NOT captured: event triggers need a superuser. Have a superuser run what haven agent --print-ddl-capture prints " +
+				"(with this agent's flags); until then, schema changes on the primary must be made on DR by hand, first, and new tables do not join the group")
 			return false, nil
+		}
+		// New tables join the groups recorded, as recorded: a group missing
+		// there would leave them out, and their rows with them.
+		var recorded bool
+		if err := s.ctrl.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM haven.groups WHERE name = $1 AND publication = $2 AND all_tables = $3 AND via_root = $4)`,
+			s.cfg.Group, wire.PublicationName(s.cfg.Group), len(s.cfg.Tables) == 0, s.cfg.PublishViaRoot).Scan(&recorded); err != nil {
+			var pgErr *pgconn.PgError
+			if !errors.As(err, &pgErr) || pgErr.Code != "42501" {
+				return false, fmt.Errorf("look up group %q in haven.groups: %w", s.cfg.Group, err)
+			}
+		}
+		if !recorded {
+			return false, needsOperator("DDL capture is installed, but group %q is not recorded in haven.groups for this agent as it runs (--tables, --publish-via-partition-root), "+
+				"so tables created from now on would not join it: have a superuser run what haven agent --print-ddl-capture prints with this agent's flags", s.cfg.Group)
 		}
 		return true, nil
 	}

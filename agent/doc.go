@@ -24,11 +24,13 @@
 // key-value bucket before the slot is created and when its end marker is
 // stored, so an interrupted snapshot is never taken for a finished one.
 //
-// With a superuser, DDL is captured by event triggers into the replicated
-// haven.ddl_log (see ddl.go), and new tables of an all-tables group join the
-// publication in the transaction that creates them. A table that joins with
-// rows in it is backfilled by key-ordered chunks while the stream goes on,
-// each published at its watermark's place in the stream (see backfill.go).
+// With a superuser (the agent, or one running DDLCaptureSQL for it), DDL is
+// captured by event triggers into the replicated haven.ddl_log (see
+// ddl.go), and new tables of an all-tables group join the publication in
+// the transaction that creates them. A table that joins with rows in it is
+// backfilled by key-ordered chunks while the stream goes on, each published
+// at its watermark's place in the stream (see backfill.go); one the agent
+// may not read waits for a grant, alone.
 //
 // Three positions are kept apart: received (decoded from the walsender),
 // published (handed to JetStream) and confirmed (every chunk of every

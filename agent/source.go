@@ -213,36 +213,71 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 	if len(picked) == 0 {
 		return nil, needsOperator("no tables to replicate: the source database has no ordinary tables outside the system schemas (or --tables is empty)")
 	}
-	if err := refuseRowSecurity(ctx, conn, picked); err != nil {
+	if err := refuseUnreadable(ctx, conn, picked); err != nil {
 		return nil, err
 	}
 	return picked, nil
 }
 
-// refuseRowSecurity stops an agent whose role row-level security policies
-// apply to on some of the tables: a snapshot or backfill would copy only
-// the rows they let it see. (Its sessions run with row_security off, so
-// such a read fails rather than filters; this says why before it starts.)
-func refuseRowSecurity(ctx context.Context, conn *pgx.Conn, tables []table) error {
+// refuseUnreadable stops an agent whose role may not read every row of
+// some of the tables: a snapshot would fail on them, or copy only the rows
+// row-level security policies let it see. (Its sessions run with
+// row_security off, so such a read fails rather than filters; this says
+// why before it starts.)
+func refuseUnreadable(ctx context.Context, conn *pgx.Conn, tables []table) error {
 	oids := make([]uint32, len(tables))
 	for i, t := range tables {
 		oids[i] = t.oid
 	}
-	var role string
-	var hidden []string
-	err := conn.QueryRow(ctx, `SELECT current_user, coalesce(array_agg(c.oid::regclass::text ORDER BY c.oid::regclass::text) FILTER (WHERE c.oid IS NOT NULL), '{}')
-		FROM pg_roles r LEFT JOIN pg_class c ON c.oid = ANY($1::oid[]) AND c.relrowsecurity
-			AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
-		WHERE r.rolname = current_user AND NOT (r.rolsuper OR r.rolbypassrls)
-		GROUP BY 1`, oids).Scan(&role, &hidden)
-	if errors.Is(err, pgx.ErrNoRows) || (err == nil && len(hidden) == 0) {
-		return nil // the role bypasses row-level security, or no policy applies to it
+	u, err := unreadableTables(ctx, conn, oids)
+	if err != nil || u == nil {
+		return err
 	}
+	return needsOperator("%s", u)
+}
+
+// unreadable names the tables whose rows the agent's role may not all
+// read, and what to grant.
+type unreadable struct {
+	role string
+	// denied lack SELECT on some column; policed have row-level security
+	// policies that apply to the role.
+	denied, policed []string
+}
+
+func (u *unreadable) String() string {
+	role := pgx.Identifier{u.role}.Sanitize()
+	var says []string
+	if len(u.denied) > 0 {
+		says = append(says, fmt.Sprintf("the agent's role %q may not read every column of %s: GRANT SELECT ON %s TO %s",
+			u.role, strings.Join(u.denied, ", "), strings.Join(u.denied, ", "), role))
+	}
+	if len(u.policed) > 0 {
+		says = append(says, fmt.Sprintf("row-level security applies to the agent's role %q on %s, so it would copy only the rows its policies let it see: "+
+			"give the role BYPASSRLS (as a superuser: ALTER ROLE %s BYPASSRLS), or run the agent as a superuser", u.role, strings.Join(u.policed, ", "), role))
+	}
+	return strings.Join(says, "; ")
+}
+
+// unreadableTables returns the tables among oids whose rows the
+// connection's role may not all read, nil if there are none.
+func unreadableTables(ctx context.Context, conn *pgx.Conn, oids []uint32) (*unreadable, error) {
+	var u unreadable
+	err := conn.QueryRow(ctx, `SELECT current_user,
+			coalesce(array_agg(c.oid::regclass::text ORDER BY c.oid::regclass::text) FILTER (WHERE EXISTS (
+				SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+					AND NOT has_column_privilege(c.oid, a.attnum, 'SELECT'))), '{}'),
+			coalesce(array_agg(c.oid::regclass::text ORDER BY c.oid::regclass::text) FILTER (WHERE c.relrowsecurity
+				AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
+				AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = current_user AND (r.rolsuper OR r.rolbypassrls))), '{}')
+		FROM pg_class c WHERE c.oid = ANY($1::oid[])`, oids).Scan(&u.role, &u.denied, &u.policed)
 	if err != nil {
-		return fmt.Errorf("check tables for row-level security: %w", err)
+		return nil, fmt.Errorf("check that the agent may read every row of its tables: %w", err)
 	}
-	return needsOperator("row-level security applies to the agent's role %q on %s, so the agent would copy only the rows its policies let it see: "+
-		"give the role BYPASSRLS (as a superuser: ALTER ROLE %s BYPASSRLS), or run the agent as a superuser", role, strings.Join(hidden, ", "), pgx.Identifier{role}.Sanitize())
+	if len(u.denied) == 0 && len(u.policed) == 0 {
+		return nil, nil
+	}
+	return &u, nil
 }
 
 // ensurePublication creates the group's publication for tables, or checks

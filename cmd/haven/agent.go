@@ -26,7 +26,11 @@ has acknowledged everything before it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if printDDLCapture {
-				_, err := fmt.Fprintln(cmd.OutOrStdout(), agent.DDLCaptureSQL())
+				script, err := agent.DDLCaptureSQL(cfg)
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintln(cmd.OutOrStdout(), script)
 				return err
 			}
 			log, err := logger()
@@ -80,7 +84,7 @@ has acknowledged everything before it.`,
 	f.Int64Var(&cfg.RetainedWALWarning, "retained-wal-warning", cfg.RetainedWALWarning, "warn when the slot holds more WAL than this many bytes on the primary (0: never)")
 	f.StringVar(&cfg.PgDump, "pg-dump", "", `pg_dump that ships the source schema (types, defaults, sequences, constraints, indexes) with the initial snapshot; empty: find one; "off": none`)
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz and /metrics, e.g. :9187 (empty: off)")
-	f.BoolVar(&printDDLCapture, "print-ddl-capture", false, "print the SQL that installs DDL capture (for a superuser to run) and exit")
+	f.BoolVar(&printDDLCapture, "print-ddl-capture", false, "print the SQL a superuser runs for an agent that is not one (DDL capture, the group, its publication), given the agent's other flags, and exit")
 	return cmd
 }
 

@@ -1,0 +1,79 @@
+package e2e
+
+import (
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// TestAnAgentThatIsNotASuperuser: the agent runs as a role that is not a
+// superuser, once a superuser ran what --print-ddl-capture prints for it.
+// The snapshot, changes and DDL reach DR, and tables another role creates
+// join the group. A table that joins with rows the agent may not read (no
+// SELECT on it, or row-level security that applies to the agent's role)
+// holds only its own backfill, and the agent says what to grant; the stream
+// goes on meanwhile. Once granted, every row reaches DR.
+func TestAnAgentThatIsNotASuperuser(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	dr := connect(t, s.drURL())
+	mustExec(t, primary, `CREATE ROLE haven LOGIN REPLICATION; GRANT CREATE ON DATABASE crm TO haven; GRANT CREATE ON SCHEMA public TO haven`)
+	for _, conn := range []*pgx.Conn{primary, dr} {
+		// DR replays DDL as the role that ran it.
+		mustExec(t, conn, `CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app`)
+	}
+	mustExec(t, dr, `CREATE ROLE haven`)
+	agentURL := strings.Replace(s.primaryURL(), "postgres@", "haven@", 1)
+	owner := connect(t, agentURL)
+	mustExec(t, owner, `CREATE TABLE notes (id bigint PRIMARY KEY, body text); CREATE TABLE marker (id bigint PRIMARY KEY);
+		INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 100) g`)
+	args := s.agentArgs()
+	args[2] = agentURL
+
+	script, err := exec.Command(havenBin, append(args, "--print-ddl-capture")...).Output()
+	if err != nil {
+		t.Fatalf("haven agent --print-ddl-capture: %v", err)
+	}
+	mustExec(t, primary, string(script))
+	agent := startHaven(t, "agent", args...)
+	startHaven(t, "standby", s.standbyArgs()...)
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+
+	app := connect(t, strings.Replace(s.primaryURL(), "postgres@", "app@", 1))
+	mustExec(t, app, `CREATE TABLE deals AS SELECT g AS id, 'deal ' || g AS title FROM generate_series(1, 500) g;
+		ALTER TABLE deals ADD PRIMARY KEY (id)`)
+	mustExec(t, app, `CREATE TABLE tenant_docs AS SELECT g AS id, 'tenant' || (g % 3) AS tenant FROM generate_series(1, 300) g;
+		GRANT SELECT ON tenant_docs TO haven;
+		ALTER TABLE tenant_docs ENABLE ROW LEVEL SECURITY;
+		CREATE POLICY own_tenant ON tenant_docs USING (tenant = current_setting('app.tenant', true));
+		ALTER TABLE tenant_docs ADD PRIMARY KEY (id)`)
+	waitFor(t, 60*time.Second, "the agent to say what to grant", func() (bool, error) {
+		out := agent.output()
+		return strings.Contains(out, "GRANT SELECT ON public.deals TO") && strings.Contains(out, "BYPASSRLS") &&
+			strings.Contains(out, "public.tenant_docs"), nil
+	})
+
+	// The stream goes on: changes, DDL, and changes to the waiting tables.
+	mustExec(t, owner, `INSERT INTO notes VALUES (101, 'while two backfills wait')`)
+	mustExec(t, primary, `ALTER TABLE notes ADD COLUMN extra int DEFAULT 7`)
+	mustExec(t, app, `INSERT INTO deals VALUES (501, 'after it joined'); UPDATE deals SET title = 'changed' WHERE id = 7;
+		DELETE FROM tenant_docs WHERE id = 5`)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+	if n, err := backfillsOnDR(t.Context(), dr); err != nil || n != 2 {
+		t.Fatalf("DR has %d backfills open (%v), want the 2 that wait", n, err)
+	}
+	assertEqual(t, primary, dr, map[string]string{"notes": "id"})
+
+	mustExec(t, app, `GRANT SELECT ON deals TO haven`)
+	mustExec(t, primary, `ALTER ROLE haven BYPASSRLS`)
+	waitFor(t, 60*time.Second, "the backfills to finish", func() (bool, error) {
+		n, err := backfillsOnDR(t.Context(), dr)
+		return n == 0, err
+	})
+	waitCaughtUp(t, primary, dr, 3, 60*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"notes": "id", "deals": "id", "tenant_docs": "id"})
+	assertSameSchema(t, primary, dr)
+}
