@@ -9,9 +9,12 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // findPgDump locates pg_dump: the configured path, else PATH, else the
@@ -72,7 +75,7 @@ func versionMajor(s string) int {
 // are left out; so are owners, privileges and tablespaces, which the DR
 // site need not share.
 func dumpSchema(ctx context.Context, pgDump, sourceURL string, options ...string) (string, error) {
-	args := append([]string{"--schema-only", "--no-owner", "--no-privileges",
+	args := append([]string{"--schema-only",
 		"--no-publications", "--no-subscriptions", "--no-tablespaces", "--no-security-labels", "--exclude-schema=haven",
 		"--dbname=" + sourceURL}, options...)
 	cmd := exec.CommandContext(ctx, pgDump, args...)
@@ -88,26 +91,40 @@ func dumpSchema(ctx context.Context, pgDump, sourceURL string, options ...string
 
 // filterDump drops what the DR side must not run from a plain pg_dump
 // script: psql meta-commands (\restrict, \unrestrict), event triggers and
-// haven's own triggers.
-// Sections start with pg_dump's "-- Name: …; Type: …;" headers.
+// haven's own triggers. Owners and grants are kept, each in a block that
+// turns its failure into a warning (ownedOrGranted).
+// Sections start with pg_dump's "-- Name: …; Type: …; Schema: …; Owner: …"
+// headers.
 func filterDump(dump []byte) (string, error) {
 	var b strings.Builder
-	skip := false
+	skip, acl := false, false
+	var owner, quote string
 	sc := bufio.NewScanner(bytes.NewReader(dump))
 	sc.Buffer(make([]byte, 0, 64<<10), 64<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if strings.HasPrefix(line, "-- Name: ") || strings.HasPrefix(line, "-- Data for Name: ") {
+		if quote == "" && (strings.HasPrefix(line, "-- Name: ") || strings.HasPrefix(line, "-- Data for Name: ")) {
 			// Event triggers and haven's triggers (truncate capture on
 			// partitions, the write guard) call functions of haven's
 			// schema, which the DR site has not.
 			skip = strings.Contains(line, "; Type: EVENT TRIGGER;") ||
 				strings.Contains(line, " haven_capture_truncate; Type: TRIGGER;") ||
 				strings.Contains(line, " haven_guard; Type: TRIGGER;")
+			acl = strings.Contains(line, "; Type: ACL;") || strings.Contains(line, "; Type: DEFAULT ACL;")
+			_, owner, _ = strings.Cut(line, "; Owner: ")
 		}
 		if skip {
 			continue
 		}
+		if quote == "" && ownedOrGranted(line, acl, owner) {
+			// A role DR lacks, or a DR role that may not give objects away:
+			// the DR copy keeps the standby's role as owner, or lacks the
+			// grant, and the standby logs the warning.
+			said := strings.ReplaceAll(strings.ReplaceAll(line, "%", "%%"), "'", "''")
+			line = fmt.Sprintf("DO $haven_owner$ BEGIN %s EXCEPTION WHEN undefined_object OR insufficient_privilege OR invalid_grant_operation THEN "+
+				"RAISE WARNING 'haven: not applied on DR (%%): %s', SQLERRM; END $haven_owner$;", line, said)
+		}
+		quote = dollarQuoteAfter(line, quote)
 		if strings.HasPrefix(line, `\`) {
 			if strings.HasPrefix(line, `\restrict `) || strings.HasPrefix(line, `\unrestrict `) {
 				continue
@@ -121,4 +138,49 @@ func filterDump(dump []byte) (string, error) {
 		return "", fmt.Errorf("read pg_dump output: %w", err)
 	}
 	return b.String(), nil
+}
+
+// ownedOrGranted: line is a statement of an ACL section (GRANT, REVOKE,
+// ALTER DEFAULT PRIVILEGES, SET or RESET SESSION AUTHORIZATION for a
+// grantor), or pg_dump's ALTER … OWNER TO for the section's owner.
+func ownedOrGranted(line string, acl bool, owner string) bool {
+	if !strings.HasSuffix(line, ";") {
+		return false
+	}
+	if acl {
+		for _, p := range []string{"GRANT ", "REVOKE ", "ALTER DEFAULT PRIVILEGES ", "SET SESSION AUTHORIZATION ", "RESET SESSION AUTHORIZATION"} {
+			if strings.HasPrefix(line, p) {
+				return true
+			}
+		}
+		return false
+	}
+	if owner == "" || owner == "-" || !strings.HasPrefix(line, "ALTER ") {
+		return false
+	}
+	return strings.HasSuffix(line, " OWNER TO "+owner+";") || strings.HasSuffix(line, " OWNER TO "+pgx.Identifier{owner}.Sanitize()+";")
+}
+
+// dollarTag matches a dollar quote's delimiter.
+var dollarTag = regexp.MustCompile(`\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$`)
+
+// dollarQuoteAfter returns the dollar quote open at the end of line, given
+// the one open at its start ("" for none): a function's body spans lines,
+// and what is inside it is not pg_dump's.
+func dollarQuoteAfter(line, open string) string {
+	for {
+		if open != "" {
+			i := strings.Index(line, open)
+			if i < 0 {
+				return open
+			}
+			line, open = line[i+len(open):], ""
+			continue
+		}
+		loc := dollarTag.FindStringIndex(line)
+		if loc == nil {
+			return ""
+		}
+		open, line = line[loc[0]:loc[1]], line[loc[1]:]
+	}
 }

@@ -11,8 +11,8 @@ import (
 
 // TestAnAgentThatIsNotASuperuser: the agent runs as a role that is not a
 // superuser, once a superuser ran what --print-ddl-capture prints for it.
-// The snapshot, changes and DDL reach DR, and tables another role creates
-// join the group. A table that joins with rows the agent may not read (no
+// The snapshot (with the tables' owners and grants), changes and DDL reach
+// DR, the owner's DDL too, and tables another role creates join the group. A table that joins with rows the agent may not read (no
 // SELECT on it, or row-level security that applies to the agent's role)
 // holds only its own backfill, and the agent says what to grant; the stream
 // goes on meanwhile. Once granted, every row reaches DR.
@@ -28,8 +28,12 @@ func TestAnAgentThatIsNotASuperuser(t *testing.T) {
 	mustExec(t, dr, `CREATE ROLE haven`)
 	agentURL := strings.Replace(s.primaryURL(), "postgres@", "haven@", 1)
 	owner := connect(t, agentURL)
+	// Owners and grants reach DR with the snapshot's schema; one to a role
+	// DR lacks is a warning, not a failure.
+	mustExec(t, primary, `CREATE ROLE auditor`)
 	mustExec(t, owner, `CREATE TABLE notes (id bigint PRIMARY KEY, body text); CREATE TABLE marker (id bigint PRIMARY KEY);
-		INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 100) g`)
+		INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 100) g;
+		GRANT SELECT, INSERT ON notes TO app; GRANT SELECT ON notes TO auditor`)
 	args := s.agentArgs()
 	args[2] = agentURL
 
@@ -39,8 +43,17 @@ func TestAnAgentThatIsNotASuperuser(t *testing.T) {
 	}
 	mustExec(t, primary, string(script))
 	agent := startHaven(t, "agent", args...)
-	startHaven(t, "standby", s.standbyArgs()...)
+	standby := startHaven(t, "standby", s.standbyArgs()...)
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	var notesOwner string
+	var appMayWrite bool
+	if err := dr.QueryRow(t.Context(), `SELECT tableowner, has_table_privilege('app', 'public.notes', 'INSERT') FROM pg_tables WHERE tablename = 'notes'`).
+		Scan(&notesOwner, &appMayWrite); err != nil || notesOwner != "haven" || !appMayWrite {
+		t.Errorf("DR's notes is owned by %q, app may insert: %v (%v); want the primary's owner (haven) and grant", notesOwner, appMayWrite, err)
+	}
+	if out := standby.output(); !strings.Contains(out, `GRANT SELECT ON TABLE public.notes TO auditor`) || !strings.Contains(out, `role \"auditor\" does not exist`) {
+		t.Errorf("the standby did not warn of the grant to a role DR lacks:\n%s", tail(out, 10))
+	}
 
 	app := connect(t, strings.Replace(s.primaryURL(), "postgres@", "app@", 1))
 	mustExec(t, app, `CREATE TABLE deals AS SELECT g AS id, 'deal ' || g AS title FROM generate_series(1, 500) g;
@@ -57,8 +70,8 @@ func TestAnAgentThatIsNotASuperuser(t *testing.T) {
 	})
 
 	// The stream goes on: changes, DDL, and changes to the waiting tables.
-	mustExec(t, owner, `INSERT INTO notes VALUES (101, 'while two backfills wait')`)
-	mustExec(t, primary, `ALTER TABLE notes ADD COLUMN extra int DEFAULT 7`)
+	// DDL of the table's owner, who is not a superuser, replays on DR.
+	mustExec(t, owner, `INSERT INTO notes VALUES (101, 'while two backfills wait'); ALTER TABLE notes ADD COLUMN extra int DEFAULT 7`)
 	mustExec(t, app, `INSERT INTO deals VALUES (501, 'after it joined'); UPDATE deals SET title = 'changed' WHERE id = 7;
 		DELETE FROM tenant_docs WHERE id = 5`)
 	waitCaughtUp(t, primary, dr, 2, 60*time.Second)

@@ -1172,6 +1172,16 @@ func (a *applier) createSchema(ctx context.Context, seq uint64, script, then str
 	if err != nil {
 		return err
 	}
+	config.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
+		// An owner or a grant of the primary's that DR could not take
+		// (agent/schema.go): DDL that the owner runs on the primary stops
+		// apply until DR's copy has it, and after a failover the role
+		// lacks its rights.
+		if strings.HasPrefix(n.Message, "haven: ") {
+			a.log.Warn().Uint64("seq", seq).Str("warning", strings.TrimPrefix(n.Message, "haven: ")).
+				Msg("the DR schema lacks an owner or a grant of the primary's: create the role on DR (pg_dumpall --roles-only) and run the statement there, or run the standby as a superuser")
+		}
+	}
 	conn, err := pgx.ConnectConfig(ctx, config)
 	if err != nil {
 		return fmt.Errorf("connect to create the DR schema: %w", err)
