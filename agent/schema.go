@@ -72,8 +72,8 @@ func versionMajor(s string) int {
 // snapshot for the initial snapshot, so the schema is exactly the one the
 // copied rows have; for one table for a backfill). Objects that belong to
 // haven itself, and event triggers (they call functions in haven's schema),
-// are left out; so are owners, privileges and tablespaces, which the DR
-// site need not share.
+// are left out; so are tablespaces, which the DR site need not share.
+// Owners and privileges are kept, as far as DR can take them (filterDump).
 func dumpSchema(ctx context.Context, pgDump, sourceURL string, options ...string) (string, error) {
 	args := append([]string{"--schema-only",
 		"--no-publications", "--no-subscriptions", "--no-tablespaces", "--no-security-labels", "--exclude-schema=haven",
