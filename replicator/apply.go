@@ -1172,14 +1172,14 @@ func (a *applier) createSchema(ctx context.Context, seq uint64, script, then str
 	if err != nil {
 		return err
 	}
+	// Owners and grants of the primary's that DR could not take
+	// (agent/schema.go): DDL that such an owner runs on the primary stops
+	// apply until DR's copy has it, and after a failover the role lacks
+	// its rights.
+	var notTaken []string
 	config.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
-		// An owner or a grant of the primary's that DR could not take
-		// (agent/schema.go): DDL that the owner runs on the primary stops
-		// apply until DR's copy has it, and after a failover the role
-		// lacks its rights.
-		if strings.HasPrefix(n.Message, "haven: ") {
-			a.log.Warn().Uint64("seq", seq).Str("warning", strings.TrimPrefix(n.Message, "haven: ")).
-				Msg("the DR schema lacks an owner or a grant of the primary's: create the role on DR (pg_dumpall --roles-only) and run the statement there, or run the standby as a superuser")
+		if said, ok := strings.CutPrefix(n.Message, "haven: "); ok {
+			notTaken = append(notTaken, said)
 		}
 	}
 	conn, err := pgx.ConnectConfig(ctx, config)
@@ -1187,6 +1187,12 @@ func (a *applier) createSchema(ctx context.Context, seq uint64, script, then str
 		return fmt.Errorf("connect to create the DR schema: %w", err)
 	}
 	defer conn.Close(context.Background())
+	defer func() {
+		if len(notTaken) > 0 {
+			a.log.Warn().Uint64("seq", seq).Int("statements", len(notTaken)).Strs("first", notTaken[:min(len(notTaken), 20)]).
+				Msg("the DR schema lacks owners or grants of the primary's: create the roles on DR (pg_dumpall --roles-only) and run the statements there, or run the standby as a superuser")
+		}
+	}()
 	// The simple protocol runs a multi-statement script as one transaction.
 	if err := conn.PgConn().Exec(ctx, script+then).Close(); err != nil {
 		return blocked(seq, "create schema", "create the primary's schema on DR: %w; create what is missing on DR "+
