@@ -90,3 +90,47 @@ func TestAnAgentThatIsNotASuperuser(t *testing.T) {
 	assertEqual(t, primary, dr, map[string]string{"notes": "id", "deals": "id", "tenant_docs": "id"})
 	assertSameSchema(t, primary, dr)
 }
+
+// TestAStandbyThatIsNotASuperuser: the standby's DR role is not a superuser
+// (it may set session_replication_role and owns the DR database). The
+// snapshot gives DR's tables the owners it may give them: those of roles
+// it is a member of. DDL of such an owner replays. DDL of a role it may
+// not act as stops apply and names the grant; once given, apply resumes.
+func TestAStandbyThatIsNotASuperuser(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	dr := connect(t, s.drURL())
+	for _, conn := range []*pgx.Conn{primary, dr} {
+		mustExec(t, conn, `CREATE ROLE app LOGIN; GRANT CREATE ON SCHEMA public TO app; CREATE ROLE other LOGIN; GRANT CREATE ON SCHEMA public TO other`)
+	}
+	mustExec(t, dr, `CREATE ROLE drapply LOGIN IN ROLE app; ALTER DATABASE crm OWNER TO drapply;
+		GRANT CREATE ON SCHEMA public TO drapply; GRANT SET ON PARAMETER session_replication_role TO drapply`)
+	app := connect(t, strings.Replace(s.primaryURL(), "postgres@", "app@", 1))
+	mustExec(t, app, `CREATE TABLE notes (id bigint PRIMARY KEY, body text); INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 50) g`)
+	mustExec(t, primary, `CREATE TABLE marker (id bigint PRIMARY KEY)`)
+	startHaven(t, "agent", s.agentArgs()...)
+	standbyArgs := s.standbyArgs()
+	standbyArgs[2] = strings.Replace(s.drURL(), "postgres@", "drapply@", 1)
+	standby := startHaven(t, "standby", standbyArgs...)
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	var notesOwner, markerOwner string
+	if err := dr.QueryRow(t.Context(), `SELECT (SELECT tableowner FROM pg_tables WHERE tablename = 'notes'), (SELECT tableowner FROM pg_tables WHERE tablename = 'marker')`).
+		Scan(&notesOwner, &markerOwner); err != nil || notesOwner != "app" || markerOwner != "drapply" {
+		t.Errorf("DR's notes belongs to %q and marker to %q (%v); want app (its role is one drapply is a member of) and drapply (it may not give it to postgres)",
+			notesOwner, markerOwner, err)
+	}
+
+	mustExec(t, app, `ALTER TABLE notes ADD COLUMN extra int DEFAULT 7; INSERT INTO notes (id, body) VALUES (51, 'after the DDL')`)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"notes": "id"})
+
+	other := connect(t, strings.Replace(s.primaryURL(), "postgres@", "other@", 1))
+	mustExec(t, other, `CREATE TABLE others (id bigint PRIMARY KEY); INSERT INTO others VALUES (1)`)
+	waitFor(t, 60*time.Second, "apply to stop at the DDL it may not replay", func() (bool, error) {
+		return strings.Contains(standby.output(), `GRANT \"other\" TO \"drapply\"`), nil
+	})
+	mustExec(t, dr, `GRANT other TO drapply`)
+	waitCaughtUp(t, primary, dr, 3, 60*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"notes": "id", "others": "id"})
+	assertSameSchema(t, primary, dr)
+}

@@ -408,7 +408,12 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 		if err := exec("SET LOCAL ROLE " + pgx.Identifier{role}.Sanitize()); err != nil {
 			_ = exec("ROLLBACK TO SAVEPOINT haven_ddl")
 			a.metrics.ddlFailures.Inc()
-			return blocked(seq, "ddl failed", "replay DDL as role %q: %w; create the role on DR (e.g. from pg_dumpall --roles-only), apply resumes by itself", role, err)
+			fix := "create the role on DR (e.g. from pg_dumpall --roles-only)"
+			if pgErr := (*pgconn.PgError)(nil); errors.As(err, &pgErr) && pgErr.Code == "42501" {
+				fix = fmt.Sprintf("the standby's DR role may not act as it: make it a member (GRANT %s TO %s), or run the standby as a superuser",
+					pgx.Identifier{role}.Sanitize(), pgx.Identifier{a.conn.Config().User}.Sanitize())
+			}
+			return blocked(seq, "ddl failed", "replay DDL as role %q: %w; %s, apply resumes by itself", role, err, fix)
 		}
 		before, err := a.rowsChangedInTransaction(ctx)
 		if err != nil {
