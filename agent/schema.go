@@ -103,7 +103,10 @@ func filterDump(dump []byte) (string, error) {
 	sc.Buffer(make([]byte, 0, 64<<10), 64<<20)
 	for sc.Scan() {
 		line := sc.Text()
-		if quote == "" && (strings.HasPrefix(line, "-- Name: ") || strings.HasPrefix(line, "-- Data for Name: ")) {
+		if strings.HasPrefix(line, "-- Name: ") || strings.HasPrefix(line, "-- Data for Name: ") {
+			// A section starts outside any quote; this also ends a quote
+			// taken for open by mistake (a dollar sign in a name).
+			quote = ""
 			// Event triggers and haven's triggers (truncate capture on
 			// partitions, the write guard) call functions of haven's
 			// schema, which the DR site has not.
@@ -121,11 +124,16 @@ func filterDump(dump []byte) (string, error) {
 			// the DR copy keeps the standby's role as owner, or lacks the
 			// grant, and the standby logs the warning.
 			said := strings.ReplaceAll(strings.ReplaceAll(line, "%", "%%"), "'", "''")
-			line = fmt.Sprintf("DO $haven_owner$ BEGIN %s EXCEPTION WHEN undefined_object OR insufficient_privilege OR invalid_grant_operation THEN "+
-				"RAISE WARNING 'haven: not applied on DR (%%): %s', SQLERRM; END $haven_owner$;", line, said)
+			tag := "$haven_owner$"
+			for strings.Contains(line, tag) { // a name may hold it
+				tag = strings.TrimSuffix(tag, "$") + "_$"
+			}
+			line = fmt.Sprintf("DO %s BEGIN %s EXCEPTION WHEN undefined_object OR insufficient_privilege OR invalid_grant_operation THEN "+
+				"RAISE WARNING 'haven: not applied on DR (%%): %s', SQLERRM; END %s;", tag, line, said, tag)
 		}
+		inBody := quote != ""
 		quote = dollarQuoteAfter(line, quote)
-		if strings.HasPrefix(line, `\`) {
+		if !inBody && strings.HasPrefix(line, `\`) {
 			if strings.HasPrefix(line, `\restrict `) || strings.HasPrefix(line, `\unrestrict `) {
 				continue
 			}
@@ -161,12 +169,14 @@ func ownedOrGranted(line string, acl bool, owner string) bool {
 	return strings.HasSuffix(line, " OWNER TO "+owner+";") || strings.HasSuffix(line, " OWNER TO "+pgx.Identifier{owner}.Sanitize()+";")
 }
 
-// dollarTag matches a dollar quote's delimiter.
-var dollarTag = regexp.MustCompile(`\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$`)
+// dollarTag matches a dollar quote's delimiter at the start of a text.
+var dollarTag = regexp.MustCompile(`^\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$`)
 
 // dollarQuoteAfter returns the dollar quote open at the end of line, given
 // the one open at its start ("" for none): a function's body spans lines,
-// and what is inside it is not pg_dump's.
+// and what is inside it is not pg_dump's. Outside a dollar quote, comments
+// and text in single or double quotes (a default of '$$', a name with
+// dollar signs) open none.
 func dollarQuoteAfter(line, open string) string {
 	for {
 		if open != "" {
@@ -177,10 +187,32 @@ func dollarQuoteAfter(line, open string) string {
 			line, open = line[i+len(open):], ""
 			continue
 		}
-		loc := dollarTag.FindStringIndex(line)
-		if loc == nil {
+		i := strings.IndexAny(line, `$'"-`)
+		switch {
+		case i < 0:
 			return ""
+		case line[i] == '-':
+			if strings.HasPrefix(line[i:], "--") {
+				return "" // a comment to the end of the line
+			}
+			line = line[i+1:]
+		case line[i] == '$':
+			tag := dollarTag.FindString(line[i:])
+			if tag == "" || (i > 0 && isIdentByte(line[i-1])) { // $1, or a name's dollar sign
+				line = line[i+1:]
+				continue
+			}
+			open, line = tag, line[i+len(tag):]
+		default: // a quoted text or name: to its closing quote
+			j := strings.IndexByte(line[i+1:], line[i])
+			if j < 0 {
+				return "" // it goes on past the line (a long comment's text)
+			}
+			line = line[i+1+j+1:]
 		}
-		open, line = line[loc[0]:loc[1]], line[loc[1]:]
 	}
+}
+
+func isIdentByte(c byte) bool {
+	return c == '_' || c >= '0' && c <= '9' || c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z'
 }
