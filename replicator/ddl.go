@@ -72,7 +72,10 @@ func replayableStatements(text string) []string {
 // createTableAs matches the start of CREATE TABLE … AS up to the table's
 // name (submatch 1).
 var createTableAs = regexp.MustCompile(`(?is)^CREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?(?:(?:TEMP|TEMPORARY|UNLOGGED)\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?` +
-	`((?:"(?:[^"]|"")*"|[^\s("]+)(?:\s*\.\s*(?:"(?:[^"]|"")*"|[^\s(".]+))*)`)
+	`((?:"(?:[^"]|"")*"|[^\s(".]+)(?:\s*\.\s*(?:"(?:[^"]|"")*"|[^\s(".]+))*)`)
+
+// trailingComments matches comments at the end of a statement.
+var trailingComments = regexp.MustCompile(`(?s)(?:\s*(?:--[^\n]*|/\*.*?\*/))+\s*$`)
 
 // tableFromQuery recognises CREATE TABLE … AS (a query, or EXECUTE): it
 // returns the table the statement names and the statement made to create
@@ -84,7 +87,7 @@ var createTableAs = regexp.MustCompile(`(?is)^CREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?(
 // CREATE TABLE … AS in it comes once more as its own definition, before
 // the text when it was the text's first DDL, after it otherwise.
 func tableFromQuery(st string) (table, noData string, ok bool) {
-	st = stripLeadingComments(st)
+	st = trailingComments.ReplaceAllString(stripLeadingComments(st), "")
 	m := createTableAs.FindStringSubmatchIndex(st)
 	if m == nil {
 		return "", "", false
@@ -100,7 +103,10 @@ func tableFromQuery(st string) (table, noData string, ok bool) {
 		words = split
 	}
 	for i, w := range words {
-		if strings.ContainsAny(w, `"'$(`) || strings.Contains(w, "--") || strings.Contains(w, "/*") {
+		switch {
+		case len(w) > 2 && strings.EqualFold(w[:3], "AS("):
+			words[i] = "AS" // AS(SELECT …)
+		case strings.ContainsAny(w, `"'$(`) || strings.Contains(w, "--") || strings.Contains(w, "/*"):
 			words[i] = ""
 		}
 	}
@@ -390,7 +396,7 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 			// Its definition, recorded on its own, creates the table.
 			var exists bool
 			if err := a.conn.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, table).Scan(&exists); err != nil {
-				return fmt.Errorf("look up table %s of DDL %q: %w", table, st, err)
+				return blocked(seq, "ddl failed", "look up table %s of DDL %q on DR: %w; make the table on DR by hand, apply resumes by itself", table, st, err)
 			}
 			if exists {
 				a.log.Info().Uint64("seq", seq).Str("ddl", st).Msg("table already created from its definition; its query is not replayed")
