@@ -196,6 +196,17 @@ func (a *Agent) runSession(ctx context.Context) error {
 	if s.tables, err = selectTables(ctx, ctrl, s.log, a.cfg.Tables, a.cfg.SetReplicaIdentityFull, a.cfg.PublishViaRoot, wire.PublicationName(a.cfg.Group)); err != nil {
 		return err
 	}
+	// Before the first snapshot only: once streaming, a table the agent may
+	// not read holds its own backfill (runBackfills) and the stream goes on.
+	var streamed bool
+	if err := ctrl.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, SlotName(a.cfg.Group)).Scan(&streamed); err != nil {
+		return fmt.Errorf("look up slot %q: %w", SlotName(a.cfg.Group), err)
+	}
+	if !streamed {
+		if err := refuseUnreadable(ctx, ctrl, s.tables); err != nil {
+			return err
+		}
+	}
 	capturing, err := s.installDDLCapture(ctx)
 	if err != nil {
 		return err

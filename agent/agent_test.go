@@ -187,10 +187,14 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		}
 		execSQL(t, pg.URL("noselect"), `CREATE ROLE reader LOGIN REPLICATION; GRANT CREATE ON DATABASE noselect TO reader; GRANT CREATE ON SCHEMA public TO reader`)
 		url := strings.Replace(pg.URL("noselect"), "postgres@", "reader@", 1)
-		execSQL(t, url, `CREATE TABLE readable (id int PRIMARY KEY); CREATE TABLE secret (id int PRIMARY KEY, pin text); REVOKE SELECT ON secret FROM reader`)
+		execSQL(t, pg.URL("noselect"), `CREATE SCHEMA priv; GRANT USAGE, CREATE ON SCHEMA priv TO reader`)
+		execSQL(t, url, `CREATE TABLE readable (id int PRIMARY KEY); CREATE TABLE secret (id int PRIMARY KEY, pin text); REVOKE SELECT ON secret FROM reader;
+			CREATE TABLE priv.hidden (id int PRIMARY KEY)`)
+		execSQL(t, pg.URL("noselect"), `REVOKE USAGE ON SCHEMA priv FROM reader`)
 		cfg := testConfig(url, nats.URL())
 		cfg.Group = "noselect"
-		assertContains(t, runToError(t, cfg), `role "reader" may not read every column of public.secret`, `GRANT SELECT ON public.secret TO "reader"`)
+		assertContains(t, runToError(t, cfg), `role "reader" may not read every column of public.secret`, `GRANT SELECT ON public.secret TO "reader"`,
+			`GRANT USAGE ON SCHEMA priv TO "reader"`)
 	})
 
 	t.Run("DDL capture without the group", func(t *testing.T) {

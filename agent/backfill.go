@@ -598,12 +598,16 @@ func (s *session) runBackfills(ctx context.Context, fail func(error)) {
 			}
 			err = s.backfillTable(ctx, conn, state)
 			var h *heldBackfill
-			if errors.As(err, &h) {
+			switch {
+			case errors.As(err, &h):
 				held, err = held+1, nil
 				if why := h.Error(); said[state.OID] != why {
 					said[state.OID] = why
 					s.log.Error().Str("table", state.Schema+"."+state.Name).Dur("recheck", heldRecheck).Msg(why)
 				}
+			case err == nil && said[state.OID] != "":
+				delete(said, state.OID)
+				s.log.Info().Str("table", state.Schema+"."+state.Name).Msg("the agent may read the table now: its backfill ran")
 			}
 		}
 		s.metrics.backfillsHeld.Set(float64(held))

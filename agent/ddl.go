@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -330,9 +331,16 @@ func DDLCaptureSQL(cfg Config) (string, error) {
 	if len(cfg.Controllers) > 0 {
 		return "", errors.New("--print-ddl-capture is for an agent that is not a superuser, and with --controllers the agent must be one: it fences its database")
 	}
+	if err := wire.ValidateGroup(cfg.Group); err != nil {
+		return "", err
+	}
 	source, err := pgx.ParseConfig(cfg.SourceURL)
 	if err != nil {
 		return "", fmt.Errorf("parse source URL: %w", err)
+	}
+	if u, err := url.Parse(cfg.SourceURL); err == nil && u.User.Username() == "" && !strings.Contains(cfg.SourceURL, "user=") {
+		// Else the operator's own name would stand for the agent's role.
+		return "", errors.New("--source-url names no user: give the role the agent runs as (postgres://haven@…)")
 	}
 	role := pgx.Identifier{source.User}.Sanitize()
 	pub := wire.PublicationName(cfg.Group)
@@ -388,7 +396,7 @@ func (s *session) installDDLCapture(ctx context.Context) (bool, error) {
 		}
 		if !recorded {
 			return false, needsOperator("DDL capture is installed, but group %q is not recorded in haven.groups for this agent as it runs (--tables, --publish-via-partition-root), "+
-				"so tables created from now on would not join it: have a superuser run what haven agent --print-ddl-capture prints with this agent's flags", s.cfg.Group)
+				"or the agent's role may not read that table; so tables created from now on would not join it: have a superuser run what haven agent --print-ddl-capture prints with this agent's flags", s.cfg.Group)
 		}
 		return true, nil
 	}

@@ -213,9 +213,6 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 	if len(picked) == 0 {
 		return nil, needsOperator("no tables to replicate: the source database has no ordinary tables outside the system schemas (or --tables is empty)")
 	}
-	if err := refuseUnreadable(ctx, conn, picked); err != nil {
-		return nil, err
-	}
 	return picked, nil
 }
 
@@ -240,14 +237,19 @@ func refuseUnreadable(ctx context.Context, conn *pgx.Conn, tables []table) error
 // read, and what to grant.
 type unreadable struct {
 	role string
-	// denied lack SELECT on some column; policed have row-level security
-	// policies that apply to the role.
-	denied, policed []string
+	// unusable are schemas the role lacks USAGE on; denied tables lack
+	// SELECT on some column; policed ones have row-level security policies
+	// that apply to the role.
+	unusable, denied, policed []string
 }
 
 func (u *unreadable) String() string {
 	role := pgx.Identifier{u.role}.Sanitize()
 	var says []string
+	if len(u.unusable) > 0 {
+		says = append(says, fmt.Sprintf("the agent's role %q may not use schema %s: GRANT USAGE ON SCHEMA %s TO %s",
+			u.role, strings.Join(u.unusable, ", "), strings.Join(u.unusable, ", "), role))
+	}
 	if len(u.denied) > 0 {
 		says = append(says, fmt.Sprintf("the agent's role %q may not read every column of %s: GRANT SELECT ON %s TO %s",
 			u.role, strings.Join(u.denied, ", "), strings.Join(u.denied, ", "), role))
@@ -264,17 +266,19 @@ func (u *unreadable) String() string {
 func unreadableTables(ctx context.Context, conn *pgx.Conn, oids []uint32) (*unreadable, error) {
 	var u unreadable
 	err := conn.QueryRow(ctx, `SELECT current_user,
+			coalesce(array_agg(DISTINCT c.relnamespace::regnamespace::text ORDER BY c.relnamespace::regnamespace::text)
+				FILTER (WHERE NOT has_schema_privilege(c.relnamespace, 'USAGE')), '{}'),
 			coalesce(array_agg(c.oid::regclass::text ORDER BY c.oid::regclass::text) FILTER (WHERE EXISTS (
 				SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
 					AND NOT has_column_privilege(c.oid, a.attnum, 'SELECT'))), '{}'),
 			coalesce(array_agg(c.oid::regclass::text ORDER BY c.oid::regclass::text) FILTER (WHERE c.relrowsecurity
 				AND (c.relforcerowsecurity OR NOT pg_has_role(c.relowner, 'USAGE'))
 				AND NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = current_user AND (r.rolsuper OR r.rolbypassrls))), '{}')
-		FROM pg_class c WHERE c.oid = ANY($1::oid[])`, oids).Scan(&u.role, &u.denied, &u.policed)
+		FROM pg_class c WHERE c.oid = ANY($1::oid[])`, oids).Scan(&u.role, &u.unusable, &u.denied, &u.policed)
 	if err != nil {
 		return nil, fmt.Errorf("check that the agent may read every row of its tables: %w", err)
 	}
-	if len(u.denied) == 0 && len(u.policed) == 0 {
+	if len(u.unusable) == 0 && len(u.denied) == 0 && len(u.policed) == 0 {
 		return nil, nil
 	}
 	return &u, nil

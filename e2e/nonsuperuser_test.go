@@ -79,6 +79,12 @@ func TestAnAgentThatIsNotASuperuser(t *testing.T) {
 		t.Fatalf("DR has %d backfills open (%v), want the 2 that wait", n, err)
 	}
 	assertEqual(t, primary, dr, map[string]string{"notes": "id"})
+	// A restart meanwhile (a deploy, a lost connection) does not stop the
+	// agent at the tables that wait.
+	agent.kill()
+	startHaven(t, "agent", args...)
+	mustExec(t, owner, `INSERT INTO notes (id, body) VALUES (102, 'after the restart')`)
+	waitCaughtUp(t, primary, dr, 3, 60*time.Second)
 
 	mustExec(t, app, `GRANT SELECT ON deals TO haven`)
 	mustExec(t, primary, `ALTER ROLE haven BYPASSRLS`)
@@ -86,7 +92,7 @@ func TestAnAgentThatIsNotASuperuser(t *testing.T) {
 		n, err := backfillsOnDR(t.Context(), dr)
 		return n == 0, err
 	})
-	waitCaughtUp(t, primary, dr, 3, 60*time.Second)
+	waitCaughtUp(t, primary, dr, 4, 60*time.Second)
 	assertEqual(t, primary, dr, map[string]string{"notes": "id", "deals": "id", "tenant_docs": "id"})
 	assertSameSchema(t, primary, dr)
 }

@@ -1187,16 +1187,14 @@ func (a *applier) createSchema(ctx context.Context, seq uint64, script, then str
 		return fmt.Errorf("connect to create the DR schema: %w", err)
 	}
 	defer conn.Close(context.Background())
-	defer func() {
-		if len(notTaken) > 0 {
-			a.log.Warn().Uint64("seq", seq).Int("statements", len(notTaken)).Strs("first", notTaken[:min(len(notTaken), 20)]).
-				Msg("the DR schema lacks owners or grants of the primary's: create the roles on DR (pg_dumpall --roles-only) and run the statements there, or run the standby as a superuser")
-		}
-	}()
 	// The simple protocol runs a multi-statement script as one transaction.
 	if err := conn.PgConn().Exec(ctx, script+then).Close(); err != nil {
 		return blocked(seq, "create schema", "create the primary's schema on DR: %w; create what is missing on DR "+
 			"(an extension that is not installed there?), or restore the schema yourself with pg_dump --schema-only", err)
+	}
+	if len(notTaken) > 0 {
+		a.log.Warn().Uint64("seq", seq).Int("statements", len(notTaken)).Strs("first", notTaken[:min(len(notTaken), 20)]).
+			Msg("the DR schema lacks owners or grants of the primary's: create the roles on DR (pg_dumpall --roles-only) and run the statements there, or run the standby as a superuser")
 	}
 	a.log.Info().Int("bytes", len(script)).Msg("created the DR schema from the primary's (pg_dump --schema-only under the snapshot)")
 	return nil
