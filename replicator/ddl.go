@@ -8,7 +8,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"unicode"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -74,8 +73,12 @@ func replayableStatements(text string) []string {
 var createTableAs = regexp.MustCompile(`(?is)^CREATE\s+(?:(?:GLOBAL|LOCAL)\s+)?(?:(?:TEMP|TEMPORARY|UNLOGGED)\s+)?TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?` +
 	`((?:"(?:[^"]|"")*"|[^\s(".]+)(?:\s*\.\s*(?:"(?:[^"]|"")*"|[^\s(".]+))*)`)
 
-// trailingComments matches comments at the end of a statement.
-var trailingComments = regexp.MustCompile(`(?s)(?:\s*(?:--[^\n]*|/\*.*?\*/))+\s*$`)
+// trailingComments matches comments at the end of a statement, and
+// withData the WITH [NO] DATA that ends a CREATE TABLE … AS.
+var (
+	trailingComments = regexp.MustCompile(`(?s)(?:\s*(?:--[^\n]*|/\*.*?\*/))+\s*$`)
+	withData         = regexp.MustCompile(`(?is)\s+WITH\s+(?:NO\s+)?DATA\s*$`)
+)
 
 // tableFromQuery recognises CREATE TABLE … AS (a query, or EXECUTE): it
 // returns the table the statement names and the statement made to create
@@ -110,28 +113,11 @@ func tableFromQuery(st string) (table, noData string, ok bool) {
 			words[i] = ""
 		}
 	}
-	as := slices.IndexFunc(words, func(w string) bool { return strings.EqualFold(w, "AS") })
-	if as < 0 {
+	if !slices.ContainsFunc(words, func(w string) bool { return strings.EqualFold(w, "AS") }) {
 		return "", "", false
 	}
 	// A trailing WITH [NO] DATA gives way to WITH NO DATA.
-	end := len(words)
-	if end-as > 2 && strings.EqualFold(words[end-1], "DATA") {
-		switch {
-		case strings.EqualFold(words[end-2], "WITH"):
-			end -= 2
-		case strings.EqualFold(words[end-2], "NO") && strings.EqualFold(words[end-3], "WITH"):
-			end -= 3
-		}
-	}
-	body := st
-	if end < len(words) {
-		body = strings.TrimRightFunc(st, unicode.IsSpace)
-		for range len(words) - end {
-			body = strings.TrimRightFunc(body[:strings.LastIndexFunc(body, unicode.IsSpace)+1], unicode.IsSpace)
-		}
-	}
-	return st[m[2]:m[3]], body + "\nWITH NO DATA", true
+	return st[m[2]:m[3]], withData.ReplaceAllString(st, "") + "\nWITH NO DATA", true
 }
 
 var (
