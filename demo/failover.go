@@ -127,7 +127,7 @@ func demoRejoinAndVerify(ctx context.Context, controllers []string, primary *pgt
 			return false
 		}
 		g := st.Msg.Groups[0]
-		return g.Rejoin == "" && len(g.DeposedSites) == 0 && g.LagSeconds < 1 && time.UnixMilli(g.StandbySeenUnixMs).After(started)
+		return g.Rejoin == "" && len(g.DeposedSites) == 0 && g.LagSeconds < 1 && g.DrIncomplete == "" && time.UnixMilli(g.StandbySeenUnixMs).After(started)
 	}); err != nil {
 		return fmt.Errorf("waiting for the rejoin: %w", err)
 	}

@@ -34,9 +34,9 @@ func drillSite(t *testing.T, standbyArgs ...string) (*site, *quorum, *pgx.Conn, 
 	startHaven(t, "agent", s.agentArgs("--controllers", controllers, "--site", "a")...)
 	standby := startHaven(t, "standby", s.standbyArgs(append([]string{"--controllers", controllers, "--site", "b"}, standbyArgs...)...)...)
 	waitCaughtUp(t, primary, connect(t, s.drURL()), 1, 60*time.Second)
-	waitFor(t, 30*time.Second, "the quorum to know both sites", func() (bool, error) {
+	waitFor(t, 30*time.Second, "the quorum to know both sites, and that DR is complete", func() (bool, error) {
 		st, err := q.status(t)
-		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b", nil
+		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].DRIncomplete == "", nil
 	})
 	return s, q, primary, standby
 }

@@ -142,6 +142,8 @@ type ctlStatus struct {
 		// Former primaries not rejoined yet, and a rejoin under way.
 		DeposedSites []string `json:"deposedSites"`
 		Rejoin       string   `json:"rejoin"`
+		Alert        string   `json:"alert"`
+		DRIncomplete string   `json:"drIncomplete"`
 	} `json:"groups"`
 }
 
@@ -175,6 +177,8 @@ func (q *quorum) status(t *testing.T) (ctlStatus, error) {
 type failoverSite struct {
 	*site
 	q         *quorum
+	agent     *proc
+	standby   *proc
 	primary   *pgx.Conn
 	dr        *pgx.Conn
 	multiHost string
@@ -211,14 +215,14 @@ func startFailoverSite(t *testing.T, agentArgs ...string) *failoverSite {
 	mustExec(t, f.primary, `CREATE TABLE acked (id bigint PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())`)
 	f.q = startQuorum(t, 3)
 	controllers := strings.Join(f.q.apis, ",")
-	startHaven(t, "agent", s.agentArgs(append([]string{"--controllers", controllers, "--site", "a"}, agentArgs...)...)...)
-	startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b",
+	f.agent = startHaven(t, "agent", s.agentArgs(append([]string{"--controllers", controllers, "--site", "a"}, agentArgs...)...)...)
+	f.standby = startHaven(t, "standby", s.standbyArgs("--controllers", controllers, "--site", "b",
 		"--promote-hook", "echo promoted $HAVEN_GROUP at epoch $HAVEN_EPOCH")...)
 	f.dr = connect(t, s.drURL())
 	waitCaughtUp(t, f.primary, f.dr, 1, 60*time.Second)
-	waitFor(t, 30*time.Second, "the quorum to know both sites", func() (bool, error) {
+	waitFor(t, 30*time.Second, "the quorum to know both sites, and that DR is complete", func() (bool, error) {
 		st, err := f.q.status(t)
-		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].LeaseMs != "", nil
+		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].LeaseMs != "" && st.Groups[0].DRIncomplete == "", nil
 	})
 	// Clients use both hosts; only a read-write one takes their writes.
 	f.multiHost = fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/%s?target_session_attrs=read-write&connect_timeout=1",
@@ -564,6 +568,10 @@ func twoSites(t *testing.T, reports string, agentExtra ...string) (*site, *quoru
 		"--heartbeat-interval", "500ms", "--controllers", controllers, "--site", "b", "--report-dir", reports}, agentExtra...)...)
 	startHaven(t, "standby-a", "standby", "--target-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group,
 		"--blocked-retry", "1s", "--controllers", controllers, "--site", "a")
+	waitFor(t, 30*time.Second, "the quorum to know that DR is complete", func() (bool, error) {
+		st, err := q.status(t)
+		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].DRIncomplete == "", err
+	})
 	return s, q, primary, dr, agentA, standbyB
 }
 

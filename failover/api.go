@@ -39,7 +39,7 @@ func (a *api) Status(ctx context.Context, _ *connect.Request[havenpb.StatusReque
 		g := st.Groups[name]
 		gs := &havenpb.GroupStatus{Name: g.Name, PrimarySite: g.PrimarySite, DrSite: g.DRSite, Epoch: g.Epoch, Paused: g.Paused, State: g.State,
 			LagSeconds: g.LagSeconds, StandbySeenUnixMs: g.StandbySeenMs, AgentSeenUnixMs: g.AgentSeenMs, LeaseExpiresUnixMs: g.LeaseExpiresMs,
-			Alert: g.Alert, FailoverAfterMs: p.FailoverAfter.Milliseconds(), MaxRpoSeconds: p.MaxRPO.Seconds()}
+			Alert: g.Alert, DrIncomplete: g.DRIncomplete, FailoverAfterMs: p.FailoverAfter.Milliseconds(), MaxRpoSeconds: p.MaxRPO.Seconds()}
 		for site := range g.Deposed {
 			gs.DeposedSites = append(gs.DeposedSites, site)
 		}
@@ -118,6 +118,10 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 		if g.LagSeconds > a.c.cfg.Policy.MaxRPO.Seconds() {
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q lags %.1fs, more than max_rpo %s: --force accepts losing that", g.Name, g.LagSeconds, a.c.cfg.Policy.MaxRPO))
 		}
+		if g.DRIncomplete != "" {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q is incomplete: %s; promoting it would lose those rows: "+
+				"bring the primary back, or --force accepts the loss", g.Name, g.DRIncomplete))
+		}
 	}
 	// Never two primaries: the old primary's agent fences itself when its
 	// lease runs out, so DR is promoted only after that.
@@ -136,6 +140,9 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 	reason := "manual failover"
 	if r.Force {
 		reason = "forced failover"
+		if g.DRIncomplete != "" {
+			reason += " of an incomplete DR copy (" + g.DRIncomplete + ")"
+		}
 	}
 	if r.Reason != "" {
 		reason += ": " + r.Reason
@@ -291,7 +298,7 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 		Epoch: r.Epoch, URL: r.DatabaseUrl, LagSeconds: r.LagSeconds, Promoted: r.PromotedEpoch, AppliedLSN: r.AppliedLsn,
 		Reported: r.Reported, Reseeded: r.Reseeded, Report: r.Report, StandbyDB: r.StandbyDatabase, DrainedLSN: r.DrainedLsn,
 		Unapplied: r.UnappliedMessages, DrillID: r.DrillId, HeldLSN: r.DrillHeldLsn, AtCut: r.DrillAtCut, DrillSteps: stepsOf(r.DrillSteps),
-		DrillDone: r.DrillDone, DrillError: r.DrillError, GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
+		DrillDone: r.DrillDone, DrillError: r.DrillError, Incomplete: r.Incomplete, GrantLease: agent, LeaseTTLMs: a.c.cfg.LeaseTTL.Milliseconds()})
 	if err != nil {
 		var ce *connect.Error
 		if errors.As(err, &ce) {

@@ -36,7 +36,7 @@ type Decision struct {
 // number of voting controller nodes and the time: a group fails over when
 // a majority of the nodes have seen its primary down for FailoverAfter, its
 // primary's lease has expired, and its DR standby reported recently with a
-// lag within MaxRPO. When the primary is down but one of the others does
+// lag within MaxRPO and a complete copy. When the primary is down but one of the others does
 // not hold, it alerts instead and waits for an operator's forced failover.
 // It also alerts when the primary is up but its agent has gone silent.
 func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
@@ -74,6 +74,9 @@ func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 	case nowMs-g.StandbySeenMs > p.StandbyTimeout.Milliseconds():
 		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR site %s has not reported for %s: its lag is unknown; check the standby, or haven ctl failover --group %s --force",
 			g.PrimarySite, down, g.DRSite, time.Duration(nowMs-g.StandbySeenMs)*time.Millisecond, g.Name)}
+	case g.DRIncomplete != "":
+		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR site %s's copy is incomplete: %s; promoting it would lose those rows: "+
+			"bring %s back, or haven ctl failover --group %s --force accepts the loss", g.PrimarySite, down, g.DRSite, g.DRIncomplete, g.PrimarySite, g.Name)}
 	case g.LagSeconds > p.MaxRPO.Seconds():
 		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR lags %.1fs, more than max_rpo %s: failing over would lose that; haven ctl failover --group %s --force accepts it",
 			g.PrimarySite, down, g.LagSeconds, p.MaxRPO, g.Name)}

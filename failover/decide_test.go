@@ -96,6 +96,12 @@ func TestDecideScenarios(t *testing.T) {
 			down(g, "n2", 0, 5*time.Second)
 			standby(g, 5*time.Second, 42)
 		}, 5 * time.Second, false, "more than max_rpo"},
+		{"DR copy incomplete", func(g *Group) {
+			down(g, "n1", 0, 5*time.Second)
+			down(g, "n2", 0, 5*time.Second)
+			standby(g, 5*time.Second, 0)
+			g.DRIncomplete = "1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals"
+		}, 5 * time.Second, false, "copy is incomplete: 1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals"},
 		{"DR standby silent", func(g *Group) {
 			down(g, "n1", 0, 20*time.Second)
 			down(g, "n2", 0, 20*time.Second)

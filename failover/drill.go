@@ -153,6 +153,8 @@ type RPO struct {
 	UnappliedMessages uint64  `json:"unapplied_messages"`
 	BytesBehind       uint64  `json:"bytes_behind"`
 	SecondsBehind     float64 `json:"seconds_behind"`
+	// Incomplete is what DR's copy lacked ("" when complete).
+	Incomplete string `json:"dr_incomplete,omitempty"`
 }
 
 // Step is one timed step of a drill.
@@ -179,8 +181,13 @@ type TableCheck struct {
 }
 
 // judge sets whether r met the objectives it was given; a drill that
-// passed otherwise fails when it did not.
+// passed otherwise fails when it did not, or when DR's copy was incomplete
+// (a failover would have lost what it lacked).
 func (r *Report) judge() {
+	if r.RPO.Incomplete != "" && r.Outcome == OutcomePassed {
+		r.Outcome = OutcomeFailed
+		r.Reason = joinReason("DR's copy was incomplete at the start: "+r.RPO.Incomplete+"; a failover then would have lost those rows", r.Reason)
+	}
 	var missed []string
 	if r.RPOObjective > 0 && r.RPO.SecondsBehind > r.RPOObjective {
 		missed = append(missed, fmt.Sprintf("DR was %.1fs behind at the start, over the RPO objective of %gs", r.RPO.SecondsBehind, r.RPOObjective))

@@ -170,3 +170,17 @@ func TestOverdueDrillsAlert(t *testing.T) {
 		t.Errorf("a drill under way: %q", why)
 	}
 }
+
+// TestDrillFailsOnAnIncompleteDR: a drill that passed otherwise fails when
+// DR's copy was incomplete at its start, and says what it lacked.
+func TestDrillFailsOnAnIncompleteDR(t *testing.T) {
+	r := Report{Outcome: OutcomePassed, RPO: RPO{Incomplete: "the initial snapshot at 0/16B3748 is only partly loaded"}}
+	r.judge()
+	if r.Outcome != OutcomeFailed || !strings.Contains(r.Reason, "only partly loaded") {
+		t.Errorf("drill with an incomplete DR: %s (%q), want failed, saying what DR lacked", r.Outcome, r.Reason)
+	}
+	r = Report{Outcome: OutcomePassed}
+	if r.judge(); r.Outcome != OutcomePassed {
+		t.Errorf("drill with a complete DR: %s (%q), want passed", r.Outcome, r.Reason)
+	}
+}

@@ -177,7 +177,7 @@ func reportProto(r *Report) *havenpb.DrillReport {
 	p := &havenpb.DrillReport{Id: r.ID, Group: r.Group, Kind: r.Kind, Trigger: r.Trigger, StartedUnixMs: r.StartedMs, EndedUnixMs: r.EndedMs,
 		Outcome: r.Outcome, Reason: r.Reason, RtoSeconds: r.RTOSeconds, RtoPredicted: r.RTOPredicted, ApplyHeldSeconds: r.HeldSeconds,
 		Lsn: r.LSN, RtoObjectiveSeconds: r.RTOObjective, RpoObjectiveSeconds: r.RPOObjective, ObjectivesMet: r.ObjectivesOK,
-		Rpo: &havenpb.DrillRPO{UnappliedMessages: r.RPO.UnappliedMessages, BytesBehind: r.RPO.BytesBehind, SecondsBehind: r.RPO.SecondsBehind}}
+		Rpo: &havenpb.DrillRPO{UnappliedMessages: r.RPO.UnappliedMessages, BytesBehind: r.RPO.BytesBehind, SecondsBehind: r.RPO.SecondsBehind, DrIncomplete: r.RPO.Incomplete}}
 	for _, s := range r.Steps {
 		p.Steps = append(p.Steps, &havenpb.DrillStep{Name: s.Name, Seconds: s.Seconds, Detail: s.Detail})
 	}

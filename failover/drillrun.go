@@ -224,7 +224,7 @@ func (c *Controller) startDrill(ctx context.Context, group, kind, trigger, actor
 // measureRPO is how far DR is behind: the primary's WAL position against
 // the standby's last report.
 func (c *Controller) measureRPO(ctx context.Context, g *Group) RPO {
-	rpo := RPO{UnappliedMessages: g.UnappliedMessages, SecondsBehind: g.LagSeconds}
+	rpo := RPO{UnappliedMessages: g.UnappliedMessages, SecondsBehind: g.LagSeconds, Incomplete: g.DRIncomplete}
 	cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
 	conn, err := pgx.Connect(cctx, c.route(g.PrimaryURL()))

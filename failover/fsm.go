@@ -40,6 +40,9 @@ type Group struct {
 	AgentSeenMs    int64   `json:"agent_seen_ms,omitempty"`
 	StandbySeenMs  int64   `json:"standby_seen_ms,omitempty"`
 	LagSeconds     float64 `json:"lag_seconds,omitempty"`
+	// DRIncomplete is what the DR standby last reported its copy lacks
+	// ("" when complete): promoting it would lose those rows.
+	DRIncomplete string `json:"dr_incomplete,omitempty"`
 	// Deposed sites: former primaries, by the epoch that deposed them,
 	// until they rejoin. Their agent is told to fence, their standby not
 	// to apply.
@@ -215,6 +218,7 @@ type command struct {
 	DrillSteps []Step  `json:"drill_steps,omitempty"`
 	DrillDone  bool    `json:"drill_done,omitempty"`
 	DrillError string  `json:"drill_error,omitempty"`
+	Incomplete string  `json:"incomplete,omitempty"`
 
 	Drill *drillCommand `json:"drill,omitempty"`
 
@@ -303,6 +307,11 @@ func (s *State) apply(c command) any {
 			s.audit(c.AtMs, c.Actor, "switchover", c.Group, "refused")
 			return fmt.Errorf("group %q cannot switch over now: state %s, DR site %q (deposed: %v), switchover %q; it needs a DR site that follows the primary",
 				c.Group, g.State, g.DRSite, deposed, g.Switchover)
+		}
+		if g.DRIncomplete != "" {
+			s.audit(c.AtMs, c.Actor, "switchover", c.Group, "refused: DR's copy is incomplete: "+g.DRIncomplete)
+			return fmt.Errorf("group %q cannot switch over now: DR site %s's copy is incomplete (%s), and a switchover would lose what it lacks; "+
+				"switch over once the standby has loaded it (haven ctl status shows when)", c.Group, g.DRSite, g.DRIncomplete)
 		}
 		if g.Drill != nil && g.Drill.Kind != DrillSwitchover {
 			s.interruptDrill(c.AtMs, g, "a switchover began")
@@ -429,7 +438,7 @@ func (s *State) checkIn(c command) any {
 	if !deposed {
 		// A deposed site's standby applies nothing: its lag means nothing.
 		g.StandbySeenMs = c.AtMs
-		g.LagSeconds = c.LagSeconds
+		g.LagSeconds, g.DRIncomplete = c.LagSeconds, c.Incomplete
 		g.AppliedLSN, g.UnappliedMessages = c.AppliedLSN, c.Unapplied
 		if d := g.Drill; d != nil {
 			switch {
@@ -487,7 +496,7 @@ func (g *Group) promote() {
 	g.State = StatePromoting
 	g.LeaseExpiresMs, g.AgentSeenMs = 0, 0
 	g.Observations = nil
-	g.Alert = ""
+	g.Alert, g.DRIncomplete = "", ""
 }
 
 // switchoverMaxLag is how far DR may lag when a switchover stops writes:
@@ -495,9 +504,9 @@ func (g *Group) promote() {
 const switchoverMaxLag = 300 * time.Millisecond
 
 // current reports whether DR reported, within the last second, a lag small
-// enough to stop writes for a switchover.
+// enough to stop writes for a switchover, and a complete copy.
 func (g *Group) current(nowMs int64) bool {
-	return nowMs-g.StandbySeenMs <= 1000 && g.LagSeconds <= switchoverMaxLag.Seconds()
+	return nowMs-g.StandbySeenMs <= 1000 && g.LagSeconds <= switchoverMaxLag.Seconds() && g.DRIncomplete == ""
 }
 
 // PrimaryURL is the URL to probe the group's primary with: its agent's, or

@@ -189,3 +189,37 @@ func TestFSMSwitchoverWaitsForDR(t *testing.T) {
 		t.Errorf("after DR's report: phase %q from %d, want fence from 1600", g.Switchover, g.SwitchoverStarted)
 	}
 }
+
+// TestFSMIncompleteDR: a DR copy its standby reports incomplete is not
+// switched over to, and a switchover already waiting does not fence the
+// primary for it.
+func TestFSMIncompleteDR(t *testing.T) {
+	f := newFSM()
+	agent := command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000}
+	standby := command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "b"}
+	apply(t, f, 1, agent)
+	apply(t, f, 2, standby)
+	if err, _ := apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
+		t.Fatal(err)
+	}
+	lacks := "1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals"
+	standby.AtMs, standby.Incomplete = 1200, lacks
+	apply(t, f, 4, standby)
+	g := f.read().Groups["crm"]
+	if g.DRIncomplete != lacks || g.Switchover != phaseCatchUp {
+		t.Fatalf("after an incomplete report: incomplete %q, switchover %q; want the report kept and the primary not fenced", g.DRIncomplete, g.Switchover)
+	}
+	apply(t, f, 5, command{Kind: cmdAbortSwitchover, AtMs: 1300, Group: "crm", Reason: "test"})
+	err, _ := apply(t, f, 6, command{Kind: cmdSwitchover, AtMs: 1400, Group: "crm", Actor: "op"}).(error)
+	if err == nil || !strings.Contains(err.Error(), "public.deals") {
+		t.Fatalf("switchover to an incomplete DR: %v, want a refusal naming what it lacks", err)
+	}
+	standby.AtMs, standby.Incomplete = 1500, ""
+	apply(t, f, 7, standby)
+	if err, _ := apply(t, f, 8, command{Kind: cmdSwitchover, AtMs: 1600, Group: "crm", Actor: "op"}).(error); err != nil {
+		t.Fatalf("switchover once DR is complete: %v", err)
+	}
+	if g := f.read().Groups["crm"]; g.DRIncomplete != "" {
+		t.Errorf("after a complete report: incomplete %q", g.DRIncomplete)
+	}
+}

@@ -113,7 +113,7 @@ type applier struct {
 	checked     map[string]bool          // relation keys whose DR table was checked
 	partitioned map[string]bool          // relation keys whose DR table is partitioned
 	targetOID   map[string]uint32        // relation keys' DR tables
-	backfilling map[uint32]bool          // DR tables being backfilled
+	backfilling map[uint32]string        // DR tables being backfilled: their names
 	lag         *lagClock                // where the lag is reported to the controllers (nil: nowhere)
 	control     *controlState            // where the applied position is reported to them (nil: nowhere)
 	// replace lets a snapshot empty DR tables that hold rows although
@@ -151,7 +151,7 @@ type applier struct {
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
 		lastSeq: pos.streamSeq, statements: map[string]string{}, build: newBuilder(), relations: map[uint32]knownRelation{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
-		targetOID: map[string]uint32{}, backfilling: map[uint32]bool{}, runs: map[string]*tableRuns{}, unique: map[uint32]map[string]bool{}}
+		targetOID: map[string]uint32{}, backfilling: map[uint32]string{}, runs: map[string]*tableRuns{}, unique: map[uint32]map[string]bool{}}
 }
 
 // inbound is a stream message, decoded ahead of apply (see readAhead).
@@ -479,7 +479,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				if err != nil {
 					return err
 				}
-				a.queue(name, "", slices.Clone(st.params), batchEntry{matchesRow: st.matchesRow, insertsRows: st.insertsRows, tolerateMissing: a.backfilling[a.targetOID[relKey]],
+				a.queue(name, "", slices.Clone(st.params), batchEntry{matchesRow: st.matchesRow, insertsRows: st.insertsRows, tolerateMissing: a.backfilling[a.targetOID[relKey]] != "",
 					table: rel.Schema + "." + rel.Name, rel: rel, changes: []*havenpb.Change{ch}})
 				a.batchRows++
 			}
@@ -1054,6 +1054,7 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		return fmt.Errorf("commit snapshot step: %w", err)
 	}
 	a.pos, a.next, a.found = next, next, true
+	a.reportCompleteness()
 	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_END && a.snapshotLoaded != nil {
 		a.snapshotLoaded()
 	}

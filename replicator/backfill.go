@@ -22,19 +22,21 @@ import (
 
 // loadBackfills reads the tables being backfilled (by DR OID).
 func (a *applier) loadBackfills(ctx context.Context) error {
-	rows, err := a.conn.Query(ctx, `SELECT relid FROM haven.backfills WHERE group_name = $1`, a.cfg.Group)
+	rows, err := a.conn.Query(ctx, `SELECT relid, table_name FROM haven.backfills WHERE group_name = $1`, a.cfg.Group)
 	if err != nil {
 		return fmt.Errorf("read haven.backfills: %w", err)
 	}
-	oids, err := pgx.CollectRows(rows, pgx.RowTo[uint32])
-	if err != nil {
+	a.backfilling = map[uint32]string{}
+	var oid uint32
+	var name string
+	if _, err := pgx.ForEachRow(rows, []any{&oid, &name}, func() error {
+		a.backfilling[oid] = name
+		return nil
+	}); err != nil {
 		return fmt.Errorf("read haven.backfills: %w", err)
-	}
-	a.backfilling = map[uint32]bool{}
-	for _, oid := range oids {
-		a.backfilling[oid] = true
 	}
 	a.metrics.backfilling.Set(float64(len(a.backfilling)))
+	a.reportCompleteness()
 	return nil
 }
 
@@ -60,7 +62,6 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 		if err := a.loadBackfills(ctx); err != nil {
 			return err
 		}
-		a.metrics.backfilling.Set(float64(len(a.backfilling)))
 		a.log.Info().Str("table", b.Schema+"."+b.Name).Uint64("seq", seq).Msg("backfill complete: the DR table holds every row")
 		return nil
 	}
@@ -110,8 +111,9 @@ func (a *applier) backfill(ctx context.Context, seq uint64, b *havenpb.Backfill,
 		ON CONFLICT (group_name, relid) DO UPDATE SET began_at = now(), source_relid = excluded.source_relid`, a.cfg.Group, target.oid, b.Schema+"."+b.Name, b.SourceOid); err != nil {
 		return fmt.Errorf("begin the backfill of %s: %w", qualified, err)
 	}
-	a.backfilling[target.oid] = true
+	a.backfilling[target.oid] = b.Schema + "." + b.Name
 	a.metrics.backfilling.Set(float64(len(a.backfilling)))
+	a.reportCompleteness()
 	a.log.Info().Str("table", b.Schema+"."+b.Name).Uint64("seq", seq).Bool("emptied", target.hasRows).
 		Msg("backfill begins: the table's rows arrive while its changes are applied")
 	return nil

@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -54,11 +56,41 @@ type controlState struct {
 	apply      atomic.Bool // the quorum lets this site apply
 	reseed     atomic.Bool // … replacing what the database holds
 	reseeded   atomic.Bool // the replacement snapshot is loaded
+	// What the DR copy lacks that the primary has ("" when complete; nil
+	// until a session has read it).
+	incomplete atomic.Pointer[string]
 	// A drill's hold (drill.go): as ordered, as apply holds it, and the
 	// drill whose hold ran out.
 	drill   atomic.Pointer[drillOrder]
 	held    atomic.Pointer[drillHeld]
 	expired atomic.Pointer[string]
+}
+
+// incomplete says what the DR copy lacks that the primary has ("" when
+// nothing): promoting it now would lose that.
+func (a *applier) incomplete() string {
+	switch {
+	case !a.pos.snapshotDone && a.pos.snapshotLSN == 0:
+		return "no initial snapshot is loaded"
+	case !a.pos.snapshotDone:
+		return fmt.Sprintf("the initial snapshot at %s is only partly loaded", a.pos.snapshotLSN)
+	case len(a.backfilling) > 0:
+		names := slices.Sorted(maps.Values(a.backfilling))
+		more := ""
+		if len(names) > 10 {
+			names, more = names[:10], fmt.Sprintf(" and %d more", len(names)-10)
+		}
+		return fmt.Sprintf("%d table(s) joined with rows that are not all copied yet (backfill under way): %s%s", len(a.backfilling), strings.Join(names, ", "), more)
+	}
+	return ""
+}
+
+// reportCompleteness tells the check-ins what the DR copy lacks.
+func (a *applier) reportCompleteness() {
+	if a.control != nil {
+		s := a.incomplete()
+		a.control.incomplete.Store(&s)
+	}
 }
 
 // checkIns reports to the controllers until ctx ends.
@@ -69,7 +101,10 @@ func (s *Standby) checkIns(ctx context.Context) {
 		req := &havenpb.CheckInRequest{Group: s.cfg.Group, Site: s.cfg.Site, Component: havenpb.Component_COMPONENT_STANDBY,
 			DatabaseUrl: s.cfg.TargetURL, LagSeconds: s.control.lag.seconds(), PromotedEpoch: s.control.promoted.Load(),
 			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: s.control.reseed.Load() && s.control.reseeded.Load(),
-			UnappliedMessages: s.control.unapplied.Load()}
+			UnappliedMessages: s.control.unapplied.Load(), Incomplete: "not known yet: the standby has not read the DR database's position"}
+		if p := s.control.incomplete.Load(); p != nil {
+			req.Incomplete = *p
+		}
 		if h := s.control.held.Load(); h != nil {
 			req.DrillId, req.DrillHeldLsn, req.DrillAtCut = h.id, uint64(h.lsn), h.atCut
 		}
@@ -180,6 +215,12 @@ func (s *Standby) promote(ctx context.Context, a *applier, nc *nats.Conn, epoch 
 		return err
 	}
 	step("drain", t)
+	if lacks := a.incomplete(); lacks != "" {
+		// Only a forced failover orders this: the quorum does not promote
+		// an incomplete copy by itself.
+		a.log.Error().Str("incomplete", lacks).Uint64("epoch", epoch).
+			Msg("promoting an INCOMPLETE DR copy, as ordered: the rows it lacks are only on the old primary; copy them from there once it is back")
+	}
 	if err := makePrimary(ctx, a.conn, s.cfg, epoch, a.pos.commitLSN, steps); err != nil {
 		return err
 	}

@@ -142,7 +142,7 @@ func (a *applier) wait(ctx context.Context, rel *havenpb.Relation, relKey string
 	}
 	if r == nil {
 		// Room for a few rows up front: runs often grow to many.
-		r = &run{shape: st.shape, perRow: len(st.params), tolerateMissing: a.backfilling[a.targetOID[relKey]],
+		r = &run{shape: st.shape, perRow: len(st.params), tolerateMissing: a.backfilling[a.targetOID[relKey]] != "",
 			params: make([][]byte, 0, 16*len(st.params)), changes: make([]*havenpb.Change, 0, 16)}
 		t.runs = append(t.runs, r)
 	}

@@ -383,7 +383,7 @@ func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.L
 		return func() bool {
 			g := status()
 			return g != nil && g.PrimarySite == primary && g.State == "ACTIVE" && len(g.DeposedSites) == 0 && g.Rejoin == "" &&
-				time.Since(time.UnixMilli(g.StandbySeenUnixMs)) < time.Second
+				g.DrIncomplete == "" && time.Since(time.UnixMilli(g.StandbySeenUnixMs)) < time.Second
 		}
 	}
 	var pauses []time.Duration

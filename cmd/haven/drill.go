@@ -211,6 +211,9 @@ func printReport(w io.Writer, d *havenpb.DrillReport) {
 			fmt.Fprintf(w, " (objective %gs)", d.RpoObjectiveSeconds)
 		}
 		fmt.Fprintln(w)
+		if r.DrIncomplete != "" {
+			fmt.Fprintf(w, "  DR's copy was incomplete: %s\n", r.DrIncomplete)
+		}
 	}
 	if d.RtoSeconds > 0 {
 		how := "measured"

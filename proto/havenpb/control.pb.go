@@ -289,8 +289,11 @@ type GroupStatus struct {
 	RtoObjectiveSeconds float64 `protobuf:"fixed64,19,opt,name=rto_objective_seconds,json=rtoObjectiveSeconds,proto3" json:"rto_objective_seconds,omitempty"`
 	RpoObjectiveSeconds float64 `protobuf:"fixed64,20,opt,name=rpo_objective_seconds,json=rpoObjectiveSeconds,proto3" json:"rpo_objective_seconds,omitempty"`
 	DrillAlert          string  `protobuf:"bytes,21,opt,name=drill_alert,json=drillAlert,proto3" json:"drill_alert,omitempty"`
-	unknownFields       protoimpl.UnknownFields
-	sizeCache           protoimpl.SizeCache
+	// What DR's copy lacks that the primary has, as its standby last
+	// reported it ("" when complete): promoting it would lose that.
+	DrIncomplete  string `protobuf:"bytes,22,opt,name=dr_incomplete,json=drIncomplete,proto3" json:"dr_incomplete,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GroupStatus) Reset() {
@@ -466,6 +469,13 @@ func (x *GroupStatus) GetRpoObjectiveSeconds() float64 {
 func (x *GroupStatus) GetDrillAlert() string {
 	if x != nil {
 		return x.DrillAlert
+	}
+	return ""
+}
+
+func (x *GroupStatus) GetDrIncomplete() string {
+	if x != nil {
+		return x.DrIncomplete
 	}
 	return ""
 }
@@ -1167,9 +1177,13 @@ type CheckInRequest struct {
 	DrillAtCut   bool   `protobuf:"varint,17,opt,name=drill_at_cut,json=drillAtCut,proto3" json:"drill_at_cut,omitempty"`
 	// Standby: the promotion rehearsal of drill_id, its steps so far, and
 	// whether it ended (with drill_error when it failed).
-	DrillSteps    []*DrillStep `protobuf:"bytes,18,rep,name=drill_steps,json=drillSteps,proto3" json:"drill_steps,omitempty"`
-	DrillDone     bool         `protobuf:"varint,19,opt,name=drill_done,json=drillDone,proto3" json:"drill_done,omitempty"`
-	DrillError    string       `protobuf:"bytes,20,opt,name=drill_error,json=drillError,proto3" json:"drill_error,omitempty"`
+	DrillSteps []*DrillStep `protobuf:"bytes,18,rep,name=drill_steps,json=drillSteps,proto3" json:"drill_steps,omitempty"`
+	DrillDone  bool         `protobuf:"varint,19,opt,name=drill_done,json=drillDone,proto3" json:"drill_done,omitempty"`
+	DrillError string       `protobuf:"bytes,20,opt,name=drill_error,json=drillError,proto3" json:"drill_error,omitempty"`
+	// Standby: what the DR copy lacks that the primary has ("" when
+	// complete): an initial snapshot not fully loaded, or tables whose
+	// backfill has not ended.
+	Incomplete    string `protobuf:"bytes,21,opt,name=incomplete,proto3" json:"incomplete,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1340,6 +1354,13 @@ func (x *CheckInRequest) GetDrillDone() bool {
 func (x *CheckInRequest) GetDrillError() string {
 	if x != nil {
 		return x.DrillError
+	}
+	return ""
+}
+
+func (x *CheckInRequest) GetIncomplete() string {
+	if x != nil {
+		return x.Incomplete
 	}
 	return ""
 }
@@ -2639,8 +2660,10 @@ type DrillRPO struct {
 	UnappliedMessages uint64                 `protobuf:"varint,1,opt,name=unapplied_messages,json=unappliedMessages,proto3" json:"unapplied_messages,omitempty"`
 	BytesBehind       uint64                 `protobuf:"varint,2,opt,name=bytes_behind,json=bytesBehind,proto3" json:"bytes_behind,omitempty"`
 	SecondsBehind     float64                `protobuf:"fixed64,3,opt,name=seconds_behind,json=secondsBehind,proto3" json:"seconds_behind,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// What DR's copy lacked at the start ("" when complete).
+	DrIncomplete  string `protobuf:"bytes,4,opt,name=dr_incomplete,json=drIncomplete,proto3" json:"dr_incomplete,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *DrillRPO) Reset() {
@@ -2692,6 +2715,13 @@ func (x *DrillRPO) GetSecondsBehind() float64 {
 		return x.SecondsBehind
 	}
 	return 0
+}
+
+func (x *DrillRPO) GetDrIncomplete() string {
+	if x != nil {
+		return x.DrIncomplete
+	}
+	return ""
 }
 
 type DrillStep struct {
@@ -2890,7 +2920,7 @@ const file_control_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
 	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\x12\x14\n" +
-	"\x05voter\x18\x04 \x01(\bR\x05voter\"\xf4\x05\n" +
+	"\x05voter\x18\x04 \x01(\bR\x05voter\"\x99\x06\n" +
 	"\vGroupStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12\x17\n" +
@@ -2917,7 +2947,8 @@ const file_control_proto_rawDesc = "" +
 	"\x15rto_objective_seconds\x18\x13 \x01(\x01R\x13rtoObjectiveSeconds\x122\n" +
 	"\x15rpo_objective_seconds\x18\x14 \x01(\x01R\x13rpoObjectiveSeconds\x12\x1f\n" +
 	"\vdrill_alert\x18\x15 \x01(\tR\n" +
-	"drillAlert\"\x8e\x01\n" +
+	"drillAlert\x12#\n" +
+	"\rdr_incomplete\x18\x16 \x01(\tR\fdrIncomplete\"\x8e\x01\n" +
 	"\vObservation\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x0e\n" +
 	"\x02up\x18\x02 \x01(\bR\x02up\x12\"\n" +
@@ -2960,7 +2991,7 @@ const file_control_proto_rawDesc = "" +
 	"\rResumeRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x14\n" +
 	"\x05actor\x18\x02 \x01(\tR\x05actor\"\x10\n" +
-	"\x0eResumeResponse\"\xb3\x05\n" +
+	"\x0eResumeResponse\"\xd3\x05\n" +
 	"\x0eCheckInRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
 	"\x04site\x18\x02 \x01(\tR\x04site\x121\n" +
@@ -2989,7 +3020,10 @@ const file_control_proto_rawDesc = "" +
 	"\n" +
 	"drill_done\x18\x13 \x01(\bR\tdrillDone\x12\x1f\n" +
 	"\vdrill_error\x18\x14 \x01(\tR\n" +
-	"drillError\"\xdf\x03\n" +
+	"drillError\x12\x1e\n" +
+	"\n" +
+	"incomplete\x18\x15 \x01(\tR\n" +
+	"incomplete\"\xdf\x03\n" +
 	"\x0fCheckInResponse\x12\x14\n" +
 	"\x05epoch\x18\x01 \x01(\x04R\x05epoch\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12#\n" +
@@ -3087,11 +3121,12 @@ const file_control_proto_rawDesc = "" +
 	"\x06tables\x18\x0f \x03(\v2\x14.haven.v1.TableCheckR\x06tables\x122\n" +
 	"\x15rto_objective_seconds\x18\x10 \x01(\x01R\x13rtoObjectiveSeconds\x122\n" +
 	"\x15rpo_objective_seconds\x18\x11 \x01(\x01R\x13rpoObjectiveSeconds\x12%\n" +
-	"\x0eobjectives_met\x18\x12 \x01(\bR\robjectivesMet\"\x83\x01\n" +
+	"\x0eobjectives_met\x18\x12 \x01(\bR\robjectivesMet\"\xa8\x01\n" +
 	"\bDrillRPO\x12-\n" +
 	"\x12unapplied_messages\x18\x01 \x01(\x04R\x11unappliedMessages\x12!\n" +
 	"\fbytes_behind\x18\x02 \x01(\x04R\vbytesBehind\x12%\n" +
-	"\x0eseconds_behind\x18\x03 \x01(\x01R\rsecondsBehind\"Q\n" +
+	"\x0eseconds_behind\x18\x03 \x01(\x01R\rsecondsBehind\x12#\n" +
+	"\rdr_incomplete\x18\x04 \x01(\tR\fdrIncomplete\"Q\n" +
 	"\tDrillStep\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
 	"\aseconds\x18\x02 \x01(\x01R\aseconds\x12\x16\n" +
