@@ -69,6 +69,7 @@ FROM generate_series(1, $1 * 10) g`, accounts)
 // workload runs CRM transactions from several connections until stopped.
 type workload struct {
 	stop    chan struct{}
+	stopped sync.Once
 	wg      sync.WaitGroup
 	commits atomic.Int64
 	mu      sync.Mutex
@@ -116,21 +117,23 @@ func startLoad(t *testing.T, url string, clients int, txn func(context.Context, 
 			}
 		}()
 	}
+	// A test that fails with clients running: they stop before their
+	// connections close (cleanups run last-registered first).
+	t.Cleanup(w.abandon)
 	return w
 }
 
 // abandon stops the clients without judging their errors: their server
 // was killed.
 func (w *workload) abandon() {
-	close(w.stop)
+	w.stopped.Do(func() { close(w.stop) })
 	w.wg.Wait()
 }
 
 // finish stops the clients and fails the test if one failed.
 func (w *workload) finish(t *testing.T) {
 	t.Helper()
-	close(w.stop)
-	w.wg.Wait()
+	w.abandon()
 	if w.err != nil {
 		t.Fatalf("workload: %v", w.err)
 	}

@@ -254,6 +254,9 @@ func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
 	probe := connect(t, url)
 	probePID, probeWaiting := waitingForStandby(probe)
 	stop, probed := make(chan struct{}), make(chan struct{})
+	var halt sync.Once
+	// Should the wait fail, the probe stops before its connection closes.
+	t.Cleanup(func() { halt.Do(func() { close(stop) }); <-probed })
 	go func() {
 		defer close(probed)
 		for {
@@ -268,7 +271,7 @@ func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
 		}
 	}()
 	waitFor(t, 30*time.Second, "a probe commit to wait for the synchronous standby", probeWaiting)
-	close(stop)
+	halt.Do(func() { close(stop) })
 	mustExec(t, admin, `SELECT pg_cancel_backend($1)`, probePID)
 	<-probed
 	conn := connect(t, url)
