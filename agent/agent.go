@@ -197,7 +197,8 @@ func (a *Agent) runSession(ctx context.Context) error {
 		return err
 	}
 	// Before the first snapshot only: once streaming, a table the agent may
-	// not read holds its own backfill (runBackfills) and the stream goes on.
+	// not read holds its own backfill (runBackfills) and the stream goes on
+	// (prepareSlot checks again before a snapshot taken over).
 	var streamed bool
 	if err := ctrl.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, SlotName(a.cfg.Group)).Scan(&streamed); err != nil {
 		return fmt.Errorf("look up slot %q: %w", SlotName(a.cfg.Group), err)
@@ -455,6 +456,11 @@ func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
 		s.log.Warn().Str("slot", slot).Msg("slot exists but its initial snapshot never completed (or is not in this stream); dropping the slot and taking a new snapshot")
 		if _, err := s.ctrl.Exec(ctx, `SELECT pg_drop_replication_slot($1)`, slot); err != nil {
 			return 0, fmt.Errorf("drop incomplete slot %q: %w", slot, err)
+		}
+		// The session's start checked readability only without a slot; a
+		// snapshot under row-level security would miss rows silently.
+		if err := refuseUnreadable(ctx, s.ctrl, s.tables); err != nil {
+			return 0, err
 		}
 	}
 	// Say a snapshot is under way before the slot exists: if anything fails

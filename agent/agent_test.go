@@ -197,6 +197,23 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 			`GRANT USAGE ON SCHEMA priv TO "reader"`)
 	})
 
+	t.Run("snapshot taken over under row-level security", func(t *testing.T) {
+		// A slot whose snapshot never completed (here: made by hand) is
+		// dropped and the snapshot taken again: under policies that apply
+		// to the agent's role, it would copy only the rows they show.
+		if err := pg.CreateDatabase(ctx, "takeover"); err != nil {
+			t.Fatal(err)
+		}
+		execSQL(t, pg.URL("takeover"), `CREATE ROLE taker LOGIN REPLICATION; GRANT CREATE ON DATABASE takeover TO taker; GRANT CREATE ON SCHEMA public TO taker`)
+		url := strings.Replace(pg.URL("takeover"), "postgres@", "taker@", 1)
+		execSQL(t, url, `CREATE TABLE notes (id int PRIMARY KEY, owner text); INSERT INTO notes SELECT g, 'someone' FROM generate_series(1, 10) g;
+			ALTER TABLE notes ENABLE ROW LEVEL SECURITY; ALTER TABLE notes FORCE ROW LEVEL SECURITY; CREATE POLICY mine ON notes USING (owner = current_user)`)
+		execSQL(t, pg.URL("takeover"), `SELECT pg_create_logical_replication_slot('`+SlotName("takeover")+`', 'pgoutput')`)
+		cfg := testConfig(url, nats.URL())
+		cfg.Group = "takeover"
+		assertContains(t, runToError(t, cfg), `row-level security applies to the agent's role "taker" on public.notes`, "BYPASSRLS")
+	})
+
 	t.Run("DDL capture without the group", func(t *testing.T) {
 		if err := pg.CreateDatabase(ctx, "unrecorded"); err != nil {
 			t.Fatal(err)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/haven-dr/haven/proto/havenpb"
@@ -237,6 +239,12 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 	query := fmt.Sprintf("COPY (SELECT %s FROM %s) TO STDOUT (FORMAT %s)", strings.Join(columns, ", "), from, format)
 	tag, err := tx.Conn().PgConn().CopyTo(ctx, chunker, query)
 	if err != nil {
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+			// Checked before the snapshot began; a grant revoked since.
+			return fmt.Errorf("COPY %s: %w: the agent's role may not read it; grant it USAGE on the schema and SELECT on the table, and the next attempt copies it",
+				from, err)
+		}
 		return fmt.Errorf("COPY: %w", err)
 	}
 	if err := chunker.finish(); err != nil {
