@@ -188,7 +188,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 		return fmt.Errorf("open key-value bucket %s: %w", wire.StateBucket, err)
 	}
 	s.warnDurability(ctx)
-	s.publisher = &publisher{js: js, stream: wire.StreamName(a.cfg.Group), compress: a.cfg.Compress, maxPayload: nc.MaxPayload()}
+	s.publisher = &publisher{js: js, stream: wire.StreamName(a.cfg.Group), compress: a.cfg.Compress, maxPayload: nc.MaxPayload(), objects: objectStoreConfig(a.cfg)}
 	if int64(a.cfg.ChunkBytes) > nc.MaxPayload()*3/4 {
 		s.cfg.ChunkBytes = int(nc.MaxPayload() * 3 / 4)
 	}
@@ -528,7 +528,7 @@ func (s *session) snapshotEndInStream(ctx context.Context, slotConfirmed pglogre
 	if err != nil {
 		return false, fmt.Errorf("read the last snapshot message: %w", err)
 	}
-	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	c, err := s.decode(ctx, msg)
 	if err != nil || c.Kind != havenpb.Kind_KIND_SNAPSHOT_END || c.SystemId != s.info.systemID ||
 		c.Slot != SlotName(s.cfg.Group) || pglogrepl.LSN(c.SnapshotLsn) > slotConfirmed {
 		return false, nil

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -78,6 +80,27 @@ type publisher struct {
 	stream     string
 	compress   bool
 	maxPayload int64
+	// objects is the bucket for payloads too large for a message (see
+	// wire.ObjectEncoding), made when the first one comes.
+	objects   jetstream.ObjectStoreConfig
+	objectsMu sync.Mutex
+	store     jetstream.ObjectStore
+}
+
+// messageRoom is what a message's subject and headers may take of
+// max_payload besides its payload.
+const messageRoom = 4 << 10
+
+// objectStoreConfig is the bucket of a group's payloads too large for a
+// message: bounded and aged like the stream, whose messages name them (an
+// object, stored just before its message, is kept a minute longer).
+func objectStoreConfig(cfg Config) jetstream.ObjectStoreConfig {
+	ttl := cfg.StreamMaxAge
+	if ttl > 0 {
+		ttl += time.Minute
+	}
+	return jetstream.ObjectStoreConfig{Bucket: wire.ObjectBucket(cfg.Group), Description: "haven: payloads of group " + cfg.Group + " too large for a message",
+		TTL: ttl, MaxBytes: orUnlimited(cfg.StreamMaxBytes), Storage: jetstream.FileStorage, Replicas: cfg.StreamReplicas}
 }
 
 // publish sends one chunk. With expectLast set, JetStream stores it only if
@@ -100,11 +123,17 @@ func (p *publisher) publish(ctx context.Context, subject, msgID, expectLast stri
 	if err != nil {
 		return nil, 0, err
 	}
-	if int64(len(payload)) > p.maxPayload {
-		return nil, 0, needsOperator("chunk %s is %d bytes, more than the NATS server's max_payload (%d): a single row is larger than a message may be; raise max_payload on the NATS servers (up to 64MB) or enable --compress",
-			msgID, len(payload), p.maxPayload)
-	}
 	msg := &nats.Msg{Subject: subject, Data: payload, Header: nats.Header{}}
+	if int64(len(payload)) > p.maxPayload-messageRoom {
+		// A row larger than a message may be: its chunk goes to the
+		// group's object store first, and the message names it.
+		if err := p.putObject(ctx, msgID, payload); err != nil {
+			return nil, 0, err
+		}
+		msg.Data = nil
+		msg.Header.Set(wire.HeaderObject, msgID)
+		encoding = wire.ObjectEncoding(encoding)
+	}
 	msg.Header.Set(wire.HeaderEncoding, encoding)
 	msg.Header.Set(wire.HeaderFormat, wire.FormatHeader())
 	opts := []jetstream.PublishOpt{jetstream.WithMsgID(msgID), jetstream.WithExpectStream(p.stream)}
@@ -116,6 +145,31 @@ func (p *publisher) publish(ctx context.Context, subject, msgID, expectLast stri
 		return nil, 0, fmt.Errorf("publish %s: %w", msgID, err)
 	}
 	return future, len(payload), nil
+}
+
+// putObject stores a chunk's payload as the object named msgID. The same
+// chunk published again (the agent restarted) replaces it with the same
+// bytes.
+func (p *publisher) putObject(ctx context.Context, msgID string, payload []byte) error {
+	p.objectsMu.Lock()
+	if p.store == nil {
+		store, err := p.js.CreateOrUpdateObjectStore(ctx, p.objects)
+		if err != nil {
+			p.objectsMu.Unlock()
+			var apiErr *jetstream.APIError
+			if errors.As(err, &apiErr) {
+				return needsOperator("create object store %s for rows larger than a message: %v: check the JetStream server's limits", p.objects.Bucket, err)
+			}
+			return fmt.Errorf("create object store %s: %w", p.objects.Bucket, err)
+		}
+		p.store = store
+	}
+	store := p.store
+	p.objectsMu.Unlock()
+	if _, err := store.PutBytes(ctx, msgID, payload); err != nil {
+		return fmt.Errorf("store chunk %s (%d bytes, larger than a message) in object store %s: %w", msgID, len(payload), p.objects.Bucket, err)
+	}
+	return nil
 }
 
 // waitAck waits for one publish to be acknowledged.

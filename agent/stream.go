@@ -129,6 +129,16 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 	return st.loop(ctx)
 }
 
+// decode decodes a message of the group's stream, reading its payload
+// from the object store when it is stored there.
+func (s *session) decode(ctx context.Context, msg *jetstream.RawStreamMsg) (*havenpb.Chunk, error) {
+	encoding, payload, err := wire.Payload(ctx, s.publisher.js, s.cfg.Group, msg.Header, msg.Data)
+	if err != nil {
+		return nil, err
+	}
+	return wire.Decode(encoding, msg.Header.Get(wire.HeaderFormat), payload)
+}
+
 // readTail reads the stream's last message.
 func (s *session) readTail(ctx context.Context) (streamTail, error) {
 	info, err := s.stream.Info(ctx)
@@ -154,7 +164,7 @@ func (s *session) readTail(ctx context.Context) (streamTail, error) {
 		return streamTail{}, nil
 	}
 	tail := streamTail{msgID: msg.Header.Get(jetstream.MsgIDHeader)}
-	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	c, err := s.decode(ctx, msg)
 	if err == nil && c.Kind == havenpb.Kind_KIND_TRANSACTION && c.SystemId == s.info.systemID && c.Slot == SlotName(s.cfg.Group) {
 		tail.commitLSN = pglogrepl.LSN(c.CommitLsn)
 		tail.through = c.FirstChange + uint32(len(c.Changes))

@@ -159,19 +159,31 @@ type inbound struct {
 	msg   jetstream.Msg
 	meta  *jetstream.MsgMetadata
 	chunk *havenpb.Chunk
+	size  int   // of its payload
+	plain bool  // its payload is not compressed
 	err   error // why it could not be decoded
 	fail  error // why reading the stream failed (the last value)
 }
 
-// decode reads a message's metadata and decodes its chunk (a decoding
-// failure is kept in err, for handle to report).
-func decode(msg jetstream.Msg, d *wire.Decoder) (inbound, error) {
+// decode reads a message's metadata and decodes its chunk, read from the
+// group's object store when stored there (a decoding failure is kept in
+// err, for handle to report; the store failing ends the reader).
+func decode(ctx context.Context, js jetstream.JetStream, group string, msg jetstream.Msg, d *wire.Decoder) (inbound, error) {
 	meta, err := msg.Metadata()
 	if err != nil {
 		return inbound{}, fmt.Errorf("message metadata: %w", err)
 	}
 	in := inbound{msg: msg, meta: meta}
-	in.chunk, in.err = d.Decode(msg.Headers().Get(wire.HeaderEncoding), msg.Headers().Get(wire.HeaderFormat), msg.Data())
+	encoding, payload, err := wire.Payload(ctx, js, group, msg.Headers(), msg.Data())
+	switch {
+	case errors.Is(err, wire.ErrCorrupt) || errors.Is(err, wire.ErrTooLarge):
+		in.err = err
+	case err != nil:
+		return inbound{}, fmt.Errorf("message %d: %w", meta.Sequence.Stream, err)
+	default:
+		in.size, in.plain = len(payload), encoding == wire.EncodingProto
+		in.chunk, in.err = d.Decode(encoding, msg.Headers().Get(wire.HeaderFormat), payload)
+	}
 	return in, nil
 }
 

@@ -65,7 +65,7 @@ type ChangeView struct {
 // Inspect reads stream message seq of a group and renders it for an
 // operator; it changes nothing.
 func Inspect(ctx context.Context, natsURL, group string, seq uint64) (*MessageView, error) {
-	stream, closeConn, err := openStream(ctx, natsURL, group)
+	js, stream, closeConn, err := openStream(ctx, natsURL, group)
 	if err != nil {
 		return nil, err
 	}
@@ -77,12 +77,17 @@ func Inspect(ctx context.Context, natsURL, group string, seq uint64) (*MessageVi
 	if err != nil {
 		return nil, fmt.Errorf("read message %d: %w", seq, err)
 	}
-	return viewMessage(msg), nil
+	return viewMessage(ctx, js, group, msg), nil
 }
 
-func viewMessage(msg *jetstream.RawStreamMsg) *MessageView {
+func viewMessage(ctx context.Context, js jetstream.JetStream, group string, msg *jetstream.RawStreamMsg) *MessageView {
 	v := &MessageView{Seq: msg.Sequence, Subject: msg.Subject, Published: msg.Time, Headers: msg.Header, Size: len(msg.Data)}
-	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	encoding, payload, err := wire.Payload(ctx, js, group, msg.Header, msg.Data)
+	var c *havenpb.Chunk
+	if err == nil {
+		v.Size = len(payload)
+		c, err = wire.Decode(encoding, msg.Header.Get(wire.HeaderFormat), payload)
+	}
 	if err != nil {
 		v.DecodeError = err.Error()
 		v.RawPrefix = hex.EncodeToString(msg.Data[:min(len(msg.Data), 256)])
@@ -198,7 +203,7 @@ func Skip(ctx context.Context, req SkipRequest) error {
 			req.Group, pos.streamSeq, pos.streamSeq+1, req.Seq)
 	}
 	view := &MessageView{Seq: req.Seq, DecodeError: "the message is not in the stream"}
-	stream, closeConn, err := openStream(ctx, req.NATSURL, req.Group)
+	js, stream, closeConn, err := openStream(ctx, req.NATSURL, req.Group)
 	if err != nil {
 		return err
 	}
@@ -207,11 +212,11 @@ func Skip(ctx context.Context, req SkipRequest) error {
 	msg, err := stream.GetMsg(ctx, req.Seq)
 	switch {
 	case err == nil:
-		view = viewMessage(msg)
+		view = viewMessage(ctx, js, req.Group, msg)
 		if c := view.Chunk; c != nil && c.Kind == havenpb.Kind_KIND_TRANSACTION.String() && !c.LastChunk {
 			// A transaction is skipped whole: its later chunks could not be
 			// applied without its first.
-			if through, err = lastChunkOf(ctx, stream, req.Seq, c.CommitLSN); err != nil {
+			if through, err = lastChunkOf(ctx, js, req.Group, stream, req.Seq, c.CommitLSN); err != nil {
 				return err
 			}
 		}
@@ -251,7 +256,7 @@ func Skip(ctx context.Context, req SkipRequest) error {
 
 // lastChunkOf finds the stream sequence of the last chunk of the
 // transaction at commitLSN whose first chunk is at seq.
-func lastChunkOf(ctx context.Context, stream jetstream.Stream, seq uint64, commitLSN string) (uint64, error) {
+func lastChunkOf(ctx context.Context, js jetstream.JetStream, group string, stream jetstream.Stream, seq uint64, commitLSN string) (uint64, error) {
 	info, err := stream.Info(ctx)
 	if err != nil {
 		return 0, fmt.Errorf("read stream state: %w", err)
@@ -261,7 +266,7 @@ func lastChunkOf(ctx context.Context, stream jetstream.Stream, seq uint64, commi
 		if err != nil {
 			return 0, fmt.Errorf("read message %d: %w", next, err)
 		}
-		v := viewMessage(msg)
+		v := viewMessage(ctx, js, group, msg)
 		if v.Chunk != nil && v.Chunk.CommitLSN == commitLSN && v.Chunk.LastChunk {
 			return next, nil
 		}
@@ -270,20 +275,20 @@ func lastChunkOf(ctx context.Context, stream jetstream.Stream, seq uint64, commi
 }
 
 // openStream connects to NATS and looks up a group's stream.
-func openStream(ctx context.Context, natsURL, group string) (jetstream.Stream, func(), error) {
+func openStream(ctx context.Context, natsURL, group string) (jetstream.JetStream, jetstream.Stream, func(), error) {
 	nc, err := nats.Connect(natsURL, nats.Name("haven-operator-"+group))
 	if err != nil {
-		return nil, nil, fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
+		return nil, nil, nil, fmt.Errorf("connect to NATS at %s: %w", natsURL, err)
 	}
 	js, err := jetstream.New(nc)
 	if err != nil {
 		nc.Close()
-		return nil, nil, fmt.Errorf("JetStream context: %w", err)
+		return nil, nil, nil, fmt.Errorf("JetStream context: %w", err)
 	}
 	stream, err := wire.LookupStream(ctx, js, group)
 	if err != nil {
 		nc.Close()
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return stream, nc.Close, nil
+	return js, stream, nc.Close, nil
 }

@@ -266,7 +266,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}
 	defer iter.Stop()
 	aheadCtx, stopReading := context.WithCancel(ctx)
-	ahead := startReadAhead(aheadCtx, iter)
+	ahead := startReadAhead(aheadCtx, iter, js, s.cfg.Group)
 	defer func() {
 		stopReading()
 		for range ahead.messages { // until the reader is gone
@@ -401,7 +401,7 @@ const (
 	aheadBytes = 2 << 20
 )
 
-func startReadAhead(ctx context.Context, iter jetstream.MessagesContext) *readAhead {
+func startReadAhead(ctx context.Context, iter jetstream.MessagesContext, js jetstream.JetStream, group string) *readAhead {
 	r := &readAhead{messages: make(chan inbound, aheadBytes/aheadUnit), credit: make(chan struct{}, aheadBytes/aheadUnit)}
 	go func() {
 		defer close(r.messages)
@@ -413,7 +413,7 @@ func startReadAhead(ctx context.Context, iter jetstream.MessagesContext) *readAh
 			}
 			var in inbound
 			if err == nil {
-				in, err = decode(msg, &d)
+				in, err = decode(ctx, js, group, msg, &d)
 			}
 			if err != nil {
 				in = inbound{fail: err}
@@ -443,10 +443,10 @@ func (in inbound) units() int {
 	if in.msg == nil {
 		return 1
 	}
-	size := len(in.msg.Data())
+	size := in.size
 	c := in.chunk
 	switch copied := len(c.GetCopyText()) + len(c.GetCopyBinary()); {
-	case c == nil || in.msg.Headers().Get(wire.HeaderEncoding) == wire.EncodingProto:
+	case c == nil || in.plain:
 	case copied > 0:
 		size = max(size, copied)
 	default:
@@ -557,11 +557,13 @@ func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, stream
 		}
 		return 0, nil
 	default:
-		if err := checkPositionMessage(ctx, stream, info, pos); err != nil {
-			problem = err.Error()
-			break
+		var err error
+		if problem, err = checkPositionMessage(ctx, js, s.cfg.Group, stream, info, pos); err != nil {
+			return 0, err
 		}
-		return pos.streamSeq, nil
+		if problem == "" {
+			return pos.streamSeq, nil
+		}
 	}
 	if latest := s.latestSnapshot(ctx, js, info, created); latest != nil && (latest.BeginSeq > pos.streamSeq || !created.Equal(pos.streamCreated)) {
 		s.log.Warn().Str("problem", problem).Uint64("seq", latest.BeginSeq).
@@ -577,31 +579,38 @@ func (s *Standby) startAfter(ctx context.Context, js jetstream.JetStream, stream
 // one applied there. A JetStream server that lost acknowledged messages (one
 // replica, no sync to disk, a crash) hands their sequence numbers out again:
 // continuing after the position would skip whatever now stands there.
-func checkPositionMessage(ctx context.Context, stream jetstream.Stream, info *jetstream.StreamInfo, pos position) error {
+//
+// It returns the problem found, or an error when it could not look (NATS
+// failing for a moment: the session retries, nothing is re-seeded).
+func checkPositionMessage(ctx context.Context, js jetstream.JetStream, group string, stream jetstream.Stream, info *jetstream.StreamInfo, pos position) (string, error) {
 	if pos.streamSeq == 0 || pos.streamSeq < info.State.FirstSeq {
-		return nil
+		return "", nil
 	}
 	if pos.streamSeq > info.State.LastSeq {
-		return fmt.Errorf("stream %s ends at message %d, but the DR copy applied up to message %d: the stream lost messages it had acknowledged "+
-			"(a single server without sync to disk that crashed?)", info.Config.Name, info.State.LastSeq, pos.streamSeq)
+		return fmt.Sprintf("stream %s ends at message %d, but the DR copy applied up to message %d: the stream lost messages it had acknowledged "+
+			"(a single server without sync to disk that crashed?)", info.Config.Name, info.State.LastSeq, pos.streamSeq), nil
 	}
 	msg, err := stream.GetMsg(ctx, pos.streamSeq)
 	if errors.Is(err, jetstream.ErrMsgNotFound) {
-		return nil // deleted on its own: nothing to compare
+		return "", nil // deleted on its own: nothing to compare
 	}
 	if err != nil {
-		return fmt.Errorf("read message %d: %w", pos.streamSeq, err)
+		return "", fmt.Errorf("read message %d: %w", pos.streamSeq, err)
 	}
-	c, err := wire.Decode(msg.Header.Get(wire.HeaderEncoding), msg.Header.Get(wire.HeaderFormat), msg.Data)
+	encoding, payload, err := wire.Payload(ctx, js, group, msg.Header, msg.Data)
+	if err != nil && !errors.Is(err, wire.ErrCorrupt) && !errors.Is(err, wire.ErrTooLarge) {
+		return "", fmt.Errorf("read message %d: %w", pos.streamSeq, err)
+	}
+	c, err := wire.Decode(encoding, msg.Header.Get(wire.HeaderFormat), payload)
 	if err != nil {
-		return nil // a message skipped on purpose may be undecodable
+		return "", nil // a message skipped on purpose may be undecodable
 	}
 	same := c.SystemId == pos.systemID && (c.Kind != havenpb.Kind_KIND_TRANSACTION || pglogrepl.LSN(c.CommitLsn) == pos.commitLSN)
 	if !same {
-		return fmt.Errorf("message %d of stream %s is not the one the DR copy applied there (commit %s, now %s): the stream lost messages it had acknowledged "+
-			"and handed their sequence numbers out again", pos.streamSeq, info.Config.Name, pos.commitLSN, pglogrepl.LSN(c.CommitLsn))
+		return fmt.Sprintf("message %d of stream %s is not the one the DR copy applied there (commit %s, now %s): the stream lost messages it had acknowledged "+
+			"and handed their sequence numbers out again", pos.streamSeq, info.Config.Name, pos.commitLSN, pglogrepl.LSN(c.CommitLsn)), nil
 	}
-	return nil
+	return "", nil
 }
 
 // latestSnapshot returns the group's latest complete initial snapshot when

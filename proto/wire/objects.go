@@ -1,0 +1,74 @@
+package wire
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+)
+
+// A chunk whose payload is too large for a message (one row over the NATS
+// server's max_payload) travels as an object in the group's object store
+// bucket, and its message names it: the message's encoding is
+// ObjectEncoding of the payload's own, and HeaderObject holds the object's
+// name. The message keeps its place in the stream, so order, positions and
+// deduplication work as for any message. A reader that predates this sees
+// an encoding it does not know and stops there (ErrUnsupported).
+const (
+	HeaderObject = "Haven-Object"
+	objectPrefix = "object:"
+)
+
+// ObjectEncoding is the encoding header of a message whose payload, encoded
+// as encoding, is stored as an object.
+func ObjectEncoding(encoding string) string { return objectPrefix + encoding }
+
+// ObjectBucket is the object store bucket that holds a group's payloads
+// too large for a message.
+func ObjectBucket(group string) string { return StreamName(group) + "_LARGE" }
+
+// Payload returns a message's encoding and payload: the message's own, or,
+// for a payload stored as an object, the object's, read from the group's
+// bucket. A message that names no object, or one that is gone, is
+// ErrCorrupt; one larger than a reader decodes is ErrTooLarge; any other
+// error is the store's (reading again may succeed).
+func Payload(ctx context.Context, js jetstream.JetStream, group string, h nats.Header, data []byte) (string, []byte, error) {
+	encoding := h.Get(HeaderEncoding)
+	inner, stored := strings.CutPrefix(encoding, objectPrefix)
+	if !stored {
+		return encoding, data, nil
+	}
+	name := h.Get(HeaderObject)
+	if name == "" || len(data) != 0 {
+		return "", nil, fmt.Errorf("%w: encoding %q, but the message does not name its object alone (%s %q, %d bytes of data)", ErrCorrupt, encoding, HeaderObject, name, len(data))
+	}
+	bucket := ObjectBucket(group)
+	store, err := js.ObjectStore(ctx, bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		return "", nil, fmt.Errorf("%w: its payload is object %q of bucket %s, which does not exist (deleted?)", ErrCorrupt, name, bucket)
+	}
+	if err != nil {
+		return "", nil, fmt.Errorf("open object store %s: %w", bucket, err)
+	}
+	info, err := store.GetInfo(ctx, name)
+	if errors.Is(err, jetstream.ErrObjectNotFound) {
+		return "", nil, fmt.Errorf("%w: its payload is object %q of bucket %s, which is gone (deleted, or aged out before the message)", ErrCorrupt, name, bucket)
+	}
+	if err != nil {
+		return "", nil, fmt.Errorf("read object %q of bucket %s: %w", name, bucket, err)
+	}
+	if info.Size > maxDecodedSize {
+		return "", nil, fmt.Errorf("%w: object %q of bucket %s holds %d bytes", ErrTooLarge, name, bucket, info.Size)
+	}
+	payload, err := store.GetBytes(ctx, name)
+	if errors.Is(err, jetstream.ErrDigestMismatch) {
+		return "", nil, fmt.Errorf("%w: object %q of bucket %s: %v", ErrCorrupt, name, bucket, err)
+	}
+	if err != nil {
+		return "", nil, fmt.Errorf("read object %q of bucket %s: %w", name, bucket, err)
+	}
+	return inner, payload, nil
+}
