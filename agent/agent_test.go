@@ -237,6 +237,38 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		}
 	})
 
+	t.Run("growing --tables without owning them", func(t *testing.T) {
+		// A superuser's agent made the publication; the agent runs as a
+		// role of its own afterwards, and its --tables grows.
+		if err := pg.CreateDatabase(ctx, "grow"); err != nil {
+			t.Fatal(err)
+		}
+		execSQL(t, pg.URL("grow"), `CREATE ROLE grower LOGIN REPLICATION; CREATE ROLE app; CREATE TABLE a (id int PRIMARY KEY);
+			CREATE TABLE b (id int PRIMARY KEY); ALTER TABLE b OWNER TO grower; INSERT INTO b VALUES (1);
+			CREATE TABLE c (id int PRIMARY KEY); ALTER TABLE c OWNER TO app; GRANT SELECT ON a, c TO grower`)
+		cfg := testConfig(pg.URL("grow"), nats.URL())
+		cfg.Group, cfg.Tables = "grow", []string{"a"}
+		first := startAgent(t, cfg)
+		waitFor(t, 30*time.Second, "the superuser's agent to stream", func() bool { return first.logs.Count("streaming changes") == 1 })
+		first.cancel()
+		<-first.done
+		first.done <- nil
+		execSQL(t, pg.URL("grow"), `GRANT USAGE ON SCHEMA haven TO grower; GRANT SELECT ON ALL TABLES IN SCHEMA haven TO grower`)
+		cfg.SourceURL, cfg.Tables = strings.Replace(pg.URL("grow"), "postgres@", "grower@", 1), []string{"a", "b"}
+		assertContains(t, runToError(t, cfg), `add public.b to publication "haven_grow"`, "the publication belongs to postgres", "haven agent --print-ddl-capture")
+		script, err := DDLCaptureSQL(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		execSQL(t, pg.URL("grow"), script)
+		cfg.Tables = []string{"a", "b", "c"}
+		err = runToError(t, cfg)
+		assertContains(t, err, `add public.c to publication "haven_grow"`, `the table belongs to app: GRANT app TO grower`)
+		if strings.Contains(err.Error(), "the publication belongs") {
+			t.Errorf("the publication is the agent's now, yet the error says otherwise: %v", err)
+		}
+	})
+
 	t.Run("unknown table", func(t *testing.T) {
 		cfg := testConfig(pg.URL("postgres"), nats.URL())
 		cfg.Tables = []string{"nope"}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/haven-dr/haven/proto/havenpb"
@@ -1020,9 +1021,36 @@ func (s *session) backfillMissing(ctx context.Context, selected []table, missing
 			return err
 		})
 		if err != nil {
+			var pgErr *pgconn.PgError
+			if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+				return nil, needsOperator("add %s to publication %q: %v: %s", name, wire.PublicationName(s.cfg.Group), err, s.addTableFix(ctx, t))
+			}
 			return nil, fmt.Errorf("add %s to the group: %w", name, err)
 		}
 		s.log.Info().Str("table", name).Msg("table added to the group's publication; its rows are backfilled while the stream goes on")
 	}
 	return refused, nil
+}
+
+// addTableFix says what lets the agent's role add a table to its group's
+// publication: owning both (or being a member of their owners), or being
+// a superuser.
+func (s *session) addTableFix(ctx context.Context, t table) string {
+	var role, tableOwner, pubOwner string
+	var ownsTable, ownsPub bool
+	err := s.ctrl.QueryRow(ctx, `SELECT quote_ident(current_user), c.relowner::regrole::text, pg_has_role(c.relowner, 'USAGE'),
+			p.pubowner::regrole::text, pg_has_role(p.pubowner, 'USAGE')
+		FROM pg_class c, pg_publication p WHERE c.oid = $1 AND p.pubname = $2`, t.oid, wire.PublicationName(s.cfg.Group)).
+		Scan(&role, &tableOwner, &ownsTable, &pubOwner, &ownsPub)
+	if err != nil {
+		return "adding a table takes owning it and the publication, or being a superuser"
+	}
+	var fixes []string
+	if !ownsPub {
+		fixes = append(fixes, fmt.Sprintf("the publication belongs to %s: as a superuser, run what haven agent --print-ddl-capture prints (it hands the publication to %s)", pubOwner, role))
+	}
+	if !ownsTable {
+		fixes = append(fixes, fmt.Sprintf("the table belongs to %s: GRANT %s TO %s", tableOwner, tableOwner, role))
+	}
+	return strings.Join(append(fixes, "or run the agent as a superuser"), "; ")
 }
