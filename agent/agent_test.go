@@ -243,9 +243,9 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		if err := pg.CreateDatabase(ctx, "grow"); err != nil {
 			t.Fatal(err)
 		}
-		execSQL(t, pg.URL("grow"), `CREATE ROLE grower LOGIN REPLICATION; CREATE ROLE app; CREATE TABLE a (id int PRIMARY KEY);
+		execSQL(t, pg.URL("grow"), `CREATE ROLE grower LOGIN REPLICATION; CREATE ROLE crm_app; CREATE TABLE a (id int PRIMARY KEY);
 			CREATE TABLE b (id int PRIMARY KEY); ALTER TABLE b OWNER TO grower; INSERT INTO b VALUES (1);
-			CREATE TABLE c (id int PRIMARY KEY); ALTER TABLE c OWNER TO app; GRANT SELECT ON a, c TO grower`)
+			CREATE TABLE c (id int PRIMARY KEY); ALTER TABLE c OWNER TO crm_app; GRANT SELECT ON a, c TO grower`)
 		cfg := testConfig(pg.URL("grow"), nats.URL())
 		cfg.Group, cfg.Tables = "grow", []string{"a"}
 		first := startAgent(t, cfg)
@@ -263,7 +263,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		execSQL(t, pg.URL("grow"), script)
 		cfg.Tables = []string{"a", "b", "c"}
 		err = runToError(t, cfg)
-		assertContains(t, err, `add public.c to publication "haven_grow"`, `the table belongs to app: GRANT app TO grower`)
+		assertContains(t, err, `add public.c to publication "haven_grow"`, `the table belongs to crm_app: GRANT crm_app TO grower`)
 		if strings.Contains(err.Error(), "the publication belongs") {
 			t.Errorf("the publication is the agent's now, yet the error says otherwise: %v", err)
 		}
