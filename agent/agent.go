@@ -188,7 +188,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 		return fmt.Errorf("open key-value bucket %s: %w", wire.StateBucket, err)
 	}
 	s.warnDurability(ctx)
-	s.publisher = &publisher{js: js, stream: wire.StreamName(a.cfg.Group), compress: a.cfg.Compress, maxPayload: nc.MaxPayload(), objects: objectStoreConfig(a.cfg)}
+	s.publisher = &publisher{js: js, stream: wire.StreamName(a.cfg.Group), compress: a.cfg.Compress, maxPayload: nc.MaxPayload(), objects: objectStoreConfig(a.cfg.Group, s.stream.CachedInfo().Config)}
 	if int64(a.cfg.ChunkBytes) > nc.MaxPayload()*3/4 {
 		s.cfg.ChunkBytes = int(nc.MaxPayload() * 3 / 4)
 	}

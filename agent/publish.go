@@ -81,7 +81,7 @@ type publisher struct {
 	compress   bool
 	maxPayload int64
 	// objects is the bucket for payloads too large for a message (see
-	// wire.ObjectEncoding), made when the first one comes.
+	// wire.ObjectEncoding), opened (or made) when the first one comes.
 	objects   jetstream.ObjectStoreConfig
 	objectsMu sync.Mutex
 	store     jetstream.ObjectStore
@@ -92,15 +92,17 @@ type publisher struct {
 const messageRoom = 4 << 10
 
 // objectStoreConfig is the bucket of a group's payloads too large for a
-// message: bounded and aged like the stream, whose messages name them (an
-// object, stored just before its message, is kept a minute longer).
-func objectStoreConfig(cfg Config) jetstream.ObjectStoreConfig {
-	ttl := cfg.StreamMaxAge
+// message, made like the group's stream as it exists (whatever the flags of
+// this run): replicated and placed alike, bounded by the same size, and
+// kept a minute longer than its messages (an object is stored just before
+// the message that names it).
+func objectStoreConfig(group string, stream jetstream.StreamConfig) jetstream.ObjectStoreConfig {
+	ttl := stream.MaxAge
 	if ttl > 0 {
 		ttl += time.Minute
 	}
-	return jetstream.ObjectStoreConfig{Bucket: wire.ObjectBucket(cfg.Group), Description: "haven: payloads of group " + cfg.Group + " too large for a message",
-		TTL: ttl, MaxBytes: orUnlimited(cfg.StreamMaxBytes), Storage: jetstream.FileStorage, Replicas: cfg.StreamReplicas}
+	return jetstream.ObjectStoreConfig{Bucket: wire.ObjectBucket(group), Description: "haven: payloads of group " + group + " too large for a message",
+		TTL: ttl, MaxBytes: stream.MaxBytes, Storage: stream.Storage, Replicas: stream.Replicas, Placement: stream.Placement}
 }
 
 // publish sends one chunk. With expectLast set, JetStream stores it only if
@@ -127,11 +129,12 @@ func (p *publisher) publish(ctx context.Context, subject, msgID, expectLast stri
 	if int64(len(payload)) > p.maxPayload-messageRoom {
 		// A row larger than a message may be: its chunk goes to the
 		// group's object store first, and the message names it.
-		if err := p.putObject(ctx, msgID, payload); err != nil {
+		name := wire.ObjectName(msgID, payload)
+		if err := p.putObject(ctx, name, payload); err != nil {
 			return nil, 0, err
 		}
 		msg.Data = nil
-		msg.Header.Set(wire.HeaderObject, msgID)
+		msg.Header.Set(wire.HeaderObject, name)
 		encoding = wire.ObjectEncoding(encoding)
 	}
 	msg.Header.Set(wire.HeaderEncoding, encoding)
@@ -147,29 +150,48 @@ func (p *publisher) publish(ctx context.Context, subject, msgID, expectLast stri
 	return future, len(payload), nil
 }
 
-// putObject stores a chunk's payload as the object named msgID. The same
-// chunk published again (the agent restarted) replaces it with the same
-// bytes.
-func (p *publisher) putObject(ctx context.Context, msgID string, payload []byte) error {
-	p.objectsMu.Lock()
-	if p.store == nil {
-		store, err := p.js.CreateOrUpdateObjectStore(ctx, p.objects)
-		if err != nil {
-			p.objectsMu.Unlock()
-			var apiErr *jetstream.APIError
-			if errors.As(err, &apiErr) {
-				return needsOperator("create object store %s for rows larger than a message: %v: check the JetStream server's limits", p.objects.Bucket, err)
-			}
-			return fmt.Errorf("create object store %s: %w", p.objects.Bucket, err)
-		}
-		p.store = store
+// putObject stores a chunk's payload as the object name, unless it is
+// there already (the chunk published before the agent restarted): a
+// name means one content (wire.ObjectName), and a reader may be reading
+// it. Failures are retried with the session: a JetStream cluster short of
+// a server for a moment is no reason to stop.
+func (p *publisher) putObject(ctx context.Context, name string, payload []byte) error {
+	store, err := p.objectStore(ctx)
+	if err != nil {
+		return err
 	}
-	store := p.store
-	p.objectsMu.Unlock()
-	if _, err := store.PutBytes(ctx, msgID, payload); err != nil {
-		return fmt.Errorf("store chunk %s (%d bytes, larger than a message) in object store %s: %w", msgID, len(payload), p.objects.Bucket, err)
+	_, err = store.GetInfo(ctx, name)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return fmt.Errorf("look up object %s in %s: %w", name, p.objects.Bucket, err)
+	}
+	if _, err := store.PutBytes(ctx, name, payload); err != nil {
+		return fmt.Errorf("store chunk %s (%d bytes, larger than a message) in object store %s: %w", name, len(payload), p.objects.Bucket, err)
 	}
 	return nil
+}
+
+// objectStore opens the group's bucket, or makes it.
+func (p *publisher) objectStore(ctx context.Context) (jetstream.ObjectStore, error) {
+	p.objectsMu.Lock()
+	defer p.objectsMu.Unlock()
+	if p.store != nil {
+		return p.store, nil
+	}
+	store, err := p.js.ObjectStore(ctx, p.objects.Bucket)
+	if errors.Is(err, jetstream.ErrBucketNotFound) {
+		store, err = p.js.CreateObjectStore(ctx, p.objects)
+		if errors.Is(err, jetstream.ErrBucketExists) {
+			store, err = p.js.ObjectStore(ctx, p.objects.Bucket)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("open object store %s for rows larger than a message: %w", p.objects.Bucket, err)
+	}
+	p.store = store
+	return store, nil
 }
 
 // waitAck waits for one publish to be acknowledged.

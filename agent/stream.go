@@ -165,6 +165,11 @@ func (s *session) readTail(ctx context.Context) (streamTail, error) {
 	}
 	tail := streamTail{msgID: msg.Header.Get(jetstream.MsgIDHeader)}
 	c, err := s.decode(ctx, msg)
+	if err != nil && !errors.Is(err, wire.ErrCorrupt) && !errors.Is(err, wire.ErrUnsupported) && !errors.Is(err, wire.ErrTooLarge) {
+		// Its object could not be read just now: taken for not ours, the
+		// tail would have everything since the slot's position sent again.
+		return streamTail{}, fmt.Errorf("read the stream's last message (seq %d): %w", msg.Sequence, err)
+	}
 	if err == nil && c.Kind == havenpb.Kind_KIND_TRANSACTION && c.SystemId == s.info.systemID && c.Slot == SlotName(s.cfg.Group) {
 		tail.commitLSN = pglogrepl.LSN(c.CommitLsn)
 		tail.through = c.FirstChange + uint32(len(c.Changes))

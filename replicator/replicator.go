@@ -385,8 +385,11 @@ func (s *Standby) runSession(ctx context.Context) error {
 // own, so that decoding runs beside apply and messages are at hand while
 // apply waits for DR. What waits decoded is bounded in bytes (aheadBytes):
 // a chunk sent uncompressed shares its message's bytes (wire.Decode), and
-// a compressed one counts as its rows' size. A failure to read ends the
-// reader: its last value carries it.
+// a compressed one counts as its rows' size. A chunk larger than the bound
+// (a row read from the object store, up to 64 MiB) waits alone, so that a
+// standby holds at most about three such: the one waiting, the one being
+// applied and the one being read. A failure to read ends the reader: its
+// last value carries it.
 type readAhead struct {
 	messages chan inbound
 	// credit holds a token per aheadUnit bytes of the messages waiting.
