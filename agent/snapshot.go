@@ -242,8 +242,8 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
 			// Checked before the snapshot began; a grant revoked since.
-			return fmt.Errorf("COPY %s: %w: the agent's role may not read it; grant it USAGE on the schema and SELECT on the table, and the next attempt copies it",
-				from, err)
+			return fmt.Errorf("COPY %s: %w: the agent's role may not read all of it; grant it USAGE on the schema and SELECT on the table "+
+				"(and BYPASSRLS if row-level security applies to it), and the next attempt copies it", from, err)
 		}
 		return fmt.Errorf("COPY: %w", err)
 	}

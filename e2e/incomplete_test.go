@@ -34,7 +34,7 @@ func TestNoFailoverToAnIncompleteDR(t *testing.T) {
 	t.Logf("agent killed with %d of %d rows of big on DR", copied, rows)
 	waitFor(t, 30*time.Second, "the quorum to know DR is incomplete", func() (bool, error) {
 		st, err := q.status(t)
-		return err == nil && strings.Contains(st.Groups[0].DRIncomplete, "public.big"), err
+		return err == nil && len(st.Groups) == 1 && strings.Contains(st.Groups[0].DRIncomplete, "public.big"), err
 	})
 	if out, err := q.ctl(t, "status"); err != nil || !strings.Contains(out, "DR INCOMPLETE") {
 		t.Errorf("haven ctl status does not say DR is incomplete: %v, %s", err, out)
@@ -45,16 +45,19 @@ func TestNoFailoverToAnIncompleteDR(t *testing.T) {
 	}
 	waitFor(t, 60*time.Second, "the quorum to alert instead of failing over", func() (bool, error) {
 		st, err := q.status(t)
-		return err == nil && strings.Contains(st.Groups[0].Alert, "copy is incomplete"), err
+		return err == nil && len(st.Groups) == 1 && strings.Contains(st.Groups[0].Alert, "cannot vouch for its copy"), err
 	})
 	st, err := q.status(t)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if len(st.Groups) != 1 {
+		t.Fatalf("status lists %d groups, want 1", len(st.Groups))
+	}
 	if g := st.Groups[0]; g.PrimarySite != "a" || g.Epoch != "1" || !strings.Contains(g.Alert, "public.big") {
 		t.Fatalf("with the primary down and DR incomplete: primary %s at epoch %s, alert %q; want a at 1 and an alert naming public.big", g.PrimarySite, g.Epoch, g.Alert)
 	}
-	if out, err := q.ctl(t, "failover", "--group", "crm"); err == nil || !strings.Contains(out, "incomplete") || !strings.Contains(out, "public.big") {
+	if out, err := q.ctl(t, "failover", "--group", "crm"); err == nil || !strings.Contains(out, "cannot vouch for its copy") || !strings.Contains(out, "public.big") {
 		t.Errorf("a failover to an incomplete DR was not refused: %v, %s", err, out)
 	}
 	q.holdsPrimary(t, "a", "1", time.Second)

@@ -119,7 +119,7 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q lags %.1fs, more than max_rpo %s: --force accepts losing that", g.Name, g.LagSeconds, a.c.cfg.Policy.MaxRPO))
 		}
 		if g.DRIncomplete != "" {
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q is incomplete: %s; promoting it would lose those rows: "+
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q cannot vouch for its copy (%s): promoting it could lose rows the primary has; "+
 				"bring the primary back, or --force accepts the loss", g.Name, g.DRIncomplete))
 		}
 	}

@@ -463,6 +463,8 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 func switchoverStuck(g *Group, now time.Time) string {
 	took := now.Sub(time.UnixMilli(g.SwitchoverStarted))
 	switch {
+	case g.Switchover == phaseCatchUp && took > catchUpTimeout && g.DRIncomplete != "":
+		return fmt.Sprintf("DR's copy stayed incomplete for %s (%s); writes were never stopped", catchUpTimeout, g.DRIncomplete)
 	case g.Switchover == phaseCatchUp && took > catchUpTimeout:
 		return fmt.Sprintf("DR did not catch up to within %s of the primary in %s (it lags %.1fs); writes were never stopped", switchoverMaxLag, catchUpTimeout, g.LagSeconds)
 	case g.Switchover == phaseFence && took > switchoverTimeout:

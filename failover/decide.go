@@ -75,7 +75,7 @@ func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR site %s has not reported for %s: its lag is unknown; check the standby, or haven ctl failover --group %s --force",
 			g.PrimarySite, down, g.DRSite, time.Duration(nowMs-g.StandbySeenMs)*time.Millisecond, g.Name)}
 	case g.DRIncomplete != "":
-		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR site %s's copy is incomplete: %s; promoting it would lose those rows: "+
+		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR site %s cannot vouch for its copy (%s): promoting it could lose rows the primary has; "+
 			"bring %s back, or haven ctl failover --group %s --force accepts the loss", g.PrimarySite, down, g.DRSite, g.DRIncomplete, g.PrimarySite, g.Name)}
 	case g.LagSeconds > p.MaxRPO.Seconds():
 		return Decision{Alert: fmt.Sprintf("primary site %s down (seen by %v) but DR lags %.1fs, more than max_rpo %s: failing over would lose that; haven ctl failover --group %s --force accepts it",

@@ -101,7 +101,7 @@ func TestDecideScenarios(t *testing.T) {
 			down(g, "n2", 0, 5*time.Second)
 			standby(g, 5*time.Second, 0)
 			g.DRIncomplete = "1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals"
-		}, 5 * time.Second, false, "copy is incomplete: 1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals"},
+		}, 5 * time.Second, false, "cannot vouch for its copy (1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals)"},
 		{"DR standby silent", func(g *Group) {
 			down(g, "n1", 0, 20*time.Second)
 			down(g, "n2", 0, 20*time.Second)

@@ -184,9 +184,11 @@ type TableCheck struct {
 // passed otherwise fails when it did not, or when DR's copy was incomplete
 // (a failover would have lost what it lacked).
 func (r *Report) judge() {
-	if r.RPO.Incomplete != "" && r.Outcome == OutcomePassed {
-		r.Outcome = OutcomeFailed
-		r.Reason = joinReason("DR's copy was incomplete at the start: "+r.RPO.Incomplete+"; a failover then would have lost those rows", r.Reason)
+	if r.RPO.Incomplete != "" {
+		if r.Outcome == OutcomePassed {
+			r.Outcome = OutcomeFailed
+		}
+		r.Reason = joinReason("DR could not vouch for its copy at the start ("+r.RPO.Incomplete+"): a failover then could have lost rows", r.Reason)
 	}
 	var missed []string
 	if r.RPOObjective > 0 && r.RPO.SecondsBehind > r.RPOObjective {

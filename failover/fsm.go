@@ -310,7 +310,7 @@ func (s *State) apply(c command) any {
 		}
 		if g.DRIncomplete != "" {
 			s.audit(c.AtMs, c.Actor, "switchover", c.Group, "refused: DR's copy is incomplete: "+g.DRIncomplete)
-			return fmt.Errorf("group %q cannot switch over now: DR site %s's copy is incomplete (%s), and a switchover would lose what it lacks; "+
+			return fmt.Errorf("group %q cannot switch over now: DR site %s cannot vouch for its copy (%s), and a switchover could lose what it lacks; "+
 				"switch over once the standby has loaded it (haven ctl status shows when)", c.Group, g.DRSite, g.DRIncomplete)
 		}
 		if g.Drill != nil && g.Drill.Kind != DrillSwitchover {

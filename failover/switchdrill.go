@@ -271,10 +271,14 @@ func (c *Controller) probeWritesLost(ctx context.Context, group string, pr *prob
 // to stop writes only briefly.
 func (c *Controller) waitCurrent(ctx context.Context, r *Report) error {
 	var lag float64
+	var lacks string
 	err := c.waitDrill(ctx, r, switchoverDrillTimeout, func(g *Group) (bool, error) {
-		lag = g.LagSeconds
+		lag, lacks = g.LagSeconds, g.DRIncomplete
 		return g.current(time.Now().UnixMilli()), nil
 	})
+	if errors.Is(err, context.DeadlineExceeded) && lacks != "" {
+		return fmt.Errorf("DR's copy stayed incomplete for %s: %s", switchoverDrillTimeout, lacks)
+	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("DR did not catch up to within %s of the primary in %s (it lags %.1fs)", switchoverMaxLag, switchoverDrillTimeout, lag)
 	}

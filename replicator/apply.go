@@ -1043,6 +1043,11 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		if err := a.prepareTables(ctx, tx, seq, c.Relations); err != nil {
 			return err
 		}
+		// The snapshot holds every table whole: a backfill of the copy it
+		// replaces is over (left open, DR would say it lacks rows).
+		if _, err := tx.Exec(ctx, `DELETE FROM haven.backfills WHERE group_name = $1`, a.cfg.Group); err != nil {
+			return fmt.Errorf("end the backfills of the copy the snapshot replaces: %w", err)
+		}
 		next = position{streamSeq: seq, systemID: c.SystemId, epoch: c.Epoch, snapshotLSN: pglogrepl.LSN(c.SnapshotLsn), streamCreated: a.streamCreated}
 		a.log.Info().Stringer("snapshot_lsn", next.snapshotLSN).Uint64("system_id", c.SystemId).Int("tables", len(c.Relations)).
 			Msg("initial snapshot begins; DR tables emptied")
@@ -1066,6 +1071,10 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		return fmt.Errorf("commit snapshot step: %w", err)
 	}
 	a.pos, a.next, a.found = next, next, true
+	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_BEGIN {
+		clear(a.backfilling)
+		a.metrics.backfilling.Set(0)
+	}
 	a.reportCompleteness()
 	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_END && a.snapshotLoaded != nil {
 		a.snapshotLoaded()

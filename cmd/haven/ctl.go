@@ -208,7 +208,7 @@ func printStatus(w io.Writer, s *havenpb.StatusResponse) {
 		fmt.Fprintf(w, "\n  DR lag %.2fs (reported %s), agent seen %s, lease %s\n", g.LagSeconds, ago(g.StandbySeenUnixMs), ago(g.AgentSeenUnixMs),
 			leaseText(now, g.LeaseExpiresUnixMs))
 		if g.DrIncomplete != "" {
-			fmt.Fprintf(w, "  DR INCOMPLETE (a failover now would lose it): %s\n", g.DrIncomplete)
+			fmt.Fprintf(w, "  DR INCOMPLETE (no automatic failover; a forced one could lose rows): %s\n", g.DrIncomplete)
 		}
 		for _, o := range g.Observations {
 			state := "up"
