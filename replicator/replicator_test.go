@@ -752,3 +752,39 @@ func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
 		return len(notes(t, pg.URL(group))) == 2+700+10
 	})
 }
+
+// TestASnapshotEndsTheBackfillsOfTheCopyItReplaces: a backfill left open
+// on DR (its END never came) ends with the next snapshot, which holds
+// every table whole; left open, DR would report itself incomplete to the
+// controllers for ever.
+func TestASnapshotEndsTheBackfillsOfTheCopyItReplaces(t *testing.T) {
+	const group = "reseeded"
+	pg, ns := newGroup(t, group)
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	s, _, _ := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the first transaction", func() bool { return len(notes(t, pg.URL(group))) == 2 })
+	if err := pg.Exec(t.Context(), group, `BEGIN READ WRITE; INSERT INTO haven.backfills (group_name, relid, table_name) VALUES ('`+group+`', 'public.items'::regclass, 'public.items'); COMMIT`); err != nil {
+		t.Fatal(err)
+	}
+
+	begin := chunk(group, havenpb.Kind_KIND_SNAPSHOT_BEGIN, 0x3000)
+	begin.SnapshotLsn, begin.Relations = 0x3000, []*havenpb.Relation{itemsRelation}
+	f.publish(begin)
+	rows := chunk(group, havenpb.Kind_KIND_SNAPSHOT_ROWS, 0x3000)
+	rows.SnapshotLsn, rows.Relations, rows.Changes = 0x3000, []*havenpb.Relation{itemsRelation}, []*havenpb.Change{insert("3", "from the second snapshot")}
+	f.publish(rows)
+	end := chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x3000)
+	end.SnapshotLsn = 0x3000
+	f.publish(end)
+	waitFor(t, 30*time.Second, "the second snapshot", func() bool {
+		return strings.Join(notes(t, pg.URL(group)), ",") == "3:from the second snapshot"
+	})
+	var open int
+	if err := pgxQueryRow(t, pg.URL(group), `SELECT count(*) FROM haven.backfills`).Scan(&open); err != nil || open != 0 {
+		t.Errorf("%d backfills open after the snapshot (%v), want none", open, err)
+	}
+	if lacks := s.control.incomplete.Load(); lacks == nil || *lacks != "" {
+		t.Errorf("the standby reports its copy lacks %v, want nothing", lacks)
+	}
+}
