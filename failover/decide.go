@@ -36,9 +36,10 @@ type Decision struct {
 // number of voting controller nodes and the time: a group fails over when
 // a majority of the nodes have seen its primary down for FailoverAfter, its
 // primary's lease has expired, and its DR standby reported recently with a
-// lag within MaxRPO and a complete copy. When the primary is down but one of the others does
-// not hold, it alerts instead and waits for an operator's forced failover.
-// It also alerts when the primary is up but its agent has gone silent.
+// lag within MaxRPO and a complete copy. When the primary is down but one
+// of the others does not hold, it alerts instead and waits for an
+// operator's forced failover. It also alerts when the primary is up but its
+// agent has gone silent.
 func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 	if g.State != StateActive || g.DRSite == "" {
 		return Decision{}
