@@ -4,7 +4,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	"github.com/haven-dr/haven/internal/natstest"
@@ -18,15 +17,7 @@ import (
 // knows the transaction is in the stream.
 func TestAChunkTooLargeForAMessage(t *testing.T) {
 	ctx := t.Context()
-	nc, err := nats.Connect(natstest.New(t).URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := natstest.New(t).JetStream(t)
 	cfg := DefaultConfig()
 	cfg.Group = "big"
 	stream, err := ensureStream(ctx, js, cfg)

@@ -5,9 +5,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
-
 	"github.com/haven-dr/haven/proto/wire"
 )
 
@@ -65,16 +62,7 @@ func TestRowsLargerThanAMessage(t *testing.T) {
 		t.Errorf("DR has %d rows of files over 1 MiB (%v), want 3", large, err)
 	}
 	// They went through the object store, not as messages.
-	nc, err := nats.Connect(s.nats.URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	store, err := js.ObjectStore(t.Context(), wire.ObjectBucket(s.group))
+	store, err := s.nats.JetStream(t).ObjectStore(t.Context(), wire.ObjectBucket(s.group))
 	if err != nil {
 		t.Fatalf("object store %s: %v", wire.ObjectBucket(s.group), err)
 	}

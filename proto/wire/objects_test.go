@@ -19,15 +19,7 @@ import (
 // taking its empty data for a chunk.
 func TestPayloadReadsObjects(t *testing.T) {
 	ctx := t.Context()
-	nc, err := nats.Connect(natstest.New(t).URL())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	js, err := jetstream.New(nc)
-	if err != nil {
-		t.Fatal(err)
-	}
+	js := natstest.New(t).JetStream(t)
 	own := nats.Header{}
 	own.Set(HeaderEncoding, EncodingProtoS2)
 	if enc, data, err := Payload(ctx, js, "crm", own, []byte("rows")); err != nil || enc != EncodingProtoS2 || string(data) != "rows" {
