@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -255,6 +256,7 @@ func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
 	probePID, probeWaiting := waitingForStandby(probe)
 	stop, probed := make(chan struct{}), make(chan struct{})
 	var halt sync.Once
+	var probeErr atomic.Pointer[error]
 	// Should the wait fail, the probe stops before its connection closes.
 	t.Cleanup(func() { halt.Do(func() { close(stop) }); <-probed })
 	go func() {
@@ -266,11 +268,27 @@ func heldBackCommit(t *testing.T, url, sql string, decoded func() bool) {
 			default:
 			}
 			if _, err := probe.Exec(t.Context(), `SET synchronous_commit = on; SELECT txid_current()`); err != nil {
+				probeErr.Store(&err)
 				return
 			}
 		}
 	}()
-	waitFor(t, 30*time.Second, "a probe commit to wait for the synchronous standby", probeWaiting)
+	waitFor(t, 30*time.Second, "a probe commit to wait for the synchronous standby", func() (bool, error) {
+		if err := probeErr.Load(); err != nil {
+			t.Fatalf("the probe's commit failed: %v", *err)
+		}
+		if yes, err := probeWaiting(); yes || err != nil {
+			return yes, err
+		}
+		// Why not, should this time out.
+		var state, waitEvent, names string
+		err := admin.QueryRow(t.Context(), `SELECT coalesce(state, ''), coalesce(wait_event_type || '/' || wait_event, 'on CPU'), current_setting('synchronous_standby_names')
+			FROM pg_stat_activity WHERE pid = $1`, probePID).Scan(&state, &waitEvent, &names)
+		if err == nil {
+			err = fmt.Errorf("the probe is %s, %s; synchronous_standby_names is %q", state, waitEvent, names)
+		}
+		return false, err
+	})
 	halt.Do(func() { close(stop) })
 	mustExec(t, admin, `SELECT pg_cancel_backend($1)`, probePID)
 	<-probed
