@@ -12,8 +12,9 @@ import (
 // max_payload (1 MB by default) travel through the group's object store:
 // one in the initial snapshot, others inserted and updated in transactions
 // next to small rows, and one in a table that joins with rows (backfill).
-// The standby is killed between them, and the agent restarted (it reads
-// the stream's last message, which names an object). DR ends equal.
+// The standby is killed between them, and the agent restarted (whether
+// the stream's last message then names an object depends on heartbeats;
+// TestAChunkTooLargeForAMessage reads such a tail). DR ends equal.
 func TestRowsLargerThanAMessage(t *testing.T) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
