@@ -105,9 +105,9 @@ type applier struct {
 	pos           position  // committed on DR
 	next          position  // pos plus what the open target transaction holds
 
-	lastSeq     uint64            // last stream sequence handled in this session
-	lastPending uint64            // messages the stream still held for us after it
-	statements  map[string]string // prepared statement names, by shape key
+	lastSeq     uint64               // last stream sequence handled in this session
+	lastPending uint64               // messages the stream still held for us after it
+	statements  map[string]*prepared // by shape key
 	build       *builder
 	relations   map[uint32]knownRelation // by source relation id
 	checked     map[string]bool          // relation keys whose DR table was checked
@@ -125,6 +125,7 @@ type applier struct {
 
 	open         bool
 	queued       []queuedStatement          // waiting to be sent
+	encoding     paramEncoding              // parameters as sent (see send)
 	batchRows    int                        // row changes queued
 	runs         map[string]*tableRuns      // changes waiting to be batched, by relation key
 	unique       map[uint32]map[string]bool // by DR table: columns whose updates are not batched (uniqueColumns)
@@ -150,7 +151,7 @@ type applier struct {
 
 func newApplier(cfg Config, log zerolog.Logger, m *metrics, conn *pgx.Conn, stream jetstream.Stream, pos position, found bool) *applier {
 	return &applier{cfg: cfg, log: log, metrics: m, conn: conn, pg: conn.PgConn(), stream: stream, pos: pos, next: pos, found: found,
-		lastSeq: pos.streamSeq, statements: map[string]string{}, build: newBuilder(), relations: map[uint32]knownRelation{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
+		lastSeq: pos.streamSeq, statements: map[string]*prepared{}, build: newBuilder(), relations: map[uint32]knownRelation{}, checked: map[string]bool{}, partitioned: map[string]bool{}, sequences: map[string]bool{},
 		targetOID: map[string]uint32{}, backfilling: map[uint32]string{}, runs: map[string]*tableRuns{}, unique: map[uint32]map[string]bool{}}
 }
 
@@ -394,7 +395,7 @@ func (a *applier) advanceSequences(ctx context.Context, seqs []*havenpb.Sequence
 			}
 		}
 		if exists {
-			a.queue("", advanceSeqSQL, [][]byte{[]byte(v.Schema), []byte(v.Name), []byte(strconv.FormatInt(v.LastValue, 10))}, batchEntry{})
+			a.queue(advanceSeqSQL, [][]byte{[]byte(v.Schema), []byte(v.Name), []byte(strconv.FormatInt(v.LastValue, 10))}, batchEntry{})
 		}
 	}
 	return nil
@@ -415,7 +416,7 @@ func (a *applier) begin(ctx context.Context) error {
 		return nil
 	}
 	a.clearQueue()
-	a.queue("", "BEGIN", nil, batchEntry{})
+	a.queue("BEGIN", nil, batchEntry{})
 	a.open = true
 	a.groupTxns, a.groupChanges = 0, 0
 	a.groupStarted = time.Now()
@@ -465,7 +466,7 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				}
 				partitioned[i] = a.partitioned[key]
 			}
-			a.queue("", truncateSQL(targets, partitioned, ch), nil, batchEntry{})
+			a.queue(truncateSQL(targets, partitioned, ch), nil, batchEntry{})
 		} else {
 			rel, relKey := a.relation(relations, ch.RelationId)
 			// Checked at first use, not per chunk: a DDL replayed earlier in
@@ -487,11 +488,11 @@ func (a *applier) applyChanges(ctx context.Context, seq uint64, relations []*hav
 				return err
 			}
 			if !waiting {
-				name, err := a.prepare(ctx, st.key, st.sql)
+				p, err := a.prepare(ctx, st.key, st.sql)
 				if err != nil {
 					return err
 				}
-				a.queue(name, "", slices.Clone(st.params), batchEntry{matchesRow: st.matchesRow, insertsRows: st.insertsRows, tolerateMissing: a.backfilling[a.targetOID[relKey]] != "",
+				a.queuePrepared(p, slices.Clone(st.params), batchEntry{matchesRow: st.matchesRow, insertsRows: st.insertsRows, tolerateMissing: a.backfilling[a.targetOID[relKey]] != "",
 					table: rel.Schema + "." + rel.Name, rel: rel, changes: []*havenpb.Change{ch}})
 				a.batchRows++
 			}
@@ -552,41 +553,55 @@ func (a *applier) warnFiringTriggers(ctx context.Context, rel *havenpb.Relation)
 			"and one that drops or diverts rows leaves DR without them: ALTER TABLE … ENABLE TRIGGER … (or ENABLE RULE …) on DR to keep them to local writes")
 }
 
-// prepare returns the name of the prepared statement for a shape (key),
-// preparing its SQL the first time.
-func (a *applier) prepare(ctx context.Context, key string, text func() string) (string, error) {
-	if name, ok := a.statements[key]; ok {
-		return name, nil
+// prepared is a statement prepared on DR.
+type prepared struct {
+	name   string
+	binary []binaryParam // parameters sent in binary (see binparams.go)
+}
+
+// prepare returns the prepared statement for a shape (key), preparing its
+// SQL the first time.
+func (a *applier) prepare(ctx context.Context, key string, text func() string) (*prepared, error) {
+	if p, ok := a.statements[key]; ok {
+		return p, nil
 	}
 	if err := a.settle(); err != nil {
-		return "", err
+		return nil, err
 	}
 	name := "haven_" + strconv.Itoa(len(a.statements))
 	sql := text()
-	if _, err := a.pg.Prepare(ctx, name, sql, nil); err != nil {
+	desc, err := a.pg.Prepare(ctx, name, sql, nil)
+	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			// The DR table cannot take the change as sent (a column type or
 			// constraint differs): retrying does not help.
-			return "", blocked(a.txnFirstSeq, "apply failed", "prepare %q: %w", sql, err)
+			return nil, blocked(a.txnFirstSeq, "apply failed", "prepare %q: %w", sql, err)
 		}
-		return "", fmt.Errorf("prepare %q: %w", sql, err)
+		return nil, fmt.Errorf("prepare %q: %w", sql, err)
 	}
-	a.statements[key] = name
-	return name, nil
+	p := &prepared{name: name, binary: binaryParams(desc.ParamOIDs)}
+	a.statements[key] = p
+	return p, nil
 }
 
-// queuedStatement is a statement to send, a prepared one by name or SQL,
-// with what judges its result.
+// queuedStatement is a statement to send, a prepared one or SQL, with what
+// judges its result.
 type queuedStatement struct {
-	name, sql string
-	params    [][]byte
-	entry     batchEntry
+	prepared *prepared
+	sql      string
+	params   [][]byte
+	entry    batchEntry
 }
 
 // queue adds a statement to those to send.
-func (a *applier) queue(name, sql string, params [][]byte, e batchEntry) {
-	a.queued = append(a.queued, queuedStatement{name: name, sql: sql, params: params, entry: e})
+func (a *applier) queue(sql string, params [][]byte, e batchEntry) {
+	a.queued = append(a.queued, queuedStatement{sql: sql, params: params, entry: e})
+}
+
+// queuePrepared adds a prepared statement to those to send.
+func (a *applier) queuePrepared(p *prepared, params [][]byte, e batchEntry) {
+	a.queued = append(a.queued, queuedStatement{prepared: p, params: params, entry: e})
 }
 
 func (a *applier) clearQueue() {
@@ -652,10 +667,14 @@ func (a *applier) send(ctx context.Context, seq uint64) error {
 		a.pipe = a.pg.StartPipeline(ctx)
 	}
 	for _, q := range a.queued {
-		if q.name != "" {
-			a.pipe.SendQueryPrepared(q.name, q.params, nil, nil)
-		} else {
+		switch {
+		case q.prepared == nil:
 			a.pipe.SendQueryParams(q.sql, q.params, nil, nil, nil)
+		case len(q.prepared.binary) == 0:
+			a.pipe.SendQueryPrepared(q.prepared.name, q.params, nil, nil)
+		default:
+			params, formats := a.encoding.encode(q.params, q.prepared.binary)
+			a.pipe.SendQueryPrepared(q.prepared.name, params, formats, nil)
 		}
 	}
 	if err := a.pipe.Sync(); err != nil { // the connection is closed
@@ -851,8 +870,8 @@ func (a *applier) commitAhead(ctx context.Context) error {
 		a.rollback(ctx)
 		return err
 	}
-	a.queue("", savePositionSQL, a.next.params(a.cfg.Group), batchEntry{})
-	a.queue("", "COMMIT", nil, batchEntry{})
+	a.queue(savePositionSQL, a.next.params(a.cfg.Group), batchEntry{})
+	a.queue("COMMIT", nil, batchEntry{})
 	group := &committedGroup{pos: a.next, txns: a.groupTxns, changes: a.groupChanges, toAck: a.toAck}
 	if err := a.send(ctx, a.next.streamSeq); err != nil {
 		a.rollback(ctx)

@@ -199,11 +199,11 @@ func (a *applier) queueRun(ctx context.Context, rel *havenpb.Relation, r *run) e
 			key = r.shape.key + "#" + strconv.Itoa(size)
 			sql = func() string { return r.shape.rows(size) }
 		}
-		name, err := a.prepare(ctx, key, sql)
+		p, err := a.prepare(ctx, key, sql)
 		if err != nil {
 			return err
 		}
-		a.queue(name, "", r.params[done*r.perRow:(done+size)*r.perRow], batchEntry{matchesRow: r.shape.matchesRow, insertsRows: r.shape.insertsRows, tolerateMissing: r.tolerateMissing,
+		a.queuePrepared(p, r.params[done*r.perRow:(done+size)*r.perRow], batchEntry{matchesRow: r.shape.matchesRow, insertsRows: r.shape.insertsRows, tolerateMissing: r.tolerateMissing,
 			table: rel.Schema + "." + rel.Name, rel: rel, changes: r.changes[done : done+size]})
 		a.batchRows += size
 		done += size
