@@ -36,15 +36,25 @@ func (e *blockedError) Error() string {
 }
 func (e *blockedError) Unwrap() error { return e.err }
 
+// drFailure is a failure of DR's own (passingOnDR) while it applied the
+// transaction that starts at stream message seq.
+type drFailure struct {
+	seq uint64
+	err error
+}
+
+func (e *drFailure) Error() string { return e.err.Error() }
+func (e *drFailure) Unwrap() error { return e.err }
+
 // blocked returns the error that stops apply at message seq. A failure
 // that is DR's own and passes once DR is fixed or by itself (passingOnDR)
-// is returned as an ordinary error instead, which apply retries with
-// backoff as it does a lost connection: the message is not at fault, and
-// stopping at it would invite skipping it, which would lose it.
+// is a drFailure instead, which apply retries with backoff as it does a
+// lost connection: the message is not at fault, and stopping at it would
+// invite skipping it, which would lose it.
 func blocked(seq uint64, reason string, format string, args ...any) error {
 	err := fmt.Errorf(format, args...)
 	if what := passingOnDR(err); what != "" {
-		return fmt.Errorf("%s; apply retries by itself and loses nothing (what DR has not committed stays in the stream): %w", what, err)
+		return &drFailure{seq: seq, err: fmt.Errorf("%s; apply retries by itself and loses nothing (what DR has not committed stays in the stream): %w", what, err)}
 	}
 	return &blockedError{seq: seq, reason: reason, err: err}
 }
@@ -59,6 +69,10 @@ func passingOnDR(err error) string {
 	switch pgErr.Code {
 	case "53100": // disk_full
 		return "DR's disk is full: free space where DR keeps its data and WAL"
+	case "53200": // out_of_memory, and out of shared memory for locks
+		return "DR ran out of memory (out of shared memory: raise max_locks_per_transaction on DR)"
+	case "53400": // configuration_limit_exceeded
+		return "DR refused the change under one of its limits (such as temp_file_limit): raise it on DR"
 	case "40P01": // deadlock_detected
 		return "apply and another session on DR deadlocked"
 	case "40001": // serialization_failure

@@ -122,6 +122,13 @@ func (s *Standby) Run(ctx context.Context) error {
 			s.log.Warn().Err(err).Msg("apply session ended; reading the stream again")
 			wait = 0
 		default:
+			var df *drFailure
+			if errors.As(err, &df) {
+				// A target transaction of many source transactions may be
+				// what DR could not take (its lock table, temp_file_limit):
+				// the retry gives each one a target transaction of its own.
+				s.isolateThrough = max(s.isolateThrough, df.seq+uint64(s.cfg.GroupChanges)+1)
+			}
 			s.health.Set(err.Error())
 			s.metrics.errors.Inc()
 			wait = min(max(2*wait, 500*time.Millisecond), 30*time.Second)

@@ -546,67 +546,121 @@ func pgxQueryRow(t *testing.T, url, sql string, args ...any) pgx.Row {
 	return conn.QueryRow(t.Context(), sql, args...)
 }
 
-// TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage: DR failing for a reason of
-// its own (here a full disk) does not stop apply at the message it was
-// applying, which an operator might then skip: apply retries and says why,
-// applies nothing meanwhile, and once DR is fixed it applies every change
-// exactly once. (The full disk is injected by a DR trigger
-// raising disk_full, the error PostgreSQL reports when a file cannot grow.)
-func TestAFullDiskOnDRIsRetriedNotBlamedOnAMessage(t *testing.T) {
-	const group = "diskfull"
-	pg, ns := newGroup(t, group)
-	f := newFeed(t, ns, group)
-	f.snapshotAndTxn()
-	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
-	waitFor(t, 30*time.Second, "the snapshot and the first transaction", func() bool { return len(notes(t, pg.URL(group))) == 2 })
-	if err := pg.Exec(t.Context(), group, `BEGIN READ WRITE;
-		CREATE TABLE disk_full (since timestamptz DEFAULT now());
-		INSERT INTO disk_full DEFAULT VALUES;
-		CREATE FUNCTION no_space() RETURNS trigger LANGUAGE plpgsql AS $$
-		BEGIN
-			IF EXISTS (SELECT FROM public.disk_full) THEN
-				RAISE EXCEPTION 'could not extend file "base/1/2": No space left on device' USING ERRCODE = 'disk_full';
-			END IF;
-			RETURN NEW;
-		END $$;
-		CREATE TRIGGER no_space BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION no_space();
-		ALTER TABLE items ENABLE ALWAYS TRIGGER no_space;
-		COMMIT`); err != nil {
-		t.Fatal(err)
+// TestDRsOwnFailuresAreRetriedNotBlamedOnAMessage: DR failing for a
+// reason of its own (a full disk, memory, a limit of its configuration)
+// does not stop apply at the message it was applying, which an operator
+// might then skip: apply retries and says why, applies nothing meanwhile,
+// and once DR is fixed it applies every change exactly once. (The failure
+// is injected by a DR trigger raising the error PostgreSQL reports.)
+func TestDRsOwnFailuresAreRetriedNotBlamedOnAMessage(t *testing.T) {
+	for _, c := range []struct{ code, message, says string }{
+		{"disk_full", `could not extend file "base/1/2": No space left on device`, "DR's disk is full"},
+		{"out_of_memory", "out of shared memory", "raise max_locks_per_transaction on DR"},
+		{"configuration_limit_exceeded", "temporary file size exceeds temp_file_limit (1024kB)", "raise it on DR"},
+	} {
+		t.Run(c.code, func(t *testing.T) {
+			group := strings.ReplaceAll(c.code, "_", "")
+			pg, ns := newGroup(t, group)
+			f := newFeed(t, ns, group)
+			f.snapshotAndTxn()
+			s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+			waitFor(t, 30*time.Second, "the snapshot and the first transaction", func() bool { return len(notes(t, pg.URL(group))) == 2 })
+			if err := pg.Exec(t.Context(), group, fmt.Sprintf(`BEGIN READ WRITE;
+				CREATE TABLE dr_fault (since timestamptz DEFAULT now());
+				INSERT INTO dr_fault DEFAULT VALUES;
+				CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$
+				BEGIN
+					IF EXISTS (SELECT FROM public.dr_fault) THEN
+						RAISE EXCEPTION '%s' USING ERRCODE = '%s';
+					END IF;
+					RETURN NEW;
+				END $$;
+				CREATE TRIGGER fault BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION fault();
+				ALTER TABLE items ENABLE ALWAYS TRIGGER fault;
+				COMMIT`, c.message, c.code)); err != nil {
+				t.Fatal(err)
+			}
+			want := publishTenRowTransactions(f)
+
+			waitFor(t, 30*time.Second, "apply to retry DR's failure twice (or stop)", func() bool {
+				return metric(reg, "haven_standby_errors_total") >= 2 || metric(reg, "haven_standby_blocked") == 1
+			})
+			err := s.Healthy()
+			if err == nil || !strings.Contains(err.Error(), c.says) || !strings.Contains(err.Error(), c.message) {
+				t.Errorf("health %v does not say %q and %q", err, c.says, c.message)
+			}
+			if metric(reg, "haven_standby_blocked") != 0 {
+				t.Error("apply is reported blocked at a message: DR's own failure is not the message's fault")
+			}
+			if got := notes(t, pg.URL(group)); len(got) != 2 {
+				t.Errorf("DR rows %q while DR fails", got)
+			}
+
+			if err := pg.Exec(t.Context(), group, `BEGIN READ WRITE; DELETE FROM dr_fault; COMMIT`); err != nil {
+				t.Fatal(err)
+			}
+			want = append([]string{"1:from the snapshot", "2:first transaction"}, want...)
+			waitFor(t, 60*time.Second, "apply to resume once DR is fixed", func() bool {
+				return slices.Equal(notes(t, pg.URL(group)), want)
+			})
+			waitFor(t, 10*time.Second, "health to clear", func() bool { return s.Healthy() == nil })
+		})
 	}
-	var want []string
+}
+
+// publishTenRowTransactions publishes three transactions after
+// snapshotAndTxn's, of ten inserted rows each, and returns the rows as
+// notes lists them.
+func publishTenRowTransactions(f *feed) []string {
+	var rows []string
 	for i := 3; i <= 5; i++ {
 		var changes []*havenpb.Change
 		for j := range 10 {
 			id := strconv.Itoa(i*100 + j)
 			changes = append(changes, insert(id, "row"))
-			want = append(want, id+":row")
+			rows = append(rows, id+":row")
 		}
 		f.publish(f.txn(uint64(i)<<12, changes...))
 	}
+	return rows
+}
 
-	waitFor(t, 30*time.Second, "apply to retry the full disk twice (or stop)", func() bool {
-		return metric(reg, "haven_standby_errors_total") >= 2 || metric(reg, "haven_standby_blocked") == 1
-	})
-	err := s.Healthy()
-	if err == nil || !strings.Contains(err.Error(), "DR's disk is full") || !strings.Contains(err.Error(), "No space left on device") {
-		t.Errorf("health %v does not say that DR's disk is full", err)
-	}
-	if metric(reg, "haven_standby_blocked") != 0 {
-		t.Error("apply is reported blocked at a message: a full disk is not the message's fault")
-	}
-	if got := notes(t, pg.URL(group)); len(got) != 2 {
-		t.Errorf("DR rows %q while its disk is full", got)
-	}
-
-	if err := pg.Exec(t.Context(), group, `BEGIN READ WRITE; DELETE FROM disk_full; COMMIT`); err != nil {
+// TestAGroupDRRefusesIsRetriedOneTransactionAtATime: a target transaction
+// of several source transactions that DR refuses under a limit of its own
+// (here "out of shared memory" past ten rows in one transaction, as a lock
+// table too small for a group's many partitions would) is retried with one
+// source transaction per target transaction, which DR takes: a retry of
+// the same group would fail for ever.
+func TestAGroupDRRefusesIsRetriedOneTransactionAtATime(t *testing.T) {
+	const group = "biggroup"
+	pg, ns := newGroup(t, group)
+	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
+		CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN
+			IF (SELECT count(*) FROM public.items WHERE xmin::text = pg_current_xact_id()::text) >= 10 THEN
+				RAISE EXCEPTION 'out of shared memory' USING ERRCODE = 'out_of_memory', HINT = 'You might need to increase max_locks_per_transaction.';
+			END IF;
+			RETURN NEW;
+		END $$;
+		CREATE TRIGGER fault BEFORE INSERT ON items FOR EACH ROW EXECUTE FUNCTION fault();
+		ALTER TABLE items ENABLE ALWAYS TRIGGER fault`); err != nil {
 		t.Fatal(err)
 	}
-	want = append([]string{"1:from the snapshot", "2:first transaction"}, want...)
-	waitFor(t, 60*time.Second, "apply to resume once DR has space", func() bool {
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	want := append([]string{"1:from the snapshot", "2:first transaction"}, publishTenRowTransactions(f)...)
+	// Everything is in the stream before the standby starts: its first
+	// group holds the four transactions.
+	_, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 60*time.Second, "every transaction applied", func() bool {
 		return slices.Equal(notes(t, pg.URL(group)), want)
 	})
-	waitFor(t, 10*time.Second, "health to clear", func() bool { return s.Healthy() == nil })
+	if metric(reg, "haven_standby_errors_total") < 1 {
+		t.Error("DR took the transactions at the first try: the test did not make it refuse a group")
+	}
+	if metric(reg, "haven_standby_blocked") != 0 {
+		t.Error("apply is reported blocked at a message: DR's own failure is not the message's fault")
+	}
 }
 
 // TestAssemblesTransactionsAsTheAgentRepublishesThem: the transaction whose
