@@ -70,7 +70,7 @@ func passingOnDR(err error) string {
 	case "53100": // disk_full
 		return "DR's disk is full: free space where DR keeps its data and WAL"
 	case "53200": // out_of_memory, and out of shared memory for locks
-		return "DR ran out of memory (out of shared memory: raise max_locks_per_transaction on DR)"
+		return "DR ran out of memory (for \"out of shared memory\", raise max_locks_per_transaction on DR)"
 	case "53400": // configuration_limit_exceeded
 		return "DR refused the change under one of its limits (such as temp_file_limit): raise it on DR"
 	case "40P01": // deadlock_detected

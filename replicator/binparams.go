@@ -208,7 +208,7 @@ func utcOffset(text []byte) (int64, bool) {
 			return 0, false
 		}
 		v, ok := twoDigits(text[at : at+2])
-		if !ok || (i > 0 && v > 59) {
+		if !ok || (i == 0 && v > 15) || (i > 0 && v > 59) { // PostgreSQL's range
 			return 0, false
 		}
 		secs += int64(v) * unit

@@ -110,6 +110,8 @@ func TestBinaryParamsMeanWhatTheirTextMeans(t *testing.T) {
 		{timestamptzOID, "2024-01-01 12:00:00.+00", false},
 		{timestamptzOID, "2024-01-01 12:00:00+5", false},
 		{timestamptzOID, "2024-01-01 12:00:00+05:3", false},
+		{timestamptzOID, "2024-01-01 12:00:00+16", false},
+		{timestamptzOID, "2024-01-01 12:00:00-15:59:59", true},
 		{timestamptzOID, "2024-01-01T12:00:00+00", false},
 		{timestamptzOID, "2023-02-29 12:00:00+00", false},
 		{timestamptzOID, "2024-01-01 12:00:00-09:30", true},
