@@ -130,8 +130,9 @@ func (q *quorum) ctl(t *testing.T, args ...string) (string, error) {
 }
 
 type ctlStatus struct {
-	LeaderID string `json:"leaderId"`
-	Groups   []struct {
+	LeaderID     string `json:"leaderId"`
+	RulesVersion int    `json:"rulesVersion"`
+	Groups       []struct {
 		Name        string  `json:"name"`
 		PrimarySite string  `json:"primarySite"`
 		DRSite      string  `json:"drSite"`

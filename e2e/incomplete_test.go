@@ -8,10 +8,10 @@ import (
 
 // TestNoFailoverToAnIncompleteDR: a table joins the group with rows, and
 // its agent dies while DR has copied only some of them. The standby
-// reports DR's copy incomplete, naming the table; with the primary then
-// killed, the quorum does not fail over by itself but alerts, a manual
-// failover is refused, and only --force promotes DR, which its audit and
-// the standby's log record.
+// reports DR's copy incomplete, naming the table, and a switchover is
+// refused; with the primary then killed, the quorum does not fail over by
+// itself but alerts, a manual failover is refused, and only --force
+// promotes DR, which its audit and the standby's log record.
 func TestNoFailoverToAnIncompleteDR(t *testing.T) {
 	f := startFailoverSite(t, "--backfill-chunk-rows", "100")
 	q, primary, dr := f.q, f.primary, f.dr
@@ -38,6 +38,15 @@ func TestNoFailoverToAnIncompleteDR(t *testing.T) {
 	})
 	if out, err := q.ctl(t, "status"); err != nil || !strings.Contains(out, "DR INCOMPLETE") {
 		t.Errorf("haven ctl status does not say DR is incomplete: %v, %s", err, out)
+	}
+	// Every node runs this build: the quorum applies its rules, and the
+	// state itself refuses a switchover (the API refuses it first).
+	waitFor(t, 30*time.Second, "the quorum to apply rules version 2", func() (bool, error) {
+		st, err := q.status(t)
+		return err == nil && st.RulesVersion == 2, err
+	})
+	if out, err := q.ctl(t, "switchover", "--group", "crm"); err == nil || !strings.Contains(out, "cannot vouch for its copy") || !strings.Contains(out, "public.big") {
+		t.Errorf("a switchover to an incomplete DR was not refused: %v, %s", err, out)
 	}
 
 	if err := f.site.primary.Kill(); err != nil {

@@ -25,10 +25,12 @@ func (a *api) Status(ctx context.Context, _ *connect.Request[havenpb.StatusReque
 	resp := &havenpb.StatusResponse{LeaderId: string(leader), NodeId: a.c.cfg.ID}
 	if f := a.c.raft.GetConfiguration(); f.Error() == nil {
 		for _, s := range f.Configuration().Servers {
+			info := st.Nodes[string(s.ID)]
 			resp.Nodes = append(resp.Nodes, &havenpb.Node{Id: string(s.ID), RaftAddress: string(s.Address),
-				ApiUrl: st.Nodes[string(s.ID)].APIURL, Voter: s.Suffrage == raft.Voter})
+				ApiUrl: info.APIURL, Voter: s.Suffrage == raft.Voter, RulesVersion: uint32(info.RulesVersion)})
 		}
 	}
+	resp.RulesVersion = uint32(max(st.RulesVersion, 1))
 	names := make([]string, 0, len(st.Groups))
 	for name := range st.Groups {
 		names = append(names, name)
@@ -221,6 +223,11 @@ func (a *api) Switchover(ctx context.Context, req *connect.Request[havenpb.Switc
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR site %s of group %q has not reported recently or lags %.1fs: a switchover would wait for it with writes stopped; fix the standby first",
 			g.DRSite, g.Name, g.LagSeconds))
 	}
+	if g.DRIncomplete != "" {
+		// Refused here too, by the leader's rules: the state refuses it
+		// only once every node runs them.
+		return nil, connect.NewError(connect.CodeFailedPrecondition, incompleteSwitchover(g))
+	}
 	actor := req.Msg.Actor
 	if actor == "" {
 		actor = "operator"
@@ -361,7 +368,7 @@ func (a *api) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest
 		}
 		a.c.log.Info().Str("joined", r.NodeId).Str("raft", r.RaftAddress).Msg("node added to the quorum")
 	}
-	if _, err := a.c.propose(command{Kind: cmdNode, AtMs: time.Now().UnixMilli(), Node: r.NodeId, Info: &NodeInfo{APIURL: r.ApiUrl}}); err != nil {
+	if _, err := a.c.propose(command{Kind: cmdNode, AtMs: time.Now().UnixMilli(), Node: r.NodeId, Info: &NodeInfo{APIURL: r.ApiUrl, RulesVersion: int(r.RulesVersion)}}); err != nil {
 		return nil, connect.NewError(connect.CodeUnavailable, err)
 	}
 	return connect.NewResponse(&havenpb.JoinResponse{}), nil

@@ -306,7 +306,7 @@ func (c *Controller) probeLoop(ctx context.Context) {
 		case <-ticker.C:
 		}
 		st := c.fsm.read()
-		if info, ok := st.Nodes[c.cfg.ID]; !ok || info.APIURL != c.cfg.APIURL {
+		if info, ok := st.Nodes[c.cfg.ID]; !ok || info.APIURL != c.cfg.APIURL || info.RulesVersion != RulesVersion {
 			c.announce(ctx)
 		}
 		var wg sync.WaitGroup
@@ -385,7 +385,7 @@ func probeSQL(ctx context.Context, url string) error {
 // announce records this node's API address in the state.
 func (c *Controller) announce(ctx context.Context) {
 	if c.isLeader() {
-		if _, err := c.propose(command{Kind: cmdNode, AtMs: time.Now().UnixMilli(), Node: c.cfg.ID, Info: &NodeInfo{APIURL: c.cfg.APIURL}}); err != nil {
+		if _, err := c.propose(command{Kind: cmdNode, AtMs: time.Now().UnixMilli(), Node: c.cfg.ID, Info: &NodeInfo{APIURL: c.cfg.APIURL, RulesVersion: RulesVersion}}); err != nil {
 			c.log.Warn().Err(err).Msg("record this node's API address")
 		}
 		return
@@ -398,7 +398,7 @@ func (c *Controller) announce(ctx context.Context) {
 		// Not in a quorum yet: ask the node we were told to join.
 		cl = c.client(c.cfg.Join)
 	}
-	if _, err := cl.Join(ctx, connectRequest(&havenpb.JoinRequest{NodeId: c.cfg.ID, RaftAddress: c.cfg.RaftAddr, ApiUrl: c.cfg.APIURL})); err != nil {
+	if _, err := cl.Join(ctx, connectRequest(&havenpb.JoinRequest{NodeId: c.cfg.ID, RaftAddress: c.cfg.RaftAddr, ApiUrl: c.cfg.APIURL, RulesVersion: RulesVersion})); err != nil {
 		c.log.Debug().Err(err).Msg("announce this node to the leader")
 	}
 }
@@ -429,6 +429,11 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 		st := c.fsm.read()
 		voters := c.voters()
 		now := time.Now()
+		if v := quorumRulesVersion(st.Nodes, c.voterIDs()); v > st.RulesVersion && v > 1 {
+			if _, err := c.propose(command{Kind: cmdRulesVersion, AtMs: now.UnixMilli(), Actor: "controller@" + c.cfg.ID, RulesVersion: v}); err != nil {
+				c.log.Warn().Err(err).Int("version", v).Msg("raise the quorum's rules version")
+			}
+		}
 		if now.Sub(lastFenceCheck) >= c.cfg.Policy.ProbeInterval {
 			lastFenceCheck = now
 			c.fenceDeposed(ctx, st)
@@ -502,16 +507,20 @@ func (c *Controller) fenceDeposed(ctx context.Context, st *State) {
 }
 
 // voters counts the quorum's voting members.
-func (c *Controller) voters() int {
+func (c *Controller) voters() int { return len(c.voterIDs()) }
+
+// voterIDs are the quorum's voting nodes (none if its configuration cannot
+// be read).
+func (c *Controller) voterIDs() []string {
 	f := c.raft.GetConfiguration()
 	if f.Error() != nil {
-		return 0
+		return nil
 	}
-	n := 0
+	var ids []string
 	for _, s := range f.Configuration().Servers {
 		if s.Suffrage == raft.Voter {
-			n++
+			ids = append(ids, string(s.ID))
 		}
 	}
-	return n
+	return ids
 }

@@ -84,9 +84,33 @@ type Observation struct {
 	Error   string `json:"error,omitempty"`
 }
 
-// NodeInfo is how to reach a controller node's API.
+// NodeInfo is how to reach a controller node's API, and the version of
+// the rules it applies commands by (0: a node older than versioning).
 type NodeInfo struct {
-	APIURL string `json:"api_url"`
+	APIURL       string `json:"api_url"`
+	RulesVersion int    `json:"rules_version,omitempty"`
+}
+
+// RulesVersion is the version of the rules by which this build applies
+// commands to the state. A quorum being upgraded runs nodes of two
+// versions, and each must reach the same state from the same commands: a
+// change to apply that would make them differ is raised here and gated on
+// State.RulesVersion, which the leader raises once every voter runs the
+// new version (see quorumRulesVersion). Version 2: DR's reported
+// incompleteness holds a switchover.
+const RulesVersion = 2
+
+// quorumRulesVersion is the version of the rules every voter runs: the
+// oldest among them, a node that has not said counting as version 1.
+func quorumRulesVersion(nodes map[string]NodeInfo, voters []string) int {
+	if len(voters) == 0 {
+		return 1
+	}
+	v := RulesVersion
+	for _, id := range voters {
+		v = min(v, max(nodes[id].RulesVersion, 1))
+	}
+	return v
 }
 
 // AuditEntry records one operator action or decision; entries form a hash
@@ -118,6 +142,9 @@ type State struct {
 	Schedules map[string]*Schedule `json:"schedules,omitempty"`
 	Reports   []*Report            `json:"reports,omitempty"`
 	NextID    uint64               `json:"next_id,omitempty"`
+	// RulesVersion is the version of the rules commands are applied by
+	// (0 and 1: the first); see RulesVersion.
+	RulesVersion int `json:"rules_version,omitempty"`
 }
 
 func newState() *State {
@@ -131,7 +158,7 @@ func (s *State) clone() *State {
 	c := &State{Groups: make(map[string]*Group, len(s.Groups)), Nodes: maps.Clone(s.Nodes),
 		Audit: slices.Clone(s.Audit[max(0, len(s.Audit)-recentAudit):]), Schedules: make(map[string]*Schedule, len(s.Schedules)),
 		// A stored report is replaced, never changed: they are shared.
-		Reports: slices.Clone(s.Reports), NextID: s.NextID}
+		Reports: slices.Clone(s.Reports), NextID: s.NextID, RulesVersion: s.RulesVersion}
 	for id, sc := range s.Schedules {
 		c.Schedules[id] = new(*sc)
 	}
@@ -177,6 +204,7 @@ const (
 	cmdAlert           = "alert"
 	cmdRejoin          = "rejoin"
 	cmdSwitchover      = "switchover"
+	cmdRulesVersion    = "rules-version"
 	cmdAbortSwitchover = "abort-switchover"
 )
 
@@ -226,6 +254,8 @@ type command struct {
 	Node        string       `json:"node,omitempty"`
 	Info        *NodeInfo    `json:"info,omitempty"`
 	Reason      string       `json:"reason,omitempty"`
+	// rules-version
+	RulesVersion int `json:"rules_version,omitempty"`
 }
 
 // apply changes the state by one command and returns what the caller needs.
@@ -234,6 +264,14 @@ func (s *State) apply(c command) any {
 	switch c.Kind {
 	case cmdNode:
 		s.Nodes[c.Node] = *c.Info
+		return nil
+	case cmdRulesVersion:
+		// A node older than c.RulesVersion cannot be a voter here: the
+		// leader proposes it only once every voter runs it.
+		if c.RulesVersion > s.RulesVersion {
+			s.RulesVersion = c.RulesVersion
+			s.audit(c.AtMs, c.Actor, "rules-version", "", fmt.Sprintf("every controller node runs version %d of the state's rules: the quorum applies them from here", c.RulesVersion))
+		}
 		return nil
 	case cmdCheckIn:
 		return s.checkIn(c)
@@ -308,10 +346,9 @@ func (s *State) apply(c command) any {
 			return fmt.Errorf("group %q cannot switch over now: state %s, DR site %q (deposed: %v), switchover %q; it needs a DR site that follows the primary",
 				c.Group, g.State, g.DRSite, deposed, g.Switchover)
 		}
-		if g.DRIncomplete != "" {
+		if s.RulesVersion >= 2 && g.DRIncomplete != "" {
 			s.audit(c.AtMs, c.Actor, "switchover", c.Group, "refused: DR's copy is incomplete: "+g.DRIncomplete)
-			return fmt.Errorf("group %q cannot switch over now: DR site %s cannot vouch for its copy (%s), and a switchover could lose what it lacks; "+
-				"switch over once the standby has loaded it (haven ctl status shows when)", c.Group, g.DRSite, g.DRIncomplete)
+			return incompleteSwitchover(g)
 		}
 		if g.Drill != nil && g.Drill.Kind != DrillSwitchover {
 			s.interruptDrill(c.AtMs, g, "a switchover began")
@@ -460,7 +497,7 @@ func (s *State) checkIn(c command) any {
 				r.DrillRehearse = d.ID
 			}
 		}
-		if g.Switchover == phaseCatchUp && g.current(c.AtMs) {
+		if g.Switchover == phaseCatchUp && g.current(c.AtMs, s.RulesVersion) {
 			// Writes stop only now: the pause is the drain of what is in
 			// flight, not of a backlog.
 			g.Switchover, g.SwitchoverStarted = phaseFence, c.AtMs
@@ -504,9 +541,17 @@ func (g *Group) promote() {
 const switchoverMaxLag = 300 * time.Millisecond
 
 // current reports whether DR reported, within the last second, a lag small
-// enough to stop writes for a switchover, and a complete copy.
-func (g *Group) current(nowMs int64) bool {
-	return nowMs-g.StandbySeenMs <= 1000 && g.LagSeconds <= switchoverMaxLag.Seconds() && g.DRIncomplete == ""
+// enough to stop writes for a switchover, and, by rules of version 2, a
+// complete copy.
+func (g *Group) current(nowMs int64, rulesVersion int) bool {
+	return nowMs-g.StandbySeenMs <= 1000 && g.LagSeconds <= switchoverMaxLag.Seconds() && (rulesVersion < 2 || g.DRIncomplete == "")
+}
+
+// incompleteSwitchover is the refusal of a switchover to a DR copy that
+// lacks rows.
+func incompleteSwitchover(g *Group) error {
+	return fmt.Errorf("group %q cannot switch over now: DR site %s cannot vouch for its copy (%s), and a switchover could lose what it lacks; "+
+		"switch over once the standby has loaded it (haven ctl status shows when)", g.Name, g.DRSite, g.DRIncomplete)
 }
 
 // PrimaryURL is the URL to probe the group's primary with: its agent's, or

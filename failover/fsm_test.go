@@ -195,31 +195,81 @@ func TestFSMSwitchoverWaitsForDR(t *testing.T) {
 // primary for it.
 func TestFSMIncompleteDR(t *testing.T) {
 	f := newFSM()
+	apply(t, f, 1, command{Kind: cmdRulesVersion, AtMs: 900, RulesVersion: 2})
 	agent := command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000}
 	standby := command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "b"}
-	apply(t, f, 1, agent)
-	apply(t, f, 2, standby)
-	if err, _ := apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
+	apply(t, f, 2, agent)
+	apply(t, f, 3, standby)
+	if err, _ := apply(t, f, 4, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
 		t.Fatal(err)
 	}
 	lacks := "1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals"
 	standby.AtMs, standby.Incomplete = 1200, lacks
-	apply(t, f, 4, standby)
+	apply(t, f, 5, standby)
 	g := f.read().Groups["crm"]
 	if g.DRIncomplete != lacks || g.Switchover != phaseCatchUp {
 		t.Fatalf("after an incomplete report: incomplete %q, switchover %q; want the report kept and the primary not fenced", g.DRIncomplete, g.Switchover)
 	}
-	apply(t, f, 5, command{Kind: cmdAbortSwitchover, AtMs: 1300, Group: "crm", Reason: "test"})
-	err, _ := apply(t, f, 6, command{Kind: cmdSwitchover, AtMs: 1400, Group: "crm", Actor: "op"}).(error)
+	apply(t, f, 6, command{Kind: cmdAbortSwitchover, AtMs: 1300, Group: "crm", Reason: "test"})
+	err, _ := apply(t, f, 7, command{Kind: cmdSwitchover, AtMs: 1400, Group: "crm", Actor: "op"}).(error)
 	if err == nil || !strings.Contains(err.Error(), "public.deals") {
 		t.Fatalf("switchover to an incomplete DR: %v, want a refusal naming what it lacks", err)
 	}
 	standby.AtMs, standby.Incomplete = 1500, ""
-	apply(t, f, 7, standby)
-	if err, _ := apply(t, f, 8, command{Kind: cmdSwitchover, AtMs: 1600, Group: "crm", Actor: "op"}).(error); err != nil {
+	apply(t, f, 8, standby)
+	if err, _ := apply(t, f, 9, command{Kind: cmdSwitchover, AtMs: 1600, Group: "crm", Actor: "op"}).(error); err != nil {
 		t.Fatalf("switchover once DR is complete: %v", err)
 	}
 	if g := f.read().Groups["crm"]; g.DRIncomplete != "" {
 		t.Errorf("after a complete report: incomplete %q", g.DRIncomplete)
+	}
+}
+
+// TestFSMRulesVersion: until the quorum's rules version is raised, commands
+// are applied as a node of the first version applies them (a switchover to
+// an incomplete DR copy goes ahead in the state: the leader's API refuses
+// it), so that a quorum mid-upgrade reaches one state; from version 2 the
+// state refuses it too. The version never goes down, and counts every
+// voter, a silent one as version 1.
+func TestFSMRulesVersion(t *testing.T) {
+	f := newFSM()
+	apply(t, f, 1, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000})
+	apply(t, f, 2, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "b", Incomplete: "no initial snapshot is loaded"})
+	if err, _ := apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
+		t.Fatalf("switchover under the first rules: %v, want it applied as a node of the first version applies it", err)
+	}
+	apply(t, f, 4, command{Kind: cmdCheckIn, AtMs: 1200, Group: "crm", Site: "b", Incomplete: "no initial snapshot is loaded"})
+	if g := f.read().Groups["crm"]; g.Switchover != phaseFence {
+		t.Fatalf("switchover phase %q under the first rules, want %q as a node of the first version reaches", g.Switchover, phaseFence)
+	}
+	apply(t, f, 5, command{Kind: cmdAbortSwitchover, AtMs: 1300, Group: "crm", Reason: "test"})
+
+	apply(t, f, 6, command{Kind: cmdRulesVersion, AtMs: 1400, RulesVersion: 2, Actor: "controller@n1"})
+	apply(t, f, 7, command{Kind: cmdRulesVersion, AtMs: 1500, RulesVersion: 1, Actor: "controller@n1"})
+	st := f.read()
+	if st.RulesVersion != 2 {
+		t.Fatalf("rules version %d after raising it to 2 and proposing 1, want 2", st.RulesVersion)
+	}
+	if a := st.Audit[len(st.Audit)-1]; a.Action != "rules-version" || !strings.Contains(a.Outcome, "version 2") {
+		t.Errorf("last audit entry %+v, want the raise to version 2", a)
+	}
+	apply(t, f, 8, command{Kind: cmdCheckIn, AtMs: 1600, Group: "crm", Site: "b", Incomplete: "no initial snapshot is loaded"})
+	if err, _ := apply(t, f, 9, command{Kind: cmdSwitchover, AtMs: 1700, Group: "crm", Actor: "op"}).(error); err == nil {
+		t.Error("switchover to an incomplete DR under rules version 2 was applied, want it refused")
+	}
+
+	nodes := map[string]NodeInfo{"n1": {RulesVersion: 2}, "n2": {RulesVersion: 2}, "n3": {}}
+	for _, c := range []struct {
+		voters []string
+		want   int
+	}{
+		{[]string{"n1", "n2"}, 2},
+		{[]string{"n1", "n2", "n3"}, 1}, // n3 has not said: an older build
+		{[]string{"n1", "n4"}, 1},       // n4 not announced yet
+		{nil, 1},                        // the configuration could not be read
+	} {
+		if got := quorumRulesVersion(nodes, c.voters); got != c.want {
+			t.Errorf("quorum rules version of voters %v: %d, want %d", c.voters, got, c.want)
+		}
 	}
 }

@@ -274,7 +274,8 @@ func (c *Controller) waitCurrent(ctx context.Context, r *Report) error {
 	var lacks string
 	err := c.waitDrill(ctx, r, switchoverDrillTimeout, func(g *Group) (bool, error) {
 		lag, lacks = g.LagSeconds, g.DRIncomplete
-		return g.current(time.Now().UnixMilli()), nil
+		// The leader's own judgement, not a state change: its rules hold.
+		return g.current(time.Now().UnixMilli(), RulesVersion), nil
 	})
 	if errors.Is(err, context.DeadlineExceeded) && lacks != "" {
 		return fmt.Errorf("DR's copy stayed incomplete for %s: %s", switchoverDrillTimeout, lacks)

@@ -190,8 +190,13 @@ func printStatus(w io.Writer, s *havenpb.StatusResponse) {
 		leader = "NONE (no majority)"
 	}
 	fmt.Fprintf(w, "leader: %s (answered by %s)\n", leader, s.NodeId)
+	fmt.Fprintf(w, "rules: version %d\n", max(s.RulesVersion, 1))
 	for _, n := range s.Nodes {
-		fmt.Fprintf(w, "  node %s  raft %s  api %s  voter %v\n", n.Id, n.RaftAddress, n.ApiUrl, n.Voter)
+		rules := "rules unreported"
+		if n.RulesVersion > 0 {
+			rules = fmt.Sprintf("rules %d", n.RulesVersion)
+		}
+		fmt.Fprintf(w, "  node %s  raft %s  api %s  voter %v  %s\n", n.Id, n.RaftAddress, n.ApiUrl, n.Voter, rules)
 	}
 	now := time.Now()
 	ago := func(ms int64) string {

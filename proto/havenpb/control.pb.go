@@ -117,10 +117,13 @@ type StatusResponse struct {
 	state    protoimpl.MessageState `protogen:"open.v1"`
 	LeaderId string                 `protobuf:"bytes,1,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
 	// The node that answered, and whether it is the leader.
-	NodeId        string         `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Nodes         []*Node        `protobuf:"bytes,3,rep,name=nodes,proto3" json:"nodes,omitempty"`
-	Groups        []*GroupStatus `protobuf:"bytes,4,rep,name=groups,proto3" json:"groups,omitempty"`
-	Audit         []*AuditEntry  `protobuf:"bytes,5,rep,name=audit,proto3" json:"audit,omitempty"`
+	NodeId string         `protobuf:"bytes,2,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Nodes  []*Node        `protobuf:"bytes,3,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	Groups []*GroupStatus `protobuf:"bytes,4,rep,name=groups,proto3" json:"groups,omitempty"`
+	Audit  []*AuditEntry  `protobuf:"bytes,5,rep,name=audit,proto3" json:"audit,omitempty"`
+	// The version of the state's rules the quorum applies: the oldest any
+	// of its nodes runs, once all have said (see failover.RulesVersion).
+	RulesVersion  uint32 `protobuf:"varint,6,opt,name=rules_version,json=rulesVersion,proto3" json:"rules_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -190,12 +193,22 @@ func (x *StatusResponse) GetAudit() []*AuditEntry {
 	return nil
 }
 
+func (x *StatusResponse) GetRulesVersion() uint32 {
+	if x != nil {
+		return x.RulesVersion
+	}
+	return 0
+}
+
 type Node struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
-	RaftAddress   string                 `protobuf:"bytes,2,opt,name=raft_address,json=raftAddress,proto3" json:"raft_address,omitempty"`
-	ApiUrl        string                 `protobuf:"bytes,3,opt,name=api_url,json=apiUrl,proto3" json:"api_url,omitempty"`
-	Voter         bool                   `protobuf:"varint,4,opt,name=voter,proto3" json:"voter,omitempty"`
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	RaftAddress string                 `protobuf:"bytes,2,opt,name=raft_address,json=raftAddress,proto3" json:"raft_address,omitempty"`
+	ApiUrl      string                 `protobuf:"bytes,3,opt,name=api_url,json=apiUrl,proto3" json:"api_url,omitempty"`
+	Voter       bool                   `protobuf:"varint,4,opt,name=voter,proto3" json:"voter,omitempty"`
+	// The version of the state's rules the node runs (0: not reported, a
+	// node older than versioning).
+	RulesVersion  uint32 `protobuf:"varint,5,opt,name=rules_version,json=rulesVersion,proto3" json:"rules_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -256,6 +269,13 @@ func (x *Node) GetVoter() bool {
 		return x.Voter
 	}
 	return false
+}
+
+func (x *Node) GetRulesVersion() uint32 {
+	if x != nil {
+		return x.RulesVersion
+	}
+	return 0
 }
 
 type GroupStatus struct {
@@ -1658,6 +1678,7 @@ type JoinRequest struct {
 	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
 	RaftAddress   string                 `protobuf:"bytes,2,opt,name=raft_address,json=raftAddress,proto3" json:"raft_address,omitempty"`
 	ApiUrl        string                 `protobuf:"bytes,3,opt,name=api_url,json=apiUrl,proto3" json:"api_url,omitempty"`
+	RulesVersion  uint32                 `protobuf:"varint,4,opt,name=rules_version,json=rulesVersion,proto3" json:"rules_version,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1711,6 +1732,13 @@ func (x *JoinRequest) GetApiUrl() string {
 		return x.ApiUrl
 	}
 	return ""
+}
+
+func (x *JoinRequest) GetRulesVersion() uint32 {
+	if x != nil {
+		return x.RulesVersion
+	}
+	return 0
 }
 
 type JoinResponse struct {
@@ -2909,18 +2937,20 @@ var File_control_proto protoreflect.FileDescriptor
 const file_control_proto_rawDesc = "" +
 	"\n" +
 	"\rcontrol.proto\x12\bhaven.v1\"\x0f\n" +
-	"\rStatusRequest\"\xc7\x01\n" +
+	"\rStatusRequest\"\xec\x01\n" +
 	"\x0eStatusResponse\x12\x1b\n" +
 	"\tleader_id\x18\x01 \x01(\tR\bleaderId\x12\x17\n" +
 	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12$\n" +
 	"\x05nodes\x18\x03 \x03(\v2\x0e.haven.v1.NodeR\x05nodes\x12-\n" +
 	"\x06groups\x18\x04 \x03(\v2\x15.haven.v1.GroupStatusR\x06groups\x12*\n" +
-	"\x05audit\x18\x05 \x03(\v2\x14.haven.v1.AuditEntryR\x05audit\"h\n" +
+	"\x05audit\x18\x05 \x03(\v2\x14.haven.v1.AuditEntryR\x05audit\x12#\n" +
+	"\rrules_version\x18\x06 \x01(\rR\frulesVersion\"\x8d\x01\n" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
 	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\x12\x14\n" +
-	"\x05voter\x18\x04 \x01(\bR\x05voter\"\x99\x06\n" +
+	"\x05voter\x18\x04 \x01(\bR\x05voter\x12#\n" +
+	"\rrules_version\x18\x05 \x01(\rR\frulesVersion\"\x99\x06\n" +
 	"\vGroupStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12!\n" +
 	"\fprimary_site\x18\x02 \x01(\tR\vprimarySite\x12\x17\n" +
@@ -3050,11 +3080,12 @@ const file_control_proto_rawDesc = "" +
 	"\n" +
 	"at_unix_ms\x18\x04 \x01(\x03R\batUnixMs\x12\x14\n" +
 	"\x05error\x18\x05 \x01(\tR\x05error\"\x11\n" +
-	"\x0fObserveResponse\"b\n" +
+	"\x0fObserveResponse\"\x87\x01\n" +
 	"\vJoinRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12!\n" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
-	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\"\x0e\n" +
+	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\x12#\n" +
+	"\rrules_version\x18\x04 \x01(\rR\frulesVersion\"\x0e\n" +
 	"\fJoinResponse\"\x99\x01\n" +
 	"\x14ScheduleDrillRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
