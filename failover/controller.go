@@ -299,6 +299,7 @@ func (c *Controller) client(url string) havenpbconnect.ControlClient {
 func (c *Controller) probeLoop(ctx context.Context) {
 	ticker := time.NewTicker(c.cfg.Policy.ProbeInterval)
 	defer ticker.Stop()
+	var versionSaid time.Time
 	for {
 		select {
 		case <-ctx.Done():
@@ -306,7 +307,13 @@ func (c *Controller) probeLoop(ctx context.Context) {
 		case <-ticker.C:
 		}
 		st := c.fsm.read()
-		if info, ok := st.Nodes[c.cfg.ID]; !ok || info.APIURL != c.cfg.APIURL || info.RulesVersion != RulesVersion {
+		switch info, ok := st.Nodes[c.cfg.ID]; {
+		case !ok || info.APIURL != c.cfg.APIURL:
+			c.announce(ctx)
+		case info.RulesVersion != RulesVersion && time.Since(versionSaid) >= time.Minute:
+			// A leader older than rules versions records none: say it
+			// again now and then, not at every probe.
+			versionSaid = time.Now()
 			c.announce(ctx)
 		}
 		var wg sync.WaitGroup
