@@ -39,8 +39,7 @@ func TestNoFailoverToAnIncompleteDR(t *testing.T) {
 	if out, err := q.ctl(t, "status"); err != nil || !strings.Contains(out, "DR INCOMPLETE") {
 		t.Errorf("haven ctl status does not say DR is incomplete: %v, %s", err, out)
 	}
-	// Every node runs this build: the quorum applies its rules, and the
-	// state itself refuses a switchover (the API refuses it first).
+	// Every node runs this build: the quorum moves to its rules version.
 	waitFor(t, 30*time.Second, "the quorum to apply rules version 2", func() (bool, error) {
 		st, err := q.status(t)
 		return err == nil && st.RulesVersion == 2, err

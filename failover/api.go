@@ -223,11 +223,6 @@ func (a *api) Switchover(ctx context.Context, req *connect.Request[havenpb.Switc
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR site %s of group %q has not reported recently or lags %.1fs: a switchover would wait for it with writes stopped; fix the standby first",
 			g.DRSite, g.Name, g.LagSeconds))
 	}
-	if g.DRIncomplete != "" {
-		// Refused here too, by the leader's rules: the state refuses it
-		// only once every node runs them.
-		return nil, connect.NewError(connect.CodeFailedPrecondition, incompleteSwitchover(g))
-	}
 	actor := req.Msg.Actor
 	if actor == "" {
 		actor = "operator"

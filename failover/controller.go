@@ -310,9 +310,11 @@ func (c *Controller) probeLoop(ctx context.Context) {
 		switch info, ok := st.Nodes[c.cfg.ID]; {
 		case !ok || info.APIURL != c.cfg.APIURL:
 			c.announce(ctx)
-		case info.RulesVersion != RulesVersion && time.Since(versionSaid) >= time.Minute:
-			// A leader older than rules versions records none: say it
-			// again now and then, not at every probe.
+		case (info.RulesVersion != RulesVersion || st.RulesVersion < RulesVersion) && time.Since(versionSaid) >= time.Minute:
+			// Until the quorum runs this version, say it again now and
+			// then (not at every probe): a leader older than rules
+			// versions records none, and one whose state came from such a
+			// leader's snapshot may lack what this node said.
 			versionSaid = time.Now()
 			c.announce(ctx)
 		}

@@ -94,10 +94,13 @@ type NodeInfo struct {
 // RulesVersion is the version of the rules by which this build applies
 // commands to the state. A quorum being upgraded runs nodes of two
 // versions, and each must reach the same state from the same commands: a
-// change to apply that would make them differ is raised here and gated on
-// State.RulesVersion, which the leader raises once every voter runs the
-// new version (see quorumRulesVersion). Version 2: DR's reported
-// incompleteness holds a switchover.
+// change to apply that would make them differ raises RulesVersion and is
+// gated on State.RulesVersion, which the leader raises once every voter
+// runs the new version (see quorumRulesVersion). Version 2 is the first
+// that nodes report: its rules are those of the builds before it back to
+// the one where DR's reported incompleteness began to hold a switchover,
+// so it gates nothing. A build older than that rule must not share a
+// quorum with this one.
 const RulesVersion = 2
 
 // quorumRulesVersion is the version of the rules every voter runs: the
@@ -142,8 +145,8 @@ type State struct {
 	Schedules map[string]*Schedule `json:"schedules,omitempty"`
 	Reports   []*Report            `json:"reports,omitempty"`
 	NextID    uint64               `json:"next_id,omitempty"`
-	// RulesVersion is the version of the rules commands are applied by
-	// (0 and 1: the first); see RulesVersion.
+	// RulesVersion is the version of the rules commands are applied by,
+	// 0 until the leader first raises it; see RulesVersion.
 	RulesVersion int `json:"rules_version,omitempty"`
 }
 
@@ -266,8 +269,9 @@ func (s *State) apply(c command) any {
 		s.Nodes[c.Node] = *c.Info
 		return nil
 	case cmdRulesVersion:
-		// A node older than c.RulesVersion cannot be a voter here: the
-		// leader proposes it only once every voter runs it.
+		// The leader proposes it once every voter says it runs that
+		// version (a node of an older build returns an error for this
+		// command and keeps its state: see RulesVersion).
 		if c.RulesVersion > s.RulesVersion {
 			s.RulesVersion = c.RulesVersion
 			s.audit(c.AtMs, c.Actor, "rules-version", "", fmt.Sprintf("every controller node runs version %d of the state's rules: the quorum applies them from here", c.RulesVersion))
@@ -346,9 +350,10 @@ func (s *State) apply(c command) any {
 			return fmt.Errorf("group %q cannot switch over now: state %s, DR site %q (deposed: %v), switchover %q; it needs a DR site that follows the primary",
 				c.Group, g.State, g.DRSite, deposed, g.Switchover)
 		}
-		if s.RulesVersion >= 2 && g.DRIncomplete != "" {
+		if g.DRIncomplete != "" {
 			s.audit(c.AtMs, c.Actor, "switchover", c.Group, "refused: DR's copy is incomplete: "+g.DRIncomplete)
-			return incompleteSwitchover(g)
+			return fmt.Errorf("group %q cannot switch over now: DR site %s cannot vouch for its copy (%s), and a switchover could lose what it lacks; "+
+				"switch over once the standby has loaded it (haven ctl status shows when)", c.Group, g.DRSite, g.DRIncomplete)
 		}
 		if g.Drill != nil && g.Drill.Kind != DrillSwitchover {
 			s.interruptDrill(c.AtMs, g, "a switchover began")
@@ -497,7 +502,7 @@ func (s *State) checkIn(c command) any {
 				r.DrillRehearse = d.ID
 			}
 		}
-		if g.Switchover == phaseCatchUp && g.current(c.AtMs, s.RulesVersion) {
+		if g.Switchover == phaseCatchUp && g.current(c.AtMs) {
 			// Writes stop only now: the pause is the drain of what is in
 			// flight, not of a backlog.
 			g.Switchover, g.SwitchoverStarted = phaseFence, c.AtMs
@@ -541,17 +546,9 @@ func (g *Group) promote() {
 const switchoverMaxLag = 300 * time.Millisecond
 
 // current reports whether DR reported, within the last second, a lag small
-// enough to stop writes for a switchover, and, by rules of version 2, a
-// complete copy.
-func (g *Group) current(nowMs int64, rulesVersion int) bool {
-	return nowMs-g.StandbySeenMs <= 1000 && g.LagSeconds <= switchoverMaxLag.Seconds() && (rulesVersion < 2 || g.DRIncomplete == "")
-}
-
-// incompleteSwitchover is the refusal of a switchover to a DR copy that
-// lacks rows.
-func incompleteSwitchover(g *Group) error {
-	return fmt.Errorf("group %q cannot switch over now: DR site %s cannot vouch for its copy (%s), and a switchover could lose what it lacks; "+
-		"switch over once the standby has loaded it (haven ctl status shows when)", g.Name, g.DRSite, g.DRIncomplete)
+// enough to stop writes for a switchover, and a complete copy.
+func (g *Group) current(nowMs int64) bool {
+	return nowMs-g.StandbySeenMs <= 1000 && g.LagSeconds <= switchoverMaxLag.Seconds() && g.DRIncomplete == ""
 }
 
 // PrimaryURL is the URL to probe the group's primary with: its agent's, or

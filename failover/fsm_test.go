@@ -20,6 +20,24 @@ func apply(t *testing.T, f *fsm, index uint64, c command) any {
 	return f.Apply(&raft.Log{Index: index, Data: data})
 }
 
+// snapshotRestored is a new FSM restored from a snapshot of f.
+func snapshotRestored(t *testing.T, f *fsm) *fsm {
+	t.Helper()
+	snap, err := f.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out sink
+	if err := snap.Persist(&out); err != nil {
+		t.Fatal(err)
+	}
+	restored := newFSM()
+	if err := restored.Restore(io.NopCloser(bytes.NewReader(out.Bytes()))); err != nil {
+		t.Fatal(err)
+	}
+	return restored
+}
+
 type sink struct {
 	bytes.Buffer
 	cancelled bool
@@ -118,18 +136,7 @@ func TestFSMFailoverLifecycle(t *testing.T) {
 	}
 
 	// Snapshot and restore give the same state.
-	snap, err := f.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var s sink
-	if err := snap.Persist(&s); err != nil {
-		t.Fatal(err)
-	}
-	restored := newFSM()
-	if err := restored.Restore(io.NopCloser(bytes.NewReader(s.Bytes()))); err != nil {
-		t.Fatal(err)
-	}
+	restored := snapshotRestored(t, f)
 	want, _ := json.Marshal(f.read())
 	got, _ := json.Marshal(restored.read())
 	if !bytes.Equal(want, got) || len(restored.read().Groups) != 1 {
@@ -195,29 +202,28 @@ func TestFSMSwitchoverWaitsForDR(t *testing.T) {
 // primary for it.
 func TestFSMIncompleteDR(t *testing.T) {
 	f := newFSM()
-	apply(t, f, 1, command{Kind: cmdRulesVersion, AtMs: 900, RulesVersion: 2})
 	agent := command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000}
 	standby := command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "b"}
-	apply(t, f, 2, agent)
-	apply(t, f, 3, standby)
-	if err, _ := apply(t, f, 4, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
+	apply(t, f, 1, agent)
+	apply(t, f, 2, standby)
+	if err, _ := apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
 		t.Fatal(err)
 	}
 	lacks := "1 table(s) joined with rows that are not all copied yet (backfill under way): public.deals"
 	standby.AtMs, standby.Incomplete = 1200, lacks
-	apply(t, f, 5, standby)
+	apply(t, f, 4, standby)
 	g := f.read().Groups["crm"]
 	if g.DRIncomplete != lacks || g.Switchover != phaseCatchUp {
 		t.Fatalf("after an incomplete report: incomplete %q, switchover %q; want the report kept and the primary not fenced", g.DRIncomplete, g.Switchover)
 	}
-	apply(t, f, 6, command{Kind: cmdAbortSwitchover, AtMs: 1300, Group: "crm", Reason: "test"})
-	err, _ := apply(t, f, 7, command{Kind: cmdSwitchover, AtMs: 1400, Group: "crm", Actor: "op"}).(error)
+	apply(t, f, 5, command{Kind: cmdAbortSwitchover, AtMs: 1300, Group: "crm", Reason: "test"})
+	err, _ := apply(t, f, 6, command{Kind: cmdSwitchover, AtMs: 1400, Group: "crm", Actor: "op"}).(error)
 	if err == nil || !strings.Contains(err.Error(), "public.deals") {
 		t.Fatalf("switchover to an incomplete DR: %v, want a refusal naming what it lacks", err)
 	}
 	standby.AtMs, standby.Incomplete = 1500, ""
-	apply(t, f, 8, standby)
-	if err, _ := apply(t, f, 9, command{Kind: cmdSwitchover, AtMs: 1600, Group: "crm", Actor: "op"}).(error); err != nil {
+	apply(t, f, 7, standby)
+	if err, _ := apply(t, f, 8, command{Kind: cmdSwitchover, AtMs: 1600, Group: "crm", Actor: "op"}).(error); err != nil {
 		t.Fatalf("switchover once DR is complete: %v", err)
 	}
 	if g := f.read().Groups["crm"]; g.DRIncomplete != "" {
@@ -225,37 +231,22 @@ func TestFSMIncompleteDR(t *testing.T) {
 	}
 }
 
-// TestFSMRulesVersion: until the quorum's rules version is raised, commands
-// are applied as a node of the first version applies them (a switchover to
-// an incomplete DR copy goes ahead in the state: the leader's API refuses
-// it), so that a quorum mid-upgrade reaches one state; from version 2 the
-// state refuses it too. The version never goes down, and counts every
-// voter, a silent one as version 1.
+// TestFSMRulesVersion: the quorum's rules version is raised by its
+// command, never lowered, with an audit entry; the version every voter
+// runs is the oldest, a silent voter counting as 1.
 func TestFSMRulesVersion(t *testing.T) {
 	f := newFSM()
-	apply(t, f, 1, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, GrantLease: true, LeaseTTLMs: 2000})
-	apply(t, f, 2, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "b", Incomplete: "no initial snapshot is loaded"})
-	if err, _ := apply(t, f, 3, command{Kind: cmdSwitchover, AtMs: 1100, Group: "crm", Actor: "op"}).(error); err != nil {
-		t.Fatalf("switchover under the first rules: %v, want it applied as a node of the first version applies it", err)
-	}
-	apply(t, f, 4, command{Kind: cmdCheckIn, AtMs: 1200, Group: "crm", Site: "b", Incomplete: "no initial snapshot is loaded"})
-	if g := f.read().Groups["crm"]; g.Switchover != phaseFence {
-		t.Fatalf("switchover phase %q under the first rules, want %q as a node of the first version reaches", g.Switchover, phaseFence)
-	}
-	apply(t, f, 5, command{Kind: cmdAbortSwitchover, AtMs: 1300, Group: "crm", Reason: "test"})
-
-	apply(t, f, 6, command{Kind: cmdRulesVersion, AtMs: 1400, RulesVersion: 2, Actor: "controller@n1"})
-	apply(t, f, 7, command{Kind: cmdRulesVersion, AtMs: 1500, RulesVersion: 1, Actor: "controller@n1"})
+	apply(t, f, 1, command{Kind: cmdRulesVersion, AtMs: 1400, RulesVersion: 2, Actor: "controller@n1"})
+	apply(t, f, 2, command{Kind: cmdRulesVersion, AtMs: 1500, RulesVersion: 1, Actor: "controller@n1"})
 	st := f.read()
 	if st.RulesVersion != 2 {
 		t.Fatalf("rules version %d after raising it to 2 and proposing 1, want 2", st.RulesVersion)
 	}
-	if a := st.Audit[len(st.Audit)-1]; a.Action != "rules-version" || !strings.Contains(a.Outcome, "version 2") {
-		t.Errorf("last audit entry %+v, want the raise to version 2", a)
+	if len(st.Audit) != 1 || st.Audit[0].Action != "rules-version" || !strings.Contains(st.Audit[0].Outcome, "version 2") {
+		t.Errorf("audit %+v, want one entry: the raise to version 2", st.Audit)
 	}
-	apply(t, f, 8, command{Kind: cmdCheckIn, AtMs: 1600, Group: "crm", Site: "b", Incomplete: "no initial snapshot is loaded"})
-	if err, _ := apply(t, f, 9, command{Kind: cmdSwitchover, AtMs: 1700, Group: "crm", Actor: "op"}).(error); err == nil {
-		t.Error("switchover to an incomplete DR under rules version 2 was applied, want it refused")
+	if got := snapshotRestored(t, f).read().RulesVersion; got != 2 {
+		t.Errorf("rules version %d after a snapshot and restore, want 2", got)
 	}
 
 	nodes := map[string]NodeInfo{"n1": {RulesVersion: 2}, "n2": {RulesVersion: 2}, "n3": {}}

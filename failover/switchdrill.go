@@ -274,8 +274,7 @@ func (c *Controller) waitCurrent(ctx context.Context, r *Report) error {
 	var lacks string
 	err := c.waitDrill(ctx, r, switchoverDrillTimeout, func(g *Group) (bool, error) {
 		lag, lacks = g.LagSeconds, g.DRIncomplete
-		// The leader's own judgement, not a state change: its rules hold.
-		return g.current(time.Now().UnixMilli(), RulesVersion), nil
+		return g.current(time.Now().UnixMilli()), nil
 	})
 	if errors.Is(err, context.DeadlineExceeded) && lacks != "" {
 		return fmt.Errorf("DR's copy stayed incomplete for %s: %s", switchoverDrillTimeout, lacks)

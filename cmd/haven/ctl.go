@@ -190,7 +190,11 @@ func printStatus(w io.Writer, s *havenpb.StatusResponse) {
 		leader = "NONE (no majority)"
 	}
 	fmt.Fprintf(w, "leader: %s (answered by %s)\n", leader, s.NodeId)
-	fmt.Fprintf(w, "rules: version %d\n", max(s.RulesVersion, 1))
+	if s.RulesVersion > 0 {
+		fmt.Fprintf(w, "rules: version %d\n", s.RulesVersion)
+	} else {
+		fmt.Fprintf(w, "rules: unreported (the node that answered predates rules versions)\n")
+	}
 	for _, n := range s.Nodes {
 		rules := "rules unreported"
 		if n.RulesVersion > 0 {
