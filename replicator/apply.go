@@ -37,10 +37,13 @@ func (e *blockedError) Error() string {
 func (e *blockedError) Unwrap() error { return e.err }
 
 // drFailure is a failure of DR's own (passingOnDR) while it applied the
-// transaction that starts at stream message seq.
+// batch of stream message seq (the first of a transaction in it). isolate:
+// it may come of many source transactions in one target transaction (DR's
+// lock table, temp_file_limit), so the retry gives each its own.
 type drFailure struct {
-	seq uint64
-	err error
+	seq     uint64
+	isolate bool
+	err     error
 }
 
 func (e *drFailure) Error() string { return e.err.Error() }
@@ -54,7 +57,9 @@ func (e *drFailure) Unwrap() error { return e.err }
 func blocked(seq uint64, reason string, format string, args ...any) error {
 	err := fmt.Errorf(format, args...)
 	if what := passingOnDR(err); what != "" {
-		return &drFailure{seq: seq, err: fmt.Errorf("%s; apply retries by itself and loses nothing (what DR has not committed stays in the stream): %w", what, err)}
+		var pgErr *pgconn.PgError
+		isolate := errors.As(err, &pgErr) && (pgErr.Code == "53200" || pgErr.Code == "53400")
+		return &drFailure{seq: seq, isolate: isolate, err: fmt.Errorf("%s; apply retries by itself and loses nothing (what DR has not committed stays in the stream): %w", what, err)}
 	}
 	return &blockedError{seq: seq, reason: reason, err: err}
 }

@@ -123,10 +123,7 @@ func (s *Standby) Run(ctx context.Context) error {
 			wait = 0
 		default:
 			var df *drFailure
-			if errors.As(err, &df) {
-				// A target transaction of many source transactions may be
-				// what DR could not take (its lock table, temp_file_limit):
-				// the retry gives each one a target transaction of its own.
+			if errors.As(err, &df) && df.isolate {
 				s.isolateThrough = max(s.isolateThrough, df.seq+uint64(s.cfg.GroupChanges)+1)
 			}
 			s.health.Set(err.Error())
