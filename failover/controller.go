@@ -391,7 +391,7 @@ func probeSQL(ctx context.Context, url string) error {
 	return conn.QueryRow(ctx, "SELECT 1").Scan(&one)
 }
 
-// announce records this node's API address in the state.
+// announce records this node's API address and rules version in the state.
 func (c *Controller) announce(ctx context.Context) {
 	if c.isLeader() {
 		if _, err := c.propose(command{Kind: cmdNode, AtMs: time.Now().UnixMilli(), Node: c.cfg.ID, Info: &NodeInfo{APIURL: c.cfg.APIURL, RulesVersion: RulesVersion}}); err != nil {
@@ -436,9 +436,10 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 			continue
 		}
 		st := c.fsm.read()
-		voters := c.voters()
+		voterIDs := c.voterIDs()
+		voters := len(voterIDs)
 		now := time.Now()
-		if v := quorumRulesVersion(st.Nodes, c.voterIDs()); v > st.RulesVersion && v > 1 {
+		if v := quorumRulesVersion(st.Nodes, voterIDs); v > st.RulesVersion && v > 1 {
 			if _, err := c.propose(command{Kind: cmdRulesVersion, AtMs: now.UnixMilli(), Actor: "controller@" + c.cfg.ID, RulesVersion: v}); err != nil {
 				c.log.Warn().Err(err).Int("version", v).Msg("raise the quorum's rules version")
 			}
