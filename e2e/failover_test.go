@@ -130,9 +130,15 @@ func (q *quorum) ctl(t *testing.T, args ...string) (string, error) {
 }
 
 type ctlStatus struct {
-	LeaderID     string `json:"leaderId"`
-	RulesVersion int    `json:"rulesVersion"`
-	Groups       []struct {
+	LeaderID     string    `json:"leaderId"`
+	RulesVersion int       `json:"rulesVersion"`
+	Nodes        []ctlNode `json:"nodes"`
+	Audit        []struct {
+		Action  string `json:"action"`
+		Actor   string `json:"actor"`
+		Outcome string `json:"outcome"`
+	} `json:"audit"`
+	Groups []struct {
 		Name        string  `json:"name"`
 		PrimarySite string  `json:"primarySite"`
 		DRSite      string  `json:"drSite"`
@@ -146,6 +152,12 @@ type ctlStatus struct {
 		Alert        string   `json:"alert"`
 		DRIncomplete string   `json:"drIncomplete"`
 	} `json:"groups"`
+}
+
+type ctlNode struct {
+	ID           string `json:"id"`
+	Voter        bool   `json:"voter"`
+	RulesVersion int    `json:"rulesVersion"`
 }
 
 // holdsPrimary checks, over d and every quarter second, that the quorum

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -166,6 +167,7 @@ func (a *api) leader() (interface {
 	CheckIn(context.Context, *connect.Request[havenpb.CheckInRequest]) (*connect.Response[havenpb.CheckInResponse], error)
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
 	Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error)
+	RemoveNode(context.Context, *connect.Request[havenpb.RemoveNodeRequest]) (*connect.Response[havenpb.RemoveNodeResponse], error)
 	ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error)
 	UnscheduleDrill(context.Context, *connect.Request[havenpb.UnscheduleDrillRequest]) (*connect.Response[havenpb.UnscheduleDrillResponse], error)
 	RunDrill(context.Context, *connect.Request[havenpb.RunDrillRequest]) (*connect.Response[havenpb.RunDrillResponse], error)
@@ -367,4 +369,67 @@ func (a *api) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest
 		return nil, connect.NewError(connect.CodeUnavailable, err)
 	}
 	return connect.NewResponse(&havenpb.JoinResponse{}), nil
+}
+
+// RemoveNode takes a controller node out of the quorum for good: its host
+// died, or it moves to another. Only a stopped node is removed: a running
+// one would join again when it next announced itself.
+func (a *api) RemoveNode(ctx context.Context, req *connect.Request[havenpb.RemoveNodeRequest]) (*connect.Response[havenpb.RemoveNodeResponse], error) {
+	leader, err := a.leader()
+	if err != nil {
+		return nil, err
+	}
+	if leader != nil {
+		return leader.RemoveNode(ctx, req)
+	}
+	r := req.Msg
+	if r.NodeId == "" {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("name the node to remove (haven ctl status lists them)"))
+	}
+	st := a.c.fsm.read()
+	if st.RulesVersion < 3 {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the quorum applies version %d of the state's rules, and removing a node needs version 3: "+
+			"upgrade every controller node to this build first (haven ctl status shows each node's version)", max(st.RulesVersion, 1)))
+	}
+	f := a.c.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("read the quorum's members: %w", err))
+	}
+	var members, voters []string
+	found := false
+	for _, s := range f.Configuration().Servers {
+		members = append(members, string(s.ID))
+		found = found || string(s.ID) == r.NodeId
+		if s.Suffrage == raft.Voter && string(s.ID) != r.NodeId {
+			voters = append(voters, string(s.ID))
+		}
+	}
+	if !found {
+		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q is not in the quorum (its members: %s)", r.NodeId, strings.Join(members, ", ")))
+	}
+	if r.NodeId == a.c.cfg.ID {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s leads the quorum: stop it (another node takes the lead within seconds), then remove it", r.NodeId))
+	}
+	if info, ok := st.Nodes[r.NodeId]; ok && info.APIURL != "" {
+		probeCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		_, err := a.c.client(info.APIURL).Status(probeCtx, connectRequest(&havenpb.StatusRequest{}))
+		cancel()
+		if err == nil {
+			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s still runs (it answers at %s): stop it first, or it would join the quorum again", r.NodeId, info.APIURL))
+		}
+	}
+	if err := a.c.raft.RemoveServer(raft.ServerID(r.NodeId), 0, 10*time.Second).Error(); err != nil {
+		return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("remove node %s: %w", r.NodeId, err))
+	}
+	actor := r.Actor
+	if actor == "" {
+		actor = "operator"
+	}
+	if _, err := a.c.propose(command{Kind: cmdRemoveNode, AtMs: time.Now().UnixMilli(), Node: r.NodeId, Actor: actor, Reason: r.Reason}); err != nil {
+		// Out of Raft's configuration already, which is what counts: its
+		// record and last probes are left, and count for nothing.
+		a.c.log.Warn().Err(err).Str("node", r.NodeId).Msg("node removed from the quorum, but its record stays in the state (the removal is not in the audit trail)")
+	}
+	a.c.log.Info().Str("removed", r.NodeId).Str("actor", actor).Msg("node removed from the quorum")
+	return connect.NewResponse(&havenpb.RemoveNodeResponse{Voters: voters}), nil
 }

@@ -436,10 +436,9 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 			continue
 		}
 		st := c.fsm.read()
-		voterIDs := c.voterIDs()
-		voters := len(voterIDs)
+		voters := c.voterIDs()
 		now := time.Now()
-		if v := quorumRulesVersion(st.Nodes, voterIDs); v > st.RulesVersion && v > 1 {
+		if v := quorumRulesVersion(st.Nodes, voters); v > st.RulesVersion && v > 1 {
 			if _, err := c.propose(command{Kind: cmdRulesVersion, AtMs: now.UnixMilli(), Actor: "controller@" + c.cfg.ID, RulesVersion: v}); err != nil {
 				c.log.Warn().Err(err).Int("version", v).Msg("raise the quorum's rules version")
 			}
@@ -456,7 +455,7 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 			}
 			d := Decide(g, voters, now, c.cfg.Policy)
 			if d.Failover {
-				reason := fmt.Sprintf("primary down for %s on a majority of %d controller nodes, DR lag %.2fs", c.cfg.Policy.FailoverAfter, voters, g.LagSeconds)
+				reason := fmt.Sprintf("primary down for %s on a majority of %d controller nodes, DR lag %.2fs", c.cfg.Policy.FailoverAfter, len(voters), g.LagSeconds)
 				c.log.Warn().Str("group", g.Name).Str("reason", reason).Msg("failing over: promoting the DR site")
 				if _, err := c.propose(command{Kind: cmdFailover, AtMs: now.UnixMilli(), Group: g.Name, Epoch: g.Epoch,
 					Actor: "controller@" + c.cfg.ID, Reason: reason}); err != nil {

@@ -2,6 +2,7 @@ package failover
 
 import (
 	"fmt"
+	"slices"
 	"sort"
 	"time"
 )
@@ -33,14 +34,14 @@ type Decision struct {
 }
 
 // Decide is the failover rule, a pure function of the group's state, the
-// number of voting controller nodes and the time: a group fails over when
-// a majority of the nodes have seen its primary down for FailoverAfter, its
+// quorum's voting controller nodes and the time: a group fails over when
+// a majority of the voters have seen its primary down for FailoverAfter, its
 // primary's lease has expired, and its DR standby reported recently with a
 // lag within MaxRPO and a complete copy. When the primary is down but one
 // of the others does not hold, it alerts instead and waits for an
 // operator's forced failover. It also alerts when the primary is up but its
 // agent has gone silent.
-func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
+func Decide(g *Group, voters []string, now time.Time, p Policy) Decision {
 	if g.State != StateActive || g.DRSite == "" {
 		return Decision{}
 	}
@@ -48,12 +49,15 @@ func Decide(g *Group, voters int, now time.Time, p Policy) Decision {
 	nowMs := now.UnixMilli()
 	var down []string
 	for node, o := range g.Observations {
+		if !slices.Contains(voters, node) {
+			continue // a node no longer in the quorum
+		}
 		fresh := nowMs-o.AtMs <= (3 * p.ProbeInterval).Milliseconds()
 		if fresh && !o.Up && nowMs-o.SinceMs >= p.FailoverAfter.Milliseconds() {
 			down = append(down, node)
 		}
 	}
-	if len(down) < voters/2+1 {
+	if len(down) < len(voters)/2+1 {
 		if g.AgentSeenMs != 0 && nowMs-g.AgentSeenMs > p.StandbyTimeout.Milliseconds() {
 			return Decision{Alert: fmt.Sprintf("the agent of primary site %s has not checked in for %s: changes are not captured (DR falls behind), "+
 				"and should the primary restart it refuses writes until its agent holds the lease again; start or fix the agent",

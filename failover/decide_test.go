@@ -74,6 +74,11 @@ func TestDecideScenarios(t *testing.T) {
 			up(g, "n3", 10*time.Second)
 			standby(g, 10*time.Second, 0)
 		}, 10 * time.Second, false, ""},
+		{"a node out of the quorum does not count", func(g *Group) {
+			down(g, "n1", 0, 5*time.Second)
+			down(g, "n4", 0, 5*time.Second)
+			standby(g, 5*time.Second, 0)
+		}, 5 * time.Second, false, ""},
 		{"stale observations do not count", func(g *Group) {
 			down(g, "n1", 0, 2*time.Second)
 			down(g, "n2", 0, 2*time.Second)
@@ -135,7 +140,7 @@ func TestDecideScenarios(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			g := healthy()
 			c.setup(g)
-			d := Decide(g, 3, t0.Add(c.now), p)
+			d := Decide(g, []string{"n1", "n2", "n3"}, t0.Add(c.now), p)
 			if d.Failover != c.failover {
 				t.Errorf("failover = %v, want %v (alert %q)", d.Failover, c.failover, d.Alert)
 			}

@@ -100,8 +100,10 @@ type NodeInfo struct {
 // that nodes report: its rules are those of the builds before it back to
 // the one where DR's reported incompleteness began to hold a switchover,
 // so it gates nothing. A build older than that rule must not share a
-// quorum with this one.
-const RulesVersion = 2
+// quorum with this one. Version 3 adds the remove-node command, which a
+// node of version 2 would refuse: the leader proposes it only once the
+// quorum runs version 3.
+const RulesVersion = 3
 
 // quorumRulesVersion is the version of the rules every voter runs: the
 // oldest among them, a node that has not said counting as version 1.
@@ -209,6 +211,7 @@ const (
 	cmdSwitchover      = "switchover"
 	cmdRulesVersion    = "rules-version"
 	cmdAbortSwitchover = "abort-switchover"
+	cmdRemoveNode      = "remove-node" // rules version 3
 )
 
 // Rejoin and switchover phases.
@@ -267,6 +270,20 @@ func (s *State) apply(c command) any {
 	switch c.Kind {
 	case cmdNode:
 		s.Nodes[c.Node] = *c.Info
+		return nil
+	case cmdRemoveNode:
+		// The leader has taken the node out of Raft's configuration: what
+		// the state knows of it goes too, so that its last probes count
+		// for nothing.
+		delete(s.Nodes, c.Node)
+		for _, g := range s.Groups {
+			delete(g.Observations, c.Node)
+		}
+		outcome := "node " + c.Node + " removed from the quorum"
+		if c.Reason != "" {
+			outcome += ": " + c.Reason
+		}
+		s.audit(c.AtMs, c.Actor, "remove-node", "", outcome)
 		return nil
 	case cmdRulesVersion:
 		// The leader proposes it once every voter says it runs that

@@ -264,3 +264,29 @@ func TestFSMRulesVersion(t *testing.T) {
 		}
 	}
 }
+
+// TestFSMRemoveNode: a removed node's record and its probes of every group
+// go, with an audit entry naming who removed it and why.
+func TestFSMRemoveNode(t *testing.T) {
+	f := newFSM()
+	apply(t, f, 1, command{Kind: cmdCheckIn, AtMs: 1000, Group: "crm", Site: "a", Agent: true, Epoch: 1, URL: "postgres://a", GrantLease: true, LeaseTTLMs: 2000})
+	for i, n := range []string{"n1", "n2", "n3"} {
+		apply(t, f, uint64(2+2*i), command{Kind: cmdNode, AtMs: 1100, Node: n, Info: &NodeInfo{APIURL: "http://" + n, RulesVersion: 3}})
+		apply(t, f, uint64(3+2*i), command{Kind: cmdObserve, AtMs: 1200, Group: "crm", Node: n, Observation: &Observation{Up: false, AtMs: 1200, SinceMs: 1200}})
+	}
+	if err, _ := apply(t, f, 8, command{Kind: cmdRemoveNode, AtMs: 1300, Node: "n3", Actor: "alice", Reason: "its data centre burned"}).(error); err != nil {
+		t.Fatal(err)
+	}
+	for _, st := range []*State{f.read(), snapshotRestored(t, f).read()} {
+		if _, ok := st.Nodes["n3"]; ok || len(st.Nodes) != 2 {
+			t.Errorf("nodes %v after removing n3, want n1 and n2", st.Nodes)
+		}
+		if _, ok := st.Groups["crm"].Observations["n3"]; ok || len(st.Groups["crm"].Observations) != 2 {
+			t.Errorf("observations %v after removing n3, want those of n1 and n2", st.Groups["crm"].Observations)
+		}
+		last := st.Audit[len(st.Audit)-1]
+		if last.Action != "remove-node" || last.Actor != "alice" || last.Outcome != "node n3 removed from the quorum: its data centre burned" {
+			t.Errorf("last audit entry %+v, want alice's removal of n3 and why", last)
+		}
+	}
+}

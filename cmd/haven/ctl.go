@@ -89,7 +89,7 @@ func newCtlCmd() *cobra.Command {
 	c := &ctl{actor: os.Getenv("USER")}
 	cmd := &cobra.Command{
 		Use:   "ctl",
-		Short: "Operate the controller quorum: status, failover, switchover, rejoin, pause, resume, drills",
+		Short: "Operate the controller quorum: status, failover, switchover, rejoin, pause, resume, drills, remove-node",
 	}
 	pf := cmd.PersistentFlags()
 	pf.StringSliceVar(&c.apis, "api", nil, "control API URL(s) of controller nodes, comma-separated; each is tried in turn")
@@ -151,7 +151,26 @@ func newCtlCmd() *cobra.Command {
 		sub.Flags().String("group", "", "the group")
 		_ = sub.MarkFlagRequired("group")
 	}
-	cmd.AddCommand(status, failoverCmd, switchover, pause, resume, rejoin, newDrillCmd(c))
+	var removeReason string
+	removeNode := &cobra.Command{
+		Use:   "remove-node NODE_ID",
+		Short: "Take a stopped controller node out of the quorum for good (its host is lost, or it moves), so that the majority counts without it",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			resp, err := call(cmd.Context(), c, func(ctx context.Context, cl havenpbconnect.ControlClient) (*havenpb.RemoveNodeResponse, error) {
+				return msg(cl.RemoveNode(ctx, connect.NewRequest(&havenpb.RemoveNodeRequest{NodeId: args[0], Actor: c.actor, Reason: removeReason})))
+			})
+			if err != nil {
+				return err
+			}
+			return c.print(cmd.OutOrStdout(), resp, func() {
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s removed: the quorum's voters are %s (a majority is %d of them)\n",
+					args[0], strings.Join(resp.Voters, ", "), len(resp.Voters)/2+1)
+			})
+		},
+	}
+	removeNode.Flags().StringVar(&removeReason, "reason", "", "why, for the audit trail")
+	cmd.AddCommand(status, failoverCmd, switchover, pause, resume, rejoin, removeNode, newDrillCmd(c))
 	return cmd
 }
 

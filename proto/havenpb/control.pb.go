@@ -1777,6 +1777,111 @@ func (*JoinResponse) Descriptor() ([]byte, []int) {
 	return file_control_proto_rawDescGZIP(), []int{21}
 }
 
+type RemoveNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Actor         string                 `protobuf:"bytes,2,opt,name=actor,proto3" json:"actor,omitempty"`
+	Reason        string                 `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeRequest) Reset() {
+	*x = RemoveNodeRequest{}
+	mi := &file_control_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeRequest) ProtoMessage() {}
+
+func (x *RemoveNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeRequest.ProtoReflect.Descriptor instead.
+func (*RemoveNodeRequest) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *RemoveNodeRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *RemoveNodeRequest) GetActor() string {
+	if x != nil {
+		return x.Actor
+	}
+	return ""
+}
+
+func (x *RemoveNodeRequest) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+type RemoveNodeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The quorum's voters after the removal.
+	Voters        []string `protobuf:"bytes,1,rep,name=voters,proto3" json:"voters,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RemoveNodeResponse) Reset() {
+	*x = RemoveNodeResponse{}
+	mi := &file_control_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RemoveNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RemoveNodeResponse) ProtoMessage() {}
+
+func (x *RemoveNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_control_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RemoveNodeResponse.ProtoReflect.Descriptor instead.
+func (*RemoveNodeResponse) Descriptor() ([]byte, []int) {
+	return file_control_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *RemoveNodeResponse) GetVoters() []string {
+	if x != nil {
+		return x.Voters
+	}
+	return nil
+}
+
 type ScheduleDrillRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Group string                 `protobuf:"bytes,1,opt,name=group,proto3" json:"group,omitempty"`
@@ -1795,7 +1900,7 @@ type ScheduleDrillRequest struct {
 
 func (x *ScheduleDrillRequest) Reset() {
 	*x = ScheduleDrillRequest{}
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1807,7 +1912,7 @@ func (x *ScheduleDrillRequest) String() string {
 func (*ScheduleDrillRequest) ProtoMessage() {}
 
 func (x *ScheduleDrillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[22]
+	mi := &file_control_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1820,7 +1925,7 @@ func (x *ScheduleDrillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleDrillRequest.ProtoReflect.Descriptor instead.
 func (*ScheduleDrillRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{22}
+	return file_control_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *ScheduleDrillRequest) GetGroup() string {
@@ -1867,7 +1972,7 @@ type ScheduleDrillResponse struct {
 
 func (x *ScheduleDrillResponse) Reset() {
 	*x = ScheduleDrillResponse{}
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1879,7 +1984,7 @@ func (x *ScheduleDrillResponse) String() string {
 func (*ScheduleDrillResponse) ProtoMessage() {}
 
 func (x *ScheduleDrillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[23]
+	mi := &file_control_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1892,7 +1997,7 @@ func (x *ScheduleDrillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ScheduleDrillResponse.ProtoReflect.Descriptor instead.
 func (*ScheduleDrillResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{23}
+	return file_control_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *ScheduleDrillResponse) GetSchedule() *DrillSchedule {
@@ -1912,7 +2017,7 @@ type UnscheduleDrillRequest struct {
 
 func (x *UnscheduleDrillRequest) Reset() {
 	*x = UnscheduleDrillRequest{}
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1924,7 +2029,7 @@ func (x *UnscheduleDrillRequest) String() string {
 func (*UnscheduleDrillRequest) ProtoMessage() {}
 
 func (x *UnscheduleDrillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[24]
+	mi := &file_control_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1937,7 +2042,7 @@ func (x *UnscheduleDrillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnscheduleDrillRequest.ProtoReflect.Descriptor instead.
 func (*UnscheduleDrillRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{24}
+	return file_control_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *UnscheduleDrillRequest) GetId() string {
@@ -1962,7 +2067,7 @@ type UnscheduleDrillResponse struct {
 
 func (x *UnscheduleDrillResponse) Reset() {
 	*x = UnscheduleDrillResponse{}
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1974,7 +2079,7 @@ func (x *UnscheduleDrillResponse) String() string {
 func (*UnscheduleDrillResponse) ProtoMessage() {}
 
 func (x *UnscheduleDrillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[25]
+	mi := &file_control_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1987,7 +2092,7 @@ func (x *UnscheduleDrillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnscheduleDrillResponse.ProtoReflect.Descriptor instead.
 func (*UnscheduleDrillResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{25}
+	return file_control_proto_rawDescGZIP(), []int{27}
 }
 
 type RunDrillRequest struct {
@@ -2003,7 +2108,7 @@ type RunDrillRequest struct {
 
 func (x *RunDrillRequest) Reset() {
 	*x = RunDrillRequest{}
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2015,7 +2120,7 @@ func (x *RunDrillRequest) String() string {
 func (*RunDrillRequest) ProtoMessage() {}
 
 func (x *RunDrillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[26]
+	mi := &file_control_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2028,7 +2133,7 @@ func (x *RunDrillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunDrillRequest.ProtoReflect.Descriptor instead.
 func (*RunDrillRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{26}
+	return file_control_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RunDrillRequest) GetGroup() string {
@@ -2068,7 +2173,7 @@ type RunDrillResponse struct {
 
 func (x *RunDrillResponse) Reset() {
 	*x = RunDrillResponse{}
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2080,7 +2185,7 @@ func (x *RunDrillResponse) String() string {
 func (*RunDrillResponse) ProtoMessage() {}
 
 func (x *RunDrillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[27]
+	mi := &file_control_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2093,7 +2198,7 @@ func (x *RunDrillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RunDrillResponse.ProtoReflect.Descriptor instead.
 func (*RunDrillResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{27}
+	return file_control_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *RunDrillResponse) GetId() string {
@@ -2113,7 +2218,7 @@ type ListDrillsRequest struct {
 
 func (x *ListDrillsRequest) Reset() {
 	*x = ListDrillsRequest{}
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2125,7 +2230,7 @@ func (x *ListDrillsRequest) String() string {
 func (*ListDrillsRequest) ProtoMessage() {}
 
 func (x *ListDrillsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[28]
+	mi := &file_control_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2138,7 +2243,7 @@ func (x *ListDrillsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDrillsRequest.ProtoReflect.Descriptor instead.
 func (*ListDrillsRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{28}
+	return file_control_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ListDrillsRequest) GetGroup() string {
@@ -2159,7 +2264,7 @@ type ListDrillsResponse struct {
 
 func (x *ListDrillsResponse) Reset() {
 	*x = ListDrillsResponse{}
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2171,7 +2276,7 @@ func (x *ListDrillsResponse) String() string {
 func (*ListDrillsResponse) ProtoMessage() {}
 
 func (x *ListDrillsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[29]
+	mi := &file_control_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2184,7 +2289,7 @@ func (x *ListDrillsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDrillsResponse.ProtoReflect.Descriptor instead.
 func (*ListDrillsResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{29}
+	return file_control_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListDrillsResponse) GetSchedules() []*DrillSchedule {
@@ -2210,7 +2315,7 @@ type ShowDrillRequest struct {
 
 func (x *ShowDrillRequest) Reset() {
 	*x = ShowDrillRequest{}
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2222,7 +2327,7 @@ func (x *ShowDrillRequest) String() string {
 func (*ShowDrillRequest) ProtoMessage() {}
 
 func (x *ShowDrillRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[30]
+	mi := &file_control_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2235,7 +2340,7 @@ func (x *ShowDrillRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShowDrillRequest.ProtoReflect.Descriptor instead.
 func (*ShowDrillRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{30}
+	return file_control_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ShowDrillRequest) GetId() string {
@@ -2254,7 +2359,7 @@ type ShowDrillResponse struct {
 
 func (x *ShowDrillResponse) Reset() {
 	*x = ShowDrillResponse{}
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2266,7 +2371,7 @@ func (x *ShowDrillResponse) String() string {
 func (*ShowDrillResponse) ProtoMessage() {}
 
 func (x *ShowDrillResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[31]
+	mi := &file_control_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2279,7 +2384,7 @@ func (x *ShowDrillResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ShowDrillResponse.ProtoReflect.Descriptor instead.
 func (*ShowDrillResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{31}
+	return file_control_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ShowDrillResponse) GetReport() *DrillReport {
@@ -2301,7 +2406,7 @@ type SetObjectivesRequest struct {
 
 func (x *SetObjectivesRequest) Reset() {
 	*x = SetObjectivesRequest{}
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2313,7 +2418,7 @@ func (x *SetObjectivesRequest) String() string {
 func (*SetObjectivesRequest) ProtoMessage() {}
 
 func (x *SetObjectivesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[32]
+	mi := &file_control_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2326,7 +2431,7 @@ func (x *SetObjectivesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetObjectivesRequest.ProtoReflect.Descriptor instead.
 func (*SetObjectivesRequest) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{32}
+	return file_control_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SetObjectivesRequest) GetGroup() string {
@@ -2365,7 +2470,7 @@ type SetObjectivesResponse struct {
 
 func (x *SetObjectivesResponse) Reset() {
 	*x = SetObjectivesResponse{}
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2377,7 +2482,7 @@ func (x *SetObjectivesResponse) String() string {
 func (*SetObjectivesResponse) ProtoMessage() {}
 
 func (x *SetObjectivesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[33]
+	mi := &file_control_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2390,7 +2495,7 @@ func (x *SetObjectivesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SetObjectivesResponse.ProtoReflect.Descriptor instead.
 func (*SetObjectivesResponse) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{33}
+	return file_control_proto_rawDescGZIP(), []int{35}
 }
 
 type DrillSchedule struct {
@@ -2410,7 +2515,7 @@ type DrillSchedule struct {
 
 func (x *DrillSchedule) Reset() {
 	*x = DrillSchedule{}
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2422,7 +2527,7 @@ func (x *DrillSchedule) String() string {
 func (*DrillSchedule) ProtoMessage() {}
 
 func (x *DrillSchedule) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[34]
+	mi := &file_control_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2435,7 +2540,7 @@ func (x *DrillSchedule) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrillSchedule.ProtoReflect.Descriptor instead.
 func (*DrillSchedule) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{34}
+	return file_control_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *DrillSchedule) GetId() string {
@@ -2529,7 +2634,7 @@ type DrillReport struct {
 
 func (x *DrillReport) Reset() {
 	*x = DrillReport{}
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2541,7 +2646,7 @@ func (x *DrillReport) String() string {
 func (*DrillReport) ProtoMessage() {}
 
 func (x *DrillReport) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[35]
+	mi := &file_control_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2554,7 +2659,7 @@ func (x *DrillReport) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrillReport.ProtoReflect.Descriptor instead.
 func (*DrillReport) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{35}
+	return file_control_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *DrillReport) GetId() string {
@@ -2696,7 +2801,7 @@ type DrillRPO struct {
 
 func (x *DrillRPO) Reset() {
 	*x = DrillRPO{}
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2708,7 +2813,7 @@ func (x *DrillRPO) String() string {
 func (*DrillRPO) ProtoMessage() {}
 
 func (x *DrillRPO) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[36]
+	mi := &file_control_proto_msgTypes[38]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2721,7 +2826,7 @@ func (x *DrillRPO) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrillRPO.ProtoReflect.Descriptor instead.
 func (*DrillRPO) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{36}
+	return file_control_proto_rawDescGZIP(), []int{38}
 }
 
 func (x *DrillRPO) GetUnappliedMessages() uint64 {
@@ -2763,7 +2868,7 @@ type DrillStep struct {
 
 func (x *DrillStep) Reset() {
 	*x = DrillStep{}
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2775,7 +2880,7 @@ func (x *DrillStep) String() string {
 func (*DrillStep) ProtoMessage() {}
 
 func (x *DrillStep) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[37]
+	mi := &file_control_proto_msgTypes[39]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2788,7 +2893,7 @@ func (x *DrillStep) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrillStep.ProtoReflect.Descriptor instead.
 func (*DrillStep) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{37}
+	return file_control_proto_rawDescGZIP(), []int{39}
 }
 
 func (x *DrillStep) GetName() string {
@@ -2834,7 +2939,7 @@ type TableCheck struct {
 
 func (x *TableCheck) Reset() {
 	*x = TableCheck{}
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[40]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2846,7 +2951,7 @@ func (x *TableCheck) String() string {
 func (*TableCheck) ProtoMessage() {}
 
 func (x *TableCheck) ProtoReflect() protoreflect.Message {
-	mi := &file_control_proto_msgTypes[38]
+	mi := &file_control_proto_msgTypes[40]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2859,7 +2964,7 @@ func (x *TableCheck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TableCheck.ProtoReflect.Descriptor instead.
 func (*TableCheck) Descriptor() ([]byte, []int) {
-	return file_control_proto_rawDescGZIP(), []int{38}
+	return file_control_proto_rawDescGZIP(), []int{40}
 }
 
 func (x *TableCheck) GetTable() string {
@@ -3086,7 +3191,13 @@ const file_control_proto_rawDesc = "" +
 	"\fraft_address\x18\x02 \x01(\tR\vraftAddress\x12\x17\n" +
 	"\aapi_url\x18\x03 \x01(\tR\x06apiUrl\x12#\n" +
 	"\rrules_version\x18\x04 \x01(\rR\frulesVersion\"\x0e\n" +
-	"\fJoinResponse\"\x99\x01\n" +
+	"\fJoinResponse\"Z\n" +
+	"\x11RemoveNodeRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x14\n" +
+	"\x05actor\x18\x02 \x01(\tR\x05actor\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\",\n" +
+	"\x12RemoveNodeResponse\x12\x16\n" +
+	"\x06voters\x18\x01 \x03(\tR\x06voters\"\x99\x01\n" +
 	"\x14ScheduleDrillRequest\x12\x14\n" +
 	"\x05group\x18\x01 \x01(\tR\x05group\x12\x12\n" +
 	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x12\n" +
@@ -3178,7 +3289,7 @@ const file_control_proto_rawDesc = "" +
 	"\tComponent\x12\x19\n" +
 	"\x15COMPONENT_UNSPECIFIED\x10\x00\x12\x13\n" +
 	"\x0fCOMPONENT_AGENT\x10\x01\x12\x15\n" +
-	"\x11COMPONENT_STANDBY\x10\x022\x8b\b\n" +
+	"\x11COMPONENT_STANDBY\x10\x022\xd4\b\n" +
 	"\aControl\x12;\n" +
 	"\x06Status\x12\x17.haven.v1.StatusRequest\x1a\x18.haven.v1.StatusResponse\x12A\n" +
 	"\bFailover\x12\x19.haven.v1.FailoverRequest\x1a\x1a.haven.v1.FailoverResponse\x12G\n" +
@@ -3189,7 +3300,9 @@ const file_control_proto_rawDesc = "" +
 	"\x06Resume\x12\x17.haven.v1.ResumeRequest\x1a\x18.haven.v1.ResumeResponse\x12>\n" +
 	"\aCheckIn\x12\x18.haven.v1.CheckInRequest\x1a\x19.haven.v1.CheckInResponse\x12>\n" +
 	"\aObserve\x12\x18.haven.v1.ObserveRequest\x1a\x19.haven.v1.ObserveResponse\x125\n" +
-	"\x04Join\x12\x15.haven.v1.JoinRequest\x1a\x16.haven.v1.JoinResponse\x12P\n" +
+	"\x04Join\x12\x15.haven.v1.JoinRequest\x1a\x16.haven.v1.JoinResponse\x12G\n" +
+	"\n" +
+	"RemoveNode\x12\x1b.haven.v1.RemoveNodeRequest\x1a\x1c.haven.v1.RemoveNodeResponse\x12P\n" +
 	"\rScheduleDrill\x12\x1e.haven.v1.ScheduleDrillRequest\x1a\x1f.haven.v1.ScheduleDrillResponse\x12V\n" +
 	"\x0fUnscheduleDrill\x12 .haven.v1.UnscheduleDrillRequest\x1a!.haven.v1.UnscheduleDrillResponse\x12A\n" +
 	"\bRunDrill\x12\x19.haven.v1.RunDrillRequest\x1a\x1a.haven.v1.RunDrillResponse\x12G\n" +
@@ -3211,7 +3324,7 @@ func file_control_proto_rawDescGZIP() []byte {
 }
 
 var file_control_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_control_proto_msgTypes = make([]protoimpl.MessageInfo, 41)
 var file_control_proto_goTypes = []any{
 	(Component)(0),                  // 0: haven.v1.Component
 	(*StatusRequest)(nil),           // 1: haven.v1.StatusRequest
@@ -3236,23 +3349,25 @@ var file_control_proto_goTypes = []any{
 	(*ObserveResponse)(nil),         // 20: haven.v1.ObserveResponse
 	(*JoinRequest)(nil),             // 21: haven.v1.JoinRequest
 	(*JoinResponse)(nil),            // 22: haven.v1.JoinResponse
-	(*ScheduleDrillRequest)(nil),    // 23: haven.v1.ScheduleDrillRequest
-	(*ScheduleDrillResponse)(nil),   // 24: haven.v1.ScheduleDrillResponse
-	(*UnscheduleDrillRequest)(nil),  // 25: haven.v1.UnscheduleDrillRequest
-	(*UnscheduleDrillResponse)(nil), // 26: haven.v1.UnscheduleDrillResponse
-	(*RunDrillRequest)(nil),         // 27: haven.v1.RunDrillRequest
-	(*RunDrillResponse)(nil),        // 28: haven.v1.RunDrillResponse
-	(*ListDrillsRequest)(nil),       // 29: haven.v1.ListDrillsRequest
-	(*ListDrillsResponse)(nil),      // 30: haven.v1.ListDrillsResponse
-	(*ShowDrillRequest)(nil),        // 31: haven.v1.ShowDrillRequest
-	(*ShowDrillResponse)(nil),       // 32: haven.v1.ShowDrillResponse
-	(*SetObjectivesRequest)(nil),    // 33: haven.v1.SetObjectivesRequest
-	(*SetObjectivesResponse)(nil),   // 34: haven.v1.SetObjectivesResponse
-	(*DrillSchedule)(nil),           // 35: haven.v1.DrillSchedule
-	(*DrillReport)(nil),             // 36: haven.v1.DrillReport
-	(*DrillRPO)(nil),                // 37: haven.v1.DrillRPO
-	(*DrillStep)(nil),               // 38: haven.v1.DrillStep
-	(*TableCheck)(nil),              // 39: haven.v1.TableCheck
+	(*RemoveNodeRequest)(nil),       // 23: haven.v1.RemoveNodeRequest
+	(*RemoveNodeResponse)(nil),      // 24: haven.v1.RemoveNodeResponse
+	(*ScheduleDrillRequest)(nil),    // 25: haven.v1.ScheduleDrillRequest
+	(*ScheduleDrillResponse)(nil),   // 26: haven.v1.ScheduleDrillResponse
+	(*UnscheduleDrillRequest)(nil),  // 27: haven.v1.UnscheduleDrillRequest
+	(*UnscheduleDrillResponse)(nil), // 28: haven.v1.UnscheduleDrillResponse
+	(*RunDrillRequest)(nil),         // 29: haven.v1.RunDrillRequest
+	(*RunDrillResponse)(nil),        // 30: haven.v1.RunDrillResponse
+	(*ListDrillsRequest)(nil),       // 31: haven.v1.ListDrillsRequest
+	(*ListDrillsResponse)(nil),      // 32: haven.v1.ListDrillsResponse
+	(*ShowDrillRequest)(nil),        // 33: haven.v1.ShowDrillRequest
+	(*ShowDrillResponse)(nil),       // 34: haven.v1.ShowDrillResponse
+	(*SetObjectivesRequest)(nil),    // 35: haven.v1.SetObjectivesRequest
+	(*SetObjectivesResponse)(nil),   // 36: haven.v1.SetObjectivesResponse
+	(*DrillSchedule)(nil),           // 37: haven.v1.DrillSchedule
+	(*DrillReport)(nil),             // 38: haven.v1.DrillReport
+	(*DrillRPO)(nil),                // 39: haven.v1.DrillRPO
+	(*DrillStep)(nil),               // 40: haven.v1.DrillStep
+	(*TableCheck)(nil),              // 41: haven.v1.TableCheck
 }
 var file_control_proto_depIdxs = []int32{
 	3,  // 0: haven.v1.StatusResponse.nodes:type_name -> haven.v1.Node
@@ -3260,14 +3375,14 @@ var file_control_proto_depIdxs = []int32{
 	6,  // 2: haven.v1.StatusResponse.audit:type_name -> haven.v1.AuditEntry
 	5,  // 3: haven.v1.GroupStatus.observations:type_name -> haven.v1.Observation
 	0,  // 4: haven.v1.CheckInRequest.component:type_name -> haven.v1.Component
-	38, // 5: haven.v1.CheckInRequest.drill_steps:type_name -> haven.v1.DrillStep
-	35, // 6: haven.v1.ScheduleDrillResponse.schedule:type_name -> haven.v1.DrillSchedule
-	35, // 7: haven.v1.ListDrillsResponse.schedules:type_name -> haven.v1.DrillSchedule
-	36, // 8: haven.v1.ListDrillsResponse.reports:type_name -> haven.v1.DrillReport
-	36, // 9: haven.v1.ShowDrillResponse.report:type_name -> haven.v1.DrillReport
-	37, // 10: haven.v1.DrillReport.rpo:type_name -> haven.v1.DrillRPO
-	38, // 11: haven.v1.DrillReport.steps:type_name -> haven.v1.DrillStep
-	39, // 12: haven.v1.DrillReport.tables:type_name -> haven.v1.TableCheck
+	40, // 5: haven.v1.CheckInRequest.drill_steps:type_name -> haven.v1.DrillStep
+	37, // 6: haven.v1.ScheduleDrillResponse.schedule:type_name -> haven.v1.DrillSchedule
+	37, // 7: haven.v1.ListDrillsResponse.schedules:type_name -> haven.v1.DrillSchedule
+	38, // 8: haven.v1.ListDrillsResponse.reports:type_name -> haven.v1.DrillReport
+	38, // 9: haven.v1.ShowDrillResponse.report:type_name -> haven.v1.DrillReport
+	39, // 10: haven.v1.DrillReport.rpo:type_name -> haven.v1.DrillRPO
+	40, // 11: haven.v1.DrillReport.steps:type_name -> haven.v1.DrillStep
+	41, // 12: haven.v1.DrillReport.tables:type_name -> haven.v1.TableCheck
 	1,  // 13: haven.v1.Control.Status:input_type -> haven.v1.StatusRequest
 	7,  // 14: haven.v1.Control.Failover:input_type -> haven.v1.FailoverRequest
 	9,  // 15: haven.v1.Control.Switchover:input_type -> haven.v1.SwitchoverRequest
@@ -3277,29 +3392,31 @@ var file_control_proto_depIdxs = []int32{
 	17, // 19: haven.v1.Control.CheckIn:input_type -> haven.v1.CheckInRequest
 	19, // 20: haven.v1.Control.Observe:input_type -> haven.v1.ObserveRequest
 	21, // 21: haven.v1.Control.Join:input_type -> haven.v1.JoinRequest
-	23, // 22: haven.v1.Control.ScheduleDrill:input_type -> haven.v1.ScheduleDrillRequest
-	25, // 23: haven.v1.Control.UnscheduleDrill:input_type -> haven.v1.UnscheduleDrillRequest
-	27, // 24: haven.v1.Control.RunDrill:input_type -> haven.v1.RunDrillRequest
-	29, // 25: haven.v1.Control.ListDrills:input_type -> haven.v1.ListDrillsRequest
-	31, // 26: haven.v1.Control.ShowDrill:input_type -> haven.v1.ShowDrillRequest
-	33, // 27: haven.v1.Control.SetObjectives:input_type -> haven.v1.SetObjectivesRequest
-	2,  // 28: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
-	8,  // 29: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
-	10, // 30: haven.v1.Control.Switchover:output_type -> haven.v1.SwitchoverResponse
-	12, // 31: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
-	14, // 32: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
-	16, // 33: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
-	18, // 34: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
-	20, // 35: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
-	22, // 36: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
-	24, // 37: haven.v1.Control.ScheduleDrill:output_type -> haven.v1.ScheduleDrillResponse
-	26, // 38: haven.v1.Control.UnscheduleDrill:output_type -> haven.v1.UnscheduleDrillResponse
-	28, // 39: haven.v1.Control.RunDrill:output_type -> haven.v1.RunDrillResponse
-	30, // 40: haven.v1.Control.ListDrills:output_type -> haven.v1.ListDrillsResponse
-	32, // 41: haven.v1.Control.ShowDrill:output_type -> haven.v1.ShowDrillResponse
-	34, // 42: haven.v1.Control.SetObjectives:output_type -> haven.v1.SetObjectivesResponse
-	28, // [28:43] is the sub-list for method output_type
-	13, // [13:28] is the sub-list for method input_type
+	23, // 22: haven.v1.Control.RemoveNode:input_type -> haven.v1.RemoveNodeRequest
+	25, // 23: haven.v1.Control.ScheduleDrill:input_type -> haven.v1.ScheduleDrillRequest
+	27, // 24: haven.v1.Control.UnscheduleDrill:input_type -> haven.v1.UnscheduleDrillRequest
+	29, // 25: haven.v1.Control.RunDrill:input_type -> haven.v1.RunDrillRequest
+	31, // 26: haven.v1.Control.ListDrills:input_type -> haven.v1.ListDrillsRequest
+	33, // 27: haven.v1.Control.ShowDrill:input_type -> haven.v1.ShowDrillRequest
+	35, // 28: haven.v1.Control.SetObjectives:input_type -> haven.v1.SetObjectivesRequest
+	2,  // 29: haven.v1.Control.Status:output_type -> haven.v1.StatusResponse
+	8,  // 30: haven.v1.Control.Failover:output_type -> haven.v1.FailoverResponse
+	10, // 31: haven.v1.Control.Switchover:output_type -> haven.v1.SwitchoverResponse
+	12, // 32: haven.v1.Control.Rejoin:output_type -> haven.v1.RejoinResponse
+	14, // 33: haven.v1.Control.Pause:output_type -> haven.v1.PauseResponse
+	16, // 34: haven.v1.Control.Resume:output_type -> haven.v1.ResumeResponse
+	18, // 35: haven.v1.Control.CheckIn:output_type -> haven.v1.CheckInResponse
+	20, // 36: haven.v1.Control.Observe:output_type -> haven.v1.ObserveResponse
+	22, // 37: haven.v1.Control.Join:output_type -> haven.v1.JoinResponse
+	24, // 38: haven.v1.Control.RemoveNode:output_type -> haven.v1.RemoveNodeResponse
+	26, // 39: haven.v1.Control.ScheduleDrill:output_type -> haven.v1.ScheduleDrillResponse
+	28, // 40: haven.v1.Control.UnscheduleDrill:output_type -> haven.v1.UnscheduleDrillResponse
+	30, // 41: haven.v1.Control.RunDrill:output_type -> haven.v1.RunDrillResponse
+	32, // 42: haven.v1.Control.ListDrills:output_type -> haven.v1.ListDrillsResponse
+	34, // 43: haven.v1.Control.ShowDrill:output_type -> haven.v1.ShowDrillResponse
+	36, // 44: haven.v1.Control.SetObjectives:output_type -> haven.v1.SetObjectivesResponse
+	29, // [29:45] is the sub-list for method output_type
+	13, // [13:29] is the sub-list for method input_type
 	13, // [13:13] is the sub-list for extension type_name
 	13, // [13:13] is the sub-list for extension extendee
 	0,  // [0:13] is the sub-list for field type_name
@@ -3316,7 +3433,7 @@ func file_control_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_control_proto_rawDesc), len(file_control_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   39,
+			NumMessages:   41,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -58,6 +58,8 @@ const (
 	ControlObserveProcedure = "/haven.v1.Control/Observe"
 	// ControlJoinProcedure is the fully-qualified name of the Control's Join RPC.
 	ControlJoinProcedure = "/haven.v1.Control/Join"
+	// ControlRemoveNodeProcedure is the fully-qualified name of the Control's RemoveNode RPC.
+	ControlRemoveNodeProcedure = "/haven.v1.Control/RemoveNode"
 	// ControlScheduleDrillProcedure is the fully-qualified name of the Control's ScheduleDrill RPC.
 	ControlScheduleDrillProcedure = "/haven.v1.Control/ScheduleDrill"
 	// ControlUnscheduleDrillProcedure is the fully-qualified name of the Control's UnscheduleDrill RPC.
@@ -104,6 +106,9 @@ type ControlClient interface {
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
 	// Join adds a controller node to the quorum, or records its API address.
 	Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error)
+	// RemoveNode takes a stopped controller node out of the quorum (its
+	// host died, or it moves): the quorum's majority counts without it.
+	RemoveNode(context.Context, *connect.Request[havenpb.RemoveNodeRequest]) (*connect.Response[havenpb.RemoveNodeResponse], error)
 	// Drills: rehearsals of DR, run by the leader on a schedule or on demand,
 	// each leaving a report (failover/drill.go).
 	ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error)
@@ -182,6 +187,12 @@ func NewControlClient(httpClient connect.HTTPClient, baseURL string, opts ...con
 			connect.WithSchema(controlMethods.ByName("Join")),
 			connect.WithClientOptions(opts...),
 		),
+		removeNode: connect.NewClient[havenpb.RemoveNodeRequest, havenpb.RemoveNodeResponse](
+			httpClient,
+			baseURL+ControlRemoveNodeProcedure,
+			connect.WithSchema(controlMethods.ByName("RemoveNode")),
+			connect.WithClientOptions(opts...),
+		),
 		scheduleDrill: connect.NewClient[havenpb.ScheduleDrillRequest, havenpb.ScheduleDrillResponse](
 			httpClient,
 			baseURL+ControlScheduleDrillProcedure,
@@ -232,6 +243,7 @@ type controlClient struct {
 	checkIn         *connect.Client[havenpb.CheckInRequest, havenpb.CheckInResponse]
 	observe         *connect.Client[havenpb.ObserveRequest, havenpb.ObserveResponse]
 	join            *connect.Client[havenpb.JoinRequest, havenpb.JoinResponse]
+	removeNode      *connect.Client[havenpb.RemoveNodeRequest, havenpb.RemoveNodeResponse]
 	scheduleDrill   *connect.Client[havenpb.ScheduleDrillRequest, havenpb.ScheduleDrillResponse]
 	unscheduleDrill *connect.Client[havenpb.UnscheduleDrillRequest, havenpb.UnscheduleDrillResponse]
 	runDrill        *connect.Client[havenpb.RunDrillRequest, havenpb.RunDrillResponse]
@@ -283,6 +295,11 @@ func (c *controlClient) Observe(ctx context.Context, req *connect.Request[havenp
 // Join calls haven.v1.Control.Join.
 func (c *controlClient) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error) {
 	return c.join.CallUnary(ctx, req)
+}
+
+// RemoveNode calls haven.v1.Control.RemoveNode.
+func (c *controlClient) RemoveNode(ctx context.Context, req *connect.Request[havenpb.RemoveNodeRequest]) (*connect.Response[havenpb.RemoveNodeResponse], error) {
+	return c.removeNode.CallUnary(ctx, req)
 }
 
 // ScheduleDrill calls haven.v1.Control.ScheduleDrill.
@@ -347,6 +364,9 @@ type ControlHandler interface {
 	Observe(context.Context, *connect.Request[havenpb.ObserveRequest]) (*connect.Response[havenpb.ObserveResponse], error)
 	// Join adds a controller node to the quorum, or records its API address.
 	Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error)
+	// RemoveNode takes a stopped controller node out of the quorum (its
+	// host died, or it moves): the quorum's majority counts without it.
+	RemoveNode(context.Context, *connect.Request[havenpb.RemoveNodeRequest]) (*connect.Response[havenpb.RemoveNodeResponse], error)
 	// Drills: rehearsals of DR, run by the leader on a schedule or on demand,
 	// each leaving a report (failover/drill.go).
 	ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error)
@@ -421,6 +441,12 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 		connect.WithSchema(controlMethods.ByName("Join")),
 		connect.WithHandlerOptions(opts...),
 	)
+	controlRemoveNodeHandler := connect.NewUnaryHandler(
+		ControlRemoveNodeProcedure,
+		svc.RemoveNode,
+		connect.WithSchema(controlMethods.ByName("RemoveNode")),
+		connect.WithHandlerOptions(opts...),
+	)
 	controlScheduleDrillHandler := connect.NewUnaryHandler(
 		ControlScheduleDrillProcedure,
 		svc.ScheduleDrill,
@@ -477,6 +503,8 @@ func NewControlHandler(svc ControlHandler, opts ...connect.HandlerOption) (strin
 			controlObserveHandler.ServeHTTP(w, r)
 		case ControlJoinProcedure:
 			controlJoinHandler.ServeHTTP(w, r)
+		case ControlRemoveNodeProcedure:
+			controlRemoveNodeHandler.ServeHTTP(w, r)
 		case ControlScheduleDrillProcedure:
 			controlScheduleDrillHandler.ServeHTTP(w, r)
 		case ControlUnscheduleDrillProcedure:
@@ -532,6 +560,10 @@ func (UnimplementedControlHandler) Observe(context.Context, *connect.Request[hav
 
 func (UnimplementedControlHandler) Join(context.Context, *connect.Request[havenpb.JoinRequest]) (*connect.Response[havenpb.JoinResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.Join is not implemented"))
+}
+
+func (UnimplementedControlHandler) RemoveNode(context.Context, *connect.Request[havenpb.RemoveNodeRequest]) (*connect.Response[havenpb.RemoveNodeResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("haven.v1.Control.RemoveNode is not implemented"))
 }
 
 func (UnimplementedControlHandler) ScheduleDrill(context.Context, *connect.Request[havenpb.ScheduleDrillRequest]) (*connect.Response[havenpb.ScheduleDrillResponse], error) {
