@@ -2,10 +2,16 @@ package e2e
 
 import (
 	"fmt"
+	"net/http"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	connectrpc "connectrpc.com/connect"
+
+	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
 )
 
 // TestALostControllerIsReplaced: a controller node whose host is lost is
@@ -29,6 +35,13 @@ func TestALostControllerIsReplaced(t *testing.T) {
 		if out, err := q.ctl(t, "remove-node", c.node); err == nil || !strings.Contains(out, c.refusal) {
 			t.Errorf("remove-node %s: %v, %s; want a refusal saying %q", c.node, err, out, c.refusal)
 		}
+	}
+
+	// A node of older rules would not apply the quorum's commands alike.
+	_, err := havenpbconnect.NewControlClient(http.DefaultClient, q.apis[leader]).Join(t.Context(), connectrpc.NewRequest(&havenpb.JoinRequest{
+		NodeId: "old", RaftAddress: "127.0.0.1:1", ApiUrl: "http://127.0.0.1:1", RulesVersion: 2}))
+	if err == nil || !strings.Contains(err.Error(), "runs version 2 of the state's rules, and the quorum applies version 3") {
+		t.Errorf("a node of rules version 2 asked to join: %v; want a refusal", err)
 	}
 
 	q.procs[lost].kill()

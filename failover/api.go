@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -109,14 +110,15 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 	if !r.Force {
 		down := 0
 		now := time.Now().UnixMilli()
-		for _, o := range g.Observations {
-			if !o.Up && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
+		voters := a.c.voterIDs()
+		for node, o := range g.Observations {
+			if slices.Contains(voters, node) && !o.Up && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
 				down++
 			}
 		}
-		if voters := a.c.voters(); down < voters/2+1 {
+		if down < len(voters)/2+1 {
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the primary of group %q (site %s) is not seen down by a majority of the controller nodes (%d of %d): "+
-				"refusing to fail over a healthy primary; use --force to do it anyway (it is fenced first), or a switchover", g.Name, g.PrimarySite, down, voters))
+				"refusing to fail over a healthy primary; use --force to do it anyway (it is fenced first), or a switchover", g.Name, g.PrimarySite, down, len(voters)))
 		}
 		if g.LagSeconds > a.c.cfg.Policy.MaxRPO.Seconds() {
 			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("DR of group %q lags %.1fs, more than max_rpo %s: --force accepts losing that", g.Name, g.LagSeconds, a.c.cfg.Policy.MaxRPO))
@@ -353,6 +355,10 @@ func (a *api) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest
 	if r.NodeId == "" || r.RaftAddress == "" || r.ApiUrl == "" {
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a join needs the node's id, Raft address and API URL"))
 	}
+	if v, quorum := max(int(r.RulesVersion), 1), a.c.fsm.read().RulesVersion; v < quorum {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s runs version %d of the state's rules, and the quorum applies version %d: "+
+			"it would not apply the quorum's commands alike; start it with a build of version %d or later", r.NodeId, v, quorum, quorum))
+	}
 	known := false
 	if f := a.c.raft.GetConfiguration(); f.Error() == nil {
 		for _, s := range f.Configuration().Servers {
@@ -372,9 +378,18 @@ func (a *api) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest
 }
 
 // RemoveNode takes a controller node out of the quorum for good: its host
-// died, or it moves to another. Only a stopped node is removed: a running
-// one would join again when it next announced itself.
+// died, or it moves to another. A node that still runs is refused: it is
+// more likely a mistaken ID than a node meant to go.
 func (a *api) RemoveNode(ctx context.Context, req *connect.Request[havenpb.RemoveNodeRequest]) (*connect.Response[havenpb.RemoveNodeResponse], error) {
+	r := req.Msg
+	if r.NodeId == "" {
+		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("name the node to remove (haven ctl status lists them)"))
+	}
+	// Here first: a leader of an older build does not know this call.
+	members, voters, err := a.membersBut(r.NodeId)
+	if err != nil {
+		return nil, err
+	}
 	leader, err := a.leader()
 	if err != nil {
 		return nil, err
@@ -382,54 +397,81 @@ func (a *api) RemoveNode(ctx context.Context, req *connect.Request[havenpb.Remov
 	if leader != nil {
 		return leader.RemoveNode(ctx, req)
 	}
-	r := req.Msg
-	if r.NodeId == "" {
-		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("name the node to remove (haven ctl status lists them)"))
+	actor := r.Actor
+	if actor == "" {
+		actor = "operator"
 	}
 	st := a.c.fsm.read()
-	if st.RulesVersion < 3 {
-		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the quorum applies version %d of the state's rules, and removing a node needs version 3: "+
-			"upgrade every controller node to this build first (haven ctl status shows each node's version)", max(st.RulesVersion, 1)))
-	}
-	f := a.c.raft.GetConfiguration()
-	if err := f.Error(); err != nil {
-		return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("read the quorum's members: %w", err))
-	}
-	var members, voters []string
-	found := false
-	for _, s := range f.Configuration().Servers {
-		members = append(members, string(s.ID))
-		found = found || string(s.ID) == r.NodeId
-		if s.Suffrage == raft.Voter && string(s.ID) != r.NodeId {
-			voters = append(voters, string(s.ID))
+	if !slices.Contains(members, r.NodeId) {
+		if _, recorded := st.Nodes[r.NodeId]; recorded {
+			// Out of the configuration by an earlier call whose record did
+			// not commit: record it now.
+			return a.recordRemoval(r, actor, voters)
 		}
-	}
-	if !found {
 		return nil, connect.NewError(connect.CodeNotFound, fmt.Errorf("node %q is not in the quorum (its members: %s)", r.NodeId, strings.Join(members, ", ")))
 	}
 	if r.NodeId == a.c.cfg.ID {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s leads the quorum: stop it (another node takes the lead within seconds), then remove it", r.NodeId))
 	}
-	if info, ok := st.Nodes[r.NodeId]; ok && info.APIURL != "" {
-		probeCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		_, err := a.c.client(info.APIURL).Status(probeCtx, connectRequest(&havenpb.StatusRequest{}))
-		cancel()
-		if err == nil {
-			return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s still runs (it answers at %s): stop it first, or it would join the quorum again", r.NodeId, info.APIURL))
-		}
+	if err := a.stillRuns(ctx, st, r.NodeId); err != nil {
+		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("%w: removing it would take a working voter out of the quorum; if it is the node you mean, stop it first", err))
 	}
 	if err := a.c.raft.RemoveServer(raft.ServerID(r.NodeId), 0, 10*time.Second).Error(); err != nil {
 		return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("remove node %s: %w", r.NodeId, err))
 	}
-	actor := r.Actor
-	if actor == "" {
-		actor = "operator"
+	a.c.log.Info().Str("removed", r.NodeId).Str("actor", actor).Msg("node removed from the quorum's configuration")
+	return a.recordRemoval(r, actor, voters)
+}
+
+// membersBut reads the quorum's members, and its voters other than node,
+// and refuses a removal the voters that stay could not all apply.
+func (a *api) membersBut(node string) (members, voters []string, err error) {
+	f := a.c.raft.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return nil, nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("read the quorum's members: %w", err))
 	}
+	for _, s := range f.Configuration().Servers {
+		members = append(members, string(s.ID))
+		if s.Suffrage == raft.Voter && string(s.ID) != node {
+			voters = append(voters, string(s.ID))
+		}
+	}
+	// The removed node leaves the configuration before the command that
+	// drops its record: only the others apply it.
+	if v := quorumRulesVersion(a.c.fsm.read().Nodes, voters); v < 3 {
+		return nil, nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("the controller nodes that would stay run version %d of the state's rules, and removing a node needs version 3: "+
+			"upgrade each of them to this build first (haven ctl status shows each node's version)", v))
+	}
+	return members, voters, nil
+}
+
+// stillRuns says why node looks alive: its probes reach the leader, or
+// its API answers.
+func (a *api) stillRuns(ctx context.Context, st *State, node string) error {
+	now := time.Now().UnixMilli()
+	for _, g := range st.Groups {
+		if o, ok := g.Observations[node]; ok && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
+			return fmt.Errorf("node %s still runs (its probes of group %s reach the leader)", node, g.Name)
+		}
+	}
+	info, ok := st.Nodes[node]
+	if !ok || info.APIURL == "" {
+		return nil
+	}
+	probeCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := a.c.client(info.APIURL).Status(probeCtx, connectRequest(&havenpb.StatusRequest{})); err == nil {
+		return fmt.Errorf("node %s still runs (it answers at %s)", node, info.APIURL)
+	}
+	return nil
+}
+
+// recordRemoval drops a node that left the configuration from the state,
+// with an audit entry.
+func (a *api) recordRemoval(r *havenpb.RemoveNodeRequest, actor string, voters []string) (*connect.Response[havenpb.RemoveNodeResponse], error) {
 	if _, err := a.c.propose(command{Kind: cmdRemoveNode, AtMs: time.Now().UnixMilli(), Node: r.NodeId, Actor: actor, Reason: r.Reason}); err != nil {
-		// Out of Raft's configuration already, which is what counts: its
-		// record and last probes are left, and count for nothing.
-		a.c.log.Warn().Err(err).Str("node", r.NodeId).Msg("node removed from the quorum, but its record stays in the state (the removal is not in the audit trail)")
+		return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("node %s is out of the quorum's configuration, but dropping its record and probes from the state "+
+			"(and the audit entry) did not commit: %w; run remove-node again", r.NodeId, err))
 	}
-	a.c.log.Info().Str("removed", r.NodeId).Str("actor", actor).Msg("node removed from the quorum")
 	return connect.NewResponse(&havenpb.RemoveNodeResponse{Voters: voters}), nil
 }

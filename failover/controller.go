@@ -515,9 +515,6 @@ func (c *Controller) fenceDeposed(ctx context.Context, st *State) {
 	wg.Wait()
 }
 
-// voters counts the quorum's voting members.
-func (c *Controller) voters() int { return len(c.voterIDs()) }
-
 // voterIDs are the quorum's voting nodes (none if its configuration cannot
 // be read).
 func (c *Controller) voterIDs() []string {

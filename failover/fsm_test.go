@@ -263,6 +263,20 @@ func TestFSMRulesVersion(t *testing.T) {
 			t.Errorf("quorum rules version of voters %v: %d, want %d", c.voters, got, c.want)
 		}
 	}
+	// A removal is judged by the voters that stay: a node lost before its
+	// upgrade does not hold it back.
+	nodes = map[string]NodeInfo{"n1": {RulesVersion: 3}, "n2": {RulesVersion: 3}, "n3": {RulesVersion: 2}}
+	for _, c := range []struct {
+		voters []string
+		want   int
+	}{
+		{[]string{"n1", "n2"}, 3},
+		{[]string{"n1", "n2", "n3"}, 2},
+	} {
+		if got := quorumRulesVersion(nodes, c.voters); got != c.want {
+			t.Errorf("quorum rules version of voters %v: %d, want %d", c.voters, got, c.want)
+		}
+	}
 }
 
 // TestFSMRemoveNode: a removed node's record and its probes of every group
