@@ -106,4 +106,8 @@ func TestALostControllerIsReplaced(t *testing.T) {
 		slices.Sort(ids)
 		return err == nil && slices.Equal(ids, want), err
 	})
+	// The lost node, outside, says why it may have no leader.
+	waitFor(t, 30*time.Second, "the removed node to say it may have been removed", func() (bool, error) {
+		return strings.Contains(q.procs[lost].output(), "or this node was removed from the quorum"), nil
+	})
 }

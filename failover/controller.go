@@ -294,18 +294,42 @@ func (c *Controller) client(url string) havenpbconnect.ControlClient {
 	return cl
 }
 
+// leaderless says, now and then, that this node has had no leader for a
+// while: Raft's own log says only that it keeps starting elections.
+type leaderless struct{ since, said time.Time }
+
+const leaderlessAlarm = 10 * time.Second
+
+func (l *leaderless) check(c *Controller) {
+	if _, id := c.raft.LeaderWithID(); id != "" {
+		l.since = time.Time{}
+		return
+	}
+	now := time.Now()
+	if l.since.IsZero() {
+		l.since = now
+	}
+	if d := now.Sub(l.since); d >= leaderlessAlarm && now.Sub(l.said) >= 3*leaderlessAlarm {
+		l.said = now
+		c.log.Error().Dur("for", d.Round(time.Second)).Msg("no leader: more than half of the quorum's nodes are down or cut off from this one, " +
+			"or this node was removed from the quorum (haven ctl status, asked of another node, lists the members; a removed node's host rejoins with an empty --data-dir and --join)")
+	}
+}
+
 // probeLoop probes every group's primary and hands the result to the
 // leader; it also makes sure the leader knows this node's API address.
 func (c *Controller) probeLoop(ctx context.Context) {
 	ticker := time.NewTicker(c.cfg.Policy.ProbeInterval)
 	defer ticker.Stop()
 	var versionSaid time.Time
+	var leaderless leaderless
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
 		}
+		leaderless.check(c)
 		st := c.fsm.read()
 		switch info, ok := st.Nodes[c.cfg.ID]; {
 		case !ok || info.APIURL != c.cfg.APIURL:
