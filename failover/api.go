@@ -112,7 +112,7 @@ func (a *api) Failover(ctx context.Context, req *connect.Request[havenpb.Failove
 		now := time.Now().UnixMilli()
 		voters := a.c.voterIDs()
 		for node, o := range g.Observations {
-			if slices.Contains(voters, node) && !o.Up && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
+			if slices.Contains(voters, node) && !o.Up && o.fresh(now, a.c.cfg.Policy) {
 				down++
 			}
 		}
@@ -450,7 +450,7 @@ func (a *api) membersBut(node string) (members, voters []string, err error) {
 func (a *api) stillRuns(ctx context.Context, st *State, node string) error {
 	now := time.Now().UnixMilli()
 	for _, g := range st.Groups {
-		if o, ok := g.Observations[node]; ok && now-o.AtMs <= (3*a.c.cfg.Policy.ProbeInterval).Milliseconds() {
+		if o, ok := g.Observations[node]; ok && o.fresh(now, a.c.cfg.Policy) {
 			return fmt.Errorf("node %s still runs (its probes of group %s reach the leader)", node, g.Name)
 		}
 	}

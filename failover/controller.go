@@ -322,14 +322,14 @@ func (c *Controller) probeLoop(ctx context.Context) {
 	ticker := time.NewTicker(c.cfg.Policy.ProbeInterval)
 	defer ticker.Stop()
 	var versionSaid time.Time
-	var leaderless leaderless
+	var quiet leaderless
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
 		}
-		leaderless.check(c)
+		quiet.check(c)
 		st := c.fsm.read()
 		switch info, ok := st.Nodes[c.cfg.ID]; {
 		case !ok || info.APIURL != c.cfg.APIURL:

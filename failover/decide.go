@@ -52,8 +52,7 @@ func Decide(g *Group, voters []string, now time.Time, p Policy) Decision {
 		if !slices.Contains(voters, node) {
 			continue // a node no longer in the quorum
 		}
-		fresh := nowMs-o.AtMs <= (3 * p.ProbeInterval).Milliseconds()
-		if fresh && !o.Up && nowMs-o.SinceMs >= p.FailoverAfter.Milliseconds() {
+		if o.fresh(nowMs, p) && !o.Up && nowMs-o.SinceMs >= p.FailoverAfter.Milliseconds() {
 			down = append(down, node)
 		}
 	}

@@ -84,6 +84,12 @@ type Observation struct {
 	Error   string `json:"error,omitempty"`
 }
 
+// fresh says whether the observation is recent enough to count: a node
+// probes every ProbeInterval, so three missed probes make it stale.
+func (o Observation) fresh(nowMs int64, p Policy) bool {
+	return nowMs-o.AtMs <= (3 * p.ProbeInterval).Milliseconds()
+}
+
 // NodeInfo is how to reach a controller node's API, and the version of
 // the rules it applies commands by (0: a node older than versioning).
 type NodeInfo struct {
@@ -101,8 +107,8 @@ type NodeInfo struct {
 // the one where DR's reported incompleteness began to hold a switchover,
 // so it gates nothing. A build older than that rule must not share a
 // quorum with this one. Version 3 adds the remove-node command, which a
-// node of version 2 would refuse: the leader proposes it only once the
-// quorum runs version 3.
+// node of version 2 would refuse: the leader proposes it only once every
+// voter that stays runs version 3.
 const RulesVersion = 3
 
 // quorumRulesVersion is the version of the rules every voter runs: the
