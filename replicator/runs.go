@@ -3,6 +3,7 @@ package replicator
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -15,16 +16,17 @@ import (
 // server a fraction of one statement per row.
 //
 // Changes of a table commute when they touch different rows, so a change
-// whose row a waiting change also touches sends the table's runs first;
-// so does every change that cannot wait (a key update, an upsert, a table
-// without a key). Waiting changes of different tables commute too: DR
-// apply runs with session_replication_role = replica, so foreign keys are
-// not checked. Within a table, runs go out as deletes, then updates, then
-// inserts: a row deleted on the source may have made room for a row with
-// the same unique values inserted after. Updates wait only when they
-// change no column of a DR unique or exclusion index other than the key:
-// one multi-row UPDATE that swaps two rows' unique values fails on row
-// order, which a source that ran them one by one did not see.
+// whose row a waiting change also touches sends that change's run first;
+// every change that cannot wait (a key update, an upsert, a table without
+// a key) sends all of the table's runs first. Waiting changes of different
+// tables commute too: DR apply runs with session_replication_role =
+// replica, so foreign keys are not checked. Within a table, deletes go out
+// before inserts: a row deleted on the source may have made room for a row
+// with the same unique values inserted after. Updates wait only when they
+// change no column of a DR unique or exclusion index other than the key
+// (one multi-row UPDATE that swaps two rows' unique values fails on row
+// order, which a source that ran them one by one did not see), so they
+// commute with every other waiting change and go out on their own.
 
 // maxRunRows bounds the rows of one multi-row statement (PostgreSQL takes
 // at most 65535 parameters).
@@ -36,6 +38,7 @@ type run struct {
 	perRow  int // parameters per row
 	params  [][]byte
 	changes []*havenpb.Change
+	keys    []string // the rows its changes touch, where they have a key
 	// tolerateMissing: the table is being backfilled.
 	tolerateMissing bool
 }
@@ -45,7 +48,7 @@ func (r *run) rows() int { return len(r.changes) }
 // tableRuns is what waits for one table (one relation shape).
 type tableRuns struct {
 	rel  *havenpb.Relation
-	keys map[string]struct{} // rows touched by waiting changes
+	keys map[string]*run // the run of each row a waiting change touches
 	runs []*run
 }
 
@@ -118,20 +121,14 @@ func (a *applier) wait(ctx context.Context, rel *havenpb.Relation, relKey string
 	if !ok {
 		return false, a.sendRuns(ctx, relKey)
 	}
-	if t := a.runs[relKey]; t != nil && key != "" {
-		if _, touched := t.keys[key]; touched {
-			if err := a.sendRuns(ctx, relKey); err != nil {
-				return false, err
-			}
-		}
-	}
 	t := a.runs[relKey]
 	if t == nil {
-		t = &tableRuns{rel: rel, keys: map[string]struct{}{}}
+		t = &tableRuns{rel: rel, keys: map[string]*run{}}
 		a.runs[relKey] = t
-	}
-	if key != "" {
-		t.keys[key] = struct{}{}
+	} else if r := t.keys[key]; r != nil {
+		if err := a.sendRun(ctx, t, r); err != nil {
+			return false, err
+		}
 	}
 	var r *run
 	for _, candidate := range t.runs {
@@ -148,10 +145,34 @@ func (a *applier) wait(ctx context.Context, rel *havenpb.Relation, relKey string
 	}
 	r.params = append(r.params, st.params...)
 	r.changes = append(r.changes, ch)
+	if key != "" {
+		t.keys[key] = r
+		r.keys = append(r.keys, key)
+	}
 	if r.rows() >= min(maxRunRows, 65535/r.perRow) {
-		return true, a.sendRuns(ctx, relKey)
+		return true, a.sendRun(ctx, t, r)
 	}
 	return true, nil
+}
+
+// sendRun queues one run of a table in the batch, after the table's
+// deletes when it inserts. The table's other runs go on waiting: their
+// changes touch other rows, and commute with the run's.
+func (a *applier) sendRun(ctx context.Context, t *tableRuns, r *run) error {
+	if r.changes[0].Op == havenpb.Op_OP_INSERT {
+		for _, d := range slices.Clone(t.runs) {
+			if d.changes[0].Op == havenpb.Op_OP_DELETE {
+				if err := a.sendRun(ctx, t, d); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	t.runs = slices.DeleteFunc(t.runs, func(w *run) bool { return w == r })
+	for _, key := range r.keys {
+		delete(t.keys, key)
+	}
+	return a.queueRun(ctx, t.rel, r)
 }
 
 // sendRuns queues the runs of one table in the batch: deletes, updates,

@@ -51,7 +51,7 @@ func change(op havenpb.Op, rel *havenpb.Relation, oldRow, newRow *havenpb.Row) *
 // statements leave DR exactly as applying them one by one would, for a
 // random mix of inserts, updates and deletes that keep touching the same
 // rows, for composite keys of several types, and for updates that move
-// values of a unique column DR has between rows.
+// values of a unique column DR has between rows or frees them for inserts.
 func TestRunsApplyInTheSourcesOrder(t *testing.T) {
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
@@ -128,6 +128,13 @@ func TestRunsApplyInTheSourcesOrder(t *testing.T) {
 	}
 	people = append(people, change(havenpb.Op_OP_UPDATE, peopleRelation, nil, row("5", emails[1])))
 	publish(people...)
+	// An email freed by a delete and taken by an insert whose run goes out
+	// before the transaction ends (the row is deleted again): the delete
+	// must reach DR first.
+	publish(change(havenpb.Op_OP_DELETE, peopleRelation, row("1", "NULL"), nil),
+		change(havenpb.Op_OP_INSERT, peopleRelation, nil, row("6", emails[2])),
+		change(havenpb.Op_OP_DELETE, peopleRelation, row("6", "NULL"), nil),
+		change(havenpb.Op_OP_INSERT, peopleRelation, nil, row("7", emails[2])))
 
 	// crm.deals: composite keys of char(2) and int, an enum of another
 	// schema, numeric and arrays, updated and deleted in runs.
@@ -176,7 +183,7 @@ func TestRunsApplyInTheSourcesOrder(t *testing.T) {
 	if err := pgxQueryRow(t, pg.URL(group), `SELECT string_agg(id || '=' || email, ' ' ORDER BY id) FROM people`).Scan(&rotated); err != nil {
 		t.Fatal(err)
 	}
-	if want := "1=p2@example.com 2=p3@example.com 3=p4@example.com 4=p5@example.com 5=p1@example.com"; rotated != want {
+	if want := "2=p3@example.com 3=p4@example.com 4=p5@example.com 5=p1@example.com 7=p2@example.com"; rotated != want {
 		t.Errorf("people on DR: %s, want %s", rotated, want)
 	}
 	var dealsText string
