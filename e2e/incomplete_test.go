@@ -40,9 +40,9 @@ func TestNoFailoverToAnIncompleteDR(t *testing.T) {
 		t.Errorf("haven ctl status does not say DR is incomplete: %v, %s", err, out)
 	}
 	// Every node runs this build: the quorum moves to its rules version.
-	waitFor(t, 30*time.Second, "the quorum to apply rules version 3", func() (bool, error) {
+	waitFor(t, 30*time.Second, "the quorum to apply rules version 4", func() (bool, error) {
 		st, err := q.status(t)
-		return err == nil && st.RulesVersion == 3, err
+		return err == nil && st.RulesVersion == 4, err
 	})
 	if out, err := q.ctl(t, "switchover", "--group", "crm"); err == nil || !strings.Contains(out, "cannot vouch for its copy") || !strings.Contains(out, "public.big") {
 		t.Errorf("a switchover to an incomplete DR was not refused: %v, %s", err, out)

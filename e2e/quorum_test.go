@@ -20,9 +20,9 @@ import (
 // still runs, the leader, or a node that is not a member is refused.
 func TestALostControllerIsReplaced(t *testing.T) {
 	q := startQuorum(t, 3)
-	waitFor(t, 30*time.Second, "the quorum to apply rules version 3", func() (bool, error) {
+	waitFor(t, 30*time.Second, "the quorum to apply rules version 4", func() (bool, error) {
 		st, err := q.status(t)
-		return err == nil && st.RulesVersion == 3, err
+		return err == nil && st.RulesVersion == 4, err
 	})
 	leader := leaderIndex(t, q)
 	lost := (leader + 1) % 3
@@ -40,7 +40,7 @@ func TestALostControllerIsReplaced(t *testing.T) {
 	// A node of older rules would not apply the quorum's commands alike.
 	_, err := havenpbconnect.NewControlClient(http.DefaultClient, q.apis[leader]).Join(t.Context(), connectrpc.NewRequest(&havenpb.JoinRequest{
 		NodeId: "old", RaftAddress: "127.0.0.1:1", ApiUrl: "http://127.0.0.1:1", RulesVersion: 2}))
-	if err == nil || !strings.Contains(err.Error(), "runs version 2 of the state's rules, and the quorum applies version 3") {
+	if err == nil || !strings.Contains(err.Error(), "runs version 2 of the state's rules, and the quorum applies version 4") {
 		t.Errorf("a node of rules version 2 asked to join: %v; want a refusal", err)
 	}
 
@@ -73,7 +73,7 @@ func TestALostControllerIsReplaced(t *testing.T) {
 		st, err := live.status(t)
 		voters := 0
 		for _, n := range st.Nodes {
-			if n.Voter && n.RulesVersion == 3 {
+			if n.Voter && n.RulesVersion == 4 {
 				voters++
 			}
 		}

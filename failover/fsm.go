@@ -108,8 +108,9 @@ type NodeInfo struct {
 // so it gates nothing. A build older than that rule must not share a
 // quorum with this one. Version 3 adds the remove-node command, which a
 // node of version 2 would refuse: the leader proposes it only once every
-// voter that stays runs version 3.
-const RulesVersion = 3
+// voter that stays runs version 3. Version 4 records the report of the
+// check-in that ends a site's rejoin.
+const RulesVersion = 4
 
 // quorumRulesVersion is the version of the rules every voter runs: the
 // oldest among them, a node that has not said counting as version 1.
@@ -500,8 +501,13 @@ func (s *State) checkIn(c command) any {
 	if c.Site != g.DRSite {
 		return r
 	}
-	if !deposed {
-		// A deposed site's standby applies nothing: its lag means nothing.
+	// A deposed site's standby applies nothing: its lag means nothing,
+	// until the check-in that ends its rejoin, its first report as DR
+	// (from rules version 4: before, it was dropped, and a switchover asked
+	// for at once was refused as if DR had not reported for as long as the
+	// site had been deposed).
+	rejoined := rejoining && g.RejoinPhase == phaseReseed && c.Reseeded && s.RulesVersion >= 4
+	if !deposed || rejoined {
 		g.StandbySeenMs = c.AtMs
 		g.LagSeconds, g.DRIncomplete = c.LagSeconds, c.Incomplete
 		g.AppliedLSN, g.UnappliedMessages = c.AppliedLSN, c.Unapplied

@@ -115,13 +115,25 @@ func TestFSMFailoverLifecycle(t *testing.T) {
 	if r := apply(t, f, 15, command{Kind: cmdCheckIn, AtMs: 5900, Group: "crm", Site: "a"}).(checkInResult); !r.Apply || !r.Reseed {
 		t.Fatalf("standby of the rejoining site: %+v, want to reseed", r)
 	}
-	if r := apply(t, f, 16, command{Kind: cmdCheckIn, AtMs: 6000, Group: "crm", Site: "a", Reseeded: true}).(checkInResult); !r.Apply || r.Reseed {
+	// The check-in that ends the rejoin is the site's first report as DR,
+	// from rules version 4; older rules drop it.
+	ending := command{Kind: cmdCheckIn, AtMs: 6000, Group: "crm", Site: "a", Reseeded: true, LagSeconds: 0.2, AppliedLSN: 0x5000}
+	older := snapshotRestored(t, f)
+	apply(t, older, 16, ending)
+	if g := older.read().Groups["crm"]; len(g.Deposed) != 0 || g.StandbySeenMs == 6000 || g.LagSeconds == 0.2 {
+		t.Errorf("rules version %d: after rejoin deposed %v, DR seen at %d with lag %v; want rejoined, the report dropped",
+			older.read().RulesVersion, g.Deposed, g.StandbySeenMs, g.LagSeconds)
+	}
+	apply(t, f, 16, command{Kind: cmdRulesVersion, AtMs: 5950, RulesVersion: 4, Actor: "controller@n1"})
+	if r := apply(t, f, 17, ending).(checkInResult); !r.Apply || r.Reseed {
 		t.Fatalf("standby after reseeding: %+v, want to apply", r)
 	}
 	if g := f.read().Groups["crm"]; len(g.Deposed) != 0 || g.RejoinSite != "" {
 		t.Fatalf("after rejoin: deposed %v, rejoin %q", g.Deposed, g.RejoinSite)
+	} else if g.StandbySeenMs != 6000 || g.LagSeconds != 0.2 || g.AppliedLSN != 0x5000 {
+		t.Errorf("after rejoin: DR seen at %d with lag %v, applied %x; want the rejoin's check-in: 6000, 0.2, 5000", g.StandbySeenMs, g.LagSeconds, g.AppliedLSN)
 	}
-	if err, _ := apply(t, f, 17, command{Kind: cmdRejoin, AtMs: 6100, Group: "crm", Actor: "op"}).(error); err == nil {
+	if err, _ := apply(t, f, 18, command{Kind: cmdRejoin, AtMs: 6100, Group: "crm", Actor: "op"}).(error); err == nil {
 		t.Fatal("a rejoin with nothing to rejoin was accepted")
 	}
 	// The audit trail chains.
