@@ -2,6 +2,9 @@ package e2e
 
 import (
 	"fmt"
+	"io"
+	"net/http"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -168,13 +171,15 @@ func TestSurvivesSIGKILLMidStreamAndMidBatch(t *testing.T) {
 // backlog: once at a target transaction's COMMIT (the last statement DR
 // ran), once inside a target transaction. The standby reconnects by itself and
 // goes on from the position DR kept, applying each change exactly once.
+// What it had reported as applied before a crash survived the crash.
 func TestSurvivesDRCrashWhileApplying(t *testing.T) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
 	seedCRM(t, primary, 200)
 	startHaven(t, "agent", s.agentArgs()...)
 	// Small groups: many commits, so that the crash finds one in flight.
-	standbyArgs := s.standbyArgs("--group-changes", "100")
+	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	standbyArgs := s.standbyArgs("--group-changes", "100", "--http-addr", metrics)
 	standby := startHaven(t, "standby", standbyArgs...)
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
@@ -207,16 +212,24 @@ func TestSurvivesDRCrashWhileApplying(t *testing.T) {
 				WHERE application_name = 'haven_standby_crm' AND CASE WHEN $1 THEN query = 'COMMIT' ELSE backend_xid IS NOT NULL END`, i == 0).Scan(&n)
 			return n > 0, err
 		})
+		reported := reportedAppliedLSN(t, metrics)
 		if err := s.dr.Kill(); err != nil {
 			t.Fatal(err)
 		}
-		t.Logf("DR server killed %s, the stream at %d", when, streamMessages(t, s.nats.JetStream(t), s.group))
+		t.Logf("DR server killed %s, the stream at %d, %d reported applied", when, streamMessages(t, s.nats.JetStream(t), s.group), reported)
 		if err := s.dr.Restart(t.Context()); err != nil {
 			t.Fatal(err)
 		}
 		dr = connect(t, s.drURL())
 		if from, err = applied(dr); err != nil {
 			t.Fatal(err)
+		}
+		var kept uint64
+		if err := dr.QueryRow(t.Context(), `SELECT (commit_lsn - '0/0')::bigint FROM haven.apply_position`).Scan(&kept); err != nil {
+			t.Fatal(err)
+		}
+		if kept < reported {
+			t.Fatalf("the standby reported commit LSN %d as applied, but DR kept only %d through its crash", reported, kept)
 		}
 	}
 
@@ -225,4 +238,30 @@ func TestSurvivesDRCrashWhileApplying(t *testing.T) {
 	assertEqual(t, primary, dr, crmTables)
 	assertAppliedOnce(t, primary, dr, "contacts")
 	assertAppliedOnce(t, primary, dr, "deals")
+}
+
+// reportedAppliedLSN reads the source commit LSN a standby reports as
+// applied on DR, from its metrics at addr.
+func reportedAppliedLSN(t *testing.T, addr string) uint64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if name, value, ok := strings.Cut(line, " "); ok && strings.HasPrefix(name, "haven_standby_applied_lsn") {
+			f, err := strconv.ParseFloat(value, 64)
+			if err != nil {
+				t.Fatalf("metric %q: %v", line, err)
+			}
+			return uint64(f)
+		}
+	}
+	t.Fatalf("no haven_standby_applied_lsn in the standby's metrics:\n%s", body)
+	return 0
 }
