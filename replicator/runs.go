@@ -235,7 +235,9 @@ func (a *applier) queueRun(ctx context.Context, rel *havenpb.Relation, r *run) e
 // uniqueColumns names the columns of a DR table whose update could clash
 // with another row's: those of its unique and exclusion indexes other than
 // the key's ("*" for all of them when an index has expressions or a
-// predicate). Cached per table until DDL is replayed.
+// predicate, or a generated column: the stream does not carry it, and it
+// changes with the columns it is computed from). Cached per table until
+// DDL is replayed.
 func (a *applier) uniqueColumns(ctx context.Context, rel *havenpb.Relation, oid uint32) (map[string]bool, error) {
 	if cols, ok := a.unique[oid]; ok {
 		return cols, nil
@@ -243,7 +245,8 @@ func (a *applier) uniqueColumns(ctx context.Context, rel *havenpb.Relation, oid 
 	if err := a.settle(); err != nil {
 		return nil, err
 	}
-	rows, err := a.conn.Query(ctx, `SELECT i.indexprs IS NOT NULL OR i.indpred IS NOT NULL,
+	rows, err := a.conn.Query(ctx, `SELECT i.indexprs IS NOT NULL OR i.indpred IS NOT NULL
+			OR EXISTS (SELECT FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = ANY(i.indkey) AND attgenerated <> ''),
 		ARRAY(SELECT attname::text FROM pg_attribute WHERE attrelid = i.indrelid AND attnum = ANY(i.indkey) AND attnum > 0 ORDER BY attname)
 		FROM pg_index i WHERE i.indrelid = $1 AND (i.indisunique OR i.indisexclusion)`, oid)
 	if err != nil {

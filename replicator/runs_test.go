@@ -29,6 +29,12 @@ var (
 		{Name: "amount", Type: "numeric(12,2)", TypeOid: 1700, TypeModifier: 786438},
 		{Name: "tags", Type: "text[]", TypeOid: 1009, TypeModifier: -1},
 	}}
+	// handlesRelation: DR's table also has a generated column, unique,
+	// which the stream does not carry.
+	handlesRelation = &havenpb.Relation{Id: 16403, Schema: "public", Name: "handles", ReplicaIdentity: "d", Columns: []*havenpb.Column{
+		{Name: "id", Type: "bigint", TypeOid: 20, TypeModifier: -1, Key: true, NotNull: true},
+		{Name: "handle", Type: "text", TypeOid: 25, TypeModifier: -1},
+	}}
 )
 
 func row(values ...string) *havenpb.Row {
@@ -62,12 +68,13 @@ func TestRunsApplyInTheSourcesOrder(t *testing.T) {
 	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text);
 		CREATE TABLE people (id bigint PRIMARY KEY, email text UNIQUE);
 		CREATE SCHEMA crm; CREATE TYPE crm.stage AS ENUM ('lead', 'won', 'lost');
-		CREATE TABLE crm.deals (region char(2), id int, stage crm.stage, amount numeric(12,2), tags text[], PRIMARY KEY (region, id))`); err != nil {
+		CREATE TABLE crm.deals (region char(2), id int, stage crm.stage, amount numeric(12,2), tags text[], PRIMARY KEY (region, id));
+		CREATE TABLE handles (id bigint PRIMARY KEY, handle text, folded text GENERATED ALWAYS AS (lower(handle)) STORED UNIQUE)`); err != nil {
 		t.Fatal(err)
 	}
 	f := newFeed(t, ns, group)
 	begin := chunk(group, havenpb.Kind_KIND_SNAPSHOT_BEGIN, 0x1000)
-	begin.Relations = []*havenpb.Relation{itemsRelation, peopleRelation, dealsRelation}
+	begin.Relations = []*havenpb.Relation{itemsRelation, peopleRelation, dealsRelation, handlesRelation}
 	f.publish(begin)
 	f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
 
@@ -75,7 +82,7 @@ func TestRunsApplyInTheSourcesOrder(t *testing.T) {
 	publish := func(changes ...*havenpb.Change) {
 		c := chunk(group, havenpb.Kind_KIND_TRANSACTION, lsn)
 		c.Xid = uint32(lsn)
-		c.Relations = []*havenpb.Relation{itemsRelation, peopleRelation, dealsRelation}
+		c.Relations = []*havenpb.Relation{itemsRelation, peopleRelation, dealsRelation, handlesRelation}
 		c.Changes = changes
 		f.publish(c)
 		lsn += 0x100
@@ -136,6 +143,15 @@ func TestRunsApplyInTheSourcesOrder(t *testing.T) {
 		change(havenpb.Op_OP_DELETE, peopleRelation, row("6", "NULL"), nil),
 		change(havenpb.Op_OP_INSERT, peopleRelation, nil, row("7", emails[2])))
 
+	// handles: an update that takes the generated unique value a delete
+	// frees must follow the delete, also when the update's row is touched
+	// again before the transaction ends.
+	publish(change(havenpb.Op_OP_INSERT, handlesRelation, nil, row("1", "a")),
+		change(havenpb.Op_OP_INSERT, handlesRelation, nil, row("2", "B")))
+	publish(change(havenpb.Op_OP_DELETE, handlesRelation, row("2", "NULL"), nil),
+		change(havenpb.Op_OP_UPDATE, handlesRelation, nil, row("1", "b")),
+		change(havenpb.Op_OP_UPDATE, handlesRelation, nil, row("1", "c")))
+
 	// crm.deals: composite keys of char(2) and int, an enum of another
 	// schema, numeric and arrays, updated and deleted in runs.
 	var deals []*havenpb.Change
@@ -185,6 +201,13 @@ func TestRunsApplyInTheSourcesOrder(t *testing.T) {
 	}
 	if want := "2=p3@example.com 3=p4@example.com 4=p5@example.com 5=p1@example.com 7=p2@example.com"; rotated != want {
 		t.Errorf("people on DR: %s, want %s", rotated, want)
+	}
+	var handles string
+	if err := pgxQueryRow(t, pg.URL(group), `SELECT string_agg(id || '=' || handle, ' ' ORDER BY id) FROM handles`).Scan(&handles); err != nil {
+		t.Fatal(err)
+	}
+	if handles != "1=c" {
+		t.Errorf("handles on DR: %s, want 1=c", handles)
 	}
 	var dealsText string
 	if err := pgxQueryRow(t, pg.URL(group), `SELECT string_agg(format('%s/%s/%s/%s/%s', region, id, stage, amount, tags), ' ' ORDER BY region, id)
