@@ -581,9 +581,11 @@ func twoSites(t *testing.T, reports string, agentExtra ...string) (*site, *quoru
 		"--heartbeat-interval", "500ms", "--controllers", controllers, "--site", "b", "--report-dir", reports}, agentExtra...)...)
 	startHaven(t, "standby-a", "standby", "--target-url", s.primaryURL(), "--nats-url", s.nats.URL(), "--group", s.group,
 		"--blocked-retry", "1s", "--controllers", controllers, "--site", "a")
-	waitFor(t, 30*time.Second, "the quorum to know that DR is complete", func() (bool, error) {
+	// Rules version 4: a rejoin's last check-in is DR's first report, which
+	// a switchover right after the rejoin relies on.
+	waitFor(t, 30*time.Second, "the quorum to know that DR is complete, under rules version 4", func() (bool, error) {
 		st, err := q.status(t)
-		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].DRIncomplete == "", err
+		return err == nil && len(st.Groups) == 1 && st.Groups[0].DRSite == "b" && st.Groups[0].DRIncomplete == "" && st.RulesVersion == 4, err
 	})
 	return s, q, primary, dr, agentA, standbyB
 }
