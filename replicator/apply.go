@@ -910,10 +910,7 @@ func (a *applier) confirm(g *committedGroup) {
 	a.metrics.transactions.Add(float64(g.txns))
 	a.metrics.changes.Add(float64(g.changes))
 	a.metrics.groups.Inc()
-	a.metrics.appliedLSN.Set(float64(a.pos.commitLSN))
-	if a.control != nil {
-		a.control.appliedLSN.Store(uint64(a.pos.commitLSN))
-	}
+	a.showApplied()
 	if !a.pos.commitTime.IsZero() {
 		a.metrics.lagSeconds.Set(time.Since(a.pos.commitTime).Seconds())
 		if a.lag != nil {
@@ -924,6 +921,15 @@ func (a *applier) confirm(g *committedGroup) {
 		if err := g.toAck.Ack(); err != nil {
 			a.log.Debug().Err(err).Msg("ack failed; the messages will be redelivered and skipped")
 		}
+	}
+}
+
+// showApplied reports a.pos as what DR holds: on the metric, and to the
+// controllers, who measure a drill's RPO and choose what to promote by it.
+func (a *applier) showApplied() {
+	a.metrics.appliedLSN.Set(float64(a.pos.commitLSN))
+	if a.control != nil {
+		a.control.appliedLSN.Store(uint64(a.pos.commitLSN))
 	}
 }
 
@@ -1109,6 +1115,10 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		return fmt.Errorf("commit snapshot step: %w", err)
 	}
 	a.pos, a.next, a.found = next, next, true
+	// A snapshot replaces what DR held: from its beginning DR holds no
+	// source commit, and at its end every one before its consistent point.
+	// A rejoin's last check-in carries it as DR's first report.
+	a.showApplied()
 	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_BEGIN {
 		clear(a.backfilling)
 		a.metrics.backfilling.Set(0)

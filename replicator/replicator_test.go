@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
@@ -810,7 +811,8 @@ func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
 // TestASnapshotEndsTheBackfillsOfTheCopyItReplaces: a backfill left open
 // on DR (its END never came) ends with the next snapshot, which holds
 // every table whole; left open, DR would report itself incomplete to the
-// controllers for ever.
+// controllers for ever. Nor does the standby go on reporting the replaced
+// copy's last transaction as applied (a rejoin's end is DR's first report).
 func TestASnapshotEndsTheBackfillsOfTheCopyItReplaces(t *testing.T) {
 	const group = "reseeded"
 	pg, ns := newGroup(t, group)
@@ -840,5 +842,9 @@ func TestASnapshotEndsTheBackfillsOfTheCopyItReplaces(t *testing.T) {
 	}
 	if lacks := s.control.incomplete.Load(); lacks == nil || *lacks != "" {
 		t.Errorf("the standby reports its copy lacks %v, want nothing", lacks)
+	}
+	// What the first snapshot's transaction left is gone with its copy.
+	if got := pglogrepl.LSN(s.control.appliedLSN.Load()); got != 0x2fff {
+		t.Errorf("after the second snapshot the standby reports %s applied, want %s (just before its consistent point)", got, pglogrepl.LSN(0x2fff))
 	}
 }
