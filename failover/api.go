@@ -355,6 +355,8 @@ func (a *api) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest
 	if r.NodeId == "" || r.RaftAddress == "" || r.ApiUrl == "" {
 		return nil, connect.NewError(connect.CodeInvalidArgument, errors.New("a join needs the node's id, Raft address and API URL"))
 	}
+	a.c.membership.Lock()
+	defer a.c.membership.Unlock()
 	if v, quorum := max(int(r.RulesVersion), 1), a.c.fsm.read().RulesVersion; v < quorum {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s runs version %d of the state's rules, and the quorum applies version %d: "+
 			"it would not apply the quorum's commands alike; start it with a build of version %d or later", r.NodeId, v, quorum, quorum))

@@ -102,6 +102,12 @@ type Controller struct {
 	drillStarting int
 	natsMu        sync.Mutex
 	nc            *nats.Conn // for drill reports, once one is published
+	// membership is held by a join from its check of the joining node's
+	// rules version until the node is a voter, and by the leader raising
+	// the quorum's rules version: otherwise a node of the version before
+	// could pass the check, the quorum move past it, and the node become a
+	// voter that applies commands by rules the others no longer use.
+	membership sync.Mutex
 }
 
 // Start opens the node's Raft state and joins the quorum. Run serves it.
@@ -415,6 +421,22 @@ func probeSQL(ctx context.Context, url string) error {
 	return conn.QueryRow(ctx, "SELECT 1").Scan(&one)
 }
 
+// raiseRulesVersion moves the quorum to the rules version every voter
+// runs, unless a join is being decided (it is tried again at the next
+// tick: the leader's loop does not wait for a join).
+func (c *Controller) raiseRulesVersion(at time.Time) {
+	if !c.membership.TryLock() {
+		return
+	}
+	defer c.membership.Unlock()
+	st := c.fsm.read()
+	if v := quorumRulesVersion(st.Nodes, c.voterIDs()); v > st.RulesVersion && v > 1 {
+		if _, err := c.propose(command{Kind: cmdRulesVersion, AtMs: at.UnixMilli(), Actor: "controller@" + c.cfg.ID, RulesVersion: v}); err != nil {
+			c.log.Warn().Err(err).Int("version", v).Msg("raise the quorum's rules version")
+		}
+	}
+}
+
 // announce records this node's API address and rules version in the state.
 func (c *Controller) announce(ctx context.Context) {
 	if c.isLeader() {
@@ -459,14 +481,10 @@ func (c *Controller) leaderLoop(ctx context.Context) {
 		if !c.isLeader() {
 			continue
 		}
+		now := time.Now()
+		c.raiseRulesVersion(now)
 		st := c.fsm.read()
 		voters := c.voterIDs()
-		now := time.Now()
-		if v := quorumRulesVersion(st.Nodes, voters); v > st.RulesVersion && v > 1 {
-			if _, err := c.propose(command{Kind: cmdRulesVersion, AtMs: now.UnixMilli(), Actor: "controller@" + c.cfg.ID, RulesVersion: v}); err != nil {
-				c.log.Warn().Err(err).Int("version", v).Msg("raise the quorum's rules version")
-			}
-		}
 		if now.Sub(lastFenceCheck) >= c.cfg.Policy.ProbeInterval {
 			lastFenceCheck = now
 			c.fenceDeposed(ctx, st)
