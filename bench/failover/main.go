@@ -42,10 +42,11 @@ const database, group = "crm", "crm"
 func main() {
 	runs := flag.Int("runs", 3, "measurements of each figure (the median is reported)")
 	out := flag.String("out", "bench/results", "directory for the JSON results")
+	keep := flag.Bool("keep", false, "keep the work directory (the clusters' and haven's logs)")
 	flag.Parse()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := run(ctx, *runs, *out); err != nil {
+	if err := run(ctx, *runs, *out, *keep); err != nil {
 		fmt.Fprintln(os.Stderr, "bench failed:", err)
 		os.Exit(1)
 	}
@@ -71,7 +72,7 @@ func summarize(name string, target float64, d []time.Duration) figure {
 	return f
 }
 
-func run(ctx context.Context, runs int, out string) (err error) {
+func run(ctx context.Context, runs int, out string, keep bool) (err error) {
 	work, err := os.MkdirTemp("", "haven-bench-")
 	if err != nil {
 		return err
@@ -81,6 +82,10 @@ func run(ctx context.Context, runs int, out string) (err error) {
 			err = fmt.Errorf("%w (logs kept in %s)", err, work)
 			return
 		}
+		if keep {
+			fmt.Println("logs kept in", work)
+			return
+		}
 		os.RemoveAll(work)
 	}()
 	logFile, err := os.Create(filepath.Join(work, "haven.log"))
@@ -88,6 +93,7 @@ func run(ctx context.Context, runs int, out string) (err error) {
 		return err
 	}
 	defer logFile.Close()
+	zerolog.TimeFieldFormat = time.RFC3339Nano // a switchover takes a fraction of a second
 	log := zerolog.New(logFile).With().Timestamp().Logger()
 
 	var rto, pause []time.Duration
