@@ -16,13 +16,15 @@ import (
 	"github.com/haven-dr/haven/proto/havenpb"
 )
 
-// Parallel snapshot load: a snapshot's COPY chunks load on two DR
-// connections (lanes) at once. Each lane loads whole groups of chunks in a
-// target transaction of its own; groups alternate between the lanes and
-// commit strictly in stream order (a lane commits a group only after the
-// group before it, on the other lane, committed), each with the position
-// of its last chunk. What is committed is therefore always a prefix of the
-// stream, and a restart loads exactly what was not.
+// Snapshot load in lanes: a snapshot's COPY chunks load on DR connections
+// of their own (Config.SnapshotLanes: one, or two at once). Each lane
+// loads whole groups of chunks in a target transaction of its own; groups
+// go to the lanes in turn and commit strictly in stream order (a lane
+// commits a group only after the group before it, on the other lane,
+// committed), each with the position of its last chunk. What is committed
+// is therefore always a prefix of the stream, and a restart loads exactly
+// what was not. A lane of its own, even alone, lets the applier read and
+// decode the next chunks while DR loads and commits.
 
 // loadGroupBytes ends a group: commits are few, and a restart loads little
 // again. A group also ends when no chunk came for a moment (GroupDelay).
@@ -73,7 +75,7 @@ type lane struct {
 
 // parallelLoad is the state of a snapshot load in lanes.
 type parallelLoad struct {
-	lanes        [2]*lane
+	lanes        []*lane
 	quit         chan struct{}
 	current      int        // lane of the open group
 	group        *loadGroup // open group (nil: none)
@@ -123,7 +125,7 @@ func (a *applier) loadChunk(ctx context.Context, seq uint64, msg jetstream.Msg, 
 
 // startLoad opens the lanes' connections, as the applier's own is set up.
 func (a *applier) startLoad(ctx context.Context) error {
-	p := &parallelLoad{quit: make(chan struct{})}
+	p := &parallelLoad{quit: make(chan struct{}), lanes: make([]*lane, a.cfg.SnapshotLanes)}
 	for i := range p.lanes {
 		conn, err := pgx.ConnectConfig(ctx, a.conn.Config())
 		if err == nil {
@@ -148,7 +150,7 @@ func (a *applier) startLoad(ctx context.Context) error {
 }
 
 // endLoadGroup sends the open group's end to its lane; the next group goes
-// to the other lane.
+// to the next lane.
 func (a *applier) endLoadGroup(ctx context.Context) error {
 	p := a.load
 	g := p.group
@@ -164,7 +166,7 @@ func (a *applier) endLoadGroup(ctx context.Context) error {
 	p.last = g
 	p.pending = append(p.pending, g)
 	p.group, p.groupBytes = nil, 0
-	p.current ^= 1
+	p.current = (p.current + 1) % len(p.lanes)
 	return nil
 }
 

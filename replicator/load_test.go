@@ -17,17 +17,19 @@ import (
 )
 
 // TestASnapshotLoadsInLanesInStreamOrder: a snapshot of several groups
-// loads on two connections at once. Every row arrives once and the stream
-// goes on after it; a chunk DR refuses stops apply at exactly that chunk,
-// with the groups before it committed, the position at their end, and
-// nothing of the groups after it (loaded on the other lane) committed.
+// loads on one lane, or on two connections at once. Every row arrives once
+// and the stream goes on after it; a chunk DR refuses stops apply at
+// exactly that chunk, with the groups before it committed, the position at
+// their end, and nothing of the groups after it (loaded on the other lane,
+// or behind it on the same) committed.
 func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
 	defer func(n int) { loadGroupBytes = n }(loadGroupBytes)
 	const chunks, rowsPerChunk, chunksPerGroup = 12, 50, 3
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
-	for _, bad := range []int{-1, 7} { // the chunk DR refuses (-1: none)
-		group := "lanes" + strconv.Itoa(bad+1)
+	for _, tc := range []struct{ lanes, bad int }{{1, -1}, {1, 7}, {2, -1}, {2, 7}} {
+		bad := tc.bad // the chunk DR refuses (-1: none)
+		group := fmt.Sprintf("lanes%d_%d", tc.lanes, bad+1)
 		if err := pg.CreateDatabase(t.Context(), group); err != nil {
 			t.Fatal(err)
 		}
@@ -55,7 +57,7 @@ func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
 		f.publish(f.txn(0x2000, insert("100000", "after the snapshot")))
 
 		// Groups end by size alone here, never by age.
-		s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay = time.Hour })
+		s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay, c.SnapshotLanes = time.Hour, tc.lanes })
 		if bad < 0 {
 			waitFor(t, 30*time.Second, "the snapshot and the transaction after it", func() bool {
 				return len(notes(t, pg.URL(group))) == chunks*rowsPerChunk+1
@@ -119,7 +121,7 @@ func TestLanesThatWaitOnEachOtherGiveWay(t *testing.T) {
 	clash := copyChunk("1000000\tsame note\n")
 	f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
 
-	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay = time.Hour })
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay, c.SnapshotLanes = time.Hour, 2 })
 	waitBlockedAt(t, s, reg, clash)
 	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), "duplicate key") {
 		t.Errorf("health %v does not name the duplicate key", err)

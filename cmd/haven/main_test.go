@@ -62,6 +62,7 @@ func TestCommandsRefuseBadFlags(t *testing.T) {
 		{[]string{"agent", "--source-url", "::not a url", "--nats-url", "nats://x", "--group", "crm"}, "--source-url"},
 		{[]string{"standby", "--nats-url", "nats://x", "--group", "crm"}, "--target-url"},
 		{[]string{"standby", "--target-url", "postgres://x/crm", "--nats-url", "nats://x", "--group", "crm", "--log-level", "loud"}, "--log-level"},
+		{[]string{"standby", "--target-url", "postgres://x/crm", "--nats-url", "nats://x", "--group", "crm", "--snapshot-lanes", "3"}, "must be 1 or 2"},
 	} {
 		root := newRoot()
 		root.SetArgs(tc.args)

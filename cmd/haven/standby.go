@@ -47,6 +47,7 @@ position in haven.apply_position in the same transaction as the changes.`,
 	f.IntVar(&cfg.GroupChanges, "group-changes", cfg.GroupChanges, "row changes after which a target transaction commits")
 	f.DurationVar(&cfg.GroupDelay, "group-delay", cfg.GroupDelay, "time after which a target transaction commits")
 	f.IntVar(&cfg.PipelineStatements, "pipeline", cfg.PipelineStatements, "row changes per batch sent to DR (up to three batches are in flight at a time)")
+	f.IntVar(&cfg.SnapshotLanes, "snapshot-lanes", cfg.SnapshotLanes, "DR connections an initial snapshot loads on at once, 1 or 2 (2 pays only when DR has CPUs to spare)")
 	f.DurationVar(&cfg.BlockedRetry, "blocked-retry", cfg.BlockedRetry, "how often apply retries a message it could not apply")
 	f.StringSliceVar(&cfg.Controllers, "controllers", nil, "control API URLs of the controller quorum (comma-separated): report DR's lag, and promote this database when the quorum orders it")
 	f.StringVar(&cfg.Site, "site", "", "name of the DR site (with --controllers)")
