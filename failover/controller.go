@@ -212,9 +212,12 @@ func trimNewline(p []byte) []byte {
 	return p
 }
 
-// Run serves the control API and runs the node's loops until ctx ends.
+// Run serves the control API and runs the node's loops until ctx ends, or
+// until the node finds it cannot apply the quorum's rules (fsm.behind).
 func (c *Controller) Run(ctx context.Context) error {
 	defer c.shutdown()
+	ctx, stop := context.WithCancel(ctx)
+	defer stop()
 	ln, err := net.Listen("tcp", c.cfg.APIAddr)
 	if err != nil {
 		return fmt.Errorf("listen for the control API on %s: %w", c.cfg.APIAddr, err)
@@ -231,12 +234,15 @@ func (c *Controller) Run(ctx context.Context) error {
 	}()
 	var wg sync.WaitGroup
 	wg.Add(3)
-	go func() { defer wg.Done(); c.probeLoop(ctx) }()
+	go func() { defer wg.Done(); c.probeLoop(ctx, stop) }()
 	go func() { defer wg.Done(); c.leaderLoop(ctx) }()
 	go func() { defer wg.Done(); c.drillLoop(ctx) }()
 	c.log.Info().Str("api", c.cfg.APIURL).Str("raft", c.cfg.RaftAddr).Msg("controller node running")
 	err = srv.Serve(ln)
 	wg.Wait()
+	if behind := c.fsm.stopped(); behind != nil {
+		return behind
+	}
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil
 	}
@@ -323,8 +329,9 @@ func (l *leaderless) check(c *Controller) {
 }
 
 // probeLoop probes every group's primary and hands the result to the
-// leader; it also makes sure the leader knows this node's API address.
-func (c *Controller) probeLoop(ctx context.Context) {
+// leader; it also makes sure the leader knows this node's API address. It
+// stops the node (stop) once it cannot apply the quorum's rules.
+func (c *Controller) probeLoop(ctx context.Context, stop context.CancelFunc) {
 	ticker := time.NewTicker(c.cfg.Policy.ProbeInterval)
 	defer ticker.Stop()
 	var versionSaid time.Time
@@ -334,6 +341,11 @@ func (c *Controller) probeLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-ticker.C:
+		}
+		if behind := c.fsm.stopped(); behind != nil {
+			c.log.Error().Err(behind).Msg("this controller node stops")
+			stop()
+			return
 		}
 		quiet.check(c)
 		st := c.fsm.read()

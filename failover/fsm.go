@@ -109,7 +109,8 @@ type NodeInfo struct {
 // quorum with this one. Version 3 adds the remove-node command, which a
 // node of version 2 would refuse: the leader proposes it only once every
 // voter that stays runs version 3. Version 4 records the report of the
-// check-in that ends a site's rejoin.
+// check-in that ends a site's rejoin. From version 4, a build that finds
+// the state on newer rules than its own stops applying (fsm.behind).
 const RulesVersion = 4
 
 // quorumRulesVersion is the version of the rules every voter runs: the
@@ -294,8 +295,9 @@ func (s *State) apply(c command) any {
 		return nil
 	case cmdRulesVersion:
 		// The leader proposes it once every voter says it runs that
-		// version (a node of an older build returns an error for this
-		// command and keeps its state: see RulesVersion).
+		// version (a build from before this command returns an error for
+		// it and keeps its state; one older than the version stops:
+		// fsm.checkRules).
 		if c.RulesVersion > s.RulesVersion {
 			s.RulesVersion = c.RulesVersion
 			s.audit(c.AtMs, c.Actor, "rules-version", "", fmt.Sprintf("every controller node runs version %d of the state's rules: the quorum applies them from here", c.RulesVersion))
@@ -605,6 +607,12 @@ func (g *Group) DeposedURLs() map[string]string {
 type fsm struct {
 	mu    sync.RWMutex
 	state *State
+	// behind is set once the state's rules version is newer than this
+	// build's: the node was rolled back in place, or ran an older build
+	// than the quorum moved to. From there it applies nothing and takes no
+	// snapshot, so that its state does not drift from the other nodes',
+	// and Run stops; a build of that version replays the log correctly.
+	behind error
 }
 
 func newFSM() *fsm { return &fsm{state: newState()} }
@@ -616,7 +624,29 @@ func (f *fsm) Apply(l *raft.Log) any {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.state.apply(c)
+	if f.behind != nil {
+		return f.behind
+	}
+	out := f.state.apply(c)
+	f.checkRules()
+	return out
+}
+
+// checkRules sets behind when the state's rules are newer than this
+// build's (f.mu held).
+func (f *fsm) checkRules() {
+	if v := f.state.RulesVersion; v > RulesVersion {
+		f.behind = fmt.Errorf("the quorum applies version %d of the state's rules and this build version %d, so this node would apply "+
+			"the quorum's commands otherwise than the other nodes: it has stopped applying them; start it with a build of version %d or later "+
+			"(its Raft data is kept, and replayed by the new build)", v, RulesVersion, v)
+	}
+}
+
+// stopped is why the node must not go on, or nil.
+func (f *fsm) stopped() error {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.behind
 }
 
 // read returns a copy of the state, with the recent audit entries.
@@ -628,6 +658,12 @@ func (f *fsm) read() *State {
 
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
+	if f.behind != nil {
+		f.mu.RUnlock()
+		// What this state holds stopped at the rules change: recorded, it
+		// would stand in for commands it never applied.
+		return nil, f.behind
+	}
 	data, err := json.Marshal(f.state)
 	f.mu.RUnlock()
 	if err != nil {
@@ -649,7 +685,8 @@ func (f *fsm) Restore(r io.ReadCloser) error {
 		st.Nodes = map[string]NodeInfo{}
 	}
 	f.mu.Lock()
-	f.state = st
+	f.state, f.behind = st, nil
+	f.checkRules()
 	f.mu.Unlock()
 	return nil
 }

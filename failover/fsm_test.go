@@ -3,6 +3,7 @@ package failover
 import (
 	"bytes"
 	"encoding/json"
+	"fmt"
 	"io"
 	"strings"
 	"testing"
@@ -240,6 +241,56 @@ func TestFSMIncompleteDR(t *testing.T) {
 	}
 	if g := f.read().Groups["crm"]; g.DRIncomplete != "" {
 		t.Errorf("after a complete report: incomplete %q", g.DRIncomplete)
+	}
+}
+
+// TestFSMStopsAtNewerRules: a node whose build is older than the quorum's
+// rules (rolled back in place) applies the raise, then nothing more, and
+// takes no snapshot, so that its state cannot drift from the other nodes'
+// nor be recorded as if it had applied what came after; restored from a
+// snapshot of newer rules, it stops at once. Each time it says which build
+// it needs.
+func TestFSMStopsAtNewerRules(t *testing.T) {
+	f := newFSM()
+	apply(t, f, 1, command{Kind: cmdNode, AtMs: 1000, Node: "n1", Info: &NodeInfo{APIURL: "http://n1", RulesVersion: RulesVersion}})
+	if err := f.stopped(); err != nil {
+		t.Fatalf("stopped under its own rules: %v", err)
+	}
+	newer := RulesVersion + 1
+	apply(t, f, 2, command{Kind: cmdRulesVersion, AtMs: 1100, RulesVersion: newer, Actor: "controller@n2"})
+	want := fmt.Sprintf("a build of version %d or later", newer)
+	if err := f.stopped(); err == nil || !strings.Contains(err.Error(), want) {
+		t.Fatalf("after the quorum moved to rules version %d: %v, want an error asking for %q", newer, err, want)
+	}
+	out := apply(t, f, 3, command{Kind: cmdNode, AtMs: 1200, Node: "n3", Info: &NodeInfo{APIURL: "http://n3"}})
+	if err, _ := out.(error); err == nil {
+		t.Errorf("a command after the newer rules returned %v, want an error", out)
+	}
+	if _, ok := f.read().Nodes["n3"]; ok {
+		t.Error("a command after the newer rules changed the state")
+	}
+	if _, err := f.Snapshot(); err == nil {
+		t.Error("a snapshot was taken under rules the node does not have")
+	}
+
+	// A node of the newer build snapshots that state; this build restores it.
+	ahead := newFSM()
+	apply(t, ahead, 1, command{Kind: cmdRulesVersion, AtMs: 1100, RulesVersion: newer, Actor: "controller@n2"})
+	ahead.behind = nil // as the newer build, which has those rules
+	restored := newFSM()
+	snap, err := ahead.Snapshot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out2 sink
+	if err := snap.Persist(&out2); err != nil {
+		t.Fatal(err)
+	}
+	if err := restored.Restore(io.NopCloser(bytes.NewReader(out2.Bytes()))); err != nil {
+		t.Fatal(err)
+	}
+	if err := restored.stopped(); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("restored from a snapshot of rules version %d: %v, want an error asking for %q", newer, err, want)
 	}
 }
 
