@@ -357,6 +357,11 @@ func (a *api) Join(ctx context.Context, req *connect.Request[havenpb.JoinRequest
 	}
 	a.c.membership.Lock()
 	defer a.c.membership.Unlock()
+	// A leader elected a moment ago may not have applied a raise its
+	// predecessor committed.
+	if err := a.c.raft.Barrier(5 * time.Second).Error(); err != nil {
+		return nil, connect.NewError(connect.CodeUnavailable, fmt.Errorf("catch up with the quorum's log before a join: %w", err))
+	}
 	if v, quorum := max(int(r.RulesVersion), 1), a.c.fsm.read().RulesVersion; v < quorum {
 		return nil, connect.NewError(connect.CodeFailedPrecondition, fmt.Errorf("node %s runs version %d of the state's rules, and the quorum applies version %d: "+
 			"it would not apply the quorum's commands alike; start it with a build of version %d or later", r.NodeId, v, quorum, quorum))

@@ -266,6 +266,11 @@ func (c *Controller) shutdown() {
 // propose applies a command through the quorum (on the leader) and returns
 // the state machine's answer.
 func (c *Controller) propose(cmd command) (any, error) {
+	if behind := c.fsm.stopped(); behind != nil {
+		// Its state stopped at the rules change: what it would decide
+		// from it (as leader, until the node stops) is stale.
+		return nil, behind
+	}
 	data, err := json.Marshal(cmd)
 	if err != nil {
 		return nil, err

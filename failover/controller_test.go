@@ -38,11 +38,25 @@ func TestNoRulesVersionRaiseDuringAJoin(t *testing.T) {
 	}
 }
 
-// TestANodeBehindTheQuorumsRulesStops: a running node whose build is older
-// than the rules its quorum moves to (rolled back in place) stops, and Run
-// says which build it needs. A real one-node Raft quorum on loopback.
+// TestANodeBehindTheQuorumsRulesStops: a node whose build is older than
+// the rules its quorum moves to (rolled back in place) proposes nothing
+// more from its stale state (as leader, it would decide for the quorum),
+// and Run stops, saying which build it needs. A real one-node Raft quorum
+// on loopback.
 func TestANodeBehindTheQuorumsRulesStops(t *testing.T) {
 	c := startOneNode(t)
+	if _, err := c.propose(command{Kind: cmdRulesVersion, AtMs: 1000, RulesVersion: RulesVersion + 1}); err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("a build of version %d or later", RulesVersion+1)
+	last := c.raft.LastIndex()
+	if _, err := c.propose(command{Kind: cmdNode, AtMs: 1100, Node: "n1", Info: &NodeInfo{APIURL: "http://n1"}}); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("a proposal after the quorum moved on: %v, want an error asking for %q", err, want)
+	}
+	if got := c.raft.LastIndex(); got != last {
+		t.Errorf("the node behind the quorum's rules appended to the log (index %d to %d)", last, got)
+	}
+
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -51,12 +65,9 @@ func TestANodeBehindTheQuorumsRulesStops(t *testing.T) {
 	ln.Close()
 	ran := make(chan error, 1)
 	go func() { ran <- c.Run(t.Context()) }()
-	if _, err := c.propose(command{Kind: cmdRulesVersion, AtMs: 1000, RulesVersion: RulesVersion + 1}); err != nil {
-		t.Fatal(err)
-	}
 	select {
 	case err := <-ran:
-		if want := fmt.Sprintf("a build of version %d or later", RulesVersion+1); err == nil || !strings.Contains(err.Error(), want) {
+		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Run returned %v, want an error asking for %q", err, want)
 		}
 	case <-time.After(30 * time.Second):

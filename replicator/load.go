@@ -33,8 +33,8 @@ var loadGroupBytes = 16 << 20
 
 const (
 	// laneQueue is how many chunks wait for a lane: about half a group of
-	// 1 MiB chunks, so that one lane still has work while the other's
-	// group is handed out.
+	// 1 MiB chunks, so that a lane still has work while it commits a group
+	// or, with two, while the other's group is handed out.
 	laneQueue = 8
 )
 

@@ -98,9 +98,13 @@ func (s *Standby) checkIns(ctx context.Context) {
 	clients := controlclient.New(s.cfg.Controllers)
 	warned := time.Time{}
 	for {
+		// Read before the applied position, which the applier stores
+		// before it: a check-in that ends a rejoin carries the position the
+		// reseed reached.
+		reseeded := s.control.reseed.Load() && s.control.reseeded.Load()
 		req := &havenpb.CheckInRequest{Group: s.cfg.Group, Site: s.cfg.Site, Component: havenpb.Component_COMPONENT_STANDBY,
 			DatabaseUrl: s.cfg.TargetURL, LagSeconds: s.control.lag.seconds(), PromotedEpoch: s.control.promoted.Load(),
-			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: s.control.reseed.Load() && s.control.reseeded.Load(),
+			Epoch: s.control.promoted.Load(), AppliedLsn: s.control.appliedLSN.Load(), Reseeded: reseeded,
 			UnappliedMessages: s.control.unapplied.Load(), Incomplete: "not known yet: the standby has not read the DR database's position"}
 		if p := s.control.incomplete.Load(); p != nil {
 			req.Incomplete = *p
