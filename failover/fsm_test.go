@@ -277,19 +277,7 @@ func TestFSMStopsAtNewerRules(t *testing.T) {
 	ahead := newFSM()
 	apply(t, ahead, 1, command{Kind: cmdRulesVersion, AtMs: 1100, RulesVersion: newer, Actor: "controller@n2"})
 	ahead.behind = nil // as the newer build, which has those rules
-	restored := newFSM()
-	snap, err := ahead.Snapshot()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out2 sink
-	if err := snap.Persist(&out2); err != nil {
-		t.Fatal(err)
-	}
-	if err := restored.Restore(io.NopCloser(bytes.NewReader(out2.Bytes()))); err != nil {
-		t.Fatal(err)
-	}
-	if err := restored.stopped(); err == nil || !strings.Contains(err.Error(), want) {
+	if err := snapshotRestored(t, ahead).stopped(); err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("restored from a snapshot of rules version %d: %v, want an error asking for %q", newer, err, want)
 	}
 }
