@@ -298,7 +298,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	a.lastSeq = from
 	s.metrics.connected.Set(1)
 	s.metrics.blocked.Set(0)
-	s.metrics.appliedLSN.Set(float64(pos.commitLSN))
+	a.showApplied() // what DR holds, from the session's start
 	s.health.Set("")
 	s.log.Info().Uint64("stream_seq", pos.streamSeq).Stringer("commit_lsn", pos.commitLSN).Bool("snapshot_done", pos.snapshotDone).
 		Msg("applying from the stored position")

@@ -807,6 +807,24 @@ func TestAFailureInAPipelinedBatchIsNamedExactly(t *testing.T) {
 	})
 }
 
+// TestARestartedStandbyReportsWhatDRHolds: a standby that starts on a DR
+// database with changes applied reports their position at once, as the
+// controllers measure a drill's RPO by it, not 0 until its next
+// transaction.
+func TestARestartedStandbyReportsWhatDRHolds(t *testing.T) {
+	const group = "restarted"
+	pg, ns := newGroup(t, group)
+	newFeed(t, ns, group).snapshotAndTxn()
+	t.Run("first session", func(t *testing.T) {
+		startStandby(t, pg.URL(group), ns.URL(), group)
+		waitFor(t, 30*time.Second, "the first transaction", func() bool { return len(notes(t, pg.URL(group))) == 2 })
+	})
+	s, _, _ := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the restarted standby to report the transaction DR holds, 0/2000, as applied", func() bool {
+		return s.control.appliedLSN.Load() == 0x2000
+	})
+}
+
 // TestASnapshotEndsTheBackfillsOfTheCopyItReplaces: a backfill left open
 // on DR (its END never came) ends with the next snapshot, which holds
 // every table whole; left open, DR would report itself incomplete to the
