@@ -449,11 +449,24 @@ func quoteSetting(value string) string {
 // accepts TCP connections. The caller holds c.mu or owns c exclusively.
 func (c *Cluster) start(ctx context.Context) error {
 	var logOffset int64
-	if fi, err := os.Stat(c.logFile); err == nil {
-		logOffset = fi.Size()
+	var out []byte
+	var err error
+	// A process of a killed server may still hold its shared memory for a
+	// moment (it exits once it sees the postmaster gone): start again
+	// until it lets go.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		if fi, serr := os.Stat(c.logFile); serr == nil {
+			logOffset = fi.Size()
+		}
+		out, err = c.command(ctx, "pg_ctl", "start", "-D", c.dataDir, "-l", c.logFile, "-w",
+			"-t", strconv.Itoa(int(pgctlTimeout/time.Second)), "-s").CombinedOutput()
+		if err == nil || !strings.Contains(c.logTail(logOffset), "pre-existing shared memory block") || time.Now().After(deadline) || ctx.Err() != nil {
+			break
+		}
+		if kerr := c.kill(); kerr != nil {
+			return fmt.Errorf("pg_ctl start on port %d: %w, and stopping the failed attempt: %w", c.Port(), err, kerr)
+		}
 	}
-	out, err := c.command(ctx, "pg_ctl", "start", "-D", c.dataDir, "-l", c.logFile, "-w",
-		"-t", strconv.Itoa(int(pgctlTimeout/time.Second)), "-s").CombinedOutput()
 	if err != nil {
 		tail := c.logTail(logOffset)
 		// A half-started postmaster must not outlive the failed attempt.
@@ -515,6 +528,7 @@ func (c *Cluster) kill() error {
 	// children; a killed postmaster's children would otherwise linger, holding
 	// the shared memory the next start refuses to reuse.
 	_ = syscall.Kill(pid, syscall.SIGSTOP)
+	awaitStopped(pid, 5*time.Second)
 	procs := append([]int{pid}, childrenOf(pid)...)
 	for _, p := range procs {
 		_ = syscall.Kill(p, syscall.SIGKILL)
@@ -538,6 +552,20 @@ func (c *Cluster) kill() error {
 
 // awaitExit waits until the server processes are gone, at most timeout
 // (a pid that now names another program is gone).
+// awaitStopped waits until pid has stopped on SIGSTOP (or is gone): a
+// postmaster still running on another CPU when kill returns can fork one
+// more backend, which a list of its children made before that misses, and
+// which then holds the shared memory for a moment after the postmaster is
+// killed (see start).
+func awaitStopped(pid int, timeout time.Duration) {
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(time.Millisecond) {
+		state, _, ok := procStat(pid)
+		if !ok || state == 'T' || state == 'Z' || state == 'X' {
+			return
+		}
+	}
+}
+
 func awaitExit(procs []int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for _, p := range procs {

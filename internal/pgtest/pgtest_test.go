@@ -9,9 +9,11 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"golang.org/x/sys/unix"
 )
 
 func TestBinDir(t *testing.T) {
@@ -239,5 +241,58 @@ func assertGone(t *testing.T, pids []int) {
 		if processAlive(pid) {
 			t.Errorf("server process %d still alive", pid)
 		}
+	}
+}
+
+// TestRestartWaitsForTheOldServersSharedMemory: a process of a killed
+// server that still holds its shared memory for a moment (as a backend the
+// postmaster forked while it was being killed does until it sees the
+// postmaster gone) makes the next start refuse; Restart starts again until
+// it lets go. Here the test itself holds the segment.
+func TestRestartWaitsForTheOldServersSharedMemory(t *testing.T) {
+	t.Parallel()
+	c := New(t)
+	lock, err := os.ReadFile(filepath.Join(c.dataDir, "postmaster.pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(string(lock), "\n")
+	if len(lines) < 7 || len(strings.Fields(lines[6])) != 2 {
+		t.Fatalf("postmaster.pid names no shared memory segment:\n%s", lock)
+	}
+	id, err := strconv.Atoi(strings.Fields(lines[6])[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	mem, err := unix.SysvShmAttach(id, 0, unix.SHM_RDONLY)
+	if err != nil {
+		t.Fatalf("attach the server's shared memory segment %d: %v", id, err)
+	}
+	if err := c.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	restarted := make(chan error, 1)
+	go func() { restarted <- c.Restart(t.Context()) }()
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if log, _ := os.ReadFile(c.logFile); strings.Contains(string(log), "pre-existing shared memory block") {
+			break
+		}
+		select {
+		case err := <-restarted:
+			t.Fatalf("Restart returned (%v) while the old server's shared memory was held", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no start was refused for the held shared memory in 30 s")
+		}
+	}
+	if err := unix.SysvShmDetach(mem); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-restarted; err != nil {
+		t.Fatalf("Restart once the shared memory was let go: %v", err)
+	}
+	if got := show(t, c, "wal_level"); got != "logical" {
+		t.Errorf("after the restart SHOW wal_level = %q", got)
 	}
 }
