@@ -550,8 +550,6 @@ func (c *Cluster) kill() error {
 	return nil
 }
 
-// awaitExit waits until the server processes are gone, at most timeout
-// (a pid that now names another program is gone).
 // awaitStopped waits until pid has stopped on SIGSTOP (or is gone): a
 // postmaster still running on another CPU when kill returns can fork one
 // more backend, which a list of its children made before that misses, and
@@ -566,6 +564,8 @@ func awaitStopped(pid int, timeout time.Duration) {
 	}
 }
 
+// awaitExit waits until the server processes are gone, at most timeout
+// (a pid that now names another program is gone).
 func awaitExit(procs []int, timeout time.Duration) error {
 	deadline := time.Now().Add(timeout)
 	for _, p := range procs {
