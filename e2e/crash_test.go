@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"fmt"
-	"io"
-	"net/http"
 	"strconv"
 	"strings"
 	"testing"
@@ -244,16 +242,11 @@ func TestSurvivesDRCrashWhileApplying(t *testing.T) {
 // applied on DR, from its metrics at addr.
 func reportedAppliedLSN(t *testing.T, addr string) uint64 {
 	t.Helper()
-	resp, err := http.Get("http://" + addr + "/metrics")
+	body, err := metricsPage("http://" + addr + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, line := range strings.Split(string(body), "\n") {
+	for _, line := range strings.Split(body, "\n") {
 		if name, value, ok := strings.Cut(line, " "); ok && strings.HasPrefix(name, "haven_standby_applied_lsn") {
 			f, err := strconv.ParseFloat(value, 64)
 			if err != nil {

@@ -4,9 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -162,15 +160,13 @@ func TestVerifyDrill(t *testing.T) {
 	}
 	t.Logf("%s", out)
 	waitFor(t, 10*time.Second, "drill metrics", func() (bool, error) {
-		resp, err := http.Get(q.metrics[0])
+		body, err := metricsPage(q.metrics[0])
 		if err != nil {
 			return false, err
 		}
-		defer resp.Body.Close()
-		body, err := io.ReadAll(resp.Body)
 		for _, want := range []string{`haven_drill_last_result{group="crm",kind="verify"} 0`, `haven_drill_alert{group="crm"} 1`,
 			`haven_drill_last_success_timestamp_seconds{group="crm",kind="verify"}`} {
-			if !strings.Contains(string(body), want) {
+			if !strings.Contains(body, want) {
 				return false, err
 			}
 		}

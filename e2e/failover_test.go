@@ -7,7 +7,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -346,14 +345,12 @@ func TestFailoverAfterThePrimaryIsKilled(t *testing.T) {
 	}
 	// Every node's metrics say the same.
 	for _, url := range q.metrics {
-		resp, err := http.Get(url)
+		body, err := metricsPage(url)
 		if err != nil {
 			t.Fatal(err)
 		}
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
 		for _, want := range []string{`haven_controller_group_epoch{group="crm"} 2`, `haven_controller_group_primary{group="crm",site="b"} 1`} {
-			if !strings.Contains(string(body), want) {
+			if !strings.Contains(body, want) {
 				t.Errorf("%s lacks %s", url, want)
 			}
 		}

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -377,4 +379,15 @@ func assertEqual(t *testing.T, primary, dr *pgx.Conn, tables map[string]string) 
 			t.Logf("table %s equal: %s", table, want)
 		}
 	}
+}
+
+// metricsPage reads the /metrics page of a haven process at url.
+func metricsPage(url string) (string, error) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return string(body), err
 }
