@@ -23,65 +23,69 @@ import (
 // their end, and nothing of the groups after it (loaded on the other lane,
 // or behind it on the same) committed.
 func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
-	defer func(n int) { loadGroupBytes = n }(loadGroupBytes)
+	restoreLoadGroupBytes(t)
 	const chunks, rowsPerChunk, chunksPerGroup = 12, 50, 3
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
 	for _, tc := range []struct{ lanes, bad int }{{1, -1}, {1, 7}, {2, -1}, {2, 7}} {
 		bad := tc.bad // the chunk DR refuses (-1: none)
 		group := fmt.Sprintf("lanes%d_%d", tc.lanes, bad+1)
-		if err := pg.CreateDatabase(t.Context(), group); err != nil {
-			t.Fatal(err)
-		}
-		f := newFeed(t, ns, group)
-		f.beginSnapshot()
-		var seqs []uint64
-		var size int
-		for i := range chunks {
-			var text strings.Builder
-			if i == bad {
-				text.WriteString("not a number\trefused\n")
+		// A subtest each: its standby stops before the next one changes
+		// loadGroupBytes.
+		t.Run(group, func(t *testing.T) {
+			if err := pg.CreateDatabase(t.Context(), group); err != nil {
+				t.Fatal(err)
 			}
-			for r := range rowsPerChunk {
-				fmt.Fprintf(&text, "%d\tsnapshot row\n", i*rowsPerChunk+r+1)
-			}
-			c := chunk(group, havenpb.Kind_KIND_SNAPSHOT_COPY, 0x1000)
-			c.Relations = []*havenpb.Relation{itemsRelation}
-			c.CopyText = []byte(text.String())
-			c.CopyRows = uint64(strings.Count(text.String(), "\n"))
-			size = max(size, text.Len())
-			seqs = append(seqs, f.publish(c))
-		}
-		loadGroupBytes = chunksPerGroup*size - size/2 // a group ends at its third chunk
-		f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
-		f.publish(f.txn(0x2000, insert("100000", "after the snapshot")))
-
-		// Groups end by size alone here, never by age.
-		s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay, c.SnapshotLanes = time.Hour, tc.lanes })
-		if bad < 0 {
-			waitFor(t, 30*time.Second, "the snapshot and the transaction after it", func() bool {
-				return len(notes(t, pg.URL(group))) == chunks*rowsPerChunk+1
-			})
-			got := notes(t, pg.URL(group))
-			for i, note := range got[:chunks*rowsPerChunk] {
-				if want := strconv.Itoa(i+1) + ":snapshot row"; note != want {
-					t.Fatalf("row %d is %q, want %q", i, note, want)
+			f := newFeed(t, ns, group)
+			f.beginSnapshot()
+			var seqs []uint64
+			var size int
+			for i := range chunks {
+				var text strings.Builder
+				if i == bad {
+					text.WriteString("not a number\trefused\n")
 				}
+				for r := range rowsPerChunk {
+					fmt.Fprintf(&text, "%d\tsnapshot row\n", i*rowsPerChunk+r+1)
+				}
+				c := chunk(group, havenpb.Kind_KIND_SNAPSHOT_COPY, 0x1000)
+				c.Relations = []*havenpb.Relation{itemsRelation}
+				c.CopyText = []byte(text.String())
+				c.CopyRows = uint64(strings.Count(text.String(), "\n"))
+				size = max(size, text.Len())
+				seqs = append(seqs, f.publish(c))
 			}
-			continue
-		}
-		waitBlockedAt(t, s, reg, seqs[bad])
-		committed := bad / chunksPerGroup * chunksPerGroup // chunks of the groups before the refused one
-		if got := len(notes(t, pg.URL(group))); got != committed*rowsPerChunk {
-			t.Errorf("DR holds %d rows, want the %d of the %d chunks before the refused one's group", got, committed*rowsPerChunk, committed)
-		}
-		var at uint64
-		if err := pgxQueryRow(t, pg.URL(group), `SELECT stream_seq FROM haven.apply_position WHERE group_name = $1`, group).Scan(&at); err != nil {
-			t.Fatal(err)
-		}
-		if want := seqs[committed-1]; at != want {
-			t.Errorf("position at stream message %d, want %d: the last chunk committed", at, want)
-		}
+			loadGroupBytes = chunksPerGroup*size - size/2 // a group ends at its third chunk
+			f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
+			f.publish(f.txn(0x2000, insert("100000", "after the snapshot")))
+
+			// Groups end by size alone here, never by age.
+			s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay, c.SnapshotLanes = time.Hour, tc.lanes })
+			if bad < 0 {
+				waitFor(t, 30*time.Second, "the snapshot and the transaction after it", func() bool {
+					return len(notes(t, pg.URL(group))) == chunks*rowsPerChunk+1
+				})
+				got := notes(t, pg.URL(group))
+				for i, note := range got[:chunks*rowsPerChunk] {
+					if want := strconv.Itoa(i+1) + ":snapshot row"; note != want {
+						t.Fatalf("row %d is %q, want %q", i, note, want)
+					}
+				}
+				return
+			}
+			waitBlockedAt(t, s, reg, seqs[bad])
+			committed := bad / chunksPerGroup * chunksPerGroup // chunks of the groups before the refused one
+			if got := len(notes(t, pg.URL(group))); got != committed*rowsPerChunk {
+				t.Errorf("DR holds %d rows, want the %d of the %d chunks before the refused one's group", got, committed*rowsPerChunk, committed)
+			}
+			var at uint64
+			if err := pgxQueryRow(t, pg.URL(group), `SELECT stream_seq FROM haven.apply_position WHERE group_name = $1`, group).Scan(&at); err != nil {
+				t.Fatal(err)
+			}
+			if want := seqs[committed-1]; at != want {
+				t.Errorf("position at stream message %d, want %d: the last chunk committed", at, want)
+			}
+		})
 	}
 }
 
@@ -93,7 +97,7 @@ func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
 // stops at exactly the chunk that clashes, with the group before it
 // committed.
 func TestLanesThatWaitOnEachOtherGiveWay(t *testing.T) {
-	defer func(n int) { loadGroupBytes = n }(loadGroupBytes)
+	restoreLoadGroupBytes(t)
 	loadGroupBytes = 1 // a group per chunk
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
@@ -216,4 +220,12 @@ func TestOlderThanSource(t *testing.T) {
 			t.Errorf("DR %q, source %d: %v", tc.dr, tc.source, err)
 		}
 	}
+}
+
+// restoreLoadGroupBytes sets loadGroupBytes back when the test is over,
+// after the standbys it started have stopped (cleanups run last first),
+// not while one still reads it.
+func restoreLoadGroupBytes(t *testing.T) {
+	n := loadGroupBytes
+	t.Cleanup(func() { loadGroupBytes = n })
 }
