@@ -21,15 +21,23 @@ import (
 // and the stream goes on after it; a chunk DR refuses stops apply at
 // exactly that chunk, with the groups before it committed, the position at
 // their end, and nothing of the groups after it (loaded on the other lane,
-// or behind it on the same) committed.
+// or behind it on the same) committed. Groups end by size, or, with
+// loadGroupAge 0, by age: a chunk each.
 func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
-	restoreLoadGroupBytes(t)
-	const chunks, rowsPerChunk, chunksPerGroup = 12, 50, 3
+	restoreLoadGroup(t)
+	const chunks, rowsPerChunk = 12, 50
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
-	for _, tc := range []struct{ lanes, bad int }{{1, -1}, {1, 7}, {2, -1}, {2, 7}} {
+	for _, tc := range []struct {
+		lanes, bad int
+		byAge      bool
+	}{{1, -1, false}, {1, 7, false}, {2, -1, false}, {2, 7, false}, {1, 7, true}} {
 		bad := tc.bad // the chunk DR refuses (-1: none)
 		group := fmt.Sprintf("lanes%d_%d", tc.lanes, bad+1)
+		chunksPerGroup := 3
+		if tc.byAge {
+			group, chunksPerGroup = group+"_age", 1
+		}
 		// A subtest each: its standby stops before the next one changes
 		// loadGroupBytes.
 		t.Run(group, func(t *testing.T) {
@@ -55,11 +63,14 @@ func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
 				size = max(size, text.Len())
 				seqs = append(seqs, f.publish(c))
 			}
-			loadGroupBytes = chunksPerGroup*size - size/2 // a group ends at its third chunk
+			loadGroupBytes, loadGroupAge = 3*size-size/2, time.Hour // a group ends at its third chunk
+			if tc.byAge {
+				loadGroupBytes, loadGroupAge = 1<<30, 0
+			}
 			f.publish(chunk(group, havenpb.Kind_KIND_SNAPSHOT_END, 0x1000))
 			f.publish(f.txn(0x2000, insert("100000", "after the snapshot")))
 
-			// Groups end by size alone here, never by age.
+			// Never by a pause in the stream.
 			s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group, func(c *Config) { c.GroupDelay, c.SnapshotLanes = time.Hour, tc.lanes })
 			if bad < 0 {
 				waitFor(t, 30*time.Second, "the snapshot and the transaction after it", func() bool {
@@ -97,7 +108,7 @@ func TestASnapshotLoadsInLanesInStreamOrder(t *testing.T) {
 // stops at exactly the chunk that clashes, with the group before it
 // committed.
 func TestLanesThatWaitOnEachOtherGiveWay(t *testing.T) {
-	restoreLoadGroupBytes(t)
+	restoreLoadGroup(t)
 	loadGroupBytes = 1 // a group per chunk
 	pg := pgtest.New(t)
 	ns := natstest.New(t)
@@ -222,10 +233,10 @@ func TestOlderThanSource(t *testing.T) {
 	}
 }
 
-// restoreLoadGroupBytes sets loadGroupBytes back when the test is over,
+// restoreLoadGroup sets loadGroupBytes and loadGroupAge back when the test is over,
 // after the standbys it started have stopped (cleanups run last first),
 // not while one still reads it.
-func restoreLoadGroupBytes(t *testing.T) {
-	n := loadGroupBytes
-	t.Cleanup(func() { loadGroupBytes = n })
+func restoreLoadGroup(t *testing.T) {
+	n, age := loadGroupBytes, loadGroupAge
+	t.Cleanup(func() { loadGroupBytes, loadGroupAge = n, age })
 }
