@@ -76,8 +76,37 @@ func Fence(ctx context.Context, sourceURL string) error { return FenceKeeping(ct
 // application_name is one of keep (for a switchover, the agent's own: its
 // capture drains what was committed before the fence).
 func FenceKeeping(ctx context.Context, sourceURL string, keep ...string) error {
+	s, err := Connect(ctx, sourceURL)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	return s.FenceKeeping(ctx, keep...)
+}
+
+// Session is a connection from which to fence a database, opened ahead
+// when writes wait for the fence (a switchover's).
+type Session struct {
+	conn *pgx.Conn
+	db   string
+}
+
+// Connect opens a Session for the database of sourceURL.
+func Connect(ctx context.Context, sourceURL string) (*Session, error) {
+	conn, db, err := maintenanceConn(ctx, sourceURL)
+	if err != nil {
+		return nil, err
+	}
+	return &Session{conn: conn, db: db}, nil
+}
+
+// Close ends the session.
+func (s *Session) Close() { _ = s.conn.Close(context.Background()) }
+
+// FenceKeeping is FenceKeeping on the session's database.
+func (s *Session) FenceKeeping(ctx context.Context, keep ...string) error {
 	keep = append([]string{}, keep...) // an empty array, never NULL
-	return run(ctx, sourceURL, "fence", func(db string) []string {
+	return s.run(ctx, "fence", func(db string) []string {
 		return []string{
 			`ALTER SYSTEM SET default_transaction_read_only = on`,
 			`SELECT pg_reload_conf()`,
@@ -85,15 +114,48 @@ func FenceKeeping(ctx context.Context, sourceURL string, keep ...string) error {
 			`ALTER DATABASE ` + db + ` SET default_transaction_read_only = on`,
 		}
 	}, func(ctx context.Context, conn *pgx.Conn, db string) error {
-		// Sessions already there could keep writing: end them (the
-		// database's client backends; the fence's own session is in
-		// another database). Each waited for (up to 5 s): a session in the
-		// middle of a commit has finished it, or is gone, when the fence
-		// is in place.
-		_, err := conn.Exec(ctx, `SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()
-			AND NOT coalesce(application_name, '') = ANY($2)`, db, keep)
-		return err
+		return endSessions(ctx, conn, db, keep)
 	})
+}
+
+// sessionsEndWithin bounds the wait for the sessions a fence ended. (A
+// variable for tests.)
+var sessionsEndWithin = 5 * time.Second
+
+// endSessions ends the sessions of database db but those whose
+// application_name is in keep (the fence's own session is in another
+// database), and waits until they are gone: a session in the middle of a
+// commit has finished it, or is gone, when the fence is in place. They are
+// signalled all at once and waited for together: pg_terminate_backend's
+// own wait looks every 100 ms, one session after the other, which made a
+// fence of 50 sessions take 5 s.
+func endSessions(ctx context.Context, conn *pgx.Conn, db string, keep []string) error {
+	var ended []int32
+	if err := conn.QueryRow(ctx, `WITH s AS MATERIALIZED (SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()
+			AND NOT coalesce(application_name, '') = ANY($2))
+		SELECT coalesce(array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)), '{}') FROM s`, db, keep).Scan(&ended); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(sessionsEndWithin)
+	for len(ended) > 0 {
+		var left int
+		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)`, ended).Scan(&left); err != nil {
+			return err
+		}
+		if left == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d of the %d sessions ended are still there after %s (stuck in a system call?); "+
+				"they could still commit, so the fence is not complete", left, len(ended), sessionsEndWithin)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(2 * time.Millisecond):
+		}
+	}
+	return nil
 }
 
 // Lift undoes Fence.
@@ -126,19 +188,24 @@ func Reopen(ctx context.Context, sourceURL string) error {
 // for the database of sourceURL (its quoted name), then finish if any.
 func run(ctx context.Context, sourceURL, what string, statements func(db string) []string,
 	finish func(ctx context.Context, conn *pgx.Conn, db string) error) error {
-	conn, db, err := maintenanceConn(ctx, sourceURL)
+	s, err := Connect(ctx, sourceURL)
 	if err != nil {
 		return err
 	}
-	defer conn.Close(context.Background())
-	for _, sql := range statements(pgx.Identifier{db}.Sanitize()) {
-		if _, err := conn.Exec(ctx, sql); err != nil {
-			return fmt.Errorf("%s %q (%s): %w", what, db, sql, err)
+	defer s.Close()
+	return s.run(ctx, what, statements, finish)
+}
+
+func (s *Session) run(ctx context.Context, what string, statements func(db string) []string,
+	finish func(ctx context.Context, conn *pgx.Conn, db string) error) error {
+	for _, sql := range statements(pgx.Identifier{s.db}.Sanitize()) {
+		if _, err := s.conn.Exec(ctx, sql); err != nil {
+			return fmt.Errorf("%s %q (%s): %w", what, s.db, sql, err)
 		}
 	}
 	if finish != nil {
-		if err := finish(ctx, conn, db); err != nil {
-			return fmt.Errorf("%s %q: end its sessions: %w", what, db, err)
+		if err := finish(ctx, s.conn, s.db); err != nil {
+			return fmt.Errorf("%s %q: end its sessions: %w", what, s.db, err)
 		}
 	}
 	return nil
