@@ -83,14 +83,21 @@ func (k *leaseKeeper) run(ctx context.Context) {
 	interval := 500 * time.Millisecond
 	var failing, lastWarned time.Time
 	lostSaid := false
+	handOver := false
+	var serverStart time.Time
 	for {
 		sent := time.Now()
-		handOver := false
+		var err error
 		// A lease is for a primary that works: while the database does not
 		// answer, the agent does not renew it, so that DR can take over.
-		pctx, cancel := context.WithTimeout(ctx, time.Second)
-		serverStart, err := fence.Ping(pctx, k.cfg.SourceURL)
-		cancel()
+		// Not asked right after a switchover's drain: the database answered
+		// a moment ago, and writes wait for this check-in.
+		if !handOver {
+			pctx, cancel := context.WithTimeout(ctx, time.Second)
+			serverStart, err = fence.Ping(pctx, k.cfg.SourceURL)
+			cancel()
+		}
+		handOver = false
 		var resp *havenpb.CheckInResponse
 		if err != nil {
 			err = fmt.Errorf("the database does not answer, so the lease is not renewed: %w", err)
@@ -228,12 +235,19 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 			return false
 		}
 		defer conn.Close(context.Background())
+		// Connected before writes stop: they wait for the fence.
+		fs, err := fence.Connect(ctx, k.cfg.SourceURL)
+		if err != nil {
+			k.log.Error().Err(err).Msg("switchover: could not connect to fence the database; retrying at the next check-in")
+			return false
+		}
+		defer fs.Close()
 		var mark string
-		if err := k.withdrawGrant(ctx); err != nil {
+		if err := k.withdrawGrantOn(ctx, conn); err != nil {
 			k.log.Error().Err(err).Msg("switchover: could not withdraw the write grant; retrying at the next check-in")
 			return false
 		}
-		if err := fence.FenceKeeping(ctx, k.cfg.SourceURL, SlotName(k.cfg.Group), agentSessionName(k.cfg.Group)); err != nil {
+		if err := fs.FenceKeeping(ctx, SlotName(k.cfg.Group), agentSessionName(k.cfg.Group)); err != nil {
 			k.log.Error().Err(err).Msg("switchover: fencing failed; retrying at the next check-in")
 			return false
 		}
@@ -360,6 +374,10 @@ func (k *leaseKeeper) withdrawGrant(ctx context.Context) error {
 		return err
 	}
 	defer conn.Close(context.Background())
+	return k.withdrawGrantOn(ctx, conn)
+}
+
+func (k *leaseKeeper) withdrawGrantOn(ctx context.Context, conn *pgx.Conn) error {
 	if _, err := conn.Exec(ctx, `UPDATE haven.write_grant SET postmaster_start = NULL`); err != nil && !isUndefinedTable(err) {
 		return err
 	}

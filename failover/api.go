@@ -199,9 +199,14 @@ func (a *api) pauseResume(ctx context.Context, kind, group, actor string) error 
 }
 
 // checkInMs asks sites to check in faster while a group changes hands,
-// and while a drill holds DR apply.
-func (a *api) checkInMs(group string) int64 {
+// and while a drill holds DR apply; DR's standby fastest while the primary
+// drains for a switchover: writes are stopped until it learns that it is
+// to be promoted.
+func (a *api) checkInMs(group string, standby bool) int64 {
 	g := a.c.fsm.read().Groups[group]
+	if g != nil && standby && g.Switchover == phaseFence {
+		return 20
+	}
 	if g != nil && (g.Switchover != "" || g.State == StatePromoting || g.AutoRejoin != "" || g.Drill != nil) {
 		return 100
 	}
@@ -315,7 +320,7 @@ func (a *api) CheckIn(ctx context.Context, req *connect.Request[havenpb.CheckInR
 	out := res.(checkInResult)
 	return connect.NewResponse(&havenpb.CheckInResponse{Epoch: out.Epoch, PrimarySite: out.PrimarySite, LeaseGranted: out.Lease,
 		LeaseTtlMs: a.c.cfg.LeaseTTL.Milliseconds(), Fence: out.Fence, Promote: out.Promote, Apply: out.Apply, Reseed: out.Reseed,
-		Report: out.Report, PromotedLsn: out.PromotedLSN, SwitchoverFence: out.SwitchoverFence, CheckInMs: a.checkInMs(r.Group),
+		Report: out.Report, PromotedLsn: out.PromotedLSN, SwitchoverFence: out.SwitchoverFence, CheckInMs: a.checkInMs(r.Group, !agent),
 		DrillHold: out.DrillHold, DrillCutLsn: out.DrillCutLSN, DrillRehearse: out.DrillRehearse}), nil
 }
 

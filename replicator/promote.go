@@ -47,7 +47,10 @@ var errPromoted = errors.New("promoted")
 
 // controlState is what the standby shares with its check-ins.
 type controlState struct {
-	promoteTo  atomic.Uint64 // epoch the quorum ordered a promotion to
+	promoteTo atomic.Uint64 // epoch the quorum ordered a promotion to
+	// ordered wakes apply at a new promotion order: with the primary
+	// fenced, no message would, and writes wait for the promotion.
+	ordered    chan struct{}
 	promoted   atomic.Uint64 // epoch this database was promoted to
 	appliedLSN atomic.Uint64 // last source commit applied
 	unapplied  atomic.Uint64 // stream messages not applied yet
@@ -143,6 +146,10 @@ func (s *Standby) checkIns(ctx context.Context) {
 
 			if resp.Promote && s.control.promoted.Load() < resp.Epoch && s.control.promoteTo.Swap(resp.Epoch) != resp.Epoch {
 				s.log.Warn().Uint64("epoch", resp.Epoch).Msg("the controllers ordered this site's promotion: draining the stream, then promoting")
+				select {
+				case s.control.ordered <- struct{}{}:
+				default:
+				}
 			}
 		}
 		interval := 500 * time.Millisecond

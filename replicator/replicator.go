@@ -49,6 +49,7 @@ func New(cfg Config, log zerolog.Logger, reg prometheus.Registerer) (*Standby, e
 	s := &Standby{cfg: cfg, log: log, metrics: newMetrics(reg, cfg.Group)}
 	s.health.Set("starting")
 	s.control.lag.start(position{}) // behind since now, until shown otherwise
+	s.control.ordered = make(chan struct{}, 1)
 	return s, nil
 }
 
@@ -346,7 +347,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 			in, kept = *kept, nil
 		} else {
 			var open, got bool
-			in, open, got = ahead.next(timer, wait)
+			in, open, got = ahead.next(timer, wait, s.control.ordered)
 			if !got {
 				held, err := s.holdForDrill(ctx, a, nil)
 				if err == nil && !held {
@@ -462,9 +463,10 @@ func (in inbound) units() int {
 	return min(1+size/aheadUnit, aheadBytes/aheadUnit)
 }
 
-// next returns the next message, waiting at most wait; false when none
-// came. open is false once the reader is gone.
-func (r *readAhead) next(timer *time.Timer, wait time.Duration) (in inbound, open, got bool) {
+// next returns the next message, waiting at most wait, and not past a
+// signal on wake; false when none came. open is false once the reader is
+// gone.
+func (r *readAhead) next(timer *time.Timer, wait time.Duration, wake <-chan struct{}) (in inbound, open, got bool) {
 	select {
 	case in, open = <-r.messages:
 	default:
@@ -475,6 +477,8 @@ func (r *readAhead) next(timer *time.Timer, wait time.Duration) (in inbound, ope
 		select {
 		case in, open = <-r.messages:
 		case <-timer.C:
+			return in, true, false
+		case <-wake:
 			return in, true, false
 		}
 	}
