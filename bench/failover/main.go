@@ -419,8 +419,9 @@ func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.L
 		}
 		// When the pause began, from the request: a late one is not the
 		// hand-over itself but what follows it (the old primary's rejoin).
-		fmt.Printf("switchover %d to site %s: write pause %s, from %s after the request (settled after %s)\n", i+1, to,
-			longest.Round(time.Millisecond), from.Sub(started).Round(time.Millisecond), time.Since(started).Round(time.Millisecond))
+		fmt.Printf("switchover %d to site %s: write pause %s, from %s after the request (%s to %s, for the logs; settled after %s)\n", i+1, to,
+			longest.Round(time.Millisecond), from.Sub(started).Round(time.Millisecond),
+			from.UTC().Format("15:04:05.000"), from.Add(longest).UTC().Format("15:04:05.000"), time.Since(started).Round(time.Millisecond))
 		pauses = append(pauses, longest)
 		to = map[string]string{"a": "b", "b": "a"}[to]
 	}
