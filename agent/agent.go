@@ -342,10 +342,13 @@ func (s *session) warnDurability(ctx context.Context) {
 
 // connectSource opens a connection to the source whose text output and type
 // names match the stream's.
-func (s *session) connectSource(ctx context.Context) (*pgx.Conn, error) {
+func (s *session) connectSource(ctx context.Context, options ...func(*pgx.ConnConfig)) (*pgx.Conn, error) {
 	config, err := pgx.ParseConfig(s.cfg.SourceURL)
 	if err != nil {
 		return nil, needsOperator("parse source URL: %v", err)
+	}
+	for _, o := range options {
+		o(config)
 	}
 	maps.Copy(config.RuntimeParams, wire.TextFormatSettings)
 	maps.Copy(config.RuntimeParams, wire.SessionSettings)

@@ -164,7 +164,7 @@ func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker st
 // are; the workers share MaxInFlight unacknowledged chunks between them,
 // which bounds memory.
 func (s *session) copyTable(ctx context.Context, snapshotName string, consistent pglogrepl.LSN, rel *havenpb.Relation) error {
-	conn, err := s.connectSource(ctx)
+	conn, err := s.connectSource(ctx, bulkDial)
 	if err != nil {
 		return err
 	}
@@ -237,6 +237,9 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 		from = pgx.Identifier{rel.Schema, rel.Name}.Sanitize()
 	}
 	query := fmt.Sprintf("COPY (SELECT %s FROM %s) TO STDOUT (FORMAT %s)", strings.Join(columns, ", "), from, format)
+	if err := startBulkReads(conn); err != nil {
+		return err
+	}
 	tag, err := tx.Conn().PgConn().CopyTo(ctx, chunker, query)
 	if err != nil {
 		var pgErr *pgconn.PgError
