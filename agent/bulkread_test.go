@@ -203,10 +203,11 @@ func enableTLS(ctx context.Context, t *testing.T, pg *pgtest.Cluster) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	owner, ok := mustStat(t, pg.Dir()).Sys().(*syscall.Stat_t)
-	if !ok {
-		t.Fatal("no owner for the data directory")
+	dir, err := os.Stat(pg.Dir())
+	if err != nil {
+		t.Fatal(err)
 	}
+	owner := dir.Sys().(*syscall.Stat_t)
 	for name, block := range map[string]*pem.Block{"server.crt": {Type: "CERTIFICATE", Bytes: der}, "server.key": {Type: "EC PRIVATE KEY", Bytes: keyDER}} {
 		path := filepath.Join(pg.Dir(), name)
 		if err := os.WriteFile(path, pem.EncodeToMemory(block), 0o600); err != nil {
@@ -231,13 +232,4 @@ func enableTLS(ctx context.Context, t *testing.T, pg *pgtest.Cluster) {
 		}
 		return err == nil
 	})
-}
-
-func mustStat(t *testing.T, path string) os.FileInfo {
-	t.Helper()
-	fi, err := os.Stat(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return fi
 }
