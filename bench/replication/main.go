@@ -854,7 +854,14 @@ func (b *bench) capture(ctx context.Context) error {
 // new group and stream) and by pg_dump | psql, into an empty database.
 func (b *bench) snapshot(ctx context.Context) error {
 	f := b.add(fmt.Sprintf("snapshot of a %d MB database", b.o.snapshotMB), "MB/s", ">= pg_dump | psql", true)
+	cost := b.add("snapshot: CPU of the whole machine", "CPU-seconds per GB", "(lower is lighter)", false)
 	stored := b.add("snapshot: stream size over database size", "ratio", "(rows compress with s2)", false)
+	// cpuPerGB is what the whole machine spent since busy, per GB of the
+	// source database.
+	cpuPerGB := func(busy time.Duration, size int64) (float64, error) {
+		after, err := machineCPU()
+		return (after - busy).Seconds() / (float64(size) / (1 << 30)), err
+	}
 	logf := func(format string, args ...any) { fmt.Fprintf(b.log, format+"\n", args...) }
 	src, err := pgtest.Start(ctx, pgtest.Options{Name: "bench-src", Settings: settings(true), Logf: logf})
 	if err != nil {
@@ -903,6 +910,10 @@ func (b *bench) snapshot(ctx context.Context) error {
 		if err := settle(ctx, dst); err != nil {
 			return err
 		}
+		busy, err := machineCPU()
+		if err != nil {
+			return err
+		}
 		started := time.Now()
 		dump := fmt.Sprintf("%s -h 127.0.0.1 -p %d -U postgres %s | %s -q -X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p %d -U postgres %s",
 			filepath.Join(b.pgbin, "pg_dump"), src.Port(), database, filepath.Join(b.pgbin, "psql"), dst.Port(), target)
@@ -910,6 +921,10 @@ func (b *bench) snapshot(ctx context.Context) error {
 			return fmt.Errorf("pg_dump | psql: %v: %s", err, out)
 		}
 		native := mb / time.Since(started).Seconds()
+		nativeCPU, err := cpuPerGB(busy, size)
+		if err != nil {
+			return err
+		}
 
 		grp := fmt.Sprintf("snap%d", i)
 		target = "haven" + strconv.Itoa(i)
@@ -925,6 +940,9 @@ func (b *bench) snapshot(ctx context.Context) error {
 			return err
 		}
 		if err := settle(ctx, dst); err != nil {
+			return err
+		}
+		if busy, err = machineCPU(); err != nil {
 			return err
 		}
 		started = time.Now()
@@ -961,12 +979,13 @@ func (b *bench) snapshot(ctx context.Context) error {
 			return done, nil
 		})
 		took := time.Since(started)
+		havenCPU, cpuErr := cpuPerGB(busy, size)
 		_ = watch.Close(context.Background())
 		b.recordRSS(capture)
 		b.recordRSS(standby)
 		capture.stop()
 		standby.stop()
-		if err != nil {
+		if err = errors.Join(err, cpuErr); err != nil {
 			return err
 		}
 		streamBytes, err := b.streamBytes(ctx, wire.StreamName(grp))
@@ -982,6 +1001,8 @@ func (b *bench) snapshot(ctx context.Context) error {
 		fmt.Printf("  run %d: haven %.1f MB/s, pg_dump | psql %.1f MB/s\n", i+1, h, native)
 		f.Haven = append(f.Haven, h)
 		f.Native = append(f.Native, native)
+		cost.Haven = append(cost.Haven, havenCPU)
+		cost.Native = append(cost.Native, nativeCPU)
 	}
 	return nil
 }
