@@ -47,6 +47,10 @@ type leaseKeeper struct {
 	confirmed  *atomic.Uint64
 	drainTo    pglogrepl.LSN // a switchover's fence: everything before it must reach the stream
 	drained    pglogrepl.LSN // … and does
+	// A switchover's look at capture before its fence (captureCaughtUp).
+	fenceAsked time.Time
+	leadMark   pglogrepl.LSN
+	leadMarkAt time.Time
 	grantedFor time.Time     // the server start the write guard lets writes in for
 	changed    chan struct{} // closed and replaced when deposed or epoch change
 }
@@ -172,6 +176,9 @@ func (k *leaseKeeper) grant(ctx context.Context, resp *havenpb.CheckInResponse, 
 	// A switchover's fence stays until the site is deposed; an aborted
 	// switchover's is lifted.
 	fenced := k.fenced && !resp.SwitchoverFence
+	if !resp.SwitchoverFence {
+		k.fenceAsked, k.leadMark = time.Time{}, 0
+	}
 	if !resp.SwitchoverFence && k.drainTo != 0 {
 		k.drainTo, k.drained, fenced = 0, 0, true
 		k.log.Warn().Msg("switchover aborted by the controllers: lifting the fence, this site stays primary")
@@ -235,6 +242,9 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 			return false
 		}
 		defer conn.Close(context.Background())
+		if !k.captureCaughtUp(ctx, conn) {
+			return false
+		}
 		// Connected before writes stop: they wait for the fence.
 		fs, err := fence.Connect(ctx, k.cfg.SourceURL)
 		if err != nil {
@@ -284,6 +294,64 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 		}
 	}
 	return false
+}
+
+// switchoverCaptureLag is how far capture may be behind the database when
+// a switchover stops its writes (the controllers ask DR for as much).
+const switchoverCaptureLag = 300 * time.Millisecond
+
+// captureCatchUpFor bounds how long a switchover waits for capture to catch
+// up before it stops writes regardless: the controllers give the fence and
+// the drain 15 s.
+const captureCatchUpFor = 5 * time.Second
+
+// captureCaughtUp reports whether capture is close enough behind the
+// database for a switchover to stop its writes: a mark written to the WAL
+// reaches the stream within switchoverCaptureLag. DR being current with
+// the stream is not enough: what capture has not read yet would be drained
+// with writes stopped (seconds, right after the snapshot of a site that
+// rejoined). Writes go on meanwhile; one look per check-in.
+func (k *leaseKeeper) captureCaughtUp(ctx context.Context, conn *pgx.Conn) bool {
+	if k.fenceAsked.IsZero() {
+		k.fenceAsked = time.Now()
+	}
+	if time.Since(k.fenceAsked) > captureCatchUpFor {
+		k.log.Warn().Dur("waited", captureCatchUpFor).Msg("switchover: capture is still behind the database; stopping writes anyway, so the drain and the write pause take longer")
+		return true
+	}
+	if k.leadMark == 0 {
+		var mark string
+		if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, '{}')::text`, heartbeatPrefix(k.cfg.Group)).Scan(&mark); err != nil {
+			k.log.Error().Err(err).Msg("switchover: could not mark the WAL to see how far behind capture is; retrying at the next check-in")
+			return false
+		}
+		lsn, err := pglogrepl.ParseLSN(mark)
+		if err != nil {
+			return false
+		}
+		k.leadMark, k.leadMarkAt = lsn, time.Now()
+	}
+	k.mu.Lock()
+	deadline := k.leadMarkAt.Add(switchoverCaptureLag)
+	if last := k.validUntil.Add(-500 * time.Millisecond); last.Before(deadline) {
+		deadline = last
+	}
+	k.mu.Unlock()
+	for {
+		if pglogrepl.LSN(k.confirmed.Load()) >= k.leadMark {
+			if time.Since(k.leadMarkAt) <= switchoverCaptureLag {
+				return true
+			}
+			// In, but late: capture was behind. A new mark tells
+			// whether it still is.
+			k.leadMark = 0
+			return false
+		}
+		if !time.Now().Before(deadline) || ctx.Err() != nil {
+			return false
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
 }
 
 // changeLocked wakes whoever waits for a change of role (k.mu held).
