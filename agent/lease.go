@@ -252,7 +252,6 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 			return false
 		}
 		defer fs.Close()
-		var mark string
 		if err := k.withdrawGrantOn(ctx, conn); err != nil {
 			k.log.Error().Err(err).Msg("switchover: could not withdraw the write grant; retrying at the next check-in")
 			return false
@@ -262,12 +261,9 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 			return false
 		}
 		// Everything committed before this message is decoded before it.
-		if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, '{}')::text`, heartbeatPrefix(k.cfg.Group)).Scan(&mark); err != nil {
-			k.log.Error().Err(err).Msg("switchover: could not mark the fence in the WAL; retrying at the next check-in")
-			return false
-		}
-		lsn, err := pglogrepl.ParseLSN(mark)
+		lsn, err := k.markWAL(ctx, conn)
 		if err != nil {
+			k.log.Error().Err(err).Msg("switchover: could not mark the fence in the WAL; retrying at the next check-in")
 			return false
 		}
 		k.mu.Lock()
@@ -320,13 +316,9 @@ func (k *leaseKeeper) captureCaughtUp(ctx context.Context, conn *pgx.Conn) bool 
 		return true
 	}
 	if k.leadMark == 0 {
-		var mark string
-		if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, '{}')::text`, heartbeatPrefix(k.cfg.Group)).Scan(&mark); err != nil {
-			k.log.Error().Err(err).Msg("switchover: could not mark the WAL to see how far behind capture is; retrying at the next check-in")
-			return false
-		}
-		lsn, err := pglogrepl.ParseLSN(mark)
+		lsn, err := k.markWAL(ctx, conn)
 		if err != nil {
+			k.log.Error().Err(err).Msg("switchover: could not mark the WAL to see how far behind capture is; retrying at the next check-in")
 			return false
 		}
 		k.leadMark, k.leadMarkAt = lsn, time.Now()
@@ -352,6 +344,16 @@ func (k *leaseKeeper) captureCaughtUp(ctx context.Context, conn *pgx.Conn) bool 
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// markWAL writes a heartbeat message (one transaction) to the WAL and
+// returns its position.
+func (k *leaseKeeper) markWAL(ctx context.Context, conn *pgx.Conn) (pglogrepl.LSN, error) {
+	var mark string
+	if err := conn.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, '{}')::text`, heartbeatPrefix(k.cfg.Group)).Scan(&mark); err != nil {
+		return 0, err
+	}
+	return pglogrepl.ParseLSN(mark)
 }
 
 // changeLocked wakes whoever waits for a change of role (k.mu held).
