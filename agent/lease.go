@@ -47,7 +47,8 @@ type leaseKeeper struct {
 	confirmed  *atomic.Uint64
 	drainTo    pglogrepl.LSN // a switchover's fence: everything before it must reach the stream
 	drained    pglogrepl.LSN // … and does
-	// A switchover's look at capture before its fence (captureCaughtUp).
+	// A switchover's look at capture before its fence (captureCaughtUp),
+	// kept by the check-in loop alone.
 	fenceAsked time.Time
 	leadMark   pglogrepl.LSN
 	leadMarkAt time.Time
