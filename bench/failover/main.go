@@ -367,6 +367,34 @@ func measureRTO(ctx context.Context, dir string, log zerolog.Logger) (time.Durat
 	return rto, err
 }
 
+// checkHandOver checks that the writes of a switchover to site to moved
+// there once and for all: some on the old primary, then only on the new
+// one (a write the old primary took after the new one took one would be
+// two primaries at once). It returns the time from the old primary's last
+// write to the new one's first.
+func checkHandOver(acks []ack, ports map[string]int, to string) (time.Duration, error) {
+	from := map[string]string{"a": "b", "b": "a"}[to]
+	lastOld, firstNew := -1, -1
+	for j, a := range acks {
+		switch a.port {
+		case ports[from]:
+			if firstNew >= 0 {
+				return 0, fmt.Errorf("site %s took a write %s after site %s took its first: two primaries at once",
+					from, a.at.Sub(acks[firstNew].at), to)
+			}
+			lastOld = j
+		case ports[to]:
+			if firstNew < 0 {
+				firstNew = j
+			}
+		}
+	}
+	if lastOld < 0 || firstNew < 0 {
+		return 0, fmt.Errorf("the writes did not move from site %s to site %s (%d writes measured)", from, to, len(acks))
+	}
+	return acks[firstNew].at.Sub(acks[lastOld].at), nil
+}
+
 // measureSwitchovers switches the primary role back and forth under writes
 // and returns, for each, the longest gap between two acknowledged writes.
 func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.Logger) ([]time.Duration, error) {
@@ -410,6 +438,10 @@ func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.L
 			return nil, err
 		}
 		acks := w.since(started.Add(-time.Second))
+		handOver, err := checkHandOver(acks, map[string]int{"a": s.a.Port(), "b": s.b.Port()}, to)
+		if err != nil {
+			return nil, fmt.Errorf("switchover %d to site %s: %w", i+1, to, err)
+		}
 		var longest time.Duration
 		var from time.Time // where the longest gap began
 		for j := 1; j < len(acks); j++ {
@@ -419,9 +451,11 @@ func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.L
 		}
 		// When the pause began, from the request: a late one is not the
 		// hand-over itself but what follows it (the old primary's rejoin).
-		fmt.Printf("switchover %d to site %s: write pause %s, from %s after the request (%s to %s, for the logs; settled after %s)\n", i+1, to,
+		fmt.Printf("switchover %d to site %s: write pause %s, from %s after the request (%s to %s, for the logs; settled after %s); "+
+			"last write on the old primary to first on the new %s\n", i+1, to,
 			longest.Round(time.Millisecond), from.Sub(started).Round(time.Millisecond),
-			from.UTC().Format("15:04:05.000"), from.Add(longest).UTC().Format("15:04:05.000"), time.Since(started).Round(time.Millisecond))
+			from.UTC().Format("15:04:05.000"), from.Add(longest).UTC().Format("15:04:05.000"), time.Since(started).Round(time.Millisecond),
+			handOver.Round(time.Millisecond))
 		pauses = append(pauses, longest)
 		to = map[string]string{"a": "b", "b": "a"}[to]
 	}
