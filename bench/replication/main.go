@@ -25,6 +25,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"slices"
 	"strconv"
 	"strings"
@@ -67,7 +68,7 @@ func main() {
 	flag.IntVar(&o.snapshotMB, "snapshot-mb", 2048, "size of the database the snapshot figure copies")
 	flag.StringVar(&o.figures, "figures", "catchup,live,latency,capture,snapshot", "figures to measure (comma-separated)")
 	flag.StringVar(&o.out, "out", "bench/results", "directory for the JSON results")
-	flag.StringVar(&o.profile, "profile", "", "directory for CPU profiles of the standby catching up and of the agent capturing (empty: none)")
+	flag.StringVar(&o.profile, "profile", "", "directory for CPU profiles of the standby catching up, of the agent capturing, and of the agent, the standby and NATS during the first snapshot (empty: none)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the work directory (logs, latency samples)")
 	setups := flag.String("setups", "native,haven", "setups to measure (comma-separated)")
 	flag.Parse()
@@ -399,6 +400,32 @@ func (b *bench) profileCPU(addr, name string, d time.Duration) {
 		defer f.Close()
 		_, _ = io.Copy(f, resp.Body)
 	}()
+}
+
+// profileNATS writes a CPU profile of the bench's own process, which runs
+// the embedded NATS server, for d from now, to the -profile directory.
+func (b *bench) profileNATS(name string, d time.Duration) {
+	if b.o.profile == "" {
+		return
+	}
+	if err := os.MkdirAll(b.o.profile, 0o755); err != nil {
+		fmt.Fprintln(b.log, "profile:", err)
+		return
+	}
+	f, err := os.Create(filepath.Join(b.o.profile, name))
+	if err != nil {
+		fmt.Fprintln(b.log, "profile:", err)
+		return
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		fmt.Fprintln(b.log, "profile:", err)
+		f.Close()
+		return
+	}
+	time.AfterFunc(d, func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	})
 }
 
 // pauseDR stops the DR side from applying; resumeDR starts it again.
@@ -960,6 +987,7 @@ func (b *bench) snapshot(ctx context.Context) error {
 		if i == 0 {
 			b.profileCPU(agentHTTP, "agent-snapshot.pprof", 4*time.Second)
 			b.profileCPU(standbyHTTP, "standby-snapshot.pprof", 6*time.Second)
+			b.profileNATS("nats-snapshot.pprof", 6*time.Second)
 		}
 		// One connection polls: a new one every 20 ms would cost DR a
 		// backend's start each time, CPU that the copy measured needs.
