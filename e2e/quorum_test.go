@@ -1,14 +1,17 @@
 package e2e
 
 import (
+	"context"
 	"fmt"
 	"net/http"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	connectrpc "connectrpc.com/connect"
+	"github.com/jackc/pgx/v5"
 
 	"github.com/haven-dr/haven/proto/havenpb"
 	"github.com/haven-dr/haven/proto/havenpb/havenpbconnect"
@@ -110,4 +113,75 @@ func TestALostControllerIsReplaced(t *testing.T) {
 	waitFor(t, 30*time.Second, "the removed node to say it may have been removed", func() (bool, error) {
 		return strings.Contains(q.procs[lost].output(), "or this node was removed from the quorum"), nil
 	})
+}
+
+// TestAQuorumIsRecoveredFromItsLastNode: two of three controller nodes are
+// lost for good. The last one alone commits nothing: the primary's lease
+// runs out and its agent fences it, and nothing could promote DR. haven
+// controller recover, refused while the node runs, rebuilds the quorum from
+// the stopped node's state: started again, it leads alone with the group
+// as it was, the primary takes writes again, the audit trail records the
+// recovery, and when the primary is killed, the one-node quorum promotes DR.
+func TestAQuorumIsRecoveredFromItsLastNode(t *testing.T) {
+	f := startFailoverSite(t)
+	q := f.q
+	before, err := q.status(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q.procs[0].kill()
+	q.procs[1].kill()
+	writes := func() bool {
+		conn, err := pgx.Connect(t.Context(), f.site.primaryURL())
+		if err != nil {
+			return false
+		}
+		defer conn.Close(context.Background())
+		_, err = conn.Exec(t.Context(), `INSERT INTO acked (id) VALUES ($1)`, f.acked.next.Add(1))
+		return err == nil
+	}
+	waitFor(t, 30*time.Second, "the primary to refuse writes once its lease runs out", func() (bool, error) { return !writes(), nil })
+
+	flag := func(name string) string { return q.args[2][slices.Index(q.args[2], name)+1] }
+	recoverArgs := []string{"controller", "recover", "--id", "c3", "--data-dir", flag("--data-dir"), "--voters", "c3=" + flag("--raft-addr"),
+		"--actor", "alice", "--reason", "site 1 burned"}
+	if out, err := exec.Command(havenBin, recoverArgs...).CombinedOutput(); err == nil || !strings.Contains(string(out), "stop controller node c3 first") {
+		t.Errorf("recover while the node runs: %v, %s; want a refusal", err, out)
+	}
+	if out, err := exec.Command(havenBin, "controller", "recover", "--id", "c3", "--data-dir", flag("--data-dir"), "--voters", "c1=127.0.0.1:1").CombinedOutput(); err == nil ||
+		!strings.Contains(string(out), "do not include this node (c3)") {
+		t.Errorf("recover with voters that leave the node out: %v, %s; want a refusal", err, out)
+	}
+	if out, err := exec.Command(havenBin, "controller", "recover", "--id", "c3", "--data-dir", t.TempDir(), "--voters", "c3=127.0.0.1:1").CombinedOutput(); err == nil ||
+		!strings.Contains(string(out), "no Raft state in") {
+		t.Errorf("recover on an empty directory: %v, %s; want a refusal", err, out)
+	}
+	q.procs[2].stop()
+	out, err := exec.Command(havenBin, recoverArgs...).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "voters are now c3 (were c1, c2, c3)") || !strings.Contains(string(out), "Left out: c1, c2") {
+		t.Fatalf("recover: %v, %s", err, out)
+	}
+	q.restart(t, 2)
+	last := &quorum{apis: q.apis[2:]}
+	waitFor(t, 30*time.Second, "c3 to lead alone, with the group as it was and the recovery in the audit trail", func() (bool, error) {
+		st, err := last.status(t)
+		if err != nil || st.LeaderID != "c3" || len(st.Groups) != 1 || len(st.Audit) == 0 {
+			return false, nil
+		}
+		g, e := st.Groups[0], st.Audit[len(st.Audit)-1]
+		if g.PrimarySite != "a" || g.Epoch != before.Groups[0].Epoch || len(st.Nodes) != 1 || st.Nodes[0].ID != "c3" {
+			return false, fmt.Errorf("after the recovery: primary site %s at epoch %s (before: a at %s), nodes %v", g.PrimarySite, g.Epoch, before.Groups[0].Epoch, st.Nodes)
+		}
+		return e.Action == "recover-quorum" && e.Actor == "alice" && strings.Contains(e.Outcome, "voters c3 (were c1, c2, c3): site 1 burned"), nil
+	})
+	waitFor(t, 30*time.Second, "the primary to take writes again under the recovered quorum's lease", func() (bool, error) { return writes(), nil })
+
+	f.killPrimary(t)
+	st, err := last.status(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if g := st.Groups[0]; g.PrimarySite != "b" {
+		t.Errorf("after the primary was killed: primary site %s, want b", g.PrimarySite)
+	}
 }

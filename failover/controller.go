@@ -124,15 +124,7 @@ func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
 	}
 	c := &Controller{cfg: cfg, log: log, fsm: newFSM(), clients: map[string]havenpbconnect.ControlClient{}, probes: map[string]Observation{},
 		drills: map[string]context.CancelFunc{}}
-	rc := raft.DefaultConfig()
-	rc.LocalID = raft.ServerID(cfg.ID)
-	// Elections in about a second: detection takes FailoverAfter anyway.
-	rc.HeartbeatTimeout = 500 * time.Millisecond
-	rc.ElectionTimeout = 500 * time.Millisecond
-	rc.LeaderLeaseTimeout = 250 * time.Millisecond
-	rc.CommitTimeout = 20 * time.Millisecond
-	rc.SnapshotThreshold = 4096
-	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: zerologWriter{log}})
+	rc := raftConfig(cfg.ID, log)
 	var err error
 	if c.store, err = raftboltdb.NewBoltStore(filepath.Join(cfg.DataDir, "raft.db")); err != nil {
 		return nil, fmt.Errorf("open Raft log in %s: %w", cfg.DataDir, err)
@@ -167,6 +159,20 @@ func Start(cfg Config, log zerolog.Logger) (*Controller, error) {
 		}
 	}
 	return c, nil
+}
+
+// raftConfig is a node's Raft settings.
+func raftConfig(id string, log zerolog.Logger) *raft.Config {
+	rc := raft.DefaultConfig()
+	rc.LocalID = raft.ServerID(id)
+	// Elections in about a second: detection takes FailoverAfter anyway.
+	rc.HeartbeatTimeout = 500 * time.Millisecond
+	rc.ElectionTimeout = 500 * time.Millisecond
+	rc.LeaderLeaseTimeout = 250 * time.Millisecond
+	rc.CommitTimeout = 20 * time.Millisecond
+	rc.SnapshotThreshold = 4096
+	rc.Logger = hclog.New(&hclog.LoggerOptions{Name: "raft", Level: hclog.Warn, Output: zerologWriter{log}})
+	return rc
 }
 
 // routes maps peer ids to the address this node dials them at.

@@ -272,6 +272,14 @@ type command struct {
 	RulesVersion int `json:"rules_version,omitempty"`
 }
 
+// forget drops what the state knows of a node that left the quorum.
+func (s *State) forget(node string) {
+	delete(s.Nodes, node)
+	for _, g := range s.Groups {
+		delete(g.Observations, node)
+	}
+}
+
 // apply changes the state by one command and returns what the caller needs.
 func (s *State) apply(c command) any {
 	g := s.Groups[c.Group]
@@ -283,10 +291,7 @@ func (s *State) apply(c command) any {
 		// The leader has taken the node out of Raft's configuration: what
 		// the state knows of it goes too, so that its last probes count
 		// for nothing.
-		delete(s.Nodes, c.Node)
-		for _, g := range s.Groups {
-			delete(g.Observations, c.Node)
-		}
+		s.forget(c.Node)
 		outcome := "node " + c.Node + " removed from the quorum"
 		if c.Reason != "" {
 			outcome += ": " + c.Reason

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 
 	"github.com/rs/zerolog"
@@ -31,7 +33,7 @@ node to a running one with --join.`,
 				return err
 			}
 			if cfg.Peers, err = parsePeers(peers); err != nil {
-				return err
+				return fmt.Errorf("--peers: %w", err)
 			}
 			if cfg.RaftRoutes, err = parsePeers(routes); err != nil {
 				return fmt.Errorf("--raft-route: %w", err)
@@ -73,6 +75,57 @@ node to a running one with --join.`,
 	f.StringVar(&cfg.NATSURL, "nats-url", "", "NATS server to publish drill reports on (haven.drills.<group>); empty: reports stay in the controllers' state")
 	f.StringSliceVar(&dbRoutes, "db-route", nil, "host:port=host:port: where this node reaches a database the agents registered (to probe or fence it), when not at its own address")
 	f.StringVar(&httpAddr, "http-addr", "", "address for /healthz (200 while the node has a leader) and /metrics, e.g. :9189 (empty: off)")
+	cmd.AddCommand(newRecoverCmd(logger))
+	return cmd
+}
+
+func newRecoverCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
+	var r failover.Recovery
+	var voters []string
+	cmd := &cobra.Command{
+		Use:   "recover",
+		Short: "Rebuild a quorum that lost its majority for good from a stopped node that survives",
+		Long: `Without a majority the quorum commits nothing: it cannot fail over, remove a
+node, or renew the primary's lease. Stop a surviving node and run this on its
+--data-dir with --voters naming the survivors (this node included; run it on
+each with the same list). Every entry in its Raft log counts as committed, the
+state forgets the nodes left out, and the audit trail records the recovery.
+Start the node again as before: it leads a quorum of the voters, and new nodes
+join it with --join. Never start a node left out with its old --data-dir: wipe
+it first, or it may form a quorum of its own with the other nodes left out.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			log, err := logger()
+			if err != nil {
+				return err
+			}
+			if r.ID == "" || r.DataDir == "" || len(voters) == 0 {
+				return fmt.Errorf("set --id, --data-dir and --voters (id=host:port of each surviving node, this one included)")
+			}
+			if r.Voters, err = parsePeers(voters); err != nil {
+				return fmt.Errorf("--voters: %w", err)
+			}
+			if r.Actor == "" {
+				r.Actor = "operator"
+			}
+			res, err := failover.RecoverQuorum(r, log)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s: the quorum's voters are now %s (were %s).\n", r.ID, strings.Join(slices.Sorted(maps.Keys(r.Voters)), ", "), strings.Join(res.Before, ", "))
+			if len(res.Dropped) > 0 {
+				fmt.Fprintf(cmd.OutOrStdout(), "Left out: %s. Wipe their --data-dir before any of them runs again.\n", strings.Join(res.Dropped, ", "))
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "Start node %s as before; add nodes with haven controller --join.\n", r.ID)
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&r.ID, "id", "", "this node's id")
+	f.StringVar(&r.DataDir, "data-dir", "", "this node's --data-dir (the node must be stopped)")
+	f.StringSliceVar(&voters, "voters", nil, "every surviving node as id=host:port (Raft address), this one included")
+	f.StringVar(&r.Actor, "actor", "", "who recovers, for the audit trail (default operator)")
+	f.StringVar(&r.Reason, "reason", "", "why, for the audit trail")
 	return cmd
 }
 
@@ -84,10 +137,10 @@ func parsePeers(list []string) (map[string]string, error) {
 	for _, p := range list {
 		id, addr, ok := strings.Cut(p, "=")
 		if !ok || id == "" || addr == "" {
-			return nil, fmt.Errorf("--peers entry %q: use id=host:port", p)
+			return nil, fmt.Errorf("entry %q: use id=host:port", p)
 		}
 		if _, dup := peers[id]; dup {
-			return nil, fmt.Errorf("--peers names %q twice", id)
+			return nil, fmt.Errorf("%q named twice", id)
 		}
 		peers[id] = addr
 	}
