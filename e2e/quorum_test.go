@@ -157,7 +157,11 @@ func TestAQuorumIsRecoveredFromItsLastNode(t *testing.T) {
 		t.Errorf("recover on an empty directory: %v, %s; want a refusal", err, out)
 	}
 	q.procs[2].stop()
-	out, err := exec.Command(havenBin, recoverArgs...).CombinedOutput()
+	out, err := exec.Command(havenBin, "controller", "recover", "--dry-run", "--id", "c3", "--data-dir", flag("--data-dir")).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "Raft log through index") || !strings.Contains(string(out), "the quorum's voters: c1, c2, c3. Nothing changed.") {
+		t.Fatalf("recover --dry-run: %v, %s", err, out)
+	}
+	out, err = exec.Command(havenBin, recoverArgs...).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "voters are now c3 (were c1, c2, c3)") || !strings.Contains(string(out), "Left out: c1, c2") {
 		t.Fatalf("recover: %v, %s", err, out)
 	}

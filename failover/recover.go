@@ -22,17 +22,24 @@ type Recovery struct {
 	// DataDir and ID name the stopped node whose Raft state is rewritten.
 	DataDir, ID string
 	// Voters are the nodes that make the quorum from now on, by id with
-	// their Raft address: this node and any other survivor recovered with
-	// the same list.
+	// their Raft address: as a rule this node alone, the other survivors
+	// joining it afresh (each survivor recovered with the same list would
+	// count its own log as committed, and their logs may differ).
 	Voters map[string]string
 	// Actor and Reason go into the audit trail.
 	Actor, Reason string
+	// DryRun reads the node's Raft state and changes nothing.
+	DryRun bool
 }
 
 // RecoveryResult says what a recovery changed.
 type RecoveryResult struct {
 	Before  []string // the voters before
 	Dropped []string // the voters left out
+	// LastIndex and LastTerm are the last entry of the node's Raft log:
+	// of several survivors, the one with the highest term, then index,
+	// knows the most.
+	LastIndex, LastTerm uint64
 }
 
 // RecoverQuorum makes r.Voters the quorum's only voters in the Raft state
@@ -46,7 +53,7 @@ type RecoveryResult struct {
 // the others left out, it could form a quorum of its own.
 func RecoverQuorum(r Recovery, log zerolog.Logger) (RecoveryResult, error) {
 	var res RecoveryResult
-	if _, ok := r.Voters[r.ID]; !ok {
+	if _, ok := r.Voters[r.ID]; !ok && !r.DryRun {
 		return res, fmt.Errorf("the voters (%s) do not include this node (%s): name every node that survives, this one included",
 			strings.Join(slices.Sorted(maps.Keys(r.Voters)), ", "), r.ID)
 	}
@@ -84,6 +91,9 @@ func RecoverQuorum(r Recovery, log zerolog.Logger) (RecoveryResult, error) {
 	}
 	slices.Sort(res.Before)
 	slices.Sort(res.Dropped)
+	if res.LastIndex, res.LastTerm, err = lastEntry(store, snaps); err != nil || r.DryRun {
+		return res, err
+	}
 	var voters raft.Configuration
 	for _, id := range slices.Sorted(maps.Keys(r.Voters)) {
 		voters.Servers = append(voters.Servers, raft.Server{ID: raft.ServerID(id), Address: raft.ServerAddress(r.Voters[id]), Suffrage: raft.Voter})
@@ -120,4 +130,28 @@ func (f *recoveringFSM) Snapshot() (raft.FSMSnapshot, error) {
 	}
 	f.mu.Unlock()
 	return f.fsm.Snapshot()
+}
+
+// lastEntry is the last entry of a Raft log, or of the snapshot that
+// replaced it.
+func lastEntry(logs raft.LogStore, snaps raft.SnapshotStore) (index, term uint64, err error) {
+	metas, err := snaps.List()
+	if err != nil {
+		return 0, 0, fmt.Errorf("list the Raft snapshots: %w", err)
+	}
+	if len(metas) > 0 {
+		index, term = metas[0].Index, metas[0].Term
+	}
+	last, err := logs.LastIndex()
+	if err != nil {
+		return 0, 0, fmt.Errorf("read the Raft log: %w", err)
+	}
+	if last > index {
+		var l raft.Log
+		if err := logs.GetLog(last, &l); err != nil {
+			return 0, 0, fmt.Errorf("read the Raft log's last entry: %w", err)
+		}
+		index, term = l.Index, l.Term
+	}
+	return index, term, nil
 }

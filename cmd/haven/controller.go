@@ -87,20 +87,21 @@ func newRecoverCmd(logger func() (zerolog.Logger, error)) *cobra.Command {
 		Short: "Rebuild a quorum that lost its majority for good from a stopped node that survives",
 		Long: `Without a majority the quorum commits nothing: it cannot fail over, remove a
 node, or renew the primary's lease. Stop a surviving node and run this on its
---data-dir with --voters naming the survivors (this node included; run it on
-each with the same list). Every entry in its Raft log counts as committed, the
-state forgets the nodes left out, and the audit trail records the recovery.
-Start the node again as before: it leads a quorum of the voters, and new nodes
-join it with --join. Never start a node left out with its old --data-dir: wipe
-it first, or it may form a quorum of its own with the other nodes left out.`,
+--data-dir with --voters naming it alone. With several survivors, stop them
+all, run --dry-run on each, and recover the one whose Raft log has the highest
+term, then index. Every entry in its Raft log counts as committed, the state
+forgets the nodes left out, and the audit trail records the recovery. Start
+the node again as before: it leads alone, and the other nodes join it with
+--join. Never start a node left out with its old --data-dir: wipe it first, or
+it may form a quorum of its own with the other nodes left out.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			log, err := logger()
 			if err != nil {
 				return err
 			}
-			if r.ID == "" || r.DataDir == "" || len(voters) == 0 {
-				return fmt.Errorf("set --id, --data-dir and --voters (id=host:port of each surviving node, this one included)")
+			if r.ID == "" || r.DataDir == "" || (len(voters) == 0 && !r.DryRun) {
+				return fmt.Errorf("set --id, --data-dir and --voters (id=host:port of each node that makes the quorum from now on, this one included)")
 			}
 			if r.Voters, err = parsePeers(voters); err != nil {
 				return fmt.Errorf("--voters: %w", err)
@@ -112,6 +113,12 @@ it first, or it may form a quorum of its own with the other nodes left out.`,
 			if err != nil {
 				return err
 			}
+			if r.DryRun {
+				fmt.Fprintf(cmd.OutOrStdout(), "node %s: Raft log through index %d (term %d); the quorum's voters: %s. Nothing changed.\n",
+					r.ID, res.LastIndex, res.LastTerm, strings.Join(res.Before, ", "))
+				return nil
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s: Raft log through index %d (term %d), all of it now committed.\n", r.ID, res.LastIndex, res.LastTerm)
 			fmt.Fprintf(cmd.OutOrStdout(), "node %s: the quorum's voters are now %s (were %s).\n", r.ID, strings.Join(slices.Sorted(maps.Keys(r.Voters)), ", "), strings.Join(res.Before, ", "))
 			if len(res.Dropped) > 0 {
 				fmt.Fprintf(cmd.OutOrStdout(), "Left out: %s. Wipe their --data-dir before any of them runs again.\n", strings.Join(res.Dropped, ", "))
@@ -123,7 +130,8 @@ it first, or it may form a quorum of its own with the other nodes left out.`,
 	f := cmd.Flags()
 	f.StringVar(&r.ID, "id", "", "this node's id")
 	f.StringVar(&r.DataDir, "data-dir", "", "this node's --data-dir (the node must be stopped)")
-	f.StringSliceVar(&voters, "voters", nil, "every surviving node as id=host:port (Raft address), this one included")
+	f.StringSliceVar(&voters, "voters", nil, "the nodes that make the quorum from now on as id=host:port (Raft address), this one included")
+	f.BoolVar(&r.DryRun, "dry-run", false, "say how far this node's Raft log goes and who the voters are, and change nothing")
 	f.StringVar(&r.Actor, "actor", "", "who recovers, for the audit trail (default operator)")
 	f.StringVar(&r.Reason, "reason", "", "why, for the audit trail")
 	return cmd
