@@ -35,6 +35,7 @@ type Recovery struct {
 // RecoveryResult says what a recovery changed.
 type RecoveryResult struct {
 	Before  []string // the voters before
+	After   []string // the voters from now on (Recovery.Voters' ids)
 	Dropped []string // the voters left out
 	// LastIndex and LastTerm are the last entry of the node's Raft log:
 	// of several survivors, the one with the highest term, then index,
@@ -52,10 +53,10 @@ type RecoveryResult struct {
 // --join. A node left out must never run again with its old data: with
 // the others left out, it could form a quorum of its own.
 func RecoverQuorum(r Recovery, log zerolog.Logger) (RecoveryResult, error) {
-	var res RecoveryResult
+	res := RecoveryResult{After: slices.Sorted(maps.Keys(r.Voters))}
 	if _, ok := r.Voters[r.ID]; !ok && !r.DryRun {
-		return res, fmt.Errorf("the voters (%s) do not include this node (%s): name every node that survives, this one included",
-			strings.Join(slices.Sorted(maps.Keys(r.Voters)), ", "), r.ID)
+		return res, fmt.Errorf("the voters (%s) do not include this node (%s): name this node, as a rule alone",
+			strings.Join(res.After, ", "), r.ID)
 	}
 	if _, err := os.Stat(filepath.Join(r.DataDir, "raft.db")); err != nil {
 		return res, fmt.Errorf("no Raft state in %s (%w): name the --data-dir of a node of the quorum", r.DataDir, err)
@@ -95,11 +96,11 @@ func RecoverQuorum(r Recovery, log zerolog.Logger) (RecoveryResult, error) {
 		return res, err
 	}
 	var voters raft.Configuration
-	for _, id := range slices.Sorted(maps.Keys(r.Voters)) {
+	for _, id := range res.After {
 		voters.Servers = append(voters.Servers, raft.Server{ID: raft.ServerID(id), Address: raft.ServerAddress(r.Voters[id]), Suffrage: raft.Voter})
 	}
 	f := &recoveringFSM{fsm: newFSM(), dropped: res.Dropped, atMs: time.Now().UnixMilli(), actor: r.Actor,
-		outcome: fmt.Sprintf("quorum recovered on node %s: voters %s (were %s)", r.ID, strings.Join(slices.Sorted(maps.Keys(r.Voters)), ", "), strings.Join(res.Before, ", "))}
+		outcome: fmt.Sprintf("quorum recovered on node %s: voters %s (were %s)", r.ID, strings.Join(res.After, ", "), strings.Join(res.Before, ", "))}
 	if r.Reason != "" {
 		f.outcome += ": " + r.Reason
 	}

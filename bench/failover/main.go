@@ -367,13 +367,16 @@ func measureRTO(ctx context.Context, dir string, log zerolog.Logger) (time.Durat
 	return rto, err
 }
 
+// otherSite is the site of the two that is not site.
+func otherSite(site string) string { return map[string]string{"a": "b", "b": "a"}[site] }
+
 // checkHandOver checks that the writes of a switchover to site to moved
 // there once and for all: some on the old primary, then only on the new
 // one (a write the old primary took after the new one took one would be
 // two primaries at once). It returns the time from the old primary's last
 // write to the new one's first.
 func checkHandOver(acks []ack, ports map[string]int, to string) (time.Duration, error) {
-	from := map[string]string{"a": "b", "b": "a"}[to]
+	from := otherSite(to)
 	lastOld, firstNew := -1, -1
 	for j, a := range acks {
 		switch a.port {
@@ -423,7 +426,7 @@ func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.L
 	var pauses []time.Duration
 	to := "b"
 	for i := range runs {
-		if err := waitFor(ctx, s, 2*time.Minute, "a settled group", settled(map[string]string{"a": "b", "b": "a"}[to])); err != nil {
+		if err := waitFor(ctx, s, 2*time.Minute, "a settled group", settled(otherSite(to))); err != nil {
 			return nil, err
 		}
 		before := w.count()
@@ -457,7 +460,7 @@ func measureSwitchovers(ctx context.Context, dir string, runs int, log zerolog.L
 			from.UTC().Format("15:04:05.000"), from.Add(longest).UTC().Format("15:04:05.000"), time.Since(started).Round(time.Millisecond),
 			handOver.Round(time.Millisecond))
 		pauses = append(pauses, longest)
-		to = map[string]string{"a": "b", "b": "a"}[to]
+		to = otherSite(to)
 	}
 	return pauses, nil
 }

@@ -2,8 +2,6 @@ package main
 
 import (
 	"fmt"
-	"maps"
-	"slices"
 	"strings"
 
 	"github.com/rs/zerolog"
@@ -119,7 +117,7 @@ it may form a quorum of its own with the other nodes left out.`,
 				return nil
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "node %s: Raft log through index %d (term %d), all of it now committed.\n", r.ID, res.LastIndex, res.LastTerm)
-			fmt.Fprintf(cmd.OutOrStdout(), "node %s: the quorum's voters are now %s (were %s).\n", r.ID, strings.Join(slices.Sorted(maps.Keys(r.Voters)), ", "), strings.Join(res.Before, ", "))
+			fmt.Fprintf(cmd.OutOrStdout(), "node %s: the quorum's voters are now %s (were %s).\n", r.ID, strings.Join(res.After, ", "), strings.Join(res.Before, ", "))
 			if len(res.Dropped) > 0 {
 				fmt.Fprintf(cmd.OutOrStdout(), "Left out: %s. Wipe their --data-dir before any of them runs again.\n", strings.Join(res.Dropped, ", "))
 			}
