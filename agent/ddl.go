@@ -41,6 +41,8 @@ CREATE TABLE IF NOT EXISTS haven.ddl_log (
 );
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL DEFAULT 0;
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFAULT '{}';
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}';
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS missing_values jsonb NOT NULL DEFAULT '[]';
 -- A DR database promoted to primary has the table as its standby made it,
 -- without defaults: its ids continue after the replicated ones.
 CREATE SEQUENCE IF NOT EXISTS haven.ddl_log_id_seq OWNED BY haven.ddl_log.id;
@@ -192,6 +194,23 @@ BEGIN
 	END LOOP;
 END $$;
 
+-- missing_values lists the value every existing row of a table reads in a
+-- column added without rewriting the table (its default, evaluated once by
+-- ADD COLUMN), for the tables of the command and their partitions: a default such as now() or
+-- current_setting(...) is evaluated again, to another value, when DR
+-- replays the statement, and the standby then sets the primary's. The
+-- values are printed in forms that read back the same under any setting.
+CREATE OR REPLACE FUNCTION haven.missing_values() RETURNS jsonb LANGUAGE sql
+SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $$
+	SELECT coalesce(jsonb_agg(jsonb_build_object('schema', n.nspname, 'table', k.relname, 'column', a.attname, 'value', a.attmissingval::text)), '[]')
+	FROM (SELECT c.objid FROM pg_event_trigger_ddl_commands() c WHERE c.classid = 'pg_class'::regclass AND c.object_type = 'table'
+	      UNION -- pg_partition_tree has no rows for a table outside one
+	      SELECT p.relid FROM pg_event_trigger_ddl_commands() c, pg_partition_tree(c.objid) p
+	      WHERE c.classid = 'pg_class'::regclass AND c.object_type = 'table') x(objid)
+	JOIN pg_class k ON k.oid = x.objid JOIN pg_namespace n ON n.oid = k.relnamespace
+	JOIN pg_attribute a ON a.attrelid = k.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.atthasmissing
+$$;
+
 -- record_ddl writes one statement to haven.ddl_log. It runs with its
 -- owner's rights (the log is not writable by others) but only inside an
 -- event trigger, and it records as the role to replay as the caller's
@@ -211,12 +230,17 @@ BEGIN
 		-- The tables the statement worked on (an index's table for an
 		-- index), so that a group of some tables only can leave out DDL on
 		-- others.
-		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason, relations)
+		-- With the caller's settings that change how literals and casts
+		-- read and print dates, times and intervals: DR replays under them.
+		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason, relations, settings, missing_values)
 		VALUES (replay_as, caller_search_path, tag, statement,
 		        coalesce(nullif(current_setting('haven.rewrite_reason', true), ''), '0')::int,
 		        ARRAY(SELECT DISTINCT coalesce(i.indrelid, c.objid) FROM pg_event_trigger_ddl_commands() c
 		              LEFT JOIN pg_index i ON i.indexrelid = c.objid
-		              WHERE c.classid = 'pg_class'::regclass));
+		              WHERE c.classid = 'pg_class'::regclass),
+		        jsonb_build_object('DateStyle', current_setting('DateStyle'), 'TimeZone', current_setting('TimeZone'),
+		                           'IntervalStyle', current_setting('IntervalStyle')),
+		        CASE WHEN tag = 'ALTER TABLE' THEN haven.missing_values() ELSE '[]' END);
 		PERFORM set_config('haven.rewrite_reason', '0', true);
 	END IF;
 	-- After recording: the ALTER PUBLICATION it may run is DDL too.

@@ -231,6 +231,42 @@ CREATE OPERATOR public.= (LEFTARG = text, RIGHTARG = text, FUNCTION = public.evi
 	}
 }
 
+// TestAddedColumnsReadThePrimarysValues: DDL replays under the date and
+// time settings it ran under on the primary, and the rows a column is added
+// to read on DR the value its default gave them on the primary (now() and
+// current_setting() are evaluated once by ADD COLUMN, and again, to
+// another value, by DR's replay).
+func TestAddedColumnsReadThePrimarysValues(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	mustExec(t, primary, `CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE marker (id bigint PRIMARY KEY);
+		CREATE TABLE visits (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+		CREATE TABLE visits_eu PARTITION OF visits FOR VALUES IN ('eu');
+		INSERT INTO notes SELECT g, 'note ' || g FROM generate_series(1, 50) g; INSERT INTO visits SELECT g, 'eu' FROM generate_series(1, 20) g`)
+	startHaven(t, "agent", s.agentArgs()...)
+	startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+
+	for _, st := range []string{
+		`SET TimeZone = 'Asia/Tokyo'`, `SET DateStyle = 'SQL, DMY'`, `SET application_name = 'crm-migration'`,
+		`ALTER TABLE notes ADD COLUMN created timestamptz NOT NULL DEFAULT now(), ADD COLUMN source text DEFAULT current_setting('application_name'),
+			ADD COLUMN due date DEFAULT '03/04/2020', ADD COLUMN starts timestamptz DEFAULT '2020-01-01 00:00', ADD COLUMN priority int DEFAULT 3`,
+		`ALTER TABLE visits ADD COLUMN seen timestamptz DEFAULT now()`,
+		`ALTER TABLE notes ALTER COLUMN due TYPE text`,
+		`INSERT INTO notes (id, body) VALUES (51, 'after')`,
+		`RESET ALL`,
+	} {
+		mustExec(t, primary, st)
+	}
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"notes": "id", "visits": "id"})
+	var due string
+	if err := dr.QueryRow(t.Context(), `SELECT due FROM notes WHERE id = 1`).Scan(&due); err != nil || due != "03/04/2020" {
+		t.Errorf("due on DR is %q (%v), want 03/04/2020 as the primary printed it", due, err)
+	}
+}
+
 // TestVolatileRewriteIsRefused: a column filled on the primary with values
 // DR would compute differently (a volatile default) cannot be replicated by
 // replaying the DDL; apply stops there and says so instead of diverging.

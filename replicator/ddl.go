@@ -2,8 +2,10 @@ package replicator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"regexp"
 	"slices"
 	"strconv"
@@ -22,7 +24,31 @@ import (
 // crash can neither lose nor repeat it.
 
 // ddlLogColumns names the haven.ddl_log columns replay reads.
-var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite string }{"ddl", "search_path", "command_tags", "username", "rewrite_reason"}
+var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite, settings, missing string }{
+	"ddl", "search_path", "command_tags", "username", "rewrite_reason", "settings", "missing_values"}
+
+// replaySettings are the settings of the primary's session that DDL is
+// replayed under: they decide how literals and casts read and print dates,
+// times and intervals (a DEFAULT '03/04/2020', a timestamp column turned
+// into text).
+var replaySettings = []string{"DateStyle", "TimeZone", "IntervalStyle"}
+
+// canonicalSettings print every value in a form that reads back the same
+// under any setting; the primary prints the values of missingValue so.
+var canonicalSettings = map[string]string{"DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres", "bytea_output": "hex"}
+
+// missingValue is the value every row that existed when a column was added
+// reads in it on the primary: ADD COLUMN evaluated its default once, and
+// stored it instead of rewriting the table (pg_attribute.attmissingval,
+// printed as an array of one element). A default such as now() or
+// current_setting(…) is not volatile, so PostgreSQL does so, but replayed
+// on DR it gives DR's value.
+type missingValue struct {
+	Schema string `json:"schema"`
+	Table  string `json:"table"`
+	Column string `json:"column"`
+	Value  string `json:"value"`
+}
 
 // notReplicatedTag marks a haven.ddl_log row in which the source's event
 // trigger reports a new table it could not add to the publication.
@@ -367,6 +393,29 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 				"changes to tables it touched stop at a schema mismatch until DR matches")
 		return nil
 	}
+	var settings map[string]string
+	var missing []missingValue
+	if text := field(ddlLogColumns.settings); text != "" {
+		if err := json.Unmarshal([]byte(text), &settings); err != nil {
+			return blocked(seq, "unappliable", "read the settings DDL %q ran under: %w", text, err)
+		}
+	}
+	if text := field(ddlLogColumns.missing); text != "" {
+		if err := json.Unmarshal([]byte(text), &missing); err != nil {
+			return blocked(seq, "unappliable", "read the values DDL %q gave existing rows: %w", text, err)
+		}
+	}
+	var hadMissing map[[2]int64]bool
+	if len(missing) > 0 {
+		var err error
+		if hadMissing, err = a.missingValues(ctx, func(attrelid, attnum int64, _, _, _, _, _ string) {}); err != nil {
+			return err
+		}
+	}
+	restoreSettings, err := a.setLocal(ctx, settings, replaySettings)
+	if err != nil {
+		return blocked(seq, "ddl failed", "set the settings DDL %q ran under on the primary: %w; DR needs the same time zones (tzdata)", text, err)
+	}
 	exec := func(sql string) error { return a.pg.Exec(ctx, sql).Close() }
 	var restore string
 	if err := a.conn.QueryRow(ctx, `SELECT current_setting('search_path')`).Scan(&restore); err != nil {
@@ -448,11 +497,105 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 	if _, err := a.conn.Exec(ctx, `SELECT set_config('search_path', $1, true)`, restore); err != nil {
 		return fmt.Errorf("restore search_path: %w", err)
 	}
+	if _, err := a.setLocal(ctx, restoreSettings, replaySettings); err != nil {
+		return fmt.Errorf("restore settings after DDL: %w", err)
+	}
+	if len(missing) > 0 {
+		if err := a.setMissingValues(ctx, seq, hadMissing, missing); err != nil {
+			return err
+		}
+	}
 	// The tables it changed have new shapes, and sequences may have been
 	// created: look at them again.
 	clear(a.checked)
 	clear(a.sequences)
 	a.replayedDDL = true
+	return nil
+}
+
+// setLocal sets those of names that settings has until the end of the DR
+// transaction, and returns what they were.
+func (a *applier) setLocal(ctx context.Context, settings map[string]string, names []string) (map[string]string, error) {
+	was := map[string]string{}
+	for _, name := range names {
+		value, ok := settings[name]
+		if !ok {
+			continue
+		}
+		var old string
+		if err := a.conn.QueryRow(ctx, `SELECT current_setting($1)`, name).Scan(&old); err != nil {
+			return nil, fmt.Errorf("read %s: %w", name, err)
+		}
+		was[name] = old
+		if _, err := a.conn.Exec(ctx, `SELECT set_config($1, $2, true)`, name, value); err != nil {
+			return nil, fmt.Errorf("set %s to %q: %w", name, value, err)
+		}
+	}
+	return was, nil
+}
+
+// missingValues calls each with the DR columns whose rows read a value
+// stored when the column was added (printed as the primary prints it, see
+// missingValue), and returns them by table OID and column number.
+func (a *applier) missingValues(ctx context.Context, each func(attrelid, attnum int64, schema, table, column, typ, value string)) (map[[2]int64]bool, error) {
+	restore, err := a.setLocal(ctx, canonicalSettings, slices.Collect(maps.Keys(canonicalSettings)))
+	if err != nil {
+		return nil, err
+	}
+	rows, err := a.conn.Query(ctx, `SELECT a.attrelid::bigint, a.attnum::bigint, n.nspname::text, k.relname::text, a.attname::text,
+		format_type(a.atttypid, a.atttypmod), a.attmissingval::text
+		FROM pg_attribute a JOIN pg_class k ON k.oid = a.attrelid JOIN pg_namespace n ON n.oid = k.relnamespace
+		WHERE a.atthasmissing AND a.attnum > 0 AND NOT a.attisdropped`)
+	if err != nil {
+		return nil, fmt.Errorf("read the stored values of added columns on DR: %w", err)
+	}
+	found := map[[2]int64]bool{}
+	var attrelid, attnum int64
+	var schema, table, column, typ, value string
+	_, err = pgx.ForEachRow(rows, []any{&attrelid, &attnum, &schema, &table, &column, &typ, &value}, func() error {
+		found[[2]int64{attrelid, attnum}] = true
+		each(attrelid, attnum, schema, table, column, typ, value)
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("read the stored values of added columns on DR: %w", err)
+	}
+	if _, err := a.setLocal(ctx, restore, slices.Collect(maps.Keys(restore))); err != nil {
+		return nil, err
+	}
+	return found, nil
+}
+
+// setMissingValues gives the rows of every column the replayed DDL added
+// (one DR did not have before, hadMissing) the value they read on the
+// primary, where DR's replay stored another.
+func (a *applier) setMissingValues(ctx context.Context, seq uint64, hadMissing map[[2]int64]bool, missing []missingValue) error {
+	type fix struct{ table, column, typ, value string }
+	var fixes []fix
+	_, err := a.missingValues(ctx, func(attrelid, attnum int64, schema, table, column, typ, value string) {
+		if hadMissing[[2]int64{attrelid, attnum}] {
+			return
+		}
+		for _, m := range missing {
+			if m.Schema == schema && m.Table == table && m.Column == column && m.Value != value {
+				fixes = append(fixes, fix{pgx.Identifier{schema, table}.Sanitize(), pgx.Identifier{column}.Sanitize(), typ, m.Value})
+			}
+		}
+	})
+	if err != nil {
+		return err
+	}
+	for _, f := range fixes {
+		// The rows there are exactly those the column was added to: what
+		// the primary changed after comes later in the stream.
+		tag, err := a.conn.Exec(ctx, fmt.Sprintf(`UPDATE ONLY %s SET %s = (($1::text::text[])[1])::%s`, f.table, f.column, f.typ), f.value)
+		if err != nil {
+			a.metrics.ddlFailures.Inc()
+			return blocked(seq, "ddl failed", "give the rows of %s the value %s their new column %s has on the primary: %w", f.table, f.value, f.column, err)
+		}
+		a.log.Info().Uint64("seq", seq).Str("table", f.table).Str("column", f.column).Str("value", f.value).Int64("rows", tag.RowsAffected()).
+			Msg("the new column's default gave another value on DR: its rows now hold the primary's")
+	}
 	return nil
 }
 
