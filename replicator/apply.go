@@ -266,6 +266,14 @@ func (a *applier) handle(ctx context.Context, in inbound) error {
 // the next session reads it again, at once.
 var errNotDelivered = errors.New("not delivered")
 
+// errReconnected ends a session whose NATS connection was lost and made
+// again before it handles another message: the server may have come back
+// without messages it had acknowledged (one replica, not synced to disk),
+// and handing their sequence numbers out again to new messages, which the
+// session would take for ones it had applied and skip. The next session
+// starts by checking the stream still holds what DR applied, at once.
+var errReconnected = errors.New("reconnected to NATS: a new session checks that the stream still holds what DR applied before reading on")
+
 // gap explains a message that arrived after a missing one. A message that
 // is still in the stream was only not delivered (the client dropped it as a
 // slow consumer): the session restarts and reads it again. One that is gone

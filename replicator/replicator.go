@@ -118,8 +118,8 @@ func (s *Standby) Run(ctx context.Context) error {
 				s.log.Info().Msg(err.Error())
 			}
 			wait = 500 * time.Millisecond
-		case errors.Is(err, errNotDelivered):
-			// Nothing is wrong but a message the client lost: no backoff.
+		case errors.Is(err, errNotDelivered), errors.Is(err, errReconnected):
+			// Nothing is wrong yet: no backoff.
 			s.log.Warn().Err(err).Msg("apply session ended; reading the stream again")
 			wait = 0
 		default:
@@ -279,6 +279,7 @@ func (s *Standby) runSession(ctx context.Context) error {
 	}()
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	reconnects := nc.Stats().Reconnects
 	// A message read while a drill holds apply, handled once it lets go.
 	var kept *inbound
 
@@ -379,6 +380,9 @@ func (s *Standby) runSession(ctx context.Context) error {
 			case <-time.After(10 * time.Millisecond):
 			}
 			continue
+		}
+		if nc.Stats().Reconnects != reconnects {
+			return errReconnected
 		}
 		if err := a.handle(ctx, in); err != nil {
 			return err

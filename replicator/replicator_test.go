@@ -763,6 +763,39 @@ func TestStopsWhenTheStreamNoLongerHoldsWhatWasApplied(t *testing.T) {
 	}
 }
 
+// TestStopsWhenTheStreamLostMessagesWhileConnected: a NATS server that
+// comes back without the end of its stream (one replica, not synced to
+// disk) gives new messages the sequence numbers of ones DR applied. A
+// standby that stayed in its session through the reconnect would skip
+// them; it starts a new session instead, whose check finds the stream no
+// longer holds what was applied, and stops there.
+func TestStopsWhenTheStreamLostMessagesWhileConnected(t *testing.T) {
+	const group = "rewound"
+	pg, ns := newGroup(t, group)
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	f.publish(f.txn(0x3000, insert("3", "second transaction")))
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the transactions on DR", func() bool { return len(notes(t, pg.URL(group))) == 3 })
+
+	ns.Shutdown()
+	msgs := filepath.Join(ns.StoreDir(), "jetstream", "$G", "streams", wire.StreamName(group), "msgs")
+	if err := os.RemoveAll(msgs); err != nil {
+		t.Fatal(err)
+	}
+	if err := ns.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	f = &feed{t: t, js: ns.JetStream(t), group: group}
+	for i := range 8 {
+		f.publish(f.txn(0x4000+uint64(i)*0x100, insert(strconv.Itoa(10+i), "after the loss")))
+	}
+	waitFor(t, 30*time.Second, "apply to stop", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
+	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), "lost messages it had acknowledged") {
+		t.Errorf("health %v does not say the stream lost messages", err)
+	}
+}
+
 // TestAFailureInAPipelinedBatchIsNamedExactly: transactions large enough
 // that their statements go out in batches the DR server executes while the
 // next is built and sent; a failure inside such a batch, early (with a batch

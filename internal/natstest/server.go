@@ -69,6 +69,9 @@ func (s *Server) URL() string {
 	return "nats://" + net.JoinHostPort("127.0.0.1", strconv.Itoa(s.opts.Port))
 }
 
+// StoreDir is the directory of JetStream's files.
+func (s *Server) StoreDir() string { return s.opts.StoreDir }
+
 // Shutdown stops the server and returns once it is down. Shutting down a
 // stopped server does nothing.
 func (s *Server) Shutdown() {
