@@ -1068,6 +1068,15 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 		return blocked(seq, "out of order", "snapshot chunk of snapshot %s, but the DR copy is at snapshot %s (complete: %v)",
 			pglogrepl.LSN(c.SnapshotLsn), a.next.snapshotLSN, a.next.snapshotDone)
 	}
+	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_BEGIN {
+		if err := a.settle(); err != nil {
+			return err
+		}
+		if err := refuseSnapshotOfTarget(ctx, a.conn, c); err != nil {
+			return err
+		}
+		protectDR(ctx, a.conn, a.log)
+	}
 	if c.Kind == havenpb.Kind_KIND_SNAPSHOT_BEGIN && c.SchemaSql != "" {
 		// Before the transaction that prepares the tables, so that it sees
 		// what the script created.

@@ -211,7 +211,8 @@ func (s *Standby) runSession(ctx context.Context) error {
 		return err
 	}
 	// Before anything is written to the target: it must not be the source.
-	if err := s.refuseSource(ctx, conn, js); err != nil {
+	known, err := s.refuseSource(ctx, conn, js)
+	if err != nil {
 		return err
 	}
 	var locked bool
@@ -232,7 +233,11 @@ func (s *Standby) runSession(ctx context.Context) error {
 		// A primary now: nothing more is applied here.
 		return errPromoted
 	}
-	s.protectDR(ctx, conn)
+	if known || found {
+		// Not yet a target that may be the source (refuseSource); else at
+		// the snapshot's first message.
+		protectDR(ctx, conn, s.log)
+	}
 	id, err := standbyID(ctx, conn)
 	if err != nil {
 		return err
@@ -497,24 +502,58 @@ func (r *readAhead) next(timer *time.Timer, wait time.Duration, wake <-chan stru
 // refuseSource stops a standby whose target is the group's source database
 // (same system, same database): applying there would feed the primary its
 // own changes in a loop, and making it read-only would stop production.
-func (s *Standby) refuseSource(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream) error {
+// Before the agent has recorded its snapshot, the target is refused if it
+// holds the group's slot (the agent's first step), and it is not made
+// read-only (see runSession); a snapshot's first message is checked again
+// (refuseSnapshotOfTarget).
+func (s *Standby) refuseSource(ctx context.Context, conn *pgx.Conn, js jetstream.JetStream) (known bool, err error) {
 	st := s.snapshotState(ctx, js)
 	if st == nil || st.SystemID == 0 || st.Database == "" {
-		return nil
+		if s.control.reseed.Load() {
+			return false, nil
+		}
+		var holds bool
+		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database())`,
+			"haven_"+s.cfg.Group).Scan(&holds); err != nil {
+			return false, fmt.Errorf("look for the group's slot in the target database: %w", err)
+		}
+		if holds {
+			return false, &operatorError{fmt.Errorf("--target-url points at a database that holds slot haven_%s: the source database group %q captures; "+
+				"point it at the DR database", s.cfg.Group, s.cfg.Group)}
+		}
+		return false, nil
 	}
 	var systemID, database string
 	if err := conn.QueryRow(ctx, `SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database()`).Scan(&systemID, &database); err != nil {
 		s.log.Warn().Err(err).Msg("could not read the target's system identifier to check that it is not the source database")
-		return nil
+		return true, nil
 	}
 	if systemID == strconv.FormatUint(st.SystemID, 10) && database == st.Database {
 		if s.control.reseed.Load() {
 			// A deposed primary rejoining: the latest snapshot is its own
 			// until the new primary's agent has put one in the stream.
-			return errNoNewSnapshot
+			return true, errNoNewSnapshot
 		}
-		return &operatorError{fmt.Errorf("--target-url points at database %q of the source cluster (system %s), the very database group %q captures: "+
+		return true, &operatorError{fmt.Errorf("--target-url points at database %q of the source cluster (system %s), the very database group %q captures: "+
 			"point it at the DR database", database, systemID, s.cfg.Group)}
+	}
+	return true, nil
+}
+
+// refuseSnapshotOfTarget stops apply before a snapshot empties the target's
+// tables when the snapshot was taken of the target itself: the same
+// cluster, and its database holds the snapshot's slot. (A standby whose
+// session began before the agent recorded the snapshot was not checked.)
+func refuseSnapshotOfTarget(ctx context.Context, conn *pgx.Conn, c *havenpb.Chunk) error {
+	var source bool
+	err := conn.QueryRow(ctx, `SELECT (SELECT system_identifier FROM pg_control_system()) = $1::bigint
+		AND EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $2 AND database = current_database())`, int64(c.SystemId), c.Slot).Scan(&source)
+	if err != nil {
+		return fmt.Errorf("check that the snapshot is not of the target database itself: %w", err)
+	}
+	if source {
+		return &operatorError{fmt.Errorf("the snapshot in the stream was taken of the target database itself (system %d, slot %s): --target-url points at "+
+			"the source database; point it at the DR database", c.SystemId, c.Slot)}
 	}
 	return nil
 }
@@ -523,13 +562,13 @@ func (s *Standby) refuseSource(ctx context.Context, conn *pgx.Conn, js jetstream
 // that an application pointed at the DR site by mistake cannot make it
 // drift from the primary. It is a default, not a barrier (a session may SET
 // it off); failing to set it is reported, not fatal.
-func (s *Standby) protectDR(ctx context.Context, conn *pgx.Conn) {
+func protectDR(ctx context.Context, conn *pgx.Conn, log zerolog.Logger) {
 	var db string
 	if err := conn.QueryRow(ctx, `SELECT current_database()`).Scan(&db); err != nil {
 		return
 	}
 	if _, err := conn.Exec(ctx, "ALTER DATABASE "+pgx.Identifier{db}.Sanitize()+" SET default_transaction_read_only = on"); err != nil {
-		s.log.Warn().Err(err).Msg("could not make the DR database read-only for other sessions (the DR role must own it): writes there would make it drift from the primary")
+		log.Warn().Err(err).Msg("could not make the DR database read-only for other sessions (the DR role must own it): writes there would make it drift from the primary")
 	}
 }
 
