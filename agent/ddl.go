@@ -43,6 +43,7 @@ ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_reason int NOT NULL D
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFAULT '{}';
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}';
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS missing_values jsonb NOT NULL DEFAULT '[]';
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS ordinal int NOT NULL DEFAULT 0;
 -- A DR database promoted to primary has the table as its standby made it,
 -- without defaults: its ids continue after the replicated ones.
 CREATE SEQUENCE IF NOT EXISTS haven.ddl_log_id_seq OWNED BY haven.ddl_log.id;
@@ -216,7 +217,8 @@ $$;
 -- event trigger, and it records as the role to replay as the caller's
 -- current role only when the session's login role may act as it: nobody
 -- can have DDL replayed on DR with rights they do not hold.
-CREATE OR REPLACE FUNCTION haven.record_ddl(statement text, tag text, caller_search_path text, caller_role text)
+DROP FUNCTION IF EXISTS haven.record_ddl(text, text, text, text);
+CREATE OR REPLACE FUNCTION haven.record_ddl(statement text, tag text, caller_search_path text, caller_role text, ordinal int)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	replay_as text := session_user;
@@ -225,14 +227,16 @@ BEGIN
 	IF pg_has_role(session_user, caller_role, 'MEMBER') THEN
 		replay_as := caller_role;
 	END IF;
-	-- Several DDL statements sent in one query string are recorded once.
-	IF NOT EXISTS (SELECT 1 FROM haven.ddl_log l WHERE l.txid = txid_current() AND l.ddl = statement) THEN
+	-- A query string of several statements is recorded at each of its DDL
+	-- statements, with its place among them: DR replays each where it ran,
+	-- between the rows the statements between them changed.
+	IF NOT EXISTS (SELECT 1 FROM haven.ddl_log l WHERE l.txid = txid_current() AND l.ddl = statement AND l.ordinal = record_ddl.ordinal) THEN
 		-- The tables the statement worked on (an index's table for an
 		-- index), so that a group of some tables only can leave out DDL on
 		-- others.
 		-- With the caller's settings that change how literals and casts
 		-- read and print dates, times and intervals: DR replays under them.
-		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason, relations, settings, missing_values)
+		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason, relations, settings, missing_values, ordinal)
 		VALUES (replay_as, caller_search_path, tag, statement,
 		        coalesce(nullif(current_setting('haven.rewrite_reason', true), ''), '0')::int,
 		        ARRAY(SELECT DISTINCT coalesce(i.indrelid, c.objid) FROM pg_event_trigger_ddl_commands() c
@@ -240,7 +244,7 @@ BEGIN
 		              WHERE c.classid = 'pg_class'::regclass),
 		        jsonb_build_object('DateStyle', current_setting('DateStyle'), 'TimeZone', current_setting('TimeZone'),
 		                           'IntervalStyle', current_setting('IntervalStyle')),
-		        CASE WHEN tag = 'ALTER TABLE' THEN haven.missing_values() ELSE '[]' END);
+		        CASE WHEN tag = 'ALTER TABLE' THEN haven.missing_values() ELSE '[]' END, record_ddl.ordinal);
 		PERFORM set_config('haven.rewrite_reason', '0', true);
 	END IF;
 	-- After recording: the ALTER PUBLICATION it may run is DDL too.
@@ -275,6 +279,8 @@ CREATE OR REPLACE FUNCTION haven.capture_ddl() RETURNS event_trigger LANGUAGE pl
 DECLARE
 	relevant  boolean;
 	statement text := pg_catalog.current_query();
+	query_key text := pg_catalog.md5(pg_catalog.concat(pg_catalog.statement_timestamp(), pg_catalog.current_query()));
+	ordinal   int := 1;
 BEGIN
 	IF pg_catalog.current_setting('haven.internal', true) = 'on' THEN
 		-- haven's own triggers on this site: not the DR site's.
@@ -288,6 +294,14 @@ BEGIN
 		-- haven's write guard of this site (DR has none).
 		RETURN;
 	END IF;
+	-- Which DDL statement of the client's query string this is: the first,
+	-- the second… (every statement of one string shares its timestamp).
+	-- Like everything here that runs as the caller, with the built-in
+	-- operators only: the caller's search_path may hold others.
+	IF coalesce(pg_catalog.current_setting('haven.ddl_query', true), '') OPERATOR(pg_catalog.=) query_key THEN
+		ordinal := pg_catalog.current_setting('haven.ddl_ordinal')::int OPERATOR(pg_catalog.+) 1;
+	END IF;
+	PERFORM pg_catalog.set_config('haven.ddl_query', query_key, true), pg_catalog.set_config('haven.ddl_ordinal', ordinal::text, true);
 	IF tg_tag LIKE 'DROP %' THEN
 		relevant := pg_catalog.current_setting('haven.drop_only_temporary', true) IS DISTINCT FROM 'on';
 		PERFORM pg_catalog.set_config('haven.drop_only_temporary', 'off', true);
@@ -316,13 +330,13 @@ BEGIN
 	IF coalesce(relevant, true) THEN
 		PERFORM haven.record_ddl(statement, tg_tag,
 			pg_catalog.array_to_string(ARRAY(SELECT pg_catalog.quote_ident(s) FROM pg_catalog.unnest(pg_catalog.current_schemas(false)) s), ', '),
-			current_user::text);
+			current_user::text, ordinal);
 	END IF;
 END $$;
 
 -- Every role's DDL passes through these; only record_ddl writes the log.
 GRANT USAGE ON SCHEMA haven TO PUBLIC;
-GRANT EXECUTE ON FUNCTION haven.record_ddl(text, text, text, text), haven.capture_ddl(), haven.mark_temporary_drop(), haven.mark_rewrite(),
+GRANT EXECUTE ON FUNCTION haven.record_ddl(text, text, text, text, int), haven.capture_ddl(), haven.mark_temporary_drop(), haven.mark_rewrite(),
 	haven.capture_partition_truncate(), haven.guard_writes() TO PUBLIC;
 REVOKE EXECUTE ON FUNCTION haven.publish_new_tables(), haven.capture_truncate_of(regclass), haven.guard_table(regclass) FROM PUBLIC;
 

@@ -267,6 +267,30 @@ func TestAddedColumnsReadThePrimarysValues(t *testing.T) {
 	}
 }
 
+// TestDDLOfAQueryStringReplaysWhereEachStatementRan: a migration sent as
+// one query string, with data changes between its DDL statements, replays
+// each DDL statement at its own place in the stream, so that the rows
+// changed between them land in the columns they were written to.
+func TestDDLOfAQueryStringReplaysWhereEachStatementRan(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	mustExec(t, primary, `CREATE TABLE pairs (id int PRIMARY KEY, a int, b int); CREATE TABLE people (id int PRIMARY KEY, first text, last text);
+		CREATE TABLE marker (id bigint PRIMARY KEY);
+		INSERT INTO pairs SELECT g, g, -g FROM generate_series(1, 10) g; INSERT INTO people SELECT g, 'First' || g, 'Last' || g FROM generate_series(1, 10) g`)
+	startHaven(t, "agent", s.agentArgs()...)
+	startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+
+	mustExec(t, primary, `ALTER TABLE pairs ADD COLUMN note text; UPDATE pairs SET a = 1, b = 2 WHERE id <= 5;
+		ALTER TABLE pairs RENAME a TO tmp; ALTER TABLE pairs RENAME b TO a; ALTER TABLE pairs RENAME tmp TO b; UPDATE pairs SET note = 'swapped'`)
+	mustExec(t, primary, `ALTER TABLE people ADD COLUMN fullname text; UPDATE people SET fullname = first || ' ' || last;
+		ALTER TABLE people DROP COLUMN first, DROP COLUMN last`)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"pairs": "id", "people": "id"})
+	assertSameSchema(t, primary, dr)
+}
+
 // TestVolatileRewriteIsRefused: a column filled on the primary with values
 // DR would compute differently (a volatile default) cannot be replicated by
 // replaying the DDL; apply stops there and says so instead of diverging.

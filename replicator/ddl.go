@@ -24,8 +24,8 @@ import (
 // crash can neither lose nor repeat it.
 
 // ddlLogColumns names the haven.ddl_log columns replay reads.
-var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite, settings, missing string }{
-	"ddl", "search_path", "command_tags", "username", "rewrite_reason", "settings", "missing_values"}
+var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite, settings, missing, ordinal string }{
+	"ddl", "search_path", "command_tags", "username", "rewrite_reason", "settings", "missing_values", "ordinal"}
 
 // replaySettings are the settings of the primary's session that DDL is
 // replayed under: they decide how literals and casts read and print dates,
@@ -380,6 +380,17 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 		// root (PostgreSQL does not publish it): haven's own statement.
 		statements = []string{text}
 	}
+	if ordinal, _ := strconv.Atoi(field(ddlLogColumns.ordinal)); ordinal > 0 && tags != "TRUNCATE" && tags != "CREATE TABLE AS" && tags != "SELECT INTO" {
+		var exact bool
+		if statements, exact = statementOfEvent(statements, ordinal, tags); !exact {
+			a.log.Warn().Uint64("seq", seq).Int("ordinal", ordinal).Str("command_tag", tags).Str("ddl", text).
+				Msg("DDL came in one query string with other statements, and which of them ran here is not clear: replaying it and those after it now. " +
+					"Rows the statements between them changed may land in the wrong columns: compare the tables it touches (haven drill run --kind verify)")
+		}
+		if len(statements) == 0 {
+			return nil // replayed with the text's first DDL statement
+		}
+	}
 	onlySearchPath := true
 	for _, st := range statements {
 		if _, ok := searchPathStatement(st); !ok {
@@ -511,6 +522,31 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 	clear(a.sequences)
 	a.replayedDDL = true
 	return nil
+}
+
+// statementOfEvent picks from a query string's replayable statements the
+// one the source's ordinal-th DDL event (the first is 1) ran, and says
+// whether its leading keyword matches the event's command tag. When it
+// does not, it returns the statements from that place on, to be replayed
+// together. A text of one statement (a DO block, a function's body) is
+// replayed at its first event, and nothing at the others.
+func statementOfEvent(statements []string, ordinal int, tag string) ([]string, bool) {
+	var ddl []string
+	for _, st := range statements {
+		if _, ok := searchPathStatement(st); !ok {
+			ddl = append(ddl, st)
+		}
+	}
+	switch {
+	case len(ddl) <= 1 && ordinal == 1:
+		return statements, true
+	case len(ddl) <= 1:
+		return nil, true
+	case ordinal <= len(ddl) && leadingKeyword(ddl[ordinal-1]) == strings.SplitN(tag, " ", 2)[0]:
+		// The search_path recorded with it is the one it ran under.
+		return ddl[ordinal-1 : ordinal], true
+	}
+	return ddl[min(ordinal-1, len(ddl)):], false
 }
 
 // setLocal sets those of names that settings has until the end of the DR
