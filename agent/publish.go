@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"time"
 
@@ -200,8 +201,22 @@ func waitAck(ctx context.Context, f jetstream.PubAckFuture) error {
 	case <-f.Ok():
 		return nil
 	case err := <-f.Err():
-		return fmt.Errorf("JetStream did not acknowledge %s: %w", f.Msg().Header.Get(jetstream.MsgIDHeader), err)
+		return notAcknowledged(f.Msg().Header.Get(jetstream.MsgIDHeader), err)
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// notAcknowledged is the error of a publish JetStream refused, saying what
+// to do when it has no room for it.
+func notAcknowledged(what string, err error) error {
+	var apiErr *jetstream.APIError
+	// The server's codes for insufficient resources, the account's limits,
+	// memory and storage exceeded.
+	if errors.As(err, &apiErr) && slices.Contains([]jetstream.ErrorCode{10023, 10002, 10028, 10047}, apiErr.ErrorCode) {
+		return fmt.Errorf("JetStream did not acknowledge %s: it has no room for it: raise the server's max_file_store (or the account's "+
+			"JetStream limits) or free space where it stores; changes wait in the slot on the primary meanwhile "+
+			"(haven_agent_slot_retained_wal_bytes), and capture resumes by itself: %w", what, err)
+	}
+	return fmt.Errorf("JetStream did not acknowledge %s: %w", what, err)
 }

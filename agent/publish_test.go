@@ -1,6 +1,8 @@
 package agent
 
 import (
+	"errors"
+	"fmt"
 	"strings"
 	"testing"
 
@@ -62,5 +64,21 @@ func TestAChunkTooLargeForAMessage(t *testing.T) {
 	tail, err := s.readTail(ctx)
 	if err != nil || tail.commitLSN != 0x5000 || !tail.last || tail.msgID != msgID {
 		t.Errorf("tail %+v (%v), want the transaction at 0/5000, complete, with its message id", tail, err)
+	}
+}
+
+// TestARefusedPublishSaysWhatToDo: a publish JetStream refuses for want of
+// room says where room is made; other failures are only wrapped.
+func TestARefusedPublishSaysWhatToDo(t *testing.T) {
+	full := notAcknowledged("crm-1", fmt.Errorf("publish: %w", &jetstream.APIError{Code: 503, ErrorCode: 10023, Description: "insufficient resources"}))
+	if !strings.Contains(full.Error(), "max_file_store") {
+		t.Errorf("%v does not say what to do", full)
+	}
+	var apiErr *jetstream.APIError
+	if !errors.As(full, &apiErr) {
+		t.Errorf("%v does not wrap JetStream's error", full)
+	}
+	if other := notAcknowledged("crm-1", errors.New("timeout")); strings.Contains(other.Error(), "max_file_store") {
+		t.Errorf("%v blames the server's room", other)
 	}
 }

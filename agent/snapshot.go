@@ -153,7 +153,7 @@ func (s *session) publishMarker(ctx context.Context, c *havenpb.Chunk, marker st
 	case ack := <-future.Ok():
 		return ack.Sequence, nil
 	case err := <-future.Err():
-		return 0, fmt.Errorf("JetStream did not acknowledge the snapshot's %s marker: %w", marker, err)
+		return 0, notAcknowledged("the snapshot's "+marker+" marker", err)
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	}

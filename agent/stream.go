@@ -662,7 +662,7 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 				select {
 				case <-head.future.Ok():
 				case err := <-head.future.Err():
-					return fmt.Errorf("JetStream did not acknowledge %s: %w", head.future.Msg().Header.Get(jetstream.MsgIDHeader), err)
+					return notAcknowledged(head.future.Msg().Header.Get(jetstream.MsgIDHeader), err)
 				case <-ctx.Done():
 					return ctx.Err()
 				}
@@ -670,7 +670,7 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 				select {
 				case <-head.future.Ok():
 				case err := <-head.future.Err():
-					return fmt.Errorf("JetStream did not acknowledge %s: %w", head.future.Msg().Header.Get(jetstream.MsgIDHeader), err)
+					return notAcknowledged(head.future.Msg().Header.Get(jetstream.MsgIDHeader), err)
 				default:
 					return nil
 				}
