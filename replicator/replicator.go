@@ -220,7 +220,19 @@ func (s *Standby) runSession(ctx context.Context) error {
 		return fmt.Errorf("take the apply lock: %w", err)
 	}
 	if !locked {
-		return fmt.Errorf("another standby is applying group %q to this database (it holds the apply lock); this one waits", s.cfg.Group)
+		// pg_locks shows a bigint key as its high and low halves.
+		var holder string
+		_ = conn.QueryRow(ctx, `SELECT format('DR session %s from %s, connected at %s', a.pid, coalesce(host(a.client_addr), 'a local socket'), a.backend_start)
+			FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+			WHERE l.locktype = 'advisory' AND l.granted AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+			  AND l.objsubid = 1 AND l.classid::bigint = (hashtext('haven standby ' || $1)::bigint >> 32) & 4294967295
+			  AND l.objid::bigint = hashtext('haven standby ' || $1)::bigint & 4294967295`, s.cfg.Group).Scan(&holder)
+		if holder == "" {
+			holder = "a DR session"
+		}
+		return fmt.Errorf("another standby is applying group %q to this database (%s holds the apply lock); this one waits. "+
+			"If no other standby runs, that is the session of one that stopped without closing it: DR ends it once it notices "+
+			"(tcp_keepalives_idle), or end it yourself with pg_terminate_backend", s.cfg.Group, holder)
 	}
 	pos, found, err := loadPosition(ctx, conn, s.cfg.Group)
 	if err != nil {

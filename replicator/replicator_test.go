@@ -511,6 +511,27 @@ func TestOperatorInspectsAndSkips(t *testing.T) {
 	}
 }
 
+// TestASecondStandbyNamesTheSessionHoldingTheApplyLock: a second standby
+// of the same group on the same DR database waits, and names the DR session
+// in its way, which an operator can end when the first standby is gone.
+func TestASecondStandbyNamesTheSessionHoldingTheApplyLock(t *testing.T) {
+	const group = "twice"
+	pg, ns := newGroup(t, group)
+	newFeed(t, ns, group).snapshotAndTxn()
+	startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the transaction on DR", func() bool { return len(notes(t, pg.URL(group))) == 2 })
+	var pid int
+	if err := pgxQueryRow(t, pg.URL(group), `SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted`).Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	second, _, _ := startStandby(t, pg.URL(group), ns.URL(), group)
+	want := fmt.Sprintf("DR session %d from", pid)
+	waitFor(t, 30*time.Second, "the second standby to name the session holding the lock", func() bool {
+		err := second.Healthy()
+		return err != nil && strings.Contains(err.Error(), want)
+	})
+}
+
 // waitBlockedAt waits until apply stops, blocked, at exactly stream
 // message seq.
 func waitBlockedAt(t *testing.T, s *Standby, reg *prometheus.Registry, seq uint64) {
