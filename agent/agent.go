@@ -200,8 +200,8 @@ func (a *Agent) runSession(ctx context.Context) error {
 	// not read holds its own backfill (runBackfills) and the stream goes on
 	// (prepareSlot checks again before a snapshot taken over).
 	var streamed bool
-	if err := ctrl.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, SlotName(a.cfg.Group)).Scan(&streamed); err != nil {
-		return fmt.Errorf("look up slot %q: %w", SlotName(a.cfg.Group), err)
+	if err := ctrl.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)`, wire.SlotName(a.cfg.Group)).Scan(&streamed); err != nil {
+		return fmt.Errorf("look up slot %q: %w", wire.SlotName(a.cfg.Group), err)
 	}
 	if !streamed {
 		if err := refuseUnreadable(ctx, ctrl, s.tables); err != nil {
@@ -248,7 +248,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 	a.metrics.unreplicated.Set(float64(len(missing)))
 	if len(missing) > 0 {
 		s.log.Error().Strs("tables", missing).Msg("these tables are not in the group's publication and cannot be backfilled (REPLICA IDENTITY FULL without a key to copy them by), so their changes are NOT replicated; " +
-			"give them a primary key and restart the agent, or re-seed the group: stop the agent, DROP PUBLICATION and pg_drop_replication_slot('" + SlotName(a.cfg.Group) + "'), start the agent")
+			"give them a primary key and restart the agent, or re-seed the group: stop the agent, DROP PUBLICATION and pg_drop_replication_slot('" + wire.SlotName(a.cfg.Group) + "'), start the agent")
 	}
 
 	startLSN, err := s.prepareSlot(ctx)
@@ -298,7 +298,7 @@ func (a *Agent) runSession(ctx context.Context) error {
 // it names the agent's replication connection in synchronous_standby_names
 // when that is empty, and refuses to go on when it names others only.
 func (s *session) ensureSynchronous(ctx context.Context) error {
-	name := SlotName(s.cfg.Group)
+	name := wire.SlotName(s.cfg.Group)
 	var names, commit string
 	// synchronous_commit as other sessions get it (this one runs with local).
 	if err := s.ctrl.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names'),
@@ -382,7 +382,7 @@ func (s *session) replicationConn(ctx context.Context) (*pgconn.PgConn, error) {
 	maps.Copy(config.RuntimeParams, wire.SessionSettings)
 	config.RuntimeParams["search_path"] = wire.TypeNameSearchPath
 	config.RuntimeParams["replication"] = "database"
-	config.RuntimeParams["application_name"] = SlotName(s.cfg.Group)
+	config.RuntimeParams["application_name"] = wire.SlotName(s.cfg.Group)
 	conn, err := pgconn.ConnectConfig(ctx, config)
 	if err != nil {
 		return nil, fmt.Errorf("open replication connection: %w", err)
@@ -403,12 +403,12 @@ func (s *session) readSlot(ctx context.Context) (slotState, error) {
 	var confirmed *string
 	var walStatus *string
 	err := s.ctrl.QueryRow(ctx, `SELECT plugin, confirmed_flush_lsn::text, wal_status, active FROM pg_replication_slots
-		WHERE slot_name = $1 AND database = current_database()`, SlotName(s.cfg.Group)).Scan(&st.plugin, &confirmed, &walStatus, &st.active)
+		WHERE slot_name = $1 AND database = current_database()`, wire.SlotName(s.cfg.Group)).Scan(&st.plugin, &confirmed, &walStatus, &st.active)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return st, nil
 	}
 	if err != nil {
-		return st, fmt.Errorf("read slot %q: %w", SlotName(s.cfg.Group), err)
+		return st, fmt.Errorf("read slot %q: %w", wire.SlotName(s.cfg.Group), err)
 	}
 	st.exists = true
 	if walStatus != nil {
@@ -426,7 +426,7 @@ func (s *session) readSlot(ctx context.Context) (slotState, error) {
 // starts: the existing slot's position, or, for a new slot, its consistent
 // point after the initial snapshot has been published.
 func (s *session) prepareSlot(ctx context.Context) (pglogrepl.LSN, error) {
-	slot := SlotName(s.cfg.Group)
+	slot := wire.SlotName(s.cfg.Group)
 	st, err := s.readSlot(ctx)
 	if err != nil {
 		return 0, err
@@ -517,7 +517,7 @@ func (s *session) snapshotCompleted(ctx context.Context, slotConfirmed pglogrepl
 		// end marker, if it is the last snapshot message, still tells.
 		return s.snapshotEndInStream(ctx, slotConfirmed)
 	}
-	return st.Done && st.SystemID == s.info.systemID && st.Slot == SlotName(s.cfg.Group) &&
+	return st.Done && st.SystemID == s.info.systemID && st.Slot == wire.SlotName(s.cfg.Group) &&
 		st.SameStream(s.stream.CachedInfo().Created) && pglogrepl.LSN(st.SnapshotLSN) <= slotConfirmed, nil
 }
 
@@ -533,7 +533,7 @@ func (s *session) snapshotEndInStream(ctx context.Context, slotConfirmed pglogre
 	}
 	c, err := s.decode(ctx, msg)
 	if err != nil || c.Kind != havenpb.Kind_KIND_SNAPSHOT_END || c.SystemId != s.info.systemID ||
-		c.Slot != SlotName(s.cfg.Group) || pglogrepl.LSN(c.SnapshotLsn) > slotConfirmed {
+		c.Slot != wire.SlotName(s.cfg.Group) || pglogrepl.LSN(c.SnapshotLsn) > slotConfirmed {
 		return false, nil
 	}
 	s.log.Warn().Msg("no snapshot state recorded in " + wire.StateBucket + "; the stream's end marker shows the snapshot finished: recording it")

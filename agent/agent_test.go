@@ -208,7 +208,7 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		url := strings.Replace(pg.URL("takeover"), "postgres@", "taker@", 1)
 		execSQL(t, url, `CREATE TABLE notes (id int PRIMARY KEY, owner text); INSERT INTO notes SELECT g, 'someone' FROM generate_series(1, 10) g;
 			ALTER TABLE notes ENABLE ROW LEVEL SECURITY; ALTER TABLE notes FORCE ROW LEVEL SECURITY; CREATE POLICY mine ON notes USING (owner = current_user)`)
-		execSQL(t, pg.URL("takeover"), `SELECT pg_create_logical_replication_slot('`+SlotName("takeover")+`', 'pgoutput')`)
+		execSQL(t, pg.URL("takeover"), `SELECT pg_create_logical_replication_slot('`+wire.SlotName("takeover")+`', 'pgoutput')`)
 		cfg := testConfig(url, nats.URL())
 		cfg.Group = "takeover"
 		assertContains(t, runToError(t, cfg), `row-level security applies to the agent's role "taker" on public.notes`, "BYPASSRLS")

@@ -146,6 +146,3 @@ func (c Config) Validate() error {
 	}
 	return wire.ValidateGroup(c.Group)
 }
-
-// SlotName is the logical replication slot of a group.
-func SlotName(group string) string { return "haven_" + group }

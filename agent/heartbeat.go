@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // heartbeats emits a logical message through the slot at every interval, so
@@ -91,7 +93,7 @@ func (s *session) beat(ctx context.Context, conn *pgx.Conn) error {
 	}
 	var retained, lag *int64
 	err = conn.QueryRow(ctx, `SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint
-		FROM pg_replication_slots WHERE slot_name = $1`, SlotName(s.cfg.Group)).Scan(&retained, &lag)
+		FROM pg_replication_slots WHERE slot_name = $1`, wire.SlotName(s.cfg.Group)).Scan(&retained, &lag)
 	if err != nil {
 		return fmt.Errorf("read slot position: %w", err)
 	}
@@ -99,7 +101,7 @@ func (s *session) beat(ctx context.Context, conn *pgx.Conn) error {
 		s.metrics.retainedWAL.Set(float64(*retained))
 		if w := s.cfg.RetainedWALWarning; w > 0 && *retained > w && time.Since(s.lastWALWarning) > time.Minute {
 			s.lastWALWarning = time.Now()
-			s.log.Warn().Int64("retained_bytes", *retained).Int64("threshold", w).Str("slot", SlotName(s.cfg.Group)).
+			s.log.Warn().Int64("retained_bytes", *retained).Int64("threshold", w).Str("slot", wire.SlotName(s.cfg.Group)).
 				Msg("the slot holds more WAL on the primary than --retained-wal-warning: changes are not reaching JetStream fast enough " +
 					"(NATS down or full, agent behind); the primary's disk fills until they do, or until max_slot_wal_keep_size invalidates the slot")
 		}

@@ -257,7 +257,7 @@ func (k *leaseKeeper) switchoverFence(ctx context.Context) bool {
 			k.log.Error().Err(err).Msg("switchover: could not withdraw the write grant; retrying at the next check-in")
 			return false
 		}
-		if err := fs.FenceKeeping(ctx, SlotName(k.cfg.Group), agentSessionName(k.cfg.Group)); err != nil {
+		if err := fs.FenceKeeping(ctx, wire.SlotName(k.cfg.Group), agentSessionName(k.cfg.Group)); err != nil {
 			k.log.Error().Err(err).Msg("switchover: fencing failed; retrying at the next check-in")
 			return false
 		}
@@ -423,7 +423,7 @@ func (k *leaseKeeper) rejoin(ctx context.Context, promotedLSN pglogrepl.LSN) {
 	}
 	defer conn.Close(context.Background())
 	if _, err := conn.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()`,
-		SlotName(k.cfg.Group)); err != nil {
+		wire.SlotName(k.cfg.Group)); err != nil {
 		k.log.Error().Err(err).Msg("rejoin: could not drop the slot; retrying at the next check-in")
 		return
 	}

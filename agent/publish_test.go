@@ -28,9 +28,9 @@ func TestAChunkTooLargeForAMessage(t *testing.T) {
 	}
 	p := &publisher{js: js, stream: wire.StreamName(cfg.Group), maxPayload: 64 << 10, objects: objectStoreConfig(cfg.Group, stream.CachedInfo().Config)}
 	s := &session{cfg: cfg, info: sourceInfo{systemID: 42}, publisher: p, stream: stream}
-	chunk := &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_TRANSACTION, Group: cfg.Group, SystemId: 42, Slot: SlotName(cfg.Group),
+	chunk := &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_TRANSACTION, Group: cfg.Group, SystemId: 42, Slot: wire.SlotName(cfg.Group),
 		CommitLsn: 0x5000, LastChunk: true, SchemaSql: strings.Repeat("a large value ", 10000)}
-	msgID := wire.TransactionMsgID(42, SlotName(cfg.Group), 0x5000, 0)
+	msgID := wire.TransactionMsgID(42, wire.SlotName(cfg.Group), 0x5000, 0)
 	publish := func() []*jetstream.ObjectInfo {
 		t.Helper()
 		f, _, err := p.publish(ctx, wire.TransactionSubject(cfg.Group), msgID, "", chunk)

@@ -37,7 +37,7 @@ func lostReport(ctx context.Context, cfg Config, promotedLSN pglogrepl.LSN, dir 
 		return "", 0, err
 	}
 	defer ctrl.Close(context.Background())
-	slot := SlotName(cfg.Group)
+	slot := wire.SlotName(cfg.Group)
 	var exists bool
 	var end pglogrepl.LSN
 	var endText string
@@ -81,7 +81,7 @@ func decodeLost(ctx context.Context, sess *session, ctrl *pgx.Conn, w *bufio.Wri
 		return 0, err
 	}
 	defer repl.Close(context.Background())
-	slot := SlotName(sess.cfg.Group)
+	slot := wire.SlotName(sess.cfg.Group)
 	if err := pglogrepl.StartReplication(ctx, repl, slot, 0, pglogrepl.StartReplicationOptions{Mode: pglogrepl.LogicalReplication,
 		PluginArgs: []string{"proto_version '1'", "publication_names " + quoteLiteral(wire.PublicationName(sess.cfg.Group)), "messages 'false'"}}); err != nil {
 		return 0, fmt.Errorf("decode slot %q: %w", slot, err)

@@ -40,7 +40,7 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	}
 	header := func(kind havenpb.Kind) *havenpb.Chunk {
 		return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: kind, SystemId: s.info.systemID, Group: s.cfg.Group,
-			Slot: SlotName(s.cfg.Group), Epoch: s.cfg.Epoch, CommitLsn: uint64(consistent), SnapshotLsn: uint64(consistent), LastChunk: true}
+			Slot: wire.SlotName(s.cfg.Group), Epoch: s.cfg.Epoch, CommitLsn: uint64(consistent), SnapshotLsn: uint64(consistent), LastChunk: true}
 	}
 	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
 	begin.Relations = rels
@@ -62,7 +62,7 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	if err != nil {
 		return err
 	}
-	state := wire.SnapshotState{SystemID: s.info.systemID, Database: s.info.database, Slot: SlotName(s.cfg.Group), SnapshotLSN: uint64(consistent), BeginSeq: beginSeq,
+	state := wire.SnapshotState{SystemID: s.info.systemID, Database: s.info.database, Slot: wire.SlotName(s.cfg.Group), SnapshotLSN: uint64(consistent), BeginSeq: beginSeq,
 		StreamCreated: s.stream.CachedInfo().Created}
 	if err := s.putSnapshotState(ctx, state); err != nil {
 		return err
@@ -177,7 +177,7 @@ func (s *session) copyTable(ctx context.Context, snapshotName string, consistent
 
 	header := func(index uint32) *havenpb.Chunk {
 		return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_SNAPSHOT_ROWS, SystemId: s.info.systemID,
-			Group: s.cfg.Group, Slot: SlotName(s.cfg.Group), Epoch: s.cfg.Epoch, CommitLsn: uint64(consistent),
+			Group: s.cfg.Group, Slot: wire.SlotName(s.cfg.Group), Epoch: s.cfg.Epoch, CommitLsn: uint64(consistent),
 			SnapshotLsn: uint64(consistent), ChunkIndex: index}
 	}
 	var inflight []jetstream.PubAckFuture

@@ -91,7 +91,7 @@ type typeKey struct {
 }
 
 func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error {
-	slot := SlotName(s.cfg.Group)
+	slot := wire.SlotName(s.cfg.Group)
 	err := pglogrepl.StartReplication(ctx, s.repl, slot, start, pglogrepl.StartReplicationOptions{
 		Mode: pglogrepl.LogicalReplication,
 		PluginArgs: []string{
@@ -170,7 +170,7 @@ func (s *session) readTail(ctx context.Context) (streamTail, error) {
 		// tail would have everything since the slot's position sent again.
 		return streamTail{}, fmt.Errorf("read the stream's last message (seq %d): %w", msg.Sequence, err)
 	}
-	if err == nil && c.Kind == havenpb.Kind_KIND_TRANSACTION && c.SystemId == s.info.systemID && c.Slot == SlotName(s.cfg.Group) {
+	if err == nil && c.Kind == havenpb.Kind_KIND_TRANSACTION && c.SystemId == s.info.systemID && c.Slot == wire.SlotName(s.cfg.Group) {
 		tail.commitLSN = pglogrepl.LSN(c.CommitLsn)
 		tail.through = c.FirstChange + uint32(len(c.Changes))
 		tail.last = c.LastChunk
@@ -327,7 +327,7 @@ func (st *streamer) handleLogical(ctx context.Context, data []byte) error {
 func (st *streamer) txnHeader(index uint32) *havenpb.Chunk {
 	t := st.txn
 	return &havenpb.Chunk{FormatVersion: wire.FormatVersion, Kind: havenpb.Kind_KIND_TRANSACTION, SystemId: st.info.systemID,
-		Group: st.cfg.Group, Slot: SlotName(st.cfg.Group), Epoch: st.cfg.Epoch, Xid: t.xid, CommitLsn: uint64(t.commitLSN),
+		Group: st.cfg.Group, Slot: wire.SlotName(st.cfg.Group), Epoch: st.cfg.Epoch, Xid: t.xid, CommitLsn: uint64(t.commitLSN),
 		CommitTimeUs: t.commitTime.UnixMicro(), ChunkIndex: index, FirstChange: t.changes}
 }
 
@@ -617,7 +617,7 @@ func (st *streamer) flushChunk(ctx context.Context, last bool) error {
 	if err := st.waitForRoom(ctx); err != nil {
 		return err
 	}
-	msgID := wire.TransactionMsgID(st.info.systemID, SlotName(st.cfg.Group), uint64(t.commitLSN), c.FirstChange)
+	msgID := wire.TransactionMsgID(st.info.systemID, wire.SlotName(st.cfg.Group), uint64(t.commitLSN), c.FirstChange)
 	future, _, err := st.publisher.publish(ctx, wire.TransactionSubject(st.cfg.Group), msgID, st.tail.msgID, c)
 	if err != nil {
 		return err

@@ -274,7 +274,7 @@ func makePrimary(ctx context.Context, conn *pgx.Conn, cfg Config, epoch uint64, 
 	if err := conn.QueryRow(ctx, `SELECT current_setting('synchronous_standby_names')`).Scan(&names); err != nil {
 		return fmt.Errorf("read synchronous_standby_names: %w", err)
 	}
-	if names == `"haven_`+cfg.Group+`"` { // the agent's replication connection (agent.SlotName)
+	if names == `"haven_`+cfg.Group+`"` { // the agent's replication connection (wire.SlotName)
 		if _, err := conn.Exec(ctx, `ALTER SYSTEM RESET synchronous_standby_names`); err != nil {
 			return fmt.Errorf("clear synchronous_standby_names: %w", err)
 		}

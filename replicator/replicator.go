@@ -526,12 +526,12 @@ func (s *Standby) refuseSource(ctx context.Context, conn *pgx.Conn, js jetstream
 		}
 		var holds bool
 		if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database())`,
-			"haven_"+s.cfg.Group).Scan(&holds); err != nil {
+			wire.SlotName(s.cfg.Group)).Scan(&holds); err != nil {
 			return false, fmt.Errorf("look for the group's slot in the target database: %w", err)
 		}
 		if holds {
-			return false, &operatorError{fmt.Errorf("--target-url points at a database that holds slot haven_%s: the source database group %q captures; "+
-				"point it at the DR database", s.cfg.Group, s.cfg.Group)}
+			return false, &operatorError{fmt.Errorf("--target-url points at a database that holds slot %s: the source database group %q captures; "+
+				"point it at the DR database", wire.SlotName(s.cfg.Group), s.cfg.Group)}
 		}
 		return false, nil
 	}

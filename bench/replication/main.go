@@ -36,7 +36,6 @@ import (
 	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
-	"github.com/haven-dr/haven/agent"
 	"github.com/haven-dr/haven/internal/natstest"
 	"github.com/haven-dr/haven/internal/pgtest"
 	"github.com/haven-dr/haven/proto/wire"
@@ -1020,7 +1019,7 @@ func (b *bench) snapshot(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if err := errors.Join(sql(ctx, src.URL(database), fmt.Sprintf(`SELECT pg_drop_replication_slot('%s')`, agent.SlotName(grp))),
+		if err := errors.Join(sql(ctx, src.URL(database), fmt.Sprintf(`SELECT pg_drop_replication_slot('%s')`, wire.SlotName(grp))),
 			b.deleteStream(ctx, wire.StreamName(grp))); err != nil {
 			return err
 		}

@@ -70,6 +70,9 @@ func DrillSubject(group string) string { return "haven.drills." + group }
 // PublicationName is the publication of a group on its primary.
 func PublicationName(group string) string { return "haven_" + group }
 
+// SlotName is the logical replication slot of a group on its primary.
+func SlotName(group string) string { return "haven_" + group }
+
 // TextFormatSettings are the session settings under which both sides
 // produce and parse values' text forms: the agent's connections and the
 // standby's apply connection run with them, so that a value means the same
