@@ -23,7 +23,7 @@ const ddlLogTable = "ddl_log"
 // haven itself, temporary objects and objects created by extensions are not
 // recorded (CREATE EXTENSION is). Everything the function calls is
 // schema-qualified: it runs as its owner, with the caller's search_path.
-const ddlCaptureSQL = `
+var ddlCaptureSQL = strings.Replace(`
 -- Two agents starting at once install it one after the other.
 SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('haven ddl capture'));
 -- Installing it again (at every start) is not DDL for the DR site.
@@ -44,6 +44,7 @@ ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFA
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}';
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS missing_values jsonb NOT NULL DEFAULT '[]';
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS ordinal int NOT NULL DEFAULT 0;
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_digests jsonb;
 -- A DR database promoted to primary has the table as its standby made it,
 -- without defaults: its ids continue after the replicated ones.
 CREATE SEQUENCE IF NOT EXISTS haven.ddl_log_id_seq OWNED BY haven.ddl_log.id;
@@ -202,7 +203,8 @@ END $$;
 -- replays the statement, and the standby then sets the primary's. The
 -- values are printed in forms that read back the same under any setting.
 CREATE OR REPLACE FUNCTION haven.missing_values() RETURNS jsonb LANGUAGE sql
-SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET bytea_output = 'hex' AS $$
+SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET bytea_output = 'hex'
+SET extra_float_digits = 1 SET lc_monetary = 'C' AS $$
 	SELECT coalesce(jsonb_agg(jsonb_build_object('schema', n.nspname, 'table', k.relname, 'column', a.attname, 'value', a.attmissingval::text)), '[]')
 	FROM (SELECT c.objid FROM pg_event_trigger_ddl_commands() c WHERE c.classid = 'pg_class'::regclass AND c.object_type = 'table'
 	      UNION -- pg_partition_tree has no rows for a table outside one
@@ -211,6 +213,35 @@ SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, YMD' SET TimeZone = 
 	JOIN pg_class k ON k.oid = x.objid JOIN pg_namespace n ON n.oid = k.relnamespace
 	JOIN pg_attribute a ON a.attrelid = k.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.atthasmissing
 $$;
+
+-- rewrite_digests describes the rows of each table the command rewrote
+-- (listed by mark_rewrite) as wire.RowsDigest does, under settings that
+-- print values the same anywhere: {"tables": [...]}. DR computes the same
+-- after replaying the command: rows a volatile default or USING expression
+-- filled differently there give another sum. {"error": ...} when it cannot
+-- read a table: DR then refuses the rewrite and says why.
+CREATE OR REPLACE FUNCTION haven.rewrite_digests() RETURNS jsonb LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET DateStyle = 'ISO, YMD' SET TimeZone = 'UTC' SET IntervalStyle = 'postgres' SET bytea_output = 'hex'
+SET extra_float_digits = 1 SET lc_monetary = 'C' AS $$
+DECLARE
+	t record;
+	n bigint;
+	digest text;
+	digests jsonb := '[]';
+BEGIN
+	FOR t IN SELECT DISTINCT s.nspname, k.relname,
+	             (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attname) FROM pg_attribute a
+	              WHERE a.attrelid = k.oid AND a.attnum > 0 AND NOT a.attisdropped) AS cols
+	         FROM unnest(string_to_array(nullif(current_setting('haven.rewritten', true), ''), ',')::oid[]) r(oid)
+	         JOIN pg_class k ON k.oid = r.oid JOIN pg_namespace s ON s.oid = k.relnamespace
+	LOOP
+		EXECUTE format({rows_digest}, t.cols, t.nspname, t.relname) INTO n, digest;
+		digests := digests || jsonb_build_object('schema', t.nspname, 'table', t.relname, 'rows', n, 'digest', digest);
+	END LOOP;
+	RETURN jsonb_build_object('tables', digests);
+EXCEPTION WHEN OTHERS THEN
+	RETURN jsonb_build_object('error', SQLERRM);
+END $$;
 
 -- record_ddl writes one statement to haven.ddl_log. It runs with its
 -- owner's rights (the log is not writable by others) but only inside an
@@ -222,6 +253,7 @@ CREATE OR REPLACE FUNCTION haven.record_ddl(statement text, tag text, caller_sea
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
 	replay_as text := session_user;
+	rewrite   int := coalesce(nullif(current_setting('haven.rewrite_reason', true), ''), '0')::int;
 BEGIN
 	PERFORM 1 FROM pg_event_trigger_ddl_commands() LIMIT 1; -- fails outside an event trigger
 	IF pg_has_role(session_user, caller_role, 'MEMBER') THEN
@@ -236,16 +268,18 @@ BEGIN
 		-- others.
 		-- With the caller's settings that change how literals and casts
 		-- read and print dates, times and intervals: DR replays under them.
-		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason, relations, settings, missing_values, ordinal)
-		VALUES (replay_as, caller_search_path, tag, statement,
-		        coalesce(nullif(current_setting('haven.rewrite_reason', true), ''), '0')::int,
+		-- A rewrite that filled a new column (2), or converted one with a
+		-- USING expression (4), carries what the rows became.
+		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl, rewrite_reason, relations, settings, missing_values, ordinal, rewrite_digests)
+		VALUES (replay_as, caller_search_path, tag, statement, rewrite,
 		        ARRAY(SELECT DISTINCT coalesce(i.indrelid, c.objid) FROM pg_event_trigger_ddl_commands() c
 		              LEFT JOIN pg_index i ON i.indexrelid = c.objid
 		              WHERE c.classid = 'pg_class'::regclass),
 		        jsonb_build_object('DateStyle', current_setting('DateStyle'), 'TimeZone', current_setting('TimeZone'),
 		                           'IntervalStyle', current_setting('IntervalStyle')),
-		        CASE WHEN tag = 'ALTER TABLE' THEN haven.missing_values() ELSE '[]' END, record_ddl.ordinal);
-		PERFORM set_config('haven.rewrite_reason', '0', true);
+		        CASE WHEN tag = 'ALTER TABLE' THEN haven.missing_values() ELSE '[]' END, record_ddl.ordinal,
+		        CASE WHEN rewrite & 2 <> 0 OR (rewrite & 4 <> 0 AND statement ~* '\musing\M') THEN haven.rewrite_digests() END);
+		PERFORM set_config('haven.rewrite_reason', '0', true), set_config('haven.rewritten', '', true);
 	END IF;
 	-- After recording: the ALTER PUBLICATION it may run is DDL too.
 	IF tag IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'CREATE SCHEMA') THEN
@@ -265,14 +299,17 @@ BEGIN
 		     THEN 'on' ELSE 'off' END, true);
 END $$;
 
--- A rewrite that fills a column with values the DR site would compute
--- differently (a volatile default, a new identity or serial column) is
--- flagged, so that the standby refuses to replay it rather than diverge.
+-- A rewrite is flagged with its reasons and tables: where it fills a
+-- column with values the DR site may compute differently (a volatile
+-- default, a new identity or serial column, a USING expression), the
+-- standby replays it only if DR's rows come out the same.
 CREATE OR REPLACE FUNCTION haven.mark_rewrite() RETURNS event_trigger LANGUAGE plpgsql AS $$
 BEGIN
 	PERFORM pg_catalog.set_config('haven.rewrite_reason',
 		(coalesce(NULLIF(pg_catalog.current_setting('haven.rewrite_reason', true), ''), '0')::int
-		 | pg_catalog.pg_event_trigger_table_rewrite_reason())::text, true);
+		 | pg_catalog.pg_event_trigger_table_rewrite_reason())::text, true),
+	        pg_catalog.set_config('haven.rewritten', pg_catalog.concat_ws(',',
+		NULLIF(pg_catalog.current_setting('haven.rewritten', true), ''), pg_catalog.pg_event_trigger_table_rewrite_oid()::text), true);
 END $$;
 
 CREATE OR REPLACE FUNCTION haven.capture_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
@@ -352,7 +389,7 @@ BEGIN
 		CREATE EVENT TRIGGER haven_capture_ddl ON ddl_command_end EXECUTE FUNCTION haven.capture_ddl();
 	END IF;
 END $$;
-SELECT pg_catalog.set_config('haven.internal', 'off', false);`
+SELECT pg_catalog.set_config('haven.internal', 'off', false);`, "{rows_digest}", quoteLiteral(wire.RowsDigest), 1)
 
 // DDLCaptureSQL is the SQL a superuser runs on behalf of an agent that is
 // not one, given the agent's configuration: it installs DDL capture,

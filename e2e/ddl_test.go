@@ -314,6 +314,43 @@ func TestVolatileRewriteIsRefused(t *testing.T) {
 	}
 }
 
+// TestRewritesReplayWhereDRComputesTheSameValues: a DDL that rewrote a
+// table to compute a column's values (a stored generated column, a domain
+// with a check, a USING expression) replays when DR's rows come out as the
+// primary's, and stops apply where they do not (a USING expression that
+// calls random()).
+func TestRewritesReplayWhereDRComputesTheSameValues(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	mustExec(t, primary, `CREATE DOMAIN positive AS int CHECK (VALUE > 0);
+		CREATE TABLE tokens (id int PRIMARY KEY, n int); CREATE TABLE amounts (id int PRIMARY KEY, cents int); CREATE TABLE marker (id bigint PRIMARY KEY);
+		INSERT INTO tokens SELECT g, g FROM generate_series(1, 50) g; INSERT INTO amounts SELECT g, g * 101 FROM generate_series(1, 50) g`)
+	startHaven(t, "agent", s.agentArgs()...)
+	standby := startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+
+	mustExec(t, primary, `ALTER TABLE tokens ADD COLUMN doubled int GENERATED ALWAYS AS (n * 2) STORED`)
+	mustExec(t, primary, `ALTER TABLE tokens ADD COLUMN rank positive DEFAULT 7`)
+	mustExec(t, primary, `ALTER TABLE amounts ALTER COLUMN cents TYPE numeric(12,2) USING cents / 100.0`)
+	mustExec(t, primary, `INSERT INTO tokens (id, n) VALUES (51, 51); INSERT INTO amounts VALUES (51, 0.51)`)
+	waitCaughtUp(t, primary, dr, 2, 60*time.Second)
+	assertEqual(t, primary, dr, map[string]string{"tokens": "id", "amounts": "id"})
+	assertSameSchema(t, primary, dr)
+
+	mustExec(t, primary, `ALTER TABLE amounts ALTER COLUMN cents TYPE float8 USING cents + random()`)
+	waitFor(t, 30*time.Second, "apply to refuse the rewrite", func() (bool, error) {
+		return strings.Contains(standby.output(), `"reason":"ddl not replayable"`), nil
+	})
+	if out := standby.output(); !strings.Contains(out, `left \"public\".\"amounts\" (51 rows) with other values`) {
+		t.Errorf("the refusal does not name the table that came out differently:\n%s", out)
+	}
+	var typ string
+	if err := dr.QueryRow(t.Context(), `SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = 'amounts'::regclass AND attname = 'cents'`).Scan(&typ); err != nil || typ != "numeric(12,2)" {
+		t.Errorf("cents on DR is %q (%v): the refused DDL was applied", typ, err)
+	}
+}
+
 // TestDDLOfAGroupOfSomeTables: a group limited with --tables replays the
 // DDL of its tables and leaves out DDL on tables outside it.
 func TestDDLOfAGroupOfSomeTables(t *testing.T) {

@@ -15,6 +15,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/haven-dr/haven/proto/havenpb"
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // A row inserted into haven.ddl_log on the source carries a DDL statement
@@ -24,8 +25,8 @@ import (
 // crash can neither lose nor repeat it.
 
 // ddlLogColumns names the haven.ddl_log columns replay reads.
-var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite, settings, missing, ordinal string }{
-	"ddl", "search_path", "command_tags", "username", "rewrite_reason", "settings", "missing_values", "ordinal"}
+var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite, settings, missing, ordinal, digests string }{
+	"ddl", "search_path", "command_tags", "username", "rewrite_reason", "settings", "missing_values", "ordinal", "rewrite_digests"}
 
 // replaySettings are the settings of the primary's session that DDL is
 // replayed under: they decide how literals and casts read and print dates,
@@ -34,8 +35,22 @@ var ddlLogColumns = struct{ ddl, searchPath, tags, role, rewrite, settings, miss
 var replaySettings = []string{"DateStyle", "TimeZone", "IntervalStyle"}
 
 // canonicalSettings print every value in a form that reads back the same
-// under any setting; the primary prints the values of missingValue so.
-var canonicalSettings = map[string]string{"DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres", "bytea_output": "hex"}
+// under any setting; the primary prints the values of missingValue and
+// rewriteDigests so (with the search_path pg_catalog, pg_temp).
+var canonicalSettings = map[string]string{"DateStyle": "ISO, YMD", "TimeZone": "UTC", "IntervalStyle": "postgres", "bytea_output": "hex",
+	"extra_float_digits": "1", "lc_monetary": "C"}
+
+// rewriteDigests is what the rows of the tables a DDL rewrote on the
+// primary came to (wire.RowsDigest), or why the primary could not say.
+type rewriteDigests struct {
+	Tables []struct {
+		Schema string `json:"schema"`
+		Table  string `json:"table"`
+		Rows   int64  `json:"rows"`
+		Digest string `json:"digest"`
+	} `json:"tables"`
+	Error string `json:"error"`
+}
 
 // missingValue is the value every row that existed when a column was added
 // reads in it on the primary: ADD COLUMN evaluated its default once, and
@@ -54,10 +69,19 @@ type missingValue struct {
 // trigger reports a new table it could not add to the publication.
 const notReplicatedTag = "HAVEN NOT REPLICATED"
 
-// rewriteDefaultValue is PostgreSQL's AT_REWRITE_DEFAULT_VAL: the table was
-// rewritten to fill a new column (a volatile default, a new identity or
-// serial column), whose values DR would compute on its own, differently.
-const rewriteDefaultValue = 0x02
+// Reasons PostgreSQL gives for rewriting a table whose values DR computes
+// on its own when it replays the DDL, perhaps differently:
+// AT_REWRITE_DEFAULT_VAL fills a new column (a volatile default, a new
+// identity or serial column, a stored generated column, a domain with
+// constraints), AT_REWRITE_COLUMN_REWRITE converts a column (by a USING
+// expression, if the statement has one).
+const (
+	rewriteDefaultValue = 0x02
+	rewriteColumn       = 0x04
+)
+
+// usingClause finds a USING expression in an ALTER TABLE's text.
+var usingClause = regexp.MustCompile(`(?i)\busing\b`)
 
 // notReplayed are leading keywords of statements that a DDL text may carry
 // but that replay leaves out: data changes arrive through the stream
@@ -363,12 +387,32 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 			Msg("a table created on the primary is not replicated: DR has it (from its DDL) but will not receive its rows")
 		return nil
 	}
-	if rewrite, _ := strconv.Atoi(field(ddlLogColumns.rewrite)); rewrite&rewriteDefaultValue != 0 {
+	// A rewrite that computed values replays only where the primary said
+	// what its rows came to, and DR's come to the same.
+	rewrite, _ := strconv.Atoi(field(ddlLogColumns.rewrite))
+	var digests *rewriteDigests
+	if js := field(ddlLogColumns.digests); js != "" {
+		digests = &rewriteDigests{}
+		if err := json.Unmarshal([]byte(js), digests); err != nil {
+			return blocked(seq, "unappliable", "read what the rows DDL %q rewrote came to: %w", text, err)
+		}
+	}
+	notReplayable := func(why string) error {
 		a.metrics.ddlFailures.Inc()
-		return blocked(seq, "ddl not replayable", "DDL %q filled a new column on the primary with values DR would compute differently "+
-			"(a volatile default such as random() or now(), or a new identity or serial column numbered in each side's row order): "+
-			"replaying it would make DR differ silently. Re-seed the group (drop the agent's slot), or make such changes as ADD COLUMN "+
-			"without the default followed by an UPDATE, whose rows are replicated", text)
+		return blocked(seq, "ddl not replayable", "DDL %q filled or converted a column on the primary with values DR may compute differently "+
+			"(a volatile default or USING expression such as random() or now(), or a new identity or serial column numbered in each side's row order), "+
+			"and %s: replaying it could make DR differ silently. Re-seed the group (drop the agent's slot), or make such changes as ADD COLUMN "+
+			"without the default followed by an UPDATE, whose rows are replicated", text, why)
+	}
+	if rewrite&rewriteDefaultValue != 0 || rewrite&rewriteColumn != 0 && usingClause.MatchString(text) {
+		switch {
+		case digests != nil && digests.Error != "":
+			return notReplayable(fmt.Sprintf("the primary could not read the rows it rewrote (%s; the agent's role needs SELECT on them)", digests.Error))
+		case digests == nil && rewrite&rewriteDefaultValue != 0:
+			return notReplayable("the primary's agent predates comparing the rows it rewrote (upgrade it)")
+		}
+	} else {
+		digests = nil
 	}
 	if err := a.flush(ctx, seq); err != nil {
 		return err
@@ -516,6 +560,16 @@ func (a *applier) replayDDL(ctx context.Context, seq uint64, rel *havenpb.Relati
 			return err
 		}
 	}
+	if digests != nil {
+		differ, err := a.rewrittenDifferently(ctx, digests)
+		if err != nil {
+			return err
+		}
+		if len(differ) > 0 {
+			return notReplayable("DR's replay left " + strings.Join(differ, ", ") + " with other values than the primary's")
+		}
+		a.log.Info().Uint64("seq", seq).Int("tables", len(digests.Tables)).Msg("a rewrite that computed values came out on DR as on the primary")
+	}
 	// The tables it changed have new shapes, and sequences may have been
 	// created: look at them again.
 	clear(a.checked)
@@ -568,6 +622,45 @@ func (a *applier) setLocal(ctx context.Context, settings map[string]string, name
 		}
 	}
 	return was, nil
+}
+
+// rewrittenDifferently compares DR's rows of the tables a replayed DDL
+// rewrote with what the primary's came to, and names those that differ.
+func (a *applier) rewrittenDifferently(ctx context.Context, digests *rewriteDigests) ([]string, error) {
+	settings := maps.Clone(canonicalSettings)
+	settings["search_path"] = "pg_catalog, pg_temp"
+	restore, err := a.setLocal(ctx, settings, slices.Collect(maps.Keys(settings)))
+	if err != nil {
+		return nil, err
+	}
+	var differ []string
+	for _, t := range digests.Tables {
+		name := pgx.Identifier{t.Schema, t.Table}.Sanitize()
+		var query string
+		err := a.conn.QueryRow(ctx, `SELECT format($1::text, (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attname) FROM pg_attribute a
+			WHERE a.attrelid = k.oid AND a.attnum > 0 AND NOT a.attisdropped), n.nspname, k.relname)
+			FROM pg_class k JOIN pg_namespace n ON n.oid = k.relnamespace WHERE n.nspname = $2 AND k.relname = $3`,
+			wire.RowsDigest, t.Schema, t.Table).Scan(&query)
+		if errors.Is(err, pgx.ErrNoRows) {
+			differ = append(differ, name+" (missing)")
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read the columns of %s on DR: %w", name, err)
+		}
+		var rows int64
+		var digest string
+		if err := a.conn.QueryRow(ctx, query).Scan(&rows, &digest); err != nil {
+			return nil, fmt.Errorf("sum the rows of %s on DR: %w", name, err)
+		}
+		if rows != t.Rows || digest != t.Digest {
+			differ = append(differ, fmt.Sprintf("%s (%d rows)", name, rows))
+		}
+	}
+	if _, err := a.setLocal(ctx, restore, slices.Collect(maps.Keys(restore))); err != nil {
+		return nil, err
+	}
+	return differ, nil
 }
 
 // missingValues calls each with the DR columns whose rows read a value

@@ -59,6 +59,7 @@ ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS relations oid[] NOT NULL DEFA
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}';
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS missing_values jsonb NOT NULL DEFAULT '[]';
 ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS ordinal int NOT NULL DEFAULT 0;
+ALTER TABLE haven.ddl_log ADD COLUMN IF NOT EXISTS rewrite_digests jsonb;
 COMMENT ON TABLE haven.ddl_log IS 'haven: DDL run on the primary and replayed here, in stream order';
 -- The second part of a schema the standby created for a snapshot
 -- (indexes, constraints, triggers), run once its rows are loaded.
