@@ -108,6 +108,23 @@ type batchEntry struct {
 	changes []*havenpb.Change
 }
 
+// refused names the table and rows of a statement DR refused.
+func (e batchEntry) refused(err error) error {
+	if e.table == "" || len(e.changes) == 0 {
+		return err
+	}
+	const named = 5
+	var rows []string
+	for _, ch := range e.changes[:min(len(e.changes), named)] {
+		rows = append(rows, identityText(e.rel, ch))
+	}
+	if n := len(e.changes); n > named {
+		rows = append(rows, fmt.Sprintf("%d more", n-named))
+	}
+	op := strings.ToLower(strings.TrimPrefix(e.changes[0].Op.String(), "OP_"))
+	return fmt.Errorf("%s of %s (rows %s): %w", op, e.table, strings.Join(rows, "; "), err)
+}
+
 // applier applies messages to the DR database over one connection, from
 // one goroutine (a snapshot also loads in lanes of their own, load.go).
 type applier struct {
@@ -783,9 +800,11 @@ func (a *applier) judge(b *sentBatch) error {
 		res, err := a.pipe.GetResults()
 		var pgErr *pgconn.PgError
 		switch {
-		case errors.As(err, &pgErr):
+		case errors.As(err, &pgErr) && failed == nil && i < len(b.statements):
 			// The server skips the rest of the batch; its sync comes next.
-			failed = cmp.Or(failed, err)
+			failed = b.statements[i].entry.refused(err)
+			continue
+		case errors.As(err, &pgErr):
 			continue
 		case err != nil:
 			return err
@@ -795,7 +814,9 @@ func (a *applier) judge(b *sentBatch) error {
 			return failed
 		case *pgconn.ResultReader:
 			result := r.Read()
-			if result.Err != nil {
+			if result.Err != nil && failed == nil && i < len(b.statements) {
+				failed = b.statements[i].entry.refused(result.Err)
+			} else if result.Err != nil {
 				failed = cmp.Or(failed, result.Err)
 			} else if failed == nil && i < len(b.statements) {
 				a.reportMissing(b, b.statements[i].entry, result)

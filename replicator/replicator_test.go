@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -426,6 +427,24 @@ func TestADRRoleUnderRowSecurityIsStopped(t *testing.T) {
 	waitFor(t, 30*time.Second, "apply to resume", func() bool {
 		return strings.Join(notes(t, pg.URL(group)), ",") == "1:from the snapshot,2:first transaction"
 	})
+}
+
+// TestAChangeDRRefusesIsNamed: a change that DR refuses (a constraint only
+// DR has) stops apply with the table and the rows in the message.
+func TestAChangeDRRefusesIsNamed(t *testing.T) {
+	const group = "refused"
+	pg, ns := newGroup(t, group)
+	if err := pg.Exec(t.Context(), group, `CREATE TABLE items (id bigint PRIMARY KEY, note text CHECK (note <> 'refused'))`); err != nil {
+		t.Fatal(err)
+	}
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	f.publish(f.txn(0x3000, insert("3", "kept"), insert("4", "refused")))
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "apply to stop", func() bool { return metric(reg, "haven_standby_blocked") == 1 })
+	if err := s.Healthy(); err == nil || !regexp.MustCompile(`insert of public\.items \(rows [^)]*id=4\): ERROR: new row for relation "items" violates check constraint`).MatchString(err.Error()) {
+		t.Errorf("health %v does not name the table and rows DR refused", err)
+	}
 }
 
 // TestRowsADRRuleDropsAreReported: inserted rows that a DR rule swallows
