@@ -27,10 +27,13 @@ import (
 // Agent captures one group's changes. Create it with New, run it with Run.
 type Agent struct {
 	confirmed atomic.Uint64 // what JetStream holds of the slot, last session
-	cfg       Config
-	log       zerolog.Logger
-	metrics   *metrics
-	health    opshttp.Health
+	// acked is the commit LSN of the last transaction of which JetStream
+	// acknowledged a chunk, in any session (0 from a snapshot on).
+	acked   atomic.Uint64
+	cfg     Config
+	log     zerolog.Logger
+	metrics *metrics
+	health  opshttp.Health
 }
 
 // Healthy returns nil while the agent streams, or what keeps it from it.
@@ -139,12 +142,13 @@ type session struct {
 	streaming func()          // called once streaming has started
 	hub       *backfillHub
 	confirmed *atomic.Uint64 // the confirmed position, for a switchover's drain
+	acked     *atomic.Uint64 // see Agent.acked
 
 	lastWALWarning time.Time // heartbeats goroutine only
 }
 
 func (a *Agent) runSession(ctx context.Context) error {
-	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.health.Set("") }, hub: newBackfillHub(), confirmed: &a.confirmed}
+	s := &session{cfg: a.cfg, log: a.log, metrics: a.metrics, streaming: func() { a.health.Set("") }, hub: newBackfillHub(), confirmed: &a.confirmed, acked: &a.acked}
 	ctrl, err := s.connectSource(ctx)
 	if err != nil {
 		return err

@@ -44,6 +44,7 @@ func (s *session) snapshot(ctx context.Context, snapshotName string, consistent 
 	}
 	begin := header(havenpb.Kind_KIND_SNAPSHOT_BEGIN)
 	begin.Relations = rels
+	s.acked.Store(0) // transactions before a snapshot are not continued
 	// pg_dump's two sections, dumped side by side: a new primary's agent
 	// does this while a switchover waits for it.
 	var post string

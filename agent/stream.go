@@ -27,6 +27,7 @@ func heartbeatPrefix(group string) string { return "haven.heartbeat." + group }
 type pending struct {
 	future     jetstream.PubAckFuture // nil: nothing was published (an empty transaction, or one already in the stream)
 	endLSN     pglogrepl.LSN          // set when the chunk ends a transaction: what is then confirmed
+	commitLSN  pglogrepl.LSN          // the transaction's, where a chunk of it was published
 	commitTime time.Time
 	changes    int
 	onAck      []func() // run once JetStream has the whole transaction
@@ -61,6 +62,7 @@ type streamTail struct {
 	commitLSN pglogrepl.LSN // the transaction it belongs to (0: not one of this slot's transactions)
 	through   uint32        // changes of that transaction the stream holds
 	last      bool          // the stream holds all of that transaction
+	other     bool          // it is a transaction of another source or slot
 }
 
 // streamer owns the replication connection for one session; it runs on one
@@ -78,6 +80,9 @@ type streamer struct {
 	confirmed    *atomic.Uint64
 	nextStatus   time.Time
 	tail         streamTail
+	// prevCommit is the commit LSN of the last transaction in the stream,
+	// which the next one names (0: not known).
+	prevCommit pglogrepl.LSN
 	// Tables being backfilled, and the transactions that changed them that
 	// a backfill snapshot has not yet been seen to include.
 	backfilling map[uint32]backfillKey
@@ -107,12 +112,21 @@ func (s *session) streamChanges(ctx context.Context, start pglogrepl.LSN) error 
 	if err != nil {
 		return err
 	}
+	prev := tail.commitLSN
+	if acked := pglogrepl.LSN(s.acked.Load()); !tail.other && acked > tail.commitLSN {
+		// The next transaction names the acknowledged one as its
+		// predecessor: a standby that did not apply it stops there.
+		s.log.Error().Stringer("stream_ends_at", tail.commitLSN).Stringer("acknowledged", acked).
+			Msg("the stream lost messages JetStream had acknowledged (a server without sync to disk that crashed?): their transactions are gone from it, " +
+				"and the slot is past them. A standby that had not applied them stops at the next transaction; re-seed it. Run JetStream with three replicas")
+		prev = acked
+	}
 	backfills, err := s.backfills(ctx)
 	if err != nil {
 		return err
 	}
 	st := &streamer{session: s, confirmed: s.confirmed, relations: map[uint32]*havenpb.Relation{}, typeNames: map[typeKey]string{}, types: map[uint32]*pglogrepl.TypeMessage{},
-		receivedLSN: start, confirmedLSN: start, tail: tail, backfilling: map[uint32]backfillKey{}, moved: map[uint32]movedKeys{}}
+		receivedLSN: start, confirmedLSN: start, tail: tail, prevCommit: prev, backfilling: map[uint32]backfillKey{}, moved: map[uint32]movedKeys{}}
 	for _, b := range backfills {
 		key := b.Key
 		if key.Def == "" {
@@ -174,6 +188,8 @@ func (s *session) readTail(ctx context.Context) (streamTail, error) {
 		tail.commitLSN = pglogrepl.LSN(c.CommitLsn)
 		tail.through = c.FirstChange + uint32(len(c.Changes))
 		tail.last = c.LastChunk
+	} else {
+		tail.other = err == nil && c.Kind == havenpb.Kind_KIND_TRANSACTION
 	}
 	return tail, nil
 }
@@ -618,12 +634,16 @@ func (st *streamer) flushChunk(ctx context.Context, last bool) error {
 		return err
 	}
 	msgID := wire.TransactionMsgID(st.info.systemID, wire.SlotName(st.cfg.Group), uint64(t.commitLSN), c.FirstChange)
+	if c.FirstChange == 0 && st.prevCommit != t.commitLSN {
+		c.PrevCommitLsn = uint64(st.prevCommit)
+	}
 	future, _, err := st.publisher.publish(ctx, wire.TransactionSubject(st.cfg.Group), msgID, st.tail.msgID, c)
 	if err != nil {
 		return err
 	}
 	st.tail.msgID = msgID
-	st.inflight = append(st.inflight, pending{future: future, commitTime: t.commitTime, changes: len(c.Changes)})
+	st.prevCommit = t.commitLSN
+	st.inflight = append(st.inflight, pending{future: future, commitLSN: t.commitLSN, commitTime: t.commitTime, changes: len(c.Changes)})
 	t.chunks++
 	t.builder.reset(st.txnHeader(t.chunks))
 	return nil
@@ -676,6 +696,7 @@ func (st *streamer) collectAcks(ctx context.Context, block bool) error {
 				}
 			}
 			st.metrics.chunks.Inc()
+			st.acked.Store(uint64(head.commitLSN))
 		}
 		st.inflight = st.inflight[1:]
 		st.metrics.changes.Add(float64(head.changes))

@@ -1,9 +1,12 @@
 package e2e
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/haven-dr/haven/proto/wire"
 )
 
 // TestRecoversFromServerRestarts restarts NATS, the primary and the DR
@@ -54,6 +57,67 @@ func TestRecoversFromServerRestarts(t *testing.T) {
 	dr = connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 2, 120*time.Second)
 	assertEqual(t, primary, dr, crmTables)
+}
+
+// TestAStreamThatLostAcknowledgedMessagesStopsDR: JetStream's files go back
+// to an earlier state (as a server without sync to disk may after a crash)
+// and lose transactions it had acknowledged, and the agent's slot is past
+// them, before DR read them. The agent, still running, says so, and the
+// standby stops at the next transaction instead of applying it without
+// those before it, at the sequence numbers they had.
+func TestAStreamThatLostAcknowledgedMessagesStopsDR(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	mustExec(t, primary, `CREATE TABLE notes (id int PRIMARY KEY, body text); CREATE TABLE marker (id bigint PRIMARY KEY)`)
+	agent := startHaven(t, "agent", s.agentArgs("--publish-timeout", "3s")...)
+	standby := startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	standby.stop()
+
+	s.nats.Shutdown()
+	saved := t.TempDir()
+	if err := os.CopyFS(saved, os.DirFS(s.nats.StoreDir())); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.nats.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, primary, `INSERT INTO notes VALUES (1, 'lost')`)
+	mustExec(t, primary, `INSERT INTO notes VALUES (2, 'lost')`)
+	var written string
+	if err := primary.QueryRow(t.Context(), `SELECT pg_current_wal_lsn()::text`).Scan(&written); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "the agent to confirm the two transactions", func() (bool, error) {
+		var done bool
+		err := primary.QueryRow(t.Context(), `SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2`,
+			written, wire.SlotName(s.group)).Scan(&done)
+		return done, err
+	})
+	s.nats.Shutdown()
+	if err := os.RemoveAll(s.nats.StoreDir()); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.CopyFS(s.nats.StoreDir(), os.DirFS(saved)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.nats.Restart(); err != nil {
+		t.Fatal(err)
+	}
+	mustExec(t, primary, `INSERT INTO notes VALUES (3, 'after the loss')`)
+	waitFor(t, 60*time.Second, "the agent to report the loss", func() (bool, error) {
+		return strings.Contains(agent.output(), "the stream lost messages JetStream had acknowledged"), nil
+	})
+
+	standby = startHaven(t, "standby", s.standbyArgs()...)
+	waitFor(t, 60*time.Second, "apply to stop", func() (bool, error) {
+		return strings.Contains(standby.output(), `"reason":"stream lost messages"`), nil
+	})
+	var notes int
+	if err := dr.QueryRow(t.Context(), `SELECT count(*) FROM notes`).Scan(&notes); err != nil || notes != 0 {
+		t.Errorf("DR has %d notes (%v), want none: what follows the loss was applied", notes, err)
+	}
 }
 
 // TestSurvivesSIGKILLDuringInitialSnapshot kills the agent while it copies

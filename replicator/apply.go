@@ -360,6 +360,12 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 			pglogrepl.LSN(c.CommitLsn), c.FirstChange, a.partial.next)
 	case a.partial == nil && c.FirstChange != 0:
 		return blocked(seq, "out of order", "chunk starting at change %d of transaction at %s without its beginning", c.FirstChange, pglogrepl.LSN(c.CommitLsn))
+	case a.partial == nil && a.missingBefore(c):
+		return blocked(seq, "stream lost messages", "transaction at %s follows the transaction at %s in the stream, but the last one DR applied is at %s: "+
+			"the stream lost the messages between them before DR read them (a JetStream server without sync to disk that crashed, "+
+			"and handed their sequence numbers out again). Those transactions are gone from the stream, and the agent's slot is past them: "+
+			"re-seed the DR copy (drop the agent's slot: SELECT pg_drop_replication_slot('%s') on the primary), and run JetStream with three replicas",
+			pglogrepl.LSN(c.CommitLsn), pglogrepl.LSN(c.PrevCommitLsn), a.next.commitLSN, wire.SlotName(a.cfg.Group))
 	case a.partial == nil:
 		if a.open && (!c.LastChunk || seq <= a.isolateThrough) {
 			// Keep a multi-chunk transaction alone in its target transaction,
@@ -410,6 +416,16 @@ func (a *applier) transaction(ctx context.Context, seq uint64, msg jetstream.Msg
 		return a.commitAhead(ctx)
 	}
 	return nil
+}
+
+// missingBefore says whether the stream lacks transactions between the
+// last one DR applied and the first chunk c of a new one: c names the
+// transaction before it, and DR applied an earlier one last. Only where DR
+// applied a transaction of the same source since its snapshot, and the
+// agent knew the one before c.
+func (a *applier) missingBefore(c *havenpb.Chunk) bool {
+	applied := a.next.commitLSN
+	return c.PrevCommitLsn != 0 && c.SystemId == a.next.systemID && applied >= a.next.snapshotLSN && pglogrepl.LSN(c.PrevCommitLsn) > applied
 }
 
 // advanceSeqSQL moves a DR sequence forward to a value sampled on the

@@ -836,6 +836,33 @@ func TestStopsWhenTheStreamLostMessagesWhileConnected(t *testing.T) {
 	}
 }
 
+// TestATransactionMissingFromTheStreamStopsApply: each transaction names
+// the one the agent published before it; when that is not the one DR
+// applied last, the stream lost messages before DR read them (and may have
+// handed their sequence numbers to later ones), and apply stops there.
+func TestATransactionMissingFromTheStreamStopsApply(t *testing.T) {
+	const group = "chained"
+	pg, ns := newGroup(t, group)
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	chained := func(lsn, prev uint64, changes ...*havenpb.Change) *havenpb.Chunk {
+		c := f.txn(lsn, changes...)
+		c.PrevCommitLsn = prev
+		return c
+	}
+	f.publish(chained(0x3000, 0x2000, insert("3", "second transaction")))
+	after := f.publish(chained(0x5000, 0x4000, insert("5", "after a lost transaction")))
+	f.publish(chained(0x6000, 0x5000, insert("6", "later")))
+	s, _, reg := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitBlockedAt(t, s, reg, after)
+	if got, want := strings.Join(notes(t, pg.URL(group)), ","), "1:from the snapshot,2:first transaction,3:second transaction"; got != want {
+		t.Errorf("DR rows %q, want %q (everything before the gap, nothing after)", got, want)
+	}
+	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), "follows the transaction at 0/4000 in the stream, but the last one DR applied is at 0/3000") {
+		t.Errorf("health %v does not name the missing transaction", err)
+	}
+}
+
 // TestAFailureInAPipelinedBatchIsNamedExactly: transactions large enough
 // that their statements go out in batches the DR server executes while the
 // next is built and sent; a failure inside such a batch, early (with a batch

@@ -343,6 +343,13 @@ type Chunk struct {
 	// DR server of an older major version may read a newer one's binary
 	// forms otherwise than it wrote them (or not refuse what it cannot hold).
 	SourceVersion uint32 `protobuf:"varint,24,opt,name=source_version,json=sourceVersion,proto3" json:"source_version,omitempty"`
+	// KIND_TRANSACTION, first chunk: commit_lsn of the transaction the agent
+	// published just before this one in the stream (0 when it does not
+	// know: the first after a snapshot, or a transaction published again
+	// from its start). A reader that applied the stream in order has applied
+	// exactly that transaction last: one between them is missing from the
+	// stream.
+	PrevCommitLsn uint64 `protobuf:"varint,25,opt,name=prev_commit_lsn,json=prevCommitLsn,proto3" json:"prev_commit_lsn,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -541,6 +548,13 @@ func (x *Chunk) GetCopyBinary() []byte {
 func (x *Chunk) GetSourceVersion() uint32 {
 	if x != nil {
 		return x.SourceVersion
+	}
+	return 0
+}
+
+func (x *Chunk) GetPrevCommitLsn() uint64 {
+	if x != nil {
+		return x.PrevCommitLsn
 	}
 	return 0
 }
@@ -1128,7 +1142,7 @@ var File_haven_proto protoreflect.FileDescriptor
 
 const file_haven_proto_rawDesc = "" +
 	"\n" +
-	"\vhaven.proto\x12\bhaven.v1\"\xa5\x06\n" +
+	"\vhaven.proto\x12\bhaven.v1\"\xcd\x06\n" +
 	"\x05Chunk\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\"\n" +
 	"\x04kind\x18\x02 \x01(\x0e2\x0e.haven.v1.KindR\x04kind\x12\x1b\n" +
@@ -1159,7 +1173,8 @@ const file_haven_proto_rawDesc = "" +
 	"\x0fschema_post_sql\x18\x16 \x01(\tR\rschemaPostSql\x12\x1f\n" +
 	"\vcopy_binary\x18\x17 \x01(\fR\n" +
 	"copyBinary\x12%\n" +
-	"\x0esource_version\x18\x18 \x01(\rR\rsourceVersion\"\x9d\x01\n" +
+	"\x0esource_version\x18\x18 \x01(\rR\rsourceVersion\x12&\n" +
+	"\x0fprev_commit_lsn\x18\x19 \x01(\x04R\rprevCommitLsn\"\x9d\x01\n" +
 	"\bRelation\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\rR\x02id\x12\x16\n" +
 	"\x06schema\x18\x02 \x01(\tR\x06schema\x12\x12\n" +

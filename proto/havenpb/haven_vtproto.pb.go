@@ -49,6 +49,13 @@ func (m *Chunk) MarshalToSizedBufferVT(dAtA []byte) (int, error) {
 		i -= len(m.unknownFields)
 		copy(dAtA[i:], m.unknownFields)
 	}
+	if m.PrevCommitLsn != 0 {
+		i = protohelpers.EncodeVarint(dAtA, i, uint64(m.PrevCommitLsn))
+		i--
+		dAtA[i] = 0x1
+		i--
+		dAtA[i] = 0xc8
+	}
 	if m.SourceVersion != 0 {
 		i = protohelpers.EncodeVarint(dAtA, i, uint64(m.SourceVersion))
 		i--
@@ -841,6 +848,9 @@ func (m *Chunk) SizeVT() (n int) {
 	}
 	if m.SourceVersion != 0 {
 		n += 2 + protohelpers.SizeOfVarint(uint64(m.SourceVersion))
+	}
+	if m.PrevCommitLsn != 0 {
+		n += 2 + protohelpers.SizeOfVarint(uint64(m.PrevCommitLsn))
 	}
 	n += len(m.unknownFields)
 	return n
@@ -1676,6 +1686,25 @@ func (m *Chunk) UnmarshalVT(dAtA []byte) error {
 				b := dAtA[iNdEx]
 				iNdEx++
 				m.SourceVersion |= uint32(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
+		case 25:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field PrevCommitLsn", wireType)
+			}
+			m.PrevCommitLsn = 0
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				m.PrevCommitLsn |= uint64(b&0x7F) << shift
 				if b < 0x80 {
 					break
 				}
@@ -3677,6 +3706,25 @@ func (m *Chunk) UnmarshalVTUnsafe(dAtA []byte) error {
 				b := dAtA[iNdEx]
 				iNdEx++
 				m.SourceVersion |= uint32(b&0x7F) << shift
+				if b < 0x80 {
+					break
+				}
+			}
+		case 25:
+			if wireType != 0 {
+				return fmt.Errorf("proto: wrong wireType = %d for field PrevCommitLsn", wireType)
+			}
+			m.PrevCommitLsn = 0
+			for shift := uint(0); ; shift += 7 {
+				if shift >= 64 {
+					return protohelpers.ErrIntOverflow
+				}
+				if iNdEx >= l {
+					return io.ErrUnexpectedEOF
+				}
+				b := dAtA[iNdEx]
+				iNdEx++
+				m.PrevCommitLsn |= uint64(b&0x7F) << shift
 				if b < 0x80 {
 					break
 				}
