@@ -152,9 +152,11 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		}
 		url := pg.URL("noident")
 		execSQL(t, url, `CREATE TABLE good (id int PRIMARY KEY); CREATE TABLE audit_log (at timestamptz, line text);
-			CREATE TABLE "Odd Name" (v int); ALTER TABLE "Odd Name" REPLICA IDENTITY NOTHING`)
+			CREATE TABLE "Odd Name" (v int); ALTER TABLE "Odd Name" REPLICA IDENTITY NOTHING;
+			CREATE TABLE deferred (id int PRIMARY KEY DEFERRABLE)`)
 		err := runToError(t, testConfig(url, nats.URL()))
-		assertContains(t, err, "public.audit_log", "public.Odd Name", "ADD PRIMARY KEY", "REPLICA IDENTITY FULL", "--tables")
+		assertContains(t, err, "public.audit_log", "public.Odd Name", "ADD PRIMARY KEY", "REPLICA IDENTITY FULL", "--tables",
+			"the primary key of public.deferred is DEFERRABLE")
 		// Never added to a publication, so the primary's own UPDATEs keep working.
 		if n := queryInt(t, url, `SELECT count(*) FROM pg_publication`); n != 0 {
 			t.Errorf("%d publications exist after the refusal, want 0", n)
@@ -173,11 +175,11 @@ func TestRefusesWhatOnlyAnOperatorCanFix(t *testing.T) {
 		cfg.SetReplicaIdentityFull = true
 		r := startAgent(t, cfg)
 		waitFor(t, 30*time.Second, "the agent to stream", func() bool { return r.logs.Count("streaming changes") == 1 })
-		if n := r.logs.Count("set REPLICA IDENTITY FULL on it"); n != 2 {
-			t.Errorf("the agent said %d times that it set REPLICA IDENTITY FULL, want once per table (2)", n)
+		if n := r.logs.Count("set REPLICA IDENTITY FULL on it"); n != 3 {
+			t.Errorf("the agent said %d times that it set REPLICA IDENTITY FULL, want once per table (3)", n)
 		}
-		if n := queryInt(t, pg.URL("noident"), `SELECT count(*) FROM pg_class WHERE relname IN ('audit_log', 'Odd Name') AND relreplident = 'f'`); n != 2 {
-			t.Errorf("%d of the 2 tables have REPLICA IDENTITY FULL", n)
+		if n := queryInt(t, pg.URL("noident"), `SELECT count(*) FROM pg_class WHERE relname IN ('audit_log', 'Odd Name', 'deferred') AND relreplident = 'f'`); n != 3 {
+			t.Errorf("%d of the 3 tables have REPLICA IDENTITY FULL", n)
 		}
 	})
 

@@ -172,7 +172,10 @@ BEGIN
 			CONTINUE WHEN EXISTS (SELECT 1 FROM pg_publication_tables p
 			                      WHERE p.pubname = grp.publication AND format('%I.%I', p.schemaname, p.tablename)::regclass = t.rel);
 			IF NOT (t.relreplident = 'f' OR t.has_key) THEN
-				refusal := format('table %s has no primary key or replica identity, so it is not replicated (publication %s); add a primary key or set REPLICA IDENTITY FULL', t.rel, grp.publication);
+				refusal := format('table %s has no primary key or replica identity%s, so it is not replicated (publication %s); add a primary key or set REPLICA IDENTITY FULL', t.rel,
+				                  CASE WHEN EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.relid AND i.indisprimary AND NOT i.indimmediate)
+				                       THEN ' (its primary key is DEFERRABLE, and PostgreSQL identifies rows only by one that is not: drop it and add it again without DEFERRABLE)' ELSE '' END,
+				                  grp.publication);
 			ELSIF t.has_rows AND NOT (t.has_key OR t.has_pk) THEN
 				refusal := format('table %s already holds rows but has no primary key to copy them by, so it is not added to publication %s; add a primary key (its rows are then backfilled), or re-seed the group', t.rel, grp.publication);
 			END IF;

@@ -75,6 +75,7 @@ type table struct {
 	hasKey          bool   // a usable identity index exists (PK or USING INDEX)
 	unlogged        bool
 	partitioned     bool // a partitioned table (published via the partition root)
+	deferrableKey   bool // its primary key is DEFERRABLE
 }
 
 func (t table) qualified() string { return pgx.Identifier{t.schema, t.name}.Sanitize() }
@@ -90,7 +91,8 @@ func (t table) usableIdentity() bool {
 const tableColumns = `c.oid, n.nspname, c.relname, c.relreplident::text, c.relpersistence = 'u',
        EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND
                i.indimmediate AND ((c.relreplident = 'd' AND i.indisprimary) OR (c.relreplident = 'i' AND i.indisreplident))),
-       c.relkind = 'p'`
+       c.relkind = 'p',
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary AND NOT i.indimmediate)`
 
 const tablesQuery = `
 SELECT ` + tableColumns + `
@@ -112,7 +114,7 @@ ORDER BY n.nspname, c.relname`
 func scanTables(rows pgx.Rows) ([]table, error) {
 	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (table, error) {
 		var t table
-		err := row.Scan(&t.oid, &t.schema, &t.name, &t.replicaIdentity, &t.unlogged, &t.hasKey, &t.partitioned)
+		err := row.Scan(&t.oid, &t.schema, &t.name, &t.replicaIdentity, &t.unlogged, &t.hasKey, &t.partitioned, &t.deferrableKey)
 		return t, err
 	})
 }
@@ -176,7 +178,7 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 			picked = append(picked, t)
 		}
 	}
-	var refused []string
+	var refused, deferrable []string
 	for i, t := range picked {
 		if t.usableIdentity() {
 			continue
@@ -191,13 +193,21 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 			continue
 		}
 		refused = append(refused, t.schema+"."+t.name)
+		if t.deferrableKey {
+			deferrable = append(deferrable, t.schema+"."+t.name)
+		}
 	}
 	var running bool
 	if err := conn.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)`, publication).Scan(&running); err != nil {
 		return nil, fmt.Errorf("look up publication %q: %w", publication, err)
 	}
+	var deferrableHint string
+	if len(deferrable) > 0 {
+		deferrableHint = fmt.Sprintf(" (the primary key of %s is DEFERRABLE, and PostgreSQL identifies rows only by one that is not: "+
+			"drop it and add it again without DEFERRABLE)", strings.Join(deferrable, ", "))
+	}
 	if len(refused) > 0 && len(wanted) == 0 && running {
-		log.Error().Strs("tables", refused).Msg("tables without a primary key or usable replica identity are NOT replicated: " +
+		log.Error().Strs("tables", refused).Msg("tables without a primary key or usable replica identity are NOT replicated" + deferrableHint + ": " +
 			"add a primary key (its rows are then backfilled), or set ALTER TABLE … REPLICA IDENTITY FULL and re-seed the group")
 		picked = slices.DeleteFunc(picked, func(t table) bool { return slices.Contains(refused, t.schema+"."+t.name) })
 		refused = nil
@@ -206,9 +216,9 @@ func selectTables(ctx context.Context, conn *pgx.Conn, log zerolog.Logger, wante
 		// Adding such a table to a publication that publishes UPDATE and
 		// DELETE would make the primary's own UPDATEs on it fail, so it is
 		// never added.
-		return nil, needsOperator("tables without a primary key or usable replica identity cannot be replicated: %s. "+
+		return nil, needsOperator("tables without a primary key or usable replica identity cannot be replicated: %s%s. "+
 			"Add a primary key (ALTER TABLE … ADD PRIMARY KEY (…)), or set ALTER TABLE … REPLICA IDENTITY FULL "+
-			"(--set-replica-identity-full does it for you), or leave them out with --tables", strings.Join(refused, ", "))
+			"(--set-replica-identity-full does it for you), or leave them out with --tables", strings.Join(refused, ", "), deferrableHint)
 	}
 	if len(picked) == 0 {
 		return nil, needsOperator("no tables to replicate: the source database has no ordinary tables outside the system schemas (or --tables is empty)")

@@ -90,6 +90,7 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 		`SET search_path = sales; CREATE TABLE log2 (id int PRIMARY KEY); SET search_path = public; CREATE TABLE log2 (id int PRIMARY KEY); RESET search_path`,
 		// No key: never published; DR gets the table but says its rows will not follow.
 		`CREATE TABLE scratchpad (note text)`,
+		`CREATE TABLE deferred (id int PRIMARY KEY DEFERRABLE)`,
 		// CREATE TABLE … AS in a text of several statements, first and
 		// not: DR gets the table (its rows by backfill), and the rest.
 		`CREATE TABLE big_deals AS SELECT id, title FROM deals WHERE id % 2 = 0; ALTER TABLE big_deals ADD PRIMARY KEY (id)`,
@@ -111,6 +112,9 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 		"big_deals": "id", "odd_deals": "id"})
 	if !strings.Contains(standby.output(), "table public.scratchpad has no primary key") {
 		t.Error("the standby did not report that the key-less table is not replicated")
+	}
+	if !strings.Contains(standby.output(), "table public.deferred has no primary key or replica identity (its primary key is DEFERRABLE") {
+		t.Error("the standby did not report that a table with a deferrable key is not replicated, and why")
 	}
 
 	// Made on DR by hand first: replay finds it in effect and goes on.
