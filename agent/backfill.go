@@ -89,6 +89,8 @@ type backfillState struct {
 	Schema   string `json:"schema"`
 	Name     string `json:"name"`
 	BeganLSN uint64 `json:"began_lsn"`
+	// Xid is the transaction that began it (0: recorded by an older agent).
+	Xid uint32 `json:"xid,omitempty"`
 	// After is the key of the last row read in key order ("" before the
 	// first chunk); Exhausted is set once a chunk came back short.
 	After     string `json:"after,omitempty"`
@@ -412,7 +414,7 @@ func (st *streamer) beginBackfill(ctx context.Context, b *backfillTable) error {
 		return err
 	}
 	if publishing {
-		state := backfillState{OID: b.OID, Schema: b.Schema, Name: b.Name, BeganLSN: uint64(st.txn.commitLSN)}
+		state := backfillState{OID: b.OID, Schema: b.Schema, Name: b.Name, BeganLSN: uint64(st.txn.commitLSN), Xid: st.txn.xid}
 		if err := st.putBackfill(ctx, state); err != nil {
 			return err
 		}
@@ -428,6 +430,9 @@ func (st *streamer) beginBackfill(ctx context.Context, b *backfillTable) error {
 			return nil
 		}
 		return fmt.Errorf("read backfill state of %s.%s: %w", b.Schema, b.Name, err)
+	}
+	if err := waitVisible(ctx, st.ctrl, st.txn.xid); err != nil {
+		return err
 	}
 	key, err := readKey(ctx, st.ctrl, b.OID)
 	if err != nil {
@@ -657,6 +662,9 @@ func (s *session) backfillTable(ctx context.Context, conn *pgx.Conn, state backf
 	if u != nil {
 		return &heldBackfill{u}
 	}
+	if err := waitVisible(ctx, conn, state.Xid); err != nil {
+		return err
+	}
 	if err := waitForCommitting(ctx, conn); err != nil {
 		return err
 	}
@@ -767,6 +775,35 @@ func (s *session) backfillTarget(ctx context.Context, conn *pgx.Conn, oid uint32
 	}
 	return &tables[0], nil
 }
+
+// waitVisible waits until transaction xid (32 bits, as pgoutput names it;
+// 0: none) is visible to new snapshots. Decoding reads a transaction once
+// its commit record is on disk, a moment before other sessions see what it
+// did (before even pg_xact_status says it committed): a table it created
+// is not there yet for them.
+func waitVisible(ctx context.Context, conn *pgx.Conn, xid uint32) error {
+	for xid != 0 {
+		var visible bool
+		if err := conn.QueryRow(ctx, visibleSQL, int64(xid), nil).Scan(&visible); err != nil {
+			return fmt.Errorf("wait for transaction %d to be visible: %w", xid, err)
+		}
+		if visible {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+	return nil
+}
+
+// visibleSQL says whether a 32-bit transaction id $1 that has committed is
+// visible to snapshot $2 (NULL: a new one); its epoch is the snapshot's
+// xmax's, or the one before when $1 is past xmax's low 32 bits.
+const visibleSQL = `SELECT pg_visible_in_snapshot(((((m.x >> 32) - CASE WHEN $1::bigint > (m.x & 4294967295) THEN 1 ELSE 0 END) << 32) | $1::bigint)::text::xid8, s)
+	FROM coalesce($2::text::pg_snapshot, pg_current_snapshot()) s, LATERAL (SELECT pg_snapshot_xmax(s)::text::bigint) m(x)`
 
 // waitForCommitting waits until every transaction that has committed but
 // is still invisible to new snapshots (its commit record is written but it

@@ -1,8 +1,14 @@
 package agent
 
 import (
+	"context"
+	"errors"
 	"testing"
+	"time"
 
+	"github.com/jackc/pgx/v5"
+
+	"github.com/haven-dr/haven/internal/pgtest"
 	"github.com/haven-dr/haven/proto/havenpb"
 )
 
@@ -79,5 +85,58 @@ func TestMovedKeysKeepTheirKeyDefinition(t *testing.T) {
 	}
 	if _, err := parseMoved([]byte(`"neither"`)); err == nil {
 		t.Error("parseMoved accepted a string")
+	}
+}
+
+// TestWaitsUntilATransactionIsVisible: a backfill waits for the transaction
+// that began it to be visible to new snapshots, not only decoded; 32-bit
+// ids are placed in the epoch of the snapshot's xmax.
+func TestWaitsUntilATransactionIsVisible(t *testing.T) {
+	pg := pgtest.New(t)
+	conn, err := pgx.Connect(t.Context(), pg.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	writer, err := pgx.Connect(t.Context(), pg.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer writer.Close(context.Background())
+	tx, err := writer.Begin(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var xid int64
+	if err := tx.QueryRow(t.Context(), `SELECT txid_current()`).Scan(&xid); err != nil {
+		t.Fatal(err)
+	}
+	// A wait cut short closes its connection.
+	waiter, err := pgx.Connect(t.Context(), pg.URL("postgres"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer waiter.Close(context.Background())
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	if err := waitVisible(ctx, waiter, uint32(xid)); !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("waitVisible of a running transaction: %v, want it to wait", err)
+	}
+	if err := tx.Commit(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	if err := waitVisible(t.Context(), conn, uint32(xid)); err != nil {
+		t.Errorf("waitVisible of a committed transaction: %v", err)
+	}
+	// Past 2^32: 1, 2 and 4 are of epoch 1 (2 still running), 4294967290
+	// and 10 (past xmax's 5) of epoch 0.
+	for xid, want := range map[int64]bool{4294967290: true, 10: true, 1: true, 2: false, 4: true} {
+		var visible bool
+		if err := conn.QueryRow(t.Context(), visibleSQL, xid, "4294967297:4294967301:4294967298").Scan(&visible); err != nil {
+			t.Fatal(err)
+		}
+		if visible != want {
+			t.Errorf("xid %d in snapshot 4294967297:4294967301:4294967298: visible %v, want %v", xid, visible, want)
+		}
 	}
 }
