@@ -128,12 +128,44 @@ BEGIN
 	END IF;
 END $$;
 
+-- A table refused by publish_new_tables is reported when its transaction
+-- commits, if it still is not published: one given its key later in the
+-- same transaction (CREATE TABLE, then ALTER TABLE … ADD PRIMARY KEY, as
+-- pg_dump writes it) joins the publication then, and is no alarm.
+CREATE TABLE IF NOT EXISTS haven.pending_refusals (
+	relid       oid NOT NULL,
+	publication text NOT NULL,
+	refusal     text NOT NULL
+);
+REVOKE ALL ON haven.pending_refusals FROM PUBLIC;
+CREATE OR REPLACE FUNCTION haven.report_refusal() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+	DELETE FROM haven.pending_refusals WHERE relid = NEW.relid AND publication = NEW.publication;
+	IF FOUND AND EXISTS (SELECT 1 FROM pg_class WHERE oid = NEW.relid)
+	   AND NOT EXISTS (SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+	                   WHERE r.prrelid = NEW.relid AND p.pubname = NEW.publication) THEN
+		RAISE WARNING 'haven: %', NEW.refusal;
+		-- Also through the stream, so the DR site reports it.
+		INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl)
+		VALUES (session_user, '', 'HAVEN NOT REPLICATED', '-- haven: ' || NEW.refusal);
+	END IF;
+	RETURN NULL;
+END $$;
+DO $$
+BEGIN
+	IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgname = 'haven_report_refusal' AND tgrelid = 'haven.pending_refusals'::regclass) THEN
+		CREATE CONSTRAINT TRIGGER haven_report_refusal AFTER INSERT ON haven.pending_refusals DEFERRABLE INITIALLY DEFERRED
+			FOR EACH ROW EXECUTE FUNCTION haven.report_refusal();
+	END IF;
+END $$;
+
 -- publish_new_tables adds a table just created (or just given a usable
 -- replica identity) to the publication of every all-tables group, so its
 -- rows are captured from its first insert; rows it already holds (CREATE
 -- TABLE AS, a key added later) are backfilled. A table without a usable
 -- identity is never added (the primary's own UPDATEs on it would fail);
--- the client is warned instead. Like every function here that runs with
+-- the client is warned instead, at commit (see report_refusal). Like every function here that runs with
 -- its owner's rights, it runs with search_path pg_catalog: a caller's
 -- objects (an operator named <>) cannot stand in for the built-in ones.
 CREATE OR REPLACE FUNCTION haven.publish_new_tables() RETURNS void LANGUAGE plpgsql SECURITY DEFINER
@@ -180,10 +212,7 @@ BEGIN
 				refusal := format('table %s already holds rows but has no primary key to copy them by, so it is not added to publication %s; add a primary key (its rows are then backfilled), or re-seed the group', t.rel, grp.publication);
 			END IF;
 			IF refusal IS NOT NULL THEN
-				RAISE WARNING 'haven: %', refusal;
-				-- Also through the stream, so the DR site reports it.
-				INSERT INTO haven.ddl_log (username, search_path, command_tags, ddl)
-				VALUES (session_user, '', 'HAVEN NOT REPLICATED', '-- haven: ' || refusal);
+				INSERT INTO haven.pending_refusals (relid, publication, refusal) VALUES (t.relid, grp.publication, refusal);
 				refusal := NULL;
 			ELSE
 				EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', grp.publication, t.rel);

@@ -91,6 +91,10 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 		// No key: never published; DR gets the table but says its rows will not follow.
 		`CREATE TABLE scratchpad (note text)`,
 		`CREATE TABLE deferred (id int PRIMARY KEY DEFERRABLE)`,
+		// Given its key later in the same transaction, as pg_dump writes it:
+		// replicated, and no alarm.
+		`CREATE TABLE keyed_later (id int NOT NULL, v text); INSERT INTO keyed_later VALUES (1, 'before the key');
+		 ALTER TABLE ONLY keyed_later ADD CONSTRAINT keyed_later_pkey PRIMARY KEY (id); INSERT INTO keyed_later VALUES (2, 'after')`,
 		// CREATE TABLE … AS in a text of several statements, first and
 		// not: DR gets the table (its rows by backfill), and the rest.
 		`CREATE TABLE big_deals AS SELECT id, title FROM deals WHERE id % 2 = 0; ALTER TABLE big_deals ADD PRIMARY KEY (id)`,
@@ -109,12 +113,15 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 		return n == 0, err
 	})
 	assertEqual(t, primary, dr, map[string]string{"contacts": "id", "deals": "id", "activities": "id", "notes": "id", "sales.leads": "id",
-		"big_deals": "id", "odd_deals": "id"})
+		"big_deals": "id", "odd_deals": "id", "keyed_later": "id"})
 	if !strings.Contains(standby.output(), "table public.scratchpad has no primary key") {
 		t.Error("the standby did not report that the key-less table is not replicated")
 	}
 	if !strings.Contains(standby.output(), "table public.deferred has no primary key or replica identity (its primary key is DEFERRABLE") {
 		t.Error("the standby did not report that a table with a deferrable key is not replicated, and why")
+	}
+	if strings.Contains(standby.output(), "table public.keyed_later") {
+		t.Error("the standby reported a table given its key in the transaction that created it as not replicated")
 	}
 
 	// Made on DR by hand first: replay finds it in effect and goes on.
