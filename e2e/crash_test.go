@@ -258,3 +258,32 @@ func reportedAppliedLSN(t *testing.T, addr string) uint64 {
 	t.Fatalf("no haven_standby_applied_lsn in the standby's metrics:\n%s", body)
 	return 0
 }
+
+// TestSurvivesSIGKILLWhileDRBuildsTheIndexes kills the standby while DR
+// builds a new DR copy's indexes and constraints after loading its rows:
+// the script goes on running on DR until it commits. The next standby
+// waits for it instead of running it again over it, and goes on.
+func TestSurvivesSIGKILLWhileDRBuildsTheIndexes(t *testing.T) {
+	s := newSite(t)
+	primary := connect(t, s.primaryURL())
+	mustExec(t, primary, `CREATE TABLE wide (id bigint PRIMARY KEY, a text, b text, c int); CREATE TABLE marker (id bigint PRIMARY KEY);
+		INSERT INTO wide SELECT g, md5(g::text), md5((g * 7)::text), g % 1000 FROM generate_series(1, 300000) g;
+		CREATE INDEX wide_a ON wide (a); CREATE INDEX wide_b ON wide (b); CREATE INDEX wide_ab ON wide (a, b); CREATE INDEX wide_ca ON wide (c, a)`)
+	startHaven(t, "agent", s.agentArgs()...)
+	standby := startHaven(t, "standby", s.standbyArgs()...)
+	dr := connect(t, s.drURL())
+	waitFor(t, 120*time.Second, "DR to build the indexes", func() (bool, error) {
+		var building bool
+		err := dr.QueryRow(t.Context(), `SELECT EXISTS (SELECT FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND state = 'active'
+			AND query LIKE '%CREATE INDEX wide_%')`).Scan(&building)
+		return building, err
+	})
+	standby.kill()
+	standby = startHaven(t, "standby", s.standbyArgs()...)
+	waitCaughtUp(t, primary, dr, 1, 120*time.Second)
+	assertSameSchema(t, primary, dr)
+	assertEqual(t, primary, dr, map[string]string{"wide": "id"})
+	if out := standby.output(); strings.Contains(out, `"reason":"create schema"`) {
+		t.Errorf("the next standby ran the schema script again over the one still running:\n%s", out)
+	}
+}

@@ -1193,6 +1193,9 @@ func (a *applier) snapshot(ctx context.Context, seq uint64, msg jetstream.Msg, c
 // haven.post_data until the rows are loaded, as with pg_dump | psql:
 // building an index once costs less than updating it row by row.
 func (a *applier) createMissingSchema(ctx context.Context, seq uint64, c *havenpb.Chunk) error {
+	if err := a.waitForSchemaScript(ctx); err != nil {
+		return err
+	}
 	for _, rel := range c.Relations {
 		if rel.Schema == "haven" { // haven's own tables are made by the standby
 			continue
@@ -1219,6 +1222,12 @@ func (a *applier) createMissingSchema(ctx context.Context, seq uint64, c *havenp
 // once the snapshot's rows are loaded; with it, in one transaction, its
 // record goes, so that it runs once.
 func (a *applier) runPostData(ctx context.Context, seq uint64) error {
+	if err := a.settle(); err != nil {
+		return err
+	}
+	if err := a.waitForSchemaScript(ctx); err != nil {
+		return err
+	}
 	var script string
 	err := a.conn.QueryRow(ctx, `SELECT script FROM haven.post_data WHERE group_name = $1`, a.cfg.Group).Scan(&script)
 	if errors.Is(err, pgx.ErrNoRows) {
@@ -1289,6 +1298,23 @@ func (a *applier) prepareTables(ctx context.Context, tx pgx.Tx, seq uint64, rels
 	return nil
 }
 
+// schemaScriptLock is held by the transaction of a schema script. A
+// standby killed while its script runs leaves it running on DR until it
+// commits: the next standby waits for it (waitForSchemaScript) rather than
+// run the script again over it (and fail on what it creates).
+func (a *applier) schemaScriptLock() string {
+	return fmt.Sprintf("SELECT pg_advisory_xact_lock(hashtext(%s));\n", quoteLiteral("haven schema script "+a.cfg.Group))
+}
+
+// waitForSchemaScript waits until no schema script of the group runs on DR.
+func (a *applier) waitForSchemaScript(ctx context.Context) error {
+	key := "haven schema script " + a.cfg.Group
+	if _, err := a.conn.Exec(ctx, `SELECT pg_advisory_lock(hashtext($1)), pg_advisory_unlock(hashtext($1))`, key); err != nil {
+		return fmt.Errorf("wait for a schema script running on DR: %w", err)
+	}
+	return nil
+}
+
 // createSchema runs the source's schema script on a connection of its own
 // (the script changes session settings), in one transaction with then.
 func (a *applier) createSchema(ctx context.Context, seq uint64, script, then string) error {
@@ -1312,7 +1338,7 @@ func (a *applier) createSchema(ctx context.Context, seq uint64, script, then str
 	}
 	defer conn.Close(context.Background())
 	// The simple protocol runs a multi-statement script as one transaction.
-	if err := conn.PgConn().Exec(ctx, script+then).Close(); err != nil {
+	if err := conn.PgConn().Exec(ctx, a.schemaScriptLock()+script+then).Close(); err != nil {
 		return blocked(seq, "create schema", "create the primary's schema on DR: %w; create what is missing on DR "+
 			"(an extension that is not installed there?), or restore the schema yourself with pg_dump --schema-only", err)
 	}
