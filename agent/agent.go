@@ -80,7 +80,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				}
 			}()
 		}
-		started := time.Now()
+		started, confirmed := time.Now(), a.confirmed.Load()
 		err := a.runSession(sessCtx)
 		roleChanged := sessCtx.Err() != nil
 		cancel()
@@ -100,8 +100,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			return err
 		}
 		a.metrics.errors.WithLabelValues(errorKind(err)).Inc()
-		if time.Since(started) > time.Minute {
-			backoff.reset()
+		if time.Since(started) > time.Minute || a.confirmed.Load() != confirmed {
+			backoff.reset() // it ran a while or captured something
 		}
 		wait := backoff.next()
 		a.log.Warn().Err(err).Dur("retry_in", wait).Msg("capture session ended; retrying (changes stay in the slot meanwhile)")

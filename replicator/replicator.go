@@ -78,11 +78,11 @@ func (s *Standby) Run(ctx context.Context) error {
 		if len(s.cfg.Controllers) > 0 && !s.waitForOrders(ctx) {
 			return nil
 		}
-		started := time.Now()
+		started, applied := time.Now(), s.control.appliedLSN.Load()
 		err := s.runSession(ctx)
 		s.metrics.connected.Set(0)
-		if time.Since(started) > time.Minute {
-			wait = 0 // a session that ran a while: the next failure starts the backoff over
+		if time.Since(started) > time.Minute || s.control.appliedLSN.Load() != applied {
+			wait = 0 // a session that ran a while or applied something: the next failure starts the backoff over
 		}
 		if ctx.Err() != nil {
 			return nil

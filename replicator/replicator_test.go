@@ -863,6 +863,34 @@ func TestATransactionMissingFromTheStreamStopsApply(t *testing.T) {
 	}
 }
 
+// TestRetriesSoonAfterASessionThatApplied: a session that applied
+// something before it failed (here, DR restarted under it) is retried
+// after the shortest wait, however long the waits before it had grown.
+func TestRetriesSoonAfterASessionThatApplied(t *testing.T) {
+	const group = "progress"
+	pg, ns := newGroup(t, group)
+	f := newFeed(t, ns, group)
+	f.snapshotAndTxn()
+	_, logs, _ := startStandby(t, pg.URL(group), ns.URL(), group)
+	waitFor(t, 30*time.Second, "the first transaction", func() bool { return len(notes(t, pg.URL(group))) == 2 })
+	retries := regexp.MustCompile(`"retry_in":([0-9.]+)`)
+	for i := range 3 {
+		seen := len(retries.FindAllString(logs.String(), -1))
+		if err := pg.Restart(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		f.publish(f.txn(0x3000+uint64(i)*0x100, insert(strconv.Itoa(10+i), "after a DR restart")))
+		waitFor(t, 60*time.Second, "the transaction after the restart", func() bool { return len(notes(t, pg.URL(group))) == 3+i })
+		all := retries.FindAllStringSubmatch(logs.String(), -1)
+		if len(all) == seen {
+			t.Fatalf("restart %d: no session ended", i+1)
+		}
+		if first := all[seen][1]; first != "500" {
+			t.Errorf("restart %d: the first retry after a session that applied waited %s ms, want 500", i+1, first)
+		}
+	}
+}
+
 // TestAFailureInAPipelinedBatchIsNamedExactly: transactions large enough
 // that their statements go out in batches the DR server executes while the
 // next is built and sent; a failure inside such a batch, early (with a batch
