@@ -18,7 +18,11 @@
 // is chained to the stream's previous message (Nats-Expected-Last-Msg-Id), so
 // JetStream refuses whatever follows a message it lost or rejected and the
 // stream never holds a transaction ahead of an earlier one; a new session
-// reads the stream's last message and continues exactly after it.
+// reads the stream's last message and continues exactly after it. The first
+// chunk of each transaction also names the transaction before it
+// (prev_commit_lsn), so that a reader sees when the stream lost messages it
+// had not read; a session that finds the stream ending before what JetStream
+// had acknowledged to this process logs the loss and names that one.
 //
 // The state of the initial snapshot is recorded in the HAVEN_STATE
 // key-value bucket before the slot is created and when its end marker is

@@ -23,7 +23,8 @@
 //
 // A message it cannot apply safely (undecodable, from another group or
 // system, an unknown format version, a gap in the stream, a chunk out of
-// order, an older epoch) stops apply at that message: nothing after it is applied, it is not
+// order, an older epoch, a transaction whose predecessor in the agent's
+// chain is not the last one applied) stops apply at that message: nothing after it is applied, it is not
 // acknowledged, and the log and the haven_standby_blocked metric say which
 // message and why. DR failing for a reason of its own (a full disk, a
 // deadlock) is retried instead: the message is not at fault.
