@@ -172,13 +172,21 @@ func ownedOrGranted(line string, acl bool, owner string) bool {
 // dollarTag matches a dollar quote's delimiter at the start of a text.
 var dollarTag = regexp.MustCompile(`^\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$`)
 
-// dollarQuoteAfter returns the dollar quote open at the end of line, given
-// the one open at its start ("" for none): a function's body spans lines,
-// and what is inside it is not pg_dump's. Outside a dollar quote, comments
-// and text in single or double quotes (a default of '$$', a name with
-// dollar signs) open none.
+// dollarQuoteAfter returns the quote open at the end of line, given the one
+// open at its start ("" for none): a function's body, or a comment's text
+// in single quotes, spans lines, and what is inside it is not pg_dump's.
+// Outside a dollar quote, comments and text in single or double quotes (a
+// default of '$$', a name with dollar signs) open no dollar quote.
 func dollarQuoteAfter(line, open string) string {
 	for {
+		if open == "'" || open == `"` {
+			rest, closed := afterQuote(line, open[0])
+			if !closed {
+				return open
+			}
+			line, open = rest, ""
+			continue
+		}
 		if open != "" {
 			i := strings.Index(line, open)
 			if i < 0 {
@@ -204,12 +212,29 @@ func dollarQuoteAfter(line, open string) string {
 			}
 			open, line = tag, line[i+len(tag):]
 		default: // a quoted text or name: to its closing quote
-			j := strings.IndexByte(line[i+1:], line[i])
-			if j < 0 {
-				return "" // it goes on past the line (a long comment's text)
+			rest, closed := afterQuote(line[i+1:], line[i])
+			if !closed {
+				return line[i : i+1] // it goes on past the line (a long comment's text)
 			}
-			line = line[i+1+j+1:]
+			line = rest
 		}
+	}
+}
+
+// afterQuote returns what follows the quote q that closes a text or name
+// begun before line (a doubled q stands for itself), and whether it closes
+// on this line.
+func afterQuote(line string, q byte) (string, bool) {
+	for {
+		j := strings.IndexByte(line, q)
+		if j < 0 {
+			return "", false
+		}
+		if j+1 < len(line) && line[j+1] == q {
+			line = line[j+2:]
+			continue
+		}
+		return line[j+1:], true
 	}
 }
 

@@ -61,6 +61,15 @@ GRANT SELECT ON TABLE public.notes TO "50% off";
 GRANT SELECT ON TABLE public.notes TO "a$haven_owner$b";
 
 --
+-- Name: TABLE notes; Type: COMMENT; Schema: public; Owner: app
+--
+
+COMMENT ON TABLE public.notes IS 'Imported from
+\\fileserver\crm (don''t edit):
+ALTER TABLE public.notes OWNER TO app;
+done';
+
+--
 -- Name: DEFAULT PRIVILEGES FOR TABLES; Type: DEFAULT ACL; Schema: public; Owner: app
 --
 
@@ -86,6 +95,8 @@ ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public GRANT SELECT ON TABLES TO
 		wrapped(`GRANT SELECT ON TABLE public.notes TO "a$haven_owner$b";`),
 		wrapped("ALTER TABLE public.prices OWNER TO app;"), // after dollar signs in quotes
 		wrapped("ALTER DEFAULT PRIVILEGES FOR ROLE app IN SCHEMA public GRANT SELECT ON TABLES TO reporting;"),
+		// A comment's text over several lines, as it was.
+		"COMMENT ON TABLE public.notes IS 'Imported from\n\\\\fileserver\\crm (don''t edit):\nALTER TABLE public.notes OWNER TO app;\ndone';\n",
 	} {
 		if !strings.Contains(got, want) {
 			t.Errorf("filtered dump lacks\n%s\ngot:\n%s", want, got)

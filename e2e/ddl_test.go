@@ -51,10 +51,18 @@ func TestDDLIsReplayedInOrder(t *testing.T) {
 	s := newSite(t)
 	primary := connect(t, s.primaryURL())
 	seedCRM(t, primary, 50)
+	// A comment over several lines, one of them starting like a psql
+	// meta-command, travels in the snapshot's schema.
+	const comment = "Imported from\n\\\\fileserver\\crm (don't edit)\nALTER TABLE public.deals OWNER TO nobody;"
+	mustExec(t, primary, `COMMENT ON TABLE deals IS '`+strings.ReplaceAll(comment, "'", "''")+"'")
 	startHaven(t, "agent", s.agentArgs()...)
 	standby := startHaven(t, "standby", s.standbyArgs("--http-addr", "127.0.0.1:0")...)
 	dr := connect(t, s.drURL())
 	waitCaughtUp(t, primary, dr, 1, 60*time.Second)
+	var drComment string
+	if err := dr.QueryRow(t.Context(), `SELECT coalesce(obj_description('deals'::regclass, 'pg_class'), '')`).Scan(&drComment); err != nil || drComment != comment {
+		t.Errorf("DR's comment on deals is %q (%v), want %q: the snapshot's schema did not carry it", drComment, err, comment)
+	}
 
 	steps := []string{
 		`CREATE SCHEMA sales`,
